@@ -1,0 +1,160 @@
+/* moegen.h — the public C API of the moegen runtime.
+ *
+ * Place in the pipeline: spec -> gen -> [runtime: compile -> cache -> load -> launch].
+ * A layer is opened from a spec (file or string); opening validates the spec,
+ * renders the templates for the chosen backend, compiles the result (host C
+ * compiler into a shared object, or NVRTC), caches it on disk and loads it.
+ * The caller then binds weights once and runs forward as often as it likes, with
+ * any token count, without recompiling.
+ *
+ *   moegen_open_options opts;
+ *   moegen_open_options_init(&opts);
+ *   moegen_layer *layer;
+ *   moegen_error err;
+ *   if (moegen_layer_open_file("specs/mixtral-8x7b.yaml", &opts, &layer, &err) != MOEGEN_OK)
+ *       fprintf(stderr, "%s\n", err.message);
+ *   moegen_weights w = {.router_w = ..., .w1 = ..., .w2 = ...};
+ *   moegen_layer_bind(layer, &w, &err);
+ *   moegen_forward_io io = {.n_tokens = S, .x = x, .y = y};
+ *   moegen_forward_stats stats;
+ *   moegen_layer_forward(layer, &io, &stats, &err);
+ *   moegen_layer_close(layer);
+ *
+ * Tensor shapes and layouts are listed in templates/common/moegen_kernel_abi.h and
+ * in README.md ("Weights and tensors").
+ *
+ * Threads: there is no global state. Different layers may be used from different
+ * threads at once; one layer must not run two calls at once (calls on one layer
+ * are serialized by the caller). The on-disk cache is safe across threads and
+ * processes.
+ *
+ * Errors: every function returns a moegen_status; when `err` is non-NULL it gets the
+ * code and a one-line message.
+ */
+#ifndef MOEGEN_H
+#define MOEGEN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "moegen_status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOEGEN_VERSION "0.1.0"
+
+typedef struct moegen_layer moegen_layer;
+
+typedef enum moegen_device_kind {
+    MOEGEN_DEVICE_AUTO = 0, /* CUDA when a driver and a GPU are present, else CPU (with a notice) */
+    MOEGEN_DEVICE_CPU = 1,
+    MOEGEN_DEVICE_CUDA = 2  /* an error when no usable GPU is present */
+} moegen_device_kind;
+
+typedef enum moegen_log_level { MOEGEN_LOG_NOTICE = 0, MOEGEN_LOG_WARNING = 1 } moegen_log_level;
+
+/* Receives notices and warnings (cache trouble, device fallback). */
+typedef void (*moegen_log_fn)(void *user, moegen_log_level level, const char *message);
+
+typedef struct moegen_open_options {
+    moegen_device_kind device;
+    const char *cache_dir; /* NULL: $MOEGEN_CACHE_DIR, else $XDG_CACHE_HOME/moegen,
+                              else $HOME/.cache/moegen */
+    int mode;              /* -1: as the spec says; 0: train; 1: eval */
+    int n_threads;         /* CPU threads; 0: OpenMP's default */
+    const char *arch;      /* CUDA: "sm_80", "sm_90a", ...; NULL: from the device */
+    int cuda_device;       /* CUDA device ordinal */
+    moegen_log_fn log;     /* NULL: print to stderr as "moegen: warning: ..." */
+    void *log_user;
+} moegen_open_options;
+
+/* Defaults: device AUTO, cache from the environment, mode from the spec. */
+void moegen_open_options_init(moegen_open_options *opts);
+
+/* Open a layer from a spec file. `opts` may be NULL (defaults).
+ * Returns MOEGEN_OK, MOEGEN_ERR_IO, MOEGEN_ERR_SPEC (message "file:line:col: ..."),
+ * MOEGEN_ERR_TEMPLATE, MOEGEN_ERR_COMPILE, MOEGEN_ERR_LOAD, MOEGEN_ERR_UNSUPPORTED,
+ * MOEGEN_ERR_DEVICE or MOEGEN_ERR_NO_MEMORY. */
+moegen_status moegen_layer_open_file(const char *path, const moegen_open_options *opts,
+                                     moegen_layer **out, moegen_error *err);
+
+/* Open a layer from spec text (`len` bytes). `display_name` is used in error
+ * locations (NULL: "<string>"). Same returns as moegen_layer_open_file. */
+moegen_status moegen_layer_open_string(const char *yaml, size_t len, const char *display_name,
+                                       const moegen_open_options *opts, moegen_layer **out,
+                                       moegen_error *err);
+
+typedef struct moegen_layer_desc {
+    int num_experts, top_k;
+    int64_t hidden_size, ffn_size, ffn_rows; /* ffn_rows = 2 * ffn_size when gated */
+    int dtype;                               /* 0 fp32, 1 fp16, 2 bf16 */
+    int n_shared;
+    int64_t shared_ffn_size, shared_ffn_rows;
+    moegen_device_kind device;               /* the backend actually used */
+    char spec_hash[65];
+    char variant[128];
+    int cache_hit;                           /* the module came from the on-disk cache */
+    double compile_ms;                       /* time to render + compile + load */
+} moegen_layer_desc;
+
+moegen_status moegen_layer_describe(const moegen_layer *layer, moegen_layer_desc *desc);
+
+/* Weights, by pointer: the layer keeps the pointers, not copies, so the memory must
+ * stay valid until the next bind or close. CPU layers take host pointers; CUDA
+ * layers take device pointers. Pointers a spec does not use must be NULL or are
+ * ignored; pointers it needs must be non-NULL. Layouts: moegen_kernel_abi.h. */
+typedef struct moegen_weights {
+    const float *router_w;        /* [E][H] fp32 */
+    const float *router_b;        /* [E] fp32          (router.router_bias) */
+    const float *score_bias;      /* [E] fp32          (router.score_bias) */
+    const void *w1, *b1;          /* [E][F1][H], [E][F1] */
+    const void *w2, *b2;          /* [E][H][F],  [E][H] */
+    const void *shared_w1, *shared_b1; /* [Ns][F1s][H], [Ns][F1s] */
+    const void *shared_w2, *shared_b2; /* [Ns][H][Fs],  [Ns][H] */
+    const float *shared_gate;     /* [H] fp32          (shared_experts.gate) */
+    const void *residual_w1, *residual_b1; /* [F1][H], [F1] (use_residual) */
+    const void *residual_w2, *residual_b2; /* [H][F], [H] */
+    const float *residual_coef_w; /* [2][H] fp32 */
+    const float *residual_coef_b; /* [2] fp32 */
+} moegen_weights;
+
+/* Bind weights. Returns MOEGEN_ERR_INVALID_ARGUMENT naming the first missing
+ * tensor the spec needs. */
+moegen_status moegen_layer_bind(moegen_layer *layer, const moegen_weights *weights,
+                                moegen_error *err);
+
+typedef struct moegen_forward_io {
+    int64_t n_tokens;        /* S >= 0 */
+    const void *x;           /* [S][H] dtype (may be NULL when S == 0) */
+    void *y;                 /* [S][H] dtype (may be NULL when S == 0) */
+    int32_t *topk_ids;       /* optional [S][k] */
+    float *topk_weights;     /* optional [S][k] final combine weights, 0 for dropped routes */
+    float *router_weights;   /* optional [S][k] router weights before capacity */
+    int64_t *counts_before;  /* optional [E] */
+    int64_t *counts_after;   /* optional [E] */
+    uint64_t rng_offset;     /* mixed into jitter / noise / random priority (e.g. step) */
+    void *stream;            /* CUDA: a CUstream (NULL = default stream); CPU: ignored */
+} moegen_forward_io;
+
+typedef struct moegen_forward_stats {
+    int64_t n_dropped;       /* routes dropped by capacity */
+    int64_t capacity;        /* C used (-1 = dropless) */
+    double aux_loss;         /* unscaled load-balancing loss (the spec's aux_loss kind) */
+    double z_loss;           /* mean_t logsumexp(z_t)^2 */
+} moegen_forward_stats;
+
+/* Run the forward. `stats` may be NULL. Returns MOEGEN_ERR_STATE before bind,
+ * MOEGEN_ERR_INVALID_ARGUMENT for a negative token count or missing x / y,
+ * MOEGEN_ERR_NO_MEMORY if the workspace cannot grow. */
+moegen_status moegen_layer_forward(moegen_layer *layer, const moegen_forward_io *io,
+                                   moegen_forward_stats *stats, moegen_error *err);
+
+/* Close a layer (NULL is a no-op). */
+void moegen_layer_close(moegen_layer *layer);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
