@@ -1,1 +1,155 @@
-int main(void){return 0;}
+/* main.c — the `moegen` command: check, gen, run.
+ *
+ * Place in the pipeline: the command sits on top of everything:
+ *   moegen check SPEC        spec -> validated spec, canonical form and hash
+ *   moegen gen SPEC -o DIR   spec -> generated sources written to DIR
+ *   moegen run SPEC ...      spec -> compile -> load -> run -> verify (cli/run.c)
+ * Every failure prints one line "moegen: <message>" to stderr and exits non-zero.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "emit.h"
+#include "moegen.h"
+#include "spec.h"
+#include "variant.h"
+
+static const char usage_main[] =
+    "usage: moegen <command> [options]\n"
+    "\n"
+    "moegen generates a fully specialized MoE layer forward from a YAML spec.\n"
+    "\n"
+    "commands:\n"
+    "  check SPEC            validate SPEC; print its canonical form and hash\n"
+    "  gen SPEC -o DIR       write the generated sources for SPEC into DIR\n"
+    "  run SPEC [options]    compile, run on random (or loaded) tensors, verify\n"
+    "                        against the reference and report speed\n"
+    "\n"
+    "`moegen <command> --help` describes each command. Specs: specs/README.md.\n";
+
+static const char usage_check[] =
+    "usage: moegen check SPEC\n"
+    "\n"
+    "Validate SPEC. On success print its canonical form (every resolved field, fixed\n"
+    "order; comments and key order do not matter) and its SHA-256. On failure print\n"
+    "`file:line:col: message` and exit 1.\n";
+
+static const char usage_gen[] =
+    "usage: moegen gen SPEC -o DIR [--vector-floats N]\n"
+    "\n"
+    "Write the generated C sources for SPEC into DIR (created if missing): the layer\n"
+    "source, its header and moegen_kernel_abi.h. Files whose content is unchanged are\n"
+    "not rewritten. Compile the source into your program (generate-and-link), e.g.\n"
+    "  cc -O3 -fopenmp -c DIR/moe_<name>_<hash>.c\n"
+    "\n"
+    "options:\n"
+    "  -o, --output DIR      output directory (required)\n"
+    "  --vector-floats N     SIMD width the code is tuned for: 4, 8 or 16 (default 8)\n";
+
+int moegen_cli_error(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("moegen: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    return 1;
+}
+
+int moegen_cli_wants_help(int argc, char **argv) {
+    for (int i = 0; i < argc; i++)
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return 1;
+    return 0;
+}
+
+static int command_check(int argc, char **argv) {
+    if (moegen_cli_wants_help(argc, argv)) {
+        fputs(usage_check, stdout);
+        return 0;
+    }
+    if (argc != 1) return moegen_cli_error("check: expected one SPEC argument (see moegen check --help)");
+    moegen_spec spec;
+    moegen_error err;
+    if (moegen_spec_load_file(argv[0], &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
+    char *canonical = moegen_spec_canonical(&spec);
+    char hash[65];
+    moegen_spec_hash(&spec, hash);
+    int rc = 0;
+    if (!canonical) {
+        rc = moegen_cli_error("out of memory");
+    } else {
+        fputs(canonical, stdout);
+        printf("# sha256: %s\n", hash);
+    }
+    free(canonical);
+    moegen_spec_free(&spec);
+    return rc;
+}
+
+static int command_gen(int argc, char **argv) {
+    if (moegen_cli_wants_help(argc, argv)) {
+        fputs(usage_gen, stdout);
+        return 0;
+    }
+    const char *spec_path = NULL, *out_dir = NULL;
+    int vector_floats = 8;
+    for (int i = 0; i < argc; i++) {
+        if ((!strcmp(argv[i], "-o") || !strcmp(argv[i], "--output")) && i + 1 < argc) {
+            out_dir = argv[++i];
+        } else if (!strcmp(argv[i], "--vector-floats") && i + 1 < argc) {
+            long long width;
+            if (moegen_cli_parse_int(argv[++i], "--vector-floats", 4, 16, &width) != 0) return 1;
+            if (width != 4 && width != 8 && width != 16)
+                return moegen_cli_error("gen: --vector-floats must be 4, 8 or 16");
+            vector_floats = (int)width;
+        } else if (argv[i][0] == '-') {
+            return moegen_cli_error("gen: unknown option %s (see moegen gen --help)", argv[i]);
+        } else if (!spec_path) {
+            spec_path = argv[i];
+        } else {
+            return moegen_cli_error("gen: unexpected argument %s", argv[i]);
+        }
+    }
+    if (!spec_path || !out_dir) return moegen_cli_error("gen: usage: moegen gen SPEC -o DIR");
+    moegen_spec spec;
+    moegen_error err;
+    if (moegen_spec_load_file(spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
+    moegen_target target = {.cpu_vector_floats = vector_floats};
+    moegen_variant variant;
+    moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, &target, &variant);
+    moegen_generated generated;
+    int rc = 0;
+    if (moegen_generate(&spec, &variant, NULL, &generated, &err) != MOEGEN_OK) {
+        rc = moegen_cli_error("%s", err.message);
+    } else {
+        int written = 0;
+        if (moegen_generated_write(&generated, out_dir, &written, &err) != MOEGEN_OK) {
+            rc = moegen_cli_error("%s", err.message);
+        } else {
+            for (int i = 0; i < generated.n_files; i++)
+                printf("%s/%s\n", out_dir, generated.files[i].name);
+            printf("# %d of %d files written (the others were unchanged); variant %s\n", written,
+                   generated.n_files, generated.variant_name);
+        }
+        moegen_generated_free(&generated);
+    }
+    moegen_spec_free(&spec);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        fputs(usage_main, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 1 : 0;
+    }
+    if (!strcmp(argv[1], "--version")) {
+        printf("moegen %s\n", MOEGEN_VERSION);
+        return 0;
+    }
+    if (!strcmp(argv[1], "check")) return command_check(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "gen")) return command_gen(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "run")) return moegen_cli_run(argc - 2, argv + 2);
+    return moegen_cli_error("unknown command '%s' (commands: check, gen, run; see moegen --help)", argv[1]);
+}

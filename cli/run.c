@@ -1,1 +1,456 @@
-/* placeholder: being written */
+/* run.c — `moegen run`: open a layer from a spec, run it on random or loaded tensors,
+ * verify against the independent reference and report speed and expert load.
+ *
+ * Place in the pipeline: the whole of it, from the outside: spec -> gen -> compile ->
+ * cache -> load -> launch, then tests/reference for the check.
+ * Files of --save / --load are documented in README.md ("moegen run files").
+ */
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "moegen.h"
+#include "npy.h"
+#include "spec.h"
+#include "tensors.h"
+#include "verify.h"
+
+static const char usage_run[] =
+    "usage: moegen run SPEC [options]\n"
+    "\n"
+    "Compile SPEC (or take it from the cache), run the forward on random inputs and\n"
+    "weights (or tensors loaded with --load), verify the result against the\n"
+    "independent double-precision reference, and print time, tokens/s, GFLOP/s and\n"
+    "the load of every expert. Exits 1 if verification fails.\n"
+    "\n"
+    "options:\n"
+    "  --tokens N          tokens per forward (default 256; ignored with --load)\n"
+    "  --seed S            seed of the random tensors (default 1)\n"
+    "  --save DIR          write inputs, weights and outputs as .npy files into DIR\n"
+    "  --load DIR          read x and the weights from .npy files in DIR\n"
+    "  --device D          cpu, cuda or auto (default auto)\n"
+    "  --threads N         CPU threads (default: all)\n"
+    "  --mode M            train or eval (default: the spec's)\n"
+    "  --repeat N          timed forwards after one warm-up (default 5; median reported)\n"
+    "  --verify-tokens N   tokens whose output is checked against the reference\n"
+    "                      (default: all, or a spread-out sample when the reference\n"
+    "                      would take more than a few seconds)\n"
+    "  --rng-offset N      offset mixed into jitter, noise and random priority (default 0)\n"
+    "  --cache-dir DIR     compile cache (default $MOEGEN_CACHE_DIR or ~/.cache/moegen)\n";
+
+int moegen_cli_parse_int(const char *text, const char *option, long long min, long long max,
+                         long long *out) {
+    char *end = NULL;
+    errno = 0;
+    long long value = strtoll(text, &end, 10);
+    if (errno || !end || *end || end == text || value < min || value > max) {
+        moegen_cli_error("%s: expected an integer in [%lld, %lld], got '%s'", option, min, max, text);
+        return -1;
+    }
+    *out = value;
+    return 0;
+}
+
+typedef struct run_options {
+    const char *spec_path, *save_dir, *load_dir, *cache_dir;
+    long long tokens, seed, threads, repeat, verify_tokens, rng_offset;
+    int device, mode;
+} run_options;
+
+static int parse_run_options(int argc, char **argv, run_options *o) {
+    memset(o, 0, sizeof *o);
+    o->tokens = 256;
+    o->seed = 1;
+    o->repeat = 5;
+    o->verify_tokens = -1;
+    o->mode = -1;
+    o->device = MOEGEN_DEVICE_AUTO;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        const char *value = i + 1 < argc ? argv[i + 1] : NULL;
+        long long *number = NULL;
+        long long min = 0, max = LLONG_MAX;
+        if (a[0] != '-') {
+            if (o->spec_path) return moegen_cli_error("run: unexpected argument %s", a);
+            o->spec_path = a;
+            continue;
+        }
+        if (!value) return moegen_cli_error("run: option %s needs a value (see moegen run --help)", a);
+        i++;
+        if (!strcmp(a, "--tokens")) number = &o->tokens, max = INT32_MAX;
+        else if (!strcmp(a, "--seed")) number = &o->seed;
+        else if (!strcmp(a, "--threads")) number = &o->threads, min = 1, max = 4096;
+        else if (!strcmp(a, "--repeat")) number = &o->repeat, min = 1, max = 100000;
+        else if (!strcmp(a, "--verify-tokens")) number = &o->verify_tokens, max = INT32_MAX;
+        else if (!strcmp(a, "--rng-offset")) number = &o->rng_offset;
+        else if (!strcmp(a, "--save")) o->save_dir = value;
+        else if (!strcmp(a, "--load")) o->load_dir = value;
+        else if (!strcmp(a, "--cache-dir")) o->cache_dir = value;
+        else if (!strcmp(a, "--device")) {
+            if (!strcmp(value, "cpu")) o->device = MOEGEN_DEVICE_CPU;
+            else if (!strcmp(value, "cuda")) o->device = MOEGEN_DEVICE_CUDA;
+            else if (!strcmp(value, "auto")) o->device = MOEGEN_DEVICE_AUTO;
+            else return moegen_cli_error("run: --device must be cpu, cuda or auto (got '%s')", value);
+        } else if (!strcmp(a, "--mode")) {
+            if (!strcmp(value, "train")) o->mode = 0;
+            else if (!strcmp(value, "eval")) o->mode = 1;
+            else return moegen_cli_error("run: --mode must be train or eval (got '%s')", value);
+        } else {
+            return moegen_cli_error("run: unknown option %s (see moegen run --help)", a);
+        }
+        if (number && moegen_cli_parse_int(value, a, min, max, number) != 0) return 1;
+    }
+    if (!o->spec_path) return moegen_cli_error("run: usage: moegen run SPEC [options] (see --help)");
+    return 0;
+}
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int compare_doubles(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Physical memory available now, in bytes (0 if unknown). */
+static double available_memory_bytes(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    double bytes = 0;
+    if (f) {
+        char line[256];
+        while (fgets(line, sizeof line, f)) {
+            long long kib;
+            if (sscanf(line, "MemAvailable: %lld kB", &kib) == 1) bytes = kib * 1024.0;
+        }
+        fclose(f);
+    }
+    return bytes;
+}
+
+/* ---- --save / --load ------------------------------------------------------------------- */
+
+static moegen_npy_dtype stored_npy_dtype(const moe_tensors *ts, int i) {
+    if (ts->t[i].fp32 || ts->dtype == MOEGEN_DTYPE_FP32) return MOEGEN_NPY_F4;
+    return ts->dtype == MOEGEN_DTYPE_FP16 ? MOEGEN_NPY_F2 : MOEGEN_NPY_U2; /* bf16: raw bits */
+}
+
+static int save_array(const char *dir, const char *stem, moegen_npy_dtype dtype, int ndim,
+                      const int64_t *shape, const void *data) {
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/%s.npy", dir, stem);
+    moegen_error err;
+    if (moegen_npy_write(path, dtype, ndim, shape, data, &err) != MOEGEN_OK)
+        return moegen_cli_error("%s", err.message);
+    return 0;
+}
+
+/* Load tensor i from DIR/<name>.npy into its buffer, converting fp32 files to the
+ * layer dtype when the tensor is stored in fp16 / bf16. */
+static int load_tensor(const char *dir, moe_tensors *ts, int i) {
+    moe_tensor *t = &ts->t[i];
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/%s.npy", dir, t->name);
+    moegen_npy_dtype allowed[2] = {stored_npy_dtype(ts, i), MOEGEN_NPY_F4};
+    moegen_npy array;
+    moegen_error err;
+    if (moegen_npy_read_expect(path, t->ndim, t->shape, allowed, 2, &array, &err) != MOEGEN_OK)
+        return moegen_cli_error("%s", err.message);
+    if (array.dtype == allowed[0]) {
+        memcpy(t->data, array.data, t->n_elems * moe_tensor_elem_bytes(ts, i));
+    } else {
+        const float *src = array.data;
+        for (size_t n = 0; n < t->n_elems; n++) moe_tensor_set(ts, i, n, src[n]);
+    }
+    moegen_npy_free(&array);
+    return 0;
+}
+
+/* Number of tokens in DIR/x.npy. */
+static int loaded_token_count(const char *dir, const moegen_spec *spec, long long *tokens) {
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/x.npy", dir);
+    moegen_npy array;
+    moegen_error err;
+    if (moegen_npy_read(path, &array, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
+    int rc = 0;
+    if (array.ndim != 2 || array.shape[1] != spec->hidden_size)
+        rc = moegen_cli_error("%s: expected shape (tokens, %lld)", path, (long long)spec->hidden_size);
+    else *tokens = array.shape[0];
+    moegen_npy_free(&array);
+    return rc;
+}
+
+typedef struct run_outputs {
+    void *y;
+    int32_t *ids;
+    float *topk_weights, *router_weights;
+    int64_t *counts_before, *counts_after;
+    moegen_forward_stats stats;
+} run_outputs;
+
+static int save_all(const char *dir, const moe_tensors *ts, const moegen_spec *spec, const run_outputs *o) {
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST) return moegen_cli_error("%s: %s", dir, strerror(errno));
+    for (int i = 0; i < MOE_T_COUNT; i++) {
+        const moe_tensor *t = &ts->t[i];
+        if (!t->data) continue;
+        if (save_array(dir, t->name, stored_npy_dtype(ts, i), t->ndim, t->shape, t->data)) return 1;
+    }
+    const int64_t S = ts->n_tokens, K = spec->top_k, E = spec->num_experts;
+    const int64_t y_shape[2] = {S, spec->hidden_size}, route_shape[2] = {S, K}, e_shape[1] = {E};
+    int64_t dropped = o->stats.n_dropped, capacity = o->stats.capacity;
+    if (save_array(dir, "y", stored_npy_dtype(ts, MOE_T_X), 2, y_shape, o->y) ||
+        save_array(dir, "topk_ids", MOEGEN_NPY_I4, 2, route_shape, o->ids) ||
+        save_array(dir, "topk_weights", MOEGEN_NPY_F4, 2, route_shape, o->topk_weights) ||
+        save_array(dir, "router_weights", MOEGEN_NPY_F4, 2, route_shape, o->router_weights) ||
+        save_array(dir, "counts_before", MOEGEN_NPY_I8, 1, e_shape, o->counts_before) ||
+        save_array(dir, "counts_after", MOEGEN_NPY_I8, 1, e_shape, o->counts_after) ||
+        save_array(dir, "aux_loss", MOEGEN_NPY_F8, 0, NULL, &o->stats.aux_loss) ||
+        save_array(dir, "z_loss", MOEGEN_NPY_F8, 0, NULL, &o->stats.z_loss) ||
+        save_array(dir, "n_dropped", MOEGEN_NPY_I8, 0, NULL, &dropped) ||
+        save_array(dir, "capacity", MOEGEN_NPY_I8, 0, NULL, &capacity))
+        return 1;
+    printf("  saved inputs, weights and outputs as .npy files in %s\n", dir);
+    return 0;
+}
+
+/* ---- Report -------------------------------------------------------------------------------- */
+
+/* FLOPs of one forward: router, kept routes through the experts, shared and residual. */
+static double forward_flops(const moegen_spec *spec, int64_t S, const int64_t *counts_after) {
+    const double H = (double)spec->hidden_size, F = (double)spec->moe_intermediate_size;
+    const double F1 = (double)moegen_spec_ffn_rows(spec);
+    double kept = 0;
+    for (int e = 0; e < spec->num_experts; e++) kept += (double)counts_after[e];
+    double flops = 2.0 * H * spec->num_experts * S + kept * (2.0 * H * F1 + 2.0 * F * H);
+    if (spec->shared.count > 0) {
+        double Fs = (double)spec->shared.intermediate_size;
+        double F1s = moegen_activation_is_gated(spec->activation) ? 2 * Fs : Fs;
+        flops += spec->shared.count * (double)S * (2.0 * H * F1s + 2.0 * Fs * H);
+    }
+    if (spec->use_residual) flops += (double)S * (2.0 * H * F1 + 2.0 * F * H);
+    return flops;
+}
+
+static void print_load(const moegen_spec *spec, const int64_t *before, const int64_t *after) {
+    const int E = spec->num_experts;
+    int64_t max = 1, total = 0;
+    for (int e = 0; e < E; e++) {
+        if (before[e] > max) max = before[e];
+        total += before[e];
+    }
+    if (E <= 64) {
+        printf("  expert load (routes before -> after capacity):\n");
+        for (int e = 0; e < E; e++) {
+            int bar = (int)(40.0 * (double)before[e] / (double)max + 0.5);
+            printf("    expert %3d %7lld -> %-7lld |%.*s\n", e, (long long)before[e], (long long)after[e],
+                   bar, "########################################");
+        }
+        return;
+    }
+    int64_t min = before[0], idle = 0;
+    for (int e = 0; e < E; e++) {
+        if (before[e] < min) min = before[e];
+        idle += before[e] == 0;
+    }
+    printf("  expert load over %d experts: min %lld, mean %.1f, max %lld routes; %lld experts idle\n", E,
+           (long long)min, (double)total / E, (long long)max, (long long)idle);
+}
+
+/* Spread-out sample of `count` tokens among S (all when count >= S). */
+static uint8_t *token_sample(int64_t S, int64_t count) {
+    uint8_t *mask = calloc((size_t)(S > 0 ? S : 1), 1);
+    if (!mask) return NULL;
+    if (count >= S) {
+        memset(mask, 1, (size_t)S);
+    } else {
+        for (int64_t i = 0; i < count; i++) mask[(i * S) / count] = 1;
+    }
+    return mask;
+}
+
+int moegen_cli_run(int argc, char **argv) {
+    if (moegen_cli_wants_help(argc, argv)) {
+        fputs(usage_run, stdout);
+        return 0;
+    }
+    run_options o;
+    if (parse_run_options(argc, argv, &o)) return 1;
+
+    moegen_error err;
+    moegen_spec spec;
+    if (moegen_spec_load_file(o.spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
+    if (o.mode >= 0) spec.mode = o.mode == 0 ? MOEGEN_MODE_TRAIN : MOEGEN_MODE_EVAL;
+    if (o.load_dir && loaded_token_count(o.load_dir, &spec, &o.tokens)) {
+        moegen_spec_free(&spec);
+        return 1;
+    }
+    const int64_t S = o.tokens;
+
+    int rc = 1;
+    moegen_layer *layer = NULL;
+    moe_tensors ts;
+    memset(&ts, 0, sizeof ts);
+    run_outputs out;
+    memset(&out, 0, sizeof out);
+    uint8_t *mask = NULL;
+    double *times = NULL;
+
+    /* Memory: tensors + outputs + a generous workspace estimate. */
+    const int64_t rows = S * spec.top_k;
+    double need = (double)moe_tensors_bytes(&spec, S) +
+                  (double)rows * (spec.hidden_size * 4.0 + moegen_spec_ffn_rows(&spec) * 2.0) +
+                  (double)S * spec.hidden_size * 8.0;
+    double have = available_memory_bytes();
+    if (have > 0 && need > 0.9 * have) {
+        moegen_cli_error("run: %s needs about %.1f GiB for %lld tokens; %.1f GiB is available "
+                         "(try fewer --tokens, or a machine with more memory)",
+                         spec.name, need / (1 << 30), (long long)S, have / (1 << 30));
+        goto done;
+    }
+
+    moegen_open_options options;
+    moegen_open_options_init(&options);
+    options.device = o.device;
+    options.mode = o.mode;
+    options.n_threads = (int)o.threads;
+    options.cache_dir = o.cache_dir;
+    if (moegen_layer_open_file(o.spec_path, &options, &layer, &err) != MOEGEN_OK) {
+        moegen_cli_error("%s", err.message);
+        goto done;
+    }
+    moegen_layer_desc desc;
+    moegen_layer_describe(layer, &desc);
+
+    if (moe_tensors_alloc(&spec, S, &ts) != 0) {
+        moegen_cli_error("run: out of memory allocating tensors for %lld tokens", (long long)S);
+        goto done;
+    }
+    double fill_start = now_ms();
+    if (o.load_dir) {
+        for (int i = 0; i < MOE_T_COUNT; i++)
+            if (ts.t[i].data && load_tensor(o.load_dir, &ts, i)) goto done;
+    } else {
+        moe_tensors_fill(&ts, (uint64_t)o.seed);
+    }
+    double fill_ms = now_ms() - fill_start;
+
+    moegen_kernel_weights kw;
+    moe_tensors_weights(&ts, &kw);
+    moegen_weights weights = {
+        .router_w = kw.router_w, .router_b = kw.router_b, .score_bias = kw.score_bias,
+        .w1 = kw.w1, .b1 = kw.b1, .w2 = kw.w2, .b2 = kw.b2,
+        .shared_w1 = kw.shared_w1, .shared_b1 = kw.shared_b1, .shared_w2 = kw.shared_w2,
+        .shared_b2 = kw.shared_b2, .shared_gate = kw.shared_gate,
+        .residual_w1 = kw.residual_w1, .residual_b1 = kw.residual_b1,
+        .residual_w2 = kw.residual_w2, .residual_b2 = kw.residual_b2,
+        .residual_coef_w = kw.residual_coef_w, .residual_coef_b = kw.residual_coef_b,
+    };
+    if (moegen_layer_bind(layer, &weights, &err) != MOEGEN_OK) {
+        moegen_cli_error("%s", err.message);
+        goto done;
+    }
+
+    const size_t routes = (size_t)S * spec.top_k;
+    out.y = calloc((size_t)S * spec.hidden_size + 1, moegen_dtype_size(spec.dtype));
+    out.ids = calloc(routes + 1, sizeof *out.ids);
+    out.topk_weights = calloc(routes + 1, sizeof *out.topk_weights);
+    out.router_weights = calloc(routes + 1, sizeof *out.router_weights);
+    out.counts_before = calloc((size_t)spec.num_experts, sizeof *out.counts_before);
+    out.counts_after = calloc((size_t)spec.num_experts, sizeof *out.counts_after);
+    times = calloc((size_t)o.repeat, sizeof *times);
+    if (!out.y || !out.ids || !out.topk_weights || !out.router_weights || !out.counts_before ||
+        !out.counts_after || !times) {
+        moegen_cli_error("run: out of memory allocating outputs");
+        goto done;
+    }
+    moegen_forward_io io = {
+        .n_tokens = S, .x = ts.t[MOE_T_X].data, .y = out.y, .topk_ids = out.ids,
+        .topk_weights = out.topk_weights, .router_weights = out.router_weights,
+        .counts_before = out.counts_before, .counts_after = out.counts_after,
+        .rng_offset = (uint64_t)o.rng_offset,
+    };
+    for (long long i = -1; i < o.repeat; i++) { /* one warm-up, then the timed runs */
+        double start = now_ms();
+        if (moegen_layer_forward(layer, &io, &out.stats, &err) != MOEGEN_OK) {
+            moegen_cli_error("%s", err.message);
+            goto done;
+        }
+        if (i >= 0) times[i] = now_ms() - start;
+    }
+    qsort(times, (size_t)o.repeat, sizeof *times, compare_doubles);
+    const double median_ms = times[o.repeat / 2];
+    const double flops = forward_flops(&spec, S, out.counts_after);
+
+    printf("moegen run: %s (spec sha256:%.16s)\n", spec.name, desc.spec_hash);
+    printf("  variant %s\n", desc.variant);
+    printf("  device cpu; module %s in %.0f ms; tensors %s in %.0f ms\n",
+           desc.cache_hit ? "loaded from the cache" : "generated and compiled", desc.compile_ms,
+           o.load_dir ? "loaded" : "generated", fill_ms);
+    printf("  %lld tokens: median %.3f ms over %lld runs (min %.3f ms)\n", (long long)S, median_ms,
+           o.repeat, times[0]);
+    if (S > 0)
+        printf("  %.0f tokens/s, %.2f GFLOP/s (%.3g GFLOP per forward)\n", S / (median_ms / 1e3),
+               flops / (median_ms / 1e3) / 1e9, flops / 1e9);
+    if (out.stats.capacity < 0) printf("  capacity: dropless");
+    else printf("  capacity: %lld per expert", (long long)out.stats.capacity);
+    printf("; %lld routes dropped; aux loss %.6g; z loss %.6g\n", (long long)out.stats.n_dropped,
+           out.stats.aux_loss, out.stats.z_loss);
+    print_load(&spec, out.counts_before, out.counts_after);
+
+    /* Verify: the reference's expert work grows with tokens; sample when it is big. */
+    const double H = (double)spec.hidden_size, F1 = (double)moegen_spec_ffn_rows(&spec);
+    double per_token_flops = spec.top_k * (2.0 * H * F1 + 2.0 * H * spec.moe_intermediate_size);
+    if (spec.shared.count > 0) per_token_flops += spec.shared.count * 6.0 * H * spec.shared.intermediate_size;
+    if (spec.use_residual) per_token_flops *= 2.0;
+    long long verify = o.verify_tokens;
+    if (verify < 0) {
+        const double budget = 4e9; /* double-precision FLOPs the reference may spend */
+        verify = (long long)(budget / (per_token_flops > 1 ? per_token_flops : 1));
+        if (verify < 8) verify = 8;
+    }
+    mask = token_sample(S, verify);
+    if (!mask) {
+        moegen_cli_error("run: out of memory");
+        goto done;
+    }
+    moe_kernel_result kernel = {
+        .y = out.y, .ids = out.ids, .topk_weights = out.topk_weights,
+        .router_weights = out.router_weights, .counts_before = out.counts_before,
+        .counts_after = out.counts_after, .n_dropped = out.stats.n_dropped,
+        .capacity = out.stats.capacity, .aux_loss = out.stats.aux_loss, .z_loss = out.stats.z_loss,
+    };
+    moe_verify_report report;
+    double verify_start = now_ms();
+    int verify_rc = moe_verify(&spec, S, ts.t[MOE_T_X].data, &kw, (uint64_t)o.rng_offset, mask, &kernel, &report);
+    printf("  verify against the double-precision reference (%.0f ms): %s%s\n", now_ms() - verify_start,
+           report.ok ? "" : "FAILED: ", report.message);
+    if (report.tokens_compared < S)
+        printf("    (output checked on %lld of %lld tokens; routing, capacity, counts and losses on all)\n",
+               (long long)report.tokens_compared, (long long)S);
+    if (o.save_dir && save_all(o.save_dir, &ts, &spec, &out)) goto done;
+    rc = (verify_rc == 0 && report.ok) ? 0 : 1;
+
+done:
+    free(mask);
+    free(times);
+    free(out.y);
+    free(out.ids);
+    free(out.topk_weights);
+    free(out.router_weights);
+    free(out.counts_before);
+    free(out.counts_after);
+    moe_tensors_free(&ts);
+    moegen_layer_close(layer);
+    moegen_spec_free(&spec);
+    return rc;
+}

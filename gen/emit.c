@@ -1,1 +1,260 @@
-/* placeholder: being written */
+/* emit.c — spec + variant -> parameter tree -> rendered files (see emit.h).
+ *
+ * The parameter tree has three read-only globals for templates:
+ *   spec     every resolved spec field under its YAML name (enum values as their
+ *            YAML strings), plus derived sizes (ffn_rows, gated, ...), the
+ *            sanitized identifier `ident` and the canonical hash;
+ *   variant  the backend's tile choices and the variant name;
+ *   gen      generator facts: version, ABI version, symbol prefix, file names.
+ */
+#include "emit.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#ifndef MOEGEN_VERSION_STRING
+#define MOEGEN_VERSION_STRING "0.0.0"
+#endif
+
+#define ABI_HEADER_PATH "templates/common/moegen_kernel_abi.h"
+
+/* Build spec.* params. Returns 0 or -1 on out of memory. */
+static int add_spec_params(moegen_params *root, const moegen_spec *spec, const char *hash) {
+    moegen_params *s = moegen_params_table(root, "spec");
+    if (!s) return -1;
+    int gated = moegen_activation_is_gated(spec->activation);
+    int rc = 0;
+    rc |= moegen_params_str(s, "ident", spec->ident);
+    rc |= moegen_params_str(s, "hash", hash);
+    rc |= moegen_params_str(s, "semantics", moegen_semantics_name(spec->semantics));
+    rc |= moegen_params_int(s, "num_experts", spec->num_experts);
+    rc |= moegen_params_int(s, "top_k", spec->top_k);
+    rc |= moegen_params_int(s, "hidden_size", spec->hidden_size);
+    rc |= moegen_params_int(s, "ffn_size", spec->moe_intermediate_size);
+    rc |= moegen_params_int(s, "ffn_rows", moegen_spec_ffn_rows(spec));
+    rc |= moegen_params_str(s, "activation", moegen_activation_name(spec->activation));
+    rc |= moegen_params_bool(s, "gated", gated);
+    rc |= moegen_params_str(s, "dtype", moegen_dtype_name(spec->dtype));
+    rc |= moegen_params_int(s, "ep_size", spec->ep_size);
+    rc |= moegen_params_str(s, "mode", moegen_mode_name(spec->mode));
+    rc |= moegen_params_bool(s, "expert_bias", spec->expert_bias);
+    rc |= moegen_params_bool(s, "weight_on_input", spec->weight_on_input);
+    rc |= moegen_params_bool(s, "use_residual", spec->use_residual);
+
+    const moegen_router_spec *r = &spec->router;
+    moegen_params *router = moegen_params_table(s, "router");
+    if (!router) return -1;
+    rc |= moegen_params_str(router, "score_function", moegen_score_fn_name(r->score_function));
+    rc |= moegen_params_str(router, "order", moegen_order_name(r->order));
+    rc |= moegen_params_bool(router, "norm_topk_prob", r->norm_topk_prob);
+    rc |= moegen_params_num(router, "routed_scaling_factor", r->routed_scaling_factor);
+    rc |= moegen_params_int(router, "n_group", r->n_group);
+    rc |= moegen_params_int(router, "topk_group", r->topk_group);
+    rc |= moegen_params_int(router, "group_topm", r->group_topm);
+    rc |= moegen_params_str(router, "group_score", moegen_group_score_name(r->group_score));
+    rc |= moegen_params_str(router, "group_mask", moegen_group_mask_name(r->group_mask));
+    rc |= moegen_params_bool(router, "score_bias", r->score_bias);
+    rc |= moegen_params_bool(router, "router_bias", r->router_bias);
+    rc |= moegen_params_num(router, "input_jitter", r->input_jitter);
+    rc |= moegen_params_str(router, "noise", moegen_noise_name(r->noise));
+    /* The seed is a full uint64; Lua integers are int64, so pass it as two halves. */
+    rc |= moegen_params_int(router, "seed_hi", (int64_t)(r->seed >> 32));
+    rc |= moegen_params_int(router, "seed_lo", (int64_t)(r->seed & 0xffffffffu));
+    rc |= moegen_params_str(router, "aux_loss", moegen_aux_loss_name(r->aux_loss));
+
+    const moegen_capacity_spec *c = &spec->capacity;
+    moegen_params *cap = moegen_params_table(s, "capacity");
+    if (!cap) return -1;
+    rc |= moegen_params_str(cap, "mode", moegen_capacity_mode_name(c->mode));
+    rc |= moegen_params_num(cap, "capacity_factor", c->capacity_factor);
+    rc |= moegen_params_num(cap, "eval_capacity_factor", c->eval_capacity_factor);
+    rc |= moegen_params_int(cap, "expert_capacity", c->expert_capacity);
+    rc |= moegen_params_int(cap, "min_capacity", c->min_capacity);
+    rc |= moegen_params_str(cap, "formula", moegen_capacity_formula_name(c->formula));
+    rc |= moegen_params_str(cap, "priority", moegen_priority_name(c->priority));
+    rc |= moegen_params_bool(cap, "renormalize", c->renormalize);
+    rc |= moegen_params_bool(cap, "pad_to_capacity", c->pad_to_capacity);
+
+    const moegen_shared_spec *sh = &spec->shared;
+    moegen_params *shared = moegen_params_table(s, "shared");
+    if (!shared) return -1;
+    int64_t shared_rows = sh->count > 0 ? (gated ? 2 * sh->intermediate_size : sh->intermediate_size) : 0;
+    rc |= moegen_params_int(shared, "count", sh->count);
+    rc |= moegen_params_int(shared, "ffn_size", sh->count > 0 ? sh->intermediate_size : 0);
+    rc |= moegen_params_int(shared, "ffn_rows", shared_rows);
+    rc |= moegen_params_bool(shared, "gate", sh->gate);
+    return rc ? -1 : 0;
+}
+
+static int add_variant_params(moegen_params *root, const moegen_variant *v, const char *name) {
+    moegen_params *p = moegen_params_table(root, "variant");
+    if (!p) return -1;
+    int rc = 0;
+    rc |= moegen_params_str(p, "name", name);
+    rc |= moegen_params_str(p, "backend", v->backend == MOEGEN_BACKEND_CPU ? "cpu" : "cuda");
+    moegen_params *cpu = moegen_params_table(p, "cpu");
+    if (!cpu) return -1;
+    rc |= moegen_params_int(cpu, "vector_floats", v->cpu.vector_floats);
+    rc |= moegen_params_int(cpu, "tile_rows", v->cpu.tile_rows);
+    rc |= moegen_params_int(cpu, "tile_cols", v->cpu.tile_cols);
+    rc |= moegen_params_int(cpu, "block_rows", v->cpu.block_rows);
+    rc |= moegen_params_int(cpu, "block_cols", v->cpu.block_cols);
+    rc |= moegen_params_int(cpu, "router_block", v->cpu.router_block);
+    return rc ? -1 : 0;
+}
+
+static int add_gen_params(moegen_params *root, const char *prefix, const char *source_name,
+                          const char *header_name) {
+    moegen_params *g = moegen_params_table(root, "gen");
+    if (!g) return -1;
+    int rc = 0;
+    rc |= moegen_params_str(g, "version", MOEGEN_VERSION_STRING);
+    rc |= moegen_params_int(g, "abi_version", 1);
+    rc |= moegen_params_str(g, "prefix", prefix);
+    rc |= moegen_params_str(g, "source_name", source_name);
+    rc |= moegen_params_str(g, "header_name", header_name);
+    return rc ? -1 : 0;
+}
+
+/* Render one template into out->files[out->n_files]. */
+static moegen_status render_into(const moegen_template_set *set, const char *entry,
+                                 moegen_params *params, const char *file_name,
+                                 moegen_generated *out, moegen_error *err) {
+    moegen_generated_file *f = &out->files[out->n_files];
+    moegen_params *g = moegen_params_table(params, "gen");
+    if (!g || moegen_params_str(g, "template", entry))
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    moegen_status st = moegen_template_render(set, entry, params, NULL, &f->text, &f->len, err);
+    if (st != MOEGEN_OK) return st;
+    snprintf(f->name, sizeof f->name, "%s", file_name);
+    out->n_files++;
+    return MOEGEN_OK;
+}
+
+/* Copy a file of the template set verbatim (the kernel ABI header). */
+static moegen_status copy_into(const moegen_template_set *set, const char *path,
+                               const char *file_name, moegen_generated *out, moegen_error *err) {
+    const moegen_template_file *src = moegen_template_set_find(set, path);
+    if (!src)
+        return moegen_error_set(err, MOEGEN_ERR_TEMPLATE, 0, "%s: missing from the template set",
+                                path);
+    moegen_generated_file *f = &out->files[out->n_files];
+    f->text = malloc(src->len + 1);
+    if (!f->text) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    memcpy(f->text, src->text, src->len);
+    f->text[src->len] = '\0';
+    f->len = src->len;
+    snprintf(f->name, sizeof f->name, "%s", file_name);
+    out->n_files++;
+    return MOEGEN_OK;
+}
+
+moegen_status moegen_generate(const moegen_spec *spec, const moegen_variant *variant,
+                              const moegen_template_set *templates, moegen_generated *out,
+                              moegen_error *err) {
+    memset(out, 0, sizeof *out);
+    if (!templates) templates = moegen_builtin_templates();
+    moegen_status st = moegen_variant_check(spec, variant, err);
+    if (st != MOEGEN_OK) return st;
+
+    moegen_spec_hash(spec, out->spec_hash);
+    moegen_variant_name(spec, variant, out->variant_name, sizeof out->variant_name);
+    snprintf(out->symbol_prefix, sizeof out->symbol_prefix, "moe_%s_%.8s", spec->ident,
+             out->spec_hash);
+    char source_name[128], header_name[128];
+    snprintf(source_name, sizeof source_name, "%s.c", out->symbol_prefix);
+    snprintf(header_name, sizeof header_name, "%s.h", out->symbol_prefix);
+
+    moegen_params *params = moegen_params_new();
+    if (!params || add_spec_params(params, spec, out->spec_hash) ||
+        add_variant_params(params, variant, out->variant_name) ||
+        add_gen_params(params, out->symbol_prefix, source_name, header_name)) {
+        moegen_params_free(params);
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory building template parameters");
+    }
+    out->main_file = 0;
+    st = render_into(templates, "templates/cpu/layer.c.tpl", params, source_name, out, err);
+    if (st == MOEGEN_OK)
+        st = render_into(templates, "templates/cpu/layer.h.tpl", params, header_name, out, err);
+    if (st == MOEGEN_OK)
+        st = copy_into(templates, ABI_HEADER_PATH, "moegen_kernel_abi.h", out, err);
+    moegen_params_free(params);
+    if (st != MOEGEN_OK) moegen_generated_free(out);
+    return st;
+}
+
+void moegen_generated_free(moegen_generated *gen) {
+    if (!gen) return;
+    for (int i = 0; i < gen->n_files; i++) free(gen->files[i].text);
+    gen->n_files = 0;
+}
+
+/* 1 if `path` holds exactly `len` bytes equal to `text`. */
+static int file_has_content(const char *path, const char *text, size_t len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    int same = 1;
+    char buf[65536];
+    size_t off = 0, n;
+    while ((n = fread(buf, 1, sizeof buf, f)) > 0) {
+        if (off + n > len || memcmp(buf, text + off, n) != 0) {
+            same = 0;
+            break;
+        }
+        off += n;
+    }
+    fclose(f);
+    return same && off == len;
+}
+
+static moegen_status write_atomically(const char *path, const char *text, size_t len,
+                                      moegen_error *err) {
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) return moegen_error_set(err, MOEGEN_ERR_IO, errno, "%s: %s", tmp, strerror(errno));
+    size_t off = 0;
+    while (off < len) {
+        ssize_t w = write(fd, text + off, len - off);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            int e = errno;
+            close(fd);
+            unlink(tmp);
+            return moegen_error_set(err, MOEGEN_ERR_IO, e, "%s: %s", tmp, strerror(e));
+        }
+        off += (size_t)w;
+    }
+    if (fsync(fd) != 0 || close(fd) != 0) {
+        int e = errno;
+        unlink(tmp);
+        return moegen_error_set(err, MOEGEN_ERR_IO, e, "%s: %s", tmp, strerror(e));
+    }
+    if (rename(tmp, path) != 0) {
+        int e = errno;
+        unlink(tmp);
+        return moegen_error_set(err, MOEGEN_ERR_IO, e, "%s: %s", path, strerror(e));
+    }
+    return MOEGEN_OK;
+}
+
+moegen_status moegen_generated_write(const moegen_generated *gen, const char *dir, int *n_written,
+                                     moegen_error *err) {
+    if (n_written) *n_written = 0;
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+        return moegen_error_set(err, MOEGEN_ERR_IO, errno, "%s: %s", dir, strerror(errno));
+    for (int i = 0; i < gen->n_files; i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, gen->files[i].name);
+        if (file_has_content(path, gen->files[i].text, gen->files[i].len)) continue;
+        moegen_status st = write_atomically(path, gen->files[i].text, gen->files[i].len, err);
+        if (st != MOEGEN_OK) return st;
+        if (n_written) (*n_written)++;
+    }
+    return MOEGEN_OK;
+}

@@ -1,1 +1,360 @@
-/* placeholder: being written */
+/* host_cc.c — the host C compiler as the CPU backend's compiler (see host_cc.h).
+ *
+ * Place in the pipeline: spec -> gen -> [compile] -> cache -> load -> launch.
+ * moegen_host_compiler_probe() finds the compiler ($MOEGEN_CC, else "cc"), reads
+ * its identity (first line of `--version` and `-dumpmachine`) and picks flags for
+ * this CPU; both go into the cache key. moegen_host_compile() then turns one
+ * generated C file into a shared object.
+ *
+ * Invariants:
+ *  - The compiler is run with posix_spawnp() and an argument vector: never a
+ *    shell, never system(), so no path or flag is ever re-parsed. $MOEGEN_CC must
+ *    therefore name a single program (no arguments).
+ *  - Its stdin is /dev/null; its output goes to a pipe (probe) or to the log file
+ *    the caller names (compile), and a failed compile reports the log's first
+ *    lines and the log's path.
+ *  - The flags are a pure function of the CPU this process runs on.
+ *  - No global mutable state.
+ */
+#define _GNU_SOURCE
+#include "host_cc.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <spawn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef PATH_MAX
+#define PATH_MAX 4096
+#endif
+
+extern char **environ;
+
+#define BASE_FLAGS "-std=gnu11 -O3 -fPIC -shared -fopenmp -fno-math-errno"
+#define AVX2_FLAGS "-mavx2 -mfma -mf16c"
+#define AVX512_FLAGS "-mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c"
+#define MAX_FLAG_WORDS 32
+#define CAPTURE_BYTES 1024
+#define VERSION_LINE_MAX_CHARS 400 /* identity = version + " / " + machine fits */
+#define MACHINE_LINE_MAX_CHARS 100
+#define LOG_EXCERPT_BYTES 700
+#define LOG_EXCERPT_LINES 10
+
+/* How a child process ended. */
+typedef struct run_outcome {
+    int spawn_error; /* errno when the program could not be started or waited for */
+    int exited;      /* 1: exited normally with exit_code */
+    int exit_code;
+    int signal_number; /* when killed by a signal */
+} run_outcome;
+
+static int outcome_succeeded(const run_outcome *o) {
+    return o->spawn_error == 0 && o->exited && o->exit_code == 0;
+}
+
+static void describe_outcome(const run_outcome *o, char *out, size_t size) {
+    if (o->spawn_error)
+        snprintf(out, size, "could not run: %s", strerror(o->spawn_error));
+    else if (o->exited)
+        snprintf(out, size, "exit status %d", o->exit_code);
+    else
+        snprintf(out, size, "killed by signal %d (%s)", o->signal_number,
+                 strsignal(o->signal_number));
+}
+
+/* Start argv[0] (searched in $PATH) with stdin from /dev/null, stdout to `out_fd`
+ * and stderr to `err_fd` (-1: /dev/null). Returns the pid, or -1 with
+ * outcome->spawn_error set. */
+static pid_t start_program(char *const argv[], int out_fd, int err_fd, run_outcome *outcome) {
+    posix_spawn_file_actions_t actions;
+    pid_t pid = -1;
+    int error = posix_spawn_file_actions_init(&actions);
+    memset(outcome, 0, sizeof *outcome);
+    if (error == 0) {
+        error = posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+        if (error == 0)
+            error = posix_spawn_file_actions_adddup2(&actions, out_fd, 1);
+        if (error == 0)
+            error = err_fd >= 0
+                        ? posix_spawn_file_actions_adddup2(&actions, err_fd, 2)
+                        : posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+        if (error == 0)
+            error = posix_spawnp(&pid, argv[0], &actions, NULL, argv, environ);
+        posix_spawn_file_actions_destroy(&actions);
+    }
+    if (error != 0) {
+        outcome->spawn_error = error;
+        pid = -1;
+    }
+    return pid;
+}
+
+/* Wait for `pid` and record how it ended. */
+static void wait_program(pid_t pid, run_outcome *outcome) {
+    int status = 0;
+    pid_t waited;
+    do {
+        waited = waitpid(pid, &status, 0);
+    } while (waited < 0 && errno == EINTR);
+    if (waited < 0) {
+        outcome->spawn_error = errno;
+    } else if (WIFEXITED(status)) {
+        outcome->exited = 1;
+        outcome->exit_code = WEXITSTATUS(status);
+    } else if (WIFSIGNALED(status)) {
+        outcome->signal_number = WTERMSIG(status);
+    }
+}
+
+/* Run `program argument` and keep the start of its stdout in `out` (NUL-terminated);
+ * the rest is read and dropped so the child never blocks on a full pipe. */
+static void capture_output(const char *program, const char *argument, char *out, size_t size,
+                           run_outcome *outcome) {
+    char *argv[3] = {(char *)program, (char *)argument, NULL};
+    int pipe_fds[2] = {-1, -1};
+    size_t kept = 0;
+    pid_t pid = -1;
+    memset(outcome, 0, sizeof *outcome);
+    if (pipe2(pipe_fds, O_CLOEXEC) != 0) {
+        outcome->spawn_error = errno;
+        goto done;
+    }
+    pid = start_program(argv, pipe_fds[1], -1, outcome);
+    close(pipe_fds[1]); /* the child holds its own copy; EOF comes when it exits */
+    pipe_fds[1] = -1;
+    if (pid < 0)
+        goto done;
+    for (;;) {
+        char chunk[512];
+        ssize_t got = read(pipe_fds[0], chunk, sizeof chunk);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            break;
+        size_t take = (size_t)got;
+        if (take > size - 1 - kept)
+            take = size - 1 - kept;
+        memcpy(out + kept, chunk, take);
+        kept += take;
+    }
+    wait_program(pid, outcome);
+done:
+    out[kept] = '\0';
+    for (int i = 0; i < 2; i++)
+        if (pipe_fds[i] >= 0)
+            close(pipe_fds[i]);
+}
+
+/* Keep only the first line of `text`, without trailing blanks. */
+static void keep_first_line(char *text, size_t max_chars) {
+    size_t length = strcspn(text, "\r\n");
+    if (length > max_chars)
+        length = max_chars;
+    while (length > 0 && (text[length - 1] == ' ' || text[length - 1] == '\t'))
+        length--;
+    text[length] = '\0';
+}
+
+static void choose_flags(moegen_host_compiler *hc) {
+    const char *extra = "";
+    hc->vector_floats = 4;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+        extra = " " AVX512_FLAGS;
+        hc->vector_floats = 16;
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        extra = " " AVX2_FLAGS;
+        hc->vector_floats = 8;
+    }
+#endif
+    snprintf(hc->flags, sizeof hc->flags, "%s%s", BASE_FLAGS, extra);
+}
+
+/* An error for a compiler that could not be run at all. */
+static moegen_status compiler_not_runnable(const char *command, const run_outcome *o,
+                                           moegen_error *err) {
+    moegen_status status;
+    if (o->spawn_error == ENOENT)
+        status = moegen_error_set(err, MOEGEN_ERR_COMPILE, ENOENT,
+                                  "host C compiler '%s' not found (install a C compiler or set "
+                                  "MOEGEN_CC to one)",
+                                  command);
+    else
+        status = moegen_error_set(err, MOEGEN_ERR_COMPILE, o->spawn_error,
+                                  "cannot run host C compiler '%s': %s", command,
+                                  strerror(o->spawn_error));
+    return status;
+}
+
+/* Find the compiler ($MOEGEN_CC, a single program, else "cc"), read its identity
+ * and choose flags for this CPU (host_cc.h). Returns MOEGEN_OK;
+ * MOEGEN_ERR_COMPILE when $MOEGEN_CC is too long or has arguments, the compiler
+ * cannot be found or run, or `--version` / `-dumpmachine` fail;
+ * MOEGEN_ERR_INVALID_ARGUMENT when `hc` is NULL. */
+moegen_status moegen_host_compiler_probe(moegen_host_compiler *hc, moegen_error *err) {
+    moegen_status status = MOEGEN_OK;
+    const char *command = getenv("MOEGEN_CC");
+    char version[CAPTURE_BYTES];
+    char machine[CAPTURE_BYTES];
+    char how[128];
+    run_outcome outcome;
+    if (!hc) {
+        status = moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                  "moegen_host_compiler_probe: the compiler pointer is NULL");
+        goto done;
+    }
+    moegen_error_clear(err);
+    memset(hc, 0, sizeof *hc);
+    if (!command || !command[0])
+        command = "cc";
+    if (strlen(command) >= sizeof hc->command) {
+        status = moegen_error_set(err, MOEGEN_ERR_COMPILE, 0,
+                                  "MOEGEN_CC is too long (at most %zu characters)",
+                                  sizeof hc->command - 1);
+        goto done;
+    }
+    if (strpbrk(command, " \t\r\n")) {
+        status = moegen_error_set(err, MOEGEN_ERR_COMPILE, 0,
+                                  "MOEGEN_CC='%s' must name a single program, without arguments",
+                                  command);
+        goto done;
+    }
+    snprintf(hc->command, sizeof hc->command, "%s", command);
+    capture_output(hc->command, "--version", version, sizeof version, &outcome);
+    if (outcome.spawn_error) {
+        status = compiler_not_runnable(hc->command, &outcome, err);
+        goto done;
+    }
+    keep_first_line(version, VERSION_LINE_MAX_CHARS);
+    if (!outcome_succeeded(&outcome) || !version[0]) {
+        describe_outcome(&outcome, how, sizeof how);
+        status = moegen_error_set(err, MOEGEN_ERR_COMPILE, 0,
+                                  "host C compiler '%s' did not report a version "
+                                  "('%s --version': %s)",
+                                  hc->command, hc->command, how);
+        goto done;
+    }
+    capture_output(hc->command, "-dumpmachine", machine, sizeof machine, &outcome);
+    keep_first_line(machine, MACHINE_LINE_MAX_CHARS);
+    if (!outcome_succeeded(&outcome) || !machine[0]) {
+        describe_outcome(&outcome, how, sizeof how);
+        status = moegen_error_set(err, MOEGEN_ERR_COMPILE, outcome.spawn_error,
+                                  "host C compiler '%s' did not report its target "
+                                  "('%s -dumpmachine': %s)",
+                                  hc->command, hc->command, how);
+        goto done;
+    }
+    snprintf(hc->identity, sizeof hc->identity, "%.400s / %.100s", version, machine);
+    choose_flags(hc);
+done:
+    return status;
+}
+
+/* The first lines of a compile log, for an error message. */
+static void read_log_excerpt(const char *log_path, char *out, size_t size) {
+    size_t length = 0;
+    int lines = 0;
+    int fd = open(log_path, O_RDONLY | O_CLOEXEC);
+    out[0] = '\0';
+    if (fd >= 0) {
+        ssize_t got;
+        do {
+            got = read(fd, out + length, size - 1 - length);
+        } while (got < 0 && errno == EINTR);
+        length = got > 0 ? (size_t)got : 0;
+        out[length] = '\0';
+        close(fd);
+    }
+    for (size_t i = 0; i < length; i++) {
+        if (out[i] == '\0')
+            out[i] = ' ';
+        if (out[i] == '\n' && ++lines == LOG_EXCERPT_LINES) {
+            out[i] = '\0';
+            length = i;
+        }
+    }
+    while (length > 0 && out[length - 1] == '\n')
+        out[--length] = '\0';
+}
+
+/* Compile `source_path` into the shared object `output_path` with
+ * `<cc> <flags> -I<source dir> -o <output> <source> -lm`, stdout and stderr to
+ * `log_path` (created 0600, truncated). Precondition: `hc` filled by
+ * moegen_host_compiler_probe. Returns MOEGEN_OK; MOEGEN_ERR_COMPILE when the log
+ * cannot be created, the compiler cannot be run, exits non-zero or dies by a
+ * signal (message: how it ended, the log path, then the log's first 10 lines);
+ * MOEGEN_ERR_INVALID_ARGUMENT for NULL/empty arguments or paths starting with '-'. */
+moegen_status moegen_host_compile(const moegen_host_compiler *hc, const char *source_path,
+                                  const char *output_path, const char *log_path,
+                                  moegen_error *err) {
+    moegen_status status = MOEGEN_OK;
+    char flags[sizeof hc->flags];
+    char include[PATH_MAX + 2];
+    char excerpt[LOG_EXCERPT_BYTES];
+    char how[128];
+    char *argv[MAX_FLAG_WORDS + 8];
+    const char *slash;
+    char *word_end = NULL;
+    int count = 0;
+    int log_fd = -1;
+    pid_t pid;
+    run_outcome outcome;
+    if (!hc || !hc->command[0] || !source_path || !source_path[0] || !output_path ||
+        !output_path[0] || !log_path || !log_path[0] || source_path[0] == '-' ||
+        output_path[0] == '-') {
+        status = moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                  "moegen_host_compile: needs a probed compiler and non-empty "
+                                  "source, output and log paths not starting with '-'");
+        goto done;
+    }
+    moegen_error_clear(err);
+    slash = strrchr(source_path, '/');
+    if (!slash)
+        snprintf(include, sizeof include, "-I.");
+    else if (slash == source_path)
+        snprintf(include, sizeof include, "-I/");
+    else
+        snprintf(include, sizeof include, "-I%.*s", (int)(slash - source_path), source_path);
+    argv[count++] = (char *)hc->command;
+    snprintf(flags, sizeof flags, "%s", hc->flags);
+    for (char *word = strtok_r(flags, " ", &word_end); word && count < MAX_FLAG_WORDS + 1;
+         word = strtok_r(NULL, " ", &word_end))
+        argv[count++] = word;
+    argv[count++] = include;
+    argv[count++] = "-o";
+    argv[count++] = (char *)output_path;
+    argv[count++] = (char *)source_path;
+    argv[count++] = "-lm";
+    argv[count] = NULL;
+    log_fd = open(log_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (log_fd < 0) {
+        status = moegen_error_set(err, MOEGEN_ERR_COMPILE, errno,
+                                  "cannot create compile log %s: %s", log_path, strerror(errno));
+        goto done;
+    }
+    pid = start_program(argv, log_fd, log_fd, &outcome);
+    if (pid < 0) {
+        status = compiler_not_runnable(hc->command, &outcome, err);
+        goto done;
+    }
+    wait_program(pid, &outcome);
+    if (!outcome_succeeded(&outcome)) {
+        describe_outcome(&outcome, how, sizeof how);
+        read_log_excerpt(log_path, excerpt, sizeof excerpt);
+        status = moegen_error_set(err, MOEGEN_ERR_COMPILE, outcome.exit_code,
+                                  "host C compiler '%s' failed on %s (%s; full log: %s):\n%s",
+                                  hc->command, source_path, how, log_path, excerpt);
+        goto done;
+    }
+done:
+    if (log_fd >= 0)
+        close(log_fd);
+    return status;
+}

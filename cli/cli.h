@@ -1,0 +1,21 @@
+/* cli.h — shared pieces of the `moegen` command (cli/main.c, cli/run.c). */
+#ifndef MOEGEN_CLI_H
+#define MOEGEN_CLI_H
+
+#include <stdarg.h>
+
+/* Print "moegen: <message>" on stderr; returns 1 (the exit status). */
+int moegen_cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* 1 if --help or -h is among the arguments. */
+int moegen_cli_wants_help(int argc, char **argv);
+
+/* Parse a decimal integer option value in [min, max]; prints an error and returns -1
+ * on failure. */
+int moegen_cli_parse_int(const char *text, const char *option, long long min, long long max,
+                         long long *out);
+
+/* `moegen run`. */
+int moegen_cli_run(int argc, char **argv);
+
+#endif

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# setup.sh — install what moegen needs (Debian packages) and build it.
+#   scripts/setup.sh              optimized build in build/
+#   scripts/setup.sh sanitize     ASan + UBSan build in build-sanitize/
+# Idempotent: installs only missing packages, rebuilds only what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(build-essential cmake pkg-config liblua5.4-dev libyaml-dev libcmocka-dev)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" > /dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    sudo_cmd=()
+    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" > /dev/null
+fi
+
+jobs=$(nproc 2> /dev/null || echo 2)
+if [ "${1:-}" = sanitize ]; then
+    cmake -S . -B build-sanitize -DCMAKE_BUILD_TYPE=Debug -DMOEGEN_SANITIZE=ON > /dev/null
+    cmake --build build-sanitize -j "$jobs" > /dev/null
+else
+    cmake -S . -B build -DCMAKE_BUILD_TYPE=Release > /dev/null
+    cmake --build build -j "$jobs" > /dev/null
+fi

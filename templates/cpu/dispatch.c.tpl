@@ -1,0 +1,175 @@
+% -- dispatch.c.tpl — stage 2: capacity, drop priority, the expert-contiguous row order
+% -- and the maps to undo it, and the final combine weights (docs/numerics.md §2).
+% -- Sequential: O(S k) plus a sort per over-full expert for the probs / random priorities.
+% local moe = import("templates/lib/moe.lua")
+% local cap = spec.capacity
+% local dropless = cap.mode == "dropless"
+% local pad = cap.pad_to_capacity and not dropless
+/* ---- Stage 2: capacity and permutation ---------------------------------------------- */
+
+/* Capacity per expert for n_tokens tokens (${cap.mode}${cap.mode == "factor" and (", " .. cap.formula .. " formula") or ""}). */
+static int64_t capacity_for(int64_t n_tokens) {
+% if dropless then
+    (void)n_tokens;
+    return -1; /* dropless: no capacity */
+% elseif cap.mode == "fixed" then
+    (void)n_tokens;
+    return EXPERT_CAPACITY;
+% elseif cap.formula == "deepspeed" then
+    /* DeepSpeed forms the product in fp32: S/E (rounded to fp32) times k * cf (fp32). */
+    float tokens_per_expert = (float)((double)n_tokens / (double)NUM_EXPERTS);
+    float k_times_factor = (float)TOP_K * (float)CAPACITY_FACTOR;
+    int64_t capacity = (int64_t)ceilf(tokens_per_expert * k_times_factor);
+    return capacity > MIN_CAPACITY ? capacity : MIN_CAPACITY;
+% else
+    /* Megatron: ceil(S * k / E * cf) in double, no minimum. */
+    return (int64_t)ceil((double)(n_tokens * TOP_K) / NUM_EXPERTS * CAPACITY_FACTOR);
+% end
+}
+
+/* Rows the expert stage processes at most for n_tokens tokens. */
+static int64_t max_rows_for(int64_t n_tokens) {
+% if pad then
+    return NUM_EXPERTS * capacity_for(n_tokens); /* every expert has exactly C rows */
+% else
+    return n_tokens * TOP_K;
+% end
+}
+% if not dropless and (cap.priority == "probs" or cap.priority == "random") then
+
+static int compare_priority(const void *pa, const void *pb) {
+    const struct priority_entry *a = pa, *b = pb;
+    if (a->key != b->key) return a->key > b->key ? -1 : 1; /* higher priority first */
+    return (a->token > b->token) - (a->token < b->token);  /* then lower token index */
+}
+% end
+
+enum { ROUTE_DROPPED = -1, ROUTE_KEPT = -2 }; /* route_row before rows are assigned */
+
+/* Decide which routes survive capacity, lay the kept routes out expert by expert
+ * (tokens ascending within an expert), and compute the combine weights. */
+static void run_dispatch(forward_state *st) {
+    const int64_t n_tokens = st->n_tokens;
+    const int64_t n_routes = n_tokens * TOP_K;
+    int64_t *before = st->counts_before, *after = st->counts_after;
+    for (int e = 0; e < NUM_EXPERTS; e++) before[e] = after[e] = 0;
+    for (int64_t r = 0; r < n_routes; r++) {
+        st->route_row[r] = ROUTE_DROPPED; /* until kept */
+        if (st->route_valid[r]) before[st->route_expert[r]]++;
+    }
+    st->capacity = capacity_for(n_tokens);
+% if dropless then
+
+    /* Dropless: every valid route is kept. */
+    for (int64_t r = 0; r < n_routes; r++)
+        if (st->route_valid[r]) st->route_row[r] = ROUTE_KEPT;
+% elseif cap.priority == "position" then
+
+    /* position, token-major: the first C routes of each expert in token order. */
+    for (int64_t r = 0; r < n_routes; r++) {
+        if (!st->route_valid[r]) continue;
+        int e = st->route_expert[r];
+        if (after[e] < st->capacity) {
+            after[e]++;
+            st->route_row[r] = ROUTE_KEPT;
+        }
+    }
+% elseif cap.priority == "position_choice_major" then
+
+    /* position, choice-major: every first choice (in token order), then every second, ... */
+    for (int j = 0; j < TOP_K; j++)
+        for (int64_t t = 0; t < n_tokens; t++) {
+            int64_t r = t * TOP_K + j;
+            if (!st->route_valid[r]) continue;
+            int e = st->route_expert[r];
+            if (after[e] < st->capacity) {
+                after[e]++;
+                st->route_row[r] = ROUTE_KEPT;
+            }
+        }
+% else
+
+    /* ${cap.priority} priority: per expert, the C routes with the highest key
+     * (${cap.priority == "probs" and "router weight" or "seeded uniform"}), ties to the lower token. */
+    int64_t bucket_start[NUM_EXPERTS + 1];
+    bucket_start[0] = 0;
+    for (int e = 0; e < NUM_EXPERTS; e++) bucket_start[e + 1] = bucket_start[e] + before[e];
+    int64_t fill[NUM_EXPERTS];
+    for (int e = 0; e < NUM_EXPERTS; e++) fill[e] = bucket_start[e];
+    for (int64_t r = 0; r < n_routes; r++) {
+        if (!st->route_valid[r]) continue;
+        struct priority_entry *entry = &st->scratch[fill[st->route_expert[r]]++];
+%   if cap.priority == "probs" then
+        entry->key = st->route_weight[r];
+%   else
+        entry->key = rng_uniform(st->rng_offset, RNG_STREAM_PRIORITY, (uint64_t)r);
+%   end
+        entry->token = (int32_t)(r / TOP_K);
+        entry->route = (int32_t)r;
+    }
+    for (int e = 0; e < NUM_EXPERTS; e++) {
+        struct priority_entry *bucket = st->scratch + bucket_start[e];
+        int64_t n = before[e];
+        if (n > st->capacity) {
+            qsort(bucket, (size_t)n, sizeof *bucket, compare_priority);
+            n = st->capacity;
+        }
+        for (int64_t i = 0; i < n; i++) st->route_row[bucket[i].route] = ROUTE_KEPT;
+    }
+% end
+
+    /* Row order: expert-contiguous, tokens ascending within an expert. */
+    for (int e = 0; e < NUM_EXPERTS; e++) after[e] = 0;
+    for (int64_t r = 0; r < n_routes; r++)
+        if (st->route_row[r] == ROUTE_KEPT) after[st->route_expert[r]]++;
+    st->expert_offset[0] = 0;
+    for (int e = 0; e < NUM_EXPERTS; e++)
+% if pad then
+        st->expert_offset[e + 1] = st->expert_offset[e] + st->capacity; /* pad to capacity */
+% else
+        st->expert_offset[e + 1] = st->expert_offset[e] + after[e];
+% end
+    st->n_rows = st->expert_offset[NUM_EXPERTS];
+    int64_t next_row[NUM_EXPERTS];
+    for (int e = 0; e < NUM_EXPERTS; e++) next_row[e] = st->expert_offset[e];
+    for (int64_t r = 0; r < n_routes; r++) {
+        if (st->route_row[r] != ROUTE_KEPT) continue;
+        int64_t row = next_row[st->route_expert[r]]++;
+        st->route_row[r] = (int32_t)row;
+        st->row_token[row] = (int32_t)(r / TOP_K);
+    }
+% if pad then
+    for (int e = 0; e < NUM_EXPERTS; e++)
+        for (int64_t row = next_row[e]; row < st->expert_offset[e + 1]; row++)
+            st->row_token[row] = -1; /* padding: zero input, never combined */
+% end
+
+    int64_t n_dropped = 0;
+    for (int e = 0; e < NUM_EXPERTS; e++) n_dropped += before[e] - after[e];
+    st->n_dropped = n_dropped;
+
+    /* Combine weights of kept routes${cap.renormalize and ", renormalized per token" or ""}. */
+    for (int64_t t = 0; t < n_tokens; t++) {
+        const float *weight = st->route_weight + t * TOP_K;
+        const int32_t *row = st->route_row + t * TOP_K;
+        float *final = st->route_final + t * TOP_K;
+% if cap.renormalize then
+        float kept_sum = 0.0f;
+        for (int j = 0; j < TOP_K; j++)
+            if (row[j] >= 0) kept_sum += weight[j];
+        kept_sum = kept_sum > WEIGHT_SUM_EPS ? kept_sum : WEIGHT_SUM_EPS;
+%   if spec.router.routed_scaling_factor ~= 1 then
+        for (int j = 0; j < TOP_K; j++) final[j] = row[j] >= 0 ? weight[j] / kept_sum * ROUTED_SCALING_FACTOR : 0.0f;
+%   else
+        for (int j = 0; j < TOP_K; j++) final[j] = row[j] >= 0 ? weight[j] / kept_sum : 0.0f;
+%   end
+% else
+        for (int j = 0; j < TOP_K; j++) final[j] = row[j] >= 0 ? weight[j] : 0.0f;
+% end
+% if spec.weight_on_input then
+        for (int j = 0; j < TOP_K; j++) /* the expert sees w * x */
+            if (row[j] >= 0) st->row_scale[row[j]] = final[j];
+% end
+    }
+}
+

@@ -1,0 +1,187 @@
+% -- entry.c.tpl — the module's exported functions: info, workspace size, forward.
+% -- forward checks its arguments, carves the workspace and runs the four stages.
+% local moe = import("templates/lib/moe.lua")
+% local dtype_code = ({ fp32 = 0, fp16 = 1, bf16 = 2 })[spec.dtype]
+% local P = gen.prefix
+/* ---- Workspace ------------------------------------------------------------------------ */
+
+/* Largest token count one call accepts: route and row indices are int32. */
+#define MAX_TOKENS (INT32_MAX / TOP_K)
+
+/* Byte offsets of every workspace buffer for one token count; each 64-byte aligned. */
+typedef struct workspace_layout {
+    size_t router_input, logits, route_expert, route_weight, route_valid;
+    size_t block_prob_sums, block_counts, block_z_sums;
+    size_t counts_before, counts_after, expert_offset, row_token, row_scale, route_row;
+    size_t route_final, scratch, zero_row, hidden, expert_out;
+    size_t shared_hidden, shared_out, residual_hidden, residual_out;
+    size_t total;
+} workspace_layout;
+
+static workspace_layout layout_for(int64_t n_tokens) {
+    workspace_layout layout;
+    memset(&layout, 0, sizeof layout);
+    const size_t tokens = (size_t)n_tokens;
+    const size_t routes = tokens * TOP_K;
+    const size_t rows = (size_t)max_rows_for(n_tokens);
+    const size_t blocks = (tokens + ROUTER_BLOCK - 1) / ROUTER_BLOCK;
+    size_t offset = 0;
+#define CARVE(field, bytes) (layout.field = offset, offset += ((size_t)(bytes) + 63) & ~(size_t)63)
+    CARVE(router_input, tokens * HIDDEN * sizeof(float));
+    CARVE(logits, tokens * NUM_EXPERTS * sizeof(float));
+    CARVE(route_expert, routes * sizeof(int32_t));
+    CARVE(route_weight, routes * sizeof(float));
+    CARVE(route_valid, routes * sizeof(uint8_t));
+    CARVE(block_prob_sums, blocks * NUM_EXPERTS * sizeof(double));
+    CARVE(block_counts, blocks * NUM_EXPERTS * sizeof(int64_t));
+    CARVE(block_z_sums, blocks * sizeof(double));
+    CARVE(counts_before, NUM_EXPERTS * sizeof(int64_t));
+    CARVE(counts_after, NUM_EXPERTS * sizeof(int64_t));
+    CARVE(expert_offset, (NUM_EXPERTS + 1) * sizeof(int64_t));
+    CARVE(row_token, rows * sizeof(int32_t));
+    CARVE(row_scale, rows * sizeof(float));
+    CARVE(route_row, routes * sizeof(int32_t));
+    CARVE(route_final, routes * sizeof(float));
+    CARVE(scratch, routes * sizeof(struct priority_entry));
+    CARVE(zero_row, HIDDEN * sizeof(elem_t));
+    CARVE(hidden, rows * FFN * sizeof(elem_t));
+    CARVE(expert_out, rows * HIDDEN * sizeof(float));
+% if spec.shared.count > 0 then
+    CARVE(shared_hidden, (size_t)SHARED_EXPERTS * tokens * SHARED_FFN * sizeof(elem_t));
+    CARVE(shared_out, (size_t)SHARED_EXPERTS * tokens * HIDDEN * sizeof(float));
+% end
+% if spec.use_residual then
+    CARVE(residual_hidden, tokens * FFN * sizeof(elem_t));
+    CARVE(residual_out, tokens * HIDDEN * sizeof(float));
+% end
+#undef CARVE
+    layout.total = offset;
+    return layout;
+}
+
+/* ---- Exported functions ------------------------------------------------------------------ */
+
+const moegen_kernel_info *${P}_info(void) {
+    static const moegen_kernel_info info = {
+        MOEGEN_KERNEL_ABI_VERSION, "${spec.hash}", "${variant.name}",
+        NUM_EXPERTS, TOP_K, HIDDEN, FFN, FFN_ROWS, ${dtype_code} /* ${spec.dtype} */};
+    return &info;
+}
+
+size_t ${P}_workspace_bytes(int64_t n_tokens) {
+    if (n_tokens < 0 || n_tokens > MAX_TOKENS) return 0;
+    return layout_for(n_tokens).total;
+}
+
+/* 1 if every tensor this layer reads is present. */
+static int weights_present(const moegen_kernel_weights *w) {
+    int ok = w->router_w && w->w1 && w->w2;
+% if spec.router.router_bias then
+    ok = ok && w->router_b;
+% end
+% if spec.router.score_bias then
+    ok = ok && w->score_bias;
+% end
+% if spec.expert_bias then
+    ok = ok && w->b1 && w->b2;
+% end
+% if spec.shared.count > 0 then
+    ok = ok && w->shared_w1 && w->shared_w2;
+%   if spec.expert_bias then
+    ok = ok && w->shared_b1 && w->shared_b2;
+%   end
+%   if spec.shared.gate then
+    ok = ok && w->shared_gate;
+%   end
+% end
+% if spec.use_residual then
+    ok = ok && w->residual_w1 && w->residual_w2 && w->residual_coef_w && w->residual_coef_b;
+%   if spec.expert_bias then
+    ok = ok && w->residual_b1 && w->residual_b2;
+%   end
+% end
+    return ok;
+}
+
+int ${P}_forward(const moegen_kernel_args *args) {
+    if (!args) return MOEGEN_KERNEL_EARG;
+    if (args->abi_version != MOEGEN_KERNEL_ABI_VERSION) return MOEGEN_KERNEL_EABI;
+    const int64_t n_tokens = args->n_tokens;
+    moegen_kernel_outputs *out = args->out;
+    if (!out || n_tokens < 0 || n_tokens > MAX_TOKENS) return MOEGEN_KERNEL_EARG;
+    if (n_tokens > 0 && (!args->x || !out->y)) return MOEGEN_KERNEL_EARG;
+    if (!weights_present(&args->w)) return MOEGEN_KERNEL_EARG;
+    if (max_rows_for(n_tokens) > INT32_MAX) return MOEGEN_KERNEL_EARG;
+
+    out->n_dropped = 0;
+    out->capacity = capacity_for(n_tokens);
+    out->aux_loss = 0.0;
+    out->z_loss = 0.0;
+    if (n_tokens == 0) { /* nothing to route: empty counts, zero losses */
+        for (int e = 0; e < NUM_EXPERTS; e++) {
+            if (out->counts_before) out->counts_before[e] = 0;
+            if (out->counts_after) out->counts_after[e] = 0;
+        }
+        return MOEGEN_KERNEL_OK;
+    }
+    const workspace_layout layout = layout_for(n_tokens);
+    if (!args->workspace || args->workspace_bytes < layout.total) return MOEGEN_KERNEL_EWORKSPACE;
+
+    char *base = args->workspace;
+    forward_state st;
+    memset(&st, 0, sizeof st);
+    st.n_tokens = n_tokens;
+    st.n_router_blocks = (n_tokens + ROUTER_BLOCK - 1) / ROUTER_BLOCK;
+    st.rng_offset = args->rng_offset;
+    st.x = args->x;
+    st.w = &args->w;
+    st.router_input = (float *)(base + layout.router_input);
+    st.logits = (float *)(base + layout.logits);
+    st.route_expert = (int32_t *)(base + layout.route_expert);
+    st.route_weight = (float *)(base + layout.route_weight);
+    st.route_valid = (uint8_t *)(base + layout.route_valid);
+    st.block_prob_sums = (double *)(base + layout.block_prob_sums);
+    st.block_counts = (int64_t *)(base + layout.block_counts);
+    st.block_z_sums = (double *)(base + layout.block_z_sums);
+    st.counts_before = (int64_t *)(base + layout.counts_before);
+    st.counts_after = (int64_t *)(base + layout.counts_after);
+    st.expert_offset = (int64_t *)(base + layout.expert_offset);
+    st.row_token = (int32_t *)(base + layout.row_token);
+    st.row_scale = (float *)(base + layout.row_scale);
+    st.route_row = (int32_t *)(base + layout.route_row);
+    st.route_final = (float *)(base + layout.route_final);
+    st.scratch = (struct priority_entry *)(base + layout.scratch);
+    st.zero_row = (elem_t *)(base + layout.zero_row);
+    st.hidden = (elem_t *)(base + layout.hidden);
+    st.expert_out = (float *)(base + layout.expert_out);
+% if spec.shared.count > 0 then
+    st.shared_hidden = (elem_t *)(base + layout.shared_hidden);
+    st.shared_out = (float *)(base + layout.shared_out);
+% end
+% if spec.use_residual then
+    st.residual_hidden = (elem_t *)(base + layout.residual_hidden);
+    st.residual_out = (float *)(base + layout.residual_out);
+% end
+    memset(st.zero_row, 0, HIDDEN * sizeof(elem_t));
+
+#ifdef _OPENMP
+    const int n_threads = args->n_threads > 0 ? args->n_threads : omp_get_max_threads();
+#else
+    const int n_threads = 1;
+#endif
+    run_router(&st, n_threads);             /* stage 1 */
+    run_dispatch(&st);                      /* stage 2 */
+    run_experts(&st, n_threads);            /* stage 3 */
+    run_combine(&st, out->y, n_threads);    /* stage 4 */
+
+    const size_t route_bytes = (size_t)n_tokens * TOP_K;
+    if (out->topk_ids) memcpy(out->topk_ids, st.route_expert, route_bytes * sizeof(int32_t));
+    if (out->topk_weights) memcpy(out->topk_weights, st.route_final, route_bytes * sizeof(float));
+    if (out->router_weights) memcpy(out->router_weights, st.route_weight, route_bytes * sizeof(float));
+    if (out->counts_before) memcpy(out->counts_before, st.counts_before, NUM_EXPERTS * sizeof(int64_t));
+    if (out->counts_after) memcpy(out->counts_after, st.counts_after, NUM_EXPERTS * sizeof(int64_t));
+    out->n_dropped = st.n_dropped;
+    out->aux_loss = st.aux_loss;
+    out->z_loss = st.z_loss;
+    return MOEGEN_KERNEL_OK;
+}

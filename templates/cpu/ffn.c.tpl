@@ -1,0 +1,208 @@
+% -- ffn.c.tpl — stage 3: the expert FFNs as grouped GEMMs. A "problem" is one expert
+% -- (routed, shared or the residual MLP) over its rows; problems of one FFN shape run in
+% -- one parallel sweep of (problem, row block, column block) tasks: GEMM1 with the
+% -- activation fused into its epilogue, then GEMM2 with the bias in its epilogue. Every
+% -- output element is computed by one task in a fixed order, so results do not depend
+% -- on the thread count.
+% local moe = import("templates/lib/moe.lua")
+% local elem = moe.elem_type(spec.dtype)
+% local gated = spec.gated
+% local hcols = gated and "(TILE_COLS / 2)" or "TILE_COLS"
+/* ---- Stage 3: expert FFNs ------------------------------------------------------------ */
+
+/* One expert applied to n_rows rows. Row r reads token row_token[r] of x (a zero row
+ * when -1), or token r when row_token is NULL. */
+typedef struct ffn_problem {
+    const elem_t *w1, *b1;  /* [ffn_rows][HIDDEN], [ffn_rows] (b1 may be NULL) */
+    const elem_t *w2, *b2;  /* [HIDDEN][ffn], [HIDDEN] (b2 may be NULL) */
+    const int32_t *row_token;
+    const float *row_scale; /* per-row input scale (weight_on_input) or NULL */
+    int64_t n_rows;
+    elem_t *hidden;         /* [n_rows][ffn] */
+    float *out;             /* [n_rows][HIDDEN] */
+} ffn_problem;
+
+/* Columns of the activation one micro-kernel tile produces (gated tiles read the gate
+ * and the up row of each column). */
+#define TILE_HIDDEN_COLS ${hcols}
+
+/* Which problem a flat task index falls in: the last p with task_start[p] <= task. */
+static int problem_of_task(const int64_t *task_start, int n_problems, int64_t task) {
+    int low = 0, high = n_problems - 1;
+    while (low < high) {
+        int mid = (low + high + 1) / 2;
+        if (task_start[mid] <= task) low = mid;
+        else high = mid - 1;
+    }
+    return low;
+}
+% for _, shape in ipairs(moe.ffn_shapes(spec)) do
+%   local n = shape.name
+%   local F = shape.ffn
+%   local dot1 = moe.dot_name(elem, elem, spec.hidden_size)
+%   local dot2 = moe.dot_name(elem, elem, F)
+
+/* ---- FFN shape ${n}: ${spec.hidden_size} -> ${shape.ffn_rows} (${spec.activation}) -> ${F} -> ${spec.hidden_size} ---- */
+
+/* GEMM1 + activation for rows [row0, row0 + BLOCK_ROWS) and activation columns
+ * [col0, col0 + BLOCK_COLS) of one problem. */
+static void ${n}_gemm1_task(const forward_state *st, const ffn_problem *p, int64_t row0, int64_t col0) {
+    const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
+    const int64_t col_end = min_i64(col0 + BLOCK_COLS, ${F});
+    for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
+        const elem_t *a[TILE_ROWS];
+        for (int i = 0; i < TILE_ROWS; i++) {
+            int64_t row = min_i64(r + i, row_end - 1); /* overhang repeats the last row */
+            int64_t token = p->row_token ? p->row_token[row] : row;
+            a[i] = token >= 0 ? st->x + token * HIDDEN : st->zero_row;
+        }
+        for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
+            const elem_t *b[TILE_COLS];
+            for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
+                b[j] = p->w1 + (f + j) * HIDDEN;
+%   if gated then
+                b[TILE_HIDDEN_COLS + j] = p->w1 + (${F} + f + j) * HIDDEN; /* up row */
+%   end
+            }
+            float acc[TILE_ROWS][TILE_COLS];
+            ${dot1}(a, b, acc);
+            for (int i = 0; i < TILE_ROWS && r + i < row_end; i++) {
+                const float scale = p->row_scale ? p->row_scale[r + i] : 1.0f;
+                for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
+                    float gate = scale * acc[i][j];
+%   if gated then
+                    float up = scale * acc[i][TILE_HIDDEN_COLS + j];
+%   end
+                    if (p->b1) {
+                        gate += elem_to_float(p->b1[f + j]);
+%   if gated then
+                        up += elem_to_float(p->b1[${F} + f + j]);
+%   end
+                    }
+%   if gated then
+                    p->hidden[(r + i) * ${F} + f + j] = float_to_elem(activation(gate) * up);
+%   else
+                    p->hidden[(r + i) * ${F} + f + j] = float_to_elem(activation(gate));
+%   end
+                }
+            }
+        }
+    }
+}
+
+/* GEMM2 for rows [row0, row0 + BLOCK_ROWS) and output columns [col0, col0 + BLOCK_COLS). */
+static void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
+    const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
+    const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
+    for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
+        const elem_t *a[TILE_ROWS];
+        for (int i = 0; i < TILE_ROWS; i++) a[i] = p->hidden + min_i64(r + i, row_end - 1) * ${F};
+        for (int64_t c = col0; c < col_end; c += TILE_COLS) {
+            const elem_t *b[TILE_COLS];
+            for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + j) * ${F};
+            float acc[TILE_ROWS][TILE_COLS];
+            ${dot2}(a, b, acc);
+            for (int i = 0; i < TILE_ROWS && r + i < row_end; i++)
+                for (int j = 0; j < TILE_COLS; j++)
+                    p->out[(r + i) * HIDDEN + c + j] = acc[i][j] + (p->b2 ? elem_to_float(p->b2[c + j]) : 0.0f);
+        }
+    }
+}
+
+/* Run every problem of shape ${n}: all GEMM1 tasks, a barrier, all GEMM2 tasks. */
+static void ${n}_run(const forward_state *st, const ffn_problem *problems, int n_problems,
+                     int n_threads) {
+    if (n_problems == 0) return;
+    const int64_t col_blocks1 = (${F} + BLOCK_COLS - 1) / BLOCK_COLS;
+    const int64_t col_blocks2 = (HIDDEN + BLOCK_COLS - 1) / BLOCK_COLS;
+    int64_t start1[n_problems + 1], start2[n_problems + 1];
+    start1[0] = start2[0] = 0;
+    for (int p = 0; p < n_problems; p++) {
+        int64_t row_blocks = (problems[p].n_rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+        start1[p + 1] = start1[p] + row_blocks * col_blocks1;
+        start2[p + 1] = start2[p] + row_blocks * col_blocks2;
+    }
+    const int64_t n_tasks1 = start1[n_problems], n_tasks2 = start2[n_problems];
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_tasks1; task++) {
+            int p = problem_of_task(start1, n_problems, task);
+            int64_t local = task - start1[p];
+            ${n}_gemm1_task(st, &problems[p], (local / col_blocks1) * BLOCK_ROWS,
+                         (local % col_blocks1) * BLOCK_COLS);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_tasks2; task++) {
+            int p = problem_of_task(start2, n_problems, task);
+            int64_t local = task - start2[p];
+            ${n}_gemm2_task(&problems[p], (local / col_blocks2) * BLOCK_ROWS,
+                         (local % col_blocks2) * BLOCK_COLS);
+        }
+    }
+}
+% end
+
+/* Stage 3 entry: build the problem lists and run each FFN shape. */
+static void run_experts(forward_state *st, int n_threads) {
+    const moegen_kernel_weights *w = st->w;
+% local n_max = "NUM_EXPERTS + 1" .. (spec.shared.count > 0 and " + SHARED_EXPERTS" or "")
+    ffn_problem problems[${n_max}];
+    int n_problems;
+% for _, shape in ipairs(moe.ffn_shapes(spec)) do
+%   local F = shape.ffn
+%   local rows = shape.ffn_rows
+
+    /* Shape ${shape.name}. */
+    n_problems = 0;
+%   if F == spec.ffn_size then
+    for (int e = 0; e < NUM_EXPERTS; e++) {
+        ffn_problem *p = &problems[n_problems++];
+        const int64_t first_row = st->expert_offset[e];
+        p->w1 = (const elem_t *)w->w1 + (int64_t)e * ${rows} * HIDDEN;
+        p->b1 = w->b1 ? (const elem_t *)w->b1 + (int64_t)e * ${rows} : NULL;
+        p->w2 = (const elem_t *)w->w2 + (int64_t)e * HIDDEN * ${F};
+        p->b2 = w->b2 ? (const elem_t *)w->b2 + (int64_t)e * HIDDEN : NULL;
+        p->row_token = st->row_token + first_row;
+%     if spec.weight_on_input then
+        p->row_scale = st->row_scale + first_row;
+%     else
+        p->row_scale = NULL;
+%     end
+        p->n_rows = st->expert_offset[e + 1] - first_row;
+        p->hidden = st->hidden + first_row * ${F};
+        p->out = st->expert_out + first_row * HIDDEN;
+    }
+%     if spec.use_residual then
+    {
+        ffn_problem *p = &problems[n_problems++]; /* residual MLP: every token */
+        p->w1 = (const elem_t *)w->residual_w1;
+        p->b1 = (const elem_t *)w->residual_b1;
+        p->w2 = (const elem_t *)w->residual_w2;
+        p->b2 = (const elem_t *)w->residual_b2;
+        p->row_token = NULL;
+        p->row_scale = NULL;
+        p->n_rows = st->n_tokens;
+        p->hidden = st->residual_hidden;
+        p->out = st->residual_out;
+    }
+%     end
+%   end
+%   if spec.shared.count > 0 and F == spec.shared.ffn_size then
+    for (int i = 0; i < SHARED_EXPERTS; i++) {
+        ffn_problem *p = &problems[n_problems++]; /* shared expert: every token */
+        p->w1 = (const elem_t *)w->shared_w1 + (int64_t)i * ${rows} * HIDDEN;
+        p->b1 = w->shared_b1 ? (const elem_t *)w->shared_b1 + (int64_t)i * ${rows} : NULL;
+        p->w2 = (const elem_t *)w->shared_w2 + (int64_t)i * HIDDEN * ${F};
+        p->b2 = w->shared_b2 ? (const elem_t *)w->shared_b2 + (int64_t)i * HIDDEN : NULL;
+        p->row_token = NULL;
+        p->row_scale = NULL;
+        p->n_rows = st->n_tokens;
+        p->hidden = st->shared_hidden + (int64_t)i * st->n_tokens * ${F};
+        p->out = st->shared_out + (int64_t)i * st->n_tokens * HIDDEN;
+    }
+%   end
+    ${shape.name}_run(st, problems, n_problems, n_threads);
+% end
+}
+

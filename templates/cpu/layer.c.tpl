@@ -1,0 +1,72 @@
+% -- layer.c.tpl — entry template of the CPU backend: one C translation unit holding the
+% -- whole MoE forward for one spec. Stages, in data-flow order, each in its own partial:
+% --   numerics (storage conversion, activations, RNG) -> gemm (dot-product micro-kernels)
+% --   -> router (logits, scores, top-k, losses) -> dispatch (capacity, permutation)
+% --   -> ffn (grouped expert GEMMs) -> combine -> entry (workspace, forward, info).
+% local moe = import("templates/lib/moe.lua")
+% include("templates/common/header.tpl")
+#include "${gen.header_name}"
+
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* ---- Layer constants (every size is a compile-time constant; only the token count
+ *      varies between calls) -------------------------------------------------------- */
+#define NUM_EXPERTS ${spec.num_experts}
+#define TOP_K ${spec.top_k}
+#define HIDDEN ${spec.hidden_size}
+#define FFN ${spec.ffn_size}
+#define FFN_ROWS ${spec.ffn_rows} /* rows of w1: ${spec.gated and "gate and up halves" or "no gate"} */
+% if spec.shared.count > 0 then
+#define SHARED_EXPERTS ${spec.shared.count}
+#define SHARED_FFN ${spec.shared.ffn_size}
+#define SHARED_FFN_ROWS ${spec.shared.ffn_rows}
+% end
+% if spec.router.n_group > 1 then
+#define N_GROUP ${spec.router.n_group}
+#define TOPK_GROUP ${spec.router.topk_group}
+#define GROUP_TOPM ${spec.router.group_topm}
+#define EXPERTS_PER_GROUP ${moe.experts_per_group(spec)}
+% end
+% if spec.capacity.mode == "fixed" then
+#define EXPERT_CAPACITY ${spec.capacity.expert_capacity}
+% end
+% if spec.capacity.mode == "factor" and spec.capacity.formula == "deepspeed" then
+#define MIN_CAPACITY ${spec.capacity.min_capacity}
+% end
+#define RNG_SEED ((uint64_t)${spec.router.seed_hi} << 32 | (uint64_t)${spec.router.seed_lo}u)
+static const float ROUTED_SCALING_FACTOR = ${f32(spec.router.routed_scaling_factor)};
+% if moe.uses_jitter(spec) then
+static const float INPUT_JITTER = ${f32(spec.router.input_jitter)};
+% end
+% if spec.capacity.mode == "factor" then
+static const double CAPACITY_FACTOR = ${f64(moe.capacity_factor(spec))}; /* ${spec.mode} mode */
+% end
+static const float WEIGHT_SUM_EPS = 1e-20f; /* clamp of weight sums before dividing */
+
+/* Micro-kernel tile and parallel blocking (variant ${variant.name}). */
+#define VEC_FLOATS ${variant.cpu.vector_floats}
+#define TILE_ROWS ${variant.cpu.tile_rows}
+#define TILE_COLS ${variant.cpu.tile_cols}
+#define BLOCK_ROWS ${variant.cpu.block_rows}
+#define BLOCK_COLS ${variant.cpu.block_cols}
+#define ROUTER_BLOCK ${variant.cpu.router_block}
+
+_Static_assert(HIDDEN % VEC_FLOATS == 0, "the hidden size must be a multiple of the vector width");
+_Static_assert(FFN % VEC_FLOATS == 0, "the ffn size must be a multiple of the vector width");
+_Static_assert(BLOCK_ROWS % TILE_ROWS == 0, "a row block must hold whole row tiles");
+_Static_assert(BLOCK_COLS % TILE_COLS == 0, "a column block must hold whole column tiles");
+
+% include("templates/cpu/numerics.c.tpl")
+% include("templates/cpu/gemm.c.tpl")
+% include("templates/cpu/state.c.tpl")
+% include("templates/cpu/router.c.tpl")
+% include("templates/cpu/dispatch.c.tpl")
+% include("templates/cpu/ffn.c.tpl")
+% include("templates/cpu/combine.c.tpl")
+% include("templates/cpu/entry.c.tpl")

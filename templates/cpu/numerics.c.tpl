@@ -1,0 +1,143 @@
+% -- numerics.c.tpl — storage conversions, SIMD vector loads, activations and moegen's
+% -- counter-based RNG (docs/numerics.md §5). Everything here is static inline.
+% local moe = import("templates/lib/moe.lua")
+% local elem = moe.elem_type(spec.dtype)
+/* ---- Numerics -------------------------------------------------------------------- */
+
+/* Storage type of layer-dtype tensors (${spec.dtype}). */
+typedef ${elem} elem_t;
+
+typedef float vfloat __attribute__((vector_size(VEC_FLOATS * 4)));
+typedef uint16_t vu16 __attribute__((vector_size(VEC_FLOATS * 2)));
+typedef uint32_t vu32 __attribute__((vector_size(VEC_FLOATS * 4)));
+
+static inline float bits_to_float(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint32_t float_to_bits(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return bits;
+}
+
+static inline vfloat load_f32(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+% if spec.dtype == "bf16" then
+/* bf16 is the top half of an fp32: widening is a shift. */
+static inline float elem_to_float(elem_t v) { return bits_to_float((uint32_t)v << 16); }
+
+/* Round to nearest even; NaN stays a (quiet) NaN. */
+static inline elem_t float_to_elem(float f) {
+    uint32_t bits = float_to_bits(f);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (elem_t)((bits >> 16) | 0x0040u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (elem_t)(bits >> 16);
+}
+
+static inline vfloat load_bf16(const uint16_t *p) {
+    vu16 raw;
+    memcpy(&raw, p, sizeof raw);
+    vu32 wide = __builtin_convertvector(raw, vu32) << 16;
+    return (vfloat)wide;
+}
+% elseif spec.dtype == "fp16" then
+/* IEEE binary16 <-> binary32, bit-exact, round to nearest even, with subnormals. */
+static inline float elem_to_float(elem_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1fu;
+    uint32_t mantissa = h & 0x3ffu;
+    if (exponent == 0) {
+        float magnitude = (float)mantissa * 0x1p-24f; /* zero or subnormal, exact */
+        return sign ? -magnitude : magnitude;
+    }
+    if (exponent == 31) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
+    return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+static inline elem_t float_to_elem(float f) {
+    uint32_t bits = float_to_bits(f);
+    uint32_t sign = (bits >> 16) & 0x8000u;
+    uint32_t magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u) return (elem_t)(sign | 0x7e00u);  /* NaN */
+    if (magnitude >= 0x477ff000u) return (elem_t)(sign | 0x7c00u); /* >= 65520: Inf */
+    uint32_t exponent = magnitude >> 23;
+    if (exponent < 113) {                                          /* below 2^-14: subnormal */
+        if (exponent < 102) return (elem_t)sign;                   /* below 2^-25: zero */
+        uint32_t significand = (magnitude & 0x7fffffu) | 0x800000u;
+        uint32_t shift = 126 - exponent;
+        uint32_t quotient = significand >> shift;
+        uint32_t remainder = significand & ((1u << shift) - 1u);
+        uint32_t halfway = 1u << (shift - 1);
+        if (remainder > halfway || (remainder == halfway && (quotient & 1u))) quotient++;
+        return (elem_t)(sign | quotient);
+    }
+    uint32_t mantissa = magnitude & 0x7fffffu;
+    uint32_t result = ((exponent - 112u) << 10) | (mantissa >> 13);
+    uint32_t remainder = mantissa & 0x1fffu;
+    if (remainder > 0x1000u || (remainder == 0x1000u && (result & 1u))) result++;
+    return (elem_t)(sign | result);
+}
+
+static inline vfloat load_fp16(const uint16_t *p) {
+#if defined(__FLT16_MAX__) && defined(__F16C__)
+    typedef _Float16 vhalf __attribute__((vector_size(VEC_FLOATS * 2)));
+    vhalf raw;
+    memcpy(&raw, p, sizeof raw);
+    return __builtin_convertvector(raw, vfloat);
+#else
+    vfloat v;
+    for (int i = 0; i < VEC_FLOATS; i++) v[i] = elem_to_float(p[i]);
+    return v;
+#endif
+}
+% else
+static inline float elem_to_float(elem_t v) { return v; }
+static inline elem_t float_to_elem(float f) { return f; }
+% end
+
+/* Horizontal sum in a fixed lane order (results do not depend on scheduling). */
+static inline float vector_sum(vfloat v) {
+    float total = 0.0f;
+    for (int i = 0; i < VEC_FLOATS; i++) total += v[i];
+    return total;
+}
+
+/* Activations (docs/numerics.md §3). */
+% if spec.activation == "relu" then
+static inline float activation(float z) { return z > 0.0f ? z : 0.0f; }
+% elseif spec.activation == "gelu" or spec.activation == "geglu" then
+static inline float activation(float z) { return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f)); }
+% elseif spec.activation == "gelu_tanh" then
+static inline float activation(float z) {
+    return 0.5f * z * (1.0f + tanhf(0.79788456080286536f * (z + 0.044715f * z * z * z)));
+}
+% else
+static inline float activation(float z) { return z / (1.0f + expf(-z)); } /* silu */
+% end
+
+static inline float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+% if moe.uses_jitter(spec) or moe.uses_noise(spec) or spec.capacity.priority == "random" then
+/* moegen's counter-based RNG: a uniform in (0, 1), an odd multiple of 2^-24. */
+static inline uint64_t rng_mix(uint64_t z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static inline float rng_uniform(uint64_t offset, uint64_t stream, uint64_t index) {
+    uint64_t r = rng_mix(RNG_SEED ^ rng_mix(offset ^ rng_mix(stream ^ rng_mix(index))));
+    return (float)((r >> 41) * 2 + 1) * 0x1p-24f;
+}
+
+enum { RNG_STREAM_JITTER = 1, RNG_STREAM_GUMBEL = 2, RNG_STREAM_PRIORITY = 3 };
+
+% end

@@ -1,0 +1,1058 @@
+/* test_cache.c — tests of the compile cache (runtime/cache.c) and the host C
+ * compiler driver (runtime/host_cc.c).
+ *
+ * Place in the pipeline: spec -> gen -> [compile -> cache] -> load -> launch.
+ * Covers reliability.md "Compile cache": miss then hit, key separation, every
+ * kind of bad entry evicted + rebuilt + warned once, a cold start raced by eight
+ * processes, unusable roots (read-only, under a file, a file, group/world-
+ * writable, foreign-owned) and failed writes falling back to a temporary build,
+ * builder errors passed on, and symlink-safe removal. Then the host compiler:
+ * probe, a shared object that loads and runs, compile errors, a missing compiler.
+ *
+ * Invariants: each test works in its own mkdtemp directory, removed afterwards;
+ * environment variables a test changes are restored; forked children never use
+ * cmocka assertions and leave with _exit().
+ */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cache.h"
+#include "host_cc.h"
+#include "sha256.h"
+
+#define NOBODY_UID 65534
+#define COLD_START_PROCESSES 8
+#define SKIPPED_EXIT_CODE 77
+
+typedef struct log_capture {
+    int warnings;
+    int notices;
+    char last_warning[2048];
+} log_capture;
+
+typedef struct fixture {
+    char dir[PATH_MAX];  /* this test's own directory */
+    char root[PATH_MAX]; /* <dir>/cache, the cache root most tests use */
+    log_capture log;
+} fixture;
+
+typedef struct text_builder {
+    int calls;
+    const char *text;
+    int sleep_ms;
+    moegen_status fail_with; /* MOEGEN_OK: succeed */
+} text_builder;
+
+/* ---- helpers ------------------------------------------------------------------ */
+
+/* snprintf for paths and short texts that must fit (a test failure otherwise). */
+static void format_path(char *out, size_t size, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void format_path(char *out, size_t size, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int written = vsnprintf(out, size, fmt, ap);
+    va_end(ap);
+    if (written < 0 || (size_t)written >= size)
+        fail_msg("text does not fit in %zu bytes: %s", size, out);
+}
+
+static void capture_log(void *user, moegen_log_level level, const char *message) {
+    log_capture *log = user;
+    if (level == MOEGEN_LOG_WARNING) {
+        log->warnings++;
+        snprintf(log->last_warning, sizeof log->last_warning, "%s", message);
+    } else {
+        log->notices++;
+    }
+}
+
+static int setup_fixture(void **state) {
+    int result = -1;
+    const char *base = getenv("TMPDIR");
+    fixture *f = calloc(1, sizeof *f);
+    if (!base || base[0] != '/')
+        base = "/tmp";
+    if (f) {
+        format_path(f->dir, sizeof f->dir, "%s/moegen-test-cache-XXXXXX", base);
+        if (mkdtemp(f->dir)) {
+            format_path(f->root, sizeof f->root, "%s/cache", f->dir);
+            result = 0;
+        }
+    }
+    if (result != 0)
+        free(f);
+    else
+        *state = f;
+    return result;
+}
+
+static int teardown_fixture(void **state) {
+    fixture *f = *state;
+    (void)chmod(f->root, 0700);
+    (void)moegen_remove_tree(f->dir);
+    free(f);
+    return 0;
+}
+
+static void make_key(const char *seed, char key[65]) { moegen_sha256_hex(seed, strlen(seed), key); }
+
+static int write_text_file(const char *path, const char *text) {
+    int result = -1;
+    FILE *file = fopen(path, "w");
+    if (file) {
+        result = fputs(text, file) < 0 ? -1 : 0;
+        if (fclose(file) != 0)
+            result = -1;
+    }
+    return result;
+}
+
+/* Read a whole small file into `out` (NUL-terminated); -1 when unreadable. */
+static long read_text_file(const char *path, char *out, size_t size) {
+    long length = -1;
+    FILE *file = fopen(path, "rb");
+    if (file) {
+        length = (long)fread(out, 1, size - 1, file);
+        out[length] = '\0';
+        fclose(file);
+    }
+    return length;
+}
+
+/* Entries in a directory besides . and ..; -1 when it cannot be opened. */
+static int count_entries(const char *path) {
+    int count = -1;
+    DIR *listing = opendir(path);
+    if (listing) {
+        struct dirent *item;
+        count = 0;
+        while ((item = readdir(listing)) != NULL)
+            if (strcmp(item->d_name, ".") != 0 && strcmp(item->d_name, "..") != 0)
+                count++;
+        closedir(listing);
+    }
+    return count;
+}
+
+static int path_exists(const char *path) {
+    struct stat st;
+    return lstat(path, &st) == 0;
+}
+
+static moegen_status build_text(void *ctx, const char *work_dir, const char *artifact_path,
+                                moegen_error *err) {
+    text_builder *b = ctx;
+    moegen_status status = MOEGEN_OK;
+    b->calls++;
+    if (b->sleep_ms > 0) {
+        struct timespec pause = {0, (long)b->sleep_ms * 1000000L};
+        nanosleep(&pause, NULL);
+    }
+    if (write_text_file(artifact_path, b->text) != 0)
+        status = moegen_error_set(err, MOEGEN_ERR_IO, errno, "test builder cannot write %s",
+                                  artifact_path);
+    else if (b->fail_with != MOEGEN_OK)
+        status =
+            moegen_error_set(err, b->fail_with, 42, "builder failed on purpose in %s", work_dir);
+    return status;
+}
+
+static void open_cache(fixture *f, moegen_cache *c) {
+    moegen_error err;
+    assert_int_equal(moegen_cache_open(c, f->root, capture_log, &f->log, &err), MOEGEN_OK);
+}
+
+/* The entry directory of a result (its path without the artifact name). */
+static void entry_of(const moegen_cache_result *res, char *out, size_t size) {
+    format_path(out, size, "%s", res->path);
+    char *slash = strrchr(out, '/');
+    if (slash)
+        *slash = '\0';
+}
+
+/* ---- miss, hit, separation ------------------------------------------------------ */
+
+static void cache_builds_on_a_miss_and_hits_without_building_again(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_cache_result first, second;
+    moegen_error err;
+    text_builder b = {.text = "artifact one\n"};
+    char key[65], text[256], entry[PATH_MAX], manifest[PATH_MAX];
+    struct stat st;
+    make_key("miss-then-hit", key);
+    open_cache(f, &c);
+    assert_true(c.usable);
+    assert_int_equal(f->log.warnings, 0);
+
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &first, &err),
+                     MOEGEN_OK);
+    assert_int_equal(b.calls, 1);
+    assert_false(first.hit);
+    assert_false(first.rebuilt_corrupt);
+    assert_string_equal(first.temp_dir, "");
+    assert_true(read_text_file(first.path, text, sizeof text) > 0);
+    assert_string_equal(text, b.text);
+    assert_non_null(strstr(first.path, key));
+
+    entry_of(&first, entry, sizeof entry);
+    assert_int_equal(stat(entry, &st), 0);
+    assert_int_equal(st.st_mode & 07777, 0700);
+    assert_int_equal(stat(first.path, &st), 0);
+    assert_int_equal(st.st_mode & 07777, 0600);
+    format_path(manifest, sizeof manifest, "%s/manifest", entry);
+    assert_int_equal(stat(manifest, &st), 0);
+    assert_int_equal(st.st_mode & 07777, 0600);
+
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &second, &err),
+                     MOEGEN_OK);
+    assert_int_equal(b.calls, 1);
+    assert_true(second.hit);
+    assert_string_equal(second.path, first.path);
+    assert_int_equal(f->log.warnings, 0);
+    moegen_cache_result_release(&first);
+    moegen_cache_result_release(&second);
+}
+
+static void cache_separates_entries_by_kind_and_by_key(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_cache_result cpu_a, cuda_a, cpu_b, again;
+    moegen_error err;
+    text_builder one = {.text = "cpu a\n"}, two = {.text = "cuda a\n"}, three = {.text = "cpu b\n"};
+    char key_a[65], key_b[65], text[64];
+    make_key("key a", key_a);
+    make_key("key b", key_b);
+    open_cache(f, &c);
+    assert_int_equal(
+        moegen_cache_get(&c, "cpu", key_a, "module.so", build_text, &one, &cpu_a, &err), MOEGEN_OK);
+    assert_int_equal(
+        moegen_cache_get(&c, "cuda", key_a, "module.so", build_text, &two, &cuda_a, &err),
+        MOEGEN_OK);
+    assert_int_equal(
+        moegen_cache_get(&c, "cpu", key_b, "module.so", build_text, &three, &cpu_b, &err),
+        MOEGEN_OK);
+    assert_int_equal(one.calls + two.calls + three.calls, 3);
+    assert_string_not_equal(cpu_a.path, cuda_a.path);
+    assert_string_not_equal(cpu_a.path, cpu_b.path);
+    read_text_file(cpu_a.path, text, sizeof text);
+    assert_string_equal(text, "cpu a\n");
+    read_text_file(cuda_a.path, text, sizeof text);
+    assert_string_equal(text, "cuda a\n");
+    read_text_file(cpu_b.path, text, sizeof text);
+    assert_string_equal(text, "cpu b\n");
+    assert_int_equal(
+        moegen_cache_get(&c, "cuda", key_a, "module.so", build_text, &two, &again, &err),
+        MOEGEN_OK);
+    assert_true(again.hit);
+    assert_string_equal(again.path, cuda_a.path);
+    assert_int_equal(two.calls, 1);
+    assert_int_equal(f->log.warnings, 0);
+}
+
+/* ---- bad entries ------------------------------------------------------------------ */
+
+typedef void (*corrupt_fn)(const char *entry, const char *artifact);
+
+static void truncate_artifact(const char *entry, const char *artifact) {
+    struct stat st;
+    assert_int_equal(stat(artifact, &st), 0);
+    assert_int_equal(truncate(artifact, st.st_size / 2), 0);
+}
+
+static void overwrite_artifact_with_random_bytes(const char *entry, const char *artifact) {
+    struct stat st;
+    uint64_t state = 0x9e3779b97f4a7c15ull;
+    assert_int_equal(stat(artifact, &st), 0);
+    FILE *file = fopen(artifact, "r+b");
+    assert_non_null(file);
+    for (off_t i = 0; i < st.st_size; i++) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        fputc((int)(state & 0xff), file);
+    }
+    assert_int_equal(fclose(file), 0);
+}
+
+static void change_manifest_hash(const char *entry, const char *artifact) {
+    char path[PATH_MAX], text[1024];
+    format_path(path, sizeof path, "%s/manifest", entry);
+    assert_true(read_text_file(path, text, sizeof text) > 0);
+    char *hash = strstr(text, "sha256 ");
+    assert_non_null(hash);
+    hash += strlen("sha256 ");
+    *hash = *hash == '0' ? '1' : '0';
+    assert_int_equal(write_text_file(path, text), 0);
+}
+
+static void remove_manifest(const char *entry, const char *artifact) {
+    char path[PATH_MAX];
+    format_path(path, sizeof path, "%s/manifest", entry);
+    assert_int_equal(unlink(path), 0);
+}
+
+static void replace_manifest_with_garbage(const char *entry, const char *artifact) {
+    char path[PATH_MAX];
+    format_path(path, sizeof path, "%s/manifest", entry);
+    assert_int_equal(write_text_file(path, "this is not a manifest\n\x01\x02\x03 size 12\n"), 0);
+}
+
+/* Build, damage the entry, and check the next get evicts, rebuilds, warns once
+ * and that the get after that is a clean hit. */
+static void check_bad_entry_is_rebuilt(fixture *f, corrupt_fn corrupt, const char *why_part) {
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder b = {.text = "a healthy artifact with enough bytes to cut in half\n"};
+    char key[65], entry[PATH_MAX], text[256], tmp[PATH_MAX];
+    make_key(why_part, key);
+    open_cache(f, &c);
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                     MOEGEN_OK);
+    entry_of(&res, entry, sizeof entry);
+    corrupt(entry, res.path);
+
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                     MOEGEN_OK);
+    assert_int_equal(b.calls, 2);
+    assert_false(res.hit);
+    assert_true(res.rebuilt_corrupt);
+    assert_string_equal(res.temp_dir, "");
+    assert_int_equal(f->log.warnings, 1);
+    assert_non_null(strstr(f->log.last_warning, "was corrupt"));
+    assert_non_null(strstr(f->log.last_warning, entry));
+    assert_non_null(strstr(f->log.last_warning, "rebuilt"));
+    if (!strstr(f->log.last_warning, why_part))
+        fail_msg("warning '%s' does not say '%s'", f->log.last_warning, why_part);
+    assert_true(read_text_file(res.path, text, sizeof text) > 0);
+    assert_string_equal(text, b.text);
+    format_path(tmp, sizeof tmp, "%s/tmp", c.root);
+    assert_int_equal(count_entries(tmp), 0);
+
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                     MOEGEN_OK);
+    assert_true(res.hit);
+    assert_int_equal(b.calls, 2);
+    assert_int_equal(f->log.warnings, 1);
+}
+
+static void cache_rebuilds_a_truncated_entry_and_warns_once(void **state) {
+    check_bad_entry_is_rebuilt(*state, truncate_artifact, "bytes, manifest says");
+}
+
+static void cache_rebuilds_an_entry_of_random_bytes_and_warns_once(void **state) {
+    check_bad_entry_is_rebuilt(*state, overwrite_artifact_with_random_bytes, "SHA-256");
+}
+
+static void cache_rebuilds_an_entry_whose_manifest_hash_is_wrong_and_warns_once(void **state) {
+    check_bad_entry_is_rebuilt(*state, change_manifest_hash, "does not match the manifest");
+}
+
+static void cache_rebuilds_an_entry_without_a_manifest_and_warns_once(void **state) {
+    check_bad_entry_is_rebuilt(*state, remove_manifest, "manifest missing");
+}
+
+static void cache_rebuilds_an_entry_with_a_garbage_manifest_and_warns_once(void **state) {
+    check_bad_entry_is_rebuilt(*state, replace_manifest_with_garbage, "manifest malformed");
+}
+
+static void cache_rebuilds_an_entry_filed_under_the_wrong_key(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_cache_result a, b_res;
+    moegen_error err;
+    text_builder a_builder = {.text = "artifact a\n"}, b_builder = {.text = "artifact b\n"};
+    char key_a[65], key_b[65], entry_a[PATH_MAX], entry_b[PATH_MAX], text[64];
+    make_key("wrong key a", key_a);
+    make_key("wrong key b", key_b);
+    open_cache(f, &c);
+    assert_int_equal(
+        moegen_cache_get(&c, "cpu", key_a, "module.so", build_text, &a_builder, &a, &err),
+        MOEGEN_OK);
+    assert_int_equal(
+        moegen_cache_get(&c, "cpu", key_b, "module.so", build_text, &b_builder, &b_res, &err),
+        MOEGEN_OK);
+    entry_of(&a, entry_a, sizeof entry_a);
+    entry_of(&b_res, entry_b, sizeof entry_b);
+    /* a complete, self-consistent entry for key a under key b's name */
+    assert_int_equal(moegen_remove_tree(entry_b), 0);
+    assert_int_equal(rename(entry_a, entry_b), 0);
+    assert_int_equal(
+        moegen_cache_get(&c, "cpu", key_b, "module.so", build_text, &b_builder, &b_res, &err),
+        MOEGEN_OK);
+    assert_true(b_res.rebuilt_corrupt);
+    assert_int_equal(b_builder.calls, 2);
+    assert_int_equal(f->log.warnings, 1);
+    assert_non_null(strstr(f->log.last_warning, "manifest is for key"));
+    read_text_file(b_res.path, text, sizeof text);
+    assert_string_equal(text, "artifact b\n");
+}
+
+static void cache_rebuilds_an_entry_that_is_a_symlink(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder b = {.text = "real\n"};
+    char key[65], entry[PATH_MAX], elsewhere[PATH_MAX], planted[PATH_MAX], text[64];
+    make_key("symlink entry", key);
+    open_cache(f, &c);
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                     MOEGEN_OK);
+    entry_of(&res, entry, sizeof entry);
+    /* move the (valid) entry elsewhere and link to it: never trusted */
+    format_path(elsewhere, sizeof elsewhere, "%s/elsewhere", f->dir);
+    assert_int_equal(rename(entry, elsewhere), 0);
+    assert_int_equal(symlink(elsewhere, entry), 0);
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                     MOEGEN_OK);
+    assert_true(res.rebuilt_corrupt);
+    assert_int_equal(f->log.warnings, 1);
+    assert_non_null(strstr(f->log.last_warning, "not a directory"));
+    read_text_file(res.path, text, sizeof text);
+    assert_string_equal(text, "real\n");
+    format_path(planted, sizeof planted, "%s/module.so", elsewhere);
+    assert_true(path_exists(planted)); /* eviction removed the link, not its target */
+}
+
+/* ---- concurrency ---------------------------------------------------------------- */
+
+/* One racer of the cold start. Waits on `start_fd` so all begin together.
+ * Returns 0 on success, else a code that says what went wrong. */
+static int race_for_one_key(const char *root, const char *key, int start_fd) {
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    log_capture log = {0};
+    text_builder b = {.text = "the shared artifact\n", .sleep_ms = 30};
+    char go, text[64];
+    int code = 0;
+    if (read(start_fd, &go, 1) < 0)
+        code = 1;
+    else if (moegen_cache_open(&c, root, capture_log, &log, &err) != MOEGEN_OK || !c.usable)
+        code = 2;
+    else if (moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err) != MOEGEN_OK)
+        code = 3;
+    else if (read_text_file(res.path, text, sizeof text) < 0 || strcmp(text, b.text) != 0)
+        code = 4;
+    else if (res.temp_dir[0] != '\0')
+        code = 5;
+    else if (log.warnings != 0)
+        code = 6;
+    if (code != 0)
+        fprintf(stderr, "cold-start racer %d failed with code %d (%s) %s\n", (int)getpid(), code,
+                err.message, log.last_warning);
+    return code;
+}
+
+static void cache_cold_start_in_eight_processes_leaves_one_entry_and_no_temporaries(void **state) {
+    fixture *f = *state;
+    pid_t children[COLD_START_PROCESSES];
+    int start[2];
+    char key[65], parent[PATH_MAX], tmp[PATH_MAX], entry[PATH_MAX];
+    make_key("cold start", key);
+    assert_int_equal(pipe(start), 0);
+    for (int i = 0; i < COLD_START_PROCESSES; i++) {
+        children[i] = fork();
+        assert_true(children[i] >= 0);
+        if (children[i] == 0) {
+            close(start[1]);
+            _exit(race_for_one_key(f->root, key, start[0]));
+        }
+    }
+    close(start[0]);
+    close(start[1]); /* every racer's read returns now */
+    for (int i = 0; i < COLD_START_PROCESSES; i++) {
+        int status = 0;
+        assert_int_equal(waitpid(children[i], &status, 0), children[i]);
+        assert_true(WIFEXITED(status));
+        assert_int_equal(WEXITSTATUS(status), 0);
+    }
+    format_path(parent, sizeof parent, "%s/cpu/%.2s", f->root, key);
+    format_path(entry, sizeof entry, "%s/%s", parent, key);
+    format_path(tmp, sizeof tmp, "%s/tmp", f->root);
+    assert_int_equal(count_entries(parent), 1);
+    assert_true(path_exists(entry));
+    assert_int_equal(count_entries(tmp), 0);
+}
+
+/* ---- unusable roots and failed writes -------------------------------------------- */
+
+/* Open `root`, expect it unusable with one warning containing `why_part`, and
+ * check two gets still succeed through removable temporary directories.
+ * No cmocka assertions (also runs in a forked child): returns 0 or a failure code. */
+static int unusable_cache_still_builds(const char *root, const char *why_part) {
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    log_capture log = {0};
+    text_builder b = {.text = "uncached\n"};
+    char key[65], text[64];
+    int code = 0;
+    make_key("unusable", key);
+    if (moegen_cache_open(&c, root, capture_log, &log, &err) != MOEGEN_OK)
+        code = 1;
+    else if (c.usable)
+        code = 2;
+    else if (log.warnings != 1 || !strstr(log.last_warning, why_part) ||
+             !strstr(log.last_warning, "temporary directory"))
+        code = 3;
+    for (int round = 0; code == 0 && round < 2; round++) {
+        size_t dir_length;
+        if (moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err) != MOEGEN_OK)
+            code = 4;
+        else if (res.temp_dir[0] == '\0' || res.hit)
+            code = 5;
+        else if ((dir_length = strlen(res.temp_dir)) == 0 ||
+                 strncmp(res.path, res.temp_dir, dir_length) != 0 || res.path[dir_length] != '/')
+            code = 6;
+        else if (strncmp(res.temp_dir, root, strlen(root)) == 0)
+            code = 7;
+        else if (read_text_file(res.path, text, sizeof text) < 0 || strcmp(text, b.text) != 0)
+            code = 8;
+        if (code == 0) {
+            char removed[PATH_MAX];
+            snprintf(removed, sizeof removed, "%s", res.temp_dir);
+            moegen_cache_result_release(&res);
+            if (path_exists(removed) || res.temp_dir[0] != '\0')
+                code = 9;
+        }
+    }
+    if (code == 0 && (log.warnings != 1 || b.calls != 2))
+        code = 10;
+    if (code != 0)
+        fprintf(stderr, "unusable cache check failed with code %d; warning: '%s'; error: '%s'\n",
+                code, log.last_warning, err.message);
+    return code;
+}
+
+static void cache_in_a_read_only_root_builds_in_a_temporary_directory(void **state) {
+    fixture *f = *state;
+    assert_int_equal(mkdir(f->root, 0700), 0);
+    if (geteuid() != 0) {
+        assert_int_equal(chmod(f->root, 0500), 0);
+        assert_int_equal(unusable_cache_still_builds(f->root, "not writable"), 0);
+    } else {
+        /* Root ignores permission bits, so the check runs in a child that gives
+         * up root and sees a 0500 root it owns. */
+        int status = 0;
+        assert_int_equal(chown(f->root, NOBODY_UID, NOBODY_UID), 0);
+        assert_int_equal(chmod(f->root, 0500), 0);
+        assert_int_equal(chmod(f->dir, 0711), 0);
+        pid_t child = fork();
+        assert_true(child >= 0);
+        if (child == 0) {
+            if (setgroups(0, NULL) != 0 || setgid(NOBODY_UID) != 0 || setuid(NOBODY_UID) != 0)
+                _exit(SKIPPED_EXIT_CODE);
+            _exit(unusable_cache_still_builds(f->root, "not writable"));
+        }
+        assert_int_equal(waitpid(child, &status, 0), child);
+        assert_true(WIFEXITED(status));
+        if (WEXITSTATUS(status) == SKIPPED_EXIT_CODE) {
+            print_message("running as root and cannot drop to uid %d: read-only root "
+                          "not testable here\n",
+                          NOBODY_UID);
+            skip();
+        }
+        assert_int_equal(WEXITSTATUS(status), 0);
+    }
+}
+
+static void cache_under_a_regular_file_is_unusable_but_still_builds(void **state) {
+    fixture *f = *state;
+    char file[PATH_MAX], root[PATH_MAX];
+    format_path(file, sizeof file, "%s/plain-file", f->dir);
+    format_path(root, sizeof root, "%s/cache", file);
+    assert_int_equal(write_text_file(file, "x"), 0);
+    assert_int_equal(unusable_cache_still_builds(root, "cannot create it"), 0);
+}
+
+static void cache_root_that_is_a_regular_file_is_unusable_but_still_builds(void **state) {
+    fixture *f = *state;
+    assert_int_equal(write_text_file(f->root, "x"), 0);
+    assert_int_equal(unusable_cache_still_builds(f->root, "not a directory"), 0);
+}
+
+static void
+cache_group_writable_root_is_unusable_and_the_temporary_build_is_released(void **state) {
+    fixture *f = *state;
+    assert_int_equal(mkdir(f->root, 0700), 0);
+    assert_int_equal(chmod(f->root, 0770), 0);
+    assert_int_equal(unusable_cache_still_builds(f->root, "group-writable"), 0);
+}
+
+static void
+cache_world_writable_root_is_unusable_and_the_temporary_build_is_released(void **state) {
+    fixture *f = *state;
+    assert_int_equal(mkdir(f->root, 0700), 0);
+    assert_int_equal(chmod(f->root, 0777), 0);
+    assert_int_equal(unusable_cache_still_builds(f->root, "world-writable"), 0);
+}
+
+static void cache_foreign_owned_root_is_unusable_but_still_builds(void **state) {
+    fixture *f = *state;
+    if (geteuid() != 0) {
+        print_message("not root: cannot give the cache root to another user\n");
+        skip();
+    }
+    assert_int_equal(mkdir(f->root, 0700), 0);
+    assert_int_equal(chown(f->root, NOBODY_UID, NOBODY_UID), 0);
+    assert_int_equal(unusable_cache_still_builds(f->root, "owned by uid 65534"), 0);
+}
+
+static void cache_under_a_parent_others_can_write_is_unusable_unless_it_is_sticky(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_error err;
+    log_capture log = {0};
+    char shared[PATH_MAX], root[PATH_MAX];
+    format_path(shared, sizeof shared, "%s/shared", f->dir);
+    format_path(root, sizeof root, "%s/cache", shared);
+    assert_int_equal(mkdir(shared, 0700), 0);
+    assert_int_equal(chmod(shared, 0777), 0);
+    assert_int_equal(unusable_cache_still_builds(root, "is writable by others"), 0);
+    assert_int_equal(chmod(shared, 01777), 0); /* like /tmp: nobody can move our root */
+    assert_int_equal(moegen_cache_open(&c, root, capture_log, &log, &err), MOEGEN_OK);
+    assert_true(c.usable);
+    assert_int_equal(log.warnings, 0);
+}
+
+static void cache_falls_back_to_a_temporary_directory_when_a_write_fails(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder b = {.text = "written elsewhere\n"};
+    char key[65], blocker[PATH_MAX], text[64], kept[PATH_MAX];
+    make_key("write fails", key);
+    open_cache(f, &c);
+    assert_true(c.usable);
+    /* after open, make <root>/cpu impossible to create */
+    format_path(blocker, sizeof blocker, "%s/cpu", c.root);
+    assert_int_equal(write_text_file(blocker, "in the way"), 0);
+    for (int round = 0; round < 2; round++) {
+        assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                         MOEGEN_OK);
+        assert_string_not_equal(res.temp_dir, "");
+        read_text_file(res.path, text, sizeof text);
+        assert_string_equal(text, b.text);
+        format_path(kept, sizeof kept, "%s", res.temp_dir);
+        moegen_cache_result_release(&res);
+        assert_false(path_exists(kept));
+    }
+    assert_int_equal(f->log.warnings, 1);
+    assert_non_null(strstr(f->log.last_warning, "could not write"));
+}
+
+static void cache_without_a_log_callback_warns_on_stderr(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_error err;
+    char captured[PATH_MAX], text[2048];
+    int saved_stderr, capture_fd;
+    assert_int_equal(mkdir(f->root, 0700), 0);
+    assert_int_equal(chmod(f->root, 0777), 0);
+    format_path(captured, sizeof captured, "%s/stderr.txt", f->dir);
+    fflush(stderr);
+    saved_stderr = dup(2);
+    capture_fd = open(captured, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    assert_true(saved_stderr >= 0 && capture_fd >= 0);
+    dup2(capture_fd, 2);
+    moegen_status status = moegen_cache_open(&c, f->root, NULL, NULL, &err);
+    fflush(stderr);
+    dup2(saved_stderr, 2);
+    close(saved_stderr);
+    close(capture_fd);
+    assert_int_equal(status, MOEGEN_OK);
+    assert_true(read_text_file(captured, text, sizeof text) > 0);
+    assert_true(strncmp(text, "moegen: warning: cache directory ", 33) == 0);
+    assert_non_null(strstr(text, "world-writable"));
+    assert_non_null(strstr(text, "temporary directory"));
+    assert_ptr_equal(strchr(text, '\n'), text + strlen(text) - 1); /* exactly one line */
+}
+
+/* ---- builder errors, arguments, housekeeping --------------------------------------- */
+
+static void cache_passes_a_builder_error_on_unchanged_and_publishes_nothing(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder b = {.text = "half-made\n", .fail_with = MOEGEN_ERR_COMPILE};
+    char key[65], parent[PATH_MAX], tmp[PATH_MAX];
+    make_key("builder fails", key);
+    open_cache(f, &c);
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                     MOEGEN_ERR_COMPILE);
+    assert_int_equal(err.code, MOEGEN_ERR_COMPILE);
+    assert_int_equal(err.native_code, 42);
+    assert_non_null(strstr(err.message, "builder failed on purpose"));
+    assert_string_equal(res.path, "");
+    assert_string_equal(res.temp_dir, "");
+    format_path(parent, sizeof parent, "%s/cpu/%.2s", c.root, key);
+    format_path(tmp, sizeof tmp, "%s/tmp", c.root);
+    assert_true(count_entries(parent) <= 0);
+    assert_int_equal(count_entries(tmp), 0);
+    assert_int_equal(f->log.warnings, 0);
+}
+
+static void cache_rejects_malformed_kinds_keys_and_artifact_names(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder b = {.text = "never\n"};
+    char key[65], upper[65];
+    make_key("arguments", key);
+    format_path(upper, sizeof upper, "%s", key);
+    for (char *p = upper; *p; p++)
+        if (*p >= 'a' && *p <= 'f')
+            *p = (char)(*p - 'a' + 'A');
+    open_cache(f, &c);
+    const char *kinds[] = {"", "a/b", "tmp", "..", "CPU"};
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+        assert_int_equal(
+            moegen_cache_get(&c, kinds[i], key, "module.so", build_text, &b, &res, &err),
+            MOEGEN_ERR_INVALID_ARGUMENT);
+    const char *keys[] = {"", "abc", upper, "../../../../../../../../etc"};
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        assert_int_equal(
+            moegen_cache_get(&c, "cpu", keys[i], "module.so", build_text, &b, &res, &err),
+            MOEGEN_ERR_INVALID_ARGUMENT);
+    const char *names[] = {"", "../module.so", "a/b.so", "manifest", ".hidden", NULL};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        assert_int_equal(moegen_cache_get(&c, "cpu", key, names[i], build_text, &b, &res, &err),
+                         MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", NULL, &b, &res, &err),
+                     MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, NULL, &err),
+                     MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_cache_open(NULL, f->root, NULL, NULL, &err),
+                     MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(b.calls, 0);
+}
+
+static void cache_removes_work_directories_left_by_crashed_processes(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder b = {.text = "x\n"};
+    char key[65], old_dir[PATH_MAX], old_file[PATH_MAX], fresh_dir[PATH_MAX];
+    struct timespec two_hours_ago[2];
+    make_key("stale", key);
+    open_cache(f, &c);
+    format_path(old_dir, sizeof old_dir, "%s/tmp/%s.99999.AbCdEf", c.root, key);
+    format_path(old_file, sizeof old_file, "%s/module.so", old_dir);
+    format_path(fresh_dir, sizeof fresh_dir, "%s/tmp/%s.99998.GhIjKl", c.root, key);
+    assert_int_equal(mkdir(old_dir, 0700), 0);
+    assert_int_equal(write_text_file(old_file, "partial"), 0);
+    assert_int_equal(mkdir(fresh_dir, 0700), 0);
+    clock_gettime(CLOCK_REALTIME, &two_hours_ago[0]);
+    two_hours_ago[0].tv_sec -= 7200;
+    two_hours_ago[1] = two_hours_ago[0];
+    assert_int_equal(utimensat(AT_FDCWD, old_dir, two_hours_ago, 0), 0);
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                     MOEGEN_OK);
+    assert_false(path_exists(old_dir));
+    assert_true(path_exists(fresh_dir)); /* might be another process's build in progress */
+}
+
+/* Set or unset an environment variable (value NULL: unset). */
+static void set_env(const char *name, const char *value) {
+    if (value)
+        setenv(name, value, 1);
+    else
+        unsetenv(name);
+}
+
+static char *saved_env(const char *name) {
+    const char *value = getenv(name);
+    return value ? strdup(value) : NULL;
+}
+
+static void cache_resolves_its_root_from_the_environment(void **state) {
+    fixture *f = *state;
+    const char *names[] = {"MOEGEN_CACHE_DIR", "XDG_CACHE_HOME", "HOME"};
+    char *saved[3];
+    char real_dir[PATH_MAX], value[PATH_MAX], expected[PATH_MAX];
+    moegen_cache c;
+    moegen_error err;
+    log_capture log = {0};
+    for (int i = 0; i < 3; i++)
+        saved[i] = saved_env(names[i]);
+    assert_non_null(realpath(f->dir, real_dir));
+
+    format_path(value, sizeof value, "%s/from-env", f->dir);
+    set_env("MOEGEN_CACHE_DIR", value);
+    assert_int_equal(moegen_cache_open(&c, NULL, capture_log, &log, &err), MOEGEN_OK);
+    format_path(expected, sizeof expected, "%s/from-env", real_dir);
+    assert_true(c.usable);
+    assert_string_equal(c.root, expected);
+
+    set_env("MOEGEN_CACHE_DIR", NULL);
+    format_path(value, sizeof value, "%s/xdg", f->dir);
+    set_env("XDG_CACHE_HOME", value);
+    assert_int_equal(moegen_cache_open(&c, NULL, capture_log, &log, &err), MOEGEN_OK);
+    format_path(expected, sizeof expected, "%s/xdg/moegen", real_dir);
+    assert_string_equal(c.root, expected);
+
+    set_env("XDG_CACHE_HOME", "relative/ignored");
+    format_path(value, sizeof value, "%s/home", f->dir);
+    set_env("HOME", value);
+    assert_int_equal(moegen_cache_open(&c, NULL, capture_log, &log, &err), MOEGEN_OK);
+    format_path(expected, sizeof expected, "%s/home/.cache/moegen", real_dir);
+    assert_true(c.usable);
+    assert_string_equal(c.root, expected);
+    assert_int_equal(log.warnings, 0);
+
+    set_env("XDG_CACHE_HOME", NULL);
+    set_env("HOME", NULL);
+    assert_int_equal(moegen_cache_open(&c, NULL, capture_log, &log, &err), MOEGEN_OK);
+    assert_false(c.usable);
+    assert_int_equal(log.warnings, 1);
+    assert_non_null(strstr(log.last_warning, "HOME"));
+
+    for (int i = 0; i < 3; i++) {
+        set_env(names[i], saved[i]);
+        free(saved[i]);
+    }
+}
+
+static void remove_tree_does_not_follow_a_symlink_to_outside(void **state) {
+    fixture *f = *state;
+    char outside[PATH_MAX], keep[PATH_MAX], tree[PATH_MAX], sub[PATH_MAX], link_path[PATH_MAX],
+        lone_link[PATH_MAX];
+    format_path(outside, sizeof outside, "%s/outside", f->dir);
+    format_path(keep, sizeof keep, "%s/keep.txt", outside);
+    format_path(tree, sizeof tree, "%s/tree", f->dir);
+    format_path(sub, sizeof sub, "%s/sub", tree);
+    assert_int_equal(mkdir(outside, 0700), 0);
+    assert_int_equal(write_text_file(keep, "keep me"), 0);
+    assert_int_equal(mkdir(tree, 0700), 0);
+    assert_int_equal(mkdir(sub, 0500), 0); /* read-only subdirectory, still removable */
+    format_path(link_path, sizeof link_path, "%s/to-outside-dir", tree);
+    assert_int_equal(symlink(outside, link_path), 0);
+    format_path(link_path, sizeof link_path, "%s/to-outside-file", tree);
+    assert_int_equal(symlink(keep, link_path), 0);
+    format_path(link_path, sizeof link_path, "%s/dangling", tree);
+    assert_int_equal(symlink("/nonexistent/moegen", link_path), 0);
+    assert_int_equal(chmod(sub, 0700), 0);
+    format_path(link_path, sizeof link_path, "%s/file.txt", sub);
+    assert_int_equal(write_text_file(link_path, "inner"), 0);
+    assert_int_equal(chmod(sub, 0500), 0);
+
+    assert_int_equal(moegen_remove_tree(tree), 0);
+    assert_false(path_exists(tree));
+    assert_true(path_exists(keep));
+
+    /* a symlink given as the tree itself: the link goes, its target stays */
+    format_path(lone_link, sizeof lone_link, "%s/lone-link", f->dir);
+    assert_int_equal(symlink(outside, lone_link), 0);
+    assert_int_equal(moegen_remove_tree(lone_link), 0);
+    assert_false(path_exists(lone_link));
+    assert_true(path_exists(keep));
+    assert_int_equal(moegen_remove_tree(tree), 0); /* already gone */
+}
+
+/* ---- host compiler ------------------------------------------------------------------ */
+
+static void host_compiler_probe_reports_an_identity_and_flags(void **state) {
+    moegen_host_compiler hc;
+    moegen_error err;
+    assert_int_equal(moegen_host_compiler_probe(&hc, &err), MOEGEN_OK);
+    assert_true(hc.command[0] != '\0');
+    assert_true(strlen(hc.identity) > 3);
+    assert_non_null(strstr(hc.identity, " / "));
+    assert_non_null(strstr(hc.flags, "-O3"));
+    assert_non_null(strstr(hc.flags, "-fPIC"));
+    assert_non_null(strstr(hc.flags, "-shared"));
+    assert_true(hc.vector_floats == 4 || hc.vector_floats == 8 || hc.vector_floats == 16);
+    if (strstr(hc.flags, "-mavx512f"))
+        assert_int_equal(hc.vector_floats, 16);
+    else if (strstr(hc.flags, "-mavx2"))
+        assert_int_equal(hc.vector_floats, 8);
+    else
+        assert_int_equal(hc.vector_floats, 4);
+}
+
+/* Write <dir>/answer_config.h (found only through -I) and <dir>/answer.c. */
+static void write_answer_source(const char *dir, char *source, size_t size) {
+    char header[PATH_MAX];
+    format_path(header, sizeof header, "%s/answer_config.h", dir);
+    format_path(source, size, "%s/answer.c", dir);
+    assert_int_equal(write_text_file(header, "#define ANSWER_FACTOR 6\n"), 0);
+    assert_int_equal(write_text_file(source, "#include <answer_config.h>\n"
+                                             "#include <math.h>\n"
+                                             "int moegen_test_answer(int x) {\n"
+                                             "    return x * ANSWER_FACTOR + (int)floor(0.5);\n"
+                                             "}\n"),
+                     0);
+}
+
+static void check_answer_library(const char *path) {
+    void *library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!library)
+        fail_msg("dlopen(%s): %s", path, dlerror());
+    int (*answer)(int) = (int (*)(int))dlsym(library, "moegen_test_answer");
+    assert_non_null(answer);
+    assert_int_equal(answer(7), 42);
+    dlclose(library);
+}
+
+static void host_compiler_builds_a_shared_object_that_loads_and_runs(void **state) {
+    fixture *f = *state;
+    moegen_host_compiler hc;
+    moegen_error err;
+    char source[PATH_MAX], output[PATH_MAX], log_path[PATH_MAX];
+    assert_int_equal(moegen_host_compiler_probe(&hc, &err), MOEGEN_OK);
+    write_answer_source(f->dir, source, sizeof source);
+    format_path(output, sizeof output, "%s/answer.so", f->dir);
+    format_path(log_path, sizeof log_path, "%s/compile.log", f->dir);
+    if (moegen_host_compile(&hc, source, output, log_path, &err) != MOEGEN_OK)
+        fail_msg("compile failed: %s", err.message);
+    check_answer_library(output);
+}
+
+static void host_compiler_reports_a_compile_error_with_the_compilers_message(void **state) {
+    fixture *f = *state;
+    moegen_host_compiler hc;
+    moegen_error err;
+    char source[PATH_MAX], output[PATH_MAX], log_path[PATH_MAX];
+    assert_int_equal(moegen_host_compiler_probe(&hc, &err), MOEGEN_OK);
+    format_path(source, sizeof source, "%s/broken.c", f->dir);
+    format_path(output, sizeof output, "%s/broken.so", f->dir);
+    format_path(log_path, sizeof log_path, "%s/broken.log", f->dir);
+    assert_int_equal(
+        write_text_file(source, "int broken(void) { return undeclared_identifier_xyz; }\n"), 0);
+    assert_int_equal(moegen_host_compile(&hc, source, output, log_path, &err), MOEGEN_ERR_COMPILE);
+    assert_int_equal(err.code, MOEGEN_ERR_COMPILE);
+    assert_non_null(strstr(err.message, "undeclared_identifier_xyz"));
+    assert_non_null(strstr(err.message, log_path));
+    assert_false(path_exists(output));
+}
+
+static void host_compiler_named_by_moegen_cc_that_does_not_exist_is_a_clear_error(void **state) {
+    moegen_host_compiler hc;
+    moegen_error err;
+    char *saved = saved_env("MOEGEN_CC");
+    set_env("MOEGEN_CC", "/nonexistent/moegen-cc");
+    moegen_status missing = moegen_host_compiler_probe(&hc, &err);
+    char missing_message[sizeof err.message];
+    format_path(missing_message, sizeof missing_message, "%s", err.message);
+    set_env("MOEGEN_CC", "cc -O2");
+    moegen_status with_arguments = moegen_host_compiler_probe(&hc, &err);
+    set_env("MOEGEN_CC", saved);
+    free(saved);
+    assert_int_equal(missing, MOEGEN_ERR_COMPILE);
+    assert_non_null(strstr(missing_message, "'/nonexistent/moegen-cc' not found"));
+    assert_non_null(strstr(missing_message, "MOEGEN_CC"));
+    assert_int_equal(with_arguments, MOEGEN_ERR_COMPILE);
+    assert_non_null(strstr(err.message, "single program"));
+}
+
+typedef struct compile_builder {
+    const moegen_host_compiler *hc;
+    const char *source_dir;
+    int calls;
+} compile_builder;
+
+static moegen_status build_answer_library(void *ctx, const char *work_dir,
+                                          const char *artifact_path, moegen_error *err) {
+    compile_builder *b = ctx;
+    char source[PATH_MAX], log_path[PATH_MAX];
+    b->calls++;
+    write_answer_source(work_dir, source, sizeof source);
+    format_path(log_path, sizeof log_path, "%s/compile.log", work_dir);
+    return moegen_host_compile(b->hc, source, artifact_path, log_path, err);
+}
+
+static void host_compiled_library_is_cached_and_loads_from_the_cache(void **state) {
+    fixture *f = *state;
+    moegen_host_compiler hc;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    moegen_sha256 hash;
+    char key[65];
+    struct stat st;
+    assert_int_equal(moegen_host_compiler_probe(&hc, &err), MOEGEN_OK);
+    compile_builder b = {.hc = &hc};
+    moegen_sha256_init(&hash);
+    moegen_sha256_update(&hash, hc.identity, strlen(hc.identity));
+    moegen_sha256_update(&hash, hc.flags, strlen(hc.flags));
+    moegen_sha256_final_hex(&hash, key);
+    open_cache(f, &c);
+    for (int round = 0; round < 2; round++) {
+        if (moegen_cache_get(&c, "cpu", key, "module.so", build_answer_library, &b, &res, &err) !=
+            MOEGEN_OK)
+            fail_msg("cache get failed: %s", err.message);
+        assert_int_equal(res.hit, round == 1);
+        check_answer_library(res.path);
+        moegen_cache_result_release(&res);
+    }
+    assert_int_equal(b.calls, 1);
+    assert_int_equal(stat(res.path, &st), 0);
+    assert_int_equal(st.st_mode & 07777, 0700); /* executable artifact kept executable */
+    assert_int_equal(f->log.warnings, 0);
+}
+
+#define FIXTURE_TEST(name) cmocka_unit_test_setup_teardown(name, setup_fixture, teardown_fixture)
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        FIXTURE_TEST(cache_builds_on_a_miss_and_hits_without_building_again),
+        FIXTURE_TEST(cache_separates_entries_by_kind_and_by_key),
+        FIXTURE_TEST(cache_rebuilds_a_truncated_entry_and_warns_once),
+        FIXTURE_TEST(cache_rebuilds_an_entry_of_random_bytes_and_warns_once),
+        FIXTURE_TEST(cache_rebuilds_an_entry_whose_manifest_hash_is_wrong_and_warns_once),
+        FIXTURE_TEST(cache_rebuilds_an_entry_without_a_manifest_and_warns_once),
+        FIXTURE_TEST(cache_rebuilds_an_entry_with_a_garbage_manifest_and_warns_once),
+        FIXTURE_TEST(cache_rebuilds_an_entry_filed_under_the_wrong_key),
+        FIXTURE_TEST(cache_rebuilds_an_entry_that_is_a_symlink),
+        FIXTURE_TEST(cache_cold_start_in_eight_processes_leaves_one_entry_and_no_temporaries),
+        FIXTURE_TEST(cache_in_a_read_only_root_builds_in_a_temporary_directory),
+        FIXTURE_TEST(cache_under_a_regular_file_is_unusable_but_still_builds),
+        FIXTURE_TEST(cache_root_that_is_a_regular_file_is_unusable_but_still_builds),
+        FIXTURE_TEST(cache_group_writable_root_is_unusable_and_the_temporary_build_is_released),
+        FIXTURE_TEST(cache_world_writable_root_is_unusable_and_the_temporary_build_is_released),
+        FIXTURE_TEST(cache_foreign_owned_root_is_unusable_but_still_builds),
+        FIXTURE_TEST(cache_under_a_parent_others_can_write_is_unusable_unless_it_is_sticky),
+        FIXTURE_TEST(cache_falls_back_to_a_temporary_directory_when_a_write_fails),
+        FIXTURE_TEST(cache_without_a_log_callback_warns_on_stderr),
+        FIXTURE_TEST(cache_passes_a_builder_error_on_unchanged_and_publishes_nothing),
+        FIXTURE_TEST(cache_rejects_malformed_kinds_keys_and_artifact_names),
+        FIXTURE_TEST(cache_removes_work_directories_left_by_crashed_processes),
+        FIXTURE_TEST(cache_resolves_its_root_from_the_environment),
+        FIXTURE_TEST(remove_tree_does_not_follow_a_symlink_to_outside),
+        cmocka_unit_test(host_compiler_probe_reports_an_identity_and_flags),
+        FIXTURE_TEST(host_compiler_builds_a_shared_object_that_loads_and_runs),
+        FIXTURE_TEST(host_compiler_reports_a_compile_error_with_the_compilers_message),
+        cmocka_unit_test(host_compiler_named_by_moegen_cc_that_does_not_exist_is_a_clear_error),
+        FIXTURE_TEST(host_compiled_library_is_cached_and_loads_from_the_cache),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# test_cli.sh — the `moegen` command end to end: help and exit codes, check (canonical
+# form and hash), gen (write-if-changed), run (verify, --save / --load round trip), and
+# one-line errors. Needs MOEGEN_BINARY and MOEGEN_SOURCE_DIR (set by CTest).
+set -u
+moegen=${MOEGEN_BINARY:?}
+src=${MOEGEN_SOURCE_DIR:?}
+work=$(mktemp -d /tmp/moegen-cli-XXXXXX)
+trap 'rm -rf "$work"' EXIT
+failures=0
+pass() { echo "ok   - $1"; }
+fail() { echo "FAIL - $1"; failures=$((failures + 1)); }
+expect() { # expect NAME STATUS COMMAND...: run COMMAND, require exit STATUS, keep output in $out
+    local name=$1 status=$2
+    shift 2
+    out=$("$@" 2>&1)
+    local rc=$?
+    if [ "$rc" -eq "$status" ]; then pass "$name"; else fail "$name (exit $rc, wanted $status): $out"; fi
+}
+contains() { if printf '%s' "$out" | grep -qF -- "$2"; then pass "$1"; else fail "$1: '$2' not in: $out"; fi; }
+
+expect "no arguments prints usage and fails" 1 "$moegen"
+contains "usage names the commands" "commands:"
+for cmd in check gen run; do
+    expect "$cmd --help succeeds" 0 "$moegen" "$cmd" --help
+    contains "$cmd --help shows usage" "usage: moegen $cmd"
+done
+expect "unknown command fails" 1 "$moegen" frobnicate
+contains "unknown command error is one line" "moegen: unknown command 'frobnicate'"
+
+# check: canonical form and hash, stable under reordering and comments
+expect "check accepts the demo spec" 0 "$moegen" check "$src/specs/demo.yaml"
+contains "check prints the hash" "# sha256: "
+hash1=$(printf '%s' "$out" | sed -n 's/^# sha256: //p')
+{ echo "# reordered copy"; echo "dtype: bf16"; grep -v '^#' "$src/specs/demo.yaml" | grep -v '^dtype:'; } > "$work/reordered.yaml"
+expect "check accepts a reordered copy" 0 "$moegen" check "$work/reordered.yaml"
+hash2=$(printf '%s' "$out" | sed -n 's/^# sha256: //p')
+if [ -n "$hash1" ] && [ "$hash1" = "$hash2" ]; then pass "reordered spec has the same hash"; else fail "hashes differ: $hash1 vs $hash2"; fi
+printf 'name: bad\nnum_experts: 4\nnum_experts_per_tok: 9\nhidden_size: 32\nmoe_intermediate_size: 16\n' > "$work/bad.yaml"
+expect "check rejects a bad spec" 1 "$moegen" check "$work/bad.yaml"
+contains "bad spec error has file:line:col" "bad.yaml:3:"
+lines=$(printf '%s\n' "$out" | wc -l)
+if [ "$lines" -eq 1 ]; then pass "bad spec error is one line"; else fail "error has $lines lines: $out"; fi
+expect "check of a missing file fails" 1 "$moegen" check "$work/missing.yaml"
+
+# gen: files, then nothing rewritten
+expect "gen writes the sources" 0 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen"
+contains "gen reports three files written" "# 3 of 3 files written"
+expect "gen again rewrites nothing" 0 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen"
+contains "gen reports no files written" "# 0 of 3 files written"
+expect "gen without -o fails" 1 "$moegen" gen "$src/specs/demo.yaml"
+# generate-and-link: compile the generated source into a program of our own
+cat > "$work/link.c" <<'C'
+#include <stdio.h>
+#include <stdlib.h>
+#include "moegen_kernel_abi.h"
+const moegen_kernel_info *PREFIX_info(void);
+size_t PREFIX_workspace_bytes(int64_t);
+int PREFIX_forward(const moegen_kernel_args *);
+int main(void) {
+    const moegen_kernel_info *info = PREFIX_info();
+    printf("experts %d top_k %d workspace %zu\n", info->num_experts, info->top_k, PREFIX_workspace_bytes(16));
+    return info->num_experts == 8 ? 0 : 1;
+}
+C
+prefix=$(basename "$(ls "$work"/gen/moe_*.c)" .c)
+sed -i "s/PREFIX/$prefix/g" "$work/link.c"
+if cc -O2 -fopenmp -I"$work/gen" "$work/link.c" "$work/gen/$prefix.c" -lm -o "$work/link" 2> "$work/link.log" && "$work/link" > /dev/null; then
+    pass "generated source links into a user program"
+else
+    fail "generate-and-link: $(cat "$work/link.log")"
+fi
+
+# run: verify, save, load
+export MOEGEN_CACHE_DIR="$work/cache"
+expect "run verifies the demo spec" 0 "$moegen" run "$src/specs/demo.yaml" --tokens 64 --repeat 2 --save "$work/saved"
+contains "run reports a passing verification" "verify against the double-precision reference"
+contains "run reports throughput" "GFLOP/s"
+for f in x router_w w1 w2 y topk_ids topk_weights router_weights counts_before counts_after aux_loss z_loss; do
+    if [ -f "$work/saved/$f.npy" ]; then pass "--save wrote $f.npy"; else fail "--save did not write $f.npy"; fi
+done
+cp "$work/saved/y.npy" "$work/y_first.npy"
+expect "run --load reproduces the saved run" 0 "$moegen" run "$src/specs/demo.yaml" --load "$work/saved" --repeat 1 --save "$work/saved"
+if cmp -s "$work/y_first.npy" "$work/saved/y.npy"; then pass "loaded run gives bitwise the same y"; else fail "y differs after --load"; fi
+expect "run with zero tokens" 0 "$moegen" run "$src/specs/demo.yaml" --tokens 0 --repeat 1
+expect "run rejects an unknown option" 1 "$moegen" run "$src/specs/demo.yaml" --frob 1
+expect "run rejects a bad token count" 1 "$moegen" run "$src/specs/demo.yaml" --tokens -3
+contains "bad token count names the option" "--tokens"
+rm "$work/saved/w1.npy"
+expect "run --load with a missing file fails" 1 "$moegen" run "$src/specs/demo.yaml" --load "$work/saved"
+contains "missing file is named" "w1.npy"
+
+echo "$failures failure(s)"
+[ "$failures" -eq 0 ]

@@ -1,0 +1,334 @@
+/* test_emit.c — the generator (gen/emit.c with the built-in templates): golden sources
+ * for the shipped specs, byte-identical output across processes and across reordered /
+ * re-commented specs, free text never reaching generated code, every generated file
+ * compiling without warnings, variant checks, and template errors surfacing with their
+ * template line.
+ *
+ * Golden files live in tests/golden/<spec name>/. To accept a deliberate change of the
+ * templates, run with MOEGEN_UPDATE_GOLDEN=1 and review the diff.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "emit.h"
+#include "spec.h"
+#include "template.h"
+#include "variant.h"
+
+static const char *SHIPPED[] = {"demo", "mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b",
+                                "olmoe-1b-7b", "deepseek-v3", "switch-base-8"};
+
+static const char *source_dir(void) {
+    const char *dir = getenv("MOEGEN_SOURCE_DIR");
+    return dir ? dir : ".";
+}
+
+static void load_spec(const char *path, moegen_spec *spec) {
+    moegen_error err;
+    if (moegen_spec_load_file(path, spec, &err) != MOEGEN_OK) fail_msg("%s", err.message);
+}
+
+static void parse_spec(const char *yaml, moegen_spec *spec) {
+    moegen_error err;
+    if (moegen_spec_parse(yaml, strlen(yaml), "test", spec, &err) != MOEGEN_OK) fail_msg("%s", err.message);
+}
+
+/* Generate with the fixed target the golden files use (8-float vectors). */
+static void generate(const moegen_spec *spec, moegen_generated *out) {
+    moegen_target target = {.cpu_vector_floats = 8};
+    moegen_variant variant;
+    moegen_variant_default(spec, MOEGEN_BACKEND_CPU, &target, &variant);
+    moegen_error err;
+    if (moegen_generate(spec, &variant, NULL, &variant == NULL ? NULL : out, &err) != MOEGEN_OK)
+        fail_msg("generate: %s", err.message);
+}
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = malloc((size_t)size + 1);
+    size_t n = fread(text, 1, (size_t)size, f);
+    fclose(f);
+    text[n] = '\0';
+    *len = n;
+    return text;
+}
+
+static void generated_sources_match_the_golden_files(void **state) {
+    (void)state;
+    const int update = getenv("MOEGEN_UPDATE_GOLDEN") != NULL;
+    for (size_t i = 0; i < sizeof SHIPPED / sizeof SHIPPED[0]; i++) {
+        char path[1024], dir[1024];
+        snprintf(path, sizeof path, "%s/specs/%s.yaml", source_dir(), SHIPPED[i]);
+        snprintf(dir, sizeof dir, "%s/tests/golden/%s", source_dir(), SHIPPED[i]);
+        moegen_spec spec;
+        load_spec(path, &spec);
+        moegen_generated gen;
+        generate(&spec, &gen);
+        if (update) {
+            moegen_error err;
+            mkdir(dir, 0755);
+            assert_int_equal(moegen_generated_write(&gen, dir, NULL, &err), MOEGEN_OK);
+        }
+        for (int f = 0; f < gen.n_files; f++) {
+            char golden_path[1200];
+            snprintf(golden_path, sizeof golden_path, "%s/%s", dir, gen.files[f].name);
+            size_t len = 0;
+            char *golden = read_file(golden_path, &len);
+            if (!golden) fail_msg("%s is missing (run with MOEGEN_UPDATE_GOLDEN=1)", golden_path);
+            if (len != gen.files[f].len || memcmp(golden, gen.files[f].text, len) != 0)
+                fail_msg("%s differs from the generated file (templates changed? rerun with "
+                         "MOEGEN_UPDATE_GOLDEN=1 and review the diff)", golden_path);
+            free(golden);
+        }
+        moegen_generated_free(&gen);
+        moegen_spec_free(&spec);
+    }
+}
+
+static void generation_is_byte_identical_across_processes(void **state) {
+    (void)state;
+    char path[1024];
+    snprintf(path, sizeof path, "%s/specs/deepseek-v3.yaml", source_dir());
+    moegen_spec spec;
+    load_spec(path, &spec);
+    moegen_generated mine;
+    generate(&spec, &mine);
+    int pipe_fds[2];
+    assert_int_equal(pipe(pipe_fds), 0);
+    pid_t child = fork();
+    assert_true(child >= 0);
+    if (child == 0) {
+        close(pipe_fds[0]);
+        moegen_generated theirs;
+        generate(&spec, &theirs);
+        size_t off = 0;
+        const moegen_generated_file *f = &theirs.files[0];
+        while (off < f->len) {
+            ssize_t n = write(pipe_fds[1], f->text + off, f->len - off);
+            if (n <= 0) _exit(1);
+            off += (size_t)n;
+        }
+        _exit(0);
+    }
+    close(pipe_fds[1]);
+    char *buf = malloc(mine.files[0].len + 1);
+    size_t got = 0;
+    ssize_t n;
+    while (got <= mine.files[0].len && (n = read(pipe_fds[0], buf + got, mine.files[0].len + 1 - got)) > 0)
+        got += (size_t)n;
+    close(pipe_fds[0]);
+    int status;
+    waitpid(child, &status, 0);
+    assert_int_equal(got, mine.files[0].len);
+    assert_memory_equal(buf, mine.files[0].text, got);
+    free(buf);
+    moegen_generated_free(&mine);
+    moegen_spec_free(&spec);
+}
+
+static void reordered_and_recommented_specs_generate_identical_code(void **state) {
+    (void)state;
+    const char *a = "name: same\nnum_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\n"
+                    "moe_intermediate_size: 32\nrouter:\n  score_function: sigmoid\n  norm_topk_prob: true\n";
+    const char *b = "# a comment\nrouter:\n    norm_topk_prob: true   # trailing comment\n"
+                    "    score_function: sigmoid\nmoe_intermediate_size: 32\nhidden_size: 64\n"
+                    "num_experts_per_tok: 2\n\n\nnum_experts: 8\nname: same\n";
+    moegen_spec sa, sb;
+    parse_spec(a, &sa);
+    parse_spec(b, &sb);
+    moegen_generated ga, gb;
+    generate(&sa, &ga);
+    generate(&sb, &gb);
+    assert_int_equal(ga.n_files, gb.n_files);
+    for (int f = 0; f < ga.n_files; f++) {
+        assert_string_equal(ga.files[f].name, gb.files[f].name);
+        assert_int_equal(ga.files[f].len, gb.files[f].len);
+        assert_memory_equal(ga.files[f].text, gb.files[f].text, ga.files[f].len);
+    }
+    moegen_generated_free(&ga);
+    moegen_generated_free(&gb);
+    moegen_spec_free(&sa);
+    moegen_spec_free(&sb);
+}
+
+static void free_text_never_reaches_generated_code(void **state) {
+    (void)state;
+    const char *yaml = "name: text\nsource: \"*/ #include <evil.h> system(\\\"x\\\")\"\n"
+                       "description: \"*/ int pwned; /*\"\nnum_experts: 4\nnum_experts_per_tok: 1\n"
+                       "hidden_size: 32\nmoe_intermediate_size: 16\n";
+    moegen_spec spec;
+    parse_spec(yaml, &spec);
+    moegen_generated gen;
+    generate(&spec, &gen);
+    for (int f = 0; f < gen.n_files; f++) {
+        assert_null(strstr(gen.files[f].text, "evil"));
+        assert_null(strstr(gen.files[f].text, "pwned"));
+        assert_null(strstr(gen.files[f].text, "system("));
+    }
+    moegen_generated_free(&gen);
+    moegen_spec_free(&spec);
+}
+
+/* Write the files and compile the main one with every warning as an error. */
+static void compile_strictly(const moegen_generated *gen, const char *label) {
+    char dir[] = "/tmp/moegen-emit-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    moegen_error err;
+    assert_int_equal(moegen_generated_write(gen, dir, NULL, &err), MOEGEN_OK);
+    const char *cc = getenv("MOEGEN_CC") ? getenv("MOEGEN_CC") : "cc";
+    char command[2048];
+    snprintf(command, sizeof command,
+             "%s -std=gnu11 -fsyntax-only -fopenmp -Wall -Wextra -Werror -Wshadow -I%s %s/%s 2>%s/log",
+             cc, dir, dir, gen->files[gen->main_file].name, dir);
+    int rc = system(command);
+    if (rc != 0) {
+        char log_path[1100];
+        snprintf(log_path, sizeof log_path, "%s/log", dir);
+        size_t len;
+        char *log = read_file(log_path, &len);
+        fail_msg("%s: generated code does not compile cleanly:\n%.2000s", label, log ? log : "");
+    }
+    char cleanup[1200];
+    snprintf(cleanup, sizeof cleanup, "rm -rf %s", dir);
+    assert_int_equal(system(cleanup), 0);
+}
+
+static void every_shipped_spec_compiles_without_warnings(void **state) {
+    (void)state;
+    for (size_t i = 0; i < sizeof SHIPPED / sizeof SHIPPED[0]; i++) {
+        char path[1024];
+        snprintf(path, sizeof path, "%s/specs/%s.yaml", source_dir(), SHIPPED[i]);
+        moegen_spec spec;
+        load_spec(path, &spec);
+        moegen_generated gen;
+        generate(&spec, &gen);
+        compile_strictly(&gen, SHIPPED[i]);
+        moegen_generated_free(&gen);
+        moegen_spec_free(&spec);
+    }
+}
+
+/* Every activation x dtype x routing family renders and compiles without warnings. */
+static void small_spec_matrix_compiles_without_warnings(void **state) {
+    (void)state;
+    const char *activations[] = {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"};
+    const char *dtypes[] = {"fp32", "fp16", "bf16"};
+    const char *extras[] = {
+        "",
+        "router:\n  score_function: sigmoid\n  score_bias: true\n  n_group: 2\n  topk_group: 1\n",
+        "capacity:\n  mode: factor\n  priority: random\n  pad_to_capacity: true\n",
+        "semantics: deepspeed\nuse_residual: true\nexpert_bias: true\nmode: train\nrouter:\n  input_jitter: 0.01\n  noise: rsample\n",
+        "shared_experts:\n  count: 2\n  intermediate_size: 48\n  gate: true\n",
+    };
+    for (size_t a = 0; a < 6; a++)
+        for (size_t d = 0; d < 3; d++) {
+            size_t e = (a + d) % 5;
+            char yaml[1024];
+            snprintf(yaml, sizeof yaml,
+                     "name: matrix\nnum_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\n"
+                     "moe_intermediate_size: 32\nactivation: %s\ndtype: %s\n%s",
+                     activations[a], dtypes[d], extras[e]);
+            moegen_spec spec;
+            parse_spec(yaml, &spec);
+            moegen_generated gen;
+            generate(&spec, &gen);
+            compile_strictly(&gen, yaml);
+            moegen_generated_free(&gen);
+            moegen_spec_free(&spec);
+        }
+}
+
+static void variant_check_rejects_tiles_that_do_not_fit(void **state) {
+    (void)state;
+    moegen_spec spec;
+    parse_spec("name: v\nnum_experts: 4\nnum_experts_per_tok: 1\nhidden_size: 32\nmoe_intermediate_size: 16\n",
+               &spec);
+    moegen_variant variant;
+    moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, NULL, &variant);
+    moegen_error err;
+    assert_int_equal(moegen_variant_check(&spec, &variant, &err), MOEGEN_OK);
+    variant.cpu.tile_cols = 3;
+    assert_int_equal(moegen_variant_check(&spec, &variant, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "tile_cols"));
+    variant.cpu.tile_cols = 2;
+    variant.cpu.block_cols = 63;
+    assert_int_equal(moegen_variant_check(&spec, &variant, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "block_cols"));
+    moegen_generated gen;
+    assert_int_equal(moegen_generate(&spec, &variant, NULL, &gen, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    moegen_spec_free(&spec);
+}
+
+static void template_errors_surface_with_the_template_line(void **state) {
+    (void)state;
+    /* The built-in set with layer.c.tpl replaced by a broken one. */
+    const moegen_template_set *builtin = moegen_builtin_templates();
+    moegen_template_file *files = calloc(builtin->count, sizeof *files);
+    for (size_t i = 0; i < builtin->count; i++) {
+        files[i] = builtin->files[i];
+        if (!strcmp(files[i].path, "templates/cpu/layer.c.tpl")) {
+            files[i].text = "/* line 1 */\n% local x = spec.no_such_field + 1\n";
+            files[i].len = strlen(files[i].text);
+        }
+    }
+    moegen_template_set set = {files, builtin->count};
+    moegen_spec spec;
+    parse_spec("name: t\nnum_experts: 4\nnum_experts_per_tok: 1\nhidden_size: 32\nmoe_intermediate_size: 16\n", &spec);
+    moegen_variant variant;
+    moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, NULL, &variant);
+    moegen_generated gen;
+    moegen_error err;
+    assert_int_equal(moegen_generate(&spec, &variant, &set, &gen, &err), MOEGEN_ERR_TEMPLATE);
+    assert_non_null(strstr(err.message, "templates/cpu/layer.c.tpl:2:"));
+    free(files);
+    moegen_spec_free(&spec);
+}
+
+static void write_skips_unchanged_files(void **state) {
+    (void)state;
+    moegen_spec spec;
+    parse_spec("name: w\nnum_experts: 4\nnum_experts_per_tok: 1\nhidden_size: 32\nmoe_intermediate_size: 16\n", &spec);
+    moegen_generated gen;
+    generate(&spec, &gen);
+    char dir[] = "/tmp/moegen-write-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    moegen_error err;
+    int written = -1;
+    assert_int_equal(moegen_generated_write(&gen, dir, &written, &err), MOEGEN_OK);
+    assert_int_equal(written, gen.n_files);
+    assert_int_equal(moegen_generated_write(&gen, dir, &written, &err), MOEGEN_OK);
+    assert_int_equal(written, 0);
+    char cleanup[256];
+    snprintf(cleanup, sizeof cleanup, "rm -rf %s", dir);
+    assert_int_equal(system(cleanup), 0);
+    moegen_generated_free(&gen);
+    moegen_spec_free(&spec);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(generated_sources_match_the_golden_files),
+        cmocka_unit_test(generation_is_byte_identical_across_processes),
+        cmocka_unit_test(reordered_and_recommented_specs_generate_identical_code),
+        cmocka_unit_test(free_text_never_reaches_generated_code),
+        cmocka_unit_test(every_shipped_spec_compiles_without_warnings),
+        cmocka_unit_test(small_spec_matrix_compiles_without_warnings),
+        cmocka_unit_test(variant_check_rejects_tiles_that_do_not_fit),
+        cmocka_unit_test(template_errors_surface_with_the_template_line),
+        cmocka_unit_test(write_skips_unchanged_files),
+    };
+    return cmocka_run_group_tests_name("generator", tests, NULL, NULL);
+}

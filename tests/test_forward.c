@@ -1,0 +1,374 @@
+/* test_forward.c — the generated CPU forward against the independent reference, over
+ * the test matrix: k in {1, 2, 4, 8}, E from 1 to 256, every score function and order,
+ * group-limited routing (both group scores, both masks), every capacity formula and
+ * priority, dropless, pad-to-capacity, renormalization, each activation, each dtype,
+ * biases, shared experts, residual MoE, weight on input, train-mode randomness, the
+ * DeepSpeed presets, tokens in {0, 1, 2, odd, large}, exact ties, NaN / Inf / 1e30
+ * logits, NaN input rows and a hot expert. Also: bitwise determinism across runs and
+ * thread counts.
+ *
+ * Each case is a spec (YAML) compiled through the real pipeline (templates -> host C
+ * compiler -> dlopen), run on seeded tensors, and checked by tests/reference/verify.c.
+ */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "moegen.h"
+#include "tensors.h"
+#include "verify.h"
+
+typedef enum {
+    DATA_RANDOM = 0,
+    DATA_TIES,        /* duplicated router rows: exact logit ties */
+    DATA_NONFINITE,   /* router_b = NaN, +Inf, -Inf, +1e30, -1e30, +Inf; two NaN input rows */
+    DATA_HOT_EXPERT,  /* router_b[hot] = +8: nearly every token picks it first */
+    DATA_IDENTITY     /* relu experts with W1 = [I; -I], W2 = [I, -I]: y = sum of weights * x */
+} data_pattern;
+
+typedef struct forward_case {
+    const char *name;
+    const char *yaml; /* without the name line */
+    data_pattern data;
+    int64_t tokens[6];
+    int n_tokens;
+} forward_case;
+
+#define TOKENS_DEFAULT {0, 1, 2, 33, 300}, 5
+#define TOKENS_LARGE {1, 17, 2049}, 3
+
+static const char *BASE = "num_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\n"
+                          "moe_intermediate_size: 32\n";
+
+static const forward_case CASES[] = {
+    /* ---- top-k and expert counts ---- */
+    {"k1_e16", "num_experts: 16\nnum_experts_per_tok: 1\nhidden_size: 64\nmoe_intermediate_size: 32\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"k2_e8_default", NULL, DATA_RANDOM, TOKENS_DEFAULT},
+    {"k4_e16", "num_experts: 16\nnum_experts_per_tok: 4\nhidden_size: 64\nmoe_intermediate_size: 32\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"k8_e64", "num_experts: 64\nnum_experts_per_tok: 8\nhidden_size: 64\nmoe_intermediate_size: 32\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"e1_k1", "num_experts: 1\nnum_experts_per_tok: 1\nhidden_size: 32\nmoe_intermediate_size: 16\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"e7_k3_odd_sizes", "num_experts: 7\nnum_experts_per_tok: 3\nhidden_size: 48\nmoe_intermediate_size: 80\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"e256_k8", "num_experts: 256\nnum_experts_per_tok: 8\nhidden_size: 64\nmoe_intermediate_size: 16\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"k_equals_e", "num_experts: 4\nnum_experts_per_tok: 4\nhidden_size: 32\nmoe_intermediate_size: 32\n"
+                   "router:\n  norm_topk_prob: true\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"large_tokens", "num_experts: 16\nnum_experts_per_tok: 2\nhidden_size: 128\nmoe_intermediate_size: 64\n", DATA_RANDOM, TOKENS_LARGE},
+
+    /* ---- score functions and orders ---- */
+    {"softmax_then_topk", "router:\n  order: softmax_then_topk\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"softmax_then_topk_norm_scaled", "router:\n  order: softmax_then_topk\n  norm_topk_prob: true\n"
+                                      "  routed_scaling_factor: 1.5\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"sigmoid", "router:\n  score_function: sigmoid\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"sigmoid_bias_norm_scaled", "router:\n  score_function: sigmoid\n  score_bias: true\n"
+                                 "  norm_topk_prob: true\n  routed_scaling_factor: 2.5\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"sqrtsoftplus", "router:\n  score_function: sqrtsoftplus\n  norm_topk_prob: true\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"router_bias", "router:\n  router_bias: true\n", DATA_RANDOM, TOKENS_DEFAULT},
+
+    /* ---- group-limited routing ---- */
+    {"groups_sigmoid_topm_neg_inf", "num_experts: 32\nnum_experts_per_tok: 4\n"
+                                    "router:\n  score_function: sigmoid\n  score_bias: true\n  norm_topk_prob: true\n"
+                                    "  n_group: 4\n  topk_group: 2\n  group_topm: 2\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"groups_sigmoid_topm_zero_mask", "num_experts: 32\nnum_experts_per_tok: 4\n"
+                                      "router:\n  score_function: sigmoid\n  score_bias: true\n"
+                                      "  n_group: 4\n  topk_group: 2\n  group_mask: zero\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"groups_softmax_max", "num_experts: 16\nnum_experts_per_tok: 2\n"
+                           "router:\n  order: softmax_then_topk\n  n_group: 4\n  topk_group: 1\n  group_score: max\n",
+     DATA_RANDOM, TOKENS_DEFAULT},
+
+    /* ---- capacity ---- */
+    {"ds_formula_probs", "capacity:\n  mode: factor\n  formula: deepspeed\n  capacity_factor: 1.0\n"
+                         "  min_capacity: 4\n  priority: probs\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"ds_formula_position", "capacity:\n  mode: factor\n  formula: deepspeed\n  eval_capacity_factor: 0.75\n"
+                            "  priority: position\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"ds_formula_choice_major_renorm", "capacity:\n  mode: factor\n  formula: deepspeed\n  capacity_factor: 1.25\n"
+                                       "  priority: position_choice_major\n  renormalize: true\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"megatron_formula_random", "capacity:\n  mode: factor\n  formula: megatron\n  capacity_factor: 0.5\n"
+                                "  priority: random\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"megatron_formula_probs_pad", "capacity:\n  mode: factor\n  formula: megatron\n  capacity_factor: 1.0\n"
+                                   "  priority: probs\n  pad_to_capacity: true\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"fixed_capacity_pad_renorm", "capacity:\n  mode: fixed\n  expert_capacity: 3\n  pad_to_capacity: true\n"
+                                  "  renormalize: true\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"capacity_above_tokens", "capacity:\n  mode: fixed\n  expert_capacity: 1000\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"dropless_renormalize", "capacity:\n  mode: dropless\n  renormalize: true\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+
+    /* ---- activations, dtypes, biases ---- */
+    {"relu_fp32", "activation: relu\ndtype: fp32\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"gelu_fp16", "activation: gelu\ndtype: fp16\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"gelu_tanh_bf16", "activation: gelu_tanh\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"silu_fp32", "activation: silu\ndtype: fp32\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"swiglu_fp16", "activation: swiglu\ndtype: fp16\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"geglu_fp32_bias", "activation: geglu\ndtype: fp32\nexpert_bias: true\n", DATA_RANDOM, TOKENS_DEFAULT},
+
+    /* ---- shared experts, residual, weight on input ---- */
+    {"shared_gated", "shared_experts:\n  count: 1\n  intermediate_size: 48\n  gate: true\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"two_shared_same_size_bias", "expert_bias: true\nshared_experts:\n  count: 2\n  intermediate_size: 32\n",
+     DATA_RANDOM, TOKENS_DEFAULT},
+    {"residual_moe", "semantics: deepspeed\nnum_experts_per_tok: 1\nuse_residual: true\nactivation: gelu\n"
+                     "dtype: fp32\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"weight_on_input", "num_experts_per_tok: 1\nweight_on_input: true\nrouter:\n  score_function: sigmoid\n",
+     DATA_RANDOM, TOKENS_DEFAULT},
+
+    /* ---- train mode randomness ---- */
+    {"train_jitter", "mode: train\nrouter:\n  input_jitter: 0.01\n  seed: 7\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"train_rsample_k1", "mode: train\nsemantics: deepspeed\nnum_experts_per_tok: 1\n"
+                         "router:\n  noise: rsample\n  seed: 3\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"train_rsample_k2", "mode: train\nsemantics: deepspeed\nrouter:\n  noise: rsample\n  seed: 11\n",
+     DATA_RANDOM, TOKENS_DEFAULT},
+
+    /* ---- presets ---- */
+    {"deepspeed_top1", "semantics: deepspeed\nnum_experts_per_tok: 1\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"deepspeed_top2", "semantics: deepspeed\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"deepspeed_top4", "semantics: deepspeed\nnum_experts: 16\nnum_experts_per_tok: 4\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"aux_none", "router:\n  aux_loss: none\n", DATA_RANDOM, TOKENS_DEFAULT},
+
+    /* ---- special data ---- */
+    {"exact_ties_softmax", "router:\n  order: softmax_then_topk\n", DATA_TIES, TOKENS_DEFAULT},
+    {"exact_ties_sigmoid_groups", "num_experts: 16\nnum_experts_per_tok: 4\n"
+                                  "router:\n  score_function: sigmoid\n  n_group: 4\n  topk_group: 2\n",
+     DATA_TIES, TOKENS_DEFAULT},
+    {"nonfinite_logits_softmax", "dtype: fp32\nrouter:\n  router_bias: true\n  order: softmax_then_topk\n",
+     DATA_NONFINITE, TOKENS_DEFAULT},
+    {"nonfinite_logits_topk_softmax", "dtype: fp32\nnum_experts_per_tok: 4\nrouter:\n  router_bias: true\n",
+     DATA_NONFINITE, TOKENS_DEFAULT},
+    {"nonfinite_logits_sigmoid", "dtype: bf16\nrouter:\n  router_bias: true\n  score_function: sigmoid\n"
+                                 "  norm_topk_prob: true\n", DATA_NONFINITE, TOKENS_DEFAULT},
+    {"identity_experts", "activation: relu\ndtype: fp32\nhidden_size: 32\nmoe_intermediate_size: 64\n"
+                         "router:\n  norm_topk_prob: true\n", DATA_IDENTITY, TOKENS_DEFAULT},
+};
+
+/* Compose the YAML of a case: BASE, then the case's lines (later keys of the same
+ * name would be duplicates, so the case's top-level sizes replace BASE's). */
+static void case_yaml(const forward_case *c, char *buf, size_t size) {
+    const char *body = c->yaml ? c->yaml : "";
+    size_t used = (size_t)snprintf(buf, size, "name: %s\n", c->name);
+    const char *line = BASE;
+    while (*line) { /* copy BASE lines whose key the case does not set */
+        const char *end = strchr(line, '\n');
+        size_t key_len = (size_t)(strchr(line, ':') - line);
+        char key[64];
+        snprintf(key, sizeof key, "%.*s:", (int)key_len, line);
+        int overridden = strncmp(body, key, strlen(key)) == 0;
+        for (const char *p = strstr(body, key); p && !overridden; p = strstr(p + 1, key))
+            overridden = p[-1] == '\n';
+        if (!overridden) used += (size_t)snprintf(buf + used, size - used, "%.*s\n", (int)(end - line), line);
+        line = end + 1;
+    }
+    snprintf(buf + used, size - used, "%s", body);
+}
+
+/* Apply a data pattern on top of the seeded random tensors. */
+static void apply_pattern(const moegen_spec *spec, moe_tensors *ts, data_pattern data) {
+    const int64_t E = spec->num_experts, H = spec->hidden_size, S = ts->n_tokens;
+    float *router_w = ts->t[MOE_T_ROUTER_W].data;
+    switch (data) {
+    case DATA_RANDOM:
+        break;
+    case DATA_TIES: /* experts 2k and 2k+1 get identical router rows */
+        for (int64_t e = 1; e < E; e += 2) memcpy(router_w + e * H, router_w + (e - 1) * H, H * sizeof(float));
+        break;
+    case DATA_NONFINITE: {
+        float *bias = ts->t[MOE_T_ROUTER_B].data;
+        const float values[] = {NAN, INFINITY, -INFINITY, 1e30f, -1e30f, INFINITY};
+        for (int64_t e = 0; e < E && e < 6; e++) bias[e] = values[e];
+        for (int64_t t = 3; t < S; t += 7) /* whole NaN logit rows */
+            for (int64_t h = 0; h < H; h++) moe_tensor_set(ts, MOE_T_X, (size_t)(t * H + h), NAN);
+        break;
+    }
+    case DATA_HOT_EXPERT:
+        if (ts->t[MOE_T_ROUTER_B].data) {
+            ((float *)ts->t[MOE_T_ROUTER_B].data)[E / 2] = 8.0f;
+        } else { /* no router bias: make expert E/2's row align with every input */
+            for (int64_t h = 0; h < H; h++) router_w[(E / 2) * H + h] = 0.0f;
+            router_w[(E / 2) * H] = 0.0f;
+            for (int64_t t = 0; t < S; t++) moe_tensor_set(ts, MOE_T_X, (size_t)(t * H), 1.0);
+            router_w[(E / 2) * H] = 8.0f;
+        }
+        break;
+    case DATA_IDENTITY: { /* F = 2H: relu(x) - relu(-x) = x */
+        const int64_t F = spec->moe_intermediate_size;
+        for (int i = MOE_T_W1; i <= MOE_T_W2; i += MOE_T_W2 - MOE_T_W1) memset(ts->t[i].data, 0, ts->t[i].n_elems * 4);
+        for (int64_t e = 0; e < E; e++)
+            for (int64_t h = 0; h < H; h++) {
+                moe_tensor_set(ts, MOE_T_W1, (size_t)((e * F + h) * H + h), 1.0);
+                moe_tensor_set(ts, MOE_T_W1, (size_t)((e * F + H + h) * H + h), -1.0);
+                moe_tensor_set(ts, MOE_T_W2, (size_t)((e * H + h) * F + h), 1.0);
+                moe_tensor_set(ts, MOE_T_W2, (size_t)((e * H + h) * F + H + h), -1.0);
+            }
+        break;
+    }
+    }
+}
+
+typedef struct kernel_outputs {
+    void *y;
+    int32_t *ids;
+    float *topk_weights, *router_weights;
+    int64_t counts_before[1024], counts_after[1024];
+    moegen_forward_stats stats;
+} kernel_outputs;
+
+static void outputs_alloc(kernel_outputs *o, const moegen_spec *spec, int64_t S) {
+    memset(o, 0, sizeof *o);
+    o->y = calloc((size_t)(S * spec->hidden_size + 1), moegen_dtype_size(spec->dtype));
+    o->ids = calloc((size_t)(S * spec->top_k + 1), sizeof(int32_t));
+    o->topk_weights = calloc((size_t)(S * spec->top_k + 1), sizeof(float));
+    o->router_weights = calloc((size_t)(S * spec->top_k + 1), sizeof(float));
+    assert_non_null(o->y);
+    assert_non_null(o->ids);
+    assert_non_null(o->topk_weights);
+    assert_non_null(o->router_weights);
+}
+
+static void outputs_free(kernel_outputs *o) {
+    free(o->y);
+    free(o->ids);
+    free(o->topk_weights);
+    free(o->router_weights);
+}
+
+static void run_forward(moegen_layer *layer, const moe_tensors *ts, kernel_outputs *o) {
+    moegen_forward_io io = {
+        .n_tokens = ts->n_tokens, .x = ts->t[MOE_T_X].data, .y = o->y, .topk_ids = o->ids,
+        .topk_weights = o->topk_weights, .router_weights = o->router_weights,
+        .counts_before = o->counts_before, .counts_after = o->counts_after, .rng_offset = 5,
+    };
+    moegen_error err;
+    moegen_status st = moegen_layer_forward(layer, &io, &o->stats, &err);
+    if (st != MOEGEN_OK) fail_msg("forward: %s", err.message);
+}
+
+static void bind_tensors(moegen_layer *layer, const moe_tensors *ts) {
+    moegen_kernel_weights k;
+    moe_tensors_weights(ts, &k);
+    moegen_weights w = {
+        .router_w = k.router_w, .router_b = k.router_b, .score_bias = k.score_bias, .w1 = k.w1,
+        .b1 = k.b1, .w2 = k.w2, .b2 = k.b2, .shared_w1 = k.shared_w1, .shared_b1 = k.shared_b1,
+        .shared_w2 = k.shared_w2, .shared_b2 = k.shared_b2, .shared_gate = k.shared_gate,
+        .residual_w1 = k.residual_w1, .residual_b1 = k.residual_b1, .residual_w2 = k.residual_w2,
+        .residual_b2 = k.residual_b2, .residual_coef_w = k.residual_coef_w,
+        .residual_coef_b = k.residual_coef_b,
+    };
+    moegen_error err;
+    if (moegen_layer_bind(layer, &w, &err) != MOEGEN_OK) fail_msg("bind: %s", err.message);
+}
+
+/* Checks the layer-independent invariants of the rules: valid, distinct ids; no NaN
+ * output. */
+static void check_invariants(const moegen_spec *spec, int64_t S, const kernel_outputs *o) {
+    const int K = spec->top_k;
+    for (int64_t t = 0; t < S; t++)
+        for (int j = 0; j < K; j++) {
+            int32_t id = o->ids[t * K + j];
+            assert_true(id >= 0 && id < spec->num_experts);
+            for (int i = 0; i < j; i++) assert_int_not_equal(id, o->ids[t * K + i]);
+            assert_false(isnan(o->topk_weights[t * K + j]));
+        }
+    if (spec->dtype == MOEGEN_DTYPE_FP32) {
+        const float *y = o->y;
+        for (int64_t i = 0; i < S * spec->hidden_size; i++) assert_false(isnan(y[i]));
+    }
+}
+
+static void test_case(void **state) {
+    const forward_case *c = *state;
+    char yaml[2048];
+    case_yaml(c, yaml, sizeof yaml);
+    moegen_spec spec;
+    moegen_error err;
+    if (moegen_spec_parse(yaml, strlen(yaml), c->name, &spec, &err) != MOEGEN_OK)
+        fail_msg("spec: %s\n%s", err.message, yaml);
+    moegen_open_options options;
+    moegen_open_options_init(&options);
+    options.device = MOEGEN_DEVICE_CPU;
+    options.n_threads = 2;
+    moegen_layer *layer = NULL;
+    if (moegen_layer_open_string(yaml, strlen(yaml), c->name, &options, &layer, &err) != MOEGEN_OK)
+        fail_msg("open: %s", err.message);
+
+    for (int i = 0; i < c->n_tokens; i++) {
+        const int64_t S = c->tokens[i];
+        moe_tensors ts;
+        assert_int_equal(moe_tensors_alloc(&spec, S, &ts), 0);
+        moe_tensors_fill(&ts, 1000 + (uint64_t)i);
+        apply_pattern(&spec, &ts, c->data);
+        bind_tensors(layer, &ts);
+        kernel_outputs o;
+        outputs_alloc(&o, &spec, S);
+        run_forward(layer, &ts, &o);
+        check_invariants(&spec, S, &o);
+
+        moegen_kernel_weights w;
+        moe_tensors_weights(&ts, &w);
+        moe_kernel_result kernel = {
+            .y = o.y, .ids = o.ids, .topk_weights = o.topk_weights, .router_weights = o.router_weights,
+            .counts_before = o.counts_before, .counts_after = o.counts_after,
+            .n_dropped = o.stats.n_dropped, .capacity = o.stats.capacity,
+            .aux_loss = o.stats.aux_loss, .z_loss = o.stats.z_loss,
+        };
+        moe_verify_report report;
+        assert_int_equal(moe_verify(&spec, S, ts.t[MOE_T_X].data, &w, 5, NULL, &kernel, &report), 0);
+        if (!report.ok) fail_msg("%s, %lld tokens: %s", c->name, (long long)S, report.message);
+        print_message("  %-34s S=%-5lld %s\n", c->name, (long long)S, report.message);
+        if (c->data == DATA_TIES || c->data == DATA_NONFINITE) /* exact decisions only */
+            assert_int_equal(report.ambiguous_tokens, 0);
+        outputs_free(&o);
+        moe_tensors_free(&ts);
+    }
+    moegen_layer_close(layer);
+    moegen_spec_free(&spec);
+}
+
+/* Same inputs, two runs, 1 and 2 threads: bitwise identical outputs. */
+static void forward_is_bitwise_reproducible_across_runs_and_thread_counts(void **state) {
+    (void)state;
+    const char *yaml = "name: determinism\nnum_experts: 16\nnum_experts_per_tok: 4\nhidden_size: 64\n"
+                       "moe_intermediate_size: 48\nshared_experts:\n  count: 1\n  intermediate_size: 32\n"
+                       "capacity:\n  mode: factor\n  priority: random\n";
+    moegen_spec spec;
+    moegen_error err;
+    assert_int_equal(moegen_spec_parse(yaml, strlen(yaml), "determinism", &spec, &err), MOEGEN_OK);
+    const int64_t S = 777;
+    moe_tensors ts;
+    assert_int_equal(moe_tensors_alloc(&spec, S, &ts), 0);
+    moe_tensors_fill(&ts, 42);
+    kernel_outputs runs[3];
+    for (int r = 0; r < 3; r++) {
+        moegen_open_options options;
+        moegen_open_options_init(&options);
+        options.device = MOEGEN_DEVICE_CPU;
+        options.n_threads = r == 2 ? 1 : 2;
+        moegen_layer *layer;
+        if (moegen_layer_open_string(yaml, strlen(yaml), NULL, &options, &layer, &err) != MOEGEN_OK)
+            fail_msg("open: %s", err.message);
+        bind_tensors(layer, &ts);
+        outputs_alloc(&runs[r], &spec, S);
+        run_forward(layer, &ts, &runs[r]);
+        moegen_layer_close(layer);
+    }
+    const size_t y_bytes = (size_t)S * spec.hidden_size * moegen_dtype_size(spec.dtype);
+    for (int r = 1; r < 3; r++) {
+        assert_memory_equal(runs[0].y, runs[r].y, y_bytes);
+        assert_memory_equal(runs[0].ids, runs[r].ids, (size_t)S * spec.top_k * sizeof(int32_t));
+        assert_memory_equal(runs[0].topk_weights, runs[r].topk_weights, (size_t)S * spec.top_k * sizeof(float));
+        assert_true(runs[0].stats.aux_loss == runs[r].stats.aux_loss);
+        assert_true(runs[0].stats.z_loss == runs[r].stats.z_loss);
+    }
+    for (int r = 0; r < 3; r++) outputs_free(&runs[r]);
+    moe_tensors_free(&ts);
+    moegen_spec_free(&spec);
+}
+
+int main(void) {
+    enum { N = sizeof CASES / sizeof CASES[0] };
+    struct CMUnitTest tests[N + 1];
+    for (int i = 0; i < N; i++) {
+        tests[i] = (struct CMUnitTest){CASES[i].name, test_case, NULL, NULL, (void *)&CASES[i]};
+    }
+    tests[N] = (struct CMUnitTest)cmocka_unit_test(forward_is_bitwise_reproducible_across_runs_and_thread_counts);
+    return cmocka_run_group_tests_name("forward matrix", tests, NULL, NULL);
+}
