@@ -1100,11 +1100,19 @@ static moegen_status read_boolean(spec_reader *reader, field_id id, const spec_n
                        field_table[id].qualified, found);
 }
 
+/* "fp32, fp16, bf16": the values of an enum field, for messages. */
+static void list_enum_names(const field_descriptor *field, char *out, size_t out_size) {
+    size_t index, used = 0;
+    out[0] = '\0';
+    for (index = 0; index < field->enum_count && used < out_size; index++)
+        used += (size_t)snprintf(out + used, out_size - used, "%s%s", index ? ", " : "", field->enum_names[index]);
+}
+
 static moegen_status read_enum(spec_reader *reader, field_id id, const spec_node *value) {
     const field_descriptor *field = &field_table[id];
     char found[QUOTE_VISIBLE_BYTES * 4 + 32], valid[256], hint[96] = "";
     const char *suggestion = NULL, *best = NULL;
-    size_t index, best_distance = SIZE_MAX, used = 0;
+    size_t index, best_distance = SIZE_MAX;
     for (index = 0; index < field->enum_count; index++) {
         if (strcmp(value->text, field->enum_names[index]) == 0) {
             field_store_integer(&reader->spec, id, (int64_t)index);
@@ -1123,10 +1131,7 @@ static moegen_status read_enum(spec_reader *reader, field_id id, const spec_node
     }
     if (!suggestion)
         suggestion = best;
-    valid[0] = '\0';
-    for (index = 0; index < field->enum_count && used < sizeof valid; index++)
-        used += (size_t)snprintf(valid + used, sizeof valid - used, "%s%s", index ? ", " : "",
-                                 field->enum_names[index]);
+    list_enum_names(field, valid, sizeof valid);
     if (suggestion)
         snprintf(hint, sizeof hint, "did you mean '%s'? ", suggestion);
     describe_scalar(value, found, sizeof found);
@@ -1160,27 +1165,35 @@ static moegen_status read_text(spec_reader *reader, field_id id, const spec_node
     return MOEGEN_OK;
 }
 
-static const char *kind_noun(field_kind kind) {
-    switch (kind) {
-    case KIND_INTEGER: return "an integer";
-    case KIND_FLOAT: return "a number";
-    case KIND_BOOLEAN: return "true or false";
-    case KIND_ENUM: return "one of its names";
-    case KIND_NAME: return "a name";
-    case KIND_TEXT: return "text";
-    case KIND_SECTION: return "a mapping";
+/* What a field expects, for "expected ..., found a mapping" ("one of fp32, fp16, bf16"). */
+static void describe_expected(const field_descriptor *field, char *out, size_t out_size) {
+    char names[256];
+    switch (field->kind) {
+    case KIND_INTEGER: snprintf(out, out_size, "an integer"); return;
+    case KIND_FLOAT: snprintf(out, out_size, "a number"); return;
+    case KIND_BOOLEAN: snprintf(out, out_size, "true or false"); return;
+    case KIND_ENUM:
+        list_enum_names(field, names, sizeof names);
+        snprintf(out, out_size, "one of %s", names);
+        return;
+    case KIND_NAME: snprintf(out, out_size, "a name"); return;
+    case KIND_TEXT: snprintf(out, out_size, "text"); return;
+    case KIND_SECTION: snprintf(out, out_size, "a mapping"); return;
     }
-    return "a value";
+    snprintf(out, out_size, "a value");
 }
 
 /* Parse one value node for field `id` by its kind and store it. */
 static moegen_status read_value(spec_reader *reader, field_id id, const spec_node *key, const spec_node *value) {
     const field_descriptor *field = &field_table[id];
+    char expected[300];
     if (scalar_is_null(value))
         return reader_fail(reader, key->line, key->column, "%s: missing value", field->qualified);
-    if (value->kind != NODE_SCALAR)
+    if (value->kind != NODE_SCALAR) {
+        describe_expected(field, expected, sizeof expected);
         return reader_fail(reader, value->line, value->column, "%s: expected %s, found %s", field->qualified,
-                           kind_noun(field->kind), node_kind_noun(value->kind));
+                           expected, node_kind_noun(value->kind));
+    }
     if (!scalar_is_clean(value))
         return reader_fail(reader, value->line, value->column,
                            "%s: the value contains a NUL or control character", field->qualified);

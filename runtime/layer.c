@@ -151,7 +151,10 @@ static moegen_status load_cpu_module(moegen_layer *layer, moegen_error *err) {
     }
     if (st == MOEGEN_OK) {
         layer->desc.cache_hit = result.hit;
-        layer->module = dlopen(result.path, RTLD_NOW | RTLD_LOCAL);
+        /* RTLD_NODELETE: a module stays mapped after its last layer closes. Its OpenMP
+         * runtime keeps idle worker threads alive between parallel regions, and
+         * unmapping the library under them would crash the process. */
+        layer->module = dlopen(result.path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
         if (!layer->module) {
             const char *why = dlerror();
             st = moegen_error_set(err, MOEGEN_ERR_LOAD, 0, "%s: dlopen failed: %s", result.path,

@@ -42,14 +42,23 @@ static void parse_spec(const char *yaml, moegen_spec *spec) {
     if (moegen_spec_parse(yaml, strlen(yaml), "test", spec, &err) != MOEGEN_OK) fail_msg("%s", err.message);
 }
 
-/* Generate with the fixed target the golden files use (8-float vectors). */
-static void generate(const moegen_spec *spec, moegen_generated *out) {
-    moegen_target target = {.cpu_vector_floats = 8};
+/* Generate for a SIMD width (4, 8 or 16 floats). */
+static void generate_for(const moegen_spec *spec, int vector_floats, moegen_generated *out) {
+    moegen_target target = {.cpu_vector_floats = vector_floats};
     moegen_variant variant;
     moegen_variant_default(spec, MOEGEN_BACKEND_CPU, &target, &variant);
     moegen_error err;
-    if (moegen_generate(spec, &variant, NULL, &variant == NULL ? NULL : out, &err) != MOEGEN_OK)
-        fail_msg("generate: %s", err.message);
+    if (moegen_generate(spec, &variant, NULL, out, &err) != MOEGEN_OK) fail_msg("generate: %s", err.message);
+}
+
+/* Generate with the fixed target the golden files use (8-float vectors). */
+static void generate(const moegen_spec *spec, moegen_generated *out) { generate_for(spec, 8, out); }
+
+/* Compiler flags that enable a SIMD width (what runtime/host_cc.c passes). */
+static const char *isa_flags(int vector_floats) {
+    if (vector_floats == 16) return "-mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c";
+    if (vector_floats == 8) return "-mavx2 -mfma -mf16c";
+    return "";
 }
 
 static char *read_file(const char *path, size_t *len) {
@@ -183,7 +192,7 @@ static void free_text_never_reaches_generated_code(void **state) {
 }
 
 /* Write the files and compile the main one with every warning as an error. */
-static void compile_strictly(const moegen_generated *gen, const char *label) {
+static void compile_strictly(const moegen_generated *gen, int vector_floats, const char *label) {
     char dir[] = "/tmp/moegen-emit-XXXXXX";
     assert_non_null(mkdtemp(dir));
     moegen_error err;
@@ -191,8 +200,8 @@ static void compile_strictly(const moegen_generated *gen, const char *label) {
     const char *cc = getenv("MOEGEN_CC") ? getenv("MOEGEN_CC") : "cc";
     char command[2048];
     snprintf(command, sizeof command,
-             "%s -std=gnu11 -fsyntax-only -fopenmp -Wall -Wextra -Werror -Wshadow -I%s %s/%s 2>%s/log",
-             cc, dir, dir, gen->files[gen->main_file].name, dir);
+             "%s -std=gnu11 -fsyntax-only -fopenmp %s -Wall -Wextra -Werror -Wshadow -I%s %s/%s 2>%s/log",
+             cc, isa_flags(vector_floats), dir, dir, gen->files[gen->main_file].name, dir);
     int rc = system(command);
     if (rc != 0) {
         char log_path[1100];
@@ -215,13 +224,14 @@ static void every_shipped_spec_compiles_without_warnings(void **state) {
         load_spec(path, &spec);
         moegen_generated gen;
         generate(&spec, &gen);
-        compile_strictly(&gen, SHIPPED[i]);
+        compile_strictly(&gen, 8, SHIPPED[i]);
         moegen_generated_free(&gen);
         moegen_spec_free(&spec);
     }
 }
 
-/* Every activation x dtype x routing family renders and compiles without warnings. */
+/* Every activation x dtype x routing family renders and compiles without warnings, at
+ * every SIMD width. */
 static void small_spec_matrix_compiles_without_warnings(void **state) {
     (void)state;
     const char *activations[] = {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"};
@@ -244,8 +254,9 @@ static void small_spec_matrix_compiles_without_warnings(void **state) {
             moegen_spec spec;
             parse_spec(yaml, &spec);
             moegen_generated gen;
-            generate(&spec, &gen);
-            compile_strictly(&gen, yaml);
+            const int width = 4 << ((a + 2 * d) % 3);
+            generate_for(&spec, width, &gen);
+            compile_strictly(&gen, width, yaml);
             moegen_generated_free(&gen);
             moegen_spec_free(&spec);
         }

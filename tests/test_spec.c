@@ -265,7 +265,7 @@ static const struct CMUnitTest bad_spec_tests[] = {
     BAD(spec_rejects_a_section_that_is_not_a_mapping, BASE "router: softmax\n", 6, 9,
         "router: expected a mapping of router settings, found a scalar"),
     BAD(spec_rejects_a_sequence_where_a_value_belongs, BASE "dtype: [fp16]\n", 6, 8,
-        "dtype: expected one of its names, found a sequence"),
+        "dtype: expected one of fp32, fp16, bf16, found a sequence"),
 
     /* --- integer grammar --- */
     BAD(spec_rejects_a_quoted_integer, BASE "ep_size: \"2\"\n", 6, 10,

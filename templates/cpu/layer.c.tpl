@@ -39,7 +39,9 @@
 % if spec.capacity.mode == "factor" and spec.capacity.formula == "deepspeed" then
 #define MIN_CAPACITY ${spec.capacity.min_capacity}
 % end
+% if moe.uses_rng(spec) then
 #define RNG_SEED ((uint64_t)${spec.router.seed_hi} << 32 | (uint64_t)${spec.router.seed_lo}u)
+% end
 static const float ROUTED_SCALING_FACTOR = ${f32(spec.router.routed_scaling_factor)};
 % if moe.uses_jitter(spec) then
 static const float INPUT_JITTER = ${f32(spec.router.input_jitter)};

@@ -124,7 +124,7 @@ static inline float activation(float z) { return z / (1.0f + expf(-z)); } /* sil
 
 static inline float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-% if moe.uses_jitter(spec) or moe.uses_noise(spec) or spec.capacity.priority == "random" then
+% if moe.uses_rng(spec) then
 /* moegen's counter-based RNG: a uniform in (0, 1), an odd multiple of 2^-24. */
 static inline uint64_t rng_mix(uint64_t z) {
     z += 0x9e3779b97f4a7c15ull;

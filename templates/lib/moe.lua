@@ -97,6 +97,12 @@ function M.uses_noise(spec)
   return spec.mode == "train" and spec.router.noise == "rsample"
 end
 
+-- True when the layer draws from the RNG at all in this mode.
+function M.uses_rng(spec)
+  return M.uses_jitter(spec) or M.uses_noise(spec)
+    or (spec.capacity.mode ~= "dropless" and spec.capacity.priority == "random")
+end
+
 -- The capacity factor in force (train / eval).
 function M.capacity_factor(spec)
   if spec.mode == "train" then return spec.capacity.capacity_factor end

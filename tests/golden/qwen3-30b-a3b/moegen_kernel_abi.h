@@ -1,0 +1,122 @@
+/* moegen_kernel_abi.h — the contract between generated layer code and its caller.
+ *
+ * Place in the pipeline: gen emits code against this header; the runtime (or a
+ * user's program, in generate-and-link use) calls that code through it. It is
+ * copied verbatim beside every generated source (moegen gen -o DIR writes it too),
+ * so generated code never needs the moegen source tree to compile.
+ *
+ * A generated CPU module with symbol prefix P (e.g. "moe_mixtral_8x7b_1a2b3c4d") exports:
+ *   const moegen_kernel_info *P_info(void);
+ *   size_t P_workspace_bytes(int64_t n_tokens);
+ *   int P_forward(const moegen_kernel_args *args);   0 = ok, <0 = MOEGEN_KERNEL_E*
+ *
+ * Tensor layouts (row-major, C order; E experts, k top-k, H hidden, F expert ffn
+ * size, F1 = 2F for gated activations (rows [0,F) gate, [F,2F) up) else F;
+ * Ns shared experts of size Fs, F1s likewise; "dtype" is the layer dtype, fp32
+ * tensors are always float):
+ *   x               [S][H]        dtype    input tokens
+ *   router_w        [E][H]        fp32     router weight (nn.Linear(H, E).weight)
+ *   router_b        [E]           fp32     router bias (router.router_bias)
+ *   score_bias      [E]           fp32     selection-only bias (router.score_bias)
+ *   w1              [E][F1][H]    dtype    expert up (+gate) projection, [out][in]
+ *   b1              [E][F1]       dtype    (expert_bias)
+ *   w2              [E][H][F]     dtype    expert down projection, [out][in]
+ *   b2              [E][H]        dtype    (expert_bias)
+ *   shared_w1       [Ns][F1s][H]  dtype
+ *   shared_b1       [Ns][F1s]     dtype    (expert_bias)
+ *   shared_w2       [Ns][H][Fs]   dtype
+ *   shared_b2       [Ns][H]       dtype    (expert_bias)
+ *   shared_gate     [H]           fp32     shared-expert gate (shared_experts.gate)
+ *   residual_w1     [F1][H]       dtype    DeepSpeed residual MLP (use_residual)
+ *   residual_b1     [F1]          dtype    (expert_bias)
+ *   residual_w2     [H][F]        dtype
+ *   residual_b2     [H]           dtype    (expert_bias)
+ *   residual_coef_w [2][H]        fp32     residual coefficient (nn.Linear(H, 2))
+ *   residual_coef_b [2]           fp32
+ *   y               [S][H]        dtype    output
+ *   topk_ids        [S][k]        int32    chosen experts, in selection order
+ *   topk_weights    [S][k]        fp32     combine weight of each route (0 if dropped)
+ *   router_weights  [S][k]        fp32     router weight of each route, before capacity
+ *   counts_before   [E]           int64    routes per expert before capacity
+ *   counts_after    [E]           int64    routes per expert after capacity
+ */
+#ifndef MOEGEN_KERNEL_ABI_H
+#define MOEGEN_KERNEL_ABI_H
+
+#ifdef __CUDACC_RTC__
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef unsigned long size_t;
+#else
+#include <stddef.h>
+#include <stdint.h>
+#endif
+
+#define MOEGEN_KERNEL_ABI_VERSION 1
+
+/* Status codes a generated forward returns. */
+#define MOEGEN_KERNEL_OK 0
+#define MOEGEN_KERNEL_EARG (-1)       /* a required pointer is NULL or a size is negative */
+#define MOEGEN_KERNEL_EWORKSPACE (-2) /* workspace smaller than P_workspace_bytes(n_tokens) */
+#define MOEGEN_KERNEL_EABI (-3)       /* args->abi_version differs from MOEGEN_KERNEL_ABI_VERSION */
+
+typedef struct moegen_kernel_weights {
+    const float *router_w;
+    const float *router_b;
+    const float *score_bias;
+    const void *w1;
+    const void *b1;
+    const void *w2;
+    const void *b2;
+    const void *shared_w1;
+    const void *shared_b1;
+    const void *shared_w2;
+    const void *shared_b2;
+    const float *shared_gate;
+    const void *residual_w1;
+    const void *residual_b1;
+    const void *residual_w2;
+    const void *residual_b2;
+    const float *residual_coef_w;
+    const float *residual_coef_b;
+} moegen_kernel_weights;
+
+typedef struct moegen_kernel_outputs {
+    void *y;                 /* required */
+    int32_t *topk_ids;       /* optional (NULL = not wanted) */
+    float *topk_weights;     /* optional: final combine weights (0 = dropped) */
+    float *router_weights;   /* optional: [S][k] weights as the router produced them,
+                                before capacity and renormalization */
+    int64_t *counts_before;  /* optional */
+    int64_t *counts_after;   /* optional */
+    int64_t n_dropped;       /* routes dropped by capacity */
+    int64_t capacity;        /* C used this call; -1 when dropless */
+    double aux_loss;         /* load-balancing loss of the spec's aux_loss kind, unscaled */
+    double z_loss;           /* mean over tokens of logsumexp(z)^2 */
+} moegen_kernel_outputs;
+
+typedef struct moegen_kernel_args {
+    int abi_version;         /* MOEGEN_KERNEL_ABI_VERSION */
+    int n_threads;           /* CPU threads; <= 0 = the OpenMP default */
+    int64_t n_tokens;        /* S >= 0; any value, no recompile */
+    uint64_t rng_offset;     /* mixed into the RNG (e.g. the training step) */
+    const void *x;
+    moegen_kernel_weights w;
+    moegen_kernel_outputs *out;
+    void *workspace;         /* 64-byte aligned, P_workspace_bytes(n_tokens) bytes */
+    size_t workspace_bytes;
+} moegen_kernel_args;
+
+/* What a module was generated for; the runtime checks it against the spec it asked for. */
+typedef struct moegen_kernel_info {
+    int abi_version;
+    const char *spec_hash;   /* sha256 hex of the canonical spec */
+    const char *variant;     /* variant name */
+    int num_experts, top_k;
+    int64_t hidden_size, ffn_size, ffn_rows;
+    int dtype;               /* 0 fp32, 1 fp16, 2 bf16 */
+} moegen_kernel_info;
+
+#endif
