@@ -37,7 +37,7 @@ static const char usage_check[] =
     "`file:line:col: message` and exit 1.\n";
 
 static const char usage_gen[] =
-    "usage: moegen gen SPEC -o DIR [--vector-floats N]\n"
+    "usage: moegen gen SPEC -o DIR [--backend cpu|cuda] [--vector-floats N] [--arch sm_XX]\n"
     "\n"
     "Write the generated C sources for SPEC into DIR (created if missing): the layer\n"
     "source, its header and moegen_kernel_abi.h. Files whose content is unchanged are\n"
@@ -46,7 +46,9 @@ static const char usage_gen[] =
     "\n"
     "options:\n"
     "  -o, --output DIR      output directory (required)\n"
-    "  --vector-floats N     SIMD width the code is tuned for: 4, 8 or 16 (default 8)\n";
+    "  --backend B           cpu (C + OpenMP, default) or cuda (CUDA C++ for NVRTC / nvcc)\n"
+    "  --vector-floats N     cpu: SIMD width the code is tuned for: 4, 8 or 16 (default 8)\n"
+    "  --arch sm_XX          cuda: target architecture the tiles are chosen for (default sm_80)\n";
 
 int moegen_cli_error(const char *fmt, ...) {
     va_list ap;
@@ -94,7 +96,8 @@ static int command_gen(int argc, char **argv) {
         return 0;
     }
     const char *spec_path = NULL, *out_dir = NULL;
-    int vector_floats = 8;
+    int vector_floats = 8, cuda_sm = 80;
+    moegen_backend backend = MOEGEN_BACKEND_CPU;
     for (int i = 0; i < argc; i++) {
         if ((!strcmp(argv[i], "-o") || !strcmp(argv[i], "--output")) && i + 1 < argc) {
             out_dir = argv[++i];
@@ -104,6 +107,17 @@ static int command_gen(int argc, char **argv) {
             if (width != 4 && width != 8 && width != 16)
                 return moegen_cli_error("gen: --vector-floats must be 4, 8 or 16");
             vector_floats = (int)width;
+        } else if (!strcmp(argv[i], "--backend") && i + 1 < argc) {
+            const char *name = argv[++i];
+            if (!strcmp(name, "cpu")) backend = MOEGEN_BACKEND_CPU;
+            else if (!strcmp(name, "cuda")) backend = MOEGEN_BACKEND_CUDA;
+            else return moegen_cli_error("gen: --backend must be cpu or cuda (got '%s')", name);
+        } else if (!strcmp(argv[i], "--arch") && i + 1 < argc) {
+            const char *arch = argv[++i];
+            int major = 0, minor = 0;
+            if (sscanf(arch, "sm_%1d%1d", &major, &minor) != 2)
+                return moegen_cli_error("gen: --arch must look like sm_80 or sm_90a (got '%s')", arch);
+            cuda_sm = major * 10 + minor;
         } else if (argv[i][0] == '-') {
             return moegen_cli_error("gen: unknown option %s (see moegen gen --help)", argv[i]);
         } else if (!spec_path) {
@@ -116,9 +130,9 @@ static int command_gen(int argc, char **argv) {
     moegen_spec spec;
     moegen_error err;
     if (moegen_spec_load_file(spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
-    moegen_target target = {.cpu_vector_floats = vector_floats};
+    moegen_target target = {.cpu_vector_floats = vector_floats, .cuda_sm = cuda_sm};
     moegen_variant variant;
-    moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, &target, &variant);
+    moegen_variant_default(&spec, backend, &target, &variant);
     moegen_generated generated;
     int rc = 0;
     if (moegen_generate(&spec, &variant, NULL, &generated, &err) != MOEGEN_OK) {

@@ -22,6 +22,7 @@
 #endif
 
 #define ABI_HEADER_PATH "templates/common/moegen_kernel_abi.h"
+#define CUDA_ABI_HEADER_PATH "templates/common/moegen_cuda_abi.h"
 
 /* Build spec.* params. Returns 0 or -1 on out of memory. */
 static int add_spec_params(moegen_params *root, const moegen_spec *spec, const char *hash) {
@@ -105,6 +106,16 @@ static int add_variant_params(moegen_params *root, const moegen_variant *v, cons
     rc |= moegen_params_int(cpu, "block_rows", v->cpu.block_rows);
     rc |= moegen_params_int(cpu, "block_cols", v->cpu.block_cols);
     rc |= moegen_params_int(cpu, "router_block", v->cpu.router_block);
+    moegen_params *cuda = moegen_params_table(p, "cuda");
+    if (!cuda) return -1;
+    rc |= moegen_params_int(cuda, "sm", v->cuda.sm);
+    rc |= moegen_params_int(cuda, "tile_m", v->cuda.tile_m);
+    rc |= moegen_params_int(cuda, "tile_n", v->cuda.tile_n);
+    rc |= moegen_params_int(cuda, "tile_k", v->cuda.tile_k);
+    rc |= moegen_params_int(cuda, "stages", v->cuda.stages);
+    rc |= moegen_params_int(cuda, "warps_m", v->cuda.warps_m);
+    rc |= moegen_params_int(cuda, "warps_n", v->cuda.warps_n);
+    rc |= moegen_params_int(cuda, "router_tokens", v->cuda.router_tokens);
     return rc ? -1 : 0;
 }
 
@@ -166,8 +177,9 @@ moegen_status moegen_generate(const moegen_spec *spec, const moegen_variant *var
     moegen_variant_name(spec, variant, out->variant_name, sizeof out->variant_name);
     snprintf(out->symbol_prefix, sizeof out->symbol_prefix, "moe_%s_%.8s", spec->ident,
              out->spec_hash);
+    const int cuda = variant->backend == MOEGEN_BACKEND_CUDA;
     char source_name[128], header_name[128];
-    snprintf(source_name, sizeof source_name, "%s.c", out->symbol_prefix);
+    snprintf(source_name, sizeof source_name, "%s.%s", out->symbol_prefix, cuda ? "cu" : "c");
     snprintf(header_name, sizeof header_name, "%s.h", out->symbol_prefix);
 
     moegen_params *params = moegen_params_new();
@@ -178,9 +190,15 @@ moegen_status moegen_generate(const moegen_spec *spec, const moegen_variant *var
         return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory building template parameters");
     }
     out->main_file = 0;
-    st = render_into(templates, "templates/cpu/layer.c.tpl", params, source_name, out, err);
-    if (st == MOEGEN_OK)
-        st = render_into(templates, "templates/cpu/layer.h.tpl", params, header_name, out, err);
+    if (cuda) {
+        st = render_into(templates, "templates/cuda/layer.cu.tpl", params, source_name, out, err);
+        if (st == MOEGEN_OK)
+            st = copy_into(templates, CUDA_ABI_HEADER_PATH, "moegen_cuda_abi.h", out, err);
+    } else {
+        st = render_into(templates, "templates/cpu/layer.c.tpl", params, source_name, out, err);
+        if (st == MOEGEN_OK)
+            st = render_into(templates, "templates/cpu/layer.h.tpl", params, header_name, out, err);
+    }
     if (st == MOEGEN_OK)
         st = copy_into(templates, ABI_HEADER_PATH, "moegen_kernel_abi.h", out, err);
     moegen_params_free(params);

@@ -25,7 +25,7 @@
 #define MOEGEN_MAX_GENERATED_FILES 4
 
 typedef struct moegen_generated_file {
-    char name[160]; /* file name, no directory: "moe_mixtral_8x7b_1a2b3c4d.c" */
+    char name[160]; /* file name, no directory: "moe_mixtral_8x7b_1a2b3c4d.c" (.cu for CUDA) */
     char *text;
     size_t len;
 } moegen_generated_file;

@@ -13,11 +13,11 @@
  *     budget. Template code sees only the allow-listed globals built by build_sandbox():
  *     never the real global table, the registry, a metatable, a loader or a binary chunk.
  *     Library tables and parameters are read-only proxies; globals cannot be assigned.
- *   - Boundedness. Instructions (count hook), memory (allocator), output bytes and
- *     include/import nesting are limited. Instruction, memory and output limits are
- *     sticky: once hit, the render fails with that limit's message even if the template
- *     caught the error with pcall (the hook then fails every instruction, the allocator
- *     every growth).
+ *   - Boundedness. Instructions (count hook, plus one per 64 bytes allocated), memory
+ *     (allocator), output bytes and include/import nesting are limited. The instruction,
+ *     memory and output limits are sticky: once hit, the render fails with that limit's
+ *     message even if the template caught the error with pcall (the hook then fails every
+ *     instruction, the allocator every growth, _emit every piece).
  *   - Determinism. Nothing a template can observe depends on addresses, hash order, time
  *     or randomness: pairs() walks keys in sorted order, `next` is absent, table.sort is a
  *     stable merge sort, and tostring()/string.format() refuse values whose text would be
@@ -51,11 +51,16 @@
 #define DEFAULT_MAX_INSTRUCTIONS UINT64_C(200000000)
 #define DEFAULT_MAX_OUTPUT_BYTES ((size_t)16 << 20)
 #define HOOK_INTERVAL_INSTRUCTIONS 1000
+/* Allocation is charged to the instruction budget (one instruction per this many bytes),
+ * so a loop whose work happens inside C library calls (string.rep, table.concat, ..)
+ * cannot run for free between hook calls. */
+#define ALLOCATION_BYTES_PER_INSTRUCTION 64
 #define MAX_NESTING_DEPTH 16 /* include + import frames active at once */
 #define MAX_PARAMS_DEPTH 32  /* nesting of parameter tables */
 #define CIDENT_MAX_LENGTH 64
 #define LOCATION_BYTES 256
-#define MAX_ERROR_CHAIN 4 /* "(included from ...)" notes appended to an error */
+#define MAX_ERROR_CHAIN 4         /* "(included from ...)" notes appended to an error */
+#define MAX_ERROR_WALK_LEVELS 256 /* stack levels the message handler inspects */
 
 /* Prepended to line 1 of every compiled template: the host passes the two output
  * helpers as the chunk's varargs, so they are locals and not globals. */
@@ -71,34 +76,33 @@ static const char registry_guard_key = 'g';
 
 /* Names of the sandbox globals: the allow list, and the names a parameter may not take. */
 static const char *const sandbox_global_names[] = {
-    "assert", "error",  "ipairs", "pcall",   "select", "tonumber", "type",  "tostring",
-    "pairs",  "unpack", "string", "math",    "table",  "utf8",     "include", "import",
-    "f32",    "f64",    "cident", NULL};
+    "assert",   "error",  "ipairs", "pcall",  "select", "tonumber", "type",
+    "tostring", "pairs",  "unpack", "string", "math",   "table",    "utf8",
+    "include",  "import", "f32",    "f64",    "cident", NULL};
 
 static const char *const lua_keywords[] = {
-    "and",   "break", "do",     "else", "elseif", "end",   "false", "for",  "function",
-    "goto",  "if",    "in",     "local", "nil",   "not",   "or",    "repeat", "return",
-    "then",  "true",  "until",  "while", NULL};
+    "and",      "break",  "do",   "else", "elseif", "end",   "false", "for",
+    "function", "goto",   "if",   "in",   "local",  "nil",   "not",   "or",
+    "repeat",   "return", "then", "true", "until",  "while", NULL};
 
 /* Words cident() refuses: C11/C23, C++ and CUDA keywords, and CUDA built-in variables.
  * Identifiers reserved by C/C++ (leading '_' + capital, or any "__") are refused by rule. */
 static const char *const c_keywords[] = {
     /* C */
-    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else",
-    "enum", "extern", "float", "for", "goto", "if", "inline", "int", "long", "register",
-    "restrict", "return", "short", "signed", "sizeof", "static", "struct", "switch",
-    "typedef", "union", "unsigned", "void", "volatile", "while",
+    "auto", "break", "case", "char", "const", "continue", "default", "do", "double", "else", "enum",
+    "extern", "float", "for", "goto", "if", "inline", "int", "long", "register", "restrict",
+    "return", "short", "signed", "sizeof", "static", "struct", "switch", "typedef", "union",
+    "unsigned", "void", "volatile", "while",
     /* C23 */
-    "alignas", "alignof", "bool", "constexpr", "false", "nullptr", "static_assert",
-    "thread_local", "true", "typeof", "typeof_unqual",
+    "alignas", "alignof", "bool", "constexpr", "false", "nullptr", "static_assert", "thread_local",
+    "true", "typeof", "typeof_unqual",
     /* C++ */
-    "and", "and_eq", "asm", "bitand", "bitor", "catch", "char8_t", "char16_t", "char32_t",
-    "class", "compl", "concept", "consteval", "constinit", "const_cast", "co_await",
-    "co_return", "co_yield", "decltype", "delete", "dynamic_cast", "explicit", "export",
-    "friend", "mutable", "namespace", "new", "noexcept", "not", "not_eq", "operator", "or",
-    "or_eq", "private", "protected", "public", "reinterpret_cast", "requires", "static_cast",
-    "template", "this", "throw", "try", "typeid", "typename", "using", "virtual", "wchar_t",
-    "xor", "xor_eq",
+    "and", "and_eq", "asm", "bitand", "bitor", "catch", "char8_t", "char16_t", "char32_t", "class",
+    "compl", "concept", "consteval", "constinit", "const_cast", "co_await", "co_return", "co_yield",
+    "decltype", "delete", "dynamic_cast", "explicit", "export", "friend", "mutable", "namespace",
+    "new", "noexcept", "not", "not_eq", "operator", "or", "or_eq", "private", "protected", "public",
+    "reinterpret_cast", "requires", "static_cast", "template", "this", "throw", "try", "typeid",
+    "typename", "using", "virtual", "wchar_t", "xor", "xor_eq",
     /* CUDA built-in variables */
     "threadIdx", "blockIdx", "blockDim", "gridDim", "warpSize", NULL};
 
@@ -187,11 +191,16 @@ static void text_buffer_append_escaped(text_buffer *buffer, const char *bytes, s
         unsigned char c = (unsigned char)bytes[i];
         const char *escape = NULL;
         char numeric[8];
-        if (c == '"') escape = "\\\"";
-        else if (c == '\\') escape = "\\\\";
-        else if (c == '\n') escape = "\\n";
-        else if (c == '\r') escape = "\\r";
-        else if (c == '\t') escape = "\\t";
+        if (c == '"')
+            escape = "\\\"";
+        else if (c == '\\')
+            escape = "\\\\";
+        else if (c == '\n')
+            escape = "\\n";
+        else if (c == '\r')
+            escape = "\\r";
+        else if (c == '\t')
+            escape = "\\t";
         else if (c < 0x20 || c == 0x7f) {
             snprintf(numeric, sizeof numeric, "\\%03u", (unsigned)c);
             escape = numeric;
@@ -389,8 +398,10 @@ static char *duplicate_string(const char *text) {
 }
 
 static void param_value_release(param_entry *entry) {
-    if (entry->kind == PARAM_STR) free(entry->value.string);
-    else if (entry->kind == PARAM_TABLE) moegen_params_free(entry->value.table);
+    if (entry->kind == PARAM_STR)
+        free(entry->value.string);
+    else if (entry->kind == PARAM_TABLE)
+        moegen_params_free(entry->value.table);
     entry->kind = PARAM_INT;
     entry->value.integer = 0;
 }
@@ -567,8 +578,7 @@ static void record_limit(render_context *context, limit_kind limit) {
     if (context->first_limit != LIMIT_NONE) return;
     context->first_limit = limit;
     if (context->lua)
-        describe_location(context->lua, context->limit_location,
-                          sizeof context->limit_location);
+        describe_location(context->lua, context->limit_location, sizeof context->limit_location);
 }
 
 /* Raise a Lua error "<template location>: <message>". The location is that of the
@@ -576,8 +586,10 @@ static void record_limit(render_context *context, limit_kind limit) {
 static int raise_error(lua_State *L, const char *format, ...) {
     char location[LOCATION_BYTES];
     describe_location(L, location, sizeof location);
-    if (location[0]) lua_pushfstring(L, "%s: ", location);
-    else lua_pushliteral(L, "");
+    if (location[0])
+        lua_pushfstring(L, "%s: ", location);
+    else
+        lua_pushliteral(L, "");
     va_list arguments;
     va_start(arguments, format);
     lua_pushvfstring(L, format, arguments);
@@ -600,6 +612,10 @@ static void display_text(const char *text, size_t length, char *out, size_t size
     out[n] = '\0';
 }
 
+static uint64_t saturating_add(uint64_t a, uint64_t b) {
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
 /* ---- The allocator: the memory budget ------------------------------------------------ */
 
 static void *budget_allocate(void *user_data, void *block, size_t old_size, size_t new_size) {
@@ -619,9 +635,13 @@ static void *budget_allocate(void *user_data, void *block, size_t old_size, size
             return NULL;
         }
     }
+    if (new_size > old_bytes)
+        context->instructions_used = saturating_add(
+            context->instructions_used, (new_size - old_bytes) / ALLOCATION_BYTES_PER_INSTRUCTION);
     void *resized = realloc(block, new_size);
     if (!resized) {
-        if (new_size < old_bytes) resized = block; /* a failed shrink keeps the block */
+        if (new_size < old_bytes)
+            resized = block; /* a failed shrink keeps the block */
         else {
             context->host_out_of_memory = true;
             return NULL;
@@ -637,7 +657,8 @@ static void count_hook(lua_State *L, lua_Debug *event) {
     render_context *context = context_of(L);
     (void)event;
     if (!context->instructions_exhausted) {
-        context->instructions_used += (uint64_t)context->hook_interval;
+        context->instructions_used =
+            saturating_add(context->instructions_used, (uint64_t)context->hook_interval);
         if (context->instructions_used <= context->max_instructions) return;
         context->instructions_exhausted = true;
         record_limit(context, LIMIT_INSTRUCTIONS);
@@ -649,8 +670,7 @@ static void count_hook(lua_State *L, lua_Debug *event) {
 
 /* ---- Output ---------------------------------------------------------------------------- */
 
-static void output_append(lua_State *L, render_context *context, const char *bytes,
-                          size_t count) {
+static void output_append(lua_State *L, render_context *context, const char *bytes, size_t count) {
     if (context->output_exhausted || count > context->max_output_bytes - context->output_length) {
         context->output_exhausted = true;
         record_limit(context, LIMIT_OUTPUT);
@@ -672,7 +692,8 @@ static void output_append(lua_State *L, render_context *context, const char *byt
     context->output_length += count;
 }
 
-/* _emit(piece, ...): append string pieces to the output. */
+/* _emit(piece, ...): append string pieces to the output. The output is handed on as a
+ * C string, so a NUL byte in it is an error. */
 static int host_emit(lua_State *L) {
     render_context *context = context_of(L);
     int count = lua_gettop(L);
@@ -680,6 +701,7 @@ static int host_emit(lua_State *L) {
         size_t length;
         if (lua_type(L, i) != LUA_TSTRING) return raise_error(L, "_emit: piece is not a string");
         const char *piece = lua_tolstring(L, i, &length);
+        if (memchr(piece, '\0', length)) return raise_error(L, "NUL byte in the output");
         output_append(L, context, piece, length);
     }
     return 0;
@@ -690,9 +712,7 @@ static int host_value(lua_State *L) {
     const char *expression = lua_tostring(L, 2);
     if (!expression) expression = "?";
     switch (lua_type(L, 1)) {
-    case LUA_TSTRING:
-        lua_settop(L, 1);
-        return 1;
+    case LUA_TSTRING: lua_settop(L, 1); return 1;
     case LUA_TNUMBER:
         if (lua_isinteger(L, 1)) {
             lua_pushfstring(L, "%I", (LUAI_UACINT)lua_tointeger(L, 1));
@@ -703,14 +723,13 @@ static int host_value(lua_State *L) {
                            "for a C floating-point literal",
                            expression, luaL_tolstring(L, 1, NULL));
     case LUA_TNIL:
-        return raise_error(L, "${%s} is nil; only integers and strings can be emitted",
-                           expression);
+        return raise_error(L, "${%s} is nil; only integers and strings can be emitted", expression);
     case LUA_TBOOLEAN:
         return raise_error(L, "${%s} is a boolean (%s); only integers and strings can be emitted",
                            expression, lua_toboolean(L, 1) ? "true" : "false");
     default:
-        return raise_error(L, "${%s} is a %s; only integers and strings can be emitted",
-                           expression, luaL_typename(L, 1));
+        return raise_error(L, "${%s} is a %s; only integers and strings can be emitted", expression,
+                           luaL_typename(L, 1));
     }
 }
 
@@ -723,8 +742,8 @@ static void format_shortest(double value, bool single, char *out, size_t size) {
     int max_digits = single ? 9 : 17;
     for (int digits = 1; digits <= max_digits; digits++) {
         snprintf(scientific, sizeof scientific, "%.*e", digits - 1, value);
-        bool round_trips = single ? strtof(scientific, NULL) == (float)value
-                                  : strtod(scientific, NULL) == value;
+        bool round_trips =
+            single ? strtof(scientific, NULL) == (float)value : strtod(scientific, NULL) == value;
         if (round_trips) break;
     }
     if (value == 0) {
@@ -750,7 +769,8 @@ static void format_shortest(double value, bool single, char *out, size_t size) {
             out[n++] = '.';
             if ((size_t)exponent + 1 < count)
                 for (size_t i = (size_t)exponent + 1; i < count; i++) out[n++] = mantissa[i];
-            else out[n++] = '0';
+            else
+                out[n++] = '0';
         } else {
             out[n++] = '0';
             out[n++] = '.';
@@ -799,8 +819,10 @@ static int host_float_literal(lua_State *L, bool single) {
     }
     char literal[64];
     format_shortest(value, single, literal, sizeof literal);
-    if (single) lua_pushfstring(L, "%sf", literal);
-    else lua_pushstring(L, literal);
+    if (single)
+        lua_pushfstring(L, "%sf", literal);
+    else
+        lua_pushstring(L, literal);
     return 1;
 }
 
@@ -1013,8 +1035,7 @@ static int sandbox_sort(lua_State *L) {
 }
 
 static bool has_deterministic_text(int type) {
-    return type == LUA_TNIL || type == LUA_TBOOLEAN || type == LUA_TNUMBER ||
-           type == LUA_TSTRING;
+    return type == LUA_TNIL || type == LUA_TBOOLEAN || type == LUA_TNUMBER || type == LUA_TSTRING;
 }
 
 /* tostring(v): as Lua's, but a table or function (whose text is an address) is an error. */
@@ -1212,16 +1233,24 @@ static void push_chunk(lua_State *L, const moegen_template_file *file, bool is_t
         }
         if (result == COMPILE_SYNTAX_ERROR) {
             lua_pushfstring(L, "%s:%I: %s", file->path, (LUAI_UACINT)error.line, error.message);
-            lua_error(L);
+            status = LUA_ERRSYNTAX;
         }
     } else {
         status = luaL_loadbufferx(L, file->text, file->len, chunk_name, "t");
     }
     if (status != LUA_OK) {
-        /* Lua's own syntax errors carry "file:line:"; a refused binary chunk does not, so
-         * it is named here and located at the include/import call. */
-        if (status == LUA_ERRSYNTAX && !has_location_prefix(lua_tostring(L, -1)))
-            raise_error(L, "%s: %s", file->path, lua_tostring(L, -1));
+        /* The file is not running yet, so the message handler would not see it on the
+         * stack: note here where it was included or imported from. A message without a
+         * location (a refused binary chunk) is located at that call instead. */
+        char location[LOCATION_BYTES];
+        describe_location(L, location, sizeof location);
+        const char *message = lua_tostring(L, -1);
+        if (location[0] && has_location_prefix(message))
+            lua_pushfstring(L, "%s (%s %s)", message,
+                            is_template ? "included from" : "imported from", location);
+        else if (!has_location_prefix(message))
+            lua_pushfstring(L, "%s%s%s: %s", location, location[0] ? ": " : "", file->path,
+                            message);
         lua_error(L);
     }
     lua_remove(L, -2); /* chunk name */
@@ -1286,8 +1315,10 @@ static int host_import(lua_State *L) {
 
 /* ---- Error messages ------------------------------------------------------------------------ */
 
-/* Message handler: "<file>:<line>: message" plus where the failing file was included,
- * imported or called from, read off the intact stack. */
+/* Message handler: "<file>:<line>: message", then where the failing code was called,
+ * included or imported from, read off the intact stack: each template or module main
+ * chunk further out is noted. lua_getstack() costs O(level), so the walk is bounded
+ * (a stack overflow leaves hundreds of thousands of frames). */
 static int format_error(lua_State *L) {
     lua_settop(L, 1);
     if (lua_type(L, 1) == LUA_TSTRING || lua_type(L, 1) == LUA_TNUMBER) {
@@ -1304,23 +1335,23 @@ static int format_error(lua_State *L) {
         lua_insert(L, 1);
         lua_concat(L, 2);
     }
-    const char *current = frame.source; /* interned chunk name, alive while on the stack */
-    bool current_is_main = strcmp(frame.what, "main") == 0;
+    const char *previous_source = frame.source; /* interned; alive while on the stack */
+    bool previous_is_main = strcmp(frame.what, "main") == 0;
     int notes = 0;
-    while (notes < MAX_ERROR_CHAIN && lua_getstack(L, ++level, &frame)) {
+    for (int walked = 0; notes < MAX_ERROR_CHAIN && walked < MAX_ERROR_WALK_LEVELS &&
+                         lua_getstack(L, ++level, &frame);
+         walked++) {
         if (!lua_getinfo(L, "Sl", &frame) || !frame.source || frame.source[0] != '@' ||
-            frame.currentline <= 0)
+            frame.currentline <= 0 || strcmp(frame.what, "main") != 0)
             continue;
-        if (strcmp(frame.source, current) != 0) {
-            const char *how = !current_is_main         ? "called from"
-                              : has_suffix(current, ".tpl") ? "included from"
-                                                            : "imported from";
-            lua_pushfstring(L, " (%s %s:%d)", how, frame.source + 1, frame.currentline);
-            lua_concat(L, 2);
-            notes++;
-            current = frame.source;
-        }
-        current_is_main = strcmp(frame.what, "main") == 0;
+        const char *how = !previous_is_main                     ? "called from"
+                          : has_suffix(previous_source, ".tpl") ? "included from"
+                                                                : "imported from";
+        lua_pushfstring(L, " (%s %s:%d)", how, frame.source + 1, frame.currentline);
+        lua_concat(L, 2);
+        notes++;
+        previous_source = frame.source;
+        previous_is_main = true;
     }
     return 1;
 }
@@ -1381,7 +1412,7 @@ static int build_sandbox(lua_State *L) {
     luaL_checkstack(L, 16, NULL);
 
     luaL_requiref(L, LUA_GNAME, luaopen_base, 0); /* 1: the real global table */
-    lua_newtable(L);                               /* 2: the sandbox globals */
+    lua_newtable(L);                              /* 2: the sandbox globals */
     const int real_globals = 1, globals = 2;
     static const char *const base_names[] = {"assert", "error",    "ipairs", "pcall",
                                              "select", "tonumber", "type",   NULL};
@@ -1492,8 +1523,7 @@ static moegen_status check_params(const moegen_params *params, moegen_error *err
     }
     if (params_depth(params, MAX_PARAMS_DEPTH + 1) > MAX_PARAMS_DEPTH)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
-                                "template parameters nest deeper than %d tables",
-                                MAX_PARAMS_DEPTH);
+                                "template parameters nest deeper than %d tables", MAX_PARAMS_DEPTH);
     return MOEGEN_OK;
 }
 
@@ -1586,8 +1616,8 @@ moegen_status moegen_template_render(const moegen_template_set *set, const char 
     if (status == MOEGEN_OK && !context.output) {
         context.output = malloc(1);
         if (!context.output)
-            status = moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "%s: out of memory",
-                                      entry_path);
+            status =
+                moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "%s: out of memory", entry_path);
     }
     if (status != MOEGEN_OK) {
         free(context.output);

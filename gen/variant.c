@@ -23,20 +23,75 @@ void moegen_variant_default(const moegen_spec *spec, moegen_backend backend,
         cpu->tile_rows = 3;
         cpu->tile_cols = 4;
     }
-    (void)spec;
     /* Parallel task: ~block_rows x H activations and block_cols x H weights should
      * sit in L2 while the task sweeps them. */
     cpu->block_rows = cpu->tile_rows * 16;
     cpu->block_cols = 64;
     cpu->router_block = 64;
+
+    /* CUDA: 64 x 64 tiles with 4 warps (2 x 2, 32 x 32 per warp) and a 3-stage cp.async
+     * pipeline fit every spec (shared memory stays under the 48 KiB static limit even for
+     * gated layers, which stage both the gate and the up rows). */
+    moegen_cuda_variant *cuda = &out->cuda;
+    cuda->sm = target && target->cuda_sm ? target->cuda_sm : 80;
+    const int fp32 = spec->dtype == MOEGEN_DTYPE_FP32; /* FMA path: twice the bytes per value */
+    cuda->tile_m = 64;
+    cuda->tile_n = fp32 ? 32 : 64;
+    cuda->tile_k = 32;
+    cuda->stages = fp32 ? 2 : 3;
+    cuda->warps_m = 2;
+    cuda->warps_n = 2;
+    cuda->router_tokens = 32;
+}
+
+/* Static shared memory of one GEMM1 CTA (the larger of the two GEMMs): tensor-core
+ * tiles are swizzled without padding; fp32 tiles pad each row by 4 floats. */
+static long cuda_gemm_shared_bytes(const moegen_spec *spec, const moegen_cuda_variant *v) {
+    int fp32 = spec->dtype == MOEGEN_DTYPE_FP32;
+    long row_bytes = fp32 ? (v->tile_k + 4) * 4L : v->tile_k * 2L;
+    long b_rows = (moegen_activation_is_gated(spec->activation) ? 2 : 1) * (long)v->tile_n;
+    return (long)v->stages * ((long)v->tile_m + b_rows) * row_bytes;
+}
+
+static moegen_status check_cuda(const moegen_spec *spec, const moegen_cuda_variant *v, moegen_error *err) {
+    if (v->sm < 80)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cuda.sm %d: the CUDA backend needs sm_80 or newer", v->sm);
+    if (v->tile_m != 32 && v->tile_m != 64 && v->tile_m != 128)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cuda.tile_m must be 32, 64 or 128 (got %d)", v->tile_m);
+    if (v->tile_n != 32 && v->tile_n != 64 && v->tile_n != 128)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cuda.tile_n must be 32, 64 or 128 (got %d)", v->tile_n);
+    if (v->tile_k != 32 && v->tile_k != 64)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cuda.tile_k must be 32 or 64 (got %d)", v->tile_k);
+    if (v->stages < 2 || v->stages > 4)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cuda.stages must be in 2..4 (got %d)", v->stages);
+    int warps = v->warps_m * v->warps_n;
+    if (v->warps_m < 1 || v->warps_n < 1 || warps > 8 || v->tile_m % (16 * v->warps_m) != 0 ||
+        v->tile_n % (16 * v->warps_n) != 0 || v->tile_m % (4 * warps) != 0)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cuda.warps_m x warps_n (%d x %d) must split the %d x %d tile "
+                                "into warp tiles of multiples of 16, with at most 8 warps",
+                                v->warps_m, v->warps_n, v->tile_m, v->tile_n);
+    long shared = cuda_gemm_shared_bytes(spec, v);
+    if (shared > 48 * 1024)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cuda tiles need %ld bytes of shared memory per CTA; the limit "
+                                "is 49152", shared);
+    if (v->router_tokens < 1 || v->router_tokens > 64 || 256 % v->router_tokens != 0)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cuda.router_tokens must divide 256 and be at most 64 (got %d)",
+                                v->router_tokens);
+    return MOEGEN_OK;
 }
 
 moegen_status moegen_variant_check(const moegen_spec *spec, const moegen_variant *variant,
                                    moegen_error *err) {
+    if (variant->backend == MOEGEN_BACKEND_CUDA) return check_cuda(spec, &variant->cuda, err);
     const moegen_cpu_variant *cpu = &variant->cpu;
-    if (variant->backend != MOEGEN_BACKEND_CPU)
-        return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
-                                "variant: only the cpu backend is available in this build");
     if (cpu->vector_floats != 4 && cpu->vector_floats != 8 && cpu->vector_floats != 16)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "variant: cpu.vector_floats must be 4, 8 or 16 (got %d)",
@@ -73,6 +128,15 @@ void moegen_variant_name(const moegen_spec *spec, const moegen_variant *variant,
                          size_t size) {
     char hash[65];
     moegen_spec_hash(spec, hash);
+    if (variant->backend == MOEGEN_BACKEND_CUDA) {
+        const moegen_cuda_variant *cuda = &variant->cuda;
+        snprintf(buf, size, "cuda_sm%d_%s_e%dk%d_h%lldf%lld_m%dn%dk%ds%dw%dx%dr%d_%.8s", cuda->sm,
+                 moegen_dtype_name(spec->dtype), spec->num_experts, spec->top_k,
+                 (long long)spec->hidden_size, (long long)spec->moe_intermediate_size, cuda->tile_m,
+                 cuda->tile_n, cuda->tile_k, cuda->stages, cuda->warps_m, cuda->warps_n,
+                 cuda->router_tokens, hash);
+        return;
+    }
     const moegen_cpu_variant *cpu = &variant->cpu;
     snprintf(buf, size, "cpu_%s_e%dk%d_h%lldf%lld_v%dr%dc%db%dx%dq%d_%.8s",
              moegen_dtype_name(spec->dtype), spec->num_experts, spec->top_k,

@@ -25,14 +25,29 @@ typedef struct moegen_cpu_variant {
     int router_block;  /* tokens per router task (also the loss-reduction block) */
 } moegen_cpu_variant;
 
+/* CUDA grouped-GEMM tiles. bf16 / fp16 use tensor cores (mma.sync m16n8k16, fp32
+ * accumulate); fp32 uses FMA on CUDA cores (exact fp32, no TF32 rounding). */
+typedef struct moegen_cuda_variant {
+    int sm;            /* target compute capability x10 (80, 90, ...); part of the name */
+    int tile_m;        /* rows (tokens) per CTA tile: 32, 64 or 128 */
+    int tile_n;        /* output columns per CTA tile: 32, 64 or 128 */
+    int tile_k;        /* k per pipeline stage: 32 or 64 */
+    int stages;        /* cp.async pipeline depth: 2..4 */
+    int warps_m;       /* warps along M; tile_m / warps_m must be a multiple of 16 */
+    int warps_n;       /* warps along N; tile_n / warps_n must be a multiple of 8 (16 for fp32) */
+    int router_tokens; /* tokens per router block (logit GEMM tile) */
+} moegen_cuda_variant;
+
 typedef struct moegen_variant {
     moegen_backend backend;
     moegen_cpu_variant cpu;
+    moegen_cuda_variant cuda;
 } moegen_variant;
 
 /* What the variant is for: the machine's capabilities. */
 typedef struct moegen_target {
     int cpu_vector_floats; /* widest float vector the host compiler flags enable (4, 8, 16) */
+    int cuda_sm;           /* compute capability x10 of the CUDA target (0: 80) */
 } moegen_target;
 
 /* The default variant for (spec, backend, target): the single place where tile and

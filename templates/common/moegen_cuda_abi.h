@@ -1,0 +1,90 @@
+/* moegen_cuda_abi.h — the contract between the generated CUDA module and the runtime.
+ *
+ * Place in the pipeline: gen emits CUDA C++ against this header; NVRTC compiles it (the
+ * runtime passes this file to NVRTC as an in-memory header); runtime/cuda_backend.c
+ * fills a moegen_cuda_args with device pointers and launches the module's kernels, in
+ * this order, on one stream (module prefix P):
+ *
+ *   P_router          grid ceil(S / ROUTER_TOKENS), 256 threads   logits, scores, top-k, loss terms
+ *   P_dispatch_count  1 x 512                                     counts, per-expert order, position keeps
+ *   P_dispatch_rank   grid ceil(S*k / 256), 256 (probs / random)  priority rank inside over-full experts
+ *   P_dispatch_place  1 x 512                                     rows, offsets, weights, GEMM problem table
+ *   P_<shape>_gemm1   grid (m tiles bound, n tiles) per group     GEMM1 + activation -> hidden
+ *   P_<shape>_gemm2   same                                        GEMM2 + bias -> expert_out (fp32)
+ *   P_combine         grid S, 128 threads                         y = weighted sum + residual + shared
+ *   P_losses          1 x 256                                     aux loss, z loss, dropped routes
+ *
+ * Every launch has a grid of at least one block; CTAs beyond the work the dispatch
+ * wrote (an expert with fewer rows than the bound) return at once. The capacity C is
+ * computed on the host from S (moegen_spec_capacity) and passed in; no kernel needs a
+ * host round trip, so the whole forward can be captured in a CUDA graph.
+ */
+#ifndef MOEGEN_CUDA_ABI_H
+#define MOEGEN_CUDA_ABI_H
+
+#include "moegen_kernel_abi.h"
+
+#define MOEGEN_CUDA_ABI_VERSION 1
+
+/* Problem groups of the grouped GEMM launches. */
+#define MOEGEN_GROUP_ROUTED 0
+#define MOEGEN_GROUP_SHARED 1
+#define MOEGEN_GROUP_RESIDUAL 2
+
+/* One expert applied to a run of rows. Written by P_dispatch_place. */
+typedef struct moegen_cuda_problem {
+    long long row_start;   /* first row in the group's hidden / out buffers */
+    long long n_rows;
+    int tile_start;        /* first m tile of this problem within its group's launch */
+    int weight_index;      /* expert e, shared expert i, or 0 for the residual MLP */
+} moegen_cuda_problem;
+
+typedef struct moegen_cuda_args {
+    long long n_tokens;
+    long long capacity;            /* -1 when dropless */
+    long long max_rows;            /* rows the routed group may use (S*k, or E*C when padded) */
+    unsigned long long rng_offset;
+
+    const void *x;                 /* [S][H] */
+    moegen_kernel_weights w;       /* device pointers, layouts as in moegen_kernel_abi.h */
+
+    /* Outputs (device; NULL = not wanted, except y). */
+    void *y;
+    int *topk_ids;
+    float *topk_weights;
+    float *router_weights;
+    long long *counts_before;
+    long long *counts_after;
+    long long *stat_dropped;       /* [1] routes dropped */
+    double *stat_aux_loss;         /* [1] */
+    double *stat_z_loss;           /* [1] */
+
+    /* Workspace (device). */
+    float *logits;                 /* [S][E] sanitized logits */
+    float *aux_probs;              /* [S][E] aux-loss probabilities (aux loss only) */
+    int *aux_counts;               /* [E] aux-loss route counts (zeroed before P_router) */
+    double *lse_squared;           /* [S] */
+    int *route_expert;             /* [S][k] */
+    float *route_weight;           /* [S][k] router weights */
+    unsigned char *route_valid;    /* [S][k] */
+    unsigned char *route_kept;     /* [S][k] */
+    int *route_bucket;             /* [S][k] routes ordered by expert, token-major inside */
+    long long *expert_count;       /* [E] valid routes per expert */
+    long long *expert_kept;        /* [E] kept routes per expert */
+    long long *bucket_offset;      /* [E + 1] exclusive prefix of expert_count */
+    long long *expert_offset;      /* [E + 1] first row of each expert */
+    int *row_token;                /* [max_rows] token of each row, -1 = padding */
+    float *row_scale;              /* [max_rows] input scale (weight_on_input) */
+    int *route_row;                /* [S][k] row of each route, -1 = dropped / invalid */
+    float *route_final;            /* [S][k] combine weights */
+    moegen_cuda_problem *problems; /* [E + SHARED + 1]: routed, shared, residual */
+    int *group_tiles;              /* [3] m tiles each group uses */
+    void *hidden;                  /* [max_rows][F] layer dtype */
+    float *expert_out;             /* [max_rows][H] */
+    void *shared_hidden;           /* [Ns][S][Fs] */
+    float *shared_out;             /* [Ns][S][H] */
+    void *residual_hidden;         /* [S][F] */
+    float *residual_out;           /* [S][H] */
+} moegen_cuda_args;
+
+#endif
