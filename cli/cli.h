@@ -15,7 +15,8 @@ int moegen_cli_wants_help(int argc, char **argv);
 int moegen_cli_parse_int(const char *text, const char *option, long long min, long long max,
                          long long *out);
 
-/* `moegen run`. */
+/* `moegen run` and `moegen bench` (cli/run.c). */
 int moegen_cli_run(int argc, char **argv);
+int moegen_cli_bench(int argc, char **argv);
 
 #endif

@@ -26,6 +26,7 @@ static const char usage_main[] =
     "  gen SPEC -o DIR       write the generated sources for SPEC into DIR\n"
     "  run SPEC [options]    compile, run on random (or loaded) tensors, verify\n"
     "                        against the reference and report speed\n"
+    "  bench SPEC --tokens N,N,...  time several token counts (no verification)\n"
     "\n"
     "`moegen <command> --help` describes each command. Specs: specs/README.md.\n";
 
@@ -165,5 +166,6 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "check")) return command_check(argc - 2, argv + 2);
     if (!strcmp(argv[1], "gen")) return command_gen(argc - 2, argv + 2);
     if (!strcmp(argv[1], "run")) return moegen_cli_run(argc - 2, argv + 2);
-    return moegen_cli_error("unknown command '%s' (commands: check, gen, run; see moegen --help)", argv[1]);
+    if (!strcmp(argv[1], "bench")) return moegen_cli_bench(argc - 2, argv + 2);
+    return moegen_cli_error("unknown command '%s' (commands: check, gen, run, bench; see moegen --help)", argv[1]);
 }

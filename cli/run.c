@@ -18,6 +18,7 @@
 #include "cli.h"
 #include "moegen.h"
 #include "npy.h"
+#include "run_cuda.h"
 #include "spec.h"
 #include "tensors.h"
 #include "verify.h"
@@ -35,7 +36,10 @@ static const char usage_run[] =
     "  --seed S            seed of the random tensors (default 1)\n"
     "  --save DIR          write inputs, weights and outputs as .npy files into DIR\n"
     "  --load DIR          read x and the weights from .npy files in DIR\n"
-    "  --device D          cpu, cuda or auto (default auto)\n"
+    "  --device D          cpu, cuda or auto (default auto: CUDA when a GPU is usable)\n"
+    "  --arch sm_XX        cuda: compile for this architecture (default: the device's)\n"
+    "  --json              also print one JSON line with the measurements\n"
+    "  --no-verify         skip the comparison with the reference (benchmarks)\n"
     "  --threads N         CPU threads (default: all)\n"
     "  --mode M            train or eval (default: the spec's)\n"
     "  --repeat N          timed forwards after one warm-up (default 5; median reported)\n"
@@ -59,9 +63,9 @@ int moegen_cli_parse_int(const char *text, const char *option, long long min, lo
 }
 
 typedef struct run_options {
-    const char *spec_path, *save_dir, *load_dir, *cache_dir;
+    const char *spec_path, *save_dir, *load_dir, *cache_dir, *arch;
     long long tokens, seed, threads, repeat, verify_tokens, rng_offset;
-    int device, mode;
+    int device, mode, json, no_verify;
 } run_options;
 
 static int parse_run_options(int argc, char **argv, run_options *o) {
@@ -82,6 +86,10 @@ static int parse_run_options(int argc, char **argv, run_options *o) {
             o->spec_path = a;
             continue;
         }
+        if (!strcmp(a, "--json") || !strcmp(a, "--no-verify")) {
+            *(a[2] == 'j' ? &o->json : &o->no_verify) = 1;
+            continue;
+        }
         if (!value) return moegen_cli_error("run: option %s needs a value (see moegen run --help)", a);
         i++;
         if (!strcmp(a, "--tokens")) number = &o->tokens, max = INT32_MAX;
@@ -93,6 +101,7 @@ static int parse_run_options(int argc, char **argv, run_options *o) {
         else if (!strcmp(a, "--save")) o->save_dir = value;
         else if (!strcmp(a, "--load")) o->load_dir = value;
         else if (!strcmp(a, "--cache-dir")) o->cache_dir = value;
+        else if (!strcmp(a, "--arch")) o->arch = value;
         else if (!strcmp(a, "--device")) {
             if (!strcmp(value, "cpu")) o->device = MOEGEN_DEVICE_CPU;
             else if (!strcmp(value, "cuda")) o->device = MOEGEN_DEVICE_CUDA;
@@ -241,6 +250,23 @@ static double forward_flops(const moegen_spec *spec, int64_t S, const int64_t *c
     return flops;
 }
 
+/* Minimum bytes one forward must move: every touched expert's weights once, the
+ * router weights, the shared / residual weights, x and y (../shared/performance.md). */
+static double forward_bytes(const moegen_spec *spec, int64_t S, const int64_t *counts_after) {
+    const double H = (double)spec->hidden_size, F = (double)spec->moe_intermediate_size;
+    const double F1 = (double)moegen_spec_ffn_rows(spec), elem = (double)moegen_dtype_size(spec->dtype);
+    double touched = 0;
+    for (int e = 0; e < spec->num_experts; e++) touched += counts_after[e] > 0;
+    double bytes = touched * (F1 * H + H * F) * elem + 4.0 * spec->num_experts * H + 2.0 * S * H * elem;
+    if (spec->shared.count > 0) {
+        double Fs = (double)spec->shared.intermediate_size;
+        double F1s = moegen_activation_is_gated(spec->activation) ? 2 * Fs : Fs;
+        bytes += spec->shared.count * (F1s * H + H * Fs) * elem;
+    }
+    if (spec->use_residual) bytes += (F1 * H + H * F) * elem;
+    return bytes;
+}
+
 static void print_load(const moegen_spec *spec, const int64_t *before, const int64_t *after) {
     const int E = spec->num_experts;
     int64_t max = 1, total = 0;
@@ -304,6 +330,8 @@ int moegen_cli_run(int argc, char **argv) {
     memset(&out, 0, sizeof out);
     uint8_t *mask = NULL;
     double *times = NULL;
+    cuda_run gpu;
+    memset(&gpu, 0, sizeof gpu);
 
     /* Memory: tensors + outputs + a generous workspace estimate. */
     const int64_t rows = S * spec.top_k;
@@ -324,6 +352,7 @@ int moegen_cli_run(int argc, char **argv) {
     options.mode = o.mode;
     options.n_threads = (int)o.threads;
     options.cache_dir = o.cache_dir;
+    options.arch = o.arch;
     if (moegen_layer_open_file(o.spec_path, &options, &layer, &err) != MOEGEN_OK) {
         moegen_cli_error("%s", err.message);
         goto done;
@@ -355,6 +384,11 @@ int moegen_cli_run(int argc, char **argv) {
         .residual_w2 = kw.residual_w2, .residual_b2 = kw.residual_b2,
         .residual_coef_w = kw.residual_coef_w, .residual_coef_b = kw.residual_coef_b,
     };
+    const int on_gpu = desc.device == MOEGEN_DEVICE_CUDA;
+    if (on_gpu) { /* device copies; the layer gets device pointers */
+        if (cuda_run_open(&gpu, options.cuda_device) || cuda_run_upload(&gpu, &ts, &spec)) goto done;
+        cuda_run_weights(&gpu, &weights);
+    }
     if (moegen_layer_bind(layer, &weights, &err) != MOEGEN_OK) {
         moegen_cli_error("%s", err.message);
         goto done;
@@ -379,28 +413,51 @@ int moegen_cli_run(int argc, char **argv) {
         .counts_before = out.counts_before, .counts_after = out.counts_after,
         .rng_offset = (uint64_t)o.rng_offset,
     };
-    for (long long i = -1; i < o.repeat; i++) { /* one warm-up, then the timed runs */
-        double start = now_ms();
-        if (moegen_layer_forward(layer, &io, &out.stats, &err) != MOEGEN_OK) {
+    if (on_gpu) {
+        moegen_forward_io device_io;
+        cuda_run_io(&gpu, S, (uint64_t)o.rng_offset, &device_io);
+        if (cuda_run_time(&gpu, layer, &device_io, (int)o.repeat, times)) goto done;
+        if (moegen_layer_forward(layer, &device_io, &out.stats, &err) != MOEGEN_OK) {
             moegen_cli_error("%s", err.message);
             goto done;
         }
-        if (i >= 0) times[i] = now_ms() - start;
+        if (cuda_run_download(&gpu, &spec, S, out.y, out.ids, out.topk_weights, out.router_weights,
+                              out.counts_before, out.counts_after))
+            goto done;
+    } else {
+        for (long long i = -1; i < o.repeat; i++) { /* one warm-up, then the timed runs */
+            double start = now_ms();
+            if (moegen_layer_forward(layer, &io, &out.stats, &err) != MOEGEN_OK) {
+                moegen_cli_error("%s", err.message);
+                goto done;
+            }
+            if (i >= 0) times[i] = now_ms() - start;
+        }
     }
     qsort(times, (size_t)o.repeat, sizeof *times, compare_doubles);
     const double median_ms = times[o.repeat / 2];
     const double flops = forward_flops(&spec, S, out.counts_after);
 
+    const double bytes = forward_bytes(&spec, S, out.counts_after);
     printf("moegen run: %s (spec sha256:%.16s)\n", spec.name, desc.spec_hash);
     printf("  variant %s\n", desc.variant);
-    printf("  device cpu; module %s in %.0f ms; tensors %s in %.0f ms\n",
+    printf("  device %s; module %s in %.0f ms; tensors %s in %.0f ms\n", on_gpu ? gpu.info.name : "cpu",
            desc.cache_hit ? "loaded from the cache" : "generated and compiled", desc.compile_ms,
            o.load_dir ? "loaded" : "generated", fill_ms);
-    printf("  %lld tokens: median %.3f ms over %lld runs (min %.3f ms)\n", (long long)S, median_ms,
-           o.repeat, times[0]);
+    printf("  %lld tokens: median %.3f ms over %lld runs (min %.3f ms)%s\n", (long long)S, median_ms,
+           o.repeat, times[0], on_gpu ? " (CUDA events)" : "");
+    double floor_ms = 0.0;
     if (S > 0)
         printf("  %.0f tokens/s, %.2f GFLOP/s (%.3g GFLOP per forward)\n", S / (median_ms / 1e3),
                flops / (median_ms / 1e3) / 1e9, flops / 1e9);
+    if (on_gpu) {
+        /* The floor of ../shared/performance.md: 790 TFLOP/s bf16, the device's copy rate. */
+        const double bandwidth = cuda_run_bandwidth(&gpu);
+        floor_ms = 1e3 * (flops / 790e12 > bytes / bandwidth ? flops / 790e12 : bytes / bandwidth);
+        printf("  %.1f TFLOP/s, %.2f TB/s effective (%.3g GB moved at least); floor %.4f ms -> %.1f%% of the floor\n",
+               flops / (median_ms / 1e3) / 1e12, bytes / (median_ms / 1e3) / 1e12, bytes / 1e9, floor_ms,
+               100.0 * floor_ms / median_ms);
+    }
     if (out.stats.capacity < 0) printf("  capacity: dropless");
     else printf("  capacity: %lld per expert", (long long)out.stats.capacity);
     printf("; %lld routes dropped; aux loss %.6g; z loss %.6g\n", (long long)out.stats.n_dropped,
@@ -430,15 +487,29 @@ int moegen_cli_run(int argc, char **argv) {
         .capacity = out.stats.capacity, .aux_loss = out.stats.aux_loss, .z_loss = out.stats.z_loss,
     };
     moe_verify_report report;
+    memset(&report, 0, sizeof report);
+    report.ok = 1;
     double verify_start = now_ms();
-    int verify_rc = moe_verify(&spec, S, ts.t[MOE_T_X].data, &kw, (uint64_t)o.rng_offset, mask, &kernel, &report);
+    int verify_rc = 0;
+    if (o.no_verify)
+        snprintf(report.message, sizeof report.message, "skipped (--no-verify)");
+    else
+        verify_rc = moe_verify(&spec, S, ts.t[MOE_T_X].data, &kw, (uint64_t)o.rng_offset, mask, &kernel, &report);
     printf("  verify against the double-precision reference (%.0f ms): %s%s\n", now_ms() - verify_start,
            report.ok ? "" : "FAILED: ", report.message);
-    if (report.tokens_compared < S)
+    if (!o.no_verify && report.tokens_compared < S)
         printf("    (output checked on %lld of %lld tokens; routing, capacity, counts and losses on all)\n",
                (long long)report.tokens_compared, (long long)S);
     if (o.save_dir && save_all(o.save_dir, &ts, &spec, &out)) goto done;
     rc = (verify_rc == 0 && report.ok) ? 0 : 1;
+    if (o.json)
+        printf("{\"spec\": \"%s\", \"device\": \"%s\", \"variant\": \"%s\", \"tokens\": %lld, "
+               "\"median_ms\": %.6f, \"min_ms\": %.6f, \"flops\": %.6g, \"bytes\": %.6g, "
+               "\"floor_ms\": %.6f, \"compile_ms\": %.3f, \"cache_hit\": %d, \"verified\": %s, "
+               "\"max_scaled_error\": %.4g}\n",
+               spec.name, on_gpu ? gpu.info.name : "cpu", desc.variant, (long long)S, median_ms, times[0], flops,
+               bytes, floor_ms, desc.compile_ms, desc.cache_hit, o.no_verify ? "null" : (rc == 0 ? "true" : "false"),
+               report.max_scaled_error);
 
 done:
     free(mask);
@@ -449,8 +520,181 @@ done:
     free(out.router_weights);
     free(out.counts_before);
     free(out.counts_after);
-    moe_tensors_free(&ts);
     moegen_layer_close(layer);
+    cuda_run_close(&gpu);
+    moe_tensors_free(&ts);
+    moegen_spec_free(&spec);
+    return rc;
+}
+
+/* ---- moegen bench ---------------------------------------------------------------------------- */
+
+static const char usage_bench[] =
+    "usage: moegen bench SPEC --tokens N[,N...] [options]\n"
+    "\n"
+    "Time the forward of SPEC at several token counts in one process (weights are made\n"
+    "once): median and min over --repeat runs after a warm-up (CUDA events on the GPU),\n"
+    "tokens/s, TFLOP/s, effective TB/s and, on the GPU, the percentage of the floor of\n"
+    "../shared/performance.md. Prints a table and one JSON line per token count. It does\n"
+    "not verify: use `moegen run` for that.\n"
+    "\n"
+    "options:\n"
+    "  --tokens LIST       comma-separated token counts (required)\n"
+    "  --device D          cpu, cuda or auto (default auto)\n"
+    "  --arch sm_XX        cuda: compile for this architecture\n"
+    "  --repeat N          timed forwards per token count (default 20)\n"
+    "  --seed S            seed of the random tensors (default 1)\n"
+    "  --threads N         CPU threads\n"
+    "  --cache-dir DIR     compile cache\n";
+
+int moegen_cli_bench(int argc, char **argv) {
+    if (moegen_cli_wants_help(argc, argv)) {
+        fputs(usage_bench, stdout);
+        return 0;
+    }
+    const char *spec_path = NULL, *token_list = NULL, *arch = NULL, *cache_dir = NULL;
+    long long repeat = 20, seed = 1, threads = 0;
+    int device = MOEGEN_DEVICE_AUTO;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
+        if (a[0] != '-') {
+            if (spec_path) return moegen_cli_error("bench: unexpected argument %s", a);
+            spec_path = a;
+            continue;
+        }
+        if (!value) return moegen_cli_error("bench: option %s needs a value", a);
+        i++;
+        if (!strcmp(a, "--tokens")) token_list = value;
+        else if (!strcmp(a, "--arch")) arch = value;
+        else if (!strcmp(a, "--cache-dir")) cache_dir = value;
+        else if (!strcmp(a, "--repeat")) { if (moegen_cli_parse_int(value, a, 1, 100000, &repeat)) return 1; }
+        else if (!strcmp(a, "--seed")) { if (moegen_cli_parse_int(value, a, 0, LLONG_MAX, &seed)) return 1; }
+        else if (!strcmp(a, "--threads")) { if (moegen_cli_parse_int(value, a, 1, 4096, &threads)) return 1; }
+        else if (!strcmp(a, "--device")) {
+            if (!strcmp(value, "cpu")) device = MOEGEN_DEVICE_CPU;
+            else if (!strcmp(value, "cuda")) device = MOEGEN_DEVICE_CUDA;
+            else if (!strcmp(value, "auto")) device = MOEGEN_DEVICE_AUTO;
+            else return moegen_cli_error("bench: --device must be cpu, cuda or auto (got '%s')", value);
+        } else return moegen_cli_error("bench: unknown option %s (see moegen bench --help)", a);
+    }
+    if (!spec_path || !token_list) return moegen_cli_error("bench: usage: moegen bench SPEC --tokens N[,N...]");
+    long long counts[32];
+    int n_counts = 0;
+    long long max_tokens = 0;
+    for (const char *p = token_list; *p && n_counts < 32;) {
+        char item[32];
+        size_t len = strcspn(p, ",");
+        snprintf(item, sizeof item, "%.*s", (int)(len < 31 ? len : 31), p);
+        if (moegen_cli_parse_int(item, "--tokens", 1, INT32_MAX, &counts[n_counts])) return 1;
+        if (counts[n_counts] > max_tokens) max_tokens = counts[n_counts];
+        n_counts++;
+        p += len + (p[len] == ',');
+    }
+
+    moegen_error err;
+    moegen_spec spec;
+    if (moegen_spec_load_file(spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
+    int rc = 1;
+    moegen_layer *layer = NULL;
+    moe_tensors ts;
+    memset(&ts, 0, sizeof ts);
+    cuda_run gpu;
+    memset(&gpu, 0, sizeof gpu);
+    double *times = calloc((size_t)repeat, sizeof *times);
+    int64_t *counts_after = calloc((size_t)spec.num_experts, sizeof *counts_after);
+    void *y = NULL;
+    moegen_open_options options;
+    moegen_open_options_init(&options);
+    options.device = device;
+    options.arch = arch;
+    options.cache_dir = cache_dir;
+    options.n_threads = (int)threads;
+    if (!times || !counts_after) goto done;
+    if (moegen_layer_open_file(spec_path, &options, &layer, &err) != MOEGEN_OK) {
+        moegen_cli_error("%s", err.message);
+        goto done;
+    }
+    moegen_layer_desc desc;
+    moegen_layer_describe(layer, &desc);
+    const int on_gpu = desc.device == MOEGEN_DEVICE_CUDA;
+    if (moe_tensors_alloc(&spec, max_tokens, &ts) != 0) {
+        moegen_cli_error("bench: out of memory allocating tensors for %lld tokens", max_tokens);
+        goto done;
+    }
+    moe_tensors_fill(&ts, (uint64_t)seed);
+    moegen_kernel_weights kw;
+    moe_tensors_weights(&ts, &kw);
+    moegen_weights weights = {
+        .router_w = kw.router_w, .router_b = kw.router_b, .score_bias = kw.score_bias,
+        .w1 = kw.w1, .b1 = kw.b1, .w2 = kw.w2, .b2 = kw.b2,
+        .shared_w1 = kw.shared_w1, .shared_b1 = kw.shared_b1, .shared_w2 = kw.shared_w2,
+        .shared_b2 = kw.shared_b2, .shared_gate = kw.shared_gate,
+        .residual_w1 = kw.residual_w1, .residual_b1 = kw.residual_b1,
+        .residual_w2 = kw.residual_w2, .residual_b2 = kw.residual_b2,
+        .residual_coef_w = kw.residual_coef_w, .residual_coef_b = kw.residual_coef_b,
+    };
+    if (on_gpu) {
+        if (cuda_run_open(&gpu, options.cuda_device) || cuda_run_upload(&gpu, &ts, &spec)) goto done;
+        cuda_run_weights(&gpu, &weights);
+    } else if (!(y = calloc((size_t)max_tokens * spec.hidden_size, moegen_dtype_size(spec.dtype)))) {
+        goto done;
+    }
+    if (moegen_layer_bind(layer, &weights, &err) != MOEGEN_OK) {
+        moegen_cli_error("%s", err.message);
+        goto done;
+    }
+    printf("moegen bench: %s on %s, variant %s (module %s in %.0f ms)\n", spec.name,
+           on_gpu ? gpu.info.name : "cpu", desc.variant, desc.cache_hit ? "loaded from the cache" : "compiled",
+           desc.compile_ms);
+    printf("| tokens | median | min | tokens/s | TFLOP/s | TB/s | floor | %% of floor |\n");
+    printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (int c = 0; c < n_counts; c++) {
+        const int64_t S = counts[c];
+        moegen_forward_io io;
+        moegen_forward_stats stats;
+        if (on_gpu) {
+            cuda_run_io(&gpu, S, 0, &io);
+            if (cuda_run_time(&gpu, layer, &io, (int)repeat, times)) goto done;
+            if (moegen_layer_forward(layer, &io, &stats, &err) != MOEGEN_OK ||
+                gpu.cu.cuMemcpyDtoH(counts_after, gpu.counts_after, (size_t)spec.num_experts * 8) != 0) {
+                moegen_cli_error("bench: %s", err.message);
+                goto done;
+            }
+        } else {
+            moegen_forward_io host_io = {.n_tokens = S, .x = ts.t[MOE_T_X].data, .y = y, .counts_after = counts_after};
+            io = host_io;
+            for (long long i = -1; i < repeat; i++) {
+                double start = now_ms();
+                if (moegen_layer_forward(layer, &io, &stats, &err) != MOEGEN_OK) {
+                    moegen_cli_error("%s", err.message);
+                    goto done;
+                }
+                if (i >= 0) times[i] = now_ms() - start;
+            }
+        }
+        qsort(times, (size_t)repeat, sizeof *times, compare_doubles);
+        const double median = times[repeat / 2], flops = forward_flops(&spec, S, counts_after);
+        const double bytes = forward_bytes(&spec, S, counts_after);
+        const double bandwidth = on_gpu ? cuda_run_bandwidth(&gpu) : 0.0;
+        const double floor_ms = on_gpu ? 1e3 * (flops / 790e12 > bytes / bandwidth ? flops / 790e12 : bytes / bandwidth) : 0.0;
+        printf("| %lld | %.4f ms | %.4f ms | %.0f | %.2f | %.3f | %.4f ms | %.1f%% |\n", (long long)S, median, times[0],
+               S / (median / 1e3), flops / (median / 1e3) / 1e12, bytes / (median / 1e3) / 1e12, floor_ms,
+               on_gpu ? 100.0 * floor_ms / median : 0.0);
+        fprintf(stderr,
+                "{\"spec\": \"%s\", \"device\": \"%s\", \"variant\": \"%s\", \"tokens\": %lld, \"median_ms\": %.6f, "
+                "\"min_ms\": %.6f, \"flops\": %.6g, \"bytes\": %.6g, \"floor_ms\": %.6f, \"compile_ms\": %.3f, "
+                "\"cache_hit\": %d}\n",
+                spec.name, on_gpu ? gpu.info.name : "cpu", desc.variant, (long long)S, median, times[0], flops, bytes,
+                floor_ms, desc.compile_ms, desc.cache_hit);
+    }
+    rc = 0;
+done:
+    free(times);
+    free(counts_after);
+    free(y);
+    moegen_layer_close(layer);
+    cuda_run_close(&gpu);
+    moe_tensors_free(&ts);
     moegen_spec_free(&spec);
     return rc;
 }

@@ -11,6 +11,10 @@
  * Forward then only grows the workspace when the token count needs it and calls the
  * generated function.
  *
+ * CUDA layers go through runtime/cuda_backend.c instead of the host compiler and dlopen:
+ * NVRTC compiles the generated CUDA, the CUBIN is cached beside the CPU modules, and
+ * forward launches the kernels on the caller's stream with device pointers.
+ *
  * Invariants owned here: a layer holds no global state; a layer that failed to open
  * is never returned; forward never runs before bind.
  */
@@ -23,6 +27,7 @@
 #include <time.h>
 
 #include "cache.h"
+#include "cuda_backend.h"
 #include "emit.h"
 #include "host_cc.h"
 #include "moegen_kernel_abi.h"
@@ -42,6 +47,7 @@ struct moegen_layer {
     info_fn info;
     workspace_fn workspace_bytes;
     forward_fn forward;
+    moegen_cuda_backend *cuda;     /* CUDA layers */
     moegen_kernel_weights weights;
     int bound;
     void *workspace;
@@ -199,20 +205,41 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
                                 "%s: ep_size %d: expert-parallel execution is not implemented yet "
                                 "(the spec is valid: moegen check and moegen gen accept it)",
                                 spec->name, spec->ep_size);
+    moegen_status st;
     switch (layer->options.device) {
-    case MOEGEN_DEVICE_AUTO:
+    case MOEGEN_DEVICE_AUTO: {
+        moegen_error why;
+        if (moegen_cuda_backend_available(&why) == MOEGEN_OK) {
+            layer->desc.device = MOEGEN_DEVICE_CUDA;
+        } else {
+            layer->desc.device = MOEGEN_DEVICE_CPU;
+            char notice[MOEGEN_ERROR_MESSAGE_BYTES + 64];
+            snprintf(notice, sizeof notice, "device auto: %s; using the CPU backend", why.message);
+            if (layer->options.log) layer->options.log(layer->options.log_user, MOEGEN_LOG_NOTICE, notice);
+            else fprintf(stderr, "moegen: notice: %s\n", notice);
+        }
+        break;
+    }
     case MOEGEN_DEVICE_CPU:
         layer->desc.device = MOEGEN_DEVICE_CPU;
         break;
     case MOEGEN_DEVICE_CUDA:
-        return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
-                                "device cuda: the CUDA backend is not available in this build");
+        layer->desc.device = MOEGEN_DEVICE_CUDA;
+        break;
     default:
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "open options: unknown device %d",
                                 (int)layer->options.device);
     }
 
-    moegen_status st = load_cpu_module(layer, err);
+    if (layer->desc.device == MOEGEN_DEVICE_CUDA) {
+        moegen_cache cache;
+        st = moegen_cache_open(&cache, layer->options.cache_dir, layer->options.log, layer->options.log_user, err);
+        if (st == MOEGEN_OK)
+            st = moegen_cuda_backend_open(spec, layer->options.cuda_device, layer->options.arch, &cache,
+                                          &layer->cuda, &layer->desc, err);
+    } else {
+        st = load_cpu_module(layer, err);
+    }
     if (st != MOEGEN_OK) return st;
 
     moegen_layer_desc *d = &layer->desc;
@@ -280,6 +307,7 @@ moegen_status moegen_layer_open_string(const char *yaml, size_t len, const char 
 
 void moegen_layer_close(moegen_layer *layer) {
     if (!layer) return;
+    moegen_cuda_backend_close(layer->cuda);
     if (layer->module) dlclose(layer->module);
     free(layer->workspace);
     moegen_spec_free(&layer->spec);
@@ -386,6 +414,7 @@ moegen_status moegen_layer_forward(moegen_layer *layer, const moegen_forward_io 
                                 (long long)io->n_tokens);
     if (io->n_tokens > 0 && (!io->x || !io->y))
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "forward: x and y are required");
+    if (layer->cuda) return moegen_cuda_backend_forward(layer->cuda, &layer->weights, io, stats, err);
     size_t bytes = layer->workspace_bytes(io->n_tokens);
     if (io->n_tokens > 0 && bytes == 0)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,

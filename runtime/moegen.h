@@ -145,7 +145,9 @@ typedef struct moegen_forward_stats {
     double z_loss;           /* mean_t logsumexp(z_t)^2 */
 } moegen_forward_stats;
 
-/* Run the forward. `stats` may be NULL. Returns MOEGEN_ERR_STATE before bind,
+/* Run the forward. CUDA layers take device pointers in `io` and run on io->stream
+ * without synchronizing with the host, unless `stats` is non-NULL (reading the
+ * statistics waits for the stream). `stats` may be NULL. Returns MOEGEN_ERR_STATE before bind,
  * MOEGEN_ERR_INVALID_ARGUMENT for a negative token count or missing x / y,
  * MOEGEN_ERR_NO_MEMORY if the workspace cannot grow. */
 moegen_status moegen_layer_forward(moegen_layer *layer, const moegen_forward_io *io,

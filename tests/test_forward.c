@@ -1,4 +1,4 @@
-/* test_forward.c — the generated CPU forward against the independent reference, over
+/* test_forward.c — the generated forward against the independent reference, over
  * the test matrix: k in {1, 2, 4, 8}, E from 1 to 256, every score function and order,
  * group-limited routing (both group scores, both masks), every capacity formula and
  * priority, dropless, pad-to-capacity, renormalization, each activation, each dtype,
@@ -8,7 +8,13 @@
  * thread counts.
  *
  * Each case is a spec (YAML) compiled through the real pipeline (templates -> host C
- * compiler -> dlopen), run on seeded tensors, and checked by tests/reference/verify.c.
+ * compiler -> dlopen, or NVRTC -> CUDA module), run on seeded tensors, and checked by
+ * tests/reference/verify.c.
+ *
+ * The same binary runs the matrix on the GPU when MOEGEN_TEST_DEVICE=cuda (CTest
+ * label `gpu`): tensors are copied to the device, the CUDA backend runs, and the
+ * outputs come back for the same checks. Without a usable GPU those tests skip and
+ * say why.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -20,6 +26,7 @@
 
 #include <cmocka.h>
 
+#include "cuda_api.h"
 #include "moegen.h"
 #include "tensors.h"
 #include "verify.h"
@@ -231,6 +238,76 @@ static void outputs_free(kernel_outputs *o) {
     free(o->router_weights);
 }
 
+/* ---- The device under test ---------------------------------------------------------------- */
+
+static int on_gpu(void) {
+    const char *device = getenv("MOEGEN_TEST_DEVICE");
+    return device && !strcmp(device, "cuda");
+}
+
+/* Device copies of one case's tensors and outputs (CUDA runs only). */
+typedef struct device_copies {
+    moegen_cuda cu;
+    moegen_cu_device device;
+    moegen_cu_context context;
+    moegen_cu_device_pointer tensor[MOE_T_COUNT];
+    moegen_cu_device_pointer y, ids, topk_weights, router_weights, counts_before, counts_after;
+} device_copies;
+
+#define CU_CHECK(call)                                                                  \
+    do {                                                                                \
+        moegen_cu_result result_ = (call);                                              \
+        if (result_ != 0) fail_msg("%s failed with CUDA error %d", #call, (int)result_); \
+    } while (0)
+
+static moegen_cu_device_pointer device_alloc(device_copies *d, size_t bytes) {
+    moegen_cu_device_pointer p = 0;
+    if (bytes) CU_CHECK(d->cu.cuMemAlloc(&p, bytes));
+    return p;
+}
+
+static void device_open(device_copies *d) {
+    memset(d, 0, sizeof *d);
+    moegen_error err;
+    if (moegen_cuda_open(&d->cu, &err) != MOEGEN_OK) fail_msg("%s", err.message);
+    CU_CHECK(d->cu.cuDeviceGet(&d->device, 0));
+    CU_CHECK(d->cu.cuDevicePrimaryCtxRetain(&d->context, d->device));
+    CU_CHECK(d->cu.cuCtxSetCurrent(d->context));
+}
+
+static void device_upload(device_copies *d, const moe_tensors *ts, const moegen_spec *spec) {
+    for (int i = 0; i < MOE_T_COUNT; i++) {
+        size_t bytes = ts->t[i].n_elems * moe_tensor_elem_bytes(ts, i);
+        d->tensor[i] = device_alloc(d, bytes);
+        if (bytes) CU_CHECK(d->cu.cuMemcpyHtoD(d->tensor[i], ts->t[i].data, bytes));
+    }
+    const size_t S = (size_t)ts->n_tokens, K = (size_t)spec->top_k, E = (size_t)spec->num_experts;
+    d->y = device_alloc(d, S * spec->hidden_size * moegen_dtype_size(spec->dtype));
+    d->ids = device_alloc(d, S * K * 4);
+    d->topk_weights = device_alloc(d, S * K * 4);
+    d->router_weights = device_alloc(d, S * K * 4);
+    d->counts_before = device_alloc(d, E * 8);
+    d->counts_after = device_alloc(d, E * 8);
+}
+
+static void device_free(device_copies *d) {
+    moegen_cu_device_pointer all[] = {d->y, d->ids, d->topk_weights, d->router_weights, d->counts_before, d->counts_after};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if (all[i]) d->cu.cuMemFree(all[i]);
+    for (int i = 0; i < MOE_T_COUNT; i++)
+        if (d->tensor[i]) d->cu.cuMemFree(d->tensor[i]);
+    memset(d->tensor, 0, sizeof d->tensor);
+    d->y = d->ids = d->topk_weights = d->router_weights = d->counts_before = d->counts_after = 0;
+}
+
+static void device_close(device_copies *d) {
+    device_free(d);
+    if (d->context) d->cu.cuDevicePrimaryCtxRelease(d->device);
+    moegen_cuda_close(&d->cu);
+}
+
+#define DEVICE_POINTER(p) ((void *)(uintptr_t)(p))
+
 static void run_forward(moegen_layer *layer, const moe_tensors *ts, kernel_outputs *o) {
     moegen_forward_io io = {
         .n_tokens = ts->n_tokens, .x = ts->t[MOE_T_X].data, .y = o->y, .topk_ids = o->ids,
@@ -240,6 +317,46 @@ static void run_forward(moegen_layer *layer, const moe_tensors *ts, kernel_outpu
     moegen_error err;
     moegen_status st = moegen_layer_forward(layer, &io, &o->stats, &err);
     if (st != MOEGEN_OK) fail_msg("forward: %s", err.message);
+}
+
+/* The same forward on the GPU: copy in, run, copy the outputs back into `o`. */
+static void run_forward_on_device(device_copies *d, moegen_layer *layer, const moegen_spec *spec,
+                                  const moe_tensors *ts, kernel_outputs *o) {
+    const size_t S = (size_t)ts->n_tokens, K = (size_t)spec->top_k, E = (size_t)spec->num_experts;
+    moegen_forward_io io = {
+        .n_tokens = ts->n_tokens, .x = DEVICE_POINTER(d->tensor[MOE_T_X]), .y = DEVICE_POINTER(d->y),
+        .topk_ids = DEVICE_POINTER(d->ids), .topk_weights = DEVICE_POINTER(d->topk_weights),
+        .router_weights = DEVICE_POINTER(d->router_weights), .counts_before = DEVICE_POINTER(d->counts_before),
+        .counts_after = DEVICE_POINTER(d->counts_after), .rng_offset = 5,
+    };
+    moegen_error err;
+    if (moegen_layer_forward(layer, &io, &o->stats, &err) != MOEGEN_OK) fail_msg("forward: %s", err.message);
+    CU_CHECK(d->cu.cuCtxSynchronize());
+    if (S > 0) {
+        CU_CHECK(d->cu.cuMemcpyDtoH(o->y, d->y, S * spec->hidden_size * moegen_dtype_size(spec->dtype)));
+        CU_CHECK(d->cu.cuMemcpyDtoH(o->ids, d->ids, S * K * 4));
+        CU_CHECK(d->cu.cuMemcpyDtoH(o->topk_weights, d->topk_weights, S * K * 4));
+        CU_CHECK(d->cu.cuMemcpyDtoH(o->router_weights, d->router_weights, S * K * 4));
+    }
+    CU_CHECK(d->cu.cuMemcpyDtoH(o->counts_before, d->counts_before, E * 8));
+    CU_CHECK(d->cu.cuMemcpyDtoH(o->counts_after, d->counts_after, E * 8));
+}
+
+static void bind_device_tensors(moegen_layer *layer, const device_copies *d) {
+    moegen_weights w = {
+        .router_w = DEVICE_POINTER(d->tensor[MOE_T_ROUTER_W]), .router_b = DEVICE_POINTER(d->tensor[MOE_T_ROUTER_B]),
+        .score_bias = DEVICE_POINTER(d->tensor[MOE_T_SCORE_BIAS]), .w1 = DEVICE_POINTER(d->tensor[MOE_T_W1]),
+        .b1 = DEVICE_POINTER(d->tensor[MOE_T_B1]), .w2 = DEVICE_POINTER(d->tensor[MOE_T_W2]),
+        .b2 = DEVICE_POINTER(d->tensor[MOE_T_B2]), .shared_w1 = DEVICE_POINTER(d->tensor[MOE_T_SHARED_W1]),
+        .shared_b1 = DEVICE_POINTER(d->tensor[MOE_T_SHARED_B1]), .shared_w2 = DEVICE_POINTER(d->tensor[MOE_T_SHARED_W2]),
+        .shared_b2 = DEVICE_POINTER(d->tensor[MOE_T_SHARED_B2]), .shared_gate = DEVICE_POINTER(d->tensor[MOE_T_SHARED_GATE]),
+        .residual_w1 = DEVICE_POINTER(d->tensor[MOE_T_RESIDUAL_W1]), .residual_b1 = DEVICE_POINTER(d->tensor[MOE_T_RESIDUAL_B1]),
+        .residual_w2 = DEVICE_POINTER(d->tensor[MOE_T_RESIDUAL_W2]), .residual_b2 = DEVICE_POINTER(d->tensor[MOE_T_RESIDUAL_B2]),
+        .residual_coef_w = DEVICE_POINTER(d->tensor[MOE_T_RESIDUAL_COEF_W]),
+        .residual_coef_b = DEVICE_POINTER(d->tensor[MOE_T_RESIDUAL_COEF_B]),
+    };
+    moegen_error err;
+    if (moegen_layer_bind(layer, &w, &err) != MOEGEN_OK) fail_msg("bind: %s", err.message);
 }
 
 static void bind_tensors(moegen_layer *layer, const moe_tensors *ts) {
@@ -284,11 +401,14 @@ static void test_case(void **state) {
         fail_msg("spec: %s\n%s", err.message, yaml);
     moegen_open_options options;
     moegen_open_options_init(&options);
-    options.device = MOEGEN_DEVICE_CPU;
+    options.device = on_gpu() ? MOEGEN_DEVICE_CUDA : MOEGEN_DEVICE_CPU;
     options.n_threads = 2;
     moegen_layer *layer = NULL;
     if (moegen_layer_open_string(yaml, strlen(yaml), c->name, &options, &layer, &err) != MOEGEN_OK)
         fail_msg("open: %s", err.message);
+    device_copies device;
+    memset(&device, 0, sizeof device);
+    if (on_gpu()) device_open(&device);
 
     for (int i = 0; i < c->n_tokens; i++) {
         const int64_t S = c->tokens[i];
@@ -296,10 +416,17 @@ static void test_case(void **state) {
         assert_int_equal(moe_tensors_alloc(&spec, S, &ts), 0);
         moe_tensors_fill(&ts, 1000 + (uint64_t)i);
         apply_pattern(&spec, &ts, c->data);
-        bind_tensors(layer, &ts);
         kernel_outputs o;
         outputs_alloc(&o, &spec, S);
-        run_forward(layer, &ts, &o);
+        if (on_gpu()) {
+            device_upload(&device, &ts, &spec);
+            bind_device_tensors(layer, &device);
+            run_forward_on_device(&device, layer, &spec, &ts, &o);
+            device_free(&device);
+        } else {
+            bind_tensors(layer, &ts);
+            run_forward(layer, &ts, &o);
+        }
         check_invariants(&spec, S, &o);
 
         moegen_kernel_weights w;
@@ -320,7 +447,35 @@ static void test_case(void **state) {
         moe_tensors_free(&ts);
     }
     moegen_layer_close(layer);
+    if (on_gpu()) device_close(&device);
     moegen_spec_free(&spec);
+}
+
+/* Group setup: on the GPU run, skip everything (with the reason) when no GPU is usable. */
+static int gpu_setup(void **state) {
+    (void)state;
+    if (!on_gpu()) return 0;
+    moegen_cuda cu;
+    moegen_error err;
+    if (moegen_cuda_open(&cu, &err) != MOEGEN_OK) {
+        print_message("GPU tests skipped: %s\n", err.message);
+        return 0;
+    }
+    moegen_cuda_close(&cu);
+    return 0;
+}
+
+static int gpu_usable(void) {
+    moegen_cuda cu;
+    moegen_error err;
+    if (moegen_cuda_open(&cu, &err) != MOEGEN_OK) return 0;
+    moegen_cuda_close(&cu);
+    return 1;
+}
+
+static void test_case_or_skip(void **state) {
+    if (on_gpu() && !gpu_usable()) skip();
+    test_case(state);
 }
 
 /* Same inputs, two runs, 1 and 2 threads: bitwise identical outputs. */
@@ -336,18 +491,28 @@ static void forward_is_bitwise_reproducible_across_runs_and_thread_counts(void *
     moe_tensors ts;
     assert_int_equal(moe_tensors_alloc(&spec, S, &ts), 0);
     moe_tensors_fill(&ts, 42);
+    if (on_gpu() && !gpu_usable()) skip();
     kernel_outputs runs[3];
     for (int r = 0; r < 3; r++) {
         moegen_open_options options;
         moegen_open_options_init(&options);
-        options.device = MOEGEN_DEVICE_CPU;
+        options.device = on_gpu() ? MOEGEN_DEVICE_CUDA : MOEGEN_DEVICE_CPU;
         options.n_threads = r == 2 ? 1 : 2;
         moegen_layer *layer;
         if (moegen_layer_open_string(yaml, strlen(yaml), NULL, &options, &layer, &err) != MOEGEN_OK)
             fail_msg("open: %s", err.message);
-        bind_tensors(layer, &ts);
         outputs_alloc(&runs[r], &spec, S);
-        run_forward(layer, &ts, &runs[r]);
+        if (on_gpu()) {
+            device_copies device;
+            device_open(&device);
+            device_upload(&device, &ts, &spec);
+            bind_device_tensors(layer, &device);
+            run_forward_on_device(&device, layer, &spec, &ts, &runs[r]);
+            device_close(&device);
+        } else {
+            bind_tensors(layer, &ts);
+            run_forward(layer, &ts, &runs[r]);
+        }
         moegen_layer_close(layer);
     }
     const size_t y_bytes = (size_t)S * spec.hidden_size * moegen_dtype_size(spec.dtype);
@@ -367,8 +532,9 @@ int main(void) {
     enum { N = sizeof CASES / sizeof CASES[0] };
     struct CMUnitTest tests[N + 1];
     for (int i = 0; i < N; i++) {
-        tests[i] = (struct CMUnitTest){CASES[i].name, test_case, NULL, NULL, (void *)&CASES[i]};
+        tests[i] = (struct CMUnitTest){CASES[i].name, test_case_or_skip, NULL, NULL, (void *)&CASES[i]};
     }
     tests[N] = (struct CMUnitTest)cmocka_unit_test(forward_is_bitwise_reproducible_across_runs_and_thread_counts);
-    return cmocka_run_group_tests_name("forward matrix", tests, NULL, NULL);
+    return cmocka_run_group_tests_name(on_gpu() ? "forward matrix (cuda)" : "forward matrix (cpu)", tests,
+                                       gpu_setup, NULL);
 }

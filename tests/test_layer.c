@@ -20,9 +20,16 @@
 static const char *SMALL = "name: small\nnum_experts: 4\nnum_experts_per_tok: 2\nhidden_size: 32\n"
                           "moe_intermediate_size: 16\n";
 
+/* Open on the CPU backend unless `opts` says otherwise (these tests pass host pointers). */
 static moegen_layer *open_or_fail(const char *yaml, const moegen_open_options *opts) {
     moegen_layer *layer = NULL;
     moegen_error err;
+    moegen_open_options cpu;
+    if (!opts) {
+        moegen_open_options_init(&cpu);
+        cpu.device = MOEGEN_DEVICE_CPU;
+        opts = &cpu;
+    }
     if (moegen_layer_open_string(yaml, strlen(yaml), "test.yaml", opts, &layer, &err) != MOEGEN_OK)
         fail_msg("open: %s", err.message);
     return layer;
@@ -82,16 +89,52 @@ static void open_reports_spec_errors_with_location(void **state) {
     assert_non_null(strstr(err.message, "bad.yaml:3:"));
 }
 
-static void open_rejects_cuda_without_backend_and_ep_size_above_one(void **state) {
+static int notices_seen;
+static char last_notice[512];
+static void record_notice(void *user, moegen_log_level level, const char *message) {
+    (void)user;
+    if (level == MOEGEN_LOG_NOTICE) {
+        notices_seen++;
+        snprintf(last_notice, sizeof last_notice, "%s", message);
+    }
+}
+
+/* With no CUDA driver (forced with MOEGEN_CUDA_DRIVER_LIB, so this also runs on GPU
+ * machines): device cuda is a clear error; device auto falls back to the CPU backend
+ * with one notice and works. */
+static void without_a_driver_cuda_fails_clearly_and_auto_falls_back_to_cpu(void **state) {
     (void)state;
+    setenv("MOEGEN_CUDA_DRIVER_LIB", "/nonexistent/libcuda.so.1", 1);
     moegen_open_options opts;
     moegen_open_options_init(&opts);
     opts.device = MOEGEN_DEVICE_CUDA;
+    opts.log = record_notice;
     moegen_layer *layer = NULL;
     moegen_error err;
     assert_int_equal(moegen_layer_open_string(SMALL, strlen(SMALL), NULL, &opts, &layer, &err),
                      MOEGEN_ERR_UNSUPPORTED);
-    assert_non_null(strstr(err.message, "cuda"));
+    assert_null(layer);
+    assert_non_null(strstr(err.message, "no CUDA driver"));
+    opts.device = MOEGEN_DEVICE_AUTO;
+    notices_seen = 0;
+    layer = open_or_fail(SMALL, &opts);
+    unsetenv("MOEGEN_CUDA_DRIVER_LIB");
+    assert_int_equal(notices_seen, 1);
+    assert_non_null(strstr(last_notice, "using the CPU backend"));
+    moegen_layer_desc desc;
+    assert_int_equal(moegen_layer_describe(layer, &desc), MOEGEN_OK);
+    assert_int_equal(desc.device, MOEGEN_DEVICE_CPU);
+    moegen_spec spec;
+    assert_int_equal(moegen_spec_parse(SMALL, strlen(SMALL), "small", &spec, &err), MOEGEN_OK);
+    assert_true(run_and_verify(layer, &spec, 9, 4));
+    moegen_spec_free(&spec);
+    moegen_layer_close(layer);
+}
+
+static void open_rejects_ep_size_above_one(void **state) {
+    (void)state;
+    moegen_layer *layer = NULL;
+    moegen_error err;
     const char *ep = "name: ep\nnum_experts: 4\nnum_experts_per_tok: 2\nhidden_size: 32\n"
                      "moe_intermediate_size: 16\nep_size: 2\n";
     assert_int_equal(moegen_layer_open_string(ep, strlen(ep), NULL, NULL, &layer, &err), MOEGEN_ERR_UNSUPPORTED);
@@ -195,6 +238,7 @@ static void unusable_cache_directory_warns_and_still_opens(void **state) {
     chmod(dir, 0777); /* world-writable: never load binaries from it */
     moegen_open_options opts;
     moegen_open_options_init(&opts);
+    opts.device = MOEGEN_DEVICE_CPU;
     opts.cache_dir = dir;
     opts.log = count_warning;
     warnings_seen = 0;
@@ -220,7 +264,10 @@ static void *thread_main(void *arg) {
     moegen_error err;
     if (moegen_spec_parse(job->yaml, strlen(job->yaml), "thread", &spec, &err) != MOEGEN_OK) return NULL;
     moegen_layer *layer = NULL;
-    if (moegen_layer_open_string(job->yaml, strlen(job->yaml), NULL, NULL, &layer, &err) == MOEGEN_OK) {
+    moegen_open_options cpu;
+    moegen_open_options_init(&cpu);
+    cpu.device = MOEGEN_DEVICE_CPU;
+    if (moegen_layer_open_string(job->yaml, strlen(job->yaml), NULL, &cpu, &layer, &err) == MOEGEN_OK) {
         job->ok = 1;
         for (int i = 0; i < 5 && job->ok; i++) job->ok = run_and_verify(layer, &spec, 40 + i, (uint64_t)i);
         moegen_layer_close(layer);
@@ -246,7 +293,8 @@ static void two_layers_run_from_two_threads_at_once(void **state) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(open_reports_spec_errors_with_location),
-        cmocka_unit_test(open_rejects_cuda_without_backend_and_ep_size_above_one),
+        cmocka_unit_test(without_a_driver_cuda_fails_clearly_and_auto_falls_back_to_cpu),
+        cmocka_unit_test(open_rejects_ep_size_above_one),
         cmocka_unit_test(forward_before_bind_is_a_state_error),
         cmocka_unit_test(bind_names_the_missing_tensor),
         cmocka_unit_test(forward_rejects_negative_tokens_and_missing_buffers),

@@ -2,6 +2,8 @@
 #include "tensors.h"
 
 #include <math.h>
+#include <pthread.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -134,10 +136,55 @@ static double fan_in_scale(int64_t n) {
     return s;
 }
 
+/* Values are drawn per block of FILL_BLOCK elements from a generator seeded by (seed,
+ * tensor, block), so the result does not depend on how many threads fill. */
+#define FILL_BLOCK ((size_t)1 << 20)
+
+typedef struct fill_job {
+    moe_tensors *ts;
+    uint64_t seed;
+    double scale[MOE_T_COUNT];
+    size_t next_block[MOE_T_COUNT];
+    pthread_mutex_t lock;
+} fill_job;
+
+static void fill_block(fill_job *job, int i, size_t block) {
+    moe_tensors *ts = job->ts;
+    uint64_t state = job->seed * 0x9e3779b97f4a7c15ull + (uint64_t)(i + 1) * 0xbf58476d1ce4e5b9ull +
+                     (uint64_t)block * 0x94d049bb133111ebull;
+    if (state == 0) state = 1;
+    const size_t end = (block + 1) * FILL_BLOCK < ts->t[i].n_elems ? (block + 1) * FILL_BLOCK : ts->t[i].n_elems;
+    for (size_t n = block * FILL_BLOCK; n < end; n++) {
+        int numerator = (int)(next_random(&state) >> 57) - 64; /* -64..63 */
+        moe_tensor_set(ts, i, n, numerator / 64.0 * job->scale[i]);
+    }
+}
+
+static void *fill_worker(void *arg) {
+    fill_job *job = arg;
+    for (;;) {
+        int tensor = -1;
+        size_t block = 0;
+        pthread_mutex_lock(&job->lock);
+        for (int i = 0; i < MOE_T_COUNT && tensor < 0; i++)
+            if (job->next_block[i] * FILL_BLOCK < job->ts->t[i].n_elems) {
+                tensor = i;
+                block = job->next_block[i]++;
+            }
+        pthread_mutex_unlock(&job->lock);
+        if (tensor < 0) return NULL;
+        fill_block(job, tensor, block);
+    }
+}
+
 void moe_tensors_fill(moe_tensors *ts, uint64_t seed) {
     const int64_t H = ts->t[MOE_T_X].shape[1];
     const int64_t F = ts->t[MOE_T_W2].shape[2];
-    double scale[MOE_T_COUNT];
+    fill_job job;
+    memset(&job, 0, sizeof job);
+    job.ts = ts;
+    job.seed = seed;
+    double *scale = job.scale;
     for (int i = 0; i < MOE_T_COUNT; i++) scale[i] = 0.125; /* biases */
     scale[MOE_T_X] = 1.0;
     scale[MOE_T_ROUTER_W] = scale[MOE_T_W1] = scale[MOE_T_SHARED_W1] = fan_in_scale(H);
@@ -145,14 +192,18 @@ void moe_tensors_fill(moe_tensors *ts, uint64_t seed) {
     scale[MOE_T_W2] = scale[MOE_T_RESIDUAL_W2] = fan_in_scale(F);
     if (ts->t[MOE_T_SHARED_W2].n_elems) scale[MOE_T_SHARED_W2] = fan_in_scale(ts->t[MOE_T_SHARED_W2].shape[2]);
     scale[MOE_T_SCORE_BIAS] = 0.0625;
-    for (int i = 0; i < MOE_T_COUNT; i++) {
-        uint64_t state = seed * 0x9e3779b97f4a7c15ull + (uint64_t)(i + 1) * 0xbf58476d1ce4e5b9ull;
-        if (state == 0) state = 1;
-        for (size_t n = 0; n < ts->t[i].n_elems; n++) {
-            int numerator = (int)(next_random(&state) >> 57) - 64; /* -64..63 */
-            moe_tensor_set(ts, i, n, numerator / 64.0 * scale[i]);
-        }
-    }
+    pthread_mutex_init(&job.lock, NULL);
+    size_t total = 0;
+    for (int i = 0; i < MOE_T_COUNT; i++) total += ts->t[i].n_elems;
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int n_threads = total < 4 * FILL_BLOCK ? 0 : (int)(cpus > 32 ? 32 : cpus);
+    pthread_t threads[32];
+    int started = 0;
+    for (; started < n_threads; started++)
+        if (pthread_create(&threads[started], NULL, fill_worker, &job) != 0) break;
+    fill_worker(&job); /* this thread helps (and does everything when none started) */
+    for (int t = 0; t < started; t++) pthread_join(threads[t], NULL);
+    pthread_mutex_destroy(&job.lock);
 }
 
 void moe_tensors_weights(const moe_tensors *ts, moegen_kernel_weights *w) {
