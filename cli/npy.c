@@ -452,8 +452,8 @@ static moegen_status parse_shape(dict_parser *parser, header_info *info) {
     if (accept_char(parser, ')')) return MOEGEN_OK;
     bool trailing_comma = false;
     for (;;) {
-        bool negative, too_big;
-        uint64_t parsed;
+        bool negative = false, too_big = false;
+        uint64_t parsed = 0;
         moegen_status status = parse_dim(parser, &negative, &parsed, &too_big);
         if (status != MOEGEN_OK) return status;
         if (info->ndim == MOEGEN_NPY_MAX_DIMS)

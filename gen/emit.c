@@ -140,7 +140,8 @@ static moegen_status render_into(const moegen_template_set *set, const char *ent
     moegen_params *g = moegen_params_table(params, "gen");
     if (!g || moegen_params_str(g, "template", entry))
         return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
-    moegen_status st = moegen_template_render(set, entry, params, NULL, &f->text, &f->len, err);
+    moegen_status st = moegen_template_render_mapped(set, entry, params, NULL, &f->text, &f->len, &f->origins,
+                                                     &f->n_origins, err);
     if (st != MOEGEN_OK) return st;
     snprintf(f->name, sizeof f->name, "%s", file_name);
     out->n_files++;
@@ -208,8 +209,32 @@ moegen_status moegen_generate(const moegen_spec *spec, const moegen_variant *var
 
 void moegen_generated_free(moegen_generated *gen) {
     if (!gen) return;
-    for (int i = 0; i < gen->n_files; i++) free(gen->files[i].text);
+    for (int i = 0; i < gen->n_files; i++) {
+        free(gen->files[i].text);
+        free(gen->files[i].origins);
+    }
     gen->n_files = 0;
+}
+
+void moegen_generated_annotate(const moegen_generated *gen, moegen_error *err) {
+    if (!err || gen->n_files == 0) return;
+    const moegen_generated_file *f = &gen->files[gen->main_file];
+    const char *at = strstr(err->message, f->name);
+    if (!at) return;
+    const char *p = at + strlen(f->name);
+    if (*p != '(' && *p != ':') return; /* "x.cu(123): error" (NVRTC) or "x.c:123:5: error" (cc) */
+    char *end = NULL;
+    long line = strtol(p + 1, &end, 10);
+    char origin[256];
+    if (end == p + 1 || !moegen_generated_origin(f, line, origin, sizeof origin)) return;
+    size_t used = strlen(err->message);
+    snprintf(err->message + used, sizeof err->message - used, " [%s line %ld comes from %s]", f->name, line, origin);
+}
+
+const char *moegen_generated_origin(const moegen_generated_file *file, long line, char *buf, size_t size) {
+    if (line < 1 || (size_t)line > file->n_origins || !file->origins[line - 1].path) return NULL;
+    snprintf(buf, size, "%s:%d", file->origins[line - 1].path, file->origins[line - 1].line);
+    return buf;
 }
 
 /* 1 if `path` holds exactly `len` bytes equal to `text`. */

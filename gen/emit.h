@@ -28,6 +28,8 @@ typedef struct moegen_generated_file {
     char name[160]; /* file name, no directory: "moe_mixtral_8x7b_1a2b3c4d.c" (.cu for CUDA) */
     char *text;
     size_t len;
+    moegen_line_origin *origins; /* origins[i]: template line of output line i + 1 (rendered files) */
+    size_t n_origins;
 } moegen_generated_file;
 
 typedef struct moegen_generated {
@@ -48,6 +50,14 @@ moegen_status moegen_generate(const moegen_spec *spec, const moegen_variant *var
                               moegen_error *err);
 
 void moegen_generated_free(moegen_generated *gen);
+
+/* If err->message names a line of the main generated file ("x.cu(123)" as NVRTC writes
+ * it, "x.c:123:" as cc does), append the template line it came from. */
+void moegen_generated_annotate(const moegen_generated *gen, moegen_error *err);
+
+/* "templates/cuda/router.cu.tpl:123" for line `line` (1-based) of generated file `file`,
+ * or NULL when unknown. */
+const char *moegen_generated_origin(const moegen_generated_file *file, long line, char *buf, size_t size);
 
 /* Write the files into `dir` (created if missing), each only if its content
  * differs from what is there (atomically: temp file + rename). *n_written (may be

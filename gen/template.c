@@ -535,6 +535,11 @@ typedef struct render_context {
     size_t output_length;
     size_t output_capacity;
 
+    bool want_origins;             /* record which template line produced each output line */
+    moegen_line_origin *origins;   /* malloc'd, one per completed output line */
+    size_t origin_count;
+    size_t origin_capacity;
+
     const char *active_files[MAX_NESTING_DEPTH]; /* include/import stack (set-owned paths) */
     int nesting_depth;
 
@@ -692,6 +697,36 @@ static void output_append(lua_State *L, render_context *context, const char *byt
     context->output_length += count;
 }
 
+/* Record the calling template line as the origin of `lines` completed output lines. */
+static void record_origins(lua_State *L, render_context *context, size_t lines) {
+    lua_Debug frame;
+    const char *path = NULL;
+    int line = 0;
+    if (lua_getstack(L, 1, &frame) && lua_getinfo(L, "Sl", &frame) && frame.source[0] == '@') {
+        const moegen_template_file *file = moegen_template_set_find(context->set, frame.source + 1);
+        if (file) {
+            path = file->path; /* owned by the set, which outlives the map */
+            line = frame.currentline;
+        }
+    }
+    if (context->origin_capacity - context->origin_count < lines) {
+        size_t capacity = context->origin_capacity ? context->origin_capacity * 2 : 1024;
+        while (capacity - context->origin_count < lines) capacity *= 2;
+        moegen_line_origin *grown = realloc(context->origins, capacity * sizeof *grown);
+        if (!grown) {
+            context->host_out_of_memory = true;
+            raise_error(L, "out of memory");
+        }
+        context->origins = grown;
+        context->origin_capacity = capacity;
+    }
+    for (size_t i = 0; i < lines; i++) {
+        context->origins[context->origin_count].path = path;
+        context->origins[context->origin_count].line = line;
+        context->origin_count++;
+    }
+}
+
 /* _emit(piece, ...): append string pieces to the output. The output is handed on as a
  * C string, so a NUL byte in it is an error. */
 static int host_emit(lua_State *L) {
@@ -703,6 +738,11 @@ static int host_emit(lua_State *L) {
         const char *piece = lua_tolstring(L, i, &length);
         if (memchr(piece, '\0', length)) return raise_error(L, "NUL byte in the output");
         output_append(L, context, piece, length);
+        if (context->want_origins) {
+            size_t newlines = 0;
+            for (const char *p = piece; (p = memchr(p, '\n', length - (size_t)(p - piece))); p++) newlines++;
+            if (newlines) record_origins(L, context, newlines);
+        }
     }
     return 0;
 }
@@ -1561,9 +1601,19 @@ moegen_status moegen_template_render(const moegen_template_set *set, const char 
                                      const moegen_params *params,
                                      const moegen_render_limits *limits, char **out,
                                      size_t *out_len, moegen_error *err) {
+    return moegen_template_render_mapped(set, entry_path, params, limits, out, out_len, NULL, NULL, err);
+}
+
+moegen_status moegen_template_render_mapped(const moegen_template_set *set, const char *entry_path,
+                                            const moegen_params *params,
+                                            const moegen_render_limits *limits, char **out,
+                                            size_t *out_len, moegen_line_origin **origins,
+                                            size_t *origin_count, moegen_error *err) {
     moegen_error_clear(err);
     if (out) *out = NULL;
     if (out_len) *out_len = 0;
+    if (origins) *origins = NULL;
+    if (origin_count) *origin_count = 0;
     if (!set || !entry_path || !out || !out_len || (set->count && !set->files))
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "moegen_template_render: NULL argument");
@@ -1576,6 +1626,7 @@ moegen_status moegen_template_render(const moegen_template_set *set, const char 
     render_context context;
     memset(&context, 0, sizeof context);
     context.set = set;
+    context.want_origins = origins != NULL && origin_count != NULL;
     context.max_memory_bytes =
         limits && limits->max_memory_bytes ? limits->max_memory_bytes : DEFAULT_MAX_MEMORY_BYTES;
     context.max_instructions =
@@ -1621,10 +1672,17 @@ moegen_status moegen_template_render(const moegen_template_set *set, const char 
     }
     if (status != MOEGEN_OK) {
         free(context.output);
+        free(context.origins);
         return status;
     }
     context.output[context.output_length] = '\0'; /* capacity always exceeds length */
     *out = context.output;
     *out_len = context.output_length;
+    if (context.want_origins) {
+        *origins = context.origins;
+        *origin_count = context.origin_count;
+    } else {
+        free(context.origins);
+    }
     return MOEGEN_OK;
 }

@@ -117,6 +117,23 @@ moegen_status moegen_template_render(const moegen_template_set *set, const char 
                                      const moegen_render_limits *limits, char **out,
                                      size_t *out_len, moegen_error *err);
 
+/* Where one output line came from: the template (a path owned by the template set) and
+ * its line. path is NULL for output not emitted by a template line. */
+typedef struct moegen_line_origin {
+    const char *path;
+    int line;
+} moegen_line_origin;
+
+/* moegen_template_render, also returning the origin of every output line: origins[i]
+ * is the template line that emitted output line i + 1 (malloc'd array, *origin_count
+ * entries; free with free()). Used to point compiler errors in generated code back
+ * at the template. */
+moegen_status moegen_template_render_mapped(const moegen_template_set *set, const char *entry_path,
+                                            const moegen_params *params,
+                                            const moegen_render_limits *limits, char **out,
+                                            size_t *out_len, moegen_line_origin **origins,
+                                            size_t *origin_count, moegen_error *err);
+
 /* The Lua chunk a template compiles to (for tests and debugging); malloc'd and
  * NUL-terminated, *out_len (if non-NULL) its length. NULL on a template syntax error
  * (unbalanced or empty ${}) or out of memory. */

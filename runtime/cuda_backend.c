@@ -1,6 +1,7 @@
 /* cuda_backend.c — the CUDA backend (see cuda_backend.h). */
 #include "cuda_backend.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +14,83 @@
 const char *const moegen_cuda_compile_options[] = {"--std=c++17", "-lineinfo", NULL};
 
 #define MAX_SHAPES 2
+
+/* ---- In-process module cache -------------------------------------------------------------
+ * Layers of one spec and architecture in one process (e.g. every MoE layer of a model)
+ * share one loaded CUmodule. Entries are keyed by (context, CUBIN cache key), counted
+ * by reference, and unloaded with their last layer. The table is process-wide by
+ * nature (a module belongs to a context, which is per process); it holds only immutable
+ * modules and is guarded by a mutex. */
+typedef struct loaded_module {
+    struct loaded_module *next;
+    moegen_cu_context context;
+    char key[65];
+    moegen_cu_module module;
+    int references;
+} loaded_module;
+
+static pthread_mutex_t loaded_modules_lock = PTHREAD_MUTEX_INITIALIZER;
+static loaded_module *loaded_modules;
+
+/* A module already loaded for (context, key), with one more reference; NULL if none. */
+static moegen_cu_module module_acquire(moegen_cu_context context, const char *key) {
+    moegen_cu_module module = NULL;
+    pthread_mutex_lock(&loaded_modules_lock);
+    for (loaded_module *m = loaded_modules; m; m = m->next)
+        if (m->context == context && !strcmp(m->key, key)) {
+            m->references++;
+            module = m->module;
+            break;
+        }
+    pthread_mutex_unlock(&loaded_modules_lock);
+    return module;
+}
+
+/* Register a freshly loaded module. If another thread registered the same key first,
+ * returns theirs (with a reference) and *duplicate is set so the caller unloads its own. */
+static moegen_cu_module module_register(moegen_cu_context context, const char *key, moegen_cu_module module,
+                                        int *duplicate) {
+    *duplicate = 0;
+    pthread_mutex_lock(&loaded_modules_lock);
+    for (loaded_module *m = loaded_modules; m; m = m->next)
+        if (m->context == context && !strcmp(m->key, key)) {
+            m->references++;
+            *duplicate = 1;
+            module = m->module;
+            pthread_mutex_unlock(&loaded_modules_lock);
+            return module;
+        }
+    loaded_module *entry = calloc(1, sizeof *entry);
+    if (entry) { /* without an entry the module is simply not shared */
+        entry->context = context;
+        snprintf(entry->key, sizeof entry->key, "%s", key);
+        entry->module = module;
+        entry->references = 1;
+        entry->next = loaded_modules;
+        loaded_modules = entry;
+    }
+    pthread_mutex_unlock(&loaded_modules_lock);
+    return module;
+}
+
+/* Drop a reference; returns 1 when the caller must unload the module (last reference,
+ * or a module that was never registered). */
+static int module_release(moegen_cu_module module) {
+    int unload = 1;
+    pthread_mutex_lock(&loaded_modules_lock);
+    for (loaded_module **link = &loaded_modules; *link; link = &(*link)->next)
+        if ((*link)->module == module) {
+            loaded_module *m = *link;
+            unload = --m->references == 0;
+            if (unload) {
+                *link = m->next;
+                free(m);
+            }
+            break;
+        }
+    pthread_mutex_unlock(&loaded_modules_lock);
+    return unload;
+}
 
 struct moegen_cuda_backend {
     const moegen_spec *spec;
@@ -87,6 +165,7 @@ static moegen_status build_cubin(void *ctx, const char *work_dir, const char *ar
     moegen_nvrtc_output out;
     memset(&out, 0, sizeof out);
     st = moegen_cuda_compile_generated(&nv, build->generated, build->arch, &out, err);
+    if (st == MOEGEN_ERR_COMPILE) moegen_generated_annotate(build->generated, err); /* a generator bug */
     if (st == MOEGEN_OK) {
         FILE *f = fopen(artifact_path, "wb");
         if (!f || fwrite(out.cubin, 1, out.cubin_size, f) != out.cubin_size)
@@ -192,16 +271,29 @@ moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, con
 
     moegen_nvrtc nv;
     memset(&nv, 0, sizeof nv);
+    char key[65] = "";
+    int shared_module = 0;
     if (st == MOEGEN_OK) st = moegen_nvrtc_open(&nv, err);
     if (st == MOEGEN_OK) {
-        char key[65];
         cubin_cache_key(&generated, arch, nv.version_major, nv.version_minor, key);
+        b->module = module_acquire(b->context, key); /* loaded by another layer already? */
+        shared_module = b->module != NULL;
+    }
+    if (st == MOEGEN_OK && !shared_module) {
         cubin_build build = {&generated, arch};
         st = moegen_cache_get(cache, "cuda", key, "module.cubin", build_cubin, &build, &cached, err);
     }
     moegen_nvrtc_close(&nv);
-    if (st == MOEGEN_OK) st = read_whole_file(cached.path, &cubin, &cubin_size, err);
-    CHECK(b->cu.cuModuleLoadData(&b->module, cubin), "cuModuleLoadData");
+    if (st == MOEGEN_OK && !shared_module) {
+        st = read_whole_file(cached.path, &cubin, &cubin_size, err);
+        CHECK(b->cu.cuModuleLoadData(&b->module, cubin), "cuModuleLoadData");
+        if (st == MOEGEN_OK) {
+            int duplicate;
+            moegen_cu_module mine = b->module;
+            b->module = module_register(b->context, key, mine, &duplicate);
+            if (duplicate) b->cu.cuModuleUnload(mine);
+        }
+    }
     const char *prefix = generated.symbol_prefix;
     if (st == MOEGEN_OK) st = get_function(b, prefix, "router", &b->router, err);
     if (st == MOEGEN_OK) st = get_function(b, prefix, "dispatch_count", &b->dispatch_count, err);
@@ -228,7 +320,7 @@ moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, con
         moegen_variant_default(spec, MOEGEN_BACKEND_CUDA, &target, &variant);
         b->variant = variant.cuda;
         snprintf(desc->variant, sizeof desc->variant, "%s", generated.variant_name);
-        desc->cache_hit = cached.hit;
+        desc->cache_hit = shared_module || cached.hit;
     }
     free(cubin);
     moegen_cache_result_release(&cached);
@@ -246,7 +338,7 @@ void moegen_cuda_backend_close(moegen_cuda_backend *b) {
     if (b->cu.library) {
         if (b->context) b->cu.cuCtxSetCurrent(b->context);
         if (b->workspace) b->cu.cuMemFree(b->workspace);
-        if (b->module) b->cu.cuModuleUnload(b->module);
+        if (b->module && module_release(b->module)) b->cu.cuModuleUnload(b->module);
         if (b->context) b->cu.cuDevicePrimaryCtxRelease(b->device);
         moegen_cuda_close(&b->cu);
     }

@@ -100,7 +100,9 @@ static moegen_status build_module(void *ctx, const char *work_dir, const char *a
     }
     char log_path[PATH_MAX];
     snprintf(log_path, sizeof log_path, "%s/compile.log", work_dir);
-    return moegen_host_compile(build->compiler, source_path, artifact_path, log_path, err);
+    moegen_status st = moegen_host_compile(build->compiler, source_path, artifact_path, log_path, err);
+    if (st == MOEGEN_ERR_COMPILE) moegen_generated_annotate(gen, err); /* point at the template */
+    return st;
 }
 
 /* Cache key: everything that determines the shared object, and nothing else (no

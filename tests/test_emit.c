@@ -308,6 +308,31 @@ static void template_errors_surface_with_the_template_line(void **state) {
     moegen_spec_free(&spec);
 }
 
+static void compiler_errors_are_traced_back_to_the_template_line(void **state) {
+    (void)state;
+    moegen_spec spec;
+    parse_spec("name: trace\nnum_experts: 4\nnum_experts_per_tok: 1\nhidden_size: 32\nmoe_intermediate_size: 16\n", &spec);
+    moegen_generated gen;
+    generate(&spec, &gen);
+    const moegen_generated_file *main_file = &gen.files[gen.main_file];
+    /* every output line has an origin */
+    size_t lines = 0;
+    for (size_t i = 0; i < main_file->len; i++) lines += main_file->text[i] == '\n';
+    assert_int_equal(main_file->n_origins, lines);
+    /* the first line of the file is the header partial's first line */
+    moegen_error err;
+    moegen_error_set(&err, MOEGEN_ERR_COMPILE, 0, "%s:1:3: error: something", main_file->name);
+    moegen_generated_annotate(&gen, &err);
+    assert_non_null(strstr(err.message, "comes from templates/common/header.tpl:1"));
+    /* an NVRTC-style location, deep in the file, lands in a stage template */
+    const long deep = (long)lines - 2;
+    moegen_error_set(&err, MOEGEN_ERR_COMPILE, 0, "%s(%ld): error: x", main_file->name, deep);
+    moegen_generated_annotate(&gen, &err);
+    assert_non_null(strstr(err.message, "comes from templates/cpu/"));
+    moegen_generated_free(&gen);
+    moegen_spec_free(&spec);
+}
+
 static void write_skips_unchanged_files(void **state) {
     (void)state;
     moegen_spec spec;
@@ -339,6 +364,7 @@ int main(void) {
         cmocka_unit_test(small_spec_matrix_compiles_without_warnings),
         cmocka_unit_test(variant_check_rejects_tiles_that_do_not_fit),
         cmocka_unit_test(template_errors_surface_with_the_template_line),
+        cmocka_unit_test(compiler_errors_are_traced_back_to_the_template_line),
         cmocka_unit_test(write_skips_unchanged_files),
     };
     return cmocka_run_group_tests_name("generator", tests, NULL, NULL);

@@ -528,13 +528,58 @@ static void forward_is_bitwise_reproducible_across_runs_and_thread_counts(void *
     moegen_spec_free(&spec);
 }
 
+/* GPU only: a second layer of the same spec in the process reuses the loaded module
+ * (in-process module cache) and both layers compute the same bits. */
+static void two_cuda_layers_of_one_spec_share_the_module(void **state) {
+    (void)state;
+    if (!on_gpu() || !gpu_usable()) skip();
+    const char *yaml = "name: shared_module\nnum_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\n"
+                       "moe_intermediate_size: 32\n";
+    moegen_spec spec;
+    moegen_error err;
+    assert_int_equal(moegen_spec_parse(yaml, strlen(yaml), "shared", &spec, &err), MOEGEN_OK);
+    moegen_open_options options;
+    moegen_open_options_init(&options);
+    options.device = MOEGEN_DEVICE_CUDA;
+    moegen_layer *first, *second;
+    if (moegen_layer_open_string(yaml, strlen(yaml), NULL, &options, &first, &err) != MOEGEN_OK ||
+        moegen_layer_open_string(yaml, strlen(yaml), NULL, &options, &second, &err) != MOEGEN_OK)
+        fail_msg("open: %s", err.message);
+    moegen_layer_desc desc;
+    assert_int_equal(moegen_layer_describe(second, &desc), MOEGEN_OK);
+    assert_int_equal(desc.cache_hit, 1);
+    const int64_t S = 100;
+    moe_tensors ts;
+    assert_int_equal(moe_tensors_alloc(&spec, S, &ts), 0);
+    moe_tensors_fill(&ts, 9);
+    device_copies device;
+    device_open(&device);
+    device_upload(&device, &ts, &spec);
+    kernel_outputs a, b;
+    outputs_alloc(&a, &spec, S);
+    outputs_alloc(&b, &spec, S);
+    bind_device_tensors(first, &device);
+    bind_device_tensors(second, &device);
+    run_forward_on_device(&device, first, &spec, &ts, &a);
+    moegen_layer_close(first); /* the module stays loaded for the second layer */
+    run_forward_on_device(&device, second, &spec, &ts, &b);
+    assert_memory_equal(a.y, b.y, (size_t)S * spec.hidden_size * moegen_dtype_size(spec.dtype));
+    moegen_layer_close(second);
+    device_close(&device);
+    outputs_free(&a);
+    outputs_free(&b);
+    moe_tensors_free(&ts);
+    moegen_spec_free(&spec);
+}
+
 int main(void) {
     enum { N = sizeof CASES / sizeof CASES[0] };
-    struct CMUnitTest tests[N + 1];
+    struct CMUnitTest tests[N + 2];
     for (int i = 0; i < N; i++) {
         tests[i] = (struct CMUnitTest){CASES[i].name, test_case_or_skip, NULL, NULL, (void *)&CASES[i]};
     }
     tests[N] = (struct CMUnitTest)cmocka_unit_test(forward_is_bitwise_reproducible_across_runs_and_thread_counts);
+    tests[N + 1] = (struct CMUnitTest)cmocka_unit_test(two_cuda_layers_of_one_spec_share_the_module);
     return cmocka_run_group_tests_name(on_gpu() ? "forward matrix (cuda)" : "forward matrix (cpu)", tests,
                                        gpu_setup, NULL);
 }
