@@ -26,11 +26,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 step test_cuda_api 120 "$build/tests/test_cuda_api"
 MOEGEN_TEST_DEVICE=cuda step test_forward_gpu 420 "$build/tests/test_forward"
 step test_layer 120 "$build/tests/test_layer"
-for run in memcheck:demo racecheck:demo initcheck:demo memcheck:test-capacity racecheck:test-capacity \
-           initcheck:test-capacity memcheck:test-features memcheck:test-fp32; do
-    tool=${run%%:*} spec=${run#*:}
-    step "sanitizer-$tool-$spec" 150 "$sanitizer" --tool "$tool" --error-exitcode 9 \
-        "$build/moegen" run "specs/$spec.yaml" --device cuda --tokens 67 --repeat 1
+for spec in demo test-capacity test-features test-fp32; do
+    for tool in memcheck racecheck initcheck; do
+        step "sanitizer-$tool-$spec" 150 "$sanitizer" --tool "$tool" --error-exitcode 9 \
+            "$build/moegen" run "specs/$spec.yaml" --device cuda --tokens 67 --repeat 1
+    done
 done
 if [ "${MOEGEN_SKIP_RUNS:-0}" != 1 ]; then
     for spec in specs/*.yaml; do

@@ -126,6 +126,19 @@ static double now_ms(void) {
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
+/* The kernel-ABI weight view as the public API takes it (same tensors, same layouts). */
+static void public_weights(const moegen_kernel_weights *kw, moegen_weights *w) {
+    *w = (moegen_weights){
+        .router_w = kw->router_w, .router_b = kw->router_b, .score_bias = kw->score_bias,
+        .w1 = kw->w1, .b1 = kw->b1, .w2 = kw->w2, .b2 = kw->b2,
+        .shared_w1 = kw->shared_w1, .shared_b1 = kw->shared_b1, .shared_w2 = kw->shared_w2,
+        .shared_b2 = kw->shared_b2, .shared_gate = kw->shared_gate,
+        .residual_w1 = kw->residual_w1, .residual_b1 = kw->residual_b1,
+        .residual_w2 = kw->residual_w2, .residual_b2 = kw->residual_b2,
+        .residual_coef_w = kw->residual_coef_w, .residual_coef_b = kw->residual_coef_b,
+    };
+}
+
 static int compare_doubles(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -375,15 +388,8 @@ int moegen_cli_run(int argc, char **argv) {
 
     moegen_kernel_weights kw;
     moe_tensors_weights(&ts, &kw);
-    moegen_weights weights = {
-        .router_w = kw.router_w, .router_b = kw.router_b, .score_bias = kw.score_bias,
-        .w1 = kw.w1, .b1 = kw.b1, .w2 = kw.w2, .b2 = kw.b2,
-        .shared_w1 = kw.shared_w1, .shared_b1 = kw.shared_b1, .shared_w2 = kw.shared_w2,
-        .shared_b2 = kw.shared_b2, .shared_gate = kw.shared_gate,
-        .residual_w1 = kw.residual_w1, .residual_b1 = kw.residual_b1,
-        .residual_w2 = kw.residual_w2, .residual_b2 = kw.residual_b2,
-        .residual_coef_w = kw.residual_coef_w, .residual_coef_b = kw.residual_coef_b,
-    };
+    moegen_weights weights;
+    public_weights(&kw, &weights);
     const int on_gpu = desc.device == MOEGEN_DEVICE_CUDA;
     if (on_gpu) { /* device copies; the layer gets device pointers */
         if (cuda_run_open(&gpu, options.cuda_device) || cuda_run_upload(&gpu, &ts, &spec)) goto done;
@@ -624,15 +630,8 @@ int moegen_cli_bench(int argc, char **argv) {
     moe_tensors_fill(&ts, (uint64_t)seed);
     moegen_kernel_weights kw;
     moe_tensors_weights(&ts, &kw);
-    moegen_weights weights = {
-        .router_w = kw.router_w, .router_b = kw.router_b, .score_bias = kw.score_bias,
-        .w1 = kw.w1, .b1 = kw.b1, .w2 = kw.w2, .b2 = kw.b2,
-        .shared_w1 = kw.shared_w1, .shared_b1 = kw.shared_b1, .shared_w2 = kw.shared_w2,
-        .shared_b2 = kw.shared_b2, .shared_gate = kw.shared_gate,
-        .residual_w1 = kw.residual_w1, .residual_b1 = kw.residual_b1,
-        .residual_w2 = kw.residual_w2, .residual_b2 = kw.residual_b2,
-        .residual_coef_w = kw.residual_coef_w, .residual_coef_b = kw.residual_coef_b,
-    };
+    moegen_weights weights;
+    public_weights(&kw, &weights);
     if (on_gpu) {
         if (cuda_run_open(&gpu, options.cuda_device) || cuda_run_upload(&gpu, &ts, &spec)) goto done;
         cuda_run_weights(&gpu, &weights);
