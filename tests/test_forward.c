@@ -481,6 +481,7 @@ static void test_case_or_skip(void **state) {
 /* Same inputs, two runs, 1 and 2 threads: bitwise identical outputs. */
 static void forward_is_bitwise_reproducible_across_runs_and_thread_counts(void **state) {
     (void)state;
+    if (on_gpu() && !gpu_usable()) skip(); /* before anything is allocated */
     const char *yaml = "name: determinism\nnum_experts: 16\nnum_experts_per_tok: 4\nhidden_size: 64\n"
                        "moe_intermediate_size: 48\nshared_experts:\n  count: 1\n  intermediate_size: 32\n"
                        "capacity:\n  mode: factor\n  priority: random\n";
@@ -491,7 +492,6 @@ static void forward_is_bitwise_reproducible_across_runs_and_thread_counts(void *
     moe_tensors ts;
     assert_int_equal(moe_tensors_alloc(&spec, S, &ts), 0);
     moe_tensors_fill(&ts, 42);
-    if (on_gpu() && !gpu_usable()) skip();
     kernel_outputs runs[3];
     for (int r = 0; r < 3; r++) {
         moegen_open_options options;
