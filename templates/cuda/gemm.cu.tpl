@@ -106,6 +106,29 @@ __device__ __forceinline__ bool locate(const moegen_cuda_args &a, int group, int
     n_rows = p.n_rows;
     return tile_row0 < n_rows;
 }
+/* Issue the copies of one pipeline stage: TILE_M activation rows (a_row[m], nullptr for a
+ * zero row) and the weight rows of columns [n0, n0 + TILE_N) (gate rows, then the up rows
+ * UP_OFFSET further when GATED), k in [k0, k0 + TILE_K). Out-of-range chunks are zero-filled. */
+template <int K, int N_LIMIT, bool GATED, int UP_OFFSET, typename Shared>
+__device__ __forceinline__ void load_tile_stage(Shared *a_stage, Shared *b_stage, const elem_t *const *a_row,
+                                                const elem_t *w, long long n0, int k0) {
+    constexpr int B_TOTAL = (GATED ? 2 : 1) * TILE_N;
+    for (int i = threadIdx.x; i < TILE_M * CHUNKS_PER_ROW; i += GEMM_THREADS) {
+        const int row = i / CHUNKS_PER_ROW, chunk = i % CHUNKS_PER_ROW;
+        const int k = k0 + chunk * CHUNK_ELEMS;
+        const elem_t *src = a_row[row];
+        const bool ok = src != nullptr && k < K;
+        copy_async_16(shared_address(&a_stage[tile_offset(row, chunk)]), ok ? src + k : w, ok ? 16 : 0);
+    }
+    for (int i = threadIdx.x; i < B_TOTAL * CHUNKS_PER_ROW; i += GEMM_THREADS) {
+        const int row = i / CHUNKS_PER_ROW, chunk = i % CHUNKS_PER_ROW;
+        const int k = k0 + chunk * CHUNK_ELEMS;
+        const long long n = n0 + (row % TILE_N);
+        const long long w_row = (GATED && row >= TILE_N) ? UP_OFFSET + n : n;
+        const bool ok = n < N_LIMIT && k < K;
+        copy_async_16(shared_address(&b_stage[tile_offset(row, chunk)]), ok ? w + w_row * K + k : w, ok ? 16 : 0);
+    }
+}
 % if not fp32 then
 
 /* One CTA tile of C[TILE_M x TILE_N] (+ the up tile when GATED) = A[rows x K] * W[n x K]^T on
@@ -124,23 +147,7 @@ __device__ __forceinline__ void mma_tile(const elem_t *const *a_row, const elem_
     const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
 
     auto load_stage = [&](int stage, int k_tile) {
-        const int k0 = k_tile * TILE_K;
-        for (int i = threadIdx.x; i < TILE_M * CHUNKS_PER_ROW; i += GEMM_THREADS) {
-            const int row = i / CHUNKS_PER_ROW, chunk = i % CHUNKS_PER_ROW;
-            const int k = k0 + chunk * CHUNK_ELEMS;
-            const elem_t *src = a_row[row];
-            const bool ok = src != nullptr && k < K;
-            copy_async_16(shared_address(&a_tile[stage][tile_offset(row, chunk)]), ok ? src + k : w, ok ? 16 : 0);
-        }
-        for (int i = threadIdx.x; i < B_TOTAL * CHUNKS_PER_ROW; i += GEMM_THREADS) {
-            const int row = i / CHUNKS_PER_ROW, chunk = i % CHUNKS_PER_ROW;
-            const int k = k0 + chunk * CHUNK_ELEMS;
-            const long long n = n0 + (row % TILE_N);
-            const long long w_row = (GATED && row >= TILE_N) ? UP_OFFSET + n : n;
-            const bool ok = n < N_LIMIT && k < K;
-            copy_async_16(shared_address(&b_tile[stage][tile_offset(row, chunk)]), ok ? w + w_row * K + k : w,
-                          ok ? 16 : 0);
-        }
+        load_tile_stage<K, N_LIMIT, GATED, UP_OFFSET>(a_tile[stage], b_tile[stage], a_row, w, n0, k_tile * TILE_K);
     };
 
 #pragma unroll
@@ -213,23 +220,7 @@ __device__ __forceinline__ void fma_tile(const elem_t *const *a_row, const elem_
     const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
 
     auto load_stage = [&](int stage, int k_tile) {
-        const int k0 = k_tile * TILE_K;
-        for (int i = threadIdx.x; i < TILE_M * CHUNKS_PER_ROW; i += GEMM_THREADS) {
-            const int row = i / CHUNKS_PER_ROW, chunk = i % CHUNKS_PER_ROW;
-            const int k = k0 + chunk * CHUNK_ELEMS;
-            const elem_t *src = a_row[row];
-            const bool ok = src != nullptr && k < K;
-            copy_async_16(shared_address(&a_tile[stage][tile_offset(row, chunk)]), ok ? src + k : w, ok ? 16 : 0);
-        }
-        for (int i = threadIdx.x; i < B_TOTAL * CHUNKS_PER_ROW; i += GEMM_THREADS) {
-            const int row = i / CHUNKS_PER_ROW, chunk = i % CHUNKS_PER_ROW;
-            const int k = k0 + chunk * CHUNK_ELEMS;
-            const long long n = n0 + (row % TILE_N);
-            const long long w_row = (GATED && row >= TILE_N) ? UP_OFFSET + n : n;
-            const bool ok = n < N_LIMIT && k < K;
-            copy_async_16(shared_address(&b_tile[stage][tile_offset(row, chunk)]), ok ? w + w_row * K + k : w,
-                          ok ? 16 : 0);
-        }
+        load_tile_stage<K, N_LIMIT, GATED, UP_OFFSET>(a_tile[stage], b_tile[stage], a_row, w, n0, k_tile * TILE_K);
     };
 
 #pragma unroll
