@@ -27,7 +27,7 @@ for target in spec template generate npy; do
     case $target in
     spec) cp specs/*.yaml "$corpus/" ;;
     template) cp templates/cpu/*.tpl templates/common/*.tpl "$corpus/" ;;
-    npy) python3 -c "import sys" 2> /dev/null; printf '\x93NUMPY\x01\x00v\x00{'"'"'descr'"'"': '"'"'<f4'"'"', '"'"'fortran_order'"'"': False, '"'"'shape'"'"': (2,), }                                                      \n\x00\x00\x80\x3f\x00\x00\x00\x40' > "$corpus/seed.npy" ;;
+    npy) printf '\x93NUMPY\x01\x00v\x00{'"'"'descr'"'"': '"'"'<f4'"'"', '"'"'fortran_order'"'"': False, '"'"'shape'"'"': (2,), }                                                      \n\x00\x00\x80\x3f\x00\x00\x00\x40' > "$corpus/seed.npy" ;;
     esac
     echo "== fuzz_$target: ${seconds}s"
     (cd "$findings" && ASAN_OPTIONS=detect_leaks=1 ../../fuzz_$target -max_total_time="$seconds" -max_len=65536 \
