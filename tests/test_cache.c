@@ -37,6 +37,7 @@
 #include <unistd.h>
 
 #include "cache.h"
+#include "test_support.h"
 #include "host_cc.h"
 #include "sha256.h"
 
@@ -65,19 +66,6 @@ typedef struct text_builder {
 
 /* ---- helpers ------------------------------------------------------------------ */
 
-/* snprintf for paths and short texts that must fit (a test failure otherwise). */
-static void format_path(char *out, size_t size, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void format_path(char *out, size_t size, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    int written = vsnprintf(out, size, fmt, ap);
-    va_end(ap);
-    if (written < 0 || (size_t)written >= size)
-        fail_msg("text does not fit in %zu bytes: %s", size, out);
-}
-
 static void capture_log(void *user, moegen_log_level level, const char *message) {
     log_capture *log = user;
     if (level == MOEGEN_LOG_WARNING) {
@@ -95,9 +83,9 @@ static int setup_fixture(void **state) {
     if (!base || base[0] != '/')
         base = "/tmp";
     if (f) {
-        format_path(f->dir, sizeof f->dir, "%s/moegen-test-cache-XXXXXX", base);
+        format_text(f->dir, sizeof f->dir, "%s/moegen-test-cache-XXXXXX", base);
         if (mkdtemp(f->dir)) {
-            format_path(f->root, sizeof f->root, "%s/cache", f->dir);
+            format_text(f->root, sizeof f->root, "%s/cache", f->dir);
             result = 0;
         }
     }
@@ -186,7 +174,7 @@ static void open_cache(fixture *f, moegen_cache *c) {
 
 /* The entry directory of a result (its path without the artifact name). */
 static void entry_of(const moegen_cache_result *res, char *out, size_t size) {
-    format_path(out, size, "%s", res->path);
+    format_text(out, size, "%s", res->path);
     char *slash = strrchr(out, '/');
     if (slash)
         *slash = '\0';
@@ -222,7 +210,7 @@ static void cache_builds_on_a_miss_and_hits_without_building_again(void **state)
     assert_int_equal(st.st_mode & 07777, 0700);
     assert_int_equal(stat(first.path, &st), 0);
     assert_int_equal(st.st_mode & 07777, 0600);
-    format_path(manifest, sizeof manifest, "%s/manifest", entry);
+    format_text(manifest, sizeof manifest, "%s/manifest", entry);
     assert_int_equal(stat(manifest, &st), 0);
     assert_int_equal(st.st_mode & 07777, 0600);
 
@@ -299,7 +287,7 @@ static void overwrite_artifact_with_random_bytes(const char *entry, const char *
 
 static void change_manifest_hash(const char *entry, const char *artifact) {
     char path[PATH_MAX], text[1024];
-    format_path(path, sizeof path, "%s/manifest", entry);
+    format_text(path, sizeof path, "%s/manifest", entry);
     assert_true(read_text_file(path, text, sizeof text) > 0);
     char *hash = strstr(text, "sha256 ");
     assert_non_null(hash);
@@ -310,13 +298,13 @@ static void change_manifest_hash(const char *entry, const char *artifact) {
 
 static void remove_manifest(const char *entry, const char *artifact) {
     char path[PATH_MAX];
-    format_path(path, sizeof path, "%s/manifest", entry);
+    format_text(path, sizeof path, "%s/manifest", entry);
     assert_int_equal(unlink(path), 0);
 }
 
 static void replace_manifest_with_garbage(const char *entry, const char *artifact) {
     char path[PATH_MAX];
-    format_path(path, sizeof path, "%s/manifest", entry);
+    format_text(path, sizeof path, "%s/manifest", entry);
     assert_int_equal(write_text_file(path, "this is not a manifest\n\x01\x02\x03 size 12\n"), 0);
 }
 
@@ -349,7 +337,7 @@ static void check_bad_entry_is_rebuilt(fixture *f, corrupt_fn corrupt, const cha
         fail_msg("warning '%s' does not say '%s'", f->log.last_warning, why_part);
     assert_true(read_text_file(res.path, text, sizeof text) > 0);
     assert_string_equal(text, b.text);
-    format_path(tmp, sizeof tmp, "%s/tmp", c.root);
+    format_text(tmp, sizeof tmp, "%s/tmp", c.root);
     assert_int_equal(count_entries(tmp), 0);
 
     assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
@@ -424,7 +412,7 @@ static void cache_rebuilds_an_entry_that_is_a_symlink(void **state) {
                      MOEGEN_OK);
     entry_of(&res, entry, sizeof entry);
     /* move the (valid) entry elsewhere and link to it: never trusted */
-    format_path(elsewhere, sizeof elsewhere, "%s/elsewhere", f->dir);
+    format_text(elsewhere, sizeof elsewhere, "%s/elsewhere", f->dir);
     assert_int_equal(rename(entry, elsewhere), 0);
     assert_int_equal(symlink(elsewhere, entry), 0);
     assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
@@ -434,7 +422,7 @@ static void cache_rebuilds_an_entry_that_is_a_symlink(void **state) {
     assert_non_null(strstr(f->log.last_warning, "not a directory"));
     read_text_file(res.path, text, sizeof text);
     assert_string_equal(text, "real\n");
-    format_path(planted, sizeof planted, "%s/module.so", elsewhere);
+    format_text(planted, sizeof planted, "%s/module.so", elsewhere);
     assert_true(path_exists(planted)); /* eviction removed the link, not its target */
 }
 
@@ -491,9 +479,9 @@ static void cache_cold_start_in_eight_processes_leaves_one_entry_and_no_temporar
         assert_true(WIFEXITED(status));
         assert_int_equal(WEXITSTATUS(status), 0);
     }
-    format_path(parent, sizeof parent, "%s/cpu/%.2s", f->root, key);
-    format_path(entry, sizeof entry, "%s/%s", parent, key);
-    format_path(tmp, sizeof tmp, "%s/tmp", f->root);
+    format_text(parent, sizeof parent, "%s/cpu/%.2s", f->root, key);
+    format_text(entry, sizeof entry, "%s/%s", parent, key);
+    format_text(tmp, sizeof tmp, "%s/tmp", f->root);
     assert_int_equal(count_entries(parent), 1);
     assert_true(path_exists(entry));
     assert_int_equal(count_entries(tmp), 0);
@@ -584,8 +572,8 @@ static void cache_in_a_read_only_root_builds_in_a_temporary_directory(void **sta
 static void cache_under_a_regular_file_is_unusable_but_still_builds(void **state) {
     fixture *f = *state;
     char file[PATH_MAX], root[PATH_MAX];
-    format_path(file, sizeof file, "%s/plain-file", f->dir);
-    format_path(root, sizeof root, "%s/cache", file);
+    format_text(file, sizeof file, "%s/plain-file", f->dir);
+    format_text(root, sizeof root, "%s/cache", file);
     assert_int_equal(write_text_file(file, "x"), 0);
     assert_int_equal(unusable_cache_still_builds(root, "cannot create it"), 0);
 }
@@ -629,8 +617,8 @@ static void cache_under_a_parent_others_can_write_is_unusable_unless_it_is_stick
     moegen_error err;
     log_capture log = {0};
     char shared[PATH_MAX], root[PATH_MAX];
-    format_path(shared, sizeof shared, "%s/shared", f->dir);
-    format_path(root, sizeof root, "%s/cache", shared);
+    format_text(shared, sizeof shared, "%s/shared", f->dir);
+    format_text(root, sizeof root, "%s/cache", shared);
     assert_int_equal(mkdir(shared, 0700), 0);
     assert_int_equal(chmod(shared, 0777), 0);
     assert_int_equal(unusable_cache_still_builds(root, "is writable by others"), 0);
@@ -651,7 +639,7 @@ static void cache_falls_back_to_a_temporary_directory_when_a_write_fails(void **
     open_cache(f, &c);
     assert_true(c.usable);
     /* after open, make <root>/cpu impossible to create */
-    format_path(blocker, sizeof blocker, "%s/cpu", c.root);
+    format_text(blocker, sizeof blocker, "%s/cpu", c.root);
     assert_int_equal(write_text_file(blocker, "in the way"), 0);
     for (int round = 0; round < 2; round++) {
         assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
@@ -659,7 +647,7 @@ static void cache_falls_back_to_a_temporary_directory_when_a_write_fails(void **
         assert_string_not_equal(res.temp_dir, "");
         read_text_file(res.path, text, sizeof text);
         assert_string_equal(text, b.text);
-        format_path(kept, sizeof kept, "%s", res.temp_dir);
+        format_text(kept, sizeof kept, "%s", res.temp_dir);
         moegen_cache_result_release(&res);
         assert_false(path_exists(kept));
     }
@@ -675,7 +663,7 @@ static void cache_without_a_log_callback_warns_on_stderr(void **state) {
     int saved_stderr, capture_fd;
     assert_int_equal(mkdir(f->root, 0700), 0);
     assert_int_equal(chmod(f->root, 0777), 0);
-    format_path(captured, sizeof captured, "%s/stderr.txt", f->dir);
+    format_text(captured, sizeof captured, "%s/stderr.txt", f->dir);
     fflush(stderr);
     saved_stderr = dup(2);
     capture_fd = open(captured, O_WRONLY | O_CREAT | O_TRUNC, 0600);
@@ -712,8 +700,8 @@ static void cache_passes_a_builder_error_on_unchanged_and_publishes_nothing(void
     assert_non_null(strstr(err.message, "builder failed on purpose"));
     assert_string_equal(res.path, "");
     assert_string_equal(res.temp_dir, "");
-    format_path(parent, sizeof parent, "%s/cpu/%.2s", c.root, key);
-    format_path(tmp, sizeof tmp, "%s/tmp", c.root);
+    format_text(parent, sizeof parent, "%s/cpu/%.2s", c.root, key);
+    format_text(tmp, sizeof tmp, "%s/tmp", c.root);
     assert_true(count_entries(parent) <= 0);
     assert_int_equal(count_entries(tmp), 0);
     assert_int_equal(f->log.warnings, 0);
@@ -727,7 +715,7 @@ static void cache_rejects_malformed_kinds_keys_and_artifact_names(void **state) 
     text_builder b = {.text = "never\n"};
     char key[65], upper[65];
     make_key("arguments", key);
-    format_path(upper, sizeof upper, "%s", key);
+    format_text(upper, sizeof upper, "%s", key);
     for (char *p = upper; *p; p++)
         if (*p >= 'a' && *p <= 'f')
             *p = (char)(*p - 'a' + 'A');
@@ -765,9 +753,9 @@ static void cache_removes_work_directories_left_by_crashed_processes(void **stat
     struct timespec two_hours_ago[2];
     make_key("stale", key);
     open_cache(f, &c);
-    format_path(old_dir, sizeof old_dir, "%s/tmp/%s.99999.AbCdEf", c.root, key);
-    format_path(old_file, sizeof old_file, "%s/module.so", old_dir);
-    format_path(fresh_dir, sizeof fresh_dir, "%s/tmp/%s.99998.GhIjKl", c.root, key);
+    format_text(old_dir, sizeof old_dir, "%s/tmp/%s.99999.AbCdEf", c.root, key);
+    format_text(old_file, sizeof old_file, "%s/module.so", old_dir);
+    format_text(fresh_dir, sizeof fresh_dir, "%s/tmp/%s.99998.GhIjKl", c.root, key);
     assert_int_equal(mkdir(old_dir, 0700), 0);
     assert_int_equal(write_text_file(old_file, "partial"), 0);
     assert_int_equal(mkdir(fresh_dir, 0700), 0);
@@ -806,25 +794,25 @@ static void cache_resolves_its_root_from_the_environment(void **state) {
         saved[i] = saved_env(names[i]);
     assert_non_null(realpath(f->dir, real_dir));
 
-    format_path(value, sizeof value, "%s/from-env", f->dir);
+    format_text(value, sizeof value, "%s/from-env", f->dir);
     set_env("MOEGEN_CACHE_DIR", value);
     assert_int_equal(moegen_cache_open(&c, NULL, capture_log, &log, &err), MOEGEN_OK);
-    format_path(expected, sizeof expected, "%s/from-env", real_dir);
+    format_text(expected, sizeof expected, "%s/from-env", real_dir);
     assert_true(c.usable);
     assert_string_equal(c.root, expected);
 
     set_env("MOEGEN_CACHE_DIR", NULL);
-    format_path(value, sizeof value, "%s/xdg", f->dir);
+    format_text(value, sizeof value, "%s/xdg", f->dir);
     set_env("XDG_CACHE_HOME", value);
     assert_int_equal(moegen_cache_open(&c, NULL, capture_log, &log, &err), MOEGEN_OK);
-    format_path(expected, sizeof expected, "%s/xdg/moegen", real_dir);
+    format_text(expected, sizeof expected, "%s/xdg/moegen", real_dir);
     assert_string_equal(c.root, expected);
 
     set_env("XDG_CACHE_HOME", "relative/ignored");
-    format_path(value, sizeof value, "%s/home", f->dir);
+    format_text(value, sizeof value, "%s/home", f->dir);
     set_env("HOME", value);
     assert_int_equal(moegen_cache_open(&c, NULL, capture_log, &log, &err), MOEGEN_OK);
-    format_path(expected, sizeof expected, "%s/home/.cache/moegen", real_dir);
+    format_text(expected, sizeof expected, "%s/home/.cache/moegen", real_dir);
     assert_true(c.usable);
     assert_string_equal(c.root, expected);
     assert_int_equal(log.warnings, 0);
@@ -846,22 +834,22 @@ static void remove_tree_does_not_follow_a_symlink_to_outside(void **state) {
     fixture *f = *state;
     char outside[PATH_MAX], keep[PATH_MAX], tree[PATH_MAX], sub[PATH_MAX], link_path[PATH_MAX],
         lone_link[PATH_MAX];
-    format_path(outside, sizeof outside, "%s/outside", f->dir);
-    format_path(keep, sizeof keep, "%s/keep.txt", outside);
-    format_path(tree, sizeof tree, "%s/tree", f->dir);
-    format_path(sub, sizeof sub, "%s/sub", tree);
+    format_text(outside, sizeof outside, "%s/outside", f->dir);
+    format_text(keep, sizeof keep, "%s/keep.txt", outside);
+    format_text(tree, sizeof tree, "%s/tree", f->dir);
+    format_text(sub, sizeof sub, "%s/sub", tree);
     assert_int_equal(mkdir(outside, 0700), 0);
     assert_int_equal(write_text_file(keep, "keep me"), 0);
     assert_int_equal(mkdir(tree, 0700), 0);
     assert_int_equal(mkdir(sub, 0500), 0); /* read-only subdirectory, still removable */
-    format_path(link_path, sizeof link_path, "%s/to-outside-dir", tree);
+    format_text(link_path, sizeof link_path, "%s/to-outside-dir", tree);
     assert_int_equal(symlink(outside, link_path), 0);
-    format_path(link_path, sizeof link_path, "%s/to-outside-file", tree);
+    format_text(link_path, sizeof link_path, "%s/to-outside-file", tree);
     assert_int_equal(symlink(keep, link_path), 0);
-    format_path(link_path, sizeof link_path, "%s/dangling", tree);
+    format_text(link_path, sizeof link_path, "%s/dangling", tree);
     assert_int_equal(symlink("/nonexistent/moegen", link_path), 0);
     assert_int_equal(chmod(sub, 0700), 0);
-    format_path(link_path, sizeof link_path, "%s/file.txt", sub);
+    format_text(link_path, sizeof link_path, "%s/file.txt", sub);
     assert_int_equal(write_text_file(link_path, "inner"), 0);
     assert_int_equal(chmod(sub, 0500), 0);
 
@@ -870,7 +858,7 @@ static void remove_tree_does_not_follow_a_symlink_to_outside(void **state) {
     assert_true(path_exists(keep));
 
     /* a symlink given as the tree itself: the link goes, its target stays */
-    format_path(lone_link, sizeof lone_link, "%s/lone-link", f->dir);
+    format_text(lone_link, sizeof lone_link, "%s/lone-link", f->dir);
     assert_int_equal(symlink(outside, lone_link), 0);
     assert_int_equal(moegen_remove_tree(lone_link), 0);
     assert_false(path_exists(lone_link));
@@ -902,8 +890,8 @@ static void host_compiler_probe_reports_an_identity_and_flags(void **state) {
 /* Write <dir>/answer_config.h (found only through -I) and <dir>/answer.c. */
 static void write_answer_source(const char *dir, char *source, size_t size) {
     char header[PATH_MAX];
-    format_path(header, sizeof header, "%s/answer_config.h", dir);
-    format_path(source, size, "%s/answer.c", dir);
+    format_text(header, sizeof header, "%s/answer_config.h", dir);
+    format_text(source, size, "%s/answer.c", dir);
     assert_int_equal(write_text_file(header, "#define ANSWER_FACTOR 6\n"), 0);
     assert_int_equal(write_text_file(source, "#include <answer_config.h>\n"
                                              "#include <math.h>\n"
@@ -930,8 +918,8 @@ static void host_compiler_builds_a_shared_object_that_loads_and_runs(void **stat
     char source[PATH_MAX], output[PATH_MAX], log_path[PATH_MAX];
     assert_int_equal(moegen_host_compiler_probe(&hc, &err), MOEGEN_OK);
     write_answer_source(f->dir, source, sizeof source);
-    format_path(output, sizeof output, "%s/answer.so", f->dir);
-    format_path(log_path, sizeof log_path, "%s/compile.log", f->dir);
+    format_text(output, sizeof output, "%s/answer.so", f->dir);
+    format_text(log_path, sizeof log_path, "%s/compile.log", f->dir);
     if (moegen_host_compile(&hc, source, output, log_path, &err) != MOEGEN_OK)
         fail_msg("compile failed: %s", err.message);
     check_answer_library(output);
@@ -943,9 +931,9 @@ static void host_compiler_reports_a_compile_error_with_the_compilers_message(voi
     moegen_error err;
     char source[PATH_MAX], output[PATH_MAX], log_path[PATH_MAX];
     assert_int_equal(moegen_host_compiler_probe(&hc, &err), MOEGEN_OK);
-    format_path(source, sizeof source, "%s/broken.c", f->dir);
-    format_path(output, sizeof output, "%s/broken.so", f->dir);
-    format_path(log_path, sizeof log_path, "%s/broken.log", f->dir);
+    format_text(source, sizeof source, "%s/broken.c", f->dir);
+    format_text(output, sizeof output, "%s/broken.so", f->dir);
+    format_text(log_path, sizeof log_path, "%s/broken.log", f->dir);
     assert_int_equal(
         write_text_file(source, "int broken(void) { return undeclared_identifier_xyz; }\n"), 0);
     assert_int_equal(moegen_host_compile(&hc, source, output, log_path, &err), MOEGEN_ERR_COMPILE);
@@ -962,7 +950,7 @@ static void host_compiler_named_by_moegen_cc_that_does_not_exist_is_a_clear_erro
     set_env("MOEGEN_CC", "/nonexistent/moegen-cc");
     moegen_status missing = moegen_host_compiler_probe(&hc, &err);
     char missing_message[sizeof err.message];
-    format_path(missing_message, sizeof missing_message, "%s", err.message);
+    format_text(missing_message, sizeof missing_message, "%s", err.message);
     set_env("MOEGEN_CC", "cc -O2");
     moegen_status with_arguments = moegen_host_compiler_probe(&hc, &err);
     set_env("MOEGEN_CC", saved);
@@ -986,7 +974,7 @@ static moegen_status build_answer_library(void *ctx, const char *work_dir,
     char source[PATH_MAX], log_path[PATH_MAX];
     b->calls++;
     write_answer_source(work_dir, source, sizeof source);
-    format_path(log_path, sizeof log_path, "%s/compile.log", work_dir);
+    format_text(log_path, sizeof log_path, "%s/compile.log", work_dir);
     return moegen_host_compile(b->hc, source, artifact_path, log_path, err);
 }
 

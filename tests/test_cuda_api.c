@@ -37,6 +37,7 @@
 #include <unistd.h>
 
 #include "cache.h"
+#include "test_support.h"
 #include "cuda_api.h"
 
 extern char **environ;
@@ -166,19 +167,6 @@ static const char *const kernel_options[] = {"-default-device", "--std=c++17", "
 #define KERNEL_OPTION_COUNT ((int)(sizeof kernel_options / sizeof kernel_options[0]))
 
 /* ---- helpers ------------------------------------------------------------------------ */
-
-static void format_text(char *out, size_t size, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-/* snprintf that must fit (a test failure otherwise). */
-static void format_text(char *out, size_t size, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    int written = vsnprintf(out, size, fmt, ap);
-    va_end(ap);
-    if (written < 0 || (size_t)written >= size)
-        fail_msg("text does not fit in %zu bytes: %s", size, out);
-}
 
 static void save_variable(saved_variable *saved, const char *name) {
     const char *value = getenv(name);

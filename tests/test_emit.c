@@ -23,6 +23,7 @@
 #include "spec.h"
 #include "template.h"
 #include "variant.h"
+#include "test_support.h"
 
 static const char *SHIPPED[] = {"demo", "mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b",
                                 "olmoe-1b-7b", "deepseek-v3", "switch-base-8"};
@@ -234,32 +235,18 @@ static void every_shipped_spec_compiles_without_warnings(void **state) {
  * every SIMD width. */
 static void small_spec_matrix_compiles_without_warnings(void **state) {
     (void)state;
-    const char *activations[] = {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"};
-    const char *dtypes[] = {"fp32", "fp16", "bf16"};
-    const char *extras[] = {
-        "",
-        "router:\n  score_function: sigmoid\n  score_bias: true\n  n_group: 2\n  topk_group: 1\n",
-        "capacity:\n  mode: factor\n  priority: random\n  pad_to_capacity: true\n",
-        "semantics: deepspeed\nuse_residual: true\nexpert_bias: true\nmode: train\nrouter:\n  input_jitter: 0.01\n  noise: rsample\n",
-        "shared_experts:\n  count: 2\n  intermediate_size: 48\n  gate: true\n",
-    };
-    for (size_t a = 0; a < 6; a++)
-        for (size_t d = 0; d < 3; d++) {
-            size_t e = (a + d) % 5;
-            char yaml[1024];
-            snprintf(yaml, sizeof yaml,
-                     "name: matrix\nnum_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\n"
-                     "moe_intermediate_size: 32\nactivation: %s\ndtype: %s\n%s",
-                     activations[a], dtypes[d], extras[e]);
-            moegen_spec spec;
-            parse_spec(yaml, &spec);
-            moegen_generated gen;
-            const int width = 4 << ((a + 2 * d) % 3);
-            generate_for(&spec, width, &gen);
-            compile_strictly(&gen, width, yaml);
-            moegen_generated_free(&gen);
-            moegen_spec_free(&spec);
-        }
+    for (size_t i = 0; i < FEATURE_MATRIX_SIZE; i++) {
+        char yaml[1024];
+        feature_matrix_case(i, "matrix", 32, yaml, sizeof yaml, NULL, 0);
+        moegen_spec spec;
+        parse_spec(yaml, &spec);
+        moegen_generated gen;
+        const int width = 4 << ((i / 3 + 2 * (i % 3)) % 3);
+        generate_for(&spec, width, &gen);
+        compile_strictly(&gen, width, yaml);
+        moegen_generated_free(&gen);
+        moegen_spec_free(&spec);
+    }
 }
 
 static void variant_check_rejects_tiles_that_do_not_fit(void **state) {

@@ -18,6 +18,7 @@
 #include "cuda_api.h"
 #include "cuda_backend.h"
 #include "spec.h"
+#include "test_support.h"
 
 static const char *SHIPPED[] = {"demo", "mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b",
                                 "olmoe-1b-7b", "deepseek-v3", "switch-base-8"};
@@ -111,35 +112,16 @@ static void every_shipped_spec_compiles_for_sm80_and_sm90a_without_spills(void *
 static void small_spec_matrix_compiles_for_sm80_and_sm90a_without_spills(void **state) {
     (void)state;
     if (!nvrtc_ok) skip();
-    const char *activations[] = {"relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"};
-    const char *dtypes[] = {"fp32", "fp16", "bf16"};
-    const char *extras[] = {
-        "",
-        "router:\n  score_function: sigmoid\n  score_bias: true\n  n_group: 2\n  topk_group: 1\n",
-        "capacity:\n  mode: factor\n  priority: random\n  pad_to_capacity: true\n",
-        "semantics: deepspeed\nuse_residual: true\nexpert_bias: true\nmode: train\nrouter:\n  input_jitter: 0.01\n"
-        "  noise: rsample\n",
-        "shared_experts:\n  count: 2\n  intermediate_size: 48\n  gate: true\n",
-        "capacity:\n  mode: factor\n  priority: position_choice_major\n  renormalize: true\n",
-        "router:\n  order: softmax_then_topk\n  n_group: 4\n  topk_group: 2\n  group_score: max\n  group_mask: zero\n",
-    };
-    for (size_t a = 0; a < 6; a++)
-        for (size_t d = 0; d < 3; d++) {
-            const size_t e = (a * 3 + d) % (sizeof extras / sizeof extras[0]);
-            char yaml[1024];
-            snprintf(yaml, sizeof yaml,
-                     "name: nvrtc_matrix\nnum_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\n"
-                     "moe_intermediate_size: 48\nactivation: %s\ndtype: %s\n%s",
-                     activations[a], dtypes[d], extras[e]);
-            moegen_spec spec;
-            moegen_error err;
-            if (moegen_spec_parse(yaml, strlen(yaml), "matrix", &spec, &err) != MOEGEN_OK)
-                fail_msg("%s\n%s", err.message, yaml);
-            char label[64];
-            snprintf(label, sizeof label, "%s/%s/extra%zu", activations[a], dtypes[d], e);
-            for (int arch = 0; arch < 2; arch++) compile_and_check(&spec, ARCHS[arch], label);
-            moegen_spec_free(&spec);
-        }
+    for (size_t i = 0; i < FEATURE_MATRIX_SIZE; i++) {
+        char yaml[1024], label[64];
+        feature_matrix_case(i, "nvrtc_matrix", 48, yaml, sizeof yaml, label, sizeof label);
+        moegen_spec spec;
+        moegen_error err;
+        if (moegen_spec_parse(yaml, strlen(yaml), "matrix", &spec, &err) != MOEGEN_OK)
+            fail_msg("%s\n%s", err.message, yaml);
+        for (int arch = 0; arch < 2; arch++) compile_and_check(&spec, ARCHS[arch], label);
+        moegen_spec_free(&spec);
+    }
 }
 
 int main(void) {
