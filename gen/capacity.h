@@ -13,6 +13,14 @@
 
 #include "spec.h"
 
+/* cf of the spec's mode: capacity_factor in train mode, eval_capacity_factor in eval. */
+double moegen_spec_capacity_factor(const moegen_spec *spec);
+
+/* The DeepSpeed formula's fp32 scale f32(k * cf), the product formed in double and
+ * rounded once (docs/numerics.md §2.1). The generator emits it as a constant, so the
+ * generated code and this file share one definition. */
+float moegen_spec_deepspeed_capacity_scale(const moegen_spec *spec);
+
 /* C for n_tokens >= 0 tokens in the spec's mode; -1 when the spec is dropless. */
 int64_t moegen_spec_capacity(const moegen_spec *spec, int64_t n_tokens);
 

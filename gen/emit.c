@@ -9,6 +9,8 @@
  */
 #include "emit.h"
 
+#include "capacity.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -74,6 +76,10 @@ static int add_spec_params(moegen_params *root, const moegen_spec *spec, const c
     rc |= moegen_params_str(cap, "mode", moegen_capacity_mode_name(c->mode));
     rc |= moegen_params_num(cap, "capacity_factor", c->capacity_factor);
     rc |= moegen_params_num(cap, "eval_capacity_factor", c->eval_capacity_factor);
+    /* The factor in force for the spec's mode and the DeepSpeed formula's fp32 scale,
+     * from gen/capacity.c, the one home of the capacity rule. */
+    rc |= moegen_params_num(cap, "factor", moegen_spec_capacity_factor(spec));
+    rc |= moegen_params_num(cap, "deepspeed_scale", moegen_spec_deepspeed_capacity_scale(spec));
     rc |= moegen_params_int(cap, "expert_capacity", c->expert_capacity);
     rc |= moegen_params_int(cap, "min_capacity", c->min_capacity);
     rc |= moegen_params_str(cap, "formula", moegen_capacity_formula_name(c->formula));

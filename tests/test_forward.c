@@ -1,5 +1,5 @@
 /* test_forward.c — the generated forward against the independent reference, over
- * the test matrix: k in {1, 2, 4, 8}, E from 1 to 256, every score function and order,
+ * the test matrix: k in {1, ..., 8}, E from 1 to 256, every score function and order,
  * group-limited routing (both group scores, both masks), every capacity formula and
  * priority, dropless, pad-to-capacity, renormalization, each activation, each dtype,
  * biases, shared experts, residual MoE, weight on input, train-mode randomness, the
@@ -101,6 +101,22 @@ static const forward_case CASES[] = {
     {"fixed_capacity_pad_renorm", "capacity:\n  mode: fixed\n  expert_capacity: 3\n  pad_to_capacity: true\n"
                                   "  renormalize: true\n", DATA_RANDOM, TOKENS_DEFAULT},
     {"capacity_above_tokens", "capacity:\n  mode: fixed\n  expert_capacity: 1000\n", DATA_RANDOM, TOKENS_DEFAULT},
+    /* top-k not a power of two with capacity and no renormalization: GCC 12.2 used to
+     * miscompile the combine weights here (tests/compiler/masked_group_load.c) */
+    {"k3_factor_probs_no_renorm", "num_experts_per_tok: 3\ncapacity:\n  mode: factor\n  capacity_factor: 1.0\n"
+                                  "  renormalize: false\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"k5_fixed_position_no_renorm", "num_experts: 16\nnum_experts_per_tok: 5\ndtype: fp32\n"
+                                    "capacity:\n  mode: fixed\n  expert_capacity: 20\n  priority: position\n",
+     DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"k6_factor_choice_major_scaled", "num_experts: 12\nnum_experts_per_tok: 6\nrouter:\n  routed_scaling_factor: 2.5\n"
+                                      "capacity:\n  mode: factor\n  capacity_factor: 0.8\n  priority: position_choice_major\n",
+     DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"k7_factor_random_renorm_scaled", "num_experts: 16\nnum_experts_per_tok: 7\nrouter:\n  routed_scaling_factor: 2.5\n"
+                                       "capacity:\n  mode: factor\n  capacity_factor: 0.6\n  priority: random\n"
+                                       "  renormalize: true\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    /* the DeepSpeed formula with k = 3: f32(k * cf) rounded once gives C = 99 (not 100) */
+    {"deepspeed_k3_cf055_480_tokens", "semantics: deepspeed\nnum_experts_per_tok: 3\n"
+                                      "capacity:\n  eval_capacity_factor: 0.55\n", DATA_HOT_EXPERT, {480, 479}, 2},
     {"dropless_renormalize", "capacity:\n  mode: dropless\n  renormalize: true\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
 
     /* ---- activations, dtypes, biases ---- */

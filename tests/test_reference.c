@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "capacity.h"
 #include "reference.h"
 
 /* ---- helpers ------------------------------------------------------------------------------ */
@@ -649,6 +650,56 @@ static void reference_deepspeed_capacity_is_formed_in_fp32(void **state) {
     moe_ref_result_free(&res);
     assert_int_equal(capacity_for(&spec, 0, &res), 4);
     moe_ref_result_free(&res);
+}
+
+/* The DeepSpeed formula for k >= 3, where forming k * cf matters. Expected values were
+ * computed with DeepSpeed's own expression in PyTorch 2.15 (sharded_moe.py):
+ *   capacity = torch.ceil((S / E) * torch.tensor(cf * k)).to(torch.int64), raised to
+ *   min_capacity;
+ * the last column is what rounding cf to fp32 and multiplying by k in fp32 gives (the rule
+ * moegen followed before), where it differs. The same table checks gen/capacity.c. */
+static const struct {
+    int64_t tokens;
+    int experts, top_k;
+    double factor;
+    int64_t min_capacity, deepspeed;
+} DEEPSPEED_CAPACITY[] = {
+    {480, 8, 3, 0.55, 4, 99}, /* fp32 k * f32(cf): 100 */
+    {4200, 60, 9, 1.1, 4, 693}, /* 694 */
+    {1000, 10, 9, 0.9, 4, 811}, /* 810 */
+    {1660, 8, 6, 2.2, 4, 2739}, /* 2740 */
+    {1350, 10, 6, 0.3, 4, 243}, /* 244 */
+    {2800, 10, 7, 0.3, 4, 588}, /* 589 */
+    {4040, 7, 7, 1.7, 4, 6868}, /* 6869 */
+    {780, 3, 3, 2.2, 4, 1716}, /* 1717 */
+    {2400, 16, 3, 1.1, 4, 495}, /* 496 */
+    {3400, 12, 12, 2.2, 4, 7480}, /* 7481 */
+    {440, 6, 3, 1.3, 4, 287}, /* 286 */
+    {2200, 12, 7, 0.3, 4, 385}, /* 386 */
+    {4930, 12, 12, 1.7, 4, 8381}, /* 8382 */
+    {1970, 64, 3, 1.1, 4, 102},
+    {2637, 16, 3, 0.35, 0, 174},
+    {440, 64, 3, 0.1, 4, 4},
+    {1162, 16, 3, 1.3, 0, 284},
+    {1339, 64, 4, 0.1, 0, 9},
+    {138, 64, 3, 1.15, 4, 8},
+};
+
+static void reference_and_generator_deepspeed_capacity_match_deepspeed_for_k_at_least_3(void **state) {
+    (void)state;
+    for (size_t i = 0; i < sizeof DEEPSPEED_CAPACITY / sizeof DEEPSPEED_CAPACITY[0]; i++) {
+        moe_ref_result res;
+        moegen_spec spec = make_spec(DEEPSPEED_CAPACITY[i].experts, DEEPSPEED_CAPACITY[i].top_k,
+                                     DEEPSPEED_CAPACITY[i].experts, 1);
+        spec.capacity.mode = MOEGEN_CAP_FACTOR;
+        spec.capacity.formula = MOEGEN_CAP_FORMULA_DEEPSPEED;
+        spec.capacity.eval_capacity_factor = DEEPSPEED_CAPACITY[i].factor;
+        spec.capacity.min_capacity = DEEPSPEED_CAPACITY[i].min_capacity;
+        const int64_t tokens = DEEPSPEED_CAPACITY[i].tokens;
+        assert_int_equal(moegen_spec_capacity(&spec, tokens), DEEPSPEED_CAPACITY[i].deepspeed);
+        assert_int_equal(capacity_for(&spec, tokens, &res), DEEPSPEED_CAPACITY[i].deepspeed);
+        moe_ref_result_free(&res);
+    }
 }
 
 static void reference_megatron_capacity_is_formed_in_double(void **state) {
@@ -1420,6 +1471,7 @@ int main(void) {
         cmocka_unit_test(reference_invalid_routes_are_never_counted_or_combined),
         cmocka_unit_test(reference_logits_beyond_the_fp32_range_act_as_overflowed_fp32_logits),
         cmocka_unit_test(reference_deepspeed_capacity_is_formed_in_fp32),
+        cmocka_unit_test(reference_and_generator_deepspeed_capacity_match_deepspeed_for_k_at_least_3),
         cmocka_unit_test(reference_megatron_capacity_is_formed_in_double),
         cmocka_unit_test(reference_train_mode_uses_capacity_factor_and_eval_mode_eval_capacity_factor),
         cmocka_unit_test(reference_fixed_capacity_keeps_that_many_and_dropless_keeps_all),

@@ -16,10 +16,10 @@ static int64_t capacity_for(int64_t n_tokens) {
     (void)n_tokens;
     return EXPERT_CAPACITY;
 % elseif cap.formula == "deepspeed" then
-    /* DeepSpeed forms the product in fp32: S/E (rounded to fp32) times k * cf (fp32). */
+    /* DeepSpeed: ceil in fp32 of S / E (formed in double, rounded to fp32) times the
+     * fp32 scale f32(k * cf). */
     float tokens_per_expert = (float)((double)n_tokens / (double)NUM_EXPERTS);
-    float k_times_factor = (float)TOP_K * (float)CAPACITY_FACTOR;
-    int64_t capacity = (int64_t)ceilf(tokens_per_expert * k_times_factor);
+    int64_t capacity = (int64_t)ceilf(tokens_per_expert * CAPACITY_SCALE);
     return capacity > MIN_CAPACITY ? capacity : MIN_CAPACITY;
 % else
     /* Megatron: ceil(S * k / E * cf) in double, no minimum. */
@@ -148,23 +148,36 @@ static void run_dispatch(forward_state *st) {
     for (int e = 0; e < NUM_EXPERTS; e++) n_dropped += before[e] - after[e];
     st->n_dropped = n_dropped;
 
-    /* Combine weights of kept routes${cap.renormalize and ", renormalized per token" or ""}. */
+    /* Combine weights of kept routes${cap.renormalize and ", renormalized per token" or ""}.
+     * Every load below is unconditional and a dropped route is a select, never a
+     * conditional load: GCC 12.2 (Debian 12's default) vectorizes this loop over tokens
+     * with masked loads grouped by TOP_K and, when TOP_K is not a power of two, applies
+     * the first group's mask to every load (wrong weights; GCC PR 114375, fixed in
+     * 2024). tests/compiler/masked_group_load.c reproduces it. */
     for (int64_t t = 0; t < n_tokens; t++) {
         const float *weight = st->route_weight + t * TOP_K;
         const int32_t *row = st->route_row + t * TOP_K;
         float *final = st->route_final + t * TOP_K;
 % if cap.renormalize then
         float kept_sum = 0.0f;
-        for (int j = 0; j < TOP_K; j++)
-            if (row[j] >= 0) kept_sum += weight[j];
+        for (int j = 0; j < TOP_K; j++) {
+            const float w = weight[j];
+            kept_sum += row[j] >= 0 ? w : 0.0f;
+        }
         kept_sum = kept_sum > WEIGHT_SUM_EPS ? kept_sum : WEIGHT_SUM_EPS;
+        for (int j = 0; j < TOP_K; j++) {
 %   if spec.router.routed_scaling_factor ~= 1 then
-        for (int j = 0; j < TOP_K; j++) final[j] = row[j] >= 0 ? weight[j] / kept_sum * ROUTED_SCALING_FACTOR : 0.0f;
+            const float w = weight[j] / kept_sum * ROUTED_SCALING_FACTOR;
 %   else
-        for (int j = 0; j < TOP_K; j++) final[j] = row[j] >= 0 ? weight[j] / kept_sum : 0.0f;
+            const float w = weight[j] / kept_sum;
 %   end
+            final[j] = row[j] >= 0 ? w : 0.0f;
+        }
 % else
-        for (int j = 0; j < TOP_K; j++) final[j] = row[j] >= 0 ? weight[j] : 0.0f;
+        for (int j = 0; j < TOP_K; j++) {
+            const float w = weight[j];
+            final[j] = row[j] >= 0 ? w : 0.0f;
+        }
 % end
 % if spec.weight_on_input then
         for (int j = 0; j < TOP_K; j++) /* the expert sees w * x */

@@ -46,8 +46,12 @@ static const float ROUTED_SCALING_FACTOR = ${f32(spec.router.routed_scaling_fact
 % if moe.uses_jitter(spec) then
 static const float INPUT_JITTER = ${f32(spec.router.input_jitter)};
 % end
-% if spec.capacity.mode == "factor" then
-static const double CAPACITY_FACTOR = ${f64(moe.capacity_factor(spec))}; /* ${spec.mode} mode */
+% if spec.capacity.mode == "factor" and spec.capacity.formula == "deepspeed" then
+/* f32(k * cf), the product formed in double and rounded once, as DeepSpeed's
+ * torch.tensor(capacity_factor * k) (cf = ${f64(spec.capacity.factor)}, ${spec.mode} mode). */
+static const float CAPACITY_SCALE = ${f32(spec.capacity.deepspeed_scale)};
+% elseif spec.capacity.mode == "factor" then
+static const double CAPACITY_FACTOR = ${f64(spec.capacity.factor)}; /* ${spec.mode} mode */
 % end
 static const float WEIGHT_SUM_EPS = 1e-20f; /* clamp of weight sums before dividing */
 

@@ -103,12 +103,6 @@ function M.uses_rng(spec)
     or (spec.capacity.mode ~= "dropless" and spec.capacity.priority == "random")
 end
 
--- The capacity factor in force (train / eval).
-function M.capacity_factor(spec)
-  if spec.mode == "train" then return spec.capacity.capacity_factor end
-  return spec.capacity.eval_capacity_factor
-end
-
 -- Which aux-loss formula applies: "ds_first_choice" (deepspeed k <= 2),
 -- "balanced_topk" (megatron, deepspeed k > 2) or "none".
 function M.aux_kind(spec)

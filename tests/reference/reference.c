@@ -519,9 +519,10 @@ static int64_t compute_capacity(const moegen_spec *spec, int64_t n_tokens, int t
         break;
     }
     if (capacity->formula == MOEGEN_CAP_FORMULA_DEEPSPEED) {
+        /* DeepSpeed: torch.tensor(capacity_factor * k) rounds the double product once;
+         * (num_tokens / num_experts) is a double that meets that fp32 tensor. */
         float tokens_per_expert = (float)((double)n_tokens / (double)spec->num_experts);
-        float factor_fp32 = (float)factor;
-        float k_times_factor = (float)((double)(float)spec->top_k * (double)factor_fp32);
+        float k_times_factor = (float)((double)spec->top_k * factor);
         float product = (float)((double)tokens_per_expert * (double)k_times_factor);
         value = ceil((double)product);
         if (value < (double)capacity->min_capacity)

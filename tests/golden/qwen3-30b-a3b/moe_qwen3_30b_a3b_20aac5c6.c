@@ -428,12 +428,20 @@ static void run_dispatch(forward_state *st) {
     for (int e = 0; e < NUM_EXPERTS; e++) n_dropped += before[e] - after[e];
     st->n_dropped = n_dropped;
 
-    /* Combine weights of kept routes. */
+    /* Combine weights of kept routes.
+     * Every load below is unconditional and a dropped route is a select, never a
+     * conditional load: GCC 12.2 (Debian 12's default) vectorizes this loop over tokens
+     * with masked loads grouped by TOP_K and, when TOP_K is not a power of two, applies
+     * the first group's mask to every load (wrong weights; GCC PR 114375, fixed in
+     * 2024). tests/compiler/masked_group_load.c reproduces it. */
     for (int64_t t = 0; t < n_tokens; t++) {
         const float *weight = st->route_weight + t * TOP_K;
         const int32_t *row = st->route_row + t * TOP_K;
         float *final = st->route_final + t * TOP_K;
-        for (int j = 0; j < TOP_K; j++) final[j] = row[j] >= 0 ? weight[j] : 0.0f;
+        for (int j = 0; j < TOP_K; j++) {
+            const float w = weight[j];
+            final[j] = row[j] >= 0 ? w : 0.0f;
+        }
     }
 }
 
