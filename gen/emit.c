@@ -8,6 +8,7 @@
  *   gen      generator facts: version, ABI version, symbol prefix, file names.
  */
 #include "emit.h"
+#include "c_locale.h"
 
 #include "capacity.h"
 
@@ -172,7 +173,7 @@ static moegen_status copy_into(const moegen_template_set *set, const char *path,
     return MOEGEN_OK;
 }
 
-moegen_status moegen_generate(const moegen_spec *spec, const moegen_variant *variant,
+static moegen_status generate(const moegen_spec *spec, const moegen_variant *variant,
                               const moegen_template_set *templates, moegen_generated *out,
                               moegen_error *err) {
     memset(out, 0, sizeof *out);
@@ -211,6 +212,17 @@ moegen_status moegen_generate(const moegen_spec *spec, const moegen_variant *var
     moegen_params_free(params);
     if (st != MOEGEN_OK) moegen_generated_free(out);
     return st;
+}
+
+/* The public entry point runs in the C locale (gen/c_locale.h). */
+moegen_status moegen_generate(const moegen_spec *spec, const moegen_variant *variant,
+                              const moegen_template_set *templates, moegen_generated *out,
+                              moegen_error *err) {
+    moegen_c_locale_scope scope;
+    moegen_c_locale_enter(&scope);
+    moegen_status result = generate(spec, variant, templates, out, err);
+    moegen_c_locale_leave(&scope);
+    return result;
 }
 
 void moegen_generated_free(moegen_generated *gen) {

@@ -31,10 +31,12 @@
  *  - Text from the spec reaches error messages only through quote_for_message(), which
  *    escapes everything but printable ASCII and truncates.
  *
- * Floats are read with strtod and written with printf, so LC_NUMERIC must be "C" (the
- * default; nothing in moegen calls setlocale).
+ * Floats are read with strtod and written with printf; the public entry points switch
+ * this thread to the C locale for the call (gen/c_locale.h), so a host program's
+ * setlocale() cannot change what a spec means or its hash.
  */
 #include "spec.h"
+#include "c_locale.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -1513,6 +1515,20 @@ static moegen_status check_cross_field_rules(spec_reader *reader) {
         rule_position(reader, FIELD_CAPACITY_MODE, 0, &line, &column);
         return reader_fail(reader, line, column, "capacity.expert_capacity is required when capacity.mode is fixed");
     }
+    if (spec->capacity.mode == MOEGEN_CAP_FIXED && spec->capacity.pad_to_capacity) {
+        const long double rows = (long double)spec->num_experts * (long double)spec->capacity.expert_capacity;
+        const long double row_bytes = 4.0L * (long double)spec->hidden_size +
+                                      (long double)moegen_dtype_size(spec->dtype) * moegen_spec_ffn_rows(spec) + 8.0L;
+        if (rows > (long double)MOEGEN_MAX_PADDED_ROWS || rows * row_bytes > (long double)MOEGEN_MAX_PADDED_BYTES) {
+            rule_position(reader, FIELD_EXPERT_CAPACITY, 0, &line, &column);
+            return reader_fail(reader, line, column,
+                               "capacity.expert_capacity: %lld with pad_to_capacity makes every call process "
+                               "num_experts x capacity = %.0Lf rows (%.3Lg GiB of expert buffers); the limit is "
+                               "%lld rows and %llu GiB",
+                               (long long)spec->capacity.expert_capacity, rows, rows * row_bytes / 1073741824.0L,
+                               (long long)MOEGEN_MAX_PADDED_ROWS, (unsigned long long)(MOEGEN_MAX_PADDED_BYTES >> 30));
+        }
+    }
     if (spec->shared.count > 0 && !is_given(reader, FIELD_SHARED_INTERMEDIATE_SIZE)) {
         rule_position(reader, FIELD_SHARED_COUNT, 0, &line, &column);
         return reader_fail(reader, line, column,
@@ -1552,7 +1568,7 @@ static moegen_status resolve_spec(spec_reader *reader) {
 
 /* See spec.h. Returns MOEGEN_OK, MOEGEN_ERR_SPEC, MOEGEN_ERR_NO_MEMORY, or
  * MOEGEN_ERR_INVALID_ARGUMENT when `out` is NULL or `text` is NULL with len > 0. */
-moegen_status moegen_spec_parse(const char *text, size_t len, const char *display_path, moegen_spec *out,
+static moegen_status spec_parse(const char *text, size_t len, const char *display_path, moegen_spec *out,
                                 moegen_error *err) {
     spec_reader reader;
     moegen_status status;
@@ -1605,6 +1621,16 @@ cleanup:
     moegen_spec_free(&reader.spec);
     tree_free(&reader.tree);
     return status;
+}
+
+/* The public entry point runs in the C locale (gen/c_locale.h). */
+moegen_status moegen_spec_parse(const char *text, size_t len, const char *display_path, moegen_spec *out,
+                                moegen_error *err) {
+    moegen_c_locale_scope scope;
+    moegen_c_locale_enter(&scope);
+    moegen_status result = spec_parse(text, len, display_path, out, err);
+    moegen_c_locale_leave(&scope);
+    return result;
 }
 
 /* See spec.h. Reads at most MOEGEN_SPEC_MAX_BYTES + 1 bytes (one more than the limit,
@@ -1752,7 +1778,7 @@ static void append_field(text_builder *builder, const moegen_spec *spec, field_i
 }
 
 /* Write the canonical form into `buffer`; returns its length, or 0 if it did not fit. */
-static size_t write_canonical(const moegen_spec *spec, char *buffer, size_t capacity) {
+static size_t write_canonical_here(const moegen_spec *spec, char *buffer, size_t capacity) {
     text_builder builder = {buffer, capacity, 0, 0};
     int section, id;
     buffer[0] = '\0';
@@ -1768,6 +1794,15 @@ static size_t write_canonical(const moegen_spec *spec, char *buffer, size_t capa
         }
     }
     return builder.overflow ? 0 : builder.used;
+}
+
+/* Canonical text is written in the C locale (gen/c_locale.h). */
+static size_t write_canonical(const moegen_spec *spec, char *buffer, size_t capacity) {
+    moegen_c_locale_scope scope;
+    moegen_c_locale_enter(&scope);
+    size_t result = write_canonical_here(spec, buffer, capacity);
+    moegen_c_locale_leave(&scope);
+    return result;
 }
 
 /* See spec.h. Precondition: `spec` came from moegen_spec_parse. Returns NULL when out of

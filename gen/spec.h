@@ -36,6 +36,11 @@
 #define MOEGEN_MAX_FFN 262144
 #define MOEGEN_MAX_SHARED_EXPERTS 16
 #define MOEGEN_SIZE_ALIGN 16 /* hidden and ffn sizes are multiples of this */
+/* A fixed capacity with pad_to_capacity makes every call process E x C rows: E x C must
+ * fit the kernels' 32-bit row indices, and those rows' expert buffers (at least 4 H +
+ * elem F1 + 8 bytes each) must stay under MOEGEN_MAX_PADDED_BYTES. */
+#define MOEGEN_MAX_PADDED_ROWS 2147483647LL
+#define MOEGEN_MAX_PADDED_BYTES (1ULL << 40) /* 1 TiB */
 
 typedef enum { MOEGEN_DTYPE_FP32 = 0, MOEGEN_DTYPE_FP16, MOEGEN_DTYPE_BF16 } moegen_dtype;
 

@@ -30,6 +30,7 @@
  * budget. Templates are project code; the budget guards against bugs, not adversaries.
  */
 #include "template.h"
+#include "c_locale.h"
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -1604,7 +1605,7 @@ moegen_status moegen_template_render(const moegen_template_set *set, const char 
     return moegen_template_render_mapped(set, entry_path, params, limits, out, out_len, NULL, NULL, err);
 }
 
-moegen_status moegen_template_render_mapped(const moegen_template_set *set, const char *entry_path,
+static moegen_status render_mapped(const moegen_template_set *set, const char *entry_path,
                                             const moegen_params *params,
                                             const moegen_render_limits *limits, char **out,
                                             size_t *out_len, moegen_line_origin **origins,
@@ -1685,4 +1686,17 @@ moegen_status moegen_template_render_mapped(const moegen_template_set *set, cons
         free(context.origins);
     }
     return MOEGEN_OK;
+}
+
+/* The public entry point runs in the C locale (gen/c_locale.h). */
+moegen_status moegen_template_render_mapped(const moegen_template_set *set, const char *entry_path,
+                                            const moegen_params *params,
+                                            const moegen_render_limits *limits, char **out,
+                                            size_t *out_len, moegen_line_origin **origins,
+                                            size_t *origin_count, moegen_error *err) {
+    moegen_c_locale_scope scope;
+    moegen_c_locale_enter(&scope);
+    moegen_status result = render_mapped(set, entry_path, params, limits, out, out_len, origins, origin_count, err);
+    moegen_c_locale_leave(&scope);
+    return result;
 }

@@ -18,15 +18,20 @@
  * Invariants owned here: a layer holds no global state; a layer that failed to open
  * is never returned; forward never runs before bind.
  */
+#define _GNU_SOURCE
 #include "moegen.h"
 
-#include <dlfcn.h>
+#include <errno.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cache.h"
+#include "cpu_module.h"
 #include "cuda_backend.h"
 #include "emit.h"
 #include "host_cc.h"
@@ -35,29 +40,67 @@
 #include "spec.h"
 #include "variant.h"
 
-typedef const moegen_kernel_info *(*info_fn)(void);
-typedef size_t (*workspace_fn)(int64_t);
-typedef int (*forward_fn)(const moegen_kernel_args *);
-
 struct moegen_layer {
     moegen_spec spec;
     moegen_open_options options;
     moegen_layer_desc desc;
-    void *module;                  /* dlopen handle */
-    info_fn info;
-    workspace_fn workspace_bytes;
-    forward_fn forward;
+    moegen_cpu_module module;      /* CPU layers */
     moegen_cuda_backend *cuda;     /* CUDA layers */
     moegen_kernel_weights weights;
     int bound;
+    int n_threads;                 /* CPU threads per forward, after the cap */
+    atomic_int busy;               /* a bind or forward is running (one call at a time) */
     void *workspace;
     size_t workspace_capacity;
 };
 
 void moegen_open_options_init(moegen_open_options *opts) {
+    if (!opts) return;
     memset(opts, 0, sizeof *opts);
     opts->device = MOEGEN_DEVICE_AUTO;
     opts->mode = -1;
+}
+
+/* ---- Threads ------------------------------------------------------------------------------ */
+
+/* A positive decimal integer (the first of a comma-separated list), else 0. */
+static long positive_integer(const char *text) {
+    if (!text || *text < '1' || *text > '9') return 0;
+    long value = 0;
+    for (; *text >= '0' && *text <= '9'; text++) {
+        if (value > 1000000) return 1000000; /* absurd: the cap below applies */
+        value = value * 10 + (*text - '0');
+    }
+    return *text == '\0' || *text == ',' ? value : 0;
+}
+
+/* CPUs this process may run on (its affinity mask), at least 1. */
+static long available_cpus(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    return online > 0 ? online : 1;
+}
+
+/* The threads a forward uses: the open option, else $OMP_NUM_THREADS, else the CPUs
+ * this process may use; capped at $MOEGEN_MAX_THREADS, else 4 x those CPUs, and never
+ * above MOEGEN_THREAD_LIMIT (docs/limits.md). */
+static int resolve_threads(const moegen_open_options *o, char *notice, size_t notice_size) {
+    const long cpus = available_cpus();
+    long wanted = o->n_threads > 0 ? o->n_threads : positive_integer(getenv("OMP_NUM_THREADS"));
+    if (wanted <= 0) wanted = cpus;
+    long cap = positive_integer(getenv("MOEGEN_MAX_THREADS"));
+    if (cap <= 0) cap = 4 * cpus;
+    if (cap > MOEGEN_THREAD_LIMIT) cap = MOEGEN_THREAD_LIMIT;
+    notice[0] = '\0';
+    if (wanted > cap) {
+        snprintf(notice, notice_size,
+                 "%ld threads requested; using %ld (the cap: MOEGEN_MAX_THREADS, else 4 x the %ld CPUs "
+                 "this process may use, at most %d)",
+                 wanted, cap, cpus, MOEGEN_THREAD_LIMIT);
+        wanted = cap;
+    }
+    return (int)wanted;
 }
 
 static double now_ms(void) {
@@ -122,13 +165,6 @@ static void module_cache_key(const moegen_generated *gen, const moegen_host_comp
     moegen_sha256_final_hex(&h, key);
 }
 
-/* Resolve `prefix_suffix` in the module. */
-static void *module_symbol(void *module, const char *prefix, const char *suffix) {
-    char name[160];
-    snprintf(name, sizeof name, "%s_%s", prefix, suffix);
-    return dlsym(module, name);
-}
-
 /* Generate, compile (or fetch from the cache) and load the CPU module. */
 static moegen_status load_cpu_module(moegen_layer *layer, moegen_error *err) {
     moegen_status st;
@@ -159,33 +195,9 @@ static moegen_status load_cpu_module(moegen_layer *layer, moegen_error *err) {
     }
     if (st == MOEGEN_OK) {
         layer->desc.cache_hit = result.hit;
-        /* RTLD_NODELETE: a module stays mapped after its last layer closes. Its OpenMP
-         * runtime keeps idle worker threads alive between parallel regions, and
-         * unmapping the library under them would crash the process. */
-        layer->module = dlopen(result.path, RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE);
-        if (!layer->module) {
-            const char *why = dlerror();
-            st = moegen_error_set(err, MOEGEN_ERR_LOAD, 0, "%s: dlopen failed: %s", result.path,
-                                  why ? why : "unknown error");
-        }
-    }
-    if (st == MOEGEN_OK) {
-        layer->info = (info_fn)module_symbol(layer->module, generated.symbol_prefix, "info");
-        layer->workspace_bytes =
-            (workspace_fn)module_symbol(layer->module, generated.symbol_prefix, "workspace_bytes");
-        layer->forward = (forward_fn)module_symbol(layer->module, generated.symbol_prefix, "forward");
-        if (!layer->info || !layer->workspace_bytes || !layer->forward)
-            st = moegen_error_set(err, MOEGEN_ERR_LOAD, 0, "%s: missing symbols %s_*", result.path,
-                                  generated.symbol_prefix);
-    }
-    if (st == MOEGEN_OK) {
-        const moegen_kernel_info *info = layer->info();
-        if (info->abi_version != MOEGEN_KERNEL_ABI_VERSION ||
-            strcmp(info->spec_hash, generated.spec_hash) != 0 ||
-            info->num_experts != layer->spec.num_experts || info->top_k != layer->spec.top_k ||
-            info->hidden_size != layer->spec.hidden_size)
-            st = moegen_error_set(err, MOEGEN_ERR_LOAD, 0,
-                                  "%s: module was generated for another spec or ABI", result.path);
+        moegen_cpu_module_expect expect = {generated.symbol_prefix, generated.spec_hash, layer->spec.num_experts,
+                                           layer->spec.top_k, layer->spec.hidden_size};
+        st = moegen_cpu_module_load(result.path, &expect, &layer->module, err);
     }
     moegen_cache_result_release(&result);
     moegen_generated_free(&generated);
@@ -202,6 +214,13 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
     else if (layer->options.mode != -1)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "open options: mode must be -1 (from the spec), 0 (train) or 1 (eval)");
+    if (layer->options.n_threads < 0)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "open options: n_threads is %d; give 0 (the default) or a positive count",
+                                layer->options.n_threads);
+    if (layer->options.cuda_device < 0)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "open options: cuda_device is %d (negative)",
+                                layer->options.cuda_device);
     if (spec->ep_size > 1)
         return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
                                 "%s: ep_size %d: expert-parallel execution is not implemented yet "
@@ -244,7 +263,14 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
     }
     if (st != MOEGEN_OK) return st;
 
+    char notice[256];
+    layer->n_threads = resolve_threads(&layer->options, notice, sizeof notice);
+    if (notice[0] && layer->desc.device == MOEGEN_DEVICE_CPU) {
+        if (layer->options.log) layer->options.log(layer->options.log_user, MOEGEN_LOG_NOTICE, notice);
+        else fprintf(stderr, "moegen: notice: %s\n", notice);
+    }
     moegen_layer_desc *d = &layer->desc;
+    d->n_threads = layer->desc.device == MOEGEN_DEVICE_CPU ? layer->n_threads : 0;
     d->num_experts = spec->num_experts;
     d->top_k = spec->top_k;
     d->hidden_size = spec->hidden_size;
@@ -310,7 +336,7 @@ moegen_status moegen_layer_open_string(const char *yaml, size_t len, const char 
 void moegen_layer_close(moegen_layer *layer) {
     if (!layer) return;
     moegen_cuda_backend_close(layer->cuda);
-    if (layer->module) dlclose(layer->module);
+    moegen_cpu_module_unload(&layer->module);
     free(layer->workspace);
     moegen_spec_free(&layer->spec);
     free(layer);
@@ -324,9 +350,31 @@ moegen_status moegen_layer_describe(const moegen_layer *layer, moegen_layer_desc
 
 /* ---- Bind / forward ------------------------------------------------------------------------ */
 
+/* Claim the layer for one call; MOEGEN_ERR_STATE when another call holds it. */
+static moegen_status claim(moegen_layer *layer, const char *what, moegen_error *err) {
+    if (atomic_exchange(&layer->busy, 1))
+        return moegen_error_set(err, MOEGEN_ERR_STATE, 0,
+                                "%s: another call is running on this layer (a layer runs one call at a time; "
+                                "open one layer per thread)",
+                                what);
+    return MOEGEN_OK;
+}
+
+static void release(moegen_layer *layer) { atomic_store(&layer->busy, 0); }
+
+static moegen_status bind_weights(moegen_layer *layer, const moegen_weights *w, moegen_error *err);
+
 moegen_status moegen_layer_bind(moegen_layer *layer, const moegen_weights *w, moegen_error *err) {
     if (!layer || !w)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "bind: layer and weights are required");
+    moegen_status st = claim(layer, "bind", err);
+    if (st != MOEGEN_OK) return st;
+    st = bind_weights(layer, w, err);
+    release(layer);
+    return st;
+}
+
+static moegen_status bind_weights(moegen_layer *layer, const moegen_weights *w, moegen_error *err) {
     const moegen_spec *spec = &layer->spec;
     struct {
         const void *pointer;
@@ -405,10 +453,22 @@ static moegen_status ensure_workspace(moegen_layer *layer, size_t bytes, moegen_
     return MOEGEN_OK;
 }
 
+static moegen_status run_forward(moegen_layer *layer, const moegen_forward_io *io, moegen_forward_stats *stats,
+                                 moegen_error *err);
+
 moegen_status moegen_layer_forward(moegen_layer *layer, const moegen_forward_io *io,
                                    moegen_forward_stats *stats, moegen_error *err) {
     if (!layer || !io)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "forward: layer and io are required");
+    moegen_status st = claim(layer, "forward", err);
+    if (st != MOEGEN_OK) return st;
+    st = run_forward(layer, io, stats, err);
+    release(layer);
+    return st;
+}
+
+static moegen_status run_forward(moegen_layer *layer, const moegen_forward_io *io, moegen_forward_stats *stats,
+                                 moegen_error *err) {
     if (!layer->bound)
         return moegen_error_set(err, MOEGEN_ERR_STATE, 0, "forward: no weights bound (call moegen_layer_bind)");
     if (io->n_tokens < 0)
@@ -417,7 +477,7 @@ moegen_status moegen_layer_forward(moegen_layer *layer, const moegen_forward_io 
     if (io->n_tokens > 0 && (!io->x || !io->y))
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "forward: x and y are required");
     if (layer->cuda) return moegen_cuda_backend_forward(layer->cuda, &layer->weights, io, stats, err);
-    size_t bytes = layer->workspace_bytes(io->n_tokens);
+    size_t bytes = layer->module.workspace_bytes(io->n_tokens);
     if (io->n_tokens > 0 && bytes == 0)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "forward: n_tokens %lld is above this layer's limit",
@@ -435,7 +495,7 @@ moegen_status moegen_layer_forward(moegen_layer *layer, const moegen_forward_io 
     };
     moegen_kernel_args args = {
         .abi_version = MOEGEN_KERNEL_ABI_VERSION,
-        .n_threads = layer->options.n_threads,
+        .n_threads = layer->n_threads,
         .n_tokens = io->n_tokens,
         .rng_offset = io->rng_offset,
         .x = io->x,
@@ -444,7 +504,7 @@ moegen_status moegen_layer_forward(moegen_layer *layer, const moegen_forward_io 
         .workspace = layer->workspace,
         .workspace_bytes = layer->workspace_capacity,
     };
-    int rc = layer->forward(&args);
+    int rc = layer->module.forward(&args);
     if (rc != MOEGEN_KERNEL_OK)
         return moegen_error_set(err, rc == MOEGEN_KERNEL_EWORKSPACE ? MOEGEN_ERR_NO_MEMORY
                                                                     : MOEGEN_ERR_INVALID_ARGUMENT,

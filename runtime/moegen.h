@@ -23,10 +23,14 @@
  * Tensor shapes and layouts are listed in templates/common/moegen_kernel_abi.h and
  * in README.md ("Weights and tensors").
  *
- * Threads: there is no global state. Different layers may be used from different
- * threads at once; one layer must not run two calls at once (calls on one layer
- * are serialized by the caller). The on-disk cache is safe across threads and
- * processes.
+ * Threads: different layers may be used from different threads at once. One layer
+ * runs one call at a time: a bind or forward that starts while another is running on
+ * the same layer returns MOEGEN_ERR_STATE (nothing is raced or corrupted); closing a
+ * layer while another thread uses it is the caller's bug. Process-wide state: the CUDA
+ * backend keeps a table of loaded modules shared by layers of one spec, and the OpenMP
+ * runtime a CPU module loads stays loaded (runtime/cpu_module.h). The on-disk cache is
+ * safe across threads and processes. Numbers are parsed and printed in the C locale
+ * whatever the host program's locale.
  *
  * Errors: every function returns a moegen_status; when `err` is non-NULL it gets the
  * code and a one-line message.
@@ -63,15 +67,19 @@ typedef struct moegen_open_options {
     const char *cache_dir; /* NULL: $MOEGEN_CACHE_DIR, else $XDG_CACHE_HOME/moegen,
                               else $HOME/.cache/moegen */
     int mode;              /* -1: as the spec says; 0: train; 1: eval */
-    int n_threads;         /* CPU threads; 0: OpenMP's default */
+    int n_threads;         /* CPU threads; 0: $OMP_NUM_THREADS, else the CPUs this process may
+                              use. Capped (docs/limits.md); negative is an error. */
     const char *arch;      /* CUDA: "sm_80", "sm_90a", ...; NULL: from the device */
     int cuda_device;       /* CUDA device ordinal */
     moegen_log_fn log;     /* NULL: print to stderr as "moegen: warning: ..." */
     void *log_user;
 } moegen_open_options;
 
-/* Defaults: device AUTO, cache from the environment, mode from the spec. */
+/* Defaults: device AUTO, cache from the environment, mode from the spec. NULL is a no-op. */
 void moegen_open_options_init(moegen_open_options *opts);
+
+/* The most CPU threads a layer ever uses, whatever is asked (docs/limits.md). */
+#define MOEGEN_THREAD_LIMIT 1024
 
 /* Open a layer from a spec file. `opts` may be NULL (defaults).
  * Returns MOEGEN_OK, MOEGEN_ERR_IO, MOEGEN_ERR_SPEC (message "file:line:col: ..."),
@@ -96,6 +104,7 @@ typedef struct moegen_layer_desc {
     char spec_hash[65];
     char variant[128];
     int cache_hit;                           /* the module came from the on-disk cache */
+    int n_threads;                           /* CPU threads forward uses (0 on CUDA) */
     double compile_ms;                       /* time to render + compile + load */
 } moegen_layer_desc;
 
@@ -147,7 +156,8 @@ typedef struct moegen_forward_stats {
 
 /* Run the forward. CUDA layers take device pointers in `io` and run on io->stream
  * without synchronizing with the host, unless `stats` is non-NULL (reading the
- * statistics waits for the stream). `stats` may be NULL. Returns MOEGEN_ERR_STATE before bind,
+ * statistics waits for the stream). `stats` may be NULL. Returns MOEGEN_ERR_STATE before bind
+ * or while another call runs on the layer,
  * MOEGEN_ERR_INVALID_ARGUMENT for a negative token count or missing x / y,
  * MOEGEN_ERR_NO_MEMORY if the workspace cannot grow. */
 moegen_status moegen_layer_forward(moegen_layer *layer, const moegen_forward_io *io,

@@ -28,21 +28,15 @@
 
 #include "cuda_api.h"
 #include "moegen.h"
+#include "patterns.h"
 #include "tensors.h"
 #include "verify.h"
 
-typedef enum {
-    DATA_RANDOM = 0,
-    DATA_TIES,        /* duplicated router rows: exact logit ties */
-    DATA_NONFINITE,   /* router_b = NaN, +Inf, -Inf, +1e30, -1e30, +Inf; two NaN input rows */
-    DATA_HOT_EXPERT,  /* router_b[hot] = +8: nearly every token picks it first */
-    DATA_IDENTITY     /* relu experts with W1 = [I; -I], W2 = [I, -I]: y = sum of weights * x */
-} data_pattern;
 
 typedef struct forward_case {
     const char *name;
     const char *yaml; /* without the name line */
-    data_pattern data;
+    moe_data_pattern data;
     int64_t tokens[6];
     int n_tokens;
 } forward_case;
@@ -55,113 +49,113 @@ static const char *BASE = "num_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 
 
 static const forward_case CASES[] = {
     /* ---- top-k and expert counts ---- */
-    {"k1_e16", "num_experts: 16\nnum_experts_per_tok: 1\nhidden_size: 64\nmoe_intermediate_size: 32\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"k2_e8_default", NULL, DATA_RANDOM, TOKENS_DEFAULT},
-    {"k4_e16", "num_experts: 16\nnum_experts_per_tok: 4\nhidden_size: 64\nmoe_intermediate_size: 32\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"k8_e64", "num_experts: 64\nnum_experts_per_tok: 8\nhidden_size: 64\nmoe_intermediate_size: 32\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"e1_k1", "num_experts: 1\nnum_experts_per_tok: 1\nhidden_size: 32\nmoe_intermediate_size: 16\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"e7_k3_odd_sizes", "num_experts: 7\nnum_experts_per_tok: 3\nhidden_size: 48\nmoe_intermediate_size: 80\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"e256_k8", "num_experts: 256\nnum_experts_per_tok: 8\nhidden_size: 64\nmoe_intermediate_size: 16\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"k1_e16", "num_experts: 16\nnum_experts_per_tok: 1\nhidden_size: 64\nmoe_intermediate_size: 32\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"k2_e8_default", NULL, MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"k4_e16", "num_experts: 16\nnum_experts_per_tok: 4\nhidden_size: 64\nmoe_intermediate_size: 32\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"k8_e64", "num_experts: 64\nnum_experts_per_tok: 8\nhidden_size: 64\nmoe_intermediate_size: 32\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"e1_k1", "num_experts: 1\nnum_experts_per_tok: 1\nhidden_size: 32\nmoe_intermediate_size: 16\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"e7_k3_odd_sizes", "num_experts: 7\nnum_experts_per_tok: 3\nhidden_size: 48\nmoe_intermediate_size: 80\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"e256_k8", "num_experts: 256\nnum_experts_per_tok: 8\nhidden_size: 64\nmoe_intermediate_size: 16\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
     {"k_equals_e", "num_experts: 4\nnum_experts_per_tok: 4\nhidden_size: 32\nmoe_intermediate_size: 32\n"
-                   "router:\n  norm_topk_prob: true\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"large_tokens", "num_experts: 16\nnum_experts_per_tok: 2\nhidden_size: 128\nmoe_intermediate_size: 64\n", DATA_RANDOM, TOKENS_LARGE},
+                   "router:\n  norm_topk_prob: true\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"large_tokens", "num_experts: 16\nnum_experts_per_tok: 2\nhidden_size: 128\nmoe_intermediate_size: 64\n", MOE_DATA_RANDOM, TOKENS_LARGE},
 
     /* ---- score functions and orders ---- */
-    {"softmax_then_topk", "router:\n  order: softmax_then_topk\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"softmax_then_topk", "router:\n  order: softmax_then_topk\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
     {"softmax_then_topk_norm_scaled", "router:\n  order: softmax_then_topk\n  norm_topk_prob: true\n"
-                                      "  routed_scaling_factor: 1.5\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"sigmoid", "router:\n  score_function: sigmoid\n", DATA_RANDOM, TOKENS_DEFAULT},
+                                      "  routed_scaling_factor: 1.5\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"sigmoid", "router:\n  score_function: sigmoid\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
     {"sigmoid_bias_norm_scaled", "router:\n  score_function: sigmoid\n  score_bias: true\n"
-                                 "  norm_topk_prob: true\n  routed_scaling_factor: 2.5\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"sqrtsoftplus", "router:\n  score_function: sqrtsoftplus\n  norm_topk_prob: true\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"router_bias", "router:\n  router_bias: true\n", DATA_RANDOM, TOKENS_DEFAULT},
+                                 "  norm_topk_prob: true\n  routed_scaling_factor: 2.5\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"sqrtsoftplus", "router:\n  score_function: sqrtsoftplus\n  norm_topk_prob: true\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"router_bias", "router:\n  router_bias: true\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
 
     /* ---- group-limited routing ---- */
     {"groups_sigmoid_topm_neg_inf", "num_experts: 32\nnum_experts_per_tok: 4\n"
                                     "router:\n  score_function: sigmoid\n  score_bias: true\n  norm_topk_prob: true\n"
-                                    "  n_group: 4\n  topk_group: 2\n  group_topm: 2\n", DATA_RANDOM, TOKENS_DEFAULT},
+                                    "  n_group: 4\n  topk_group: 2\n  group_topm: 2\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
     {"groups_sigmoid_topm_zero_mask", "num_experts: 32\nnum_experts_per_tok: 4\n"
                                       "router:\n  score_function: sigmoid\n  score_bias: true\n"
-                                      "  n_group: 4\n  topk_group: 2\n  group_mask: zero\n", DATA_RANDOM, TOKENS_DEFAULT},
+                                      "  n_group: 4\n  topk_group: 2\n  group_mask: zero\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
     {"groups_softmax_max", "num_experts: 16\nnum_experts_per_tok: 2\n"
                            "router:\n  order: softmax_then_topk\n  n_group: 4\n  topk_group: 1\n  group_score: max\n",
-     DATA_RANDOM, TOKENS_DEFAULT},
+     MOE_DATA_RANDOM, TOKENS_DEFAULT},
 
     /* ---- capacity ---- */
     {"ds_formula_probs", "capacity:\n  mode: factor\n  formula: deepspeed\n  capacity_factor: 1.0\n"
-                         "  min_capacity: 4\n  priority: probs\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+                         "  min_capacity: 4\n  priority: probs\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
     {"ds_formula_position", "capacity:\n  mode: factor\n  formula: deepspeed\n  eval_capacity_factor: 0.75\n"
-                            "  priority: position\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+                            "  priority: position\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
     {"ds_formula_choice_major_renorm", "capacity:\n  mode: factor\n  formula: deepspeed\n  capacity_factor: 1.25\n"
-                                       "  priority: position_choice_major\n  renormalize: true\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+                                       "  priority: position_choice_major\n  renormalize: true\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
     {"megatron_formula_random", "capacity:\n  mode: factor\n  formula: megatron\n  capacity_factor: 0.5\n"
-                                "  priority: random\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+                                "  priority: random\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
     {"megatron_formula_probs_pad", "capacity:\n  mode: factor\n  formula: megatron\n  capacity_factor: 1.0\n"
-                                   "  priority: probs\n  pad_to_capacity: true\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+                                   "  priority: probs\n  pad_to_capacity: true\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
     {"fixed_capacity_pad_renorm", "capacity:\n  mode: fixed\n  expert_capacity: 3\n  pad_to_capacity: true\n"
-                                  "  renormalize: true\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"capacity_above_tokens", "capacity:\n  mode: fixed\n  expert_capacity: 1000\n", DATA_RANDOM, TOKENS_DEFAULT},
+                                  "  renormalize: true\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"capacity_above_tokens", "capacity:\n  mode: fixed\n  expert_capacity: 1000\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
     /* top-k not a power of two with capacity and no renormalization: GCC 12.2 used to
      * miscompile the combine weights here (tests/compiler/masked_group_load.c) */
     {"k3_factor_probs_no_renorm", "num_experts_per_tok: 3\ncapacity:\n  mode: factor\n  capacity_factor: 1.0\n"
-                                  "  renormalize: false\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+                                  "  renormalize: false\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
     {"k5_fixed_position_no_renorm", "num_experts: 16\nnum_experts_per_tok: 5\ndtype: fp32\n"
                                     "capacity:\n  mode: fixed\n  expert_capacity: 20\n  priority: position\n",
-     DATA_HOT_EXPERT, TOKENS_DEFAULT},
+     MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
     {"k6_factor_choice_major_scaled", "num_experts: 12\nnum_experts_per_tok: 6\nrouter:\n  routed_scaling_factor: 2.5\n"
                                       "capacity:\n  mode: factor\n  capacity_factor: 0.8\n  priority: position_choice_major\n",
-     DATA_HOT_EXPERT, TOKENS_DEFAULT},
+     MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
     {"k7_factor_random_renorm_scaled", "num_experts: 16\nnum_experts_per_tok: 7\nrouter:\n  routed_scaling_factor: 2.5\n"
                                        "capacity:\n  mode: factor\n  capacity_factor: 0.6\n  priority: random\n"
-                                       "  renormalize: true\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+                                       "  renormalize: true\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
     /* the DeepSpeed formula with k = 3: f32(k * cf) rounded once gives C = 99 (not 100) */
     {"deepspeed_k3_cf055_480_tokens", "semantics: deepspeed\nnum_experts_per_tok: 3\n"
-                                      "capacity:\n  eval_capacity_factor: 0.55\n", DATA_HOT_EXPERT, {480, 479}, 2},
-    {"dropless_renormalize", "capacity:\n  mode: dropless\n  renormalize: true\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
+                                      "capacity:\n  eval_capacity_factor: 0.55\n", MOE_DATA_HOT_EXPERT, {480, 479}, 2},
+    {"dropless_renormalize", "capacity:\n  mode: dropless\n  renormalize: true\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
 
     /* ---- activations, dtypes, biases ---- */
-    {"relu_fp32", "activation: relu\ndtype: fp32\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"gelu_fp16", "activation: gelu\ndtype: fp16\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"gelu_tanh_bf16", "activation: gelu_tanh\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"silu_fp32", "activation: silu\ndtype: fp32\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"swiglu_fp16", "activation: swiglu\ndtype: fp16\n", DATA_RANDOM, TOKENS_DEFAULT},
-    {"geglu_fp32_bias", "activation: geglu\ndtype: fp32\nexpert_bias: true\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"relu_fp32", "activation: relu\ndtype: fp32\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"gelu_fp16", "activation: gelu\ndtype: fp16\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"gelu_tanh_bf16", "activation: gelu_tanh\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"silu_fp32", "activation: silu\ndtype: fp32\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"swiglu_fp16", "activation: swiglu\ndtype: fp16\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
+    {"geglu_fp32_bias", "activation: geglu\ndtype: fp32\nexpert_bias: true\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
 
     /* ---- shared experts, residual, weight on input ---- */
-    {"shared_gated", "shared_experts:\n  count: 1\n  intermediate_size: 48\n  gate: true\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"shared_gated", "shared_experts:\n  count: 1\n  intermediate_size: 48\n  gate: true\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
     {"two_shared_same_size_bias", "expert_bias: true\nshared_experts:\n  count: 2\n  intermediate_size: 32\n",
-     DATA_RANDOM, TOKENS_DEFAULT},
+     MOE_DATA_RANDOM, TOKENS_DEFAULT},
     {"residual_moe", "semantics: deepspeed\nnum_experts_per_tok: 1\nuse_residual: true\nactivation: gelu\n"
-                     "dtype: fp32\n", DATA_RANDOM, TOKENS_DEFAULT},
+                     "dtype: fp32\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
     {"weight_on_input", "num_experts_per_tok: 1\nweight_on_input: true\nrouter:\n  score_function: sigmoid\n",
-     DATA_RANDOM, TOKENS_DEFAULT},
+     MOE_DATA_RANDOM, TOKENS_DEFAULT},
 
     /* ---- train mode randomness ---- */
-    {"train_jitter", "mode: train\nrouter:\n  input_jitter: 0.01\n  seed: 7\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"train_jitter", "mode: train\nrouter:\n  input_jitter: 0.01\n  seed: 7\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
     {"train_rsample_k1", "mode: train\nsemantics: deepspeed\nnum_experts_per_tok: 1\n"
-                         "router:\n  noise: rsample\n  seed: 3\n", DATA_RANDOM, TOKENS_DEFAULT},
+                         "router:\n  noise: rsample\n  seed: 3\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
     {"train_rsample_k2", "mode: train\nsemantics: deepspeed\nrouter:\n  noise: rsample\n  seed: 11\n",
-     DATA_RANDOM, TOKENS_DEFAULT},
+     MOE_DATA_RANDOM, TOKENS_DEFAULT},
 
     /* ---- presets ---- */
-    {"deepspeed_top1", "semantics: deepspeed\nnum_experts_per_tok: 1\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
-    {"deepspeed_top2", "semantics: deepspeed\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
-    {"deepspeed_top4", "semantics: deepspeed\nnum_experts: 16\nnum_experts_per_tok: 4\n", DATA_HOT_EXPERT, TOKENS_DEFAULT},
-    {"aux_none", "router:\n  aux_loss: none\n", DATA_RANDOM, TOKENS_DEFAULT},
+    {"deepspeed_top1", "semantics: deepspeed\nnum_experts_per_tok: 1\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"deepspeed_top2", "semantics: deepspeed\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"deepspeed_top4", "semantics: deepspeed\nnum_experts: 16\nnum_experts_per_tok: 4\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
+    {"aux_none", "router:\n  aux_loss: none\n", MOE_DATA_RANDOM, TOKENS_DEFAULT},
 
     /* ---- special data ---- */
-    {"exact_ties_softmax", "router:\n  order: softmax_then_topk\n", DATA_TIES, TOKENS_DEFAULT},
+    {"exact_ties_softmax", "router:\n  order: softmax_then_topk\n", MOE_DATA_TIES, TOKENS_DEFAULT},
     {"exact_ties_sigmoid_groups", "num_experts: 16\nnum_experts_per_tok: 4\n"
                                   "router:\n  score_function: sigmoid\n  n_group: 4\n  topk_group: 2\n",
-     DATA_TIES, TOKENS_DEFAULT},
+     MOE_DATA_TIES, TOKENS_DEFAULT},
     {"nonfinite_logits_softmax", "dtype: fp32\nrouter:\n  router_bias: true\n  order: softmax_then_topk\n",
-     DATA_NONFINITE, TOKENS_DEFAULT},
+     MOE_DATA_NONFINITE, TOKENS_DEFAULT},
     {"nonfinite_logits_topk_softmax", "dtype: fp32\nnum_experts_per_tok: 4\nrouter:\n  router_bias: true\n",
-     DATA_NONFINITE, TOKENS_DEFAULT},
+     MOE_DATA_NONFINITE, TOKENS_DEFAULT},
     {"nonfinite_logits_sigmoid", "dtype: bf16\nrouter:\n  router_bias: true\n  score_function: sigmoid\n"
-                                 "  norm_topk_prob: true\n", DATA_NONFINITE, TOKENS_DEFAULT},
+                                 "  norm_topk_prob: true\n", MOE_DATA_NONFINITE, TOKENS_DEFAULT},
     {"identity_experts", "activation: relu\ndtype: fp32\nhidden_size: 32\nmoe_intermediate_size: 64\n"
-                         "router:\n  norm_topk_prob: true\n", DATA_IDENTITY, TOKENS_DEFAULT},
+                         "router:\n  norm_topk_prob: true\n", MOE_DATA_IDENTITY, TOKENS_DEFAULT},
 };
 
 /* Compose the YAML of a case: BASE, then the case's lines (later keys of the same
@@ -182,49 +176,6 @@ static void case_yaml(const forward_case *c, char *buf, size_t size) {
         line = end + 1;
     }
     snprintf(buf + used, size - used, "%s", body);
-}
-
-/* Apply a data pattern on top of the seeded random tensors. */
-static void apply_pattern(const moegen_spec *spec, moe_tensors *ts, data_pattern data) {
-    const int64_t E = spec->num_experts, H = spec->hidden_size, S = ts->n_tokens;
-    float *router_w = ts->t[MOE_T_ROUTER_W].data;
-    switch (data) {
-    case DATA_RANDOM:
-        break;
-    case DATA_TIES: /* experts 2k and 2k+1 get identical router rows */
-        for (int64_t e = 1; e < E; e += 2) memcpy(router_w + e * H, router_w + (e - 1) * H, H * sizeof(float));
-        break;
-    case DATA_NONFINITE: {
-        float *bias = ts->t[MOE_T_ROUTER_B].data;
-        const float values[] = {NAN, INFINITY, -INFINITY, 1e30f, -1e30f, INFINITY};
-        for (int64_t e = 0; e < E && e < 6; e++) bias[e] = values[e];
-        for (int64_t t = 3; t < S; t += 7) /* whole NaN logit rows */
-            for (int64_t h = 0; h < H; h++) moe_tensor_set(ts, MOE_T_X, (size_t)(t * H + h), NAN);
-        break;
-    }
-    case DATA_HOT_EXPERT:
-        if (ts->t[MOE_T_ROUTER_B].data) {
-            ((float *)ts->t[MOE_T_ROUTER_B].data)[E / 2] = 8.0f;
-        } else { /* no router bias: make expert E/2's row align with every input */
-            for (int64_t h = 0; h < H; h++) router_w[(E / 2) * H + h] = 0.0f;
-            router_w[(E / 2) * H] = 0.0f;
-            for (int64_t t = 0; t < S; t++) moe_tensor_set(ts, MOE_T_X, (size_t)(t * H), 1.0);
-            router_w[(E / 2) * H] = 8.0f;
-        }
-        break;
-    case DATA_IDENTITY: { /* F = 2H: relu(x) - relu(-x) = x */
-        const int64_t F = spec->moe_intermediate_size;
-        for (int i = MOE_T_W1; i <= MOE_T_W2; i += MOE_T_W2 - MOE_T_W1) memset(ts->t[i].data, 0, ts->t[i].n_elems * 4);
-        for (int64_t e = 0; e < E; e++)
-            for (int64_t h = 0; h < H; h++) {
-                moe_tensor_set(ts, MOE_T_W1, (size_t)((e * F + h) * H + h), 1.0);
-                moe_tensor_set(ts, MOE_T_W1, (size_t)((e * F + H + h) * H + h), -1.0);
-                moe_tensor_set(ts, MOE_T_W2, (size_t)((e * H + h) * F + h), 1.0);
-                moe_tensor_set(ts, MOE_T_W2, (size_t)((e * H + h) * F + H + h), -1.0);
-            }
-        break;
-    }
-    }
 }
 
 typedef struct kernel_outputs {
@@ -431,7 +382,7 @@ static void test_case(void **state) {
         moe_tensors ts;
         assert_int_equal(moe_tensors_alloc(&spec, S, &ts), 0);
         moe_tensors_fill(&ts, 1000 + (uint64_t)i);
-        apply_pattern(&spec, &ts, c->data);
+        moe_tensors_apply_pattern(&spec, &ts, c->data);
         kernel_outputs o;
         outputs_alloc(&o, &spec, S);
         if (on_gpu()) {
@@ -457,7 +408,7 @@ static void test_case(void **state) {
         assert_int_equal(moe_verify(&spec, S, ts.t[MOE_T_X].data, &w, 5, NULL, &kernel, &report), 0);
         if (!report.ok) fail_msg("%s, %lld tokens: %s", c->name, (long long)S, report.message);
         print_message("  %-34s S=%-5lld %s\n", c->name, (long long)S, report.message);
-        if (c->data == DATA_TIES || c->data == DATA_NONFINITE) /* exact decisions only */
+        if (c->data == MOE_DATA_TIES || c->data == MOE_DATA_NONFINITE) /* exact decisions only */
             assert_int_equal(report.ambiguous_tokens, 0);
         outputs_free(&o);
         moe_tensors_free(&ts);

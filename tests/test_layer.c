@@ -1,7 +1,9 @@
 /* test_layer.c — the public layer API (runtime/layer.c): errors with clear messages,
  * call order, workspace reuse across token counts, the cache as the runtime uses it,
  * and two layers used from two threads at once. */
+#include <locale.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -253,6 +255,258 @@ static void unusable_cache_directory_warns_and_still_opens(void **state) {
     rmdir(dir);
 }
 
+
+/* ---- Arguments out of range ------------------------------------------------------------------ */
+
+static void every_public_function_survives_null_arguments(void **state) {
+    (void)state;
+    moegen_open_options_init(NULL);
+    moegen_layer_close(NULL);
+    moegen_layer_desc desc;
+    moegen_error err;
+    moegen_layer *layer = (moegen_layer *)0x1;
+    assert_int_equal(moegen_layer_describe(NULL, &desc), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_layer_open_file(NULL, NULL, &layer, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_layer_open_file("x.yaml", NULL, NULL, NULL), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_layer_open_string(NULL, 0, NULL, NULL, &layer, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_layer_open_string(SMALL, strlen(SMALL), NULL, NULL, NULL, NULL),
+                     MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_layer_bind(NULL, NULL, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_layer_forward(NULL, NULL, NULL, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    moegen_layer *real = open_or_fail(SMALL, NULL);
+    assert_int_equal(moegen_layer_describe(real, NULL), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_layer_bind(real, NULL, NULL), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_layer_forward(real, NULL, NULL, NULL), MOEGEN_ERR_INVALID_ARGUMENT);
+    moegen_layer_close(real);
+}
+
+static void open_rejects_negative_thread_counts_and_devices(void **state) {
+    (void)state;
+    moegen_open_options o;
+    moegen_open_options_init(&o);
+    o.device = MOEGEN_DEVICE_CPU;
+    o.n_threads = -3;
+    moegen_layer *layer = NULL;
+    moegen_error err;
+    assert_int_equal(moegen_layer_open_string(SMALL, strlen(SMALL), NULL, &o, &layer, &err),
+                     MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "n_threads is -3"));
+    assert_null(layer);
+    o.n_threads = 0;
+    o.cuda_device = -1;
+    assert_int_equal(moegen_layer_open_string(SMALL, strlen(SMALL), NULL, &o, &layer, &err),
+                     MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "cuda_device"));
+}
+
+static void absurd_thread_counts_are_capped_with_a_notice(void **state) {
+    (void)state;
+    const int notices_before = notices_seen;
+    moegen_open_options o;
+    moegen_open_options_init(&o);
+    o.device = MOEGEN_DEVICE_CPU;
+    o.n_threads = 1000000;
+    o.log = record_notice;
+    moegen_layer *layer = open_or_fail(SMALL, &o);
+    moegen_layer_desc desc;
+    assert_int_equal(moegen_layer_describe(layer, &desc), MOEGEN_OK);
+    const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    assert_true(desc.n_threads >= 1 && desc.n_threads <= 4 * cpus && desc.n_threads <= MOEGEN_THREAD_LIMIT);
+    assert_true(notices_seen > notices_before);
+    assert_non_null(strstr(last_notice, "1000000 threads requested"));
+    moegen_spec spec;
+    moegen_error err;
+    assert_int_equal(moegen_spec_parse(SMALL, strlen(SMALL), "small", &spec, &err), MOEGEN_OK);
+    assert_true(run_and_verify(layer, &spec, 33, 5));
+    moegen_layer_close(layer);
+    /* $MOEGEN_MAX_THREADS lowers the cap; $OMP_NUM_THREADS is the default count */
+    setenv("MOEGEN_MAX_THREADS", "2", 1);
+    setenv("OMP_NUM_THREADS", "64", 1);
+    o.n_threads = 0;
+    layer = open_or_fail(SMALL, &o);
+    assert_int_equal(moegen_layer_describe(layer, &desc), MOEGEN_OK);
+    assert_int_equal(desc.n_threads, 2);
+    assert_true(run_and_verify(layer, &spec, 17, 6));
+    moegen_layer_close(layer);
+    unsetenv("MOEGEN_MAX_THREADS");
+    unsetenv("OMP_NUM_THREADS");
+    moegen_spec_free(&spec);
+}
+
+/* ---- Two threads on one layer -------------------------------------------------------------------- */
+
+typedef struct busy_job {
+    moegen_layer *layer;
+    const moegen_forward_io *io;
+    int wanted, done, refused, other_errors;
+    atomic_int finished;
+} busy_job;
+
+/* Run `wanted` forwards to completion, retrying those refused because the other thread
+ * held the layer. */
+static void *busy_main(void *arg) {
+    busy_job *job = arg;
+    while (job->done < job->wanted) {
+        moegen_error err;
+        moegen_status st = moegen_layer_forward(job->layer, job->io, NULL, &err);
+        if (st == MOEGEN_OK) job->done++;
+        else if (st == MOEGEN_ERR_STATE && strstr(err.message, "another call is running")) job->refused++;
+        else job->other_errors++;
+    }
+    atomic_store(&job->finished, 1);
+    return NULL;
+}
+
+static void two_threads_forwarding_one_layer_get_a_state_error_not_a_race(void **state) {
+    (void)state;
+    const char *yaml = "name: busy\nnum_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 256\n"
+                       "moe_intermediate_size: 256\ndtype: fp32\n";
+    moegen_spec spec;
+    moegen_error err;
+    assert_int_equal(moegen_spec_parse(yaml, strlen(yaml), "busy", &spec, &err), MOEGEN_OK);
+    moegen_open_options o;
+    moegen_open_options_init(&o);
+    o.device = MOEGEN_DEVICE_CPU;
+    o.n_threads = 1;
+    moegen_layer *layer = open_or_fail(yaml, &o);
+    const int64_t big = 1500, small = 7;
+    moe_tensors ts;
+    assert_int_equal(moe_tensors_alloc(&spec, big, &ts), 0);
+    moe_tensors_fill(&ts, 77);
+    bind_tensors(layer, &ts);
+    float *y_big = calloc((size_t)big * 256, sizeof(float)), *y_small = calloc((size_t)small * 256, sizeof(float));
+    moegen_forward_io io_big = {.n_tokens = big, .x = ts.t[MOE_T_X].data, .y = y_big};
+    moegen_forward_io io_small = {.n_tokens = small, .x = ts.t[MOE_T_X].data, .y = y_small};
+    busy_job job = {.layer = layer, .io = &io_big, .wanted = 4};
+    atomic_init(&job.finished, 0);
+    pthread_t thread;
+    assert_int_equal(pthread_create(&thread, NULL, busy_main, &job), 0);
+    int refused = 0, ran = 0, bind_refused = 0;
+    while (!atomic_load(&job.finished)) { /* short calls, and binds, against the long ones */
+        moegen_status st = moegen_layer_forward(layer, &io_small, NULL, &err);
+        if (st == MOEGEN_ERR_STATE) {
+            refused++;
+            assert_non_null(strstr(err.message, "another call is running"));
+        } else {
+            assert_int_equal(st, MOEGEN_OK);
+            ran++;
+        }
+        moegen_weights none = {0};
+        bind_refused += moegen_layer_bind(layer, &none, &err) == MOEGEN_ERR_STATE;
+    }
+    pthread_join(thread, NULL);
+    print_message("  long calls: %d done, %d refused; short calls: %d ran, %d refused; %d binds refused\n",
+                  job.done, job.refused, ran, refused, bind_refused);
+    assert_int_equal(job.other_errors, 0);
+    assert_true(refused + job.refused > 0); /* the two threads did meet */
+    assert_true(refused > 0 || bind_refused > 0);
+    /* the layer is intact: both token counts still verify */
+    assert_true(run_and_verify(layer, &spec, big, 78));
+    assert_true(run_and_verify(layer, &spec, small, 79));
+    free(y_big);
+    free(y_small);
+    moe_tensors_free(&ts);
+    moegen_layer_close(layer);
+    moegen_spec_free(&spec);
+}
+
+/* ---- The host program's locale -------------------------------------------------------------------- */
+
+static void a_host_programs_locale_changes_neither_the_spec_nor_its_hash(void **state) {
+    (void)state;
+    /* A German locale (decimal comma) built with localedef into a private directory. */
+    char dir[] = "/tmp/moegen-locale-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char command[256];
+    snprintf(command, sizeof command, "localedef -i de_DE -f UTF-8 %s/de_DE.UTF-8 > /dev/null 2>&1", dir);
+    const char *yaml = "name: locale\nnum_experts: 8\nnum_experts_per_tok: 3\nhidden_size: 32\n"
+                       "moe_intermediate_size: 16\ndtype: fp32\nrouter:\n  routed_scaling_factor: 2.5\n"
+                       "capacity:\n  mode: factor\n  capacity_factor: 1.25\n  eval_capacity_factor: 0.75\n";
+    moegen_layer *plain = open_or_fail(yaml, NULL);
+    moegen_layer_desc in_c;
+    assert_int_equal(moegen_layer_describe(plain, &in_c), MOEGEN_OK);
+    if (system(command) != 0) {
+        moegen_layer_close(plain);
+        print_message("skipped: localedef cannot build de_DE.UTF-8 here (install the `locales` package)\n");
+        skip();
+    }
+    setenv("LOCPATH", dir, 1);
+    assert_non_null(setlocale(LC_ALL, "de_DE.UTF-8"));
+    char printed[16];
+    snprintf(printed, sizeof printed, "%.2f", 1.25);
+    assert_string_equal(printed, "1,25"); /* the locale is really in force */
+    moegen_layer *german = open_or_fail(yaml, NULL);
+    moegen_layer_desc in_de;
+    assert_int_equal(moegen_layer_describe(german, &in_de), MOEGEN_OK);
+    moegen_spec spec;
+    moegen_error err;
+    assert_int_equal(moegen_spec_parse(yaml, strlen(yaml), "locale", &spec, &err), MOEGEN_OK);
+    assert_true(spec.capacity.eval_capacity_factor == 0.75 && spec.router.routed_scaling_factor == 2.5);
+    assert_int_equal(run_and_verify(german, &spec, 200, 3), 1); /* capacity and scaling as written */
+    setlocale(LC_ALL, "C");
+    unsetenv("LOCPATH");
+    assert_string_equal(in_c.spec_hash, in_de.spec_hash);
+    assert_string_equal(in_c.variant, in_de.variant);
+    assert_int_equal(in_de.cache_hit, 1); /* the same generated code: the same cache entry */
+    moegen_spec_free(&spec);
+    moegen_layer_close(german);
+    moegen_layer_close(plain);
+    snprintf(command, sizeof command, "rm -rf %s", dir);
+    assert_int_equal(system(command), 0);
+}
+
+/* ---- Unloading -------------------------------------------------------------------------------------- */
+
+/* Mappings of files under the test cache whose name is module.so. */
+static int mapped_modules(void) {
+    FILE *maps = fopen("/proc/self/maps", "r");
+    assert_non_null(maps);
+    char line[4096];
+    int count = 0;
+    while (fgets(line, sizeof line, maps))
+        count += strstr(line, "/module.so") != NULL || strstr(line, "/moegen-cpu-") != NULL;
+    fclose(maps);
+    return count;
+}
+
+static long resident_kib(void) {
+    FILE *status = fopen("/proc/self/status", "r");
+    assert_non_null(status);
+    char line[256];
+    long kib = -1;
+    while (fgets(line, sizeof line, status))
+        if (sscanf(line, "VmRSS: %ld kB", &kib) == 1) break;
+    fclose(status);
+    return kib;
+}
+
+static void closed_layers_unmap_their_modules_and_memory_stays_bounded(void **state) {
+    (void)state;
+    enum { DISTINCT = 12, CYCLES = 120 };
+    const int before = mapped_modules();
+    long rss_after_first_round = 0;
+    for (int cycle = 0; cycle < CYCLES; cycle++) {
+        char yaml[256];
+        snprintf(yaml, sizeof yaml,
+                 "name: unload%d\nnum_experts: %d\nnum_experts_per_tok: 1\nhidden_size: 16\n"
+                 "moe_intermediate_size: 16\ndtype: fp32\n",
+                 cycle % DISTINCT, 1 + cycle % DISTINCT);
+        moegen_layer *layer = open_or_fail(yaml, NULL);
+        moegen_spec spec;
+        moegen_error err;
+        assert_int_equal(moegen_spec_parse(yaml, strlen(yaml), "unload", &spec, &err), MOEGEN_OK);
+        assert_true(run_and_verify(layer, &spec, 9, (uint64_t)cycle)); /* OpenMP threads ran its code */
+        moegen_spec_free(&spec);
+        moegen_layer_close(layer);
+        assert_int_equal(mapped_modules(), before); /* nothing of the closed module stays mapped */
+        if (cycle == DISTINCT - 1) rss_after_first_round = resident_kib();
+    }
+    const long growth = resident_kib() - rss_after_first_round;
+    print_message("  %d open/close cycles over %d modules: resident memory grew %ld KiB after the first round\n",
+                  CYCLES - DISTINCT, DISTINCT, growth);
+    assert_true(growth < 8 * 1024);
+}
+
 typedef struct thread_job {
     const char *yaml;
     int ok;
@@ -302,6 +556,12 @@ int main(void) {
         cmocka_unit_test(second_open_of_a_spec_is_a_cache_hit),
         cmocka_unit_test(unusable_cache_directory_warns_and_still_opens),
         cmocka_unit_test(two_layers_run_from_two_threads_at_once),
+        cmocka_unit_test(every_public_function_survives_null_arguments),
+        cmocka_unit_test(open_rejects_negative_thread_counts_and_devices),
+        cmocka_unit_test(absurd_thread_counts_are_capped_with_a_notice),
+        cmocka_unit_test(two_threads_forwarding_one_layer_get_a_state_error_not_a_race),
+        cmocka_unit_test(a_host_programs_locale_changes_neither_the_spec_nor_its_hash),
+        cmocka_unit_test(closed_layers_unmap_their_modules_and_memory_stays_bounded),
     };
     return cmocka_run_group_tests_name("layer API", tests, NULL, NULL);
 }

@@ -408,6 +408,14 @@ static const struct CMUnitTest bad_spec_tests[] = {
         "capacity.expert_capacity applies only when capacity.mode is fixed (it is factor)"),
     BAD(spec_rejects_fixed_mode_without_an_expert_capacity, BASE "capacity:\n  mode: fixed\n", 7, 9,
         "capacity.expert_capacity is required when capacity.mode is fixed"),
+    BAD(spec_rejects_a_padded_fixed_capacity_whose_rows_overflow_the_row_index,
+        BASE "capacity:\n  expert_capacity: 2147483647\n  pad_to_capacity: true\n", 7, 20,
+        "capacity.expert_capacity: 2147483647 with pad_to_capacity makes every call process num_experts x "
+        "capacity = 17179869176 rows"),
+    BAD(spec_rejects_a_padded_fixed_capacity_whose_buffers_exceed_a_tebibyte,
+        "name: x\nnum_experts: 1\nnum_experts_per_tok: 1\nhidden_size: 65536\nmoe_intermediate_size: 16\n"
+        "capacity:\n  expert_capacity: 5000000\n  pad_to_capacity: true\n", 7, 20,
+        "the limit is 2147483647 rows and 1024 GiB"),
     BAD(spec_rejects_an_expert_capacity_of_zero, BASE "capacity:\n  expert_capacity: 0\n", 7, 20,
         "capacity.expert_capacity: 0 is out of range (1..2147483647)"),
     BAD(spec_rejects_a_formula_in_dropless_mode, BASE "capacity:\n  formula: deepspeed\n", 7, 3,

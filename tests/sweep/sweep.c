@@ -1,0 +1,427 @@
+/* sweep.c — the differential sweep: random valid specs, each compiled through the real
+ * pipeline (templates -> host C compiler -> dlopen), run on random tokens and compared
+ * with the independent double-precision reference (tests/reference).
+ *
+ *   moegen_sweep [--seed S] [--first I] [--count N] [--compiler PROG] [--failures DIR]
+ *                [--record DIR] [--specs FILE...] [--quiet]
+ *
+ * Cases I .. I+N-1 of seed S are run. Case i of seed S draws its spec (tests/sweep/spec_sampler.c), its token counts, data
+ * pattern (random, exact ties, non-finite logits, a hot expert), thread count and RNG
+ * offset from splitmix(S, i), so `--seed S` names the same cases on every machine. With
+ * --specs the given files are run instead (the regression specs in tests/regressions/),
+ * with data drawn the same way unless the file has a "# plan:" line (which a saved failure
+ * has), then with exactly that data. --compiler sets $MOEGEN_CC (the default is the user's
+ * default compiler). A failing case prints its seed, index, spec and the first
+ * mismatch, and, with --failures, leaves the spec there as a ready-made regression file
+ * (--record DIR saves every case that way).
+ * Every third case also reruns with another thread count and requires the same bits.
+ *
+ * Exit status: 0 when every case passed, 1 when any failed, 2 on a usage error.
+ * CTest runs a short fixed-seed sweep (label `sweep`); scripts/sweep.sh runs long ones.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "moegen.h"
+#include "patterns.h"
+#include "spec.h"
+#include "spec_sampler.h"
+#include "tensors.h"
+#include "verify.h"
+
+/* Reference work allowed per forward (double FLOPs): keeps a case to about a second. */
+#define REFERENCE_FLOP_BUDGET 3e8
+#define MAX_SPEC_BYTES 4096
+
+typedef struct sweep_options {
+    uint64_t seed;
+    long first, count;
+    const char *compiler, *failures, *record;
+    char **specs;
+    int n_specs, quiet;
+} sweep_options;
+
+typedef struct case_plan {
+    int64_t tokens[2];
+    moe_data_pattern pattern;
+    int threads, recheck_threads;
+    uint64_t data_seed, rng_offset;
+} case_plan;
+
+typedef struct case_outcome {
+    int ok;
+    double max_scaled_error;
+    char message[MOEGEN_ERROR_MESSAGE_BYTES + 256];
+} case_outcome;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static uint64_t mix(uint64_t z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t case_seed(uint64_t seed, long index) { return mix(seed ^ mix((uint64_t)index)); }
+
+/* Expert work of one token in the reference, to keep each case within the budget. */
+static double flops_per_token(const moegen_spec *spec) {
+    const double H = (double)spec->hidden_size, F = (double)spec->moe_intermediate_size;
+    const double F1 = (double)moegen_spec_ffn_rows(spec);
+    double flops = spec->top_k * (2.0 * H * F1 + 2.0 * F * H) + 2.0 * H * spec->num_experts;
+    if (spec->shared.count > 0) flops += spec->shared.count * 6.0 * H * (double)spec->shared.intermediate_size;
+    if (spec->use_residual) flops += 2.0 * H * F1 + 2.0 * F * H;
+    return flops;
+}
+
+static void plan_case(moe_choices *c, const moegen_spec *spec, case_plan *plan) {
+    static const int64_t TOKENS[] = {0, 1, 2, 3, 5, 17, 33, 64, 100, 257, 400, 1000};
+    const int64_t cap = (int64_t)(REFERENCE_FLOP_BUDGET / flops_per_token(spec));
+    for (int i = 0; i < 2; i++) {
+        int64_t s = TOKENS[moe_choose(c, sizeof TOKENS / sizeof TOKENS[0])];
+        if (s > cap) s = cap > 1 ? cap : 1;
+        plan->tokens[i] = s;
+    }
+    if (plan->tokens[0] == 0 && plan->tokens[1] == 0) plan->tokens[1] = 1;
+    const uint32_t p = moe_choose(c, 10);
+    plan->pattern = p < 6 ? MOE_DATA_RANDOM : p < 8 ? MOE_DATA_HOT_EXPERT : p < 9 ? MOE_DATA_TIES : MOE_DATA_NONFINITE;
+    plan->threads = 1 + (int)moe_choose(c, 3);
+    plan->recheck_threads = moe_choose(c, 3) == 0 ? 1 + plan->threads % 3 : 0;
+    plan->data_seed = moe_choose(c, 1u << 30);
+    plan->rng_offset = moe_choose(c, 4) ? moe_choose(c, 1000) : 0;
+}
+
+/* One line describing the spec's main choices. */
+static void describe_spec(const moegen_spec *s, char *out, size_t size) {
+    const char *capacity = moegen_capacity_mode_name(s->capacity.mode);
+    snprintf(out, size, "E=%d k=%d H=%lld F=%lld %s %s %s%s G=%d cap=%s%s%s%s%s%s%s", s->num_experts, s->top_k,
+             (long long)s->hidden_size, (long long)s->moe_intermediate_size, moegen_activation_name(s->activation),
+             moegen_dtype_name(s->dtype), moegen_score_fn_name(s->router.score_function),
+             s->mode == MOEGEN_MODE_TRAIN ? " train" : "", s->router.n_group, capacity,
+             s->capacity.mode != MOEGEN_CAP_DROPLESS ? "/" : "",
+             s->capacity.mode != MOEGEN_CAP_DROPLESS ? moegen_priority_name(s->capacity.priority) : "",
+             s->capacity.renormalize ? " renorm" : "",
+             s->capacity.mode != MOEGEN_CAP_DROPLESS && s->capacity.pad_to_capacity ? " pad" : "",
+             s->shared.count ? " shared" : "", s->use_residual ? " residual" : "");
+}
+
+typedef struct outputs {
+    void *y;
+    int32_t *ids;
+    float *topk_weights, *router_weights;
+    int64_t *counts_before, *counts_after;
+    moegen_forward_stats stats;
+} outputs;
+
+static int outputs_alloc(outputs *o, const moegen_spec *spec, int64_t S) {
+    memset(o, 0, sizeof *o);
+    const size_t routes = (size_t)S * spec->top_k + 1;
+    o->y = calloc((size_t)S * spec->hidden_size + 1, moegen_dtype_size(spec->dtype));
+    o->ids = calloc(routes, sizeof *o->ids);
+    o->topk_weights = calloc(routes, sizeof *o->topk_weights);
+    o->router_weights = calloc(routes, sizeof *o->router_weights);
+    o->counts_before = calloc((size_t)spec->num_experts, sizeof *o->counts_before);
+    o->counts_after = calloc((size_t)spec->num_experts, sizeof *o->counts_after);
+    return o->y && o->ids && o->topk_weights && o->router_weights && o->counts_before && o->counts_after ? 0 : -1;
+}
+
+static void outputs_free(outputs *o) {
+    free(o->y);
+    free(o->ids);
+    free(o->topk_weights);
+    free(o->router_weights);
+    free(o->counts_before);
+    free(o->counts_after);
+}
+
+static moegen_status open_layer(const char *yaml, const char *name, int threads, moegen_layer **layer,
+                                moegen_error *err) {
+    moegen_open_options options;
+    moegen_open_options_init(&options);
+    options.device = MOEGEN_DEVICE_CPU;
+    options.n_threads = threads;
+    return moegen_layer_open_string(yaml, strlen(yaml), name, &options, layer, err);
+}
+
+static moegen_status forward(moegen_layer *layer, const moe_tensors *ts, uint64_t rng_offset, outputs *o,
+                             moegen_error *err) {
+    moegen_kernel_weights k;
+    moe_tensors_weights(ts, &k);
+    moegen_weights w = {
+        .router_w = k.router_w, .router_b = k.router_b, .score_bias = k.score_bias, .w1 = k.w1, .b1 = k.b1,
+        .w2 = k.w2, .b2 = k.b2, .shared_w1 = k.shared_w1, .shared_b1 = k.shared_b1, .shared_w2 = k.shared_w2,
+        .shared_b2 = k.shared_b2, .shared_gate = k.shared_gate, .residual_w1 = k.residual_w1,
+        .residual_b1 = k.residual_b1, .residual_w2 = k.residual_w2, .residual_b2 = k.residual_b2,
+        .residual_coef_w = k.residual_coef_w, .residual_coef_b = k.residual_coef_b,
+    };
+    moegen_status st = moegen_layer_bind(layer, &w, err);
+    if (st != MOEGEN_OK) return st;
+    moegen_forward_io io = {
+        .n_tokens = ts->n_tokens, .x = ts->t[MOE_T_X].data, .y = o->y, .topk_ids = o->ids,
+        .topk_weights = o->topk_weights, .router_weights = o->router_weights,
+        .counts_before = o->counts_before, .counts_after = o->counts_after, .rng_offset = rng_offset,
+    };
+    return moegen_layer_forward(layer, &io, &o->stats, err);
+}
+
+/* 1 if two runs gave the same bits. */
+static int same_bits(const moegen_spec *spec, int64_t S, const outputs *a, const outputs *b) {
+    const size_t routes = (size_t)S * spec->top_k;
+    return memcmp(a->y, b->y, (size_t)S * spec->hidden_size * moegen_dtype_size(spec->dtype)) == 0 &&
+           memcmp(a->ids, b->ids, routes * sizeof *a->ids) == 0 &&
+           memcmp(a->topk_weights, b->topk_weights, routes * sizeof *a->topk_weights) == 0 &&
+           memcmp(a->counts_after, b->counts_after, (size_t)spec->num_experts * sizeof *a->counts_after) == 0 &&
+           memcmp(&a->stats.aux_loss, &b->stats.aux_loss, sizeof a->stats.aux_loss) == 0 &&
+           memcmp(&a->stats.z_loss, &b->stats.z_loss, sizeof a->stats.z_loss) == 0;
+}
+
+/* Run one spec under one plan. */
+static void run_case(const char *yaml, const char *name, const moegen_spec *spec, const case_plan *plan,
+                     case_outcome *result) {
+    moegen_error err;
+    moegen_layer *layer = NULL, *recheck = NULL;
+    result->ok = 0;
+    result->max_scaled_error = 0.0;
+    if (open_layer(yaml, name, plan->threads, &layer, &err) != MOEGEN_OK) {
+        snprintf(result->message, sizeof result->message, "open: %s", err.message);
+        return;
+    }
+    if (plan->recheck_threads && open_layer(yaml, name, plan->recheck_threads, &recheck, &err) != MOEGEN_OK) {
+        snprintf(result->message, sizeof result->message, "open (second layer): %s", err.message);
+        moegen_layer_close(layer);
+        return;
+    }
+    int ok = 1;
+    for (int i = 0; i < 2 && ok; i++) {
+        const int64_t S = plan->tokens[i];
+        moe_tensors ts;
+        outputs o, again;
+        memset(&o, 0, sizeof o);
+        memset(&again, 0, sizeof again);
+        memset(&ts, 0, sizeof ts);
+        if (moe_tensors_alloc(spec, S, &ts) != 0 || outputs_alloc(&o, spec, S) != 0) {
+            snprintf(result->message, sizeof result->message, "out of memory for %lld tokens", (long long)S);
+            outputs_free(&o);
+            moe_tensors_free(&ts);
+            ok = 0;
+            break;
+        }
+        moe_tensors_fill(&ts, plan->data_seed + (uint64_t)i);
+        moe_tensors_apply_pattern(spec, &ts, plan->pattern);
+        if (forward(layer, &ts, plan->rng_offset, &o, &err) != MOEGEN_OK) {
+            snprintf(result->message, sizeof result->message, "S=%lld: forward: %s", (long long)S, err.message);
+            ok = 0;
+        }
+        if (ok) {
+            moegen_kernel_weights w;
+            moe_tensors_weights(&ts, &w);
+            moe_kernel_result kernel = {
+                .y = o.y, .ids = o.ids, .topk_weights = o.topk_weights, .router_weights = o.router_weights,
+                .counts_before = o.counts_before, .counts_after = o.counts_after, .n_dropped = o.stats.n_dropped,
+                .capacity = o.stats.capacity, .aux_loss = o.stats.aux_loss, .z_loss = o.stats.z_loss,
+            };
+            moe_verify_report report;
+            if (moe_verify(spec, S, ts.t[MOE_T_X].data, &w, plan->rng_offset, NULL, &kernel, &report) != 0 ||
+                !report.ok) {
+                snprintf(result->message, sizeof result->message, "S=%lld: %s", (long long)S, report.message);
+                ok = 0;
+            } else if ((plan->pattern == MOE_DATA_TIES || plan->pattern == MOE_DATA_NONFINITE) &&
+                       report.ambiguous_tokens > 0) {
+                snprintf(result->message, sizeof result->message,
+                         "S=%lld: %lld tokens routed differently on exact ties", (long long)S,
+                         (long long)report.ambiguous_tokens);
+                ok = 0;
+            } else if (report.max_scaled_error > result->max_scaled_error) {
+                result->max_scaled_error = report.max_scaled_error;
+            }
+        }
+        if (ok && recheck) {
+            if (outputs_alloc(&again, spec, S) != 0 ||
+                forward(recheck, &ts, plan->rng_offset, &again, &err) != MOEGEN_OK) {
+                snprintf(result->message, sizeof result->message, "S=%lld: rerun with %d threads: %s", (long long)S,
+                         plan->recheck_threads, err.message);
+                ok = 0;
+            } else if (!same_bits(spec, S, &o, &again)) {
+                snprintf(result->message, sizeof result->message,
+                         "S=%lld: %d and %d threads gave different bits", (long long)S, plan->threads,
+                         plan->recheck_threads);
+                ok = 0;
+            }
+        }
+        outputs_free(&again);
+        outputs_free(&o);
+        moe_tensors_free(&ts);
+    }
+    moegen_layer_close(recheck);
+    moegen_layer_close(layer);
+    result->ok = ok;
+    if (ok)
+        snprintf(result->message, sizeof result->message, "max error %.2f of tolerance", result->max_scaled_error);
+}
+
+/* The "# plan:" line of a saved case: a regression file replays exactly the failing data. */
+static void format_plan(const case_plan *p, char *out, size_t size) {
+    snprintf(out, size, "# plan: tokens %lld %lld pattern %d threads %d recheck %d data_seed %llu rng_offset %llu\n",
+             (long long)p->tokens[0], (long long)p->tokens[1], (int)p->pattern, p->threads, p->recheck_threads,
+             (unsigned long long)p->data_seed, (unsigned long long)p->rng_offset);
+}
+
+/* Read a "# plan:" line from a spec file's text; returns 1 when one was found. */
+static int parse_plan(const char *yaml, case_plan *p) {
+    const char *line = strstr(yaml, "# plan: ");
+    long long t0, t1;
+    int pattern, threads, recheck;
+    unsigned long long data_seed, rng_offset;
+    if (!line || sscanf(line, "# plan: tokens %lld %lld pattern %d threads %d recheck %d data_seed %llu rng_offset %llu",
+                        &t0, &t1, &pattern, &threads, &recheck, &data_seed, &rng_offset) != 7)
+        return 0;
+    if (t0 < 0 || t1 < 0 || pattern < 0 || pattern >= MOE_DATA_PATTERN_COUNT || threads < 1 || recheck < 0) return 0;
+    *p = (case_plan){{t0, t1}, (moe_data_pattern)pattern, threads, recheck, data_seed, rng_offset};
+    return 1;
+}
+
+static void save_case(const char *dir, const char *name, const char *yaml, const char *how, const case_plan *plan,
+                      const case_outcome *result) {
+    if (!dir) return;
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST) return;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s.yaml", dir, name);
+    FILE *f = fopen(path, "w");
+    if (!f) return;
+    char plan_line[256] = "";
+    if (plan) format_plan(plan, plan_line, sizeof plan_line);
+    fprintf(f, "# %s by the differential sweep: %s\n# compiler: %s\n# %s\n%s%s",
+            result->ok ? "Passed" : "Found", how, getenv("MOEGEN_CC") ? getenv("MOEGEN_CC") : "cc (default)",
+            result->message, plan_line, yaml);
+    fclose(f);
+}
+
+static char *read_spec_file(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return NULL;
+    char *text = calloc(MAX_SPEC_BYTES + 1, 1);
+    size_t n = text ? fread(text, 1, MAX_SPEC_BYTES, f) : 0;
+    fclose(f);
+    if (text) text[n] = '\0';
+    return text;
+}
+
+static int usage(void) {
+    fprintf(stderr, "usage: moegen_sweep [--seed S] [--first I] [--count N] [--compiler PROG] [--failures DIR] "
+                    "[--record DIR] [--specs FILE...] [--quiet]\n");
+    return 2;
+}
+
+static int parse_options(int argc, char **argv, sweep_options *o) {
+    memset(o, 0, sizeof *o);
+    o->seed = 1;
+    o->count = 20;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--quiet")) {
+            o->quiet = 1;
+        } else if (!strcmp(a, "--specs")) {
+            o->specs = argv + i + 1;
+            o->n_specs = argc - i - 1;
+            break;
+        } else if (i + 1 < argc && !strcmp(a, "--seed")) {
+            o->seed = strtoull(argv[++i], NULL, 10);
+        } else if (i + 1 < argc && !strcmp(a, "--first")) {
+            o->first = strtol(argv[++i], NULL, 10);
+        } else if (i + 1 < argc && !strcmp(a, "--count")) {
+            o->count = strtol(argv[++i], NULL, 10);
+        } else if (i + 1 < argc && !strcmp(a, "--compiler")) {
+            o->compiler = argv[++i];
+        } else if (i + 1 < argc && !strcmp(a, "--record")) {
+            o->record = argv[++i];
+        } else if (i + 1 < argc && !strcmp(a, "--failures")) {
+            o->failures = argv[++i];
+        } else {
+            return -1;
+        }
+    }
+    return o->count < 0 || o->first < 0 ? -1 : 0;
+}
+
+int main(int argc, char **argv) {
+    sweep_options o;
+    if (parse_options(argc, argv, &o) != 0) return usage();
+    if (o.compiler) setenv("MOEGEN_CC", o.compiler, 1);
+    const char *compiler = getenv("MOEGEN_CC") ? getenv("MOEGEN_CC") : "cc";
+    const long total = o.n_specs > 0 ? o.n_specs : o.count;
+    long failed = 0;
+    double start = now_s();
+    printf("moegen_sweep: %ld %s, seed %llu, compiler %s\n", total, o.n_specs > 0 ? "spec files" : "random specs",
+           (unsigned long long)o.seed, compiler);
+    for (long n = 0; n < total; n++) {
+        const long i = o.n_specs > 0 ? n : o.first + n;
+        char name[64], yaml[MAX_SPEC_BYTES], how[512], summary[256];
+        moe_choices choices;
+        moe_choices_seeded(&choices, case_seed(o.seed, i));
+        if (o.n_specs > 0) {
+            char *text = read_spec_file(o.specs[i]);
+            if (!text) {
+                printf("[ FAIL ] %s: cannot read\n", o.specs[i]);
+                failed++;
+                continue;
+            }
+            snprintf(yaml, sizeof yaml, "%s", text);
+            free(text);
+            snprintf(name, sizeof name, "%s", strrchr(o.specs[i], '/') ? strrchr(o.specs[i], '/') + 1 : o.specs[i]);
+            snprintf(how, sizeof how, "moegen_sweep --seed %llu --specs %s", (unsigned long long)o.seed, o.specs[i]);
+        } else {
+            snprintf(name, sizeof name, "sweep-%llu-%ld", (unsigned long long)o.seed, i);
+            moe_sample_limits limits = MOE_SAMPLE_SWEEP_LIMITS;
+            if (moe_sample_spec(&choices, &limits, name, yaml, sizeof yaml) != 0) {
+                printf("[ FAIL ] %s: the sampler overflowed its buffer\n", name);
+                failed++;
+                continue;
+            }
+            snprintf(how, sizeof how, "moegen_sweep --seed %llu (case %ld)", (unsigned long long)o.seed, i);
+        }
+        moegen_spec spec;
+        moegen_error err;
+        case_outcome result;
+        if (moegen_spec_parse(yaml, strlen(yaml), name, &spec, &err) != MOEGEN_OK) {
+            snprintf(result.message, sizeof result.message, "the spec was rejected: %s", err.message);
+            printf("[ FAIL ] %s: %s\n%s", name, result.message, yaml);
+            result.ok = 0;
+            save_case(o.failures, name, yaml, how, NULL, &result);
+            failed++;
+            continue;
+        }
+        case_plan plan;
+        plan_case(&choices, &spec, &plan);
+        if (o.n_specs > 0) parse_plan(yaml, &plan); /* a regression file replays its own data */
+        describe_spec(&spec, summary, sizeof summary);
+        run_case(yaml, name, &spec, &plan, &result);
+        if (!result.ok) {
+            failed++;
+            printf("[ FAIL ] %s (%s): %s | S=%lld,%lld %s threads=%d\n  %s\n%s", name, how, summary,
+                   (long long)plan.tokens[0], (long long)plan.tokens[1], moe_data_pattern_name(plan.pattern),
+                   plan.threads, result.message, yaml);
+            save_case(o.failures, name, yaml, how, &plan, &result);
+        } else if (!o.quiet) {
+            printf("[  ok  ] %s: %s | S=%lld,%lld %s threads=%d%s: %s\n", name, summary, (long long)plan.tokens[0],
+                   (long long)plan.tokens[1], moe_data_pattern_name(plan.pattern), plan.threads,
+                   plan.recheck_threads ? " (+bitwise rerun)" : "", result.message);
+        }
+        if (o.n_specs == 0) save_case(o.record, name, yaml, how, &plan, &result);
+        fflush(stdout);
+        moegen_spec_free(&spec);
+    }
+    printf("moegen_sweep: %ld passed, %ld failed of %ld (compiler %s, seed %llu) in %.0f s\n", total - failed, failed,
+           total, compiler, (unsigned long long)o.seed, now_s() - start);
+    return failed ? 1 : 0;
+}
