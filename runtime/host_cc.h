@@ -3,6 +3,14 @@
  * Place in the pipeline: spec -> gen -> [compile] -> cache -> load -> launch.
  * Generated C is compiled into a shared object with the host compiler ($MOEGEN_CC,
  * else "cc"), run through posix_spawn with its output captured in a log file.
+ *
+ * Nothing here waits forever: every run of the compiler has a time limit, and on
+ * expiry its whole process group (driver, cc1, as, ld, anything a wrapper script
+ * started) is killed with SIGKILL and reaped.
+ *   MOEGEN_CC_TIMEOUT  the compile's limit in seconds: a positive whole number
+ *                      (decimal digits only, at most 2147483); unset or empty: 300.
+ *                      Anything else makes moegen_host_compiler_probe fail.
+ *   The probes (`--version`, `-dumpmachine`) each wait min(30 s, that limit).
  */
 #ifndef MOEGEN_RUNTIME_HOST_CC_H
 #define MOEGEN_RUNTIME_HOST_CC_H
@@ -14,16 +22,24 @@ typedef struct moegen_host_compiler {
     char identity[512];  /* "<first line of --version> / <-dumpmachine>": part of the cache key */
     char flags[256];     /* optimization and ISA flags, space separated: part of the cache key */
     int vector_floats;   /* widest float vector the flags enable: 4 (SSE), 8 (AVX2), 16 (AVX-512) */
+    int timeout_ms;      /* time limit of one compile, > 0: $MOEGEN_CC_TIMEOUT s, else 300 s.
+                          * Set by the probe; a caller may change it afterwards. Not part of
+                          * the cache key (it never changes what a compile produces). */
 } moegen_host_compiler;
 
-/* Find the compiler, read its identity and choose flags for this CPU
- * ("-O3 -fPIC -fopenmp ..." plus -mavx2 -mfma when the CPU has them).
- * Returns MOEGEN_OK or MOEGEN_ERR_COMPILE ("host C compiler 'cc' not found ..."). */
+/* Find the compiler, read its time limit ($MOEGEN_CC_TIMEOUT) and identity, and
+ * choose flags for this CPU ("-O3 -fPIC -fopenmp ..." plus -mavx2 -mfma when the
+ * CPU has them). Returns MOEGEN_OK or MOEGEN_ERR_COMPILE ("host C compiler 'cc'
+ * not found ...", "MOEGEN_CC_TIMEOUT='abc' is not a time limit ...", "host C
+ * compiler 'cc': '--version' did not answer within 30 s (killed; ...)"). */
 moegen_status moegen_host_compiler_probe(moegen_host_compiler *hc, moegen_error *err);
 
 /* Compile `source_path` (its directory is on the include path) into the shared
- * object `output_path`, writing the compiler's output to `log_path`.
- * Returns MOEGEN_OK or MOEGEN_ERR_COMPILE with the log's first lines in the message. */
+ * object `output_path`, writing the compiler's output to `log_path`, for at most
+ * hc->timeout_ms. Returns MOEGEN_OK; MOEGEN_ERR_COMPILE with the log's first lines
+ * in the message, also when the limit expired ("... did not finish within 300 s
+ * compiling <source> (killed; raise MOEGEN_CC_TIMEOUT to allow more; full log:
+ * <log>)"); MOEGEN_ERR_INVALID_ARGUMENT for bad arguments or timeout_ms <= 0. */
 moegen_status moegen_host_compile(const moegen_host_compiler *hc, const char *source_path,
                                   const char *output_path, const char *log_path,
                                   moegen_error *err);
