@@ -701,7 +701,8 @@ static moegen_status read_failed(const char *name, const char *what, moegen_erro
                             what, strerror(error_number));
 }
 
-moegen_status moegen_npy_read(const char *path, moegen_npy *out, moegen_error *err) {
+/* Read the header of `path` and, when `with_data`, its data (see moegen_npy_read). */
+static moegen_status read_file(const char *path, int with_data, moegen_npy *out, moegen_error *err) {
     if (out) memset(out, 0, sizeof *out);
     if (!path || !out)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
@@ -751,6 +752,7 @@ moegen_status moegen_npy_read(const char *path, moegen_npy *out, moegen_error *e
     if ((status = check_data(path, &info, header_offset + header_len, file_size, out, err)) !=
         MOEGEN_OK)
         goto done;
+    if (!with_data) goto done; /* the header told everything the caller needs */
     if ((status = alloc_data(path, out, err)) != MOEGEN_OK) goto done;
     if (lseek(fd, (off_t)(header_offset + header_len), SEEK_SET) < 0 ||
         !read_all(fd, out->data, out->n_bytes)) {
@@ -762,6 +764,14 @@ done:
     close(fd);
     if (status != MOEGEN_OK) moegen_npy_free(out);
     return status;
+}
+
+moegen_status moegen_npy_read(const char *path, moegen_npy *out, moegen_error *err) {
+    return read_file(path, 1, out, err);
+}
+
+moegen_status moegen_npy_read_header(const char *path, moegen_npy *out, moegen_error *err) {
+    return read_file(path, 0, out, err);
 }
 
 moegen_status moegen_npy_read_expect(const char *path, int ndim, const int64_t *shape,

@@ -87,6 +87,12 @@ moegen_status moegen_npy_write(const char *path, moegen_npy_dtype dtype, int ndi
  * MOEGEN_ERR_NO_MEMORY when the data cannot be allocated. */
 moegen_status moegen_npy_read(const char *path, moegen_npy *out, moegen_error *err);
 
+/* Read only the header of a .npy file: out->dtype, ndim, shape and n_bytes are
+ * filled and checked against the file's size exactly as moegen_npy_read does, but no
+ * data is read or allocated (out->data stays NULL). Lets a caller decide whether the
+ * array fits in memory before reading it. Returns as moegen_npy_read. */
+moegen_status moegen_npy_read_header(const char *path, moegen_npy *out, moegen_error *err);
+
 /* Parse a whole .npy file image held in memory (`size` bytes at `bytes`), as
  * moegen_npy_read does; `name` is used in messages only. The data is copied into
  * a fresh malloc'd out->data. Meant for fuzzing and for embedded files.

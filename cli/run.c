@@ -16,6 +16,8 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "capacity.h"
+#include "memory_limit.h"
 #include "moegen.h"
 #include "npy.h"
 #include "run_cuda.h"
@@ -144,19 +146,24 @@ static int compare_doubles(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* Physical memory available now, in bytes (0 if unknown). */
-static double available_memory_bytes(void) {
-    FILE *f = fopen("/proc/meminfo", "r");
-    double bytes = 0;
-    if (f) {
-        char line[256];
-        while (fgets(line, sizeof line, f)) {
-            long long kib;
-            if (sscanf(line, "MemAvailable: %lld kB", &kib) == 1) bytes = kib * 1024.0;
-        }
-        fclose(f);
-    }
-    return bytes;
+/* Refuse, with the sizes, a run whose tensors, outputs and workspace cannot fit in what
+ * this process may still allocate (cgroup limits, RLIMIT_AS, MemAvailable:
+ * runtime/memory_limit.c). Decided before anything big is allocated or read. */
+static int check_fits(const char *command, const moegen_spec *spec, int64_t S) {
+    const double rows = (double)moegen_spec_max_rows(spec, S);
+    const double need = (double)moe_tensors_bytes(spec, S) +
+                        rows * (spec->hidden_size * 4.0 + moegen_spec_ffn_rows(spec) * 2.0 + 8.0) +
+                        (double)S * spec->hidden_size * 8.0;
+    moegen_memory_budget budget;
+    if (moegen_memory_budget_read(&budget, NULL) != MOEGEN_OK || budget.available_bytes == MOEGEN_MEMORY_UNLIMITED)
+        return 0;
+    if (need <= 0.9 * (double)budget.available_bytes) return 0;
+    char need_text[MOEGEN_BYTES_TEXT_BYTES], have_text[MOEGEN_BYTES_TEXT_BYTES];
+    moegen_format_bytes(need > 1.8e19 ? UINT64_MAX : (uint64_t)need, need_text, sizeof need_text);
+    moegen_format_bytes(budget.available_bytes, have_text, sizeof have_text);
+    return moegen_cli_error("%s: %s needs about %s for %lld tokens; this process can allocate %s more "
+                            "(limited by %s); try fewer tokens, or a machine with more memory",
+                            command, spec->name, need_text, (long long)S, have_text, budget.limited_by);
 }
 
 /* ---- --save / --load ------------------------------------------------------------------- */
@@ -197,13 +204,14 @@ static int load_tensor(const char *dir, moe_tensors *ts, int i) {
     return 0;
 }
 
-/* Number of tokens in DIR/x.npy. */
+/* Number of tokens in DIR/x.npy, from its header alone (nothing is read before the
+ * run is known to fit in memory). */
 static int loaded_token_count(const char *dir, const moegen_spec *spec, long long *tokens) {
     char path[PATH_MAX];
     snprintf(path, sizeof path, "%s/x.npy", dir);
     moegen_npy array;
     moegen_error err;
-    if (moegen_npy_read(path, &array, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
+    if (moegen_npy_read_header(path, &array, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
     int rc = 0;
     if (array.ndim != 2 || array.shape[1] != spec->hidden_size)
         rc = moegen_cli_error("%s: expected shape (tokens, %lld)", path, (long long)spec->hidden_size);
@@ -346,18 +354,7 @@ int moegen_cli_run(int argc, char **argv) {
     cuda_run gpu;
     memset(&gpu, 0, sizeof gpu);
 
-    /* Memory: tensors + outputs + a generous workspace estimate. */
-    const int64_t rows = S * spec.top_k;
-    double need = (double)moe_tensors_bytes(&spec, S) +
-                  (double)rows * (spec.hidden_size * 4.0 + moegen_spec_ffn_rows(&spec) * 2.0) +
-                  (double)S * spec.hidden_size * 8.0;
-    double have = available_memory_bytes();
-    if (have > 0 && need > 0.9 * have) {
-        moegen_cli_error("run: %s needs about %.1f GiB for %lld tokens; %.1f GiB is available "
-                         "(try fewer --tokens, or a machine with more memory)",
-                         spec.name, need / (1 << 30), (long long)S, have / (1 << 30));
-        goto done;
-    }
+    if (check_fits("run", &spec, S)) goto done;
 
     moegen_open_options options;
     moegen_open_options_init(&options);
@@ -600,6 +597,10 @@ int moegen_cli_bench(int argc, char **argv) {
     moegen_error err;
     moegen_spec spec;
     if (moegen_spec_load_file(spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
+    if (check_fits("bench", &spec, max_tokens)) {
+        moegen_spec_free(&spec);
+        return 1;
+    }
     int rc = 1;
     moegen_layer *layer = NULL;
     moe_tensors ts;

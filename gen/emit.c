@@ -255,21 +255,31 @@ const char *moegen_generated_origin(const moegen_generated_file *file, long line
     return buf;
 }
 
-/* 1 if `path` holds exactly `len` bytes equal to `text`. */
+/* Does `path` hold exactly `len` bytes equal to `text`? 1 yes, 0 no (or missing), -1
+ * when it exists but is not a regular file: a FIFO, device or socket there (or a
+ * symlink to one) is never opened for a blocking read and never replaced. */
 static int file_has_content(const char *path, const char *text, size_t len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return 0;
-    int same = 1;
-    char buf[65536];
-    size_t off = 0, n;
-    while ((n = fread(buf, 1, sizeof buf, f)) > 0) {
-        if (off + n > len || memcmp(buf, text + off, n) != 0) {
-            same = 0;
-            break;
-        }
-        off += n;
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        struct stat st; /* a FIFO without a writer opens fine; ENXIO etc. mean a special file */
+        return lstat(path, &st) == 0 && !S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode) ? -1 : 0;
     }
-    fclose(f);
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return -1;
+    }
+    int same = (size_t)st.st_size == len;
+    char buf[65536];
+    size_t off = 0;
+    while (same) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        if (off + (size_t)n > len || memcmp(buf, text + off, (size_t)n) != 0) same = 0;
+        off += (size_t)n;
+    }
+    close(fd);
     return same && off == len;
 }
 
@@ -277,7 +287,8 @@ static moegen_status write_atomically(const char *path, const char *text, size_t
                                       moegen_error *err) {
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    (void)unlink(tmp); /* a leftover of a crashed run (never written through: O_EXCL below) */
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
     if (fd < 0) return moegen_error_set(err, MOEGEN_ERR_IO, errno, "%s: %s", tmp, strerror(errno));
     size_t off = 0;
     while (off < len) {
@@ -312,7 +323,13 @@ moegen_status moegen_generated_write(const moegen_generated *gen, const char *di
     for (int i = 0; i < gen->n_files; i++) {
         char path[4096];
         snprintf(path, sizeof path, "%s/%s", dir, gen->files[i].name);
-        if (file_has_content(path, gen->files[i].text, gen->files[i].len)) continue;
+        const int same = file_has_content(path, gen->files[i].text, gen->files[i].len);
+        if (same < 0)
+            return moegen_error_set(err, MOEGEN_ERR_IO, 0,
+                                    "%s exists and is not a regular file (a FIFO, device or socket); moegen "
+                                    "neither reads nor replaces it: remove it or write elsewhere",
+                                    path);
+        if (same) continue;
         moegen_status st = write_atomically(path, gen->files[i].text, gen->files[i].len, err);
         if (st != MOEGEN_OK) return st;
         if (n_written) (*n_written)++;

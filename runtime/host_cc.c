@@ -544,8 +544,8 @@ moegen_status moegen_host_compile(const moegen_host_compiler *hc, const char *so
         read_log_excerpt(log_path, excerpt, sizeof excerpt);
         status = moegen_error_set(err, MOEGEN_ERR_COMPILE, ETIMEDOUT,
                                   "host C compiler '%s' did not finish within %s compiling %s "
-                                  "(killed; raise " TIMEOUT_VARIABLE " to allow more; full "
-                                  "log: %s)%s%s",
+                                  "(killed; raise " TIMEOUT_VARIABLE " or the open option "
+                                  "compile_timeout_s to allow more; full log: %s)%s%s",
                                   hc->command, limit, source_path, log_path,
                                   excerpt[0] ? ":\n" : "", excerpt);
         goto done;

@@ -35,6 +35,7 @@
 #include "cuda_backend.h"
 #include "emit.h"
 #include "host_cc.h"
+#include "memory_limit.h"
 #include "moegen_kernel_abi.h"
 #include "sha256.h"
 #include "spec.h"
@@ -177,6 +178,9 @@ static moegen_status load_cpu_module(moegen_layer *layer, moegen_error *err) {
 
     st = moegen_host_compiler_probe(&compiler, err);
     if (st != MOEGEN_OK) return st;
+    if (layer->options.compile_timeout_s > 0)
+        compiler.timeout_ms = layer->options.compile_timeout_s > INT32_MAX / 1000 ? INT32_MAX
+                                                                                 : layer->options.compile_timeout_s * 1000;
 
     moegen_target target = {.cpu_vector_floats = compiler.vector_floats};
     moegen_variant variant;
@@ -218,6 +222,10 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "open options: n_threads is %d; give 0 (the default) or a positive count",
                                 layer->options.n_threads);
+    if (layer->options.compile_timeout_s < 0)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "open options: compile_timeout_s is %d; give 0 (the default) or a positive count",
+                                layer->options.compile_timeout_s);
     if (layer->options.cuda_device < 0)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "open options: cuda_device is %d (negative)",
                                 layer->options.cuda_device);
@@ -439,10 +447,22 @@ static moegen_status bind_weights(moegen_layer *layer, const moegen_weights *w, 
     return MOEGEN_OK;
 }
 
-/* Make the workspace hold at least `bytes` (64-byte aligned). */
-static moegen_status ensure_workspace(moegen_layer *layer, size_t bytes, moegen_error *err) {
+/* Make the workspace hold at least `bytes` (64-byte aligned). A workspace larger than
+ * what this process may still allocate (runtime/memory_limit.c) is refused with both
+ * sizes, instead of being left to the OOM killer when its pages are touched. */
+static moegen_status ensure_workspace(moegen_layer *layer, int64_t n_tokens, size_t bytes, moegen_error *err) {
     if (bytes <= layer->workspace_capacity) return MOEGEN_OK;
     size_t rounded = (bytes + 63) & ~(size_t)63;
+    moegen_memory_budget budget;
+    if (moegen_memory_budget_read(&budget, NULL) == MOEGEN_OK &&
+        (uint64_t)rounded > budget.available_bytes) {
+        char need[MOEGEN_BYTES_TEXT_BYTES], have[MOEGEN_BYTES_TEXT_BYTES];
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0,
+                                "forward: %lld tokens need a %s workspace; this process can allocate %s more "
+                                "(limited by %s)",
+                                (long long)n_tokens, moegen_format_bytes(rounded, need, sizeof need),
+                                moegen_format_bytes(budget.available_bytes, have, sizeof have), budget.limited_by);
+    }
     void *fresh = aligned_alloc(64, rounded);
     if (!fresh)
         return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0,
@@ -482,7 +502,7 @@ static moegen_status run_forward(moegen_layer *layer, const moegen_forward_io *i
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "forward: n_tokens %lld is above this layer's limit",
                                 (long long)io->n_tokens);
-    moegen_status st = ensure_workspace(layer, bytes, err);
+    moegen_status st = ensure_workspace(layer, io->n_tokens, bytes, err);
     if (st != MOEGEN_OK) return st;
 
     moegen_kernel_outputs out = {

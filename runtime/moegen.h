@@ -71,6 +71,8 @@ typedef struct moegen_open_options {
                               use. Capped (docs/limits.md); negative is an error. */
     const char *arch;      /* CUDA: "sm_80", "sm_90a", ...; NULL: from the device */
     int cuda_device;       /* CUDA device ordinal */
+    int compile_timeout_s; /* CPU: time limit of one host compile, after which the compiler
+                              is killed and open fails; 0: $MOEGEN_CC_TIMEOUT, else 300 s */
     moegen_log_fn log;     /* NULL: print to stderr as "moegen: warning: ..." */
     void *log_user;
 } moegen_open_options;

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # fuzz.sh — build the libFuzzer targets (clang, ASan + UBSan) and run each for a while:
 # fuzz_spec (bytes -> spec loader, canonical round trip), fuzz_template (bytes as a
-# template), fuzz_generate (structured specs -> both backends' templates), fuzz_npy
-# (bytes as an .npy file). Seeds: the shipped specs, templates and saved arrays.
+# template), fuzz_generate (sampled valid specs -> both backends' templates), fuzz_npy
+# (bytes as an .npy file), fuzz_forward (sampled small specs -> generated C compiled with
+# the host compiler, run, compared with the reference). Seeds: the shipped specs,
+# templates and saved arrays.
 #   scripts/fuzz.sh [SECONDS_PER_TARGET]     (default 15: the short CI run)
 # A crash leaves crash-* in build-fuzz/findings/<target>/ and fails the script; add the
 # input as a regression case to the target's unit test.
@@ -20,8 +22,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 cmake -S . -B build-fuzz -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=Debug -DMOEGEN_FUZZ=ON \
     -DMOEGEN_BUILD_TESTS=OFF > /dev/null
-cmake --build build-fuzz -j "$(nproc 2> /dev/null || echo 2)" --target fuzz_spec fuzz_template fuzz_generate fuzz_npy > /dev/null
-for target in spec template generate npy; do
+cmake --build build-fuzz -j "$(nproc 2> /dev/null || echo 2)" --target fuzz_spec fuzz_template fuzz_generate fuzz_npy fuzz_forward > /dev/null
+export MOEGEN_CACHE_DIR="$PWD/build-fuzz/cache" # fuzz_forward compiles; keep its modules
+for target in spec template generate npy forward; do
     corpus=build-fuzz/corpus/$target findings=build-fuzz/findings/$target
     mkdir -p "$corpus" "$findings"
     case $target in

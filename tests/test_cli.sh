@@ -90,5 +90,30 @@ rm "$work/saved/w1.npy"
 expect "run --load with a missing file fails" 1 "$moegen" run "$src/specs/demo.yaml" --load "$work/saved"
 contains "missing file is named" "w1.npy"
 
+# faults: nothing in an output folder or a --load folder can make moegen wait forever
+mkdir -p "$work/fifo-gen"
+mkfifo "$work/fifo-gen/$(basename "$(ls "$work"/gen/moe_*.c)")"
+expect "gen refuses a FIFO where a generated file goes (no hang)" 1 timeout 20 "$moegen" gen "$src/specs/demo.yaml" -o "$work/fifo-gen"
+contains "the FIFO is named as not a regular file" "is not a regular file"
+mkdir -p "$work/fifo-load"
+mkfifo "$work/fifo-load/x.npy"
+expect "run --load refuses a FIFO x.npy (no hang)" 1 timeout 20 "$moegen" run "$src/specs/demo.yaml" --load "$work/fifo-load"
+contains "the FIFO x.npy is named" "x.npy: not a regular file"
+# a 4 TiB x.npy (sparse): refused from its header, before any data is read
+mkdir -p "$work/huge"
+python_header() { # a version 1.0 .npy header for shape (S, 256) of '<u2', padded to 128 bytes
+    local dict="{'descr': '<u2', 'fortran_order': False, 'shape': ($1, 256), }"
+    printf '\x93NUMPY\x01\x00\x76\x00%-117s\n' "$dict"
+}
+python_header 8589934592 > "$work/huge/x.npy"
+if truncate -s $((128 + 8589934592 * 512)) "$work/huge/x.npy" 2> /dev/null; then
+    expect "run --load of a 4 TiB x.npy is refused before reading it" 1 timeout 20 "$moegen" run "$src/specs/demo.yaml" --load "$work/huge"
+    contains "the refusal says how much memory it needs" "this process can allocate"
+else
+    echo "skip - this file system cannot hold a 4 TiB sparse file"
+fi
+expect "bench checks memory like run" 1 timeout 20 "$moegen" bench "$src/specs/demo.yaml" --tokens 1,2000000000
+contains "bench names the limit" "limited by"
+
 echo "$failures failure(s)"
 [ "$failures" -eq 0 ]

@@ -10,7 +10,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -507,6 +510,92 @@ static void closed_layers_unmap_their_modules_and_memory_stays_bounded(void **st
     assert_true(growth < 8 * 1024);
 }
 
+
+/* ---- Limits: the compiler's time, the workspace's memory ----------------------------------------- */
+
+static void a_hung_compiler_is_killed_after_the_open_options_time_limit(void **state) {
+    (void)state;
+    char dir[] = "/tmp/moegen-hung-cc-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char script[256];
+    snprintf(script, sizeof script, "%s/cc", dir);
+    FILE *f = fopen(script, "w");
+    assert_non_null(f);
+    fprintf(f, "#!/bin/sh\ncase \"$1\" in\n  --version) echo 'hung-cc 1.0'; exit 0;;\n"
+               "  -dumpmachine) echo 'x86_64-linux-gnu'; exit 0;;\nesac\nexec sleep 1000\n");
+    fclose(f);
+    assert_int_equal(chmod(script, 0755), 0);
+    setenv("MOEGEN_CC", script, 1);
+    moegen_open_options o;
+    moegen_open_options_init(&o);
+    o.device = MOEGEN_DEVICE_CPU;
+    o.compile_timeout_s = 1;
+    const char *yaml = "name: never_compiles\nnum_experts: 4\nnum_experts_per_tok: 2\nhidden_size: 32\n"
+                       "moe_intermediate_size: 16\n";
+    moegen_layer *layer = NULL;
+    moegen_error err;
+    struct timespec start, end;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    assert_int_equal(moegen_layer_open_string(yaml, strlen(yaml), NULL, &o, &layer, &err), MOEGEN_ERR_COMPILE);
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    unsetenv("MOEGEN_CC");
+    const double seconds = (double)(end.tv_sec - start.tv_sec) + (end.tv_nsec - start.tv_nsec) / 1e9;
+    assert_null(layer);
+    assert_non_null(strstr(err.message, "did not finish within 1 s"));
+    assert_true(seconds < 15.0);
+    o.compile_timeout_s = -1;
+    assert_int_equal(moegen_layer_open_string(yaml, strlen(yaml), NULL, &o, &layer, &err),
+                     MOEGEN_ERR_INVALID_ARGUMENT);
+    char command[300];
+    snprintf(command, sizeof command, "rm -rf %s", dir);
+    assert_int_equal(system(command), 0);
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+#define UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define UNDER_ASAN 1
+#endif
+#endif
+
+static void a_workspace_beyond_the_process_limit_is_refused_with_both_sizes(void **state) {
+    (void)state;
+#ifdef UNDER_ASAN
+    print_message("skipped: AddressSanitizer reserves terabytes of address space, so RLIMIT_AS cannot be set\n");
+    skip();
+#else
+    moegen_layer *layer = open_or_fail(SMALL, NULL); /* compiled before the limit */
+    pid_t child = fork();
+    assert_true(child >= 0);
+    if (child == 0) {
+        FILE *statm = fopen("/proc/self/statm", "r");
+        unsigned long pages = 0;
+        if (!statm || fscanf(statm, "%lu", &pages) != 1) _exit(10);
+        fclose(statm);
+        struct rlimit limit;
+        limit.rlim_cur = limit.rlim_max = (rlim_t)pages * (rlim_t)sysconf(_SC_PAGESIZE) + (256u << 20);
+        if (setrlimit(RLIMIT_AS, &limit) != 0) _exit(11);
+        float router[4 * 32] = {0};
+        uint16_t w1[4 * 32 * 32] = {0}, w2[4 * 32 * 16] = {0};
+        moegen_weights w = {.router_w = router, .w1 = w1, .w2 = w2};
+        moegen_error err;
+        if (moegen_layer_bind(layer, &w, &err) != MOEGEN_OK) _exit(12);
+        static uint16_t token[32];
+        moegen_forward_io io = {.n_tokens = 20000000, .x = token, .y = token}; /* ~6 GiB of workspace */
+        moegen_status st = moegen_layer_forward(layer, &io, NULL, &err);
+        if (st != MOEGEN_ERR_NO_MEMORY) _exit(13);
+        if (!strstr(err.message, "limited by RLIMIT_AS") || !strstr(err.message, "20000000 tokens need")) _exit(14);
+        _exit(0);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(child, &status, 0), child);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    moegen_layer_close(layer);
+#endif
+}
+
 typedef struct thread_job {
     const char *yaml;
     int ok;
@@ -562,6 +651,8 @@ int main(void) {
         cmocka_unit_test(two_threads_forwarding_one_layer_get_a_state_error_not_a_race),
         cmocka_unit_test(a_host_programs_locale_changes_neither_the_spec_nor_its_hash),
         cmocka_unit_test(closed_layers_unmap_their_modules_and_memory_stays_bounded),
+        cmocka_unit_test(a_hung_compiler_is_killed_after_the_open_options_time_limit),
+        cmocka_unit_test(a_workspace_beyond_the_process_limit_is_refused_with_both_sizes),
     };
     return cmocka_run_group_tests_name("layer API", tests, NULL, NULL);
 }
