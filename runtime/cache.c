@@ -8,6 +8,7 @@
  * On-disk layout (see cache.h):
  *   <root>/tmp/                          work directories, evicted entries, probes
  *   <root>/<kind>/<key[0:2]>/<key>/      one entry: <artifact>, manifest, build leftovers
+ *   <root>/failed/<key>.log              the log of a failed build (at most 16)
  *
  * Manifest (text, exactly these five lines):
  *   moegen-cache-manifest 1
@@ -22,18 +23,38 @@
  *    place. Readers therefore see either no entry or a complete one. When the
  *    rename finds an entry already there, that entry is validated and used (ours
  *    is discarded); a bad one is evicted and the rename tried once more.
- *  - No entry is returned before its directory is checked (a directory owned by
- *    this user, not writable by group or others), its manifest parsed and the
- *    artifact's size and SHA-256 compared with it. A bad entry is evicted by
- *    renaming it under <root>/tmp/ first and only then removing it, so nobody
- *    sees a half-removed entry under the real name; it is rebuilt and reported
- *    with one warning.
+ *  - No entry is returned before every directory on its way is checked: <kind>,
+ *    <key[0:2]> and the entry directory must each be a real directory (lstat: not
+ *    a symlink) owned by this user and not writable by group or others (the root
+ *    was checked when opened). Then its manifest is parsed and the artifact's size
+ *    and SHA-256 compared with it. A bad entry is evicted by renaming it under
+ *    <root>/tmp/ first and only then removing it, so nobody sees a half-removed
+ *    entry under the real name; it is rebuilt and reported with one warning. A bad
+ *    <kind> or <key[0:2]> directory (or <root>/failed) is not ours to delete: it is
+ *    left alone, nothing is loaded from it, and the build falls back to a
+ *    temporary directory as below. moegen_cache_evict() evicts an entry that
+ *    passed these checks but failed to load, the same way, with one warning.
+ *  - Every file the cache opens is opened with O_NONBLOCK | O_NOFOLLOW and then
+ *    fstat()ed; anything but a regular file (a FIFO, a device, a symlink to one)
+ *    makes the entry bad. Nothing here can block on open.
  *  - The root must be a directory owned by this user, not writable by group or
  *    others, and really writable (a probe file is created and removed). Otherwise
  *    the cache is unusable: every build goes to a fresh mkdtemp() directory under
  *    $TMPDIR or /tmp that the caller removes with moegen_cache_result_release().
  *    A failed write while publishing (disk full, read-only file system) is handled
  *    the same way. Such trouble is warned about once per moegen_cache.
+ *  - Full disk or quota: when the builder fails inside the cache's work directory
+ *    and its error's native_code is ENOSPC or EDQUOT, or statvfs() shows less than
+ *    FULL_DISK_MIN_FREE_BYTES (64 MiB) available there, the work directory is
+ *    removed, the cache-trouble warning given ("cache directory X is full ...;
+ *    compiling in a temporary directory") and the build retried once uncached.
+ *  - Build logs: the builder gets a log path up front. In the cache it is
+ *    <root>/failed/<key>.log, created fresh and empty (0600, O_EXCL | O_NOFOLLOW)
+ *    in <root>/failed (0700); uncached it is a mkstemp() file
+ *    moegen-failed-<key[0:16]>-XXXXXX.log under $TMPDIR or /tmp. The log is
+ *    removed when the build succeeds (or is retried for a full disk) and kept when
+ *    it fails, so the builder's message names a file that exists. After keeping a
+ *    log in <root>/failed, only the MAX_FAILED_LOGS (16) newest (by mtime) stay.
  *  - Entry directories are created 0700, artifacts are left 0600 (0700 when the
  *    builder made them executable), manifests 0600.
  *  - No global mutable state; everything lives in moegen_cache, the result and
@@ -52,6 +73,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
@@ -70,6 +92,15 @@
 #define REASON_BYTES 512
 #define LOG_MESSAGE_BYTES (PATH_MAX + 1024)
 #define HASH_CHUNK_BYTES 16384
+#define FAILED_DIR_NAME "failed"
+#define FAILED_LOG_SUFFIX ".log"
+#define MAX_FAILED_LOGS 16
+#define TEMP_LOG_KEY_PREFIX_CHARS 16
+#define FULL_DISK_MIN_FREE_BYTES (64ull * 1024 * 1024)
+/* Every open of an existing file in the cache: never block (a FIFO would), never
+ * follow a symlink; the caller then fstat()s and accepts only a regular file. */
+#define CACHE_OPEN_READ (O_RDONLY | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC)
+#define CACHE_OPEN_CREATE (O_WRONLY | O_CREAT | O_EXCL | O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC)
 
 typedef enum entry_state { ENTRY_VALID, ENTRY_MISSING, ENTRY_BAD } entry_state;
 
@@ -155,7 +186,8 @@ static int is_lower_hex(const char *text, size_t length) {
 
 static int is_valid_kind(const char *kind) {
     size_t length = kind ? strlen(kind) : 0;
-    int ok = length > 0 && length <= KIND_MAX_CHARS && strcmp(kind, "tmp") != 0;
+    int ok = length > 0 && length <= KIND_MAX_CHARS && strcmp(kind, "tmp") != 0 &&
+             strcmp(kind, FAILED_DIR_NAME) != 0;
     for (size_t i = 0; ok && i < length; i++)
         ok = (kind[i] >= 'a' && kind[i] <= 'z') || (kind[i] >= '0' && kind[i] <= '9') ||
              kind[i] == '_' || kind[i] == '-';
@@ -196,7 +228,7 @@ static int write_all(int fd, const void *data, size_t size) {
 /* fsync a directory so that entries created or renamed in it are durable. */
 static int fsync_directory(const char *path) {
     int result = -1;
-    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     if (fd >= 0) {
         result = fsync(fd);
         /* Some file systems cannot fsync directories; that is not a failure. */
@@ -274,7 +306,10 @@ static int probe_writable(const char *dir) {
 /* Why a directory we are about to trust is not private, or NULL when it is. */
 static const char *private_directory_problem(const struct stat *st, char *why, size_t size) {
     const char *problem = NULL;
-    if (!S_ISDIR(st->st_mode)) {
+    if (S_ISLNK(st->st_mode)) {
+        format_text(why, size, "a symbolic link, not a directory");
+        problem = why;
+    } else if (!S_ISDIR(st->st_mode)) {
         format_text(why, size, "not a directory");
         problem = why;
     } else if (st->st_uid != geteuid()) {
@@ -513,8 +548,11 @@ static void remove_stale_work_directories(const moegen_cache *c) {
     DIR *listing = NULL;
     struct dirent *item;
     time_t now = time(NULL);
-    if (path_format(work_root, sizeof work_root, "%s/tmp", c->root) == 0)
-        listing = opendir(work_root);
+    if (path_format(work_root, sizeof work_root, "%s/tmp", c->root) == 0) {
+        int fd = open(work_root, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        if (fd >= 0 && !(listing = fdopendir(fd)))
+            close(fd);
+    }
     while (listing && (item = readdir(listing)) != NULL) {
         struct stat st;
         char stale[PATH_MAX];
@@ -608,10 +646,12 @@ static int read_manifest(const char *entry, manifest_fields *m, char *why, size_
         format_text(why, why_size, "manifest path too long");
         goto done;
     }
-    fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    fd = open(path, CACHE_OPEN_READ);
     if (fd < 0) {
         if (errno == ENOENT)
             format_text(why, why_size, "manifest missing");
+        else if (errno == ELOOP)
+            format_text(why, why_size, "manifest is a symbolic link");
         else
             format_text(why, why_size, "manifest unreadable: %s", strerror(errno));
         goto done;
@@ -658,10 +698,12 @@ static int check_artifact(const char *entry, const manifest_fields *m, char *why
         format_text(why, why_size, "artifact path too long");
         goto done;
     }
-    fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    fd = open(path, CACHE_OPEN_READ);
     if (fd < 0) {
         if (errno == ENOENT)
             format_text(why, why_size, "artifact %s missing", m->artifact);
+        else if (errno == ELOOP)
+            format_text(why, why_size, "artifact %s is a symbolic link", m->artifact);
         else
             format_text(why, why_size, "artifact %s unreadable: %s", m->artifact, strerror(errno));
         goto done;
@@ -733,7 +775,7 @@ static entry_state validate_entry(const char *entry, const char *key, const char
 /* Move a bad entry out of the way (under <root>/tmp/, so the real name flips from
  * complete-but-bad to absent in one step) and delete it there. If what we moved
  * is not the directory we judged (another process replaced it meanwhile), it is
- * put back. Returns 0 when the name is free of the bad entry. */
+ * put back. Returns 0 when the name is free of the bad entry, else -1 with errno. */
 static int evict_entry(const moegen_cache *c, const char *entry, const struct stat *judged) {
     char grave[PATH_MAX];
     char moved[PATH_MAX];
@@ -755,30 +797,252 @@ static int evict_entry(const moegen_cache *c, const char *entry, const struct st
     }
     result = 0;
 done:
-    if (grave_made)
+    if (grave_made) {
+        int saved = errno;
         (void)moegen_remove_tree(grave);
+        errno = saved;
+    }
+    return result;
+}
+
+/* ---- directories on the way to an entry --------------------------------------------- */
+
+/* Is `path` an existing real directory (lstat: not a symlink) owned by this user and
+ * not writable by group or others? Entries are only loaded from under such. */
+static int is_trusted_directory(const char *path) {
+    struct stat st;
+    char problem[REASON_BYTES];
+    return lstat(path, &st) == 0 && private_directory_problem(&st, problem, sizeof problem) == NULL;
+}
+
+/* Create `path` (0700) unless it exists, then require it to be trusted as above.
+ * An existing untrusted directory is left alone (it may not be ours to change).
+ * Returns 0, or -1 with `why` filled. */
+static int ensure_trusted_directory(const char *path, char *why, size_t why_size) {
+    struct stat st;
+    char problem[REASON_BYTES];
+    int result = -1;
+    if (mkdir(path, 0700) == 0) {
+        (void)chmod(path, 0700); /* an odd umask may have removed owner bits */
+    } else if (errno != EEXIST) {
+        format_text(why, why_size, "mkdir %s: %s", path, strerror(errno));
+        goto done;
+    }
+    if (lstat(path, &st) != 0)
+        format_text(why, why_size, "cannot stat %s: %s", path, strerror(errno));
+    else if (private_directory_problem(&st, problem, sizeof problem))
+        format_text(why, why_size, "%s is %s", path, problem);
+    else
+        result = 0;
+done:
     return result;
 }
 
 /* ---- building ---------------------------------------------------------------------- */
 
-/* A fresh private directory under $TMPDIR (when it is a sane directory) or /tmp. */
+/* Where temporary directories and logs go: index 0 is $TMPDIR when it is a sane
+ * directory, index 1 is /tmp. NULL when that one is not usable. */
+static const char *temporary_base(int index) {
+    const char *base = index == 0 ? getenv("TMPDIR") : "/tmp";
+    struct stat st;
+    if (!base || base[0] != '/' || stat(base, &st) != 0 || !S_ISDIR(st.st_mode))
+        return NULL;
+    /* a directory others can write into without the sticky bit lets them rename
+     * our private directory away and plant another */
+    if ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX) && index == 0)
+        return NULL;
+    return base;
+}
+
+/* A fresh private directory under $TMPDIR or /tmp. */
 static int make_temporary_directory(const char *kind, char *out, size_t size) {
-    const char *bases[2] = {getenv("TMPDIR"), "/tmp"};
     int result = -1;
     for (int i = 0; i < 2 && result != 0; i++) {
-        struct stat st;
-        const char *base = bases[i];
-        if (!base || base[0] != '/' || stat(base, &st) != 0 || !S_ISDIR(st.st_mode))
-            continue;
-        /* a directory others can write into without the sticky bit lets them
-         * rename our private directory away and plant another */
-        if ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX) && i == 0)
-            continue;
-        if (path_format(out, size, "%s/moegen-%s-XXXXXX", base, kind) == 0 && mkdtemp(out))
+        const char *base = temporary_base(i);
+        if (base && path_format(out, size, "%s/moegen-%s-XXXXXX", base, kind) == 0 && mkdtemp(out))
             result = 0;
     }
     return result;
+}
+
+/* A fresh empty log file (0600, mkstemp) for an uncached build, kept if it fails:
+ * $TMPDIR-or-/tmp/moegen-failed-<key[0:16]>-XXXXXX.log. Returns 0 or -1 (errno). */
+static int make_temporary_log(const char *key, char *out, size_t size) {
+    int result = -1;
+    for (int i = 0; i < 2 && result != 0; i++) {
+        const char *base = temporary_base(i);
+        int fd = -1;
+        if (base && path_format(out, size, "%s/moegen-failed-%.*s-XXXXXX%s", base,
+                                TEMP_LOG_KEY_PREFIX_CHARS, key, FAILED_LOG_SUFFIX) == 0)
+            fd = mkostemps(out, (int)strlen(FAILED_LOG_SUFFIX), O_CLOEXEC);
+        if (fd >= 0) {
+            (void)fchmod(fd, 0600); /* an odd umask may have removed owner bits */
+            close(fd);
+            result = 0;
+        }
+    }
+    return result;
+}
+
+/* The log of a build in the cache: <root>/failed/<key>.log and the identity of the
+ * file we created there (so that we never remove another process's log). */
+typedef struct cache_log_file {
+    char path[PATH_MAX];
+    char name[KEY_HEX_CHARS + sizeof FAILED_LOG_SUFFIX];
+    dev_t dev;
+    ino_t ino;
+} cache_log_file;
+
+/* Make <failed_dir>/<key>.log a fresh empty file (0600) for the builder, replacing
+ * an older log of this key. A log another process building the same key has just
+ * created is shared. Returns 0, or -1 with `why` filled. */
+static int prepare_cache_log(const char *failed_dir, const char *key, cache_log_file *log,
+                             char *why, size_t why_size) {
+    struct stat st;
+    int result = -1;
+    int stat_result = -1;
+    int fd = -1;
+    format_text(log->name, sizeof log->name, "%s%s", key, FAILED_LOG_SUFFIX);
+    if (path_format(log->path, sizeof log->path, "%s/%s", failed_dir, log->name) != 0) {
+        format_text(why, why_size, "the build log path in %s is too long", failed_dir);
+        goto done;
+    }
+    if (unlink(log->path) != 0 && errno != ENOENT) {
+        format_text(why, why_size, "cannot replace %s: %s", log->path, strerror(errno));
+        goto done;
+    }
+    fd = open(log->path, CACHE_OPEN_CREATE, 0600);
+    if (fd >= 0) {
+        stat_result = fstat(fd, &st);
+        (void)fchmod(fd, 0600); /* an odd umask may have removed owner bits */
+    } else if (errno == EEXIST) { /* made just now by another build of this key */
+        stat_result = lstat(log->path, &st);
+    }
+    if (stat_result != 0) {
+        format_text(why, why_size, "cannot create %s: %s", log->path, strerror(errno));
+        goto done;
+    }
+    if (!S_ISREG(st.st_mode) || st.st_uid != geteuid()) {
+        format_text(why, why_size, "%s is not a regular file of this user", log->path);
+        goto done;
+    }
+    log->dev = st.st_dev;
+    log->ino = st.st_ino;
+    result = 0;
+done:
+    if (fd >= 0)
+        close(fd);
+    return result;
+}
+
+/* Remove the log of a build that did not fail, if it is still the file we made. */
+static void remove_cache_log(const cache_log_file *log) {
+    struct stat st;
+    if (lstat(log->path, &st) == 0 && st.st_dev == log->dev && st.st_ino == log->ino)
+        (void)unlink(log->path);
+}
+
+typedef struct failed_log {
+    char name[KEY_HEX_CHARS + sizeof FAILED_LOG_SUFFIX];
+    struct timespec mtime;
+    int kept; /* the log just kept: never removed */
+} failed_log;
+
+/* Newest first: the log just kept, then by mtime, then by name (deterministic). */
+static int compare_failed_logs(const void *a, const void *b) {
+    const failed_log *x = a, *y = b;
+    int order;
+    if (x->kept != y->kept)
+        order = x->kept ? -1 : 1;
+    else if (x->mtime.tv_sec != y->mtime.tv_sec)
+        order = x->mtime.tv_sec > y->mtime.tv_sec ? -1 : 1;
+    else if (x->mtime.tv_nsec != y->mtime.tv_nsec)
+        order = x->mtime.tv_nsec > y->mtime.tv_nsec ? -1 : 1;
+    else
+        order = strcmp(x->name, y->name);
+    return order;
+}
+
+/* Is `name` "<64 lowercase hex>.log"? */
+static int is_failed_log_name(const char *name) {
+    char key[KEY_HEX_CHARS + 1];
+    int ok = strlen(name) == KEY_HEX_CHARS + strlen(FAILED_LOG_SUFFIX) &&
+             strcmp(name + KEY_HEX_CHARS, FAILED_LOG_SUFFIX) == 0;
+    if (ok) {
+        memcpy(key, name, KEY_HEX_CHARS);
+        key[KEY_HEX_CHARS] = '\0';
+        ok = is_lower_hex(key, KEY_HEX_CHARS);
+    }
+    return ok;
+}
+
+/* Keep the MAX_FAILED_LOGS newest (by mtime) failed-build logs in `failed_dir` and
+ * remove the rest; `kept` (the file name of the log just kept) always stays. Only
+ * regular files named <key>.log are counted or removed. Best effort. */
+static void prune_failed_logs(const char *failed_dir, const char *kept) {
+    failed_log *logs = NULL;
+    size_t count = 0;
+    size_t capacity = 0;
+    DIR *listing = NULL;
+    struct dirent *item;
+    int fd = open(failed_dir, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
+        goto done;
+    listing = fdopendir(fd);
+    if (!listing) {
+        close(fd);
+        goto done;
+    }
+    while ((item = readdir(listing)) != NULL) {
+        struct stat st;
+        if (!is_failed_log_name(item->d_name) ||
+            fstatat(dirfd(listing), item->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0 ||
+            !S_ISREG(st.st_mode))
+            continue;
+        if (count == capacity) {
+            size_t grown = capacity ? capacity * 2 : 2 * MAX_FAILED_LOGS;
+            failed_log *more = realloc(logs, grown * sizeof *logs);
+            if (!more)
+                goto done;
+            logs = more;
+            capacity = grown;
+        }
+        copy_text(logs[count].name, sizeof logs[count].name, item->d_name);
+        logs[count].mtime = st.st_mtim;
+        logs[count].kept = strcmp(item->d_name, kept) == 0;
+        count++;
+    }
+    if (count > MAX_FAILED_LOGS) {
+        qsort(logs, count, sizeof *logs, compare_failed_logs);
+        for (size_t i = MAX_FAILED_LOGS; i < count; i++)
+            (void)unlinkat(dirfd(listing), logs[i].name, 0);
+    }
+done:
+    free(logs);
+    if (listing)
+        closedir(listing); /* also closes fd */
+}
+
+/* Did a build in `work` fail because its file system is full? Yes when the error's
+ * native_code is ENOSPC or EDQUOT, or when fewer than FULL_DISK_MIN_FREE_BYTES are
+ * available there (a compiler reports a full disk only in its log). Fills `why`. */
+static int build_failed_for_space(const char *work, const moegen_error *e, char *why,
+                                  size_t why_size) {
+    struct statvfs fs;
+    int full = 0;
+    if (e->native_code == ENOSPC || e->native_code == EDQUOT) {
+        format_text(why, why_size, "the build failed: %s", strerror(e->native_code));
+        full = 1;
+    } else if (statvfs(work, &fs) == 0) {
+        unsigned long long available = (unsigned long long)fs.f_bavail * fs.f_frsize;
+        if (available < FULL_DISK_MIN_FREE_BYTES) {
+            format_text(why, why_size,
+                        "the build failed with %llu KiB available there, less than %llu MiB",
+                        available / 1024, FULL_DISK_MIN_FREE_BYTES / (1024 * 1024));
+            full = 1;
+        }
+    }
+    return full;
 }
 
 /* Is `path` a regular file (not a symlink)? */
@@ -787,13 +1051,17 @@ static int is_regular_file(const char *path) {
     return lstat(path, &st) == 0 && S_ISREG(st.st_mode);
 }
 
-/* Build into a fresh temporary directory that the caller removes after loading. */
-static moegen_status build_uncached(const char *kind, const char *name, moegen_cache_build_fn build,
-                                    void *ctx, moegen_cache_result *res, moegen_error *err) {
+/* Build into a fresh temporary directory that the caller removes after loading; the
+ * build log is a temporary file, kept (and named by the builder's error) on failure. */
+static moegen_status build_uncached(const char *kind, const char *key, const char *name,
+                                    moegen_cache_build_fn build, void *ctx,
+                                    moegen_cache_result *res, moegen_error *err) {
     moegen_status status = MOEGEN_OK;
     char dir[PATH_MAX];
     char artifact[PATH_MAX];
+    char log_path[PATH_MAX];
     int dir_made = 0;
+    int log_made = 0;
     if (make_temporary_directory(kind, dir, sizeof dir) != 0) {
         int saved = errno;
         status = moegen_error_set(err, MOEGEN_ERR_IO, saved,
@@ -803,14 +1071,25 @@ static moegen_status build_uncached(const char *kind, const char *name, moegen_c
         goto done;
     }
     dir_made = 1;
+    if (make_temporary_log(key, log_path, sizeof log_path) != 0) {
+        int saved = errno;
+        status = moegen_error_set(err, MOEGEN_ERR_IO, saved,
+                                  "cannot create a build log for an uncached build under "
+                                  "$TMPDIR or /tmp: %s",
+                                  strerror(saved));
+        goto done;
+    }
+    log_made = 1;
     if (path_format(artifact, sizeof artifact, "%s/%s", dir, name) != 0) {
         status = moegen_error_set(err, MOEGEN_ERR_IO, ENAMETOOLONG,
                                   "temporary artifact path too long in %s", dir);
         goto done;
     }
-    status = build(ctx, dir, artifact, err);
-    if (status != MOEGEN_OK)
+    status = build(ctx, dir, artifact, log_path, err);
+    if (status != MOEGEN_OK) {
+        log_made = 0; /* kept for the user: the builder's message names it */
         goto done;
+    }
     if (!is_regular_file(artifact)) {
         status =
             moegen_error_set(err, MOEGEN_ERR_IO, 0,
@@ -823,6 +1102,8 @@ static moegen_status build_uncached(const char *kind, const char *name, moegen_c
 done:
     if (dir_made)
         (void)moegen_remove_tree(dir);
+    if (log_made)
+        (void)unlink(log_path);
     return status;
 }
 
@@ -830,7 +1111,7 @@ done:
 static int seal_artifact(const char *path, unsigned long long *size, char hex[KEY_HEX_CHARS + 1]) {
     struct stat st;
     int result = -1;
-    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    int fd = open(path, CACHE_OPEN_READ);
     if (fd < 0)
         goto done;
     if (fstat(fd, &st) != 0)
@@ -866,7 +1147,7 @@ static int write_manifest(const char *work, const char *key, const char *name,
     }
     if (path_format(path, sizeof path, "%s/%s", work, MANIFEST_NAME) != 0)
         goto done;
-    fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    fd = open(path, CACHE_OPEN_CREATE, 0600);
     if (fd < 0 || write_all(fd, text, (size_t)length) != 0 || fsync(fd) != 0)
         goto done;
     result = close(fd);
@@ -888,8 +1169,10 @@ static void keep_work_as_result(const char *work, const char *name, moegen_cache
 
 typedef struct publish_request {
     const char *kind, *key, *name;
-    const char *entry;        /* <root>/<kind>/<key[0:2]>/<key> */
+    const char *kind_dir;     /* <root>/<kind> */
     const char *entry_parent; /* <root>/<kind>/<key[0:2]> */
+    const char *entry;        /* <root>/<kind>/<key[0:2]>/<key> */
+    const char *failed_dir;   /* <root>/failed */
     char *corrupt_why;        /* filled when a bad entry is met (REASON_BYTES) */
 } publish_request;
 
@@ -935,30 +1218,37 @@ static void publish_work(moegen_cache *c, const publish_request *rq, const char 
 }
 
 /* Build in <root>/tmp and publish; falls back to an uncached build when the cache
- * cannot be written. */
+ * cannot be written or its file system is full. The build log goes to
+ * <root>/failed/<key>.log and stays there only when the build fails. */
 static moegen_status build_and_publish(moegen_cache *c, const publish_request *rq,
                                        moegen_cache_build_fn build, void *ctx,
                                        moegen_cache_result *res, moegen_error *err) {
     moegen_status status = MOEGEN_OK;
-    char kind_dir[PATH_MAX];
+    moegen_error local = {MOEGEN_OK, 0, ""};
+    moegen_error *e = err ? err : &local; /* the builder's native_code decides a retry */
     char work[PATH_MAX];
     char artifact[PATH_MAX];
     char hex[KEY_HEX_CHARS + 1];
+    char why[REASON_BYTES + PATH_MAX] = "";
+    cache_log_file log;
     unsigned long long size = 0;
     int work_owned = 0;
-    if (path_format(kind_dir, sizeof kind_dir, "%s/%s", c->root, rq->kind) != 0 ||
-        make_private_directory(kind_dir) != 0 || make_private_directory(rq->entry_parent) != 0) {
-        warn_cache_trouble_once(c, "could not write to cache directory %s (mkdir %s: %s)", c->root,
-                                rq->entry_parent, strerror(errno));
-        status = build_uncached(rq->kind, rq->name, build, ctx, res, err);
+    int log_owned = 0;
+    if (ensure_trusted_directory(rq->kind_dir, why, sizeof why) != 0 ||
+        ensure_trusted_directory(rq->entry_parent, why, sizeof why) != 0 ||
+        ensure_trusted_directory(rq->failed_dir, why, sizeof why) != 0 ||
+        prepare_cache_log(rq->failed_dir, rq->key, &log, why, sizeof why) != 0) {
+        warn_cache_trouble_once(c, "could not write to cache directory %s (%s)", c->root, why);
+        status = build_uncached(rq->kind, rq->key, rq->name, build, ctx, res, err);
         goto done;
     }
+    log_owned = 1;
     if (path_format(work, sizeof work, "%s/tmp/%s.%ld.XXXXXX", c->root, rq->key, (long)getpid()) !=
             0 ||
         !mkdtemp(work)) {
         warn_cache_trouble_once(c, "could not write to cache directory %s (mkdtemp: %s)", c->root,
                                 strerror(errno));
-        status = build_uncached(rq->kind, rq->name, build, ctx, res, err);
+        status = build_uncached(rq->kind, rq->key, rq->name, build, ctx, res, err);
         goto done;
     }
     work_owned = 1;
@@ -967,9 +1257,19 @@ static moegen_status build_and_publish(moegen_cache *c, const publish_request *r
                                   work);
         goto done;
     }
-    status = build(ctx, work, artifact, err);
-    if (status != MOEGEN_OK)
+    status = build(ctx, work, artifact, log.path, e);
+    if (status != MOEGEN_OK && build_failed_for_space(work, e, why, sizeof why)) {
+        warn_cache_trouble_once(c, "cache directory %s is full (%s)", c->root, why);
+        (void)moegen_remove_tree(work); /* gives the space back before the retry */
+        work_owned = 0;
+        status = build_uncached(rq->kind, rq->key, rq->name, build, ctx, res, err);
+        goto done; /* our log in <root>/failed is removed: the retry has its own */
+    }
+    if (status != MOEGEN_OK) {
+        log_owned = 0; /* kept where the builder's message says */
+        prune_failed_logs(rq->failed_dir, log.name);
         goto done; /* the builder's error, unchanged; nothing published */
+    }
     if (!is_regular_file(artifact)) {
         status =
             moegen_error_set(err, MOEGEN_ERR_IO, 0,
@@ -988,39 +1288,61 @@ static moegen_status build_and_publish(moegen_cache *c, const publish_request *r
 done:
     if (work_owned)
         (void)moegen_remove_tree(work);
+    if (log_owned)
+        remove_cache_log(&log);
     return status;
+}
+
+/* The directories of (kind, key) under the root. Returns 0, or -1 when a path is
+ * too long. */
+static int format_entry_paths(const moegen_cache *c, const char *kind, const char *key,
+                              char kind_dir[PATH_MAX], char entry_parent[PATH_MAX],
+                              char entry[PATH_MAX]) {
+    int result = -1;
+    if (path_format(kind_dir, PATH_MAX, "%s/%s", c->root, kind) == 0 &&
+        path_format(entry_parent, PATH_MAX, "%s/%.2s", kind_dir, key) == 0 &&
+        path_format(entry, PATH_MAX, "%s/%s", entry_parent, key) == 0)
+        result = 0;
+    return result;
 }
 
 static moegen_status get_cached(moegen_cache *c, const char *kind, const char *key,
                                 const char *name, moegen_cache_build_fn build, void *ctx,
                                 moegen_cache_result *res, moegen_error *err) {
     moegen_status status = MOEGEN_OK;
-    char entry[PATH_MAX];
+    char kind_dir[PATH_MAX];
     char entry_parent[PATH_MAX];
+    char entry[PATH_MAX];
     char artifact[PATH_MAX];
+    char failed_dir[PATH_MAX];
     char why[REASON_BYTES] = "";
     char corrupt_why[REASON_BYTES] = "";
     struct stat seen;
-    publish_request rq = {kind, key, name, entry, entry_parent, corrupt_why};
-    if (path_format(entry_parent, sizeof entry_parent, "%s/%s/%.2s", c->root, kind, key) != 0 ||
-        path_format(entry, sizeof entry, "%s/%s", entry_parent, key) != 0 ||
-        path_format(artifact, sizeof artifact, "%s/%s", entry, name) != 0) {
+    publish_request rq = {kind, key, name, kind_dir, entry_parent, entry, failed_dir, corrupt_why};
+    if (format_entry_paths(c, kind, key, kind_dir, entry_parent, entry) != 0 ||
+        path_format(artifact, sizeof artifact, "%s/%s", entry, name) != 0 ||
+        path_format(failed_dir, sizeof failed_dir, "%s/%s", c->root, FAILED_DIR_NAME) != 0) {
         warn_cache_trouble_once(c, "cache directory %s: entry paths are too long", c->root);
-        status = build_uncached(kind, name, build, ctx, res, err);
+        status = build_uncached(kind, key, name, build, ctx, res, err);
         goto done;
     }
-    switch (validate_entry(entry, key, name, &seen, why, sizeof why)) {
-    case ENTRY_VALID:
-        copy_text(res->path, sizeof res->path, artifact);
-        res->hit = 1;
-        goto done;
-    case ENTRY_BAD:
-        copy_text(corrupt_why, sizeof corrupt_why, why);
-        res->rebuilt_corrupt = 1;
-        (void)evict_entry(c, entry, &seen);
-        break;
-    case ENTRY_MISSING:
-        break;
+    /* Nothing is loaded from under a <kind> or <key[0:2]> directory that is missing,
+     * a symlink, foreign or writable by others; build_and_publish() then creates the
+     * missing ones and builds in a temporary directory instead of using a bad one. */
+    if (is_trusted_directory(kind_dir) && is_trusted_directory(entry_parent)) {
+        switch (validate_entry(entry, key, name, &seen, why, sizeof why)) {
+        case ENTRY_VALID:
+            copy_text(res->path, sizeof res->path, artifact);
+            res->hit = 1;
+            goto done;
+        case ENTRY_BAD:
+            copy_text(corrupt_why, sizeof corrupt_why, why);
+            res->rebuilt_corrupt = 1;
+            (void)evict_entry(c, entry, &seen);
+            break;
+        case ENTRY_MISSING:
+            break;
+        }
     }
     remove_stale_work_directories(c);
     status = build_and_publish(c, &rq, build, ctx, res, err);
@@ -1031,14 +1353,25 @@ done:
     return status;
 }
 
+/* Why (kind, key) cannot name an entry, or NULL when they can. */
+static const char *entry_name_problem(const char *kind, const char *key_hex) {
+    const char *problem = NULL;
+    if (!is_valid_kind(kind))
+        problem = "kind must be 1-32 characters of [a-z0-9_-] and not \"tmp\" or \"failed\"";
+    else if (!key_hex || !is_lower_hex(key_hex, KEY_HEX_CHARS))
+        problem = "key must be 64 lowercase hex characters";
+    return problem;
+}
+
 /* Return a valid artifact for (kind, key_hex), building it on a miss (cache.h).
  * Preconditions: `c` opened with moegen_cache_open; kind 1-32 of [a-z0-9_-] (not
- * "tmp"); key_hex 64 lowercase hex; artifact_name a plain file name of
+ * "tmp" or "failed"); key_hex 64 lowercase hex; artifact_name a plain file name of
  * [A-Za-z0-9._-] not starting with '.' and not "manifest"; build and res non-NULL.
  * Returns MOEGEN_OK (res filled; release it after loading), the builder's status
- * unchanged (nothing published), MOEGEN_ERR_IO when no temporary directory can be
- * made or the builder claimed success without writing the artifact, or
- * MOEGEN_ERR_INVALID_ARGUMENT for a broken precondition. */
+ * unchanged (nothing published; the build log kept, see cache.h), MOEGEN_ERR_IO
+ * when no temporary directory or log can be made or the builder claimed success
+ * without writing the artifact, or MOEGEN_ERR_INVALID_ARGUMENT for a broken
+ * precondition. */
 moegen_status moegen_cache_get(moegen_cache *c, const char *kind, const char *key_hex,
                                const char *artifact_name, moegen_cache_build_fn build, void *ctx,
                                moegen_cache_result *res, moegen_error *err) {
@@ -1046,10 +1379,8 @@ moegen_status moegen_cache_get(moegen_cache *c, const char *kind, const char *ke
     const char *problem = NULL;
     if (!c || !res || !build)
         problem = "the cache, builder and result must not be NULL";
-    else if (!is_valid_kind(kind))
-        problem = "kind must be 1-32 characters of [a-z0-9_-] and not \"tmp\"";
-    else if (!key_hex || !is_lower_hex(key_hex, KEY_HEX_CHARS))
-        problem = "key must be 64 lowercase hex characters";
+    else if ((problem = entry_name_problem(kind, key_hex)) != NULL)
+        ; /* problem says it */
     else if (!is_valid_artifact_name(artifact_name))
         problem = "artifact name must be a plain file name of [A-Za-z0-9._-] not starting "
                   "with '.' and not \"manifest\"";
@@ -1063,7 +1394,51 @@ moegen_status moegen_cache_get(moegen_cache *c, const char *kind, const char *ke
     if (c->usable)
         status = get_cached(c, kind, key_hex, artifact_name, build, ctx, res, err);
     else
-        status = build_uncached(kind, artifact_name, build, ctx, res, err);
+        status = build_uncached(kind, key_hex, artifact_name, build, ctx, res, err);
+done:
+    return status;
+}
+
+/* Evict (kind, key_hex) after it passed its checks but failed to load (cache.h).
+ * Preconditions: `c` opened with moegen_cache_open; kind and key as for
+ * moegen_cache_get; `why` a one-line reason or NULL. Returns MOEGEN_OK (also when
+ * there was nothing to evict), MOEGEN_ERR_IO when the entry could not be moved
+ * away, or MOEGEN_ERR_INVALID_ARGUMENT for a broken precondition. */
+moegen_status moegen_cache_evict(moegen_cache *c, const char *kind, const char *key_hex,
+                                 const char *why, moegen_error *err) {
+    moegen_status status = MOEGEN_OK;
+    const char *problem = c ? entry_name_problem(kind, key_hex) : "the cache must not be NULL";
+    char kind_dir[PATH_MAX];
+    char entry_parent[PATH_MAX];
+    char entry[PATH_MAX];
+    struct stat seen;
+    if (problem) {
+        status = moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "moegen_cache_evict: %s",
+                                  problem);
+        goto done;
+    }
+    moegen_error_clear(err);
+    /* An unusable cache hands out temporary directories only; too long paths and
+     * untrusted directories are never loaded from: nothing of ours to evict. */
+    if (!c->usable || format_entry_paths(c, kind, key_hex, kind_dir, entry_parent, entry) != 0 ||
+        !is_trusted_directory(kind_dir) || !is_trusted_directory(entry_parent))
+        goto done;
+    if (lstat(entry, &seen) != 0) {
+        int saved = errno;
+        if (saved != ENOENT)
+            status = moegen_error_set(err, MOEGEN_ERR_IO, saved, "cannot stat cache entry %s: %s",
+                                      entry, strerror(saved));
+        goto done; /* ENOENT: already evicted, e.g. by another process */
+    }
+    if (evict_entry(c, entry, &seen) != 0) {
+        int saved = errno;
+        status = moegen_error_set(err, MOEGEN_ERR_IO, saved, "cannot evict cache entry %s: %s",
+                                  entry, strerror(saved));
+        goto done;
+    }
+    cache_log(c, MOEGEN_LOG_WARNING,
+              "cache entry %s could not be used (%s); evicted, it will be rebuilt", entry,
+              why && why[0] ? why : "no reason given");
 done:
     return status;
 }

@@ -154,9 +154,10 @@ typedef struct cubin_build {
     const char *arch;
 } cubin_build;
 
-/* Cache builder: compile with NVRTC and write the CUBIN. */
+/* Cache builder: compile with NVRTC and write the CUBIN. NVRTC's log goes to log_path
+ * (the cache keeps it if the build fails) and a failed compile's message names it. */
 static moegen_status build_cubin(void *ctx, const char *work_dir, const char *artifact_path,
-                                 moegen_error *err) {
+                                 const char *log_path, moegen_error *err) {
     (void)work_dir;
     const cubin_build *build = ctx;
     moegen_nvrtc nv;
@@ -166,6 +167,18 @@ static moegen_status build_cubin(void *ctx, const char *work_dir, const char *ar
     memset(&out, 0, sizeof out);
     st = moegen_cuda_compile_generated(&nv, build->generated, build->arch, &out, err);
     if (st == MOEGEN_ERR_COMPILE) moegen_generated_annotate(build->generated, err); /* a generator bug */
+    FILE *log_file = out.log ? fopen(log_path, "wb") : NULL;
+    int log_written = log_file && fputs(out.log, log_file) >= 0;
+    if (log_file && fclose(log_file) != 0) log_written = 0;
+    if (st != MOEGEN_OK && log_written && err) {
+        char note[PATH_MAX + 32];
+        size_t used = strlen(err->message);
+        size_t length = (size_t)snprintf(note, sizeof note, " (full log: %s)", log_path);
+        if (length < sizeof err->message) { /* the path must show, even if the excerpt is cut */
+            if (used > sizeof err->message - 1 - length) used = sizeof err->message - 1 - length;
+            memcpy(err->message + used, note, length + 1);
+        }
+    }
     if (st == MOEGEN_OK) {
         FILE *f = fopen(artifact_path, "wb");
         if (!f || fwrite(out.cubin, 1, out.cubin_size, f) != out.cubin_size)

@@ -129,9 +129,10 @@ static moegen_status write_file(const char *dir, const char *name, const char *t
     return MOEGEN_OK;
 }
 
-/* Write the generated files into work_dir and compile the main one into artifact_path. */
+/* Write the generated files into work_dir and compile the main one into artifact_path;
+ * the compiler's output goes to log_path (the cache keeps it if the build fails). */
 static moegen_status build_module(void *ctx, const char *work_dir, const char *artifact_path,
-                                  moegen_error *err) {
+                                  const char *log_path, moegen_error *err) {
     const build_context *build = ctx;
     const moegen_generated *gen = build->generated;
     char source_path[PATH_MAX] = "";
@@ -142,8 +143,6 @@ static moegen_status build_module(void *ctx, const char *work_dir, const char *a
         if (st != MOEGEN_OK) return st;
         if (i == gen->main_file) snprintf(source_path, sizeof source_path, "%s", path);
     }
-    char log_path[PATH_MAX];
-    snprintf(log_path, sizeof log_path, "%s/compile.log", work_dir);
     moegen_status st = moegen_host_compile(build->compiler, source_path, artifact_path, log_path, err);
     if (st == MOEGEN_ERR_COMPILE) moegen_generated_annotate(gen, err); /* point at the template */
     return st;

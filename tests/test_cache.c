@@ -6,8 +6,13 @@
  * kind of bad entry evicted + rebuilt + warned once, a cold start raced by eight
  * processes, unusable roots (read-only, under a file, a file, group/world-
  * writable, foreign-owned) and failed writes falling back to a temporary build,
- * builder errors passed on, and symlink-safe removal. Then the host compiler:
- * probe, a shared object that loads and runs, compile errors, a missing compiler.
+ * builder errors passed on, and symlink-safe removal. Then the faults: FIFOs and
+ * symlinks to devices in an entry (rebuilt, never blocking), untrusted <kind> and
+ * <key[0:2]> directories (never loaded from), logs of failed builds kept where the
+ * error says (at most 16 in <root>/failed), a full cache file system (tmpfs of
+ * 256 KiB, when mount works) falling back to a temporary build, and eviction of an
+ * entry that failed to load. Then the host compiler: probe, a shared object that
+ * loads and runs, compile errors, a missing compiler.
  *
  * Invariants: each test works in its own mkdtemp directory, removed afterwards;
  * environment variables a test changes are restored; forked children never use
@@ -27,9 +32,11 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -44,6 +51,9 @@
 #define NOBODY_UID 65534
 #define COLD_START_PROCESSES 8
 #define SKIPPED_EXIT_CODE 77
+#define DEADLINE_SECONDS 5
+#define FAILED_LOGS_KEPT 16
+#define BIG_ARTIFACT_BYTES (4u * 1024 * 1024)
 
 typedef struct log_capture {
     int warnings;
@@ -52,8 +62,9 @@ typedef struct log_capture {
 } log_capture;
 
 typedef struct fixture {
-    char dir[PATH_MAX];  /* this test's own directory */
-    char root[PATH_MAX]; /* <dir>/cache, the cache root most tests use */
+    char dir[PATH_MAX];     /* this test's own directory */
+    char root[PATH_MAX];    /* <dir>/cache, the cache root most tests use */
+    char mounted[PATH_MAX]; /* a file system this test mounted ("" when none) */
     log_capture log;
 } fixture;
 
@@ -62,6 +73,9 @@ typedef struct text_builder {
     const char *text;
     int sleep_ms;
     moegen_status fail_with; /* MOEGEN_OK: succeed */
+    const char *log_text;    /* written to the log path when non-NULL */
+    size_t artifact_bytes;   /* > 0: pad the artifact with zeros to this size */
+    int hide_errno;          /* report a failed write with native_code 0 */
 } text_builder;
 
 /* ---- helpers ------------------------------------------------------------------ */
@@ -98,6 +112,8 @@ static int setup_fixture(void **state) {
 
 static int teardown_fixture(void **state) {
     fixture *f = *state;
+    if (f->mounted[0])
+        (void)umount2(f->mounted, MNT_DETACH);
     (void)chmod(f->root, 0700);
     (void)moegen_remove_tree(f->dir);
     free(f);
@@ -149,8 +165,37 @@ static int path_exists(const char *path) {
     return lstat(path, &st) == 0;
 }
 
+/* Write `text` then zeros up to `size` bytes (size 0: just the text), with write(2)
+ * so that errno is the file system's (ENOSPC). Returns 0 or -1 with errno. */
+static int write_sized_file(const char *path, const char *text, size_t size) {
+    static const char zeros[65536];
+    size_t length = strlen(text);
+    int result = 0;
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -1;
+    if (write(fd, text, length) != (ssize_t)length)
+        result = -1;
+    for (size_t done = length; result == 0 && done < size;) {
+        size_t chunk = size - done < sizeof zeros ? size - done : sizeof zeros;
+        ssize_t written = write(fd, zeros, chunk);
+        if (written <= 0)
+            result = -1;
+        else
+            done += (size_t)written;
+    }
+    if (result != 0 && errno == 0)
+        errno = EIO;
+    int saved = errno;
+    if (close(fd) != 0 && result == 0)
+        result = -1;
+    else
+        errno = saved;
+    return result;
+}
+
 static moegen_status build_text(void *ctx, const char *work_dir, const char *artifact_path,
-                                moegen_error *err) {
+                                const char *log_path, moegen_error *err) {
     text_builder *b = ctx;
     moegen_status status = MOEGEN_OK;
     b->calls++;
@@ -158,12 +203,16 @@ static moegen_status build_text(void *ctx, const char *work_dir, const char *art
         struct timespec pause = {0, (long)b->sleep_ms * 1000000L};
         nanosleep(&pause, NULL);
     }
-    if (write_text_file(artifact_path, b->text) != 0)
+    if (b->log_text && write_text_file(log_path, b->log_text) != 0)
         status = moegen_error_set(err, MOEGEN_ERR_IO, errno, "test builder cannot write %s",
-                                  artifact_path);
+                                  log_path);
+    else if (write_sized_file(artifact_path, b->text, b->artifact_bytes) != 0)
+        status = moegen_error_set(err, MOEGEN_ERR_IO, b->hide_errno ? 0 : errno,
+                                  "test builder cannot write %s", artifact_path);
     else if (b->fail_with != MOEGEN_OK)
-        status =
-            moegen_error_set(err, b->fail_with, 42, "builder failed on purpose in %s", work_dir);
+        status = moegen_error_set(err, b->fail_with, 42,
+                                  "builder failed on purpose in %s (full log: %s)", work_dir,
+                                  log_path);
     return status;
 }
 
@@ -866,6 +915,437 @@ static void remove_tree_does_not_follow_a_symlink_to_outside(void **state) {
     assert_int_equal(moegen_remove_tree(tree), 0); /* already gone */
 }
 
+/* ---- special files in an entry: rebuilt, never blocking ------------------------------ */
+
+typedef int (*child_check_fn)(void *arg);
+
+/* Run `check` in a forked child that SIGALRM kills after DEADLINE_SECONDS, so that a
+ * call blocking forever (an open of a FIFO) fails this test instead of hanging it.
+ * Returns the child's exit code. */
+static int run_in_child_with_deadline(child_check_fn check, void *arg) {
+    int status = 0;
+    fflush(NULL);
+    pid_t child = fork();
+    assert_true(child >= 0);
+    if (child == 0) {
+        alarm(DEADLINE_SECONDS);
+        _exit(check(arg));
+    }
+    assert_int_equal(waitpid(child, &status, 0), child);
+    if (WIFSIGNALED(status) && WTERMSIG(status) == SIGALRM)
+        fail_msg("the cache call blocked for %d s (an open that waits on a FIFO?)",
+                 DEADLINE_SECONDS);
+    assert_true(WIFEXITED(status));
+    return WEXITSTATUS(status);
+}
+
+typedef struct rebuild_expectation {
+    const char *root, *key, *text, *why_part;
+} rebuild_expectation;
+
+/* Open the cache and expect the next get to evict, rebuild and warn once (naming
+ * why_part), and the one after to hit. No cmocka assertions (runs in a child):
+ * returns 0 or a failure code. */
+static int get_rebuilds_once_with_one_warning(void *arg) {
+    const rebuild_expectation *x = arg;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    log_capture log = {0};
+    text_builder b = {.text = x->text};
+    char text[256];
+    int code = 0;
+    memset(&err, 0, sizeof err);
+    if (moegen_cache_open(&c, x->root, capture_log, &log, &err) != MOEGEN_OK || !c.usable)
+        code = 1;
+    else if (moegen_cache_get(&c, "cpu", x->key, "module.so", build_text, &b, &res, &err) !=
+             MOEGEN_OK)
+        code = 2;
+    else if (!res.rebuilt_corrupt || res.hit || res.temp_dir[0] != '\0')
+        code = 3;
+    else if (b.calls != 1 || log.warnings != 1 || !strstr(log.last_warning, "was corrupt") ||
+             !strstr(log.last_warning, x->why_part))
+        code = 4;
+    else if (read_text_file(res.path, text, sizeof text) < 0 || strcmp(text, x->text) != 0)
+        code = 5;
+    else if (moegen_cache_get(&c, "cpu", x->key, "module.so", build_text, &b, &res, &err) !=
+                 MOEGEN_OK ||
+             !res.hit || b.calls != 1 || log.warnings != 1)
+        code = 6;
+    if (code != 0)
+        fprintf(stderr, "rebuild check failed with code %d; warning: '%s'; error: '%s'\n", code,
+                log.last_warning, err.message);
+    return code;
+}
+
+static void manifest_becomes_a_fifo(const char *entry, const char *artifact) {
+    char path[PATH_MAX];
+    format_text(path, sizeof path, "%s/manifest", entry);
+    assert_int_equal(unlink(path), 0);
+    assert_int_equal(mkfifo(path, 0600), 0);
+}
+
+static void artifact_becomes_a_fifo(const char *entry, const char *artifact) {
+    assert_int_equal(unlink(artifact), 0);
+    assert_int_equal(mkfifo(artifact, 0600), 0);
+}
+
+static void artifact_becomes_a_symlink_to_dev_zero(const char *entry, const char *artifact) {
+    assert_int_equal(unlink(artifact), 0);
+    assert_int_equal(symlink("/dev/zero", artifact), 0);
+}
+
+static void manifest_becomes_a_symlink_to_dev_null(const char *entry, const char *artifact) {
+    char path[PATH_MAX];
+    format_text(path, sizeof path, "%s/manifest", entry);
+    assert_int_equal(unlink(path), 0);
+    assert_int_equal(symlink("/dev/null", path), 0);
+}
+
+/* Publish an entry, replace one of its files with `plant`, and check (in a child
+ * with a deadline) that the next get rebuilds it with one warning, not blocking. */
+static void check_special_file_is_rebuilt_without_blocking(fixture *f, corrupt_fn plant,
+                                                           const char *why_part) {
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder b = {.text = "a regular artifact\n"};
+    char key[65], entry[PATH_MAX], text[64];
+    struct stat st;
+    make_key(why_part, key);
+    open_cache(f, &c);
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                     MOEGEN_OK);
+    entry_of(&res, entry, sizeof entry);
+    plant(entry, res.path);
+    rebuild_expectation x = {c.root, key, b.text, why_part};
+    assert_int_equal(run_in_child_with_deadline(get_rebuilds_once_with_one_warning, &x), 0);
+    assert_int_equal(lstat(res.path, &st), 0);
+    assert_true(S_ISREG(st.st_mode));
+    assert_true(read_text_file(res.path, text, sizeof text) > 0);
+    assert_string_equal(text, b.text);
+}
+
+static void cache_rebuilds_an_entry_whose_manifest_is_a_fifo_without_blocking(void **state) {
+    check_special_file_is_rebuilt_without_blocking(*state, manifest_becomes_a_fifo,
+                                                   "manifest is not a small regular file");
+}
+
+static void cache_rebuilds_an_entry_whose_artifact_is_a_fifo_without_blocking(void **state) {
+    check_special_file_is_rebuilt_without_blocking(*state, artifact_becomes_a_fifo,
+                                                   "artifact module.so is not a regular file");
+}
+
+static void cache_rebuilds_an_entry_whose_artifact_is_a_symlink_to_dev_zero(void **state) {
+    check_special_file_is_rebuilt_without_blocking(*state, artifact_becomes_a_symlink_to_dev_zero,
+                                                   "artifact module.so is a symbolic link");
+}
+
+static void cache_rebuilds_an_entry_whose_manifest_is_a_symlink_to_dev_null(void **state) {
+    check_special_file_is_rebuilt_without_blocking(*state, manifest_becomes_a_symlink_to_dev_null,
+                                                   "manifest is a symbolic link");
+}
+
+/* ---- untrusted directories on the way to an entry ------------------------------------ */
+
+/* Publish a valid entry with `text` in a second cache at <dir>/other and return the
+ * path of its <kind>/<key[0:2]> directory in `prefix_dir`. */
+static void publish_elsewhere(fixture *f, const char *key, const char *text, char *prefix_dir,
+                              size_t size) {
+    moegen_cache other;
+    moegen_cache_result res;
+    moegen_error err;
+    log_capture log = {0};
+    text_builder b = {.text = text};
+    char other_root[PATH_MAX];
+    format_text(other_root, sizeof other_root, "%s/other", f->dir);
+    assert_int_equal(moegen_cache_open(&other, other_root, capture_log, &log, &err), MOEGEN_OK);
+    assert_true(other.usable);
+    assert_int_equal(
+        moegen_cache_get(&other, "cpu", key, "module.so", build_text, &b, &res, &err), MOEGEN_OK);
+    format_text(prefix_dir, size, "%s/cpu/%.2s", other.root, key);
+}
+
+/* Two gets through `c` must build uncached (never returning anything under
+ * `planted`), with one warning naming `why_part`. */
+static void check_nothing_is_loaded_from(fixture *f, moegen_cache *c, const char *key,
+                                         const char *planted, const char *why_part) {
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder b = {.text = "built here\n"};
+    char text[64], kept[PATH_MAX];
+    for (int round = 0; round < 2; round++) {
+        assert_int_equal(moegen_cache_get(c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                         MOEGEN_OK);
+        assert_false(res.hit);
+        assert_string_not_equal(res.temp_dir, "");
+        assert_true(strncmp(res.path, planted, strlen(planted)) != 0);
+        assert_true(read_text_file(res.path, text, sizeof text) > 0);
+        assert_string_equal(text, b.text);
+        format_text(kept, sizeof kept, "%s", res.temp_dir);
+        moegen_cache_result_release(&res);
+        assert_false(path_exists(kept));
+    }
+    assert_int_equal(b.calls, 2);
+    assert_int_equal(f->log.warnings, 1);
+    assert_non_null(strstr(f->log.last_warning, "temporary directory"));
+    if (!strstr(f->log.last_warning, why_part))
+        fail_msg("warning '%s' does not say '%s'", f->log.last_warning, why_part);
+}
+
+static void
+cache_never_loads_from_a_kind_directory_that_is_a_symlink_to_a_world_writable_one(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    char key[65], planted[PATH_MAX], prefix_dir[PATH_MAX], moved[PATH_MAX], kind_link[PATH_MAX],
+        planted_artifact[PATH_MAX];
+    struct stat st;
+    make_key("planted under a symlinked kind", key);
+    format_text(planted, sizeof planted, "%s/planted-XXXXXX", f->dir);
+    assert_non_null(mkdtemp(planted));
+    /* a complete, self-consistent entry, as anyone could write into a 0777 directory */
+    publish_elsewhere(f, key, "planted\n", prefix_dir, sizeof prefix_dir);
+    format_text(moved, sizeof moved, "%s/%.2s", planted, key);
+    assert_int_equal(rename(prefix_dir, moved), 0);
+    assert_int_equal(chmod(planted, 0777), 0);
+    format_text(planted_artifact, sizeof planted_artifact, "%s/%s/module.so", moved, key);
+    assert_true(path_exists(planted_artifact));
+
+    open_cache(f, &c);
+    format_text(kind_link, sizeof kind_link, "%s/cpu", c.root);
+    assert_int_equal(symlink(planted, kind_link), 0);
+    check_nothing_is_loaded_from(f, &c, key, planted, "symbolic link");
+    assert_int_equal(lstat(kind_link, &st), 0); /* not ours to delete */
+    assert_true(S_ISLNK(st.st_mode));
+    assert_true(path_exists(planted_artifact));
+}
+
+static void cache_never_loads_from_a_key_prefix_directory_others_can_write(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder b = {.text = "published\n"};
+    char key[65], prefix_dir[PATH_MAX], entry[PATH_MAX];
+    make_key("group-writable key prefix", key);
+    open_cache(f, &c);
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                     MOEGEN_OK);
+    entry_of(&res, entry, sizeof entry);
+    format_text(prefix_dir, sizeof prefix_dir, "%s/cpu/%.2s", c.root, key);
+    assert_int_equal(chmod(prefix_dir, 0770), 0);
+    check_nothing_is_loaded_from(f, &c, key, prefix_dir, "group-writable");
+    assert_true(path_exists(entry)); /* left alone, not deleted */
+}
+
+/* ---- logs of failed builds ---------------------------------------------------------- */
+
+/* The path after "full log: " in an error message, up to ')'. */
+static void log_path_of(const char *message, char *out, size_t size) {
+    const char *start = strstr(message, "full log: ");
+    if (!start)
+        fail_msg("error message names no log: %s", message);
+    start += strlen("full log: ");
+    const char *end = strchr(start, ')');
+    if (!end)
+        fail_msg("error message's log path is not closed: %s", message);
+    format_text(out, size, "%.*s", (int)(end - start), start);
+}
+
+static void check_private_file(const char *path, const char *text) {
+    struct stat st;
+    char content[512];
+    assert_int_equal(lstat(path, &st), 0);
+    assert_true(S_ISREG(st.st_mode));
+    assert_int_equal(st.st_uid, geteuid());
+    assert_int_equal(st.st_mode & 07777, 0600);
+    assert_true(read_text_file(path, content, sizeof content) >= 0);
+    assert_string_equal(content, text);
+}
+
+static void cache_keeps_the_log_of_a_failed_build_where_the_error_message_says(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder b = {.text = "half-made\n",
+                      .fail_with = MOEGEN_ERR_COMPILE,
+                      .log_text = "error: the widget does not fit\n"};
+    char key[65], named[PATH_MAX], expected[PATH_MAX], failed[PATH_MAX], tmp[PATH_MAX];
+    struct stat st;
+    make_key("failed build log", key);
+    open_cache(f, &c);
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                     MOEGEN_ERR_COMPILE);
+    log_path_of(err.message, named, sizeof named);
+    format_text(failed, sizeof failed, "%s/failed", c.root);
+    format_text(expected, sizeof expected, "%s/%s.log", failed, key);
+    assert_string_equal(named, expected);
+    check_private_file(named, b.log_text);
+    assert_int_equal(lstat(failed, &st), 0);
+    assert_true(S_ISDIR(st.st_mode));
+    assert_int_equal(st.st_mode & 07777, 0700);
+    format_text(tmp, sizeof tmp, "%s/tmp", c.root);
+    assert_int_equal(count_entries(tmp), 0);
+    assert_int_equal(f->log.warnings, 0);
+
+    /* the next build of the key succeeds: its log is not kept as a failure */
+    b.fail_with = MOEGEN_OK;
+    b.log_text = "note: all fine\n";
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err),
+                     MOEGEN_OK);
+    assert_string_equal(res.temp_dir, "");
+    assert_int_equal(count_entries(failed), 0);
+}
+
+static void cache_keeps_at_most_sixteen_failed_build_logs(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder b = {.text = "x\n", .fail_with = MOEGEN_ERR_COMPILE, .log_text = "failed\n"};
+    char keys[20][65], seed[32], path[PATH_MAX], failed[PATH_MAX];
+    struct timespec now;
+    open_cache(f, &c);
+    clock_gettime(CLOCK_REALTIME, &now);
+    for (int i = 0; i < 20; i++) {
+        struct timespec times[2] = {{now.tv_sec - 1000 + i, 0}, {now.tv_sec - 1000 + i, 0}};
+        format_text(seed, sizeof seed, "failure %d", i);
+        make_key(seed, keys[i]);
+        assert_int_equal(
+            moegen_cache_get(&c, "cpu", keys[i], "module.so", build_text, &b, &res, &err),
+            MOEGEN_ERR_COMPILE);
+        /* distinct mtimes, oldest first, so "the oldest" is well defined */
+        format_text(path, sizeof path, "%s/failed/%s.log", c.root, keys[i]);
+        assert_int_equal(utimensat(AT_FDCWD, path, times, AT_SYMLINK_NOFOLLOW), 0);
+    }
+    format_text(failed, sizeof failed, "%s/failed", c.root);
+    assert_int_equal(count_entries(failed), FAILED_LOGS_KEPT);
+    for (int i = 0; i < 20; i++) {
+        format_text(path, sizeof path, "%s/%s.log", failed, keys[i]);
+        if (path_exists(path) != (i >= 20 - FAILED_LOGS_KEPT))
+            fail_msg("log %d of 20 %s", i, path_exists(path) ? "kept" : "removed");
+    }
+    assert_int_equal(f->log.warnings, 0);
+}
+
+/* Files in `dir` whose names start with `prefix`. */
+static int count_named(const char *dir, const char *prefix) {
+    int count = 0;
+    DIR *listing = opendir(dir);
+    struct dirent *item;
+    while (listing && (item = readdir(listing)) != NULL)
+        if (strncmp(item->d_name, prefix, strlen(prefix)) == 0)
+            count++;
+    if (listing)
+        closedir(listing);
+    return count;
+}
+
+static void cache_keeps_the_log_of_a_failed_uncached_build_in_a_temporary_file(void **state) {
+    fixture *f = *state;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder b = {.text = "x\n",
+                      .fail_with = MOEGEN_ERR_COMPILE,
+                      .log_text = "error: uncached and broken\n"};
+    char *saved_tmpdir = saved_env("TMPDIR");
+    char key[65], named[PATH_MAX], prefix[64], tmpdir[PATH_MAX], expected[PATH_MAX];
+    moegen_status failed, succeeded;
+    make_key("failed uncached build log", key);
+    assert_int_equal(mkdir(f->root, 0700), 0);
+    assert_int_equal(chmod(f->root, 0777), 0);
+    open_cache(f, &c);
+    assert_false(c.usable);
+    /* a private $TMPDIR, so that only this test's files are counted */
+    format_text(tmpdir, sizeof tmpdir, "%s/tmpdir", f->dir);
+    assert_int_equal(mkdir(tmpdir, 0700), 0);
+    set_env("TMPDIR", tmpdir);
+    failed = moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err);
+    log_path_of(err.message, named, sizeof named);
+    b.fail_with = MOEGEN_OK;
+    succeeded = moegen_cache_get(&c, "cpu", key, "module.so", build_text, &b, &res, &err);
+    moegen_cache_result_release(&res);
+    set_env("TMPDIR", saved_tmpdir);
+    free(saved_tmpdir);
+
+    assert_int_equal(failed, MOEGEN_ERR_COMPILE);
+    check_private_file(named, b.log_text);
+    format_text(prefix, sizeof prefix, "moegen-failed-%.16s-", key);
+    format_text(expected, sizeof expected, "%s/%s", tmpdir, prefix);
+    assert_true(strncmp(named, expected, strlen(expected)) == 0);
+    assert_int_equal(strlen(named), strlen(expected) + strlen("XXXXXX.log"));
+    assert_string_equal(named + strlen(named) - 4, ".log");
+    /* the successful build left no log behind: only the failed one is there */
+    assert_int_equal(succeeded, MOEGEN_OK);
+    assert_int_equal(count_named(tmpdir, prefix), 1);
+    assert_int_equal(count_entries(tmpdir), 1);
+}
+
+/* ---- a full cache file system -------------------------------------------------------- */
+
+/* Mount a 256 KiB tmpfs at <dir>/small (unmounted in teardown) or skip the test. */
+static void mount_small_file_system(fixture *f, char *out, size_t size) {
+    format_text(out, size, "%s/small", f->dir);
+    assert_int_equal(mkdir(out, 0700), 0);
+    if (mount("tmpfs", out, "tmpfs", MS_NOSUID | MS_NODEV, "size=256k,mode=0700") != 0) {
+        print_message("cannot mount a 256 KiB tmpfs at %s (%s; needs root): skipped\n", out,
+                      strerror(errno));
+        skip();
+    }
+    format_text(f->mounted, sizeof f->mounted, "%s", out);
+}
+
+/* One get of a big artifact in a cache on the small file system: it must succeed
+ * uncached, with one warning saying the cache is full. */
+static void check_full_cache_builds_uncached(const char *root, text_builder *b, const char *seed) {
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    log_capture log = {0};
+    char key[65], text[64], dir[PATH_MAX], kept[PATH_MAX];
+    struct stat st;
+    make_key(seed, key);
+    assert_int_equal(moegen_cache_open(&c, root, capture_log, &log, &err), MOEGEN_OK);
+    assert_true(c.usable);
+    if (moegen_cache_get(&c, "cpu", key, "module.so", build_text, b, &res, &err) != MOEGEN_OK)
+        fail_msg("get on a full cache failed: %s", err.message);
+    assert_int_equal(b->calls, 2); /* in the cache, then once more uncached */
+    assert_false(res.hit);
+    assert_string_not_equal(res.temp_dir, "");
+    assert_true(strncmp(res.path, root, strlen(root)) != 0);
+    assert_int_equal(stat(res.path, &st), 0);
+    assert_int_equal((size_t)st.st_size, b->artifact_bytes);
+    assert_true(read_text_file(res.path, text, strlen(b->text) + 1) > 0);
+    assert_string_equal(text, b->text);
+    assert_int_equal(log.warnings, 1);
+    assert_non_null(strstr(log.last_warning, "is full"));
+    assert_non_null(strstr(log.last_warning, "compiling in a temporary directory"));
+    format_text(dir, sizeof dir, "%s/tmp", c.root);
+    assert_int_equal(count_entries(dir), 0);
+    format_text(dir, sizeof dir, "%s/failed", c.root);
+    assert_true(count_entries(dir) <= 0);
+    format_text(kept, sizeof kept, "%s", res.temp_dir);
+    moegen_cache_result_release(&res);
+    assert_false(path_exists(kept));
+}
+
+static void cache_on_a_full_file_system_compiles_in_a_temporary_directory_and_warns_once(
+    void **state) {
+    fixture *f = *state;
+    char small[PATH_MAX], root[PATH_MAX];
+    text_builder says_enospc = {.text = "big\n", .artifact_bytes = BIG_ARTIFACT_BYTES};
+    text_builder says_nothing = {.text = "big\n", .artifact_bytes = BIG_ARTIFACT_BYTES,
+                                 .hide_errno = 1};
+    mount_small_file_system(f, small, sizeof small);
+    format_text(root, sizeof root, "%s/cache", small);
+    /* the builder's native_code says ENOSPC */
+    check_full_cache_builds_uncached(root, &says_enospc, "full disk, ENOSPC");
+    /* native_code 0: statvfs() shows the file system is (nearly) full */
+    check_full_cache_builds_uncached(root, &says_nothing, "full disk, no errno");
+}
+
 /* ---- host compiler ------------------------------------------------------------------ */
 
 static void host_compiler_probe_reports_an_identity_and_flags(void **state) {
@@ -966,15 +1446,21 @@ typedef struct compile_builder {
     const moegen_host_compiler *hc;
     const char *source_dir;
     int calls;
+    const char *extra_source; /* appended to answer.c when non-NULL */
 } compile_builder;
 
 static moegen_status build_answer_library(void *ctx, const char *work_dir,
-                                          const char *artifact_path, moegen_error *err) {
+                                          const char *artifact_path, const char *log_path,
+                                          moegen_error *err) {
     compile_builder *b = ctx;
-    char source[PATH_MAX], log_path[PATH_MAX];
+    char source[PATH_MAX];
     b->calls++;
     write_answer_source(work_dir, source, sizeof source);
-    format_text(log_path, sizeof log_path, "%s/compile.log", work_dir);
+    if (b->extra_source) {
+        FILE *file = fopen(source, "a");
+        if (!file || fputs(b->extra_source, file) < 0 || fclose(file) != 0)
+            return moegen_error_set(err, MOEGEN_ERR_IO, errno, "cannot extend %s", source);
+    }
     return moegen_host_compile(b->hc, source, artifact_path, log_path, err);
 }
 
@@ -1008,6 +1494,123 @@ static void host_compiled_library_is_cached_and_loads_from_the_cache(void **stat
     assert_int_equal(f->log.warnings, 0);
 }
 
+/* A key over the compiler and a test's own seed. */
+static void compiler_key(const moegen_host_compiler *hc, const char *seed, char key[65]) {
+    moegen_sha256 hash;
+    moegen_sha256_init(&hash);
+    moegen_sha256_update(&hash, hc->identity, strlen(hc->identity));
+    moegen_sha256_update(&hash, hc->flags, strlen(hc->flags));
+    moegen_sha256_update(&hash, seed, strlen(seed));
+    moegen_sha256_final_hex(&hash, key);
+}
+
+static void host_compile_error_in_the_cache_names_a_log_that_still_exists(void **state) {
+    fixture *f = *state;
+    moegen_host_compiler hc;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    char key[65], named[PATH_MAX], expected[PATH_MAX], text[8192];
+    assert_int_equal(moegen_host_compiler_probe(&hc, &err), MOEGEN_OK);
+    compile_builder b = {
+        .hc = &hc, .extra_source = "int broken(void) { return undeclared_identifier_xyz; }\n"};
+    compiler_key(&hc, "broken source", key);
+    open_cache(f, &c);
+    assert_int_equal(
+        moegen_cache_get(&c, "cpu", key, "module.so", build_answer_library, &b, &res, &err),
+        MOEGEN_ERR_COMPILE);
+    log_path_of(err.message, named, sizeof named);
+    format_text(expected, sizeof expected, "%s/failed/%s.log", c.root, key);
+    assert_string_equal(named, expected);
+    assert_true(read_text_file(named, text, sizeof text) > 0);
+    assert_non_null(strstr(text, "undeclared_identifier_xyz"));
+    assert_int_equal(f->log.warnings, 0);
+}
+
+static void host_compile_on_a_full_cache_file_system_succeeds_uncached(void **state) {
+    fixture *f = *state;
+    moegen_host_compiler hc;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    char small[PATH_MAX], root[PATH_MAX], key[65], failed[PATH_MAX];
+    assert_int_equal(moegen_host_compiler_probe(&hc, &err), MOEGEN_OK);
+    /* 4 MiB of initialized data: the shared object cannot fit in 256 KiB */
+    compile_builder b = {.hc = &hc,
+                         .extra_source = "const unsigned char moegen_test_blob[4 << 20] = {1};\n"};
+    mount_small_file_system(f, small, sizeof small);
+    format_text(root, sizeof root, "%s/cache", small);
+    compiler_key(&hc, "big shared object", key);
+    assert_int_equal(moegen_cache_open(&c, root, capture_log, &f->log, &err), MOEGEN_OK);
+    assert_true(c.usable);
+    if (moegen_cache_get(&c, "cpu", key, "module.so", build_answer_library, &b, &res, &err) !=
+        MOEGEN_OK)
+        fail_msg("get on a full cache failed: %s", err.message);
+    assert_int_equal(b.calls, 2);
+    assert_string_not_equal(res.temp_dir, "");
+    check_answer_library(res.path);
+    moegen_cache_result_release(&res);
+    assert_int_equal(f->log.warnings, 1);
+    assert_non_null(strstr(f->log.last_warning, "is full"));
+    format_text(failed, sizeof failed, "%s/failed", c.root);
+    assert_true(count_entries(failed) <= 0);
+}
+
+static void cache_evict_removes_an_entry_that_failed_to_load_so_the_next_get_rebuilds_it(
+    void **state) {
+    fixture *f = *state;
+    moegen_host_compiler hc;
+    moegen_cache c;
+    moegen_cache_result res;
+    moegen_error err;
+    text_builder not_elf = {.text = "this is no shared object\n"};
+    char key[65], entry[PATH_MAX], why[1024], tmp[PATH_MAX];
+    assert_int_equal(moegen_host_compiler_probe(&hc, &err), MOEGEN_OK);
+    compile_builder real = {.hc = &hc};
+    compiler_key(&hc, "evict after a failed load", key);
+    open_cache(f, &c);
+    /* an entry whose manifest matches but that dlopen rejects */
+    assert_int_equal(
+        moegen_cache_get(&c, "cpu", key, "module.so", build_text, &not_elf, &res, &err), MOEGEN_OK);
+    entry_of(&res, entry, sizeof entry);
+    assert_null(dlopen(res.path, RTLD_NOW | RTLD_LOCAL));
+    format_text(why, sizeof why, "dlopen failed: %s", dlerror());
+    assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_answer_library, &real,
+                                      &res, &err),
+                     MOEGEN_OK);
+    assert_true(res.hit); /* the manifest check alone cannot tell */
+
+    assert_int_equal(moegen_cache_evict(&c, "cpu", key, why, &err), MOEGEN_OK);
+    assert_false(path_exists(entry));
+    format_text(tmp, sizeof tmp, "%s/tmp", c.root);
+    assert_int_equal(count_entries(tmp), 0);
+    assert_int_equal(f->log.warnings, 1);
+    assert_non_null(strstr(f->log.last_warning, entry));
+    assert_non_null(strstr(f->log.last_warning, why));
+
+    for (int round = 0; round < 2; round++) {
+        assert_int_equal(moegen_cache_get(&c, "cpu", key, "module.so", build_answer_library,
+                                          &real, &res, &err),
+                         MOEGEN_OK);
+        assert_int_equal(res.hit, round == 1);
+        assert_false(res.rebuilt_corrupt);
+        check_answer_library(res.path);
+    }
+    assert_int_equal(real.calls, 1);
+
+    /* nothing left to evict: no error, no warning; malformed arguments are refused */
+    assert_int_equal(moegen_cache_evict(&c, "cuda", key, NULL, &err), MOEGEN_OK);
+    assert_int_equal(f->log.warnings, 1);
+    assert_int_equal(moegen_cache_evict(NULL, "cpu", key, why, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_cache_evict(&c, "tmp", key, why, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_cache_evict(&c, "failed", key, why, &err),
+                     MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(moegen_cache_evict(&c, "cpu", "abc", why, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_int_equal(
+        moegen_cache_get(&c, "failed", key, "module.so", build_text, &not_elf, &res, &err),
+        MOEGEN_ERR_INVALID_ARGUMENT);
+}
+
 #define FIXTURE_TEST(name) cmocka_unit_test_setup_teardown(name, setup_fixture, teardown_fixture)
 
 int main(void) {
@@ -1036,11 +1639,26 @@ int main(void) {
         FIXTURE_TEST(cache_removes_work_directories_left_by_crashed_processes),
         FIXTURE_TEST(cache_resolves_its_root_from_the_environment),
         FIXTURE_TEST(remove_tree_does_not_follow_a_symlink_to_outside),
+        FIXTURE_TEST(cache_rebuilds_an_entry_whose_manifest_is_a_fifo_without_blocking),
+        FIXTURE_TEST(cache_rebuilds_an_entry_whose_artifact_is_a_fifo_without_blocking),
+        FIXTURE_TEST(cache_rebuilds_an_entry_whose_artifact_is_a_symlink_to_dev_zero),
+        FIXTURE_TEST(cache_rebuilds_an_entry_whose_manifest_is_a_symlink_to_dev_null),
+        FIXTURE_TEST(
+            cache_never_loads_from_a_kind_directory_that_is_a_symlink_to_a_world_writable_one),
+        FIXTURE_TEST(cache_never_loads_from_a_key_prefix_directory_others_can_write),
+        FIXTURE_TEST(cache_keeps_the_log_of_a_failed_build_where_the_error_message_says),
+        FIXTURE_TEST(cache_keeps_at_most_sixteen_failed_build_logs),
+        FIXTURE_TEST(cache_keeps_the_log_of_a_failed_uncached_build_in_a_temporary_file),
+        FIXTURE_TEST(
+            cache_on_a_full_file_system_compiles_in_a_temporary_directory_and_warns_once),
         cmocka_unit_test(host_compiler_probe_reports_an_identity_and_flags),
         FIXTURE_TEST(host_compiler_builds_a_shared_object_that_loads_and_runs),
         FIXTURE_TEST(host_compiler_reports_a_compile_error_with_the_compilers_message),
         cmocka_unit_test(host_compiler_named_by_moegen_cc_that_does_not_exist_is_a_clear_error),
         FIXTURE_TEST(host_compiled_library_is_cached_and_loads_from_the_cache),
+        FIXTURE_TEST(host_compile_error_in_the_cache_names_a_log_that_still_exists),
+        FIXTURE_TEST(host_compile_on_a_full_cache_file_system_succeeds_uncached),
+        FIXTURE_TEST(cache_evict_removes_an_entry_that_failed_to_load_so_the_next_get_rebuilds_it),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
