@@ -166,7 +166,9 @@ static void module_cache_key(const moegen_generated *gen, const moegen_host_comp
 }
 
 /* Generate, compile (or fetch from the cache) and load the CPU module. */
-static moegen_status load_cpu_module(moegen_layer *layer, moegen_error *err) {
+static moegen_status load_cpu_module(moegen_layer *layer, moegen_error *caller_err) {
+    moegen_error local;
+    moegen_error *err = caller_err ? caller_err : &local; /* its message is reused below */
     moegen_status st;
     moegen_host_compiler compiler;
     moegen_generated generated;
@@ -192,15 +194,25 @@ static moegen_status load_cpu_module(moegen_layer *layer, moegen_error *err) {
     module_cache_key(&generated, &compiler, key);
     st = moegen_cache_open(&cache, layer->options.cache_dir, layer->options.log,
                            layer->options.log_user, err);
-    if (st == MOEGEN_OK) {
-        build_context build = {&generated, &compiler};
-        st = moegen_cache_get(&cache, "cpu", key, "module.so", build_module, &build, &result, err);
-    }
+    build_context build = {&generated, &compiler};
+    if (st == MOEGEN_OK) st = moegen_cache_get(&cache, "cpu", key, "module.so", build_module, &build, &result, err);
+    const moegen_cpu_module_expect expect = {generated.symbol_prefix, generated.spec_hash, layer->spec.num_experts,
+                                             layer->spec.top_k, layer->spec.hidden_size};
     if (st == MOEGEN_OK) {
         layer->desc.cache_hit = result.hit;
-        moegen_cpu_module_expect expect = {generated.symbol_prefix, generated.spec_hash, layer->spec.num_experts,
-                                           layer->spec.top_k, layer->spec.hidden_size};
         st = moegen_cpu_module_load(result.path, &expect, &layer->module, err);
+    }
+    if (st == MOEGEN_ERR_LOAD && result.hit) {
+        /* An entry that passed its manifest but does not load (damaged in a way the hash
+         * cannot see, e.g. written by a broken toolchain, or missing symbols): evict it
+         * with a warning and build it once more; a second failure is the error. */
+        moegen_cache_result_release(&result);
+        if (moegen_cache_evict(&cache, "cpu", key, err->message, NULL) == MOEGEN_OK)
+            st = moegen_cache_get(&cache, "cpu", key, "module.so", build_module, &build, &result, err);
+        if (st == MOEGEN_OK) {
+            layer->desc.cache_hit = 0;
+            st = moegen_cpu_module_load(result.path, &expect, &layer->module, err);
+        }
     }
     moegen_cache_result_release(&result);
     moegen_generated_free(&generated);

@@ -19,6 +19,7 @@
 #include <cmocka.h>
 
 #include "moegen.h"
+#include "sha256.h"
 #include "tensors.h"
 #include "verify.h"
 
@@ -596,6 +597,119 @@ static void a_workspace_beyond_the_process_limit_is_refused_with_both_sizes(void
 #endif
 }
 
+
+/* ---- A cache entry that passes its manifest but does not load --------------------------------- */
+
+/* Replace the module.so of every entry under `cache/cpu` whose directory name starts with
+ * nothing in particular by `bytes`, and rewrite its manifest to match (size and SHA-256):
+ * the entry is then valid to the cache but not loadable. Returns the entries changed. */
+static int plant_in_every_entry(const char *cache, const void *bytes, size_t size) {
+    char command[1024], list[] = "/tmp/moegen-entries-XXXXXX";
+    int fd = mkstemp(list);
+    assert_true(fd >= 0);
+    close(fd);
+    snprintf(command, sizeof command, "find %s/cpu -name manifest > %s", cache, list);
+    assert_int_equal(system(command), 0);
+    FILE *manifests = fopen(list, "r");
+    assert_non_null(manifests);
+    char path[1024];
+    int changed = 0;
+    while (fgets(path, sizeof path, manifests)) {
+        path[strcspn(path, "\n")] = '\0';
+        char dir[1024], module[1100], key[65] = "";
+        snprintf(dir, sizeof dir, "%.*s", (int)(strrchr(path, '/') - path), path);
+        snprintf(module, sizeof module, "%s/module.so", dir);
+        FILE *m = fopen(path, "r");
+        assert_non_null(m);
+        char line[256];
+        while (fgets(line, sizeof line, m))
+            if (sscanf(line, "key %64s", key) == 1) break;
+        fclose(m);
+        FILE *out = fopen(module, "wb");
+        assert_non_null(out);
+        assert_int_equal(fwrite(bytes, 1, size, out), size);
+        fclose(out);
+        char hex[65];
+        moegen_sha256_hex(bytes, size, hex);
+        m = fopen(path, "w");
+        assert_non_null(m);
+        fprintf(m, "moegen-cache-manifest 1\nkey %s\nartifact module.so\nsize %zu\nsha256 %s\n", key, size, hex);
+        fclose(m);
+        changed++;
+    }
+    fclose(manifests);
+    unlink(list);
+    return changed;
+}
+
+static char last_warning[1024];
+static void record_warning(void *user, moegen_log_level level, const char *message) {
+    (void)user;
+    if (level == MOEGEN_LOG_WARNING) {
+        warnings_seen++;
+        snprintf(last_warning, sizeof last_warning, "%s", message);
+    }
+}
+
+static void an_entry_that_passes_its_manifest_but_fails_to_load_is_evicted_and_rebuilt_once(void **state) {
+    (void)state;
+    char cache[] = "/tmp/moegen-unloadable-XXXXXX";
+    assert_non_null(mkdtemp(cache));
+    moegen_open_options o;
+    moegen_open_options_init(&o);
+    o.device = MOEGEN_DEVICE_CPU;
+    o.cache_dir = cache;
+    o.log = record_warning;
+    moegen_spec spec;
+    moegen_error err;
+    assert_int_equal(moegen_spec_parse(SMALL, strlen(SMALL), "small", &spec, &err), MOEGEN_OK);
+    moegen_layer_close(open_or_fail(SMALL, &o)); /* builds the entry */
+    const char not_elf[] = "this is not a shared object";
+    const void *damage[2] = {not_elf, NULL};
+    size_t sizes[2] = {sizeof not_elf, 0};
+    /* the second damage: a real shared object of another layer (wrong symbols) */
+    const char *other = "name: other\nnum_experts: 2\nnum_experts_per_tok: 1\nhidden_size: 16\n"
+                        "moe_intermediate_size: 16\n";
+    char other_cache[] = "/tmp/moegen-other-XXXXXX";
+    assert_non_null(mkdtemp(other_cache));
+    moegen_open_options o2 = o;
+    o2.cache_dir = other_cache;
+    moegen_layer_close(open_or_fail(other, &o2));
+    char command[512], so_path[600] = "";
+    snprintf(command, sizeof command, "find %s/cpu -name module.so | head -n 1", other_cache);
+    FILE *found = popen(command, "r");
+    assert_non_null(found);
+    assert_non_null(fgets(so_path, sizeof so_path, found));
+    pclose(found);
+    so_path[strcspn(so_path, "\n")] = '\0';
+    FILE *so = fopen(so_path, "rb");
+    assert_non_null(so);
+    static char elf[4 << 20];
+    sizes[1] = fread(elf, 1, sizeof elf, so);
+    fclose(so);
+    damage[1] = elf;
+    for (int d = 0; d < 2; d++) {
+        assert_int_equal(plant_in_every_entry(cache, damage[d], sizes[d]), 1);
+        const int before = warnings_seen;
+        moegen_layer *layer = open_or_fail(SMALL, &o); /* evicted, rebuilt, loaded */
+        moegen_layer_desc desc;
+        assert_int_equal(moegen_layer_describe(layer, &desc), MOEGEN_OK);
+        assert_int_equal(desc.cache_hit, 0);
+        assert_int_equal(warnings_seen, before + 1);
+        assert_non_null(strstr(last_warning, d == 0 ? "dlopen failed" : "missing symbols"));
+        assert_true(run_and_verify(layer, &spec, 21, (uint64_t)d));
+        moegen_layer_close(layer);
+        layer = open_or_fail(SMALL, &o); /* and the rebuilt entry is a plain hit */
+        assert_int_equal(moegen_layer_describe(layer, &desc), MOEGEN_OK);
+        assert_int_equal(desc.cache_hit, 1);
+        assert_int_equal(warnings_seen, before + 1);
+        moegen_layer_close(layer);
+    }
+    moegen_spec_free(&spec);
+    snprintf(command, sizeof command, "rm -rf %s %s", cache, other_cache);
+    assert_int_equal(system(command), 0);
+}
+
 typedef struct thread_job {
     const char *yaml;
     int ok;
@@ -653,6 +767,7 @@ int main(void) {
         cmocka_unit_test(closed_layers_unmap_their_modules_and_memory_stays_bounded),
         cmocka_unit_test(a_hung_compiler_is_killed_after_the_open_options_time_limit),
         cmocka_unit_test(a_workspace_beyond_the_process_limit_is_refused_with_both_sizes),
+        cmocka_unit_test(an_entry_that_passes_its_manifest_but_fails_to_load_is_evicted_and_rebuilt_once),
     };
     return cmocka_run_group_tests_name("layer API", tests, NULL, NULL);
 }
