@@ -111,7 +111,7 @@ static inline float vector_sum(vfloat v) {
 
 /* Activations (docs/numerics.md §3). */
 % if spec.activation == "relu" then
-static inline float activation(float z) { return z > 0.0f ? z : 0.0f; }
+static inline float activation(float z) { return z < 0.0f ? 0.0f : z; } /* NaN stays NaN */
 % elseif spec.activation == "gelu" or spec.activation == "geglu" then
 static inline float activation(float z) { return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f)); }
 % elseif spec.activation == "gelu_tanh" then

@@ -36,7 +36,7 @@ __device__ __forceinline__ elem_t float_to_elem(float f) {
 
 /* Activations (docs/numerics.md §3). */
 % if spec.activation == "relu" then
-__device__ __forceinline__ float activation(float z) { return z > 0.0f ? z : 0.0f; }
+__device__ __forceinline__ float activation(float z) { return z < 0.0f ? 0.0f : z; } /* NaN stays NaN */
 % elseif spec.activation == "gelu" or spec.activation == "geglu" then
 __device__ __forceinline__ float activation(float z) { return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f)); }
 % elseif spec.activation == "gelu_tanh" then

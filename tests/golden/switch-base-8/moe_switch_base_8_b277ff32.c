@@ -77,7 +77,7 @@ static inline float vector_sum(vfloat v) {
 }
 
 /* Activations (docs/numerics.md §3). */
-static inline float activation(float z) { return z > 0.0f ? z : 0.0f; }
+static inline float activation(float z) { return z < 0.0f ? 0.0f : z; } /* NaN stays NaN */
 
 static inline float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
