@@ -395,34 +395,41 @@ moegen_status moegen_layer_bind(moegen_layer *layer, const moegen_weights *w, mo
 
 static moegen_status bind_weights(moegen_layer *layer, const moegen_weights *w, moegen_error *err) {
     const moegen_spec *spec = &layer->spec;
+    const size_t elem = moegen_dtype_size(spec->dtype), f32 = sizeof(float);
     struct {
         const void *pointer;
         int needed;
         const char *name;
+        size_t align; /* bytes of one element: the pointer must be a multiple */
     } tensors[] = {
-        {w->router_w, 1, "router_w"},
-        {w->router_b, spec->router.router_bias, "router_b (router.router_bias)"},
-        {w->score_bias, spec->router.score_bias, "score_bias (router.score_bias)"},
-        {w->w1, 1, "w1"},
-        {w->w2, 1, "w2"},
-        {w->b1, spec->expert_bias, "b1 (expert_bias)"},
-        {w->b2, spec->expert_bias, "b2 (expert_bias)"},
-        {w->shared_w1, spec->shared.count > 0, "shared_w1 (shared_experts)"},
-        {w->shared_w2, spec->shared.count > 0, "shared_w2 (shared_experts)"},
-        {w->shared_b1, spec->shared.count > 0 && spec->expert_bias, "shared_b1 (expert_bias)"},
-        {w->shared_b2, spec->shared.count > 0 && spec->expert_bias, "shared_b2 (expert_bias)"},
-        {w->shared_gate, spec->shared.count > 0 && spec->shared.gate, "shared_gate (shared_experts.gate)"},
-        {w->residual_w1, spec->use_residual, "residual_w1 (use_residual)"},
-        {w->residual_w2, spec->use_residual, "residual_w2 (use_residual)"},
-        {w->residual_b1, spec->use_residual && spec->expert_bias, "residual_b1 (expert_bias)"},
-        {w->residual_b2, spec->use_residual && spec->expert_bias, "residual_b2 (expert_bias)"},
-        {w->residual_coef_w, spec->use_residual, "residual_coef_w (use_residual)"},
-        {w->residual_coef_b, spec->use_residual, "residual_coef_b (use_residual)"},
+        {w->router_w, 1, "router_w", f32},
+        {w->router_b, spec->router.router_bias, "router_b (router.router_bias)", f32},
+        {w->score_bias, spec->router.score_bias, "score_bias (router.score_bias)", f32},
+        {w->w1, 1, "w1", elem},
+        {w->w2, 1, "w2", elem},
+        {w->b1, spec->expert_bias, "b1 (expert_bias)", elem},
+        {w->b2, spec->expert_bias, "b2 (expert_bias)", elem},
+        {w->shared_w1, spec->shared.count > 0, "shared_w1 (shared_experts)", elem},
+        {w->shared_w2, spec->shared.count > 0, "shared_w2 (shared_experts)", elem},
+        {w->shared_b1, spec->shared.count > 0 && spec->expert_bias, "shared_b1 (expert_bias)", elem},
+        {w->shared_b2, spec->shared.count > 0 && spec->expert_bias, "shared_b2 (expert_bias)", elem},
+        {w->shared_gate, spec->shared.count > 0 && spec->shared.gate, "shared_gate (shared_experts.gate)", f32},
+        {w->residual_w1, spec->use_residual, "residual_w1 (use_residual)", elem},
+        {w->residual_w2, spec->use_residual, "residual_w2 (use_residual)", elem},
+        {w->residual_b1, spec->use_residual && spec->expert_bias, "residual_b1 (expert_bias)", elem},
+        {w->residual_b2, spec->use_residual && spec->expert_bias, "residual_b2 (expert_bias)", elem},
+        {w->residual_coef_w, spec->use_residual, "residual_coef_w (use_residual)", f32},
+        {w->residual_coef_b, spec->use_residual, "residual_coef_b (use_residual)", f32},
     };
-    for (size_t i = 0; i < sizeof tensors / sizeof tensors[0]; i++)
+    for (size_t i = 0; i < sizeof tensors / sizeof tensors[0]; i++) {
         if (tensors[i].needed && !tensors[i].pointer)
             return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                     "bind: layer %s needs weight tensor %s", spec->name, tensors[i].name);
+        if (tensors[i].needed && (uintptr_t)tensors[i].pointer % tensors[i].align != 0)
+            return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                    "bind: weight tensor %s at %p is not aligned to its %zu-byte elements",
+                                    tensors[i].name, tensors[i].pointer, tensors[i].align);
+    }
     /* Keep only what the spec uses, so a stray pointer can never be read. */
     moegen_kernel_weights *k = &layer->weights;
     memset(k, 0, sizeof *k);
@@ -507,6 +514,23 @@ static moegen_status run_forward(moegen_layer *layer, const moegen_forward_io *i
                                 (long long)io->n_tokens);
     if (io->n_tokens > 0 && (!io->x || !io->y))
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "forward: x and y are required");
+    const size_t elem = moegen_dtype_size(layer->spec.dtype);
+    const struct {
+        const void *pointer;
+        const char *name;
+        size_t align;
+    } buffers[] = {{io->x, "x", elem},
+                   {io->y, "y", elem},
+                   {io->topk_ids, "topk_ids", sizeof(int32_t)},
+                   {io->topk_weights, "topk_weights", sizeof(float)},
+                   {io->router_weights, "router_weights", sizeof(float)},
+                   {io->counts_before, "counts_before", sizeof(int64_t)},
+                   {io->counts_after, "counts_after", sizeof(int64_t)}};
+    for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++)
+        if ((uintptr_t)buffers[i].pointer % buffers[i].align != 0)
+            return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                    "forward: %s at %p is not aligned to its %zu-byte elements", buffers[i].name,
+                                    buffers[i].pointer, buffers[i].align);
     if (layer->cuda) return moegen_cuda_backend_forward(layer->cuda, &layer->weights, io, stats, err);
     size_t bytes = layer->module.workspace_bytes(io->n_tokens);
     if (io->n_tokens > 0 && bytes == 0)

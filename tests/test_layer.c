@@ -284,6 +284,36 @@ static void every_public_function_survives_null_arguments(void **state) {
     moegen_layer_close(real);
 }
 
+static void misaligned_tensors_are_refused_by_name(void **state) {
+    (void)state;
+    moegen_layer *layer = open_or_fail(SMALL, NULL); /* bf16: 2-byte elements */
+    static float router[4 * 32 + 1];
+    static uint16_t w1[4 * 32 * 32 + 1], w2[4 * 32 * 16 + 1];
+    moegen_weights w = {.router_w = (const float *)((const char *)router + 2), .w1 = w1, .w2 = w2};
+    moegen_error err;
+    assert_int_equal(moegen_layer_bind(layer, &w, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "router_w"));
+    assert_non_null(strstr(err.message, "not aligned"));
+    w.router_w = router;
+    w.w1 = (const char *)w1 + 1;
+    assert_int_equal(moegen_layer_bind(layer, &w, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "w1"));
+    w.w1 = w1;
+    assert_int_equal(moegen_layer_bind(layer, &w, &err), MOEGEN_OK);
+    static uint16_t x[2 * 32 + 1], y[2 * 32 + 1];
+    static int64_t counts[5];
+    moegen_forward_io io = {.n_tokens = 2, .x = (const char *)x + 1, .y = y};
+    assert_int_equal(moegen_layer_forward(layer, &io, NULL, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "x at"));
+    io.x = x;
+    io.counts_after = (int64_t *)((char *)counts + 4);
+    assert_int_equal(moegen_layer_forward(layer, &io, NULL, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "counts_after"));
+    io.counts_after = counts;
+    assert_int_equal(moegen_layer_forward(layer, &io, NULL, &err), MOEGEN_OK);
+    moegen_layer_close(layer);
+}
+
 static void open_rejects_negative_thread_counts_and_devices(void **state) {
     (void)state;
     moegen_open_options o;
@@ -761,6 +791,7 @@ int main(void) {
         cmocka_unit_test(two_layers_run_from_two_threads_at_once),
         cmocka_unit_test(every_public_function_survives_null_arguments),
         cmocka_unit_test(open_rejects_negative_thread_counts_and_devices),
+        cmocka_unit_test(misaligned_tensors_are_refused_by_name),
         cmocka_unit_test(absurd_thread_counts_are_capped_with_a_notice),
         cmocka_unit_test(two_threads_forwarding_one_layer_get_a_state_error_not_a_race),
         cmocka_unit_test(a_host_programs_locale_changes_neither_the_spec_nor_its_hash),
