@@ -414,7 +414,8 @@ static void reference_group_limit_keeps_the_best_groups_by_top_m_sum_or_by_max(v
     layer_run(&layer, NULL, &res);
     assert_int_equal(res.ids[0], 4);
     assert_int_equal(res.ids[1], 2);
-    EXPECT_NEAR(res.margin[0], 3.0, 0.0); /* groups: 3 kept vs -2 dropped; experts: 3 vs 0 */
+    /* groups: 3 kept vs -2 dropped; experts: 3 vs 0; the order of the two picks: 4 vs 3 */
+    EXPECT_NEAR(res.margin[0], 1.0, 0.0);
     moe_ref_result_free(&res);
     layer_destroy(&layer);
 }
@@ -433,7 +434,7 @@ static void reference_zero_group_mask_can_pick_an_expert_the_neg_inf_mask_drops(
     route_one_token(&spec, logits, &res);
     assert_int_equal(res.ids[0], 0);
     assert_int_equal(res.ids[1], 1);
-    EXPECT_NEAR(res.margin[0], 2.0, 0.0); /* group 0 (-1) vs group 1 (-3) */
+    EXPECT_NEAR(res.margin[0], 1.0, 0.0); /* groups: 0 (-1) vs 1 (-3); the order of picks: -1 vs -2 */
     moe_ref_result_free(&res);
 
     /* masked experts get sel = 0 > -1 and stay valid: experts 2 and 3 (ties: lower index) */
@@ -483,9 +484,22 @@ static void reference_exact_ties_go_to_the_lower_index(void **state) {
     EXPECT_NEAR(res.margin[0], 0.0, 0.0);
     moe_ref_result_free(&res);
 
-    /* every expert chosen: no rejected candidate */
+    /* every expert chosen: no rejected candidate, but the order of the picks is decided by
+     * the smallest gap between consecutive softmax scores (the slot order is part of the
+     * result): p2 - p3 = (e - 1) / (e^3 + e^2 + e + 1) */
     spec = make_spec(4, 4, 4, 1);
     const double distinct[4] = {3, 2, 1, 0};
+    const double total = exp(3.0) + exp(2.0) + exp(1.0) + 1.0;
+    route_one_token(&spec, distinct, &res);
+    EXPECT_NEAR(res.margin[0], (exp(1.0) - 1.0) / total, 1e-15);
+    moe_ref_result_free(&res);
+    /* k = 1: one pick, so no order; the best rejected is expert 1: p0 - p1 */
+    spec = make_spec(4, 1, 4, 1);
+    route_one_token(&spec, distinct, &res);
+    EXPECT_NEAR(res.margin[0], (exp(3.0) - exp(2.0)) / total, 1e-15);
+    moe_ref_result_free(&res);
+    /* E = k = 1: nothing to decide */
+    spec = make_spec(1, 1, 1, 1);
     route_one_token(&spec, distinct, &res);
     assert_true(isinf(res.margin[0]) && res.margin[0] > 0);
     moe_ref_result_free(&res);

@@ -379,7 +379,8 @@ static int route_token(const moegen_spec *spec, const float *score_bias, int tra
         }
 
     /* §1.8: top-k. Without noise the k picks are one decision (last selected vs
-     * best rejected); with noise every slot is its own decision. */
+     * best rejected) plus the order of the picks (each pick vs the next: the slot order
+     * is part of the result); with noise every slot is its own decision. */
     memset(scratch->chosen, 0, (size_t)n_experts);
     int n_valid = 0;
     for (int j = 0; j < top_k; j++) {
@@ -390,6 +391,8 @@ static int route_token(const moegen_spec *spec, const float *score_bias, int tra
         scratch->chosen[e] = 1;
         ids[j] = e;
         n_valid++;
+        if (!noisy && j > 0) /* the order of two picks */
+            note_decision(key[ids[j - 1]], key[e], margin);
         if (noisy || j == top_k - 1) {
             int rejected = best_remaining(key, scratch->candidate, scratch->chosen, n_experts);
             if (rejected >= 0)

@@ -52,13 +52,16 @@ static int64_t compare_routing(const moegen_spec *spec, int64_t S, const moe_ref
             ambiguous++;
             continue;
         }
+        int first = 0; /* the first slot that differs, and up to 8 slots from there */
+        while (k->ids[t * K + first] == ref->ids[t * K + first]) first++;
         char got[128] = "", want[128] = "";
-        for (int j = 0; j < K && j < 8; j++) {
-            snprintf(got + strlen(got), sizeof got - strlen(got), "%s%d", j ? "," : "", k->ids[t * K + j]);
-            snprintf(want + strlen(want), sizeof want - strlen(want), "%s%d", j ? "," : "", ref->ids[t * K + j]);
+        for (int j = first; j < K && j < first + 8; j++) {
+            snprintf(got + strlen(got), sizeof got - strlen(got), "%s%d", j > first ? "," : "", k->ids[t * K + j]);
+            snprintf(want + strlen(want), sizeof want - strlen(want), "%s%d", j > first ? "," : "",
+                     ref->ids[t * K + j]);
         }
-        fail(rep, "routing differs at token %lld: kernel chose [%s], reference [%s] (margin %.3g)",
-             (long long)t, got, want, margin);
+        fail(rep, "routing differs at token %lld from slot %d: kernel chose [%s%s], reference [%s%s] (margin %.3g)",
+             (long long)t, first, got, first + 8 < K ? ",..." : "", want, first + 8 < K ? ",..." : "", margin);
         return -1;
     }
     return ambiguous;
