@@ -30,7 +30,8 @@ typedef enum moegen_status {
     MOEGEN_ERR_UNSUPPORTED = -9,      /* valid request this build or machine cannot do */
     MOEGEN_ERR_DEVICE = -10,          /* CUDA driver / device failure */
     MOEGEN_ERR_STATE = -11,           /* call out of order (e.g. forward before bind) */
-    MOEGEN_ERR_NUMERIC = -12          /* a check on results failed (verification) */
+    MOEGEN_ERR_NUMERIC = -12,         /* a check on results failed (verification) */
+    MOEGEN_ERR_COMM = -13             /* a collective across expert-parallel ranks failed or timed out */
 } moegen_status;
 
 #define MOEGEN_ERROR_MESSAGE_BYTES 1024

@@ -19,6 +19,7 @@ const char *moegen_status_name(moegen_status status) {
     case MOEGEN_ERR_DEVICE: return "MOEGEN_ERR_DEVICE";
     case MOEGEN_ERR_STATE: return "MOEGEN_ERR_STATE";
     case MOEGEN_ERR_NUMERIC: return "MOEGEN_ERR_NUMERIC";
+    case MOEGEN_ERR_COMM: return "MOEGEN_ERR_COMM";
     }
     return "MOEGEN_ERR_UNKNOWN";
 }

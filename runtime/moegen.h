@@ -62,6 +62,64 @@ typedef enum moegen_log_level { MOEGEN_LOG_NOTICE = 0, MOEGEN_LOG_WARNING = 1 } 
 /* Receives notices and warnings (cache trouble, device fallback). */
 typedef void (*moegen_log_fn)(void *user, moegen_log_level level, const char *message);
 
+/* ---- Expert parallelism: the communicator a layer with ep_size > 1 uses ----------------- */
+
+typedef struct moegen_comm moegen_comm;
+
+typedef enum moegen_comm_memory {
+    MOEGEN_COMM_HOST = 0,  /* the collectives take host buffers (CPU layers; MPI) */
+    MOEGEN_COMM_DEVICE = 1 /* device buffers on the layer's stream (CUDA layers; NCCL) */
+} moegen_comm_memory;
+
+/* A transport as callbacks (a framework's process group, for instance). Every rank calls
+ * every collective in the same order. Each returns 0 on success; on failure it returns
+ * non-zero and may write a one-line reason into why[why_size]. Each must return within
+ * timeout_s seconds, failing when a peer does not answer by then: moegen never waits
+ * longer than a callback does. `stream` is the layer's CUDA stream for device buffers,
+ * NULL for host buffers.
+ *   alltoall:      send[q*bytes ...] goes to rank q; recv[q*bytes ...] comes from rank q.
+ *   alltoallv:     rows of unit_bytes bytes: send_counts[q] rows at send + send_offsets[q]
+ *                  rows go to rank q; recv_counts[q] rows from q land at recv +
+ *                  recv_offsets[q] rows. Counts and offsets are in rows, int64.
+ *   allreduce_max: values[i] = the largest values[i] of any rank, i < n.
+ *   allgather:     recv[q*bytes ...] = rank q's send. */
+typedef struct moegen_comm_callbacks {
+    int (*alltoall)(void *user, const void *send, void *recv, size_t bytes, void *stream, double timeout_s,
+                    char *why, size_t why_size);
+    int (*alltoallv)(void *user, const void *send, const int64_t *send_counts, const int64_t *send_offsets,
+                     void *recv, const int64_t *recv_counts, const int64_t *recv_offsets, size_t unit_bytes,
+                     void *stream, double timeout_s, char *why, size_t why_size);
+    int (*allreduce_max)(void *user, int64_t *values, int n, double timeout_s, char *why, size_t why_size);
+    int (*allgather)(void *user, const void *send, void *recv, size_t bytes, double timeout_s, char *why,
+                     size_t why_size);
+    void (*destroy)(void *user); /* optional: called once by moegen_comm_destroy */
+} moegen_comm_callbacks;
+
+/* A communicator of `size` ranks over the caller's callbacks (all four required), for
+ * host buffers. This rank is `rank`. The callbacks are copied; `user` is passed back. */
+moegen_status moegen_comm_create(int rank, int size, const moegen_comm_callbacks *callbacks, void *user,
+                                 moegen_comm **out, moegen_error *err);
+
+/* An NCCL communicator (device buffers) from the 128-byte ncclUniqueId that rank 0
+ * made with moegen_comm_nccl_unique_id and the caller broadcast to every rank.
+ * libnccl.so.2 is opened with dlopen ($MOEGEN_NCCL_LIB overrides the name); without it
+ * this is MOEGEN_ERR_UNSUPPORTED naming the library. */
+moegen_status moegen_comm_nccl_unique_id(unsigned char id[128], moegen_error *err);
+moegen_status moegen_comm_create_nccl(const unsigned char id[128], int rank, int size, int cuda_device,
+                                      moegen_comm **out, moegen_error *err);
+
+/* The deadline of each collective, in seconds (> 0). Default: $MOEGEN_COMM_TIMEOUT, else
+ * 300. A collective that misses it fails on this rank with MOEGEN_ERR_COMM, and the
+ * communicator is then broken (every later call fails at once). */
+moegen_status moegen_comm_set_timeout(moegen_comm *comm, double seconds, moegen_error *err);
+
+/* Rank and size (NULL-safe: -1). */
+int moegen_comm_rank(const moegen_comm *comm);
+int moegen_comm_size(const moegen_comm *comm);
+
+/* Destroy a communicator no layer uses any more (NULL is a no-op). */
+void moegen_comm_destroy(moegen_comm *comm);
+
 typedef struct moegen_open_options {
     moegen_device_kind device;
     const char *cache_dir; /* NULL: $MOEGEN_CACHE_DIR, else $XDG_CACHE_HOME/moegen,
@@ -73,6 +131,8 @@ typedef struct moegen_open_options {
     int cuda_device;       /* CUDA device ordinal */
     int compile_timeout_s; /* CPU: time limit of one host compile, after which the compiler
                               is killed and open fails; 0: $MOEGEN_CC_TIMEOUT, else 300 s */
+    moegen_comm *comm;     /* expert parallelism: required when the spec's ep_size > 1, and its
+                              size must equal ep_size; borrowed, not owned (NULL otherwise) */
     moegen_log_fn log;     /* NULL: print to stderr as "moegen: warning: ..." */
     void *log_user;
 } moegen_open_options;
