@@ -47,9 +47,14 @@ moegen_status moegen_cpu_module_load(const char *path, const moegen_cpu_module_e
     *(void **)&module->info = symbol(handle, expect->symbol_prefix, "info");
     *(void **)&module->workspace_bytes = symbol(handle, expect->symbol_prefix, "workspace_bytes");
     *(void **)&module->forward = symbol(handle, expect->symbol_prefix, "forward");
+    *(void **)&module->route = symbol(handle, expect->symbol_prefix, "route");
+    *(void **)&module->experts = symbol(handle, expect->symbol_prefix, "experts");
+    *(void **)&module->combine = symbol(handle, expect->symbol_prefix, "combine");
     moegen_status st = MOEGEN_OK;
-    if (!module->info || !module->workspace_bytes || !module->forward) {
-        st = moegen_error_set(err, MOEGEN_ERR_LOAD, 0, "%s: missing symbols %s_info / _workspace_bytes / _forward",
+    if (!module->info || !module->workspace_bytes || !module->forward || !module->route || !module->experts ||
+        !module->combine) {
+        st = moegen_error_set(err, MOEGEN_ERR_LOAD, 0,
+                              "%s: missing symbols %s_info / _workspace_bytes / _forward / _route / _experts / _combine",
                               path, expect->symbol_prefix);
     } else {
         const moegen_kernel_info *info = module->info();

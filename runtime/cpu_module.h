@@ -2,8 +2,8 @@
  *
  * Place in the pipeline: spec -> gen -> compile -> cache -> [load] -> launch.
  * A module is the shared object the host compiler made from one generated source. It
- * exports <prefix>_info, <prefix>_workspace_bytes and <prefix>_forward
- * (templates/common/moegen_kernel_abi.h).
+ * exports <prefix>_info, <prefix>_workspace_bytes, <prefix>_forward and the three stages
+ * <prefix>_route, <prefix>_experts, <prefix>_combine (templates/common/moegen_kernel_abi.h).
  *
  * Unloading: a closed layer's module is unmapped (dlclose), so a process that opens
  * thousands of layers (a tuning sweep) keeps its memory bounded. The one thing that must
@@ -27,6 +27,9 @@ typedef struct moegen_cpu_module {
     const moegen_kernel_info *(*info)(void);
     size_t (*workspace_bytes)(int64_t n_tokens);
     int (*forward)(const moegen_kernel_args *args);
+    int (*route)(const moegen_kernel_args *args, moegen_kernel_plan *plan);
+    int (*experts)(const moegen_kernel_expert_args *args);
+    int (*combine)(const moegen_kernel_args *args);
 } moegen_cpu_module;
 
 /* What a module must have been generated for. */

@@ -1,22 +1,16 @@
-/* layer.c — the public layer API (moegen.h): open, bind, forward, close.
+/* layer.c — the public layer API (moegen.h): open, bind, forward, close, and the
+ * dispatch to a backend.
  *
- * Place in the pipeline: spec -> gen -> compile -> cache -> [load -> launch].
- * Opening a layer walks the whole pipeline once:
- *   parse + validate the spec (gen/spec.c)
- *   -> pick the default variant for this machine (gen/variant.c)
- *   -> render the templates (gen/emit.c)
- *   -> look the module up in the on-disk cache, compiling it with the host C
- *      compiler on a miss (runtime/cache.c, runtime/host_cc.c)
- *   -> dlopen it and check that it was generated for this spec.
- * Forward then only grows the workspace when the token count needs it and calls the
- * generated function.
+ * Place in the pipeline: the front of it. Opening a layer parses and validates the spec
+ * (gen/spec.c), applies the open options, picks the backend and opens it:
+ *   CPU:  runtime/cpu_backend.c (generate, host compiler through the cache, dlopen);
+ *   CUDA: runtime/cuda_backend.c (generate, NVRTC through the cache, module load);
+ * and, for ep_size > 1, the expert-parallel layer above the backend (runtime/ep.c).
+ * Forward checks its arguments and calls the backend (or the expert-parallel layer).
  *
- * CUDA layers go through runtime/cuda_backend.c instead of the host compiler and dlopen:
- * NVRTC compiles the generated CUDA, the CUBIN is cached beside the CPU modules, and
- * forward launches the kernels on the caller's stream with device pointers.
- *
- * Invariants owned here: a layer holds no global state; a layer that failed to open
- * is never returned; forward never runs before bind.
+ * Invariants owned here: a layer that failed to open is never returned; forward never
+ * runs before bind; one call at a time per layer (an atomic busy flag: a second call
+ * gets MOEGEN_ERR_STATE); the thread count is resolved and capped once, at open.
  */
 #define _GNU_SOURCE
 #include "moegen.h"
@@ -31,28 +25,21 @@
 #include <unistd.h>
 
 #include "cache.h"
-#include "cpu_module.h"
+#include "cpu_backend.h"
 #include "cuda_backend.h"
-#include "emit.h"
-#include "host_cc.h"
-#include "memory_limit.h"
 #include "moegen_kernel_abi.h"
-#include "sha256.h"
 #include "spec.h"
-#include "variant.h"
 
 struct moegen_layer {
     moegen_spec spec;
     moegen_open_options options;
     moegen_layer_desc desc;
-    moegen_cpu_module module;      /* CPU layers */
+    moegen_cpu_backend *cpu;       /* CPU layers */
     moegen_cuda_backend *cuda;     /* CUDA layers */
     moegen_kernel_weights weights;
     int bound;
     int n_threads;                 /* CPU threads per forward, after the cap */
     atomic_int busy;               /* a bind or forward is running (one call at a time) */
-    void *workspace;
-    size_t workspace_capacity;
 };
 
 void moegen_open_options_init(moegen_open_options *opts) {
@@ -108,115 +95,6 @@ static double now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-/* ---- Building the module (the cache's builder callback) ------------------------------ */
-
-typedef struct build_context {
-    const moegen_generated *generated;
-    const moegen_host_compiler *compiler;
-} build_context;
-
-static moegen_status write_file(const char *dir, const char *name, const char *text, size_t len,
-                                char *path_out, size_t path_size, moegen_error *err) {
-    snprintf(path_out, path_size, "%s/%s", dir, name);
-    FILE *f = fopen(path_out, "wb");
-    if (!f) return moegen_error_set(err, MOEGEN_ERR_IO, 0, "%s: cannot create", path_out);
-    size_t written = fwrite(text, 1, len, f);
-    int closed = fclose(f);
-    if (written != len || closed != 0)
-        return moegen_error_set(err, MOEGEN_ERR_IO, 0, "%s: write failed", path_out);
-    return MOEGEN_OK;
-}
-
-/* Write the generated files into work_dir and compile the main one into artifact_path;
- * the compiler's output goes to log_path (the cache keeps it if the build fails). */
-static moegen_status build_module(void *ctx, const char *work_dir, const char *artifact_path,
-                                  const char *log_path, moegen_error *err) {
-    const build_context *build = ctx;
-    const moegen_generated *gen = build->generated;
-    char source_path[PATH_MAX] = "";
-    for (int i = 0; i < gen->n_files; i++) {
-        char path[PATH_MAX];
-        moegen_status st = write_file(work_dir, gen->files[i].name, gen->files[i].text,
-                                      gen->files[i].len, path, sizeof path, err);
-        if (st != MOEGEN_OK) return st;
-        if (i == gen->main_file) snprintf(source_path, sizeof source_path, "%s", path);
-    }
-    moegen_status st = moegen_host_compile(build->compiler, source_path, artifact_path, log_path, err);
-    if (st == MOEGEN_ERR_COMPILE) moegen_generated_annotate(gen, err); /* point at the template */
-    return st;
-}
-
-/* Cache key: everything that determines the shared object, and nothing else (no
- * paths): generator version, compiler identity, flags and every generated file. */
-static void module_cache_key(const moegen_generated *gen, const moegen_host_compiler *cc,
-                             char key[65]) {
-    moegen_sha256 h;
-    moegen_sha256_init(&h);
-    const char *parts[] = {"moegen-cpu-module\n", MOEGEN_VERSION, "\n", cc->identity, "\n",
-                           cc->flags, "\n"};
-    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
-        moegen_sha256_update(&h, parts[i], strlen(parts[i]));
-    for (int i = 0; i < gen->n_files; i++) {
-        moegen_sha256_update(&h, gen->files[i].name, strlen(gen->files[i].name) + 1);
-        moegen_sha256_update(&h, gen->files[i].text, gen->files[i].len);
-    }
-    moegen_sha256_final_hex(&h, key);
-}
-
-/* Generate, compile (or fetch from the cache) and load the CPU module. */
-static moegen_status load_cpu_module(moegen_layer *layer, moegen_error *caller_err) {
-    moegen_error local;
-    moegen_error *err = caller_err ? caller_err : &local; /* its message is reused below */
-    moegen_status st;
-    moegen_host_compiler compiler;
-    moegen_generated generated;
-    moegen_cache cache;
-    moegen_cache_result result;
-    memset(&result, 0, sizeof result);
-    memset(&generated, 0, sizeof generated);
-
-    st = moegen_host_compiler_probe(&compiler, err);
-    if (st != MOEGEN_OK) return st;
-    if (layer->options.compile_timeout_s > 0)
-        compiler.timeout_ms = layer->options.compile_timeout_s > INT32_MAX / 1000 ? INT32_MAX
-                                                                                 : layer->options.compile_timeout_s * 1000;
-
-    moegen_target target = {.cpu_vector_floats = compiler.vector_floats};
-    moegen_variant variant;
-    moegen_variant_default(&layer->spec, MOEGEN_BACKEND_CPU, &target, &variant);
-    st = moegen_generate(&layer->spec, &variant, NULL, &generated, err);
-    if (st != MOEGEN_OK) return st;
-    snprintf(layer->desc.variant, sizeof layer->desc.variant, "%s", generated.variant_name);
-
-    char key[65];
-    module_cache_key(&generated, &compiler, key);
-    st = moegen_cache_open(&cache, layer->options.cache_dir, layer->options.log,
-                           layer->options.log_user, err);
-    build_context build = {&generated, &compiler};
-    if (st == MOEGEN_OK) st = moegen_cache_get(&cache, "cpu", key, "module.so", build_module, &build, &result, err);
-    const moegen_cpu_module_expect expect = {generated.symbol_prefix, generated.spec_hash, layer->spec.num_experts,
-                                             layer->spec.top_k, layer->spec.hidden_size};
-    if (st == MOEGEN_OK) {
-        layer->desc.cache_hit = result.hit;
-        st = moegen_cpu_module_load(result.path, &expect, &layer->module, err);
-    }
-    if (st == MOEGEN_ERR_LOAD && result.hit) {
-        /* An entry that passed its manifest but does not load (damaged in a way the hash
-         * cannot see, e.g. written by a broken toolchain, or missing symbols): evict it
-         * with a warning and build it once more; a second failure is the error. */
-        moegen_cache_result_release(&result);
-        if (moegen_cache_evict(&cache, "cpu", key, err->message, NULL) == MOEGEN_OK)
-            st = moegen_cache_get(&cache, "cpu", key, "module.so", build_module, &build, &result, err);
-        if (st == MOEGEN_OK) {
-            layer->desc.cache_hit = 0;
-            st = moegen_cpu_module_load(result.path, &expect, &layer->module, err);
-        }
-    }
-    moegen_cache_result_release(&result);
-    moegen_generated_free(&generated);
-    return st;
 }
 
 /* ---- Open / close ------------------------------------------------------------------------ */
@@ -278,7 +156,7 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
             st = moegen_cuda_backend_open(spec, layer->options.cuda_device, layer->options.arch, &cache,
                                           &layer->cuda, &layer->desc, err);
     } else {
-        st = load_cpu_module(layer, err);
+        st = moegen_cpu_backend_open(spec, &layer->options, &layer->cpu, &layer->desc, err);
     }
     if (st != MOEGEN_OK) return st;
 
@@ -355,8 +233,7 @@ moegen_status moegen_layer_open_string(const char *yaml, size_t len, const char 
 void moegen_layer_close(moegen_layer *layer) {
     if (!layer) return;
     moegen_cuda_backend_close(layer->cuda);
-    moegen_cpu_module_unload(&layer->module);
-    free(layer->workspace);
+    moegen_cpu_backend_close(layer->cpu);
     moegen_spec_free(&layer->spec);
     free(layer);
 }
@@ -465,32 +342,6 @@ static moegen_status bind_weights(moegen_layer *layer, const moegen_weights *w, 
     return MOEGEN_OK;
 }
 
-/* Make the workspace hold at least `bytes` (64-byte aligned). A workspace larger than
- * what this process may still allocate (runtime/memory_limit.c) is refused with both
- * sizes, instead of being left to the OOM killer when its pages are touched. */
-static moegen_status ensure_workspace(moegen_layer *layer, int64_t n_tokens, size_t bytes, moegen_error *err) {
-    if (bytes <= layer->workspace_capacity) return MOEGEN_OK;
-    size_t rounded = (bytes + 63) & ~(size_t)63;
-    moegen_memory_budget budget;
-    if (moegen_memory_budget_read(&budget, NULL) == MOEGEN_OK &&
-        (uint64_t)rounded > budget.available_bytes) {
-        char need[MOEGEN_BYTES_TEXT_BYTES], have[MOEGEN_BYTES_TEXT_BYTES];
-        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0,
-                                "forward: %lld tokens need a %s workspace; this process can allocate %s more "
-                                "(limited by %s)",
-                                (long long)n_tokens, moegen_format_bytes(rounded, need, sizeof need),
-                                moegen_format_bytes(budget.available_bytes, have, sizeof have), budget.limited_by);
-    }
-    void *fresh = aligned_alloc(64, rounded);
-    if (!fresh)
-        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0,
-                                "forward: cannot allocate a %zu-byte workspace", rounded);
-    free(layer->workspace);
-    layer->workspace = fresh;
-    layer->workspace_capacity = rounded;
-    return MOEGEN_OK;
-}
-
 static moegen_status run_forward(moegen_layer *layer, const moegen_forward_io *io, moegen_forward_stats *stats,
                                  moegen_error *err);
 
@@ -532,43 +383,5 @@ static moegen_status run_forward(moegen_layer *layer, const moegen_forward_io *i
                                     "forward: %s at %p is not aligned to its %zu-byte elements", buffers[i].name,
                                     buffers[i].pointer, buffers[i].align);
     if (layer->cuda) return moegen_cuda_backend_forward(layer->cuda, &layer->weights, io, stats, err);
-    size_t bytes = layer->module.workspace_bytes(io->n_tokens);
-    if (io->n_tokens > 0 && bytes == 0)
-        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
-                                "forward: n_tokens %lld is above this layer's limit",
-                                (long long)io->n_tokens);
-    moegen_status st = ensure_workspace(layer, io->n_tokens, bytes, err);
-    if (st != MOEGEN_OK) return st;
-
-    moegen_kernel_outputs out = {
-        .y = io->y,
-        .topk_ids = io->topk_ids,
-        .topk_weights = io->topk_weights,
-        .router_weights = io->router_weights,
-        .counts_before = io->counts_before,
-        .counts_after = io->counts_after,
-    };
-    moegen_kernel_args args = {
-        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
-        .n_threads = layer->n_threads,
-        .n_tokens = io->n_tokens,
-        .rng_offset = io->rng_offset,
-        .x = io->x,
-        .w = layer->weights,
-        .out = &out,
-        .workspace = layer->workspace,
-        .workspace_bytes = layer->workspace_capacity,
-    };
-    int rc = layer->module.forward(&args);
-    if (rc != MOEGEN_KERNEL_OK)
-        return moegen_error_set(err, rc == MOEGEN_KERNEL_EWORKSPACE ? MOEGEN_ERR_NO_MEMORY
-                                                                    : MOEGEN_ERR_INVALID_ARGUMENT,
-                                rc, "forward: generated module rejected the call (code %d)", rc);
-    if (stats) {
-        stats->n_dropped = out.n_dropped;
-        stats->capacity = out.capacity;
-        stats->aux_loss = out.aux_loss;
-        stats->z_loss = out.z_loss;
-    }
-    return MOEGEN_OK;
+    return moegen_cpu_backend_forward(layer->cpu, &layer->weights, layer->n_threads, io, stats, err);
 }

@@ -10,9 +10,10 @@
 % local hcols = gated and "(TILE_COLS / 2)" or "TILE_COLS"
 /* ---- Stage 3: expert FFNs ------------------------------------------------------------ */
 
-/* One expert applied to n_rows rows. Row r reads token row_token[r] of x (a zero row
- * when -1), or token r when row_token is NULL. */
+/* One expert applied to n_rows rows. Row r reads row row_token[r] of x (a zero row
+ * when -1), or row r when row_token is NULL. */
 typedef struct ffn_problem {
+    const elem_t *x;        /* [.][HIDDEN] the rows' inputs: the tokens, or the caller's rows */
     const elem_t *w1, *b1;  /* [ffn_rows][HIDDEN], [ffn_rows] (b1 may be NULL) */
     const elem_t *w2, *b2;  /* [HIDDEN][ffn], [HIDDEN] (b2 may be NULL) */
     const int32_t *row_token;
@@ -54,7 +55,7 @@ static void ${n}_gemm1_task(const forward_state *st, const ffn_problem *p, int64
         for (int i = 0; i < TILE_ROWS; i++) {
             int64_t row = min_i64(r + i, row_end - 1); /* overhang repeats the last row */
             int64_t token = p->row_token ? p->row_token[row] : row;
-            a[i] = token >= 0 ? st->x + token * HIDDEN : st->zero_row;
+            a[i] = token >= 0 ? p->x + token * HIDDEN : st->zero_row;
         }
         for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
             const elem_t *b[TILE_COLS];
@@ -143,9 +144,16 @@ static void ${n}_run(const forward_state *st, const ffn_problem *problems, int n
 }
 % end
 
-/* Stage 3 entry: build the problem lists and run each FFN shape. */
-static void run_experts(forward_state *st, int n_threads) {
+/* Stage 3 entry: build the problem lists and run each FFN shape. `routed`: the routed
+ * experts over the rows of the permutation; `dense`: the shared experts and the residual
+ * MLP over every token. P_forward runs both in one sweep per shape; the staged entry
+ * points run the routed experts in P_experts and the dense ones in P_combine (the same
+ * tasks, so the same bits). */
+static void run_experts(forward_state *st, int n_threads, int routed, int dense) {
     const moegen_kernel_weights *w = st->w;
+% if not spec.use_residual and spec.shared.count == 0 then
+    (void)dense; /* no dense experts in this layer */
+% end
 % local n_max = "NUM_EXPERTS + 1" .. (spec.shared.count > 0 and " + SHARED_EXPERTS" or "")
     ffn_problem problems[${n_max}];
     int n_problems;
@@ -156,9 +164,10 @@ static void run_experts(forward_state *st, int n_threads) {
     /* Shape ${shape.name}. */
     n_problems = 0;
 %   if F == spec.ffn_size then
-    for (int e = 0; e < NUM_EXPERTS; e++) {
+    for (int e = 0; routed && e < NUM_EXPERTS; e++) {
         ffn_problem *p = &problems[n_problems++];
         const int64_t first_row = st->expert_offset[e];
+        p->x = st->x;
         p->w1 = (const elem_t *)w->w1 + (int64_t)e * ${rows} * HIDDEN;
         p->b1 = w->b1 ? (const elem_t *)w->b1 + (int64_t)e * ${rows} : NULL;
         p->w2 = (const elem_t *)w->w2 + (int64_t)e * HIDDEN * ${F};
@@ -174,8 +183,9 @@ static void run_experts(forward_state *st, int n_threads) {
         p->out = st->expert_out + first_row * HIDDEN;
     }
 %     if spec.use_residual then
-    {
+    if (dense) {
         ffn_problem *p = &problems[n_problems++]; /* residual MLP: every token */
+        p->x = st->x;
         p->w1 = (const elem_t *)w->residual_w1;
         p->b1 = (const elem_t *)w->residual_b1;
         p->w2 = (const elem_t *)w->residual_w2;
@@ -189,8 +199,9 @@ static void run_experts(forward_state *st, int n_threads) {
 %     end
 %   end
 %   if spec.shared.count > 0 and F == spec.shared.ffn_size then
-    for (int i = 0; i < SHARED_EXPERTS; i++) {
+    for (int i = 0; dense && i < SHARED_EXPERTS; i++) {
         ffn_problem *p = &problems[n_problems++]; /* shared expert: every token */
+        p->x = st->x;
         p->w1 = (const elem_t *)w->shared_w1 + (int64_t)i * ${rows} * HIDDEN;
         p->b1 = w->shared_b1 ? (const elem_t *)w->shared_b1 + (int64_t)i * ${rows} : NULL;
         p->w2 = (const elem_t *)w->shared_w2 + (int64_t)i * HIDDEN * ${F};
@@ -206,3 +217,29 @@ static void run_experts(forward_state *st, int n_threads) {
 % end
 }
 
+/* P_experts: the routed experts [first, first + n) over the caller's rows, in one
+ * parallel sweep like the routed experts of P_forward. */
+static int run_routed_rows(const moegen_kernel_expert_args *a) {
+    const int64_t rows = a->expert_offset[a->n_experts];
+    forward_state st; /* only zero_row is read, and no row here is padding */
+    memset(&st, 0, sizeof st);
+    ffn_problem problems[NUM_EXPERTS];
+    for (int l = 0; l < a->n_experts; l++) {
+        ffn_problem *p = &problems[l];
+        const int64_t first_row = a->expert_offset[l];
+        if (first_row < 0 || a->expert_offset[l + 1] < first_row || a->expert_offset[l + 1] > rows)
+            return MOEGEN_KERNEL_EARG;
+        p->x = (const elem_t *)a->x + first_row * HIDDEN;
+        p->w1 = (const elem_t *)a->w1 + (int64_t)l * FFN_ROWS * HIDDEN;
+        p->b1 = a->b1 ? (const elem_t *)a->b1 + (int64_t)l * FFN_ROWS : NULL;
+        p->w2 = (const elem_t *)a->w2 + (int64_t)l * HIDDEN * FFN;
+        p->b2 = a->b2 ? (const elem_t *)a->b2 + (int64_t)l * HIDDEN : NULL;
+        p->row_token = NULL;
+        p->row_scale = a->row_scale ? a->row_scale + first_row : NULL;
+        p->n_rows = a->expert_offset[l + 1] - first_row;
+        p->hidden = (elem_t *)a->hidden + first_row * FFN;
+        p->out = a->out + first_row * HIDDEN;
+    }
+    ${moe.shape_name(spec.ffn_size)}_run(&st, problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1);
+    return MOEGEN_KERNEL_OK;
+}

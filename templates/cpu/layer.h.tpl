@@ -22,6 +22,11 @@ size_t ${gen.prefix}_workspace_bytes(int64_t n_tokens);
 /* The MoE forward. Returns MOEGEN_KERNEL_OK or a negative MOEGEN_KERNEL_E* code. */
 int ${gen.prefix}_forward(const moegen_kernel_args *args);
 
+/* The forward's three stages, for expert parallelism (moegen_kernel_abi.h). */
+int ${gen.prefix}_route(const moegen_kernel_args *args, moegen_kernel_plan *plan);
+int ${gen.prefix}_experts(const moegen_kernel_expert_args *args);
+int ${gen.prefix}_combine(const moegen_kernel_args *args);
+
 #ifdef __cplusplus
 }
 #endif

@@ -51,7 +51,14 @@ typedef struct forward_state {
 
     double aux_loss;
     double z_loss;
+    struct route_summary *summary;    /* in the workspace: what P_route leaves for P_combine */
 } forward_state;
+
+/* The scalars of a routing, kept in the workspace between P_route and P_combine. */
+typedef struct route_summary {
+    int64_t capacity, n_rows, n_dropped;
+    double aux_loss, z_loss;
+} route_summary;
 
 /* Capacity priority sort record: key descending, then token ascending. */
 struct priority_entry {

@@ -22,6 +22,11 @@ size_t moe_demo_fc8b6e2a_workspace_bytes(int64_t n_tokens);
 /* The MoE forward. Returns MOEGEN_KERNEL_OK or a negative MOEGEN_KERNEL_E* code. */
 int moe_demo_fc8b6e2a_forward(const moegen_kernel_args *args);
 
+/* The forward's three stages, for expert parallelism (moegen_kernel_abi.h). */
+int moe_demo_fc8b6e2a_route(const moegen_kernel_args *args, moegen_kernel_plan *plan);
+int moe_demo_fc8b6e2a_experts(const moegen_kernel_expert_args *args);
+int moe_demo_fc8b6e2a_combine(const moegen_kernel_args *args);
+
 #ifdef __cplusplus
 }
 #endif

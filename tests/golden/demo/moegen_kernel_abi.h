@@ -9,6 +9,18 @@
  *   const moegen_kernel_info *P_info(void);
  *   size_t P_workspace_bytes(int64_t n_tokens);
  *   int P_forward(const moegen_kernel_args *args);   0 = ok, <0 = MOEGEN_KERNEL_E*
+ * and the three stages P_forward runs, for a caller that moves rows between them (the
+ * runtime's expert-parallel layer, runtime/ep.c):
+ *   int P_route(const moegen_kernel_args *args, moegen_kernel_plan *plan);
+ *       router, capacity and the expert-contiguous permutation of the S tokens over all E
+ *       experts; fills every output but y, and `plan` (pointers into the workspace);
+ *   int P_experts(const moegen_kernel_expert_args *args);
+ *       routed experts [first, first + n) over rows the caller gives (any rows, any
+ *       number: a row's result does not depend on the other rows);
+ *   int P_combine(const moegen_kernel_args *args);
+ *       shared experts, the residual MLP and the combine into y, reading the experts'
+ *       outputs from plan->expert_out. Same args (and workspace) as the P_route call.
+ *   Bitwise, P_route + P_experts over plan's rows + P_combine == P_forward.
  *
  * Tensor layouts (row-major, C order; E experts, k top-k, H hidden, F expert ffn
  * size, F1 = 2F for gated activations (rows [0,F) gate, [F,2F) up) else F;
@@ -54,7 +66,7 @@ typedef unsigned long size_t;
 #include <stdint.h>
 #endif
 
-#define MOEGEN_KERNEL_ABI_VERSION 1
+#define MOEGEN_KERNEL_ABI_VERSION 2
 
 /* Status codes a generated forward returns. */
 #define MOEGEN_KERNEL_OK 0
@@ -108,6 +120,34 @@ typedef struct moegen_kernel_args {
     void *workspace;         /* 64-byte aligned, P_workspace_bytes(n_tokens) bytes */
     size_t workspace_bytes;
 } moegen_kernel_args;
+
+/* Where P_route left the permutation; every pointer is into the workspace. Rows are in
+ * expert-contiguous order: expert e owns rows [expert_offset[e], expert_offset[e + 1]),
+ * of which the first counts_after[e] are real routes (in token order) and the rest, with
+ * pad_to_capacity only, padding (row_token -1, never combined). */
+typedef struct moegen_kernel_plan {
+    int64_t n_rows;
+    const int64_t *expert_offset; /* [E + 1] */
+    const int64_t *counts_after;  /* [E] real rows of each expert */
+    const int32_t *row_token;     /* [n_rows] the token a row reads; -1 = padding */
+    const float *row_scale;       /* [n_rows] weight_on_input: the scale of a row's GEMM1; else NULL */
+    float *expert_out;            /* [n_rows][H] fp32: what P_combine reads */
+} moegen_kernel_plan;
+
+/* Routed experts over caller-given rows: expert first + l (l < n_experts) owns rows
+ * [expert_offset[l], expert_offset[l + 1]) of x; its weights are the l-th of w1/b1/w2/b2,
+ * which point at expert `first_expert` (a rank's slice of the [E][...] tensors). */
+typedef struct moegen_kernel_expert_args {
+    int abi_version;
+    int n_threads;
+    int first_expert, n_experts;
+    const int64_t *expert_offset; /* [n_experts + 1] */
+    const void *x;                /* [rows][H] dtype */
+    const float *row_scale;       /* [rows] (weight_on_input) or NULL */
+    const void *w1, *b1, *w2, *b2; /* b1 / b2 NULL without expert_bias */
+    void *hidden;                 /* [rows][F] dtype scratch */
+    float *out;                   /* [rows][H] fp32 */
+} moegen_kernel_expert_args;
 
 /* What a module was generated for; the runtime checks it against the spec it asked for. */
 typedef struct moegen_kernel_info {

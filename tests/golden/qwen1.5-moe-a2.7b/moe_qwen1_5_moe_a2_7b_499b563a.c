@@ -246,7 +246,14 @@ typedef struct forward_state {
 
     double aux_loss;
     double z_loss;
+    struct route_summary *summary;    /* in the workspace: what P_route leaves for P_combine */
 } forward_state;
+
+/* The scalars of a routing, kept in the workspace between P_route and P_combine. */
+typedef struct route_summary {
+    int64_t capacity, n_rows, n_dropped;
+    double aux_loss, z_loss;
+} route_summary;
 
 /* Capacity priority sort record: key descending, then token ascending. */
 struct priority_entry {
@@ -476,9 +483,10 @@ static void run_dispatch(forward_state *st) {
 
 /* ---- Stage 3: expert FFNs ------------------------------------------------------------ */
 
-/* One expert applied to n_rows rows. Row r reads token row_token[r] of x (a zero row
- * when -1), or token r when row_token is NULL. */
+/* One expert applied to n_rows rows. Row r reads row row_token[r] of x (a zero row
+ * when -1), or row r when row_token is NULL. */
 typedef struct ffn_problem {
+    const elem_t *x;        /* [.][HIDDEN] the rows' inputs: the tokens, or the caller's rows */
     const elem_t *w1, *b1;  /* [ffn_rows][HIDDEN], [ffn_rows] (b1 may be NULL) */
     const elem_t *w2, *b2;  /* [HIDDEN][ffn], [HIDDEN] (b2 may be NULL) */
     const int32_t *row_token;
@@ -515,7 +523,7 @@ static void f1408_gemm1_task(const forward_state *st, const ffn_problem *p, int6
         for (int i = 0; i < TILE_ROWS; i++) {
             int64_t row = min_i64(r + i, row_end - 1); /* overhang repeats the last row */
             int64_t token = p->row_token ? p->row_token[row] : row;
-            a[i] = token >= 0 ? st->x + token * HIDDEN : st->zero_row;
+            a[i] = token >= 0 ? p->x + token * HIDDEN : st->zero_row;
         }
         for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
             const elem_t *b[TILE_COLS];
@@ -605,7 +613,7 @@ static void f5632_gemm1_task(const forward_state *st, const ffn_problem *p, int6
         for (int i = 0; i < TILE_ROWS; i++) {
             int64_t row = min_i64(r + i, row_end - 1); /* overhang repeats the last row */
             int64_t token = p->row_token ? p->row_token[row] : row;
-            a[i] = token >= 0 ? st->x + token * HIDDEN : st->zero_row;
+            a[i] = token >= 0 ? p->x + token * HIDDEN : st->zero_row;
         }
         for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
             const elem_t *b[TILE_COLS];
@@ -683,17 +691,22 @@ static void f5632_run(const forward_state *st, const ffn_problem *problems, int 
     }
 }
 
-/* Stage 3 entry: build the problem lists and run each FFN shape. */
-static void run_experts(forward_state *st, int n_threads) {
+/* Stage 3 entry: build the problem lists and run each FFN shape. `routed`: the routed
+ * experts over the rows of the permutation; `dense`: the shared experts and the residual
+ * MLP over every token. P_forward runs both in one sweep per shape; the staged entry
+ * points run the routed experts in P_experts and the dense ones in P_combine (the same
+ * tasks, so the same bits). */
+static void run_experts(forward_state *st, int n_threads, int routed, int dense) {
     const moegen_kernel_weights *w = st->w;
     ffn_problem problems[NUM_EXPERTS + 1 + SHARED_EXPERTS];
     int n_problems;
 
     /* Shape f1408. */
     n_problems = 0;
-    for (int e = 0; e < NUM_EXPERTS; e++) {
+    for (int e = 0; routed && e < NUM_EXPERTS; e++) {
         ffn_problem *p = &problems[n_problems++];
         const int64_t first_row = st->expert_offset[e];
+        p->x = st->x;
         p->w1 = (const elem_t *)w->w1 + (int64_t)e * 2816 * HIDDEN;
         p->b1 = w->b1 ? (const elem_t *)w->b1 + (int64_t)e * 2816 : NULL;
         p->w2 = (const elem_t *)w->w2 + (int64_t)e * HIDDEN * 1408;
@@ -708,8 +721,9 @@ static void run_experts(forward_state *st, int n_threads) {
 
     /* Shape f5632. */
     n_problems = 0;
-    for (int i = 0; i < SHARED_EXPERTS; i++) {
+    for (int i = 0; dense && i < SHARED_EXPERTS; i++) {
         ffn_problem *p = &problems[n_problems++]; /* shared expert: every token */
+        p->x = st->x;
         p->w1 = (const elem_t *)w->shared_w1 + (int64_t)i * 11264 * HIDDEN;
         p->b1 = w->shared_b1 ? (const elem_t *)w->shared_b1 + (int64_t)i * 11264 : NULL;
         p->w2 = (const elem_t *)w->shared_w2 + (int64_t)i * HIDDEN * 5632;
@@ -723,6 +737,32 @@ static void run_experts(forward_state *st, int n_threads) {
     f5632_run(st, problems, n_problems, n_threads);
 }
 
+/* P_experts: the routed experts [first, first + n) over the caller's rows, in one
+ * parallel sweep like the routed experts of P_forward. */
+static int run_routed_rows(const moegen_kernel_expert_args *a) {
+    const int64_t rows = a->expert_offset[a->n_experts];
+    forward_state st; /* only zero_row is read, and no row here is padding */
+    memset(&st, 0, sizeof st);
+    ffn_problem problems[NUM_EXPERTS];
+    for (int l = 0; l < a->n_experts; l++) {
+        ffn_problem *p = &problems[l];
+        const int64_t first_row = a->expert_offset[l];
+        if (first_row < 0 || a->expert_offset[l + 1] < first_row || a->expert_offset[l + 1] > rows)
+            return MOEGEN_KERNEL_EARG;
+        p->x = (const elem_t *)a->x + first_row * HIDDEN;
+        p->w1 = (const elem_t *)a->w1 + (int64_t)l * FFN_ROWS * HIDDEN;
+        p->b1 = a->b1 ? (const elem_t *)a->b1 + (int64_t)l * FFN_ROWS : NULL;
+        p->w2 = (const elem_t *)a->w2 + (int64_t)l * HIDDEN * FFN;
+        p->b2 = a->b2 ? (const elem_t *)a->b2 + (int64_t)l * HIDDEN : NULL;
+        p->row_token = NULL;
+        p->row_scale = a->row_scale ? a->row_scale + first_row : NULL;
+        p->n_rows = a->expert_offset[l + 1] - first_row;
+        p->hidden = (elem_t *)a->hidden + first_row * FFN;
+        p->out = a->out + first_row * HIDDEN;
+    }
+    f1408_run(&st, problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1);
+    return MOEGEN_KERNEL_OK;
+}
 /* ---- Stage 4: combine ------------------------------------------------------------------ */
 
 #define COMBINE_CHUNK 256 /* hidden columns per step; divides HIDDEN */
@@ -774,6 +814,7 @@ typedef struct workspace_layout {
     size_t counts_before, counts_after, expert_offset, row_token, row_scale, route_row;
     size_t route_final, scratch, zero_row, hidden, expert_out;
     size_t shared_hidden, shared_out, residual_hidden, residual_out;
+    size_t summary;
     size_t total;
 } workspace_layout;
 
@@ -807,6 +848,7 @@ static workspace_layout layout_for(int64_t n_tokens) {
     CARVE(expert_out, rows * HIDDEN * sizeof(float));
     CARVE(shared_hidden, (size_t)SHARED_EXPERTS * tokens * SHARED_FFN * sizeof(elem_t));
     CARVE(shared_out, (size_t)SHARED_EXPERTS * tokens * HIDDEN * sizeof(float));
+    CARVE(summary, sizeof(route_summary));
 #undef CARVE
     layout.total = offset;
     return layout;
@@ -834,7 +876,11 @@ static int weights_present(const moegen_kernel_weights *w) {
     return ok;
 }
 
-int moe_qwen1_5_moe_a2_7b_499b563a_forward(const moegen_kernel_args *args) {
+/* The checks every staged call shares, then the per-call state carved from the
+ * workspace. Returns MOEGEN_KERNEL_OK, or a negative code; *empty is 1 for 0 tokens
+ * (nothing to route: the outputs are filled here and the caller returns). */
+static int begin_call(const moegen_kernel_args *args, forward_state *st, int *empty) {
+    *empty = 0;
     if (!args) return MOEGEN_KERNEL_EARG;
     if (args->abi_version != MOEGEN_KERNEL_ABI_VERSION) return MOEGEN_KERNEL_EABI;
     const int64_t n_tokens = args->n_tokens;
@@ -853,60 +899,131 @@ int moe_qwen1_5_moe_a2_7b_499b563a_forward(const moegen_kernel_args *args) {
             if (out->counts_before) out->counts_before[e] = 0;
             if (out->counts_after) out->counts_after[e] = 0;
         }
+        *empty = 1;
         return MOEGEN_KERNEL_OK;
     }
     const workspace_layout layout = layout_for(n_tokens);
     if (!args->workspace || args->workspace_bytes < layout.total) return MOEGEN_KERNEL_EWORKSPACE;
 
     char *base = args->workspace;
-    forward_state st;
-    memset(&st, 0, sizeof st);
-    st.n_tokens = n_tokens;
-    st.n_router_blocks = (n_tokens + ROUTER_BLOCK - 1) / ROUTER_BLOCK;
-    st.rng_offset = args->rng_offset;
-    st.x = args->x;
-    st.w = &args->w;
-    st.router_input = (float *)(base + layout.router_input);
-    st.logits = (float *)(base + layout.logits);
-    st.route_expert = (int32_t *)(base + layout.route_expert);
-    st.route_weight = (float *)(base + layout.route_weight);
-    st.route_valid = (uint8_t *)(base + layout.route_valid);
-    st.block_prob_sums = (double *)(base + layout.block_prob_sums);
-    st.block_counts = (int64_t *)(base + layout.block_counts);
-    st.block_z_sums = (double *)(base + layout.block_z_sums);
-    st.counts_before = (int64_t *)(base + layout.counts_before);
-    st.counts_after = (int64_t *)(base + layout.counts_after);
-    st.expert_offset = (int64_t *)(base + layout.expert_offset);
-    st.row_token = (int32_t *)(base + layout.row_token);
-    st.row_scale = (float *)(base + layout.row_scale);
-    st.route_row = (int32_t *)(base + layout.route_row);
-    st.route_final = (float *)(base + layout.route_final);
-    st.scratch = (struct priority_entry *)(base + layout.scratch);
-    st.zero_row = (elem_t *)(base + layout.zero_row);
-    st.hidden = (elem_t *)(base + layout.hidden);
-    st.expert_out = (float *)(base + layout.expert_out);
-    st.shared_hidden = (elem_t *)(base + layout.shared_hidden);
-    st.shared_out = (float *)(base + layout.shared_out);
-    memset(st.zero_row, 0, HIDDEN * sizeof(elem_t));
+    memset(st, 0, sizeof *st);
+    st->n_tokens = n_tokens;
+    st->n_router_blocks = (n_tokens + ROUTER_BLOCK - 1) / ROUTER_BLOCK;
+    st->rng_offset = args->rng_offset;
+    st->x = args->x;
+    st->w = &args->w;
+    st->router_input = (float *)(base + layout.router_input);
+    st->logits = (float *)(base + layout.logits);
+    st->route_expert = (int32_t *)(base + layout.route_expert);
+    st->route_weight = (float *)(base + layout.route_weight);
+    st->route_valid = (uint8_t *)(base + layout.route_valid);
+    st->block_prob_sums = (double *)(base + layout.block_prob_sums);
+    st->block_counts = (int64_t *)(base + layout.block_counts);
+    st->block_z_sums = (double *)(base + layout.block_z_sums);
+    st->counts_before = (int64_t *)(base + layout.counts_before);
+    st->counts_after = (int64_t *)(base + layout.counts_after);
+    st->expert_offset = (int64_t *)(base + layout.expert_offset);
+    st->row_token = (int32_t *)(base + layout.row_token);
+    st->row_scale = (float *)(base + layout.row_scale);
+    st->route_row = (int32_t *)(base + layout.route_row);
+    st->route_final = (float *)(base + layout.route_final);
+    st->scratch = (struct priority_entry *)(base + layout.scratch);
+    st->zero_row = (elem_t *)(base + layout.zero_row);
+    st->hidden = (elem_t *)(base + layout.hidden);
+    st->expert_out = (float *)(base + layout.expert_out);
+    st->shared_hidden = (elem_t *)(base + layout.shared_hidden);
+    st->shared_out = (float *)(base + layout.shared_out);
+    st->summary = (route_summary *)(base + layout.summary);
+    memset(st->zero_row, 0, HIDDEN * sizeof(elem_t));
+    return MOEGEN_KERNEL_OK;
+}
 
+static int threads_for(const moegen_kernel_args *args) {
 #ifdef _OPENMP
-    const int n_threads = args->n_threads > 0 ? args->n_threads : omp_get_max_threads();
+    return args->n_threads > 0 ? args->n_threads : omp_get_max_threads();
 #else
-    const int n_threads = 1;
+    (void)args;
+    return 1;
 #endif
-    run_router(&st, n_threads);             /* stage 1 */
-    run_dispatch(&st);                      /* stage 2 */
-    run_experts(&st, n_threads);            /* stage 3 */
-    run_combine(&st, out->y, n_threads);    /* stage 4 */
+}
 
-    const size_t route_bytes = (size_t)n_tokens * TOP_K;
-    if (out->topk_ids) memcpy(out->topk_ids, st.route_expert, route_bytes * sizeof(int32_t));
-    if (out->topk_weights) memcpy(out->topk_weights, st.route_final, route_bytes * sizeof(float));
-    if (out->router_weights) memcpy(out->router_weights, st.route_weight, route_bytes * sizeof(float));
-    if (out->counts_before) memcpy(out->counts_before, st.counts_before, NUM_EXPERTS * sizeof(int64_t));
-    if (out->counts_after) memcpy(out->counts_after, st.counts_after, NUM_EXPERTS * sizeof(int64_t));
-    out->n_dropped = st.n_dropped;
-    out->aux_loss = st.aux_loss;
-    out->z_loss = st.z_loss;
+/* Stages 1 and 2, then every output but y; the summary stays in the workspace. */
+static void route_and_report(forward_state *st, moegen_kernel_outputs *out, int n_threads) {
+    run_router(st, n_threads);             /* stage 1 */
+    run_dispatch(st);                      /* stage 2 */
+    *st->summary = (route_summary){st->capacity, st->n_rows, st->n_dropped, st->aux_loss, st->z_loss};
+    const size_t route_bytes = (size_t)st->n_tokens * TOP_K;
+    if (out->topk_ids) memcpy(out->topk_ids, st->route_expert, route_bytes * sizeof(int32_t));
+    if (out->topk_weights) memcpy(out->topk_weights, st->route_final, route_bytes * sizeof(float));
+    if (out->router_weights) memcpy(out->router_weights, st->route_weight, route_bytes * sizeof(float));
+    if (out->counts_before) memcpy(out->counts_before, st->counts_before, NUM_EXPERTS * sizeof(int64_t));
+    if (out->counts_after) memcpy(out->counts_after, st->counts_after, NUM_EXPERTS * sizeof(int64_t));
+    out->n_dropped = st->n_dropped;
+    out->aux_loss = st->aux_loss;
+    out->z_loss = st->z_loss;
+}
+
+int moe_qwen1_5_moe_a2_7b_499b563a_forward(const moegen_kernel_args *args) {
+    forward_state st;
+    int empty;
+    int rc = begin_call(args, &st, &empty);
+    if (rc != MOEGEN_KERNEL_OK || empty) return rc;
+    const int n_threads = threads_for(args);
+    route_and_report(&st, args->out, n_threads); /* stages 1 and 2 */
+    run_experts(&st, n_threads, 1, 1);           /* stage 3: routed and dense in one sweep */
+    run_combine(&st, args->out->y, n_threads);   /* stage 4 */
+    return MOEGEN_KERNEL_OK;
+}
+
+int moe_qwen1_5_moe_a2_7b_499b563a_route(const moegen_kernel_args *args, moegen_kernel_plan *plan) {
+    static const int64_t no_rows[NUM_EXPERTS + 1]; /* the plan of 0 tokens */
+    if (!plan) return MOEGEN_KERNEL_EARG;
+    memset(plan, 0, sizeof *plan);
+    forward_state st;
+    int empty;
+    int rc = begin_call(args, &st, &empty);
+    if (rc != MOEGEN_KERNEL_OK) return rc;
+    if (empty) {
+        plan->expert_offset = no_rows;
+        plan->counts_after = no_rows;
+        return MOEGEN_KERNEL_OK;
+    }
+    route_and_report(&st, args->out, threads_for(args));
+    plan->n_rows = st.n_rows;
+    plan->expert_offset = st.expert_offset;
+    plan->counts_after = st.counts_after;
+    plan->row_token = st.row_token;
+    plan->expert_out = st.expert_out;
+    return MOEGEN_KERNEL_OK;
+}
+
+int moe_qwen1_5_moe_a2_7b_499b563a_experts(const moegen_kernel_expert_args *args) {
+    if (!args) return MOEGEN_KERNEL_EARG;
+    if (args->abi_version != MOEGEN_KERNEL_ABI_VERSION) return MOEGEN_KERNEL_EABI;
+    if (args->first_expert < 0 || args->n_experts < 0 || args->first_expert > NUM_EXPERTS - args->n_experts)
+        return MOEGEN_KERNEL_EARG;
+    if (args->n_experts == 0) return MOEGEN_KERNEL_OK;
+    if (!args->expert_offset || args->expert_offset[0] != 0 || args->expert_offset[args->n_experts] < 0)
+        return MOEGEN_KERNEL_EARG;
+    if (args->expert_offset[args->n_experts] == 0) return MOEGEN_KERNEL_OK;
+    if (!args->x || !args->w1 || !args->w2 || !args->hidden || !args->out) return MOEGEN_KERNEL_EARG;
+    return run_routed_rows(args);
+}
+
+int moe_qwen1_5_moe_a2_7b_499b563a_combine(const moegen_kernel_args *args) {
+    forward_state st;
+    int empty;
+    int rc = begin_call(args, &st, &empty);
+    if (rc != MOEGEN_KERNEL_OK || empty) return rc;
+    const route_summary summary = *st.summary; /* what P_route left */
+    st.capacity = summary.capacity;
+    st.n_rows = summary.n_rows;
+    st.n_dropped = summary.n_dropped;
+    const int n_threads = threads_for(args);
+    run_experts(&st, n_threads, 0, 1); /* stage 3: the dense experts */
+    run_combine(&st, args->out->y, n_threads);   /* stage 4 */
+    args->out->n_dropped = summary.n_dropped;
+    args->out->aux_loss = summary.aux_loss;
+    args->out->z_loss = summary.z_loss;
     return MOEGEN_KERNEL_OK;
 }

@@ -22,6 +22,11 @@ size_t moe_qwen3_30b_a3b_20aac5c6_workspace_bytes(int64_t n_tokens);
 /* The MoE forward. Returns MOEGEN_KERNEL_OK or a negative MOEGEN_KERNEL_E* code. */
 int moe_qwen3_30b_a3b_20aac5c6_forward(const moegen_kernel_args *args);
 
+/* The forward's three stages, for expert parallelism (moegen_kernel_abi.h). */
+int moe_qwen3_30b_a3b_20aac5c6_route(const moegen_kernel_args *args, moegen_kernel_plan *plan);
+int moe_qwen3_30b_a3b_20aac5c6_experts(const moegen_kernel_expert_args *args);
+int moe_qwen3_30b_a3b_20aac5c6_combine(const moegen_kernel_args *args);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,261 @@
+/* cpu_backend.c — the CPU backend of a layer (see cpu_backend.h): host-compiled module
+ * through the cache, its workspace, and calls into it whole or by stage. */
+#define _GNU_SOURCE
+#include "cpu_backend.h"
+
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cache.h"
+#include "cpu_module.h"
+#include "emit.h"
+#include "host_cc.h"
+#include "memory_limit.h"
+#include "sha256.h"
+#include "variant.h"
+
+#ifndef PATH_MAX
+#define PATH_MAX 4096
+#endif
+
+struct moegen_cpu_backend {
+    moegen_cpu_module module;
+    void *workspace;
+    size_t workspace_capacity;
+};
+
+/* ---- Building the module (the cache's builder callback) ------------------------------ */
+
+typedef struct build_context {
+    const moegen_generated *generated;
+    const moegen_host_compiler *compiler;
+} build_context;
+
+static moegen_status write_file(const char *dir, const char *name, const char *text, size_t len,
+                                char *path_out, size_t path_size, moegen_error *err) {
+    snprintf(path_out, path_size, "%s/%s", dir, name);
+    FILE *f = fopen(path_out, "wb");
+    if (!f) return moegen_error_set(err, MOEGEN_ERR_IO, 0, "%s: cannot create", path_out);
+    size_t written = fwrite(text, 1, len, f);
+    int closed = fclose(f);
+    if (written != len || closed != 0)
+        return moegen_error_set(err, MOEGEN_ERR_IO, 0, "%s: write failed", path_out);
+    return MOEGEN_OK;
+}
+
+/* Write the generated files into work_dir and compile the main one into artifact_path;
+ * the compiler's output goes to log_path (the cache keeps it if the build fails). */
+static moegen_status build_module(void *ctx, const char *work_dir, const char *artifact_path,
+                                  const char *log_path, moegen_error *err) {
+    const build_context *build = ctx;
+    const moegen_generated *gen = build->generated;
+    char source_path[PATH_MAX] = "";
+    for (int i = 0; i < gen->n_files; i++) {
+        char path[PATH_MAX];
+        moegen_status st = write_file(work_dir, gen->files[i].name, gen->files[i].text,
+                                      gen->files[i].len, path, sizeof path, err);
+        if (st != MOEGEN_OK) return st;
+        if (i == gen->main_file) snprintf(source_path, sizeof source_path, "%s", path);
+    }
+    moegen_status st = moegen_host_compile(build->compiler, source_path, artifact_path, log_path, err);
+    if (st == MOEGEN_ERR_COMPILE) moegen_generated_annotate(gen, err); /* point at the template */
+    return st;
+}
+
+/* Cache key: everything that determines the shared object, and nothing else (no
+ * paths): generator version, compiler identity, flags and every generated file. */
+static void module_cache_key(const moegen_generated *gen, const moegen_host_compiler *cc,
+                             char key[65]) {
+    moegen_sha256 h;
+    moegen_sha256_init(&h);
+    const char *parts[] = {"moegen-cpu-module\n", MOEGEN_VERSION, "\n", cc->identity, "\n",
+                           cc->flags, "\n"};
+    for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)
+        moegen_sha256_update(&h, parts[i], strlen(parts[i]));
+    for (int i = 0; i < gen->n_files; i++) {
+        moegen_sha256_update(&h, gen->files[i].name, strlen(gen->files[i].name) + 1);
+        moegen_sha256_update(&h, gen->files[i].text, gen->files[i].len);
+    }
+    moegen_sha256_final_hex(&h, key);
+}
+
+/* Generate, compile (or fetch from the cache) and load the module. */
+static moegen_status load_module(moegen_cpu_backend *b, const moegen_spec *spec, const moegen_open_options *o,
+                                 moegen_layer_desc *desc, moegen_error *caller_err) {
+    moegen_error local;
+    moegen_error *err = caller_err ? caller_err : &local; /* its message is reused below */
+    moegen_status st;
+    moegen_host_compiler compiler;
+    moegen_generated generated;
+    moegen_cache cache;
+    moegen_cache_result result;
+    memset(&result, 0, sizeof result);
+    memset(&generated, 0, sizeof generated);
+
+    st = moegen_host_compiler_probe(&compiler, err);
+    if (st != MOEGEN_OK) return st;
+    if (o->compile_timeout_s > 0)
+        compiler.timeout_ms = o->compile_timeout_s > INT32_MAX / 1000 ? INT32_MAX : o->compile_timeout_s * 1000;
+
+    moegen_target target = {.cpu_vector_floats = compiler.vector_floats};
+    moegen_variant variant;
+    moegen_variant_default(spec, MOEGEN_BACKEND_CPU, &target, &variant);
+    st = moegen_generate(spec, &variant, NULL, &generated, err);
+    if (st != MOEGEN_OK) return st;
+    snprintf(desc->variant, sizeof desc->variant, "%s", generated.variant_name);
+
+    char key[65];
+    module_cache_key(&generated, &compiler, key);
+    st = moegen_cache_open(&cache, o->cache_dir, o->log, o->log_user, err);
+    build_context build = {&generated, &compiler};
+    if (st == MOEGEN_OK) st = moegen_cache_get(&cache, "cpu", key, "module.so", build_module, &build, &result, err);
+    const moegen_cpu_module_expect expect = {generated.symbol_prefix, generated.spec_hash, spec->num_experts,
+                                             spec->top_k, spec->hidden_size};
+    if (st == MOEGEN_OK) {
+        desc->cache_hit = result.hit;
+        st = moegen_cpu_module_load(result.path, &expect, &b->module, err);
+    }
+    if (st == MOEGEN_ERR_LOAD && result.hit) {
+        /* An entry that passed its manifest but does not load (damaged in a way the hash
+         * cannot see, e.g. written by a broken toolchain, or missing symbols): evict it
+         * with a warning and build it once more; a second failure is the error. */
+        moegen_cache_result_release(&result);
+        if (moegen_cache_evict(&cache, "cpu", key, err->message, NULL) == MOEGEN_OK)
+            st = moegen_cache_get(&cache, "cpu", key, "module.so", build_module, &build, &result, err);
+        if (st == MOEGEN_OK) {
+            desc->cache_hit = 0;
+            st = moegen_cpu_module_load(result.path, &expect, &b->module, err);
+        }
+    }
+    moegen_cache_result_release(&result);
+    moegen_generated_free(&generated);
+    return st;
+}
+
+moegen_status moegen_cpu_backend_open(const moegen_spec *spec, const moegen_open_options *options,
+                                      moegen_cpu_backend **out, moegen_layer_desc *desc, moegen_error *err) {
+    *out = NULL;
+    moegen_cpu_backend *b = calloc(1, sizeof *b);
+    if (!b) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    moegen_status st = load_module(b, spec, options, desc, err);
+    if (st != MOEGEN_OK) {
+        moegen_cpu_backend_close(b);
+        return st;
+    }
+    *out = b;
+    return MOEGEN_OK;
+}
+
+void moegen_cpu_backend_close(moegen_cpu_backend *b) {
+    if (!b) return;
+    moegen_cpu_module_unload(&b->module);
+    free(b->workspace);
+    free(b);
+}
+
+/* ---- Calls ----------------------------------------------------------------------------- */
+
+/* Make the workspace hold what n_tokens need (64-byte aligned). A workspace larger than
+ * what this process may still allocate (runtime/memory_limit.c) is refused with both
+ * sizes, instead of being left to the OOM killer when its pages are touched. */
+static moegen_status ensure_workspace(moegen_cpu_backend *b, int64_t n_tokens, moegen_error *err) {
+    size_t bytes = b->module.workspace_bytes(n_tokens);
+    if (n_tokens > 0 && bytes == 0)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "forward: n_tokens %lld is above this layer's limit", (long long)n_tokens);
+    if (bytes <= b->workspace_capacity) return MOEGEN_OK;
+    size_t rounded = (bytes + 63) & ~(size_t)63;
+    moegen_memory_budget budget;
+    if (moegen_memory_budget_read(&budget, NULL) == MOEGEN_OK && (uint64_t)rounded > budget.available_bytes) {
+        char need[MOEGEN_BYTES_TEXT_BYTES], have[MOEGEN_BYTES_TEXT_BYTES];
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0,
+                                "forward: %lld tokens need a %s workspace; this process can allocate %s more "
+                                "(limited by %s)",
+                                (long long)n_tokens, moegen_format_bytes(rounded, need, sizeof need),
+                                moegen_format_bytes(budget.available_bytes, have, sizeof have), budget.limited_by);
+    }
+    void *fresh = aligned_alloc(64, rounded);
+    if (!fresh)
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "forward: cannot allocate a %zu-byte workspace",
+                                rounded);
+    free(b->workspace);
+    b->workspace = fresh;
+    b->workspace_capacity = rounded;
+    return MOEGEN_OK;
+}
+
+/* The module's arguments for `io`; `out` receives the outputs. */
+static moegen_kernel_args kernel_args(const moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
+                                      const moegen_forward_io *io, moegen_kernel_outputs *out) {
+    *out = (moegen_kernel_outputs){
+        .y = io->y,
+        .topk_ids = io->topk_ids,
+        .topk_weights = io->topk_weights,
+        .router_weights = io->router_weights,
+        .counts_before = io->counts_before,
+        .counts_after = io->counts_after,
+    };
+    return (moegen_kernel_args){
+        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
+        .n_threads = n_threads,
+        .n_tokens = io->n_tokens,
+        .rng_offset = io->rng_offset,
+        .x = io->x,
+        .w = *w,
+        .out = out,
+        .workspace = b->workspace,
+        .workspace_bytes = b->workspace_capacity,
+    };
+}
+
+static moegen_status kernel_status(int rc, const char *what, moegen_error *err) {
+    if (rc == MOEGEN_KERNEL_OK) return MOEGEN_OK;
+    return moegen_error_set(err, rc == MOEGEN_KERNEL_EWORKSPACE ? MOEGEN_ERR_NO_MEMORY : MOEGEN_ERR_INVALID_ARGUMENT,
+                            rc, "%s: generated module rejected the call (code %d)", what, rc);
+}
+
+static void report(const moegen_kernel_outputs *out, moegen_forward_stats *stats) {
+    if (!stats) return;
+    stats->n_dropped = out->n_dropped;
+    stats->capacity = out->capacity;
+    stats->aux_loss = out->aux_loss;
+    stats->z_loss = out->z_loss;
+}
+
+moegen_status moegen_cpu_backend_forward(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
+                                         const moegen_forward_io *io, moegen_forward_stats *stats,
+                                         moegen_error *err) {
+    moegen_status st = ensure_workspace(b, io->n_tokens, err);
+    if (st != MOEGEN_OK) return st;
+    moegen_kernel_outputs out;
+    moegen_kernel_args args = kernel_args(b, w, n_threads, io, &out);
+    st = kernel_status(b->module.forward(&args), "forward", err);
+    if (st == MOEGEN_OK) report(&out, stats);
+    return st;
+}
+
+moegen_status moegen_cpu_backend_route(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
+                                       const moegen_forward_io *io, moegen_kernel_plan *plan,
+                                       moegen_forward_stats *stats, moegen_error *err) {
+    moegen_status st = ensure_workspace(b, io->n_tokens, err);
+    if (st != MOEGEN_OK) return st;
+    moegen_kernel_outputs out;
+    moegen_kernel_args args = kernel_args(b, w, n_threads, io, &out);
+    st = kernel_status(b->module.route(&args, plan), "route", err);
+    if (st == MOEGEN_OK) report(&out, stats);
+    return st;
+}
+
+moegen_status moegen_cpu_backend_experts(moegen_cpu_backend *b, const moegen_kernel_expert_args *args,
+                                         moegen_error *err) {
+    return kernel_status(b->module.experts(args), "experts", err);
+}
+
+moegen_status moegen_cpu_backend_combine(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
+                                         const moegen_forward_io *io, moegen_error *err) {
+    moegen_kernel_outputs out;
+    moegen_kernel_args args = kernel_args(b, w, n_threads, io, &out);
+    return kernel_status(b->module.combine(&args), "combine", err);
+}
