@@ -83,7 +83,7 @@ static moegen_status fail(moegen_comm *comm, const char *what, int code, const c
     comm->broken = 1;
     snprintf(comm->broken_why, sizeof comm->broken_why, "%s failed: %s", what,
              why && why[0] ? why : "the transport gave no reason");
-    return moegen_error_set(err, MOEGEN_ERR_COMM, code, "rank %d of %d: %s over %s failed within %.3g s: %s",
+    return moegen_error_set(err, MOEGEN_ERR_COMM, code, "rank %d of %d: %s over %s failed (deadline %.3g s): %s",
                             comm->rank, comm->size, what, comm->transport, comm->timeout_s,
                             why && why[0] ? why : "the transport gave no reason");
 }

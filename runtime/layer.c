@@ -27,6 +27,7 @@
 #include "cache.h"
 #include "cpu_backend.h"
 #include "cuda_backend.h"
+#include "ep.h"
 #include "moegen_kernel_abi.h"
 #include "spec.h"
 
@@ -35,6 +36,7 @@ struct moegen_layer {
     moegen_open_options options;
     moegen_layer_desc desc;
     moegen_cpu_backend *cpu;       /* CPU layers */
+    moegen_ep *ep;                 /* ep_size > 1: this rank's share, above the CPU backend */
     moegen_cuda_backend *cuda;     /* CUDA layers */
     moegen_kernel_weights weights;
     int bound;
@@ -118,16 +120,30 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
     if (layer->options.cuda_device < 0)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "open options: cuda_device is %d (negative)",
                                 layer->options.cuda_device);
-    if (spec->ep_size > 1)
+    const int parallel = spec->ep_size > 1;
+    if (parallel && !layer->options.comm)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "%s: ep_size %d needs a communicator of %d ranks in the open options "
+                                "(moegen_comm_create, moegen_comm_create_mpi, moegen_comm_create_nccl; or run "
+                                "`mpirun -np %d moegen run ...`)",
+                                spec->name, spec->ep_size, spec->ep_size, spec->ep_size);
+    if (!parallel && layer->options.comm && layer->options.comm->size > 1)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "%s: a communicator of %d ranks was given, but the spec's ep_size is 1",
+                                spec->name, layer->options.comm->size);
+    if (parallel && layer->options.comm->memory != MOEGEN_COMM_HOST)
         return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
-                                "%s: ep_size %d: expert-parallel execution is not implemented yet "
-                                "(the spec is valid: moegen check and moegen gen accept it)",
-                                spec->name, spec->ep_size);
+                                "%s: expert parallelism over a device-memory communicator (%s) needs the CUDA "
+                                "expert-parallel path, which is not implemented yet; use an MPI or callback "
+                                "communicator with the CPU backend",
+                                spec->name, layer->options.comm->transport);
     moegen_status st;
     switch (layer->options.device) {
     case MOEGEN_DEVICE_AUTO: {
         moegen_error why;
-        if (moegen_cuda_backend_available(&why) == MOEGEN_OK) {
+        if (parallel) { /* the expert-parallel layer drives the CPU backend's stages */
+            layer->desc.device = MOEGEN_DEVICE_CPU;
+        } else if (moegen_cuda_backend_available(&why) == MOEGEN_OK) {
             layer->desc.device = MOEGEN_DEVICE_CUDA;
         } else {
             layer->desc.device = MOEGEN_DEVICE_CPU;
@@ -142,6 +158,11 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
         layer->desc.device = MOEGEN_DEVICE_CPU;
         break;
     case MOEGEN_DEVICE_CUDA:
+        if (parallel)
+            return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
+                                    "%s: ep_size %d on the CUDA backend: the CUDA expert-parallel path is not "
+                                    "implemented yet (use device cpu)",
+                                    spec->name, spec->ep_size);
         layer->desc.device = MOEGEN_DEVICE_CUDA;
         break;
     default:
@@ -180,6 +201,14 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
                              ? (moegen_activation_is_gated(spec->activation) ? 2 : 1) * d->shared_ffn_size
                              : 0;
     moegen_spec_hash(spec, d->spec_hash);
+    d->rank = 0;
+    d->ep_size = 1;
+    d->first_expert = 0;
+    d->n_local_experts = spec->num_experts;
+    if (parallel) {
+        st = moegen_ep_open(spec, d->spec_hash, layer->options.comm, layer->cpu, &layer->ep, d, err);
+        if (st != MOEGEN_OK) return st;
+    }
     d->compile_ms = now_ms() - start;
     return MOEGEN_OK;
 }
@@ -232,6 +261,7 @@ moegen_status moegen_layer_open_string(const char *yaml, size_t len, const char 
 
 void moegen_layer_close(moegen_layer *layer) {
     if (!layer) return;
+    moegen_ep_close(layer->ep);
     moegen_cuda_backend_close(layer->cuda);
     moegen_cpu_backend_close(layer->cpu);
     moegen_spec_free(&layer->spec);
@@ -382,6 +412,8 @@ static moegen_status run_forward(moegen_layer *layer, const moegen_forward_io *i
             return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                     "forward: %s at %p is not aligned to its %zu-byte elements", buffers[i].name,
                                     buffers[i].pointer, buffers[i].align);
+    if (stats) memset(stats, 0, sizeof *stats);
     if (layer->cuda) return moegen_cuda_backend_forward(layer->cuda, &layer->weights, io, stats, err);
+    if (layer->ep) return moegen_ep_forward(layer->ep, &layer->weights, layer->n_threads, io, stats, err);
     return moegen_cpu_backend_forward(layer->cpu, &layer->weights, layer->n_threads, io, stats, err);
 }

@@ -167,6 +167,8 @@ typedef struct moegen_layer_desc {
     char variant[128];
     int cache_hit;                           /* the module came from the on-disk cache */
     int n_threads;                           /* CPU threads forward uses (0 on CUDA) */
+    int rank, ep_size;                       /* expert parallelism: this rank of ep_size (0 of 1) */
+    int first_expert, n_local_experts;       /* the experts this rank owns and binds */
     double compile_ms;                       /* time to render + compile + load */
 } moegen_layer_desc;
 
@@ -214,6 +216,9 @@ typedef struct moegen_forward_stats {
     int64_t capacity;        /* C used (-1 = dropless) */
     double aux_loss;         /* unscaled load-balancing loss (the spec's aux_loss kind) */
     double z_loss;           /* mean_t logsumexp(z_t)^2 */
+    /* ep_size > 1 only (0 otherwise): this rank's traffic and time in each stage */
+    uint64_t bytes_sent, bytes_received; /* to / from other ranks, this call */
+    double route_ms, dispatch_ms, experts_ms, combine_ms; /* dispatch: counts + rows out and back */
 } moegen_forward_stats;
 
 /* Run the forward. CUDA layers take device pointers in `io` and run on io->stream

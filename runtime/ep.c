@@ -1,0 +1,359 @@
+/* ep.c — the expert-parallel layer: one rank's share of a layer with ep_size > 1 (see ep.h
+ * for the flow and its invariants). */
+#include "ep.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+struct moegen_ep {
+    moegen_comm *comm;           /* borrowed */
+    moegen_cpu_backend *backend; /* borrowed */
+    int rank, ranks, n_experts, n_local, first_expert;
+    int64_t hidden, ffn;
+    size_t elem, row_bytes;      /* layer dtype element; one token row */
+    int weight_on_input;
+    /* per-rank and per-expert bookkeeping, sized once at open */
+    int64_t *send_counts_by_expert; /* [E]: kept rows per expert (this rank's routes) */
+    int64_t *recv_counts_by_expert; /* [P][E/P]: rows from source s for local expert l */
+    int64_t *send_counts, *send_offsets, *recv_counts, *recv_offsets; /* [P] rows */
+    int64_t *local_offset;       /* [E/P + 1]: local expert rows, expert by expert */
+    /* buffers that grow with the rows of a call */
+    void *send_rows;             /* [rows out][H] dtype: the kept rows, destination by destination */
+    float *send_scales;          /* [rows out] weight_on_input scales */
+    float *returned;             /* [rows out][H] fp32: their experts' outputs, back */
+    void *recv_rows;             /* [rows in][H] dtype: as received (source by source) */
+    float *recv_scales;          /* [rows in] */
+    void *expert_rows;           /* [rows in][H] dtype: expert by expert */
+    float *expert_scales;        /* [rows in] */
+    void *hidden_rows;           /* [rows in][F] dtype: the experts' scratch */
+    float *expert_out;           /* [rows in][H] fp32: expert by expert */
+    float *back_rows;            /* [rows in][H] fp32: in the received order, to send back */
+    size_t send_capacity, recv_capacity; /* rows */
+};
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+/* ---- open: every rank must have the same layer ---------------------------------------- */
+
+typedef struct rank_record {
+    char spec_hash[64];
+    int32_t ep_size, comm_size, rank, pad;
+} rank_record;
+
+/* Compare the ranks' records; on a mismatch, name the odd rank(s) in `why`. Returns 0 when
+ * every rank agrees. The "odd" ranks are those whose hash differs from the one most ranks
+ * have (with ties, from rank 0's). */
+static int find_odd_ranks(const rank_record *records, int ranks, char *why, size_t size) {
+    int reference = 0, best = 0;
+    for (int r = 0; r < ranks; r++) {
+        int same = 0;
+        for (int q = 0; q < ranks; q++) same += memcmp(records[r].spec_hash, records[q].spec_hash, 64) == 0;
+        if (same > best) best = same, reference = r;
+    }
+    size_t used = 0;
+    int odd = 0;
+    why[0] = '\0';
+    for (int r = 0; r < ranks; r++) {
+        const rank_record *rec = &records[r];
+        const char *problem = NULL;
+        char detail[160];
+        if (memcmp(rec->spec_hash, records[reference].spec_hash, 64) != 0) {
+            snprintf(detail, sizeof detail, "spec sha256:%.16s... where %d rank(s) have sha256:%.16s...",
+                     rec->spec_hash, best, records[reference].spec_hash);
+            problem = detail;
+        } else if (rec->ep_size != rec->comm_size) {
+            snprintf(detail, sizeof detail, "ep_size %d on a communicator of %d ranks", (int)rec->ep_size,
+                     (int)rec->comm_size);
+            problem = detail;
+        } else if (rec->rank != r) {
+            snprintf(detail, sizeof detail, "reports rank %d", (int)rec->rank);
+            problem = detail;
+        }
+        if (!problem) continue;
+        odd++;
+        int n = snprintf(why + used, size - used, "%srank %d has %s", odd > 1 ? "; " : "", r, problem);
+        if (n > 0 && (size_t)n < size - used) used += (size_t)n;
+    }
+    return odd;
+}
+
+moegen_status moegen_ep_open(const moegen_spec *spec, const char *spec_hash, moegen_comm *comm,
+                             moegen_cpu_backend *backend, moegen_ep **out, moegen_layer_desc *desc,
+                             moegen_error *err) {
+    *out = NULL;
+    const int ranks = comm->size;
+    rank_record mine;
+    memset(&mine, 0, sizeof mine);
+    memcpy(mine.spec_hash, spec_hash, 64);
+    mine.ep_size = spec->ep_size;
+    mine.comm_size = comm->size;
+    mine.rank = comm->rank;
+    rank_record *all = calloc((size_t)ranks, sizeof *all);
+    if (!all) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    moegen_status st = moegen_comm_allgather(comm, &mine, all, sizeof mine, err);
+    if (st != MOEGEN_OK) {
+        free(all);
+        return st;
+    }
+    char why[MOEGEN_ERROR_MESSAGE_BYTES - 128];
+    int odd = find_odd_ranks(all, ranks, why, sizeof why);
+    free(all);
+    if (odd)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "rank %d: the %d ranks do not open the same expert-parallel layer: %s", comm->rank,
+                                ranks, why);
+    if (spec->ep_size != ranks) /* every rank agrees, but not with the communicator */
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "rank %d: ep_size %d needs a communicator of %d ranks (it has %d)", comm->rank,
+                                spec->ep_size, spec->ep_size, ranks);
+
+    moegen_ep *ep = calloc(1, sizeof *ep);
+    if (!ep) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    ep->comm = comm;
+    ep->backend = backend;
+    ep->rank = comm->rank;
+    ep->ranks = ranks;
+    ep->n_experts = spec->num_experts;
+    ep->n_local = spec->num_experts / ranks;
+    ep->first_expert = ep->rank * ep->n_local;
+    ep->hidden = spec->hidden_size;
+    ep->ffn = spec->moe_intermediate_size;
+    ep->elem = moegen_dtype_size(spec->dtype);
+    ep->row_bytes = (size_t)spec->hidden_size * ep->elem;
+    ep->weight_on_input = spec->weight_on_input;
+    const size_t P = (size_t)ranks, E = (size_t)spec->num_experts;
+    ep->send_counts_by_expert = calloc(E, sizeof(int64_t));
+    ep->recv_counts_by_expert = calloc(P * (size_t)ep->n_local, sizeof(int64_t));
+    ep->send_counts = calloc(P, sizeof(int64_t));
+    ep->send_offsets = calloc(P, sizeof(int64_t));
+    ep->recv_counts = calloc(P, sizeof(int64_t));
+    ep->recv_offsets = calloc(P, sizeof(int64_t));
+    ep->local_offset = calloc((size_t)ep->n_local + 1, sizeof(int64_t));
+    if (!ep->send_counts_by_expert || !ep->recv_counts_by_expert || !ep->send_counts || !ep->send_offsets ||
+        !ep->recv_counts || !ep->recv_offsets || !ep->local_offset) {
+        moegen_ep_close(ep);
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    }
+    desc->rank = ep->rank;
+    desc->ep_size = ranks;
+    desc->first_expert = ep->first_expert;
+    desc->n_local_experts = ep->n_local;
+    *out = ep;
+    return MOEGEN_OK;
+}
+
+void moegen_ep_close(moegen_ep *ep) {
+    if (!ep) return;
+    free(ep->send_counts_by_expert);
+    free(ep->recv_counts_by_expert);
+    free(ep->send_counts);
+    free(ep->send_offsets);
+    free(ep->recv_counts);
+    free(ep->recv_offsets);
+    free(ep->local_offset);
+    free(ep->send_rows);
+    free(ep->recv_rows);
+    free(ep->expert_rows);
+    free(ep->hidden_rows);
+    free(ep->send_scales);
+    free(ep->recv_scales);
+    free(ep->expert_scales);
+    free(ep->expert_out);
+    free(ep->back_rows);
+    free(ep->returned);
+    free(ep);
+}
+
+/* ---- forward ----------------------------------------------------------------------------- */
+
+/* Grow `*buffer` to hold `count` items of `size` bytes (at least one). */
+static int grow(void **buffer, size_t count, size_t size) {
+    void *fresh = realloc(*buffer, (count ? count : 1) * size);
+    if (!fresh) return -1;
+    *buffer = fresh;
+    return 0;
+}
+
+static moegen_status ensure_buffers(moegen_ep *ep, size_t send_rows, size_t recv_rows, moegen_error *err) {
+    int failed = 0;
+    if (send_rows > ep->send_capacity) {
+        failed |= grow(&ep->send_rows, send_rows, ep->row_bytes);
+        failed |= grow((void **)&ep->returned, send_rows, (size_t)ep->hidden * sizeof(float));
+        failed |= grow((void **)&ep->send_scales, send_rows, sizeof(float));
+        if (!failed) ep->send_capacity = send_rows;
+    }
+    if (!failed && recv_rows > ep->recv_capacity) {
+        failed |= grow(&ep->recv_rows, recv_rows, ep->row_bytes);
+        failed |= grow(&ep->expert_rows, recv_rows, ep->row_bytes);
+        failed |= grow(&ep->hidden_rows, recv_rows, (size_t)ep->ffn * ep->elem);
+        failed |= grow((void **)&ep->expert_out, recv_rows, (size_t)ep->hidden * sizeof(float));
+        failed |= grow((void **)&ep->back_rows, recv_rows, (size_t)ep->hidden * sizeof(float));
+        failed |= grow((void **)&ep->recv_scales, recv_rows, sizeof(float));
+        failed |= grow((void **)&ep->expert_scales, recv_rows, sizeof(float));
+        if (!failed) ep->recv_capacity = recv_rows;
+    }
+    return failed ? moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0,
+                                     "rank %d: cannot allocate the exchange buffers for %zu rows out, %zu in",
+                                     ep->rank, send_rows, recv_rows)
+                  : MOEGEN_OK;
+}
+
+/* Offsets of a count vector (exclusive prefix sums); returns the total. */
+static int64_t prefix(const int64_t *counts, int64_t *offsets, int n) {
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) {
+        offsets[i] = total;
+        total += counts[i];
+    }
+    return total;
+}
+
+/* Steps 2 and 3: exchange counts, pack the kept rows, send them. Returns the rows sent. */
+static moegen_status dispatch_rows(moegen_ep *ep, const moegen_forward_io *io, const moegen_kernel_plan *plan,
+                                   int64_t *rows_in, moegen_error *err) {
+    const int P = ep->ranks, L = ep->n_local;
+    for (int e = 0; e < ep->n_experts; e++) ep->send_counts_by_expert[e] = plan->counts_after[e];
+    moegen_status st = moegen_comm_alltoall(ep->comm, ep->send_counts_by_expert, ep->recv_counts_by_expert,
+                                            (size_t)L * sizeof(int64_t), err);
+    if (st != MOEGEN_OK) return st;
+    for (int q = 0; q < P; q++) {
+        ep->send_counts[q] = ep->recv_counts[q] = 0;
+        for (int l = 0; l < L; l++) {
+            ep->send_counts[q] += ep->send_counts_by_expert[q * L + l];
+            ep->recv_counts[q] += ep->recv_counts_by_expert[q * L + l];
+        }
+    }
+    const int64_t rows_out = prefix(ep->send_counts, ep->send_offsets, P);
+    *rows_in = prefix(ep->recv_counts, ep->recv_offsets, P);
+    st = ensure_buffers(ep, (size_t)rows_out, (size_t)*rows_in, err);
+    if (st != MOEGEN_OK) return st;
+
+    /* Pack: the kept rows of every expert in expert order, which is destination order
+     * because each rank's experts are contiguous. Padding rows are never sent. */
+    char *send = ep->send_rows;
+    int64_t at = 0;
+    for (int e = 0; e < ep->n_experts; e++)
+        for (int64_t i = 0; i < plan->counts_after[e]; i++, at++) {
+            const int64_t row = plan->expert_offset[e] + i;
+            memcpy(send + at * ep->row_bytes, (const char *)io->x + (int64_t)plan->row_token[row] * ep->row_bytes,
+                   ep->row_bytes);
+            if (ep->weight_on_input) ep->send_scales[at] = plan->row_scale[row];
+        }
+    st = moegen_comm_alltoallv(ep->comm, ep->send_rows, ep->send_counts, ep->send_offsets, ep->recv_rows,
+                               ep->recv_counts, ep->recv_offsets, ep->row_bytes, err);
+    if (st == MOEGEN_OK && ep->weight_on_input)
+        st = moegen_comm_alltoallv(ep->comm, ep->send_scales, ep->send_counts, ep->send_offsets, ep->recv_scales,
+                                   ep->recv_counts, ep->recv_offsets, sizeof(float), err);
+    return st;
+}
+
+/* The chunk (source s, local expert l) of the received rows: where it is in the received
+ * order and where it goes in the expert-by-expert order. */
+static void chunk(const moegen_ep *ep, int s, int l, int64_t *received_at, int64_t *expert_at) {
+    const int L = ep->n_local;
+    int64_t within_source = 0, before_in_expert = 0;
+    for (int m = 0; m < l; m++) within_source += ep->recv_counts_by_expert[s * L + m];
+    for (int q = 0; q < s; q++) before_in_expert += ep->recv_counts_by_expert[q * L + l];
+    *received_at = ep->recv_offsets[s] + within_source;
+    *expert_at = ep->local_offset[l] + before_in_expert;
+}
+
+/* Step 4: the received rows expert by expert (by source rank, then the source's order)
+ * through the local experts; outputs back in the received order. */
+static moegen_status run_local_experts(moegen_ep *ep, const moegen_kernel_weights *w, int n_threads,
+                                       int64_t rows_in, moegen_error *err) {
+    const int P = ep->ranks, L = ep->n_local;
+    ep->local_offset[0] = 0;
+    for (int l = 0; l < L; l++) {
+        int64_t rows = 0;
+        for (int s = 0; s < P; s++) rows += ep->recv_counts_by_expert[s * L + l];
+        ep->local_offset[l + 1] = ep->local_offset[l] + rows;
+    }
+    const size_t out_row = (size_t)ep->hidden * sizeof(float);
+    for (int s = 0; s < P; s++)
+        for (int l = 0; l < L; l++) {
+            int64_t from, to, n = ep->recv_counts_by_expert[s * L + l];
+            chunk(ep, s, l, &from, &to);
+            memcpy((char *)ep->expert_rows + to * ep->row_bytes, (char *)ep->recv_rows + from * ep->row_bytes,
+                   (size_t)n * ep->row_bytes);
+            if (ep->weight_on_input)
+                memcpy(ep->expert_scales + to, ep->recv_scales + from, (size_t)n * sizeof(float));
+        }
+    moegen_kernel_expert_args args = {
+        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
+        .n_threads = n_threads,
+        .first_expert = ep->first_expert,
+        .n_experts = L,
+        .expert_offset = ep->local_offset,
+        .x = ep->expert_rows,
+        .row_scale = ep->weight_on_input ? ep->expert_scales : NULL,
+        .w1 = w->w1,
+        .b1 = w->b1,
+        .w2 = w->w2,
+        .b2 = w->b2,
+        .hidden = ep->hidden_rows,
+        .out = ep->expert_out,
+    };
+    moegen_status st = rows_in > 0 ? moegen_cpu_backend_experts(ep->backend, &args, err) : MOEGEN_OK;
+    if (st != MOEGEN_OK) return st;
+    /* back in the received order, into the buffer the return trip sends from */
+    for (int s = 0; s < P; s++)
+        for (int l = 0; l < L; l++) {
+            int64_t from, to, n = ep->recv_counts_by_expert[s * L + l];
+            chunk(ep, s, l, &to, &from);
+            memcpy((char *)ep->back_rows + to * out_row, (char *)ep->expert_out + from * out_row,
+                   (size_t)n * out_row);
+        }
+    return MOEGEN_OK;
+}
+
+/* Step 5: the outputs back to the ranks that sent the rows, into the rows of their
+ * route stage's permutation (padding rows are never filled: they are never combined). */
+static moegen_status return_outputs(moegen_ep *ep, const moegen_kernel_plan *plan, moegen_error *err) {
+    const size_t out_row = (size_t)ep->hidden * sizeof(float);
+    moegen_status st = moegen_comm_alltoallv(ep->comm, ep->back_rows, ep->recv_counts, ep->recv_offsets,
+                                             ep->returned, ep->send_counts, ep->send_offsets, out_row, err);
+    if (st != MOEGEN_OK) return st;
+    int64_t at = 0;
+    for (int e = 0; e < ep->n_experts; e++) {
+        const int64_t n = plan->counts_after[e];
+        memcpy((char *)plan->expert_out + plan->expert_offset[e] * out_row, (char *)ep->returned + at * out_row,
+               (size_t)n * out_row);
+        at += n;
+    }
+    return MOEGEN_OK;
+}
+
+moegen_status moegen_ep_forward(moegen_ep *ep, const moegen_kernel_weights *w, int n_threads,
+                                const moegen_forward_io *io, moegen_forward_stats *stats, moegen_error *err) {
+    const uint64_t sent_before = ep->comm->bytes_sent, received_before = ep->comm->bytes_received;
+    moegen_forward_stats local;
+    moegen_forward_stats *s = stats ? stats : &local;
+    memset(s, 0, sizeof *s);
+    double t0 = now_ms();
+    moegen_kernel_plan plan;
+    moegen_status st = moegen_cpu_backend_route(ep->backend, w, n_threads, io, &plan, s, err);
+    double t1 = now_ms();
+    int64_t rows_in = 0;
+    if (st == MOEGEN_OK) st = dispatch_rows(ep, io, &plan, &rows_in, err);
+    double t2 = now_ms();
+    if (st == MOEGEN_OK) st = run_local_experts(ep, w, n_threads, rows_in, err);
+    double t3 = now_ms();
+    if (st == MOEGEN_OK) st = return_outputs(ep, &plan, err);
+    double t4 = now_ms();
+    if (st == MOEGEN_OK) st = moegen_cpu_backend_combine(ep->backend, w, n_threads, io, err);
+    double t5 = now_ms();
+    s->bytes_sent = ep->comm->bytes_sent - sent_before;
+    s->bytes_received = ep->comm->bytes_received - received_before;
+    s->route_ms = t1 - t0;
+    s->dispatch_ms = (t2 - t1) + (t4 - t3);
+    s->experts_ms = t3 - t2;
+    s->combine_ms = t5 - t4;
+    return st;
+}
