@@ -20,6 +20,7 @@
 #include "memory_limit.h"
 #include "moegen.h"
 #include "npy.h"
+#include "ranks.h"
 #include "run_cuda.h"
 #include "spec.h"
 #include "tensors.h"
@@ -166,6 +167,64 @@ static int check_fits(const char *command, const moegen_spec *spec, int64_t S) {
                             command, spec->name, need_text, (long long)S, have_text, budget.limited_by);
 }
 
+/* ---- Ranks (expert parallelism) ----------------------------------------------------------- */
+
+/* This rank's share of the expert tensors: experts [first, first + n) of w1/b1/w2/b2. */
+static void local_experts(const moegen_spec *spec, int first, moegen_weights *w) {
+    const size_t elem = moegen_dtype_size(spec->dtype);
+    const size_t H = (size_t)spec->hidden_size, F = (size_t)spec->moe_intermediate_size;
+    const size_t F1 = (size_t)moegen_spec_ffn_rows(spec), e = (size_t)first;
+    w->w1 = (const char *)w->w1 + e * F1 * H * elem;
+    if (w->b1) w->b1 = (const char *)w->b1 + e * F1 * elem;
+    w->w2 = (const char *)w->w2 + e * H * F * elem;
+    if (w->b2) w->b2 = (const char *)w->b2 + e * H * elem;
+}
+
+/* Every rank has the same weights (from --seed) and tokens of its own: rank r > 0 draws x
+ * from a seed of its own. */
+static int own_tokens(const moegen_spec *spec, moe_tensors *ts, uint64_t seed, int rank) {
+    if (rank == 0) return 0;
+    moe_tensors mine;
+    if (moe_tensors_alloc(spec, ts->n_tokens, &mine) != 0) return -1;
+    moe_tensors_fill(&mine, seed + 7919u * (uint64_t)rank);
+    memcpy(ts->t[MOE_T_X].data, mine.t[MOE_T_X].data, ts->t[MOE_T_X].n_elems * moe_tensor_elem_bytes(ts, MOE_T_X));
+    moe_tensors_free(&mine);
+    return 0;
+}
+
+/* One rank's result line, gathered on rank 0 and printed in rank order. */
+typedef struct rank_line {
+    int ok;
+    long long tokens, dropped;
+    unsigned long long sent, received;
+    double route_ms, dispatch_ms, experts_ms, combine_ms;
+    char verify[240];
+} rank_line;
+
+static void print_rank_lines(cli_ranks *ranks, const rank_line *mine) {
+    rank_line *all = ranks->rank == 0 ? calloc((size_t)ranks->size, sizeof *all) : NULL;
+    if (cli_ranks_gather(ranks, mine, all, sizeof *mine) != 0) {
+        if (ranks->rank == 0) moegen_cli_error("run: a rank did not report within the deadline");
+        free(all);
+        return;
+    }
+    if (!all) return;
+    printf("  ranks (each verified on its own tokens; ep_size %d):\n", ranks->size);
+    for (int r = 0; r < ranks->size; r++)
+        printf("    rank %d: %lld tokens, %lld dropped; sent %llu B, received %llu B; route %.3f, dispatch %.3f, "
+               "experts %.3f, combine %.3f ms; verify %s%s\n",
+               r, all[r].tokens, all[r].dropped, all[r].sent, all[r].received, all[r].route_ms, all[r].dispatch_ms,
+               all[r].experts_ms, all[r].combine_ms, all[r].ok ? "" : "FAILED: ", all[r].verify);
+    free(all);
+}
+
+/* --save / --load DIR: with several ranks, each rank uses DIR/rank<r>. */
+static const char *rank_dir(const char *dir, const cli_ranks *ranks, char *buffer, size_t size) {
+    if (!dir || ranks->size == 1) return dir;
+    snprintf(buffer, size, "%.3900s/rank%d", dir, ranks->rank);
+    return buffer;
+}
+
 /* ---- --save / --load ------------------------------------------------------------------- */
 
 static moegen_npy_dtype stored_npy_dtype(const moe_tensors *ts, int i) {
@@ -208,7 +267,7 @@ static int load_tensor(const char *dir, moe_tensors *ts, int i) {
  * run is known to fit in memory). */
 static int loaded_token_count(const char *dir, const moegen_spec *spec, long long *tokens) {
     char path[PATH_MAX];
-    snprintf(path, sizeof path, "%s/x.npy", dir);
+    snprintf(path, sizeof path, "%.4000s/x.npy", dir);
     moegen_npy array;
     moegen_error err;
     if (moegen_npy_read_header(path, &array, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
@@ -337,8 +396,18 @@ int moegen_cli_run(int argc, char **argv) {
     moegen_spec spec;
     if (moegen_spec_load_file(o.spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
     if (o.mode >= 0) spec.mode = o.mode == 0 ? MOEGEN_MODE_TRAIN : MOEGEN_MODE_EVAL;
+    cli_ranks ranks;
+    if (cli_ranks_start(&ranks, spec.ep_size)) {
+        moegen_spec_free(&spec);
+        return 1;
+    }
+    char load_buffer[PATH_MAX - 16], save_buffer[PATH_MAX - 16];
+    o.load_dir = rank_dir(o.load_dir, &ranks, load_buffer, sizeof load_buffer);
+    o.save_dir = rank_dir(o.save_dir, &ranks, save_buffer, sizeof save_buffer);
+    const int chatty = ranks.rank == 0; /* the full report comes from rank 0 */
     if (o.load_dir && loaded_token_count(o.load_dir, &spec, &o.tokens)) {
         moegen_spec_free(&spec);
+        cli_ranks_stop(&ranks);
         return 1;
     }
     const int64_t S = o.tokens;
@@ -363,6 +432,7 @@ int moegen_cli_run(int argc, char **argv) {
     options.n_threads = (int)o.threads;
     options.cache_dir = o.cache_dir;
     options.arch = o.arch;
+    options.comm = ranks.comm;
     if (moegen_layer_open_file(o.spec_path, &options, &layer, &err) != MOEGEN_OK) {
         moegen_cli_error("%s", err.message);
         goto done;
@@ -380,6 +450,10 @@ int moegen_cli_run(int argc, char **argv) {
             if (ts.t[i].data && load_tensor(o.load_dir, &ts, i)) goto done;
     } else {
         moe_tensors_fill(&ts, (uint64_t)o.seed);
+        if (own_tokens(&spec, &ts, (uint64_t)o.seed, ranks.rank) != 0) {
+            moegen_cli_error("run: out of memory");
+            goto done;
+        }
     }
     double fill_ms = now_ms() - fill_start;
 
@@ -387,6 +461,7 @@ int moegen_cli_run(int argc, char **argv) {
     moe_tensors_weights(&ts, &kw);
     moegen_weights weights;
     public_weights(&kw, &weights);
+    if (desc.ep_size > 1) local_experts(&spec, desc.first_expert, &weights); /* bind the local experts only */
     const int on_gpu = desc.device == MOEGEN_DEVICE_CUDA;
     if (on_gpu) { /* device copies; the layer gets device pointers */
         if (cuda_run_open(&gpu, options.cuda_device) || cuda_run_upload(&gpu, &ts, &spec)) goto done;
@@ -442,6 +517,7 @@ int moegen_cli_run(int argc, char **argv) {
     const double flops = forward_flops(&spec, S, out.counts_after);
 
     const double bytes = forward_bytes(&spec, S, out.counts_after);
+    if (!chatty) goto report_done; /* the other ranks report through print_rank_lines */
     printf("moegen run: %s (spec sha256:%.16s)\n", spec.name, desc.spec_hash);
     printf("  variant %s\n", desc.variant);
     printf("  device %s; module %s in %.0f ms; tensors %s in %.0f ms\n", on_gpu ? gpu.info.name : "cpu",
@@ -466,6 +542,7 @@ int moegen_cli_run(int argc, char **argv) {
     printf("; %lld routes dropped; aux loss %.6g; z loss %.6g\n", (long long)out.stats.n_dropped,
            out.stats.aux_loss, out.stats.z_loss);
     print_load(&spec, out.counts_before, out.counts_after);
+report_done:;
 
     /* Verify: the reference's expert work grows with tokens; sample when it is big. */
     const double H = (double)spec.hidden_size, F1 = (double)moegen_spec_ffn_rows(&spec);
@@ -498,14 +575,22 @@ int moegen_cli_run(int argc, char **argv) {
         snprintf(report.message, sizeof report.message, "skipped (--no-verify)");
     else
         verify_rc = moe_verify(&spec, S, ts.t[MOE_T_X].data, &kw, (uint64_t)o.rng_offset, mask, &kernel, &report);
-    printf("  verify against the double-precision reference (%.0f ms): %s%s\n", now_ms() - verify_start,
-           report.ok ? "" : "FAILED: ", report.message);
-    if (!o.no_verify && report.tokens_compared < S)
+    if (chatty)
+        printf("  verify against the double-precision reference (%.0f ms): %s%s\n", now_ms() - verify_start,
+               report.ok ? "" : "FAILED: ", report.message);
+    if (ranks.size > 1) {
+        rank_line line = {report.ok && verify_rc == 0, (long long)S, (long long)out.stats.n_dropped,
+                          (unsigned long long)out.stats.bytes_sent, (unsigned long long)out.stats.bytes_received,
+                          out.stats.route_ms, out.stats.dispatch_ms, out.stats.experts_ms, out.stats.combine_ms, ""};
+        snprintf(line.verify, sizeof line.verify, "%.230s", report.message);
+        print_rank_lines(&ranks, &line);
+    }
+    if (chatty && !o.no_verify && report.tokens_compared < S)
         printf("    (output checked on %lld of %lld tokens; routing, capacity, counts and losses on all)\n",
                (long long)report.tokens_compared, (long long)S);
     if (o.save_dir && save_all(o.save_dir, &ts, &spec, &out)) goto done;
     rc = (verify_rc == 0 && report.ok) ? 0 : 1;
-    if (o.json)
+    if (o.json && chatty)
         printf("{\"spec\": \"%s\", \"device\": \"%s\", \"variant\": \"%s\", \"tokens\": %lld, "
                "\"median_ms\": %.6f, \"min_ms\": %.6f, \"flops\": %.6g, \"bytes\": %.6g, "
                "\"floor_ms\": %.6f, \"compile_ms\": %.3f, \"cache_hit\": %d, \"verified\": %s, "
@@ -515,6 +600,7 @@ int moegen_cli_run(int argc, char **argv) {
                report.max_scaled_error);
 
 done:
+    if (ranks.size > 1 && !moegen_comm_broken(ranks.comm)) rc = cli_ranks_all_ok(&ranks, rc == 0) ? 0 : 1;
     free(mask);
     free(times);
     free(out.y);
@@ -527,6 +613,7 @@ done:
     cuda_run_close(&gpu);
     moe_tensors_free(&ts);
     moegen_spec_free(&spec);
+    cli_ranks_stop(&ranks);
     return rc;
 }
 

@@ -62,6 +62,8 @@ moegen_status moegen_comm_set_timeout(moegen_comm *comm, double seconds, moegen_
 
 int moegen_comm_rank(const moegen_comm *comm) { return comm ? comm->rank : -1; }
 int moegen_comm_size(const moegen_comm *comm) { return comm ? comm->size : -1; }
+double moegen_comm_timeout(const moegen_comm *comm) { return comm ? comm->timeout_s : moegen_comm_default_timeout(); }
+int moegen_comm_broken(const moegen_comm *comm) { return comm ? comm->broken : 0; }
 
 void moegen_comm_destroy(moegen_comm *comm) {
     if (!comm) return;

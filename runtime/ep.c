@@ -150,6 +150,12 @@ moegen_status moegen_ep_open(const moegen_spec *spec, const char *spec_hash, moe
 
 void moegen_ep_close(moegen_ep *ep) {
     if (!ep) return;
+    if (ep->comm && ep->comm->broken) {
+        /* A collective that timed out may still be pending inside the transport (MPI
+         * cannot cancel one), holding these buffers: they are left to it, not freed. */
+        free(ep);
+        return;
+    }
     free(ep->send_counts_by_expert);
     free(ep->recv_counts_by_expert);
     free(ep->send_counts);

@@ -113,9 +113,13 @@ moegen_status moegen_comm_create_nccl(const unsigned char id[128], int rank, int
  * communicator is then broken (every later call fails at once). */
 moegen_status moegen_comm_set_timeout(moegen_comm *comm, double seconds, moegen_error *err);
 
-/* Rank and size (NULL-safe: -1). */
+/* Rank and size (NULL-safe: -1); the deadline in seconds (NULL-safe: the default);
+ * whether a collective failed (then the communicator can only be destroyed, and a
+ * program should not wait on its peers any more: e.g. skip MPI_Finalize). */
 int moegen_comm_rank(const moegen_comm *comm);
 int moegen_comm_size(const moegen_comm *comm);
+double moegen_comm_timeout(const moegen_comm *comm);
+int moegen_comm_broken(const moegen_comm *comm);
 
 /* Destroy a communicator no layer uses any more (NULL is a no-op). */
 void moegen_comm_destroy(moegen_comm *comm);

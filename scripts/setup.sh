@@ -7,8 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # clang and libomp: the sweep and test_compiler also compile generated code with clang;
-# locales: the locale test builds de_DE.UTF-8 with localedef.
-packages=(build-essential cmake pkg-config liblua5.4-dev libyaml-dev libcmocka-dev clang libomp-dev locales)
+# locales: the locale test builds de_DE.UTF-8 with localedef; Open MPI: expert-parallel
+# runs across processes (mpirun) and their tests.
+packages=(build-essential cmake pkg-config liblua5.4-dev libyaml-dev libcmocka-dev clang libomp-dev locales
+          openmpi-bin libopenmpi-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" > /dev/null 2>&1 || missing+=("$p")
