@@ -131,6 +131,12 @@ static int command_gen(int argc, char **argv) {
     moegen_spec spec;
     moegen_error err;
     if (moegen_spec_load_file(spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
+    if (spec.ep_size > 1 && backend == MOEGEN_BACKEND_CUDA) {
+        moegen_spec_free(&spec);
+        return moegen_cli_error("gen: %s has ep_size %d: the CUDA backend has no expert-parallel path yet "
+                                "(generate the CPU module, or set ep_size: 1)",
+                                spec_path, spec.ep_size);
+    }
     moegen_target target = {.cpu_vector_floats = vector_floats, .cuda_sm = cuda_sm};
     moegen_variant variant;
     moegen_variant_default(&spec, backend, &target, &variant);
@@ -147,6 +153,12 @@ static int command_gen(int argc, char **argv) {
                 printf("%s/%s\n", out_dir, generated.files[i].name);
             printf("# %d of %d files written (the others were unchanged); variant %s\n", written,
                    generated.n_files, generated.variant_name);
+            if (spec.ep_size > 1)
+                printf("# ep_size %d: every rank runs this module on its own tokens; rank r binds experts "
+                       "[%d r, %d (r + 1)) and _route / _experts / _combine are the stages the runtime's "
+                       "expert-parallel layer drives (moegen_layer_open with a communicator); _forward alone "
+                       "is the single-rank layer\n",
+                       spec.ep_size, spec.num_experts / spec.ep_size, spec.num_experts / spec.ep_size);
         }
         moegen_generated_free(&generated);
     }

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "bench_ep.h"
 #include "capacity.h"
 #include "memory_limit.h"
 #include "moegen.h"
@@ -687,6 +688,16 @@ int moegen_cli_bench(int argc, char **argv) {
     if (check_fits("bench", &spec, max_tokens)) {
         moegen_spec_free(&spec);
         return 1;
+    }
+    if (spec.ep_size > 1) { /* every rank of an mpirun job */
+        if (device == MOEGEN_DEVICE_CUDA) {
+            moegen_spec_free(&spec);
+            return moegen_cli_error("bench: ep_size %d: the CUDA backend has no expert-parallel path yet",
+                                    spec.ep_size);
+        }
+        int status = moegen_cli_bench_ep(&spec, spec_path, counts, n_counts, repeat, seed, (int)threads, cache_dir);
+        moegen_spec_free(&spec);
+        return status;
     }
     int rc = 1;
     moegen_layer *layer = NULL;

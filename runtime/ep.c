@@ -355,6 +355,11 @@ moegen_status moegen_ep_forward(moegen_ep *ep, const moegen_kernel_weights *w, i
     double t4 = now_ms();
     if (st == MOEGEN_OK) st = moegen_cpu_backend_combine(ep->backend, w, n_threads, io, err);
     double t5 = now_ms();
+    for (int q = 0; q < ep->ranks; q++)
+        if (q != ep->rank) {
+            s->rows_sent += ep->send_counts[q];
+            s->rows_received += ep->recv_counts[q];
+        }
     s->bytes_sent = ep->comm->bytes_sent - sent_before;
     s->bytes_received = ep->comm->bytes_received - received_before;
     s->route_ms = t1 - t0;

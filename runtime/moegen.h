@@ -222,6 +222,7 @@ typedef struct moegen_forward_stats {
     double z_loss;           /* mean_t logsumexp(z_t)^2 */
     /* ep_size > 1 only (0 otherwise): this rank's traffic and time in each stage */
     uint64_t bytes_sent, bytes_received; /* to / from other ranks, this call */
+    int64_t rows_sent, rows_received;   /* token rows dispatched to / from other ranks */
     double route_ms, dispatch_ms, experts_ms, combine_ms; /* dispatch: counts + rows out and back */
 } moegen_forward_stats;
 

@@ -1,0 +1,197 @@
+/* bench_ep.c — `moegen bench` for a spec with ep_size > 1, under mpirun: every rank times
+ * the layer on its own tokens; rank 0 prints, per token count and rank, the median time,
+ * the bytes sent and received, the time in route / dispatch / experts / combine, and two
+ * ratios measured in the same run:
+ *   - exchange / compute: (dispatch) / (route + experts + combine), the cost of expert
+ *     parallelism next to the layer's own work;
+ *   - exchange / bare:    (dispatch) / a bare all-to-all-v moving the same bytes between
+ *     the same ranks (the rows out in the layer dtype and back in fp32, split evenly
+ *     over the other ranks), so the layer's own overhead around the transport shows.
+ * "dispatch" is the counts exchange plus both row exchanges (ep.h, steps 2, 3 and 5).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "bench_ep.h"
+#include "cli.h"
+#include "comm.h"
+#include "ranks.h"
+#include "tensors.h"
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int compare_doubles(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *values, long long n) {
+    qsort(values, (size_t)n, sizeof *values, compare_doubles);
+    return values[n / 2];
+}
+
+typedef struct ep_row {
+    long long tokens;
+    double median_ms, route_ms, dispatch_ms, experts_ms, combine_ms, bare_ms;
+    unsigned long long sent, received;
+} ep_row;
+
+/* A bare exchange like the layer's: `out_bytes` out and `back_bytes` back from this rank,
+ * split evenly over the other ranks (whose amounts it learns first), `repeat` times: the
+ * median in ms, or -1 when it failed. */
+static double bare_exchange_ms(moegen_comm *comm, uint64_t out_bytes, uint64_t back_bytes, long long repeat,
+                               double *times) {
+    const int P = comm->size;
+    int64_t send[2][64], recv[2][64], send_at[2][64], recv_at[2][64];
+    char *buffers[2][2] = {{NULL, NULL}, {NULL, NULL}};
+    double result = -1.0;
+    for (int d = 0; d < 2; d++) {
+        const int64_t share = (int64_t)((d == 0 ? out_bytes : back_bytes) / (uint64_t)(P - 1));
+        for (int q = 0; q < P; q++) send[d][q] = q == comm->rank ? 0 : share;
+        if (moegen_comm_alltoall(comm, send[d], recv[d], sizeof(int64_t), NULL) != MOEGEN_OK) return -1.0;
+        int64_t sent = 0, received = 0;
+        for (int q = 0; q < P; q++) {
+            send_at[d][q] = sent;
+            recv_at[d][q] = received;
+            sent += send[d][q];
+            received += recv[d][q];
+        }
+        buffers[d][0] = calloc((size_t)sent + 1, 1);
+        buffers[d][1] = calloc((size_t)received + 1, 1);
+    }
+    if (buffers[0][0] && buffers[0][1] && buffers[1][0] && buffers[1][1]) {
+        for (long long i = -1; i < repeat; i++) {
+            double start = now_ms();
+            for (int d = 0; d < 2; d++)
+                if (moegen_comm_alltoallv(comm, buffers[d][0], send[d], send_at[d], buffers[d][1], recv[d], recv_at[d],
+                                          1, NULL) != MOEGEN_OK)
+                    goto done;
+            if (i >= 0) times[i] = now_ms() - start;
+        }
+        result = median(times, repeat);
+    }
+done:
+    for (int d = 0; d < 2; d++) {
+        free(buffers[d][0]);
+        free(buffers[d][1]);
+    }
+    return result;
+}
+
+int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const long long *counts, int n_counts,
+                        long long repeat, long long seed, int threads, const char *cache_dir) {
+    cli_ranks ranks;
+    if (cli_ranks_start(&ranks, spec->ep_size)) return 1;
+    if (ranks.size > 64) {
+        cli_ranks_stop(&ranks);
+        return moegen_cli_error("bench: at most 64 ranks");
+    }
+    long long max_tokens = 0;
+    for (int c = 0; c < n_counts; c++) max_tokens = counts[c] > max_tokens ? counts[c] : max_tokens;
+    int rc = 1;
+    moegen_layer *layer = NULL;
+    moe_tensors ts, own;
+    memset(&ts, 0, sizeof ts);
+    memset(&own, 0, sizeof own);
+    double *times = calloc((size_t)repeat, sizeof *times);
+    double *stage[5] = {NULL};
+    for (int i = 0; i < 5; i++) stage[i] = calloc((size_t)repeat, sizeof(double));
+    ep_row *rows = ranks.rank == 0 ? calloc((size_t)ranks.size, sizeof *rows) : NULL;
+    void *y = calloc((size_t)max_tokens * spec->hidden_size + 1, moegen_dtype_size(spec->dtype));
+    moegen_error err;
+    moegen_open_options options;
+    moegen_open_options_init(&options);
+    options.device = MOEGEN_DEVICE_CPU;
+    options.cache_dir = cache_dir;
+    options.n_threads = threads;
+    options.comm = ranks.comm;
+    if (!times || !stage[4] || !y || (ranks.rank == 0 && !rows)) goto done;
+    if (moegen_layer_open_file(spec_path, &options, &layer, &err) != MOEGEN_OK) {
+        moegen_cli_error("rank %d: %s", ranks.rank, err.message);
+        goto done;
+    }
+    moegen_layer_desc desc;
+    moegen_layer_describe(layer, &desc);
+    if (moe_tensors_alloc(spec, max_tokens, &ts) != 0 || moe_tensors_alloc(spec, max_tokens, &own) != 0) goto done;
+    moe_tensors_fill(&ts, (uint64_t)seed);                            /* the same weights everywhere */
+    moe_tensors_fill(&own, (uint64_t)seed + 7919u * (uint64_t)ranks.rank); /* tokens of this rank */
+    memcpy(ts.t[MOE_T_X].data, own.t[MOE_T_X].data, ts.t[MOE_T_X].n_elems * moe_tensor_elem_bytes(&ts, MOE_T_X));
+    moegen_kernel_weights k;
+    moe_tensors_weights(&ts, &k);
+    const size_t elem = moegen_dtype_size(spec->dtype), e = (size_t)desc.first_expert;
+    const size_t H = (size_t)spec->hidden_size, F = (size_t)spec->moe_intermediate_size,
+                 F1 = (size_t)moegen_spec_ffn_rows(spec);
+    moegen_weights w = {
+        .router_w = k.router_w, .router_b = k.router_b, .score_bias = k.score_bias,
+        .w1 = (const char *)k.w1 + e * F1 * H * elem, .b1 = k.b1 ? (const char *)k.b1 + e * F1 * elem : NULL,
+        .w2 = (const char *)k.w2 + e * H * F * elem, .b2 = k.b2 ? (const char *)k.b2 + e * H * elem : NULL,
+        .shared_w1 = k.shared_w1, .shared_b1 = k.shared_b1, .shared_w2 = k.shared_w2, .shared_b2 = k.shared_b2,
+        .shared_gate = k.shared_gate, .residual_w1 = k.residual_w1, .residual_b1 = k.residual_b1,
+        .residual_w2 = k.residual_w2, .residual_b2 = k.residual_b2, .residual_coef_w = k.residual_coef_w,
+        .residual_coef_b = k.residual_coef_b,
+    };
+    if (moegen_layer_bind(layer, &w, &err) != MOEGEN_OK) {
+        moegen_cli_error("rank %d: %s", ranks.rank, err.message);
+        goto done;
+    }
+    if (ranks.rank == 0) {
+        printf("moegen bench: %s on %d CPU ranks (%s), variant %s, %d threads per rank\n", spec->name, ranks.size,
+               ranks.comm->transport, desc.variant, desc.n_threads);
+        printf("| tokens/rank | rank | median | route | dispatch | experts | combine | sent | received | "
+               "exchange/compute | bare all-to-all-v | exchange/bare |\n");
+        printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    }
+    for (int c = 0; c < n_counts; c++) {
+        const int64_t S = counts[c];
+        moegen_forward_io io = {.n_tokens = S, .x = ts.t[MOE_T_X].data, .y = y};
+        moegen_forward_stats stats;
+        for (long long i = -1; i < repeat; i++) {
+            double start = now_ms();
+            if (moegen_layer_forward(layer, &io, &stats, &err) != MOEGEN_OK) {
+                moegen_cli_error("rank %d: %s", ranks.rank, err.message);
+                goto done;
+            }
+            if (i < 0) continue;
+            times[i] = now_ms() - start;
+            stage[0][i] = stats.route_ms;
+            stage[1][i] = stats.dispatch_ms;
+            stage[2][i] = stats.experts_ms;
+            stage[3][i] = stats.combine_ms;
+        }
+        const uint64_t row_out = H * elem, row_back = H * sizeof(float);
+        ep_row mine = {S, median(times, repeat), median(stage[0], repeat), median(stage[1], repeat),
+                       median(stage[2], repeat), median(stage[3], repeat), 0.0, stats.bytes_sent,
+                       stats.bytes_received};
+        /* the same bytes: this rank's rows out in the layer dtype, the rows it received back in fp32 */
+        mine.bare_ms = bare_exchange_ms(ranks.comm, (uint64_t)stats.rows_sent * row_out,
+                                        (uint64_t)stats.rows_received * row_back, repeat, stage[4]);
+        if (cli_ranks_gather(&ranks, &mine, rows, sizeof mine) != 0) goto done;
+        for (int r = 0; rows && r < ranks.size; r++) {
+            const ep_row *x = &rows[r];
+            const double compute = x->route_ms + x->experts_ms + x->combine_ms;
+            printf("| %lld | %d | %.3f ms | %.3f | %.3f | %.3f | %.3f | %llu B | %llu B | %.2f | %.3f ms | %.2f |\n",
+                   x->tokens, r, x->median_ms, x->route_ms, x->dispatch_ms, x->experts_ms, x->combine_ms, x->sent,
+                   x->received, compute > 0 ? x->dispatch_ms / compute : 0.0, x->bare_ms,
+                   x->bare_ms > 0 ? x->dispatch_ms / x->bare_ms : 0.0);
+        }
+        fflush(stdout);
+    }
+    rc = 0;
+done:
+    rc = cli_ranks_all_ok(&ranks, rc == 0) ? rc : 1;
+    moegen_layer_close(layer);
+    moe_tensors_free(&ts);
+    moe_tensors_free(&own);
+    free(times);
+    for (int i = 0; i < 5; i++) free(stage[i]);
+    free(rows);
+    free(y);
+    cli_ranks_stop(&ranks);
+    return rc;
+}
