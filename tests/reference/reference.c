@@ -616,12 +616,18 @@ static int apply_capacity(const moegen_spec *spec, int64_t n_tokens, uint64_t rn
 
     memset(kept, 0, (size_t)n_routes);
     res->n_dropped = 0;
+    res->capacity_margin = INFINITY;
     for (int e = 0; e < n_experts; e++) {
         int64_t count = res->counts_before[e];
         qsort(ranked + starts[e], (size_t)count, sizeof(ranked_route), compare_ranked_routes);
         int64_t keep = count < res->capacity ? count : res->capacity;
         if (keep < 0) /* a negative fixed capacity keeps nothing */
             keep = 0;
+        if (spec->capacity.priority == MOEGEN_PRIORITY_PROBS && keep > 0 && keep < count) {
+            const double last_kept = ranked[starts[e] + keep - 1].key, first_dropped = ranked[starts[e] + keep].key;
+            const double gap = last_kept == first_dropped ? 0.0 : (last_kept - first_dropped) / fabs(last_kept);
+            if (gap < res->capacity_margin) res->capacity_margin = gap;
+        }
         for (int64_t i = 0; i < keep; i++)
             kept[ranked[starts[e] + i].token * top_k + ranked[starts[e] + i].slot] = 1;
         res->counts_after[e] = keep;

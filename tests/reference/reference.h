@@ -50,6 +50,12 @@ typedef struct moe_ref_result {
      * comparison was close to mattering (e.g. k == E). A tiny positive gap marks
      * a token whose choice may legitimately differ between fp32 and double. */
     double *margin;
+    /* The closest capacity decision of the `probs` priority: over the experts that drop
+     * routes, the smallest relative gap (last kept weight - first dropped) / last kept
+     * weight; 0 for an exact tie (the lower token wins), INFINITY when no expert drops a
+     * route by weight. A tiny positive gap marks an expert whose kept set may
+     * legitimately differ between fp32 and double weights. */
+    double capacity_margin;
 } moe_ref_result;
 
 /* Run the reference forward for S tokens. `x` and the tensors in `w` use the

@@ -3,9 +3,11 @@
  * Used by the test matrix and by `moegen run`. The rules (docs/numerics.md §6):
  *  - routing: ids equal; a token whose reference decision margin is positive and below
  *    MOE_VERIFY_AMBIGUOUS_MARGIN may differ (fp32 vs double near-tie), exact ties may not;
- *  - when some tokens were ambiguous and differ, capacity, weights and y are compared
- *    against a second reference run that takes the kernel's routing as given
- *    (stage-wise check), so one near-tie cannot hide or fake an error downstream;
+ *  - when some tokens were ambiguous and differ, or a capacity decision of the probs
+ *    priority was a near-tie (relative weight gap below the margin), capacity, weights and
+ *    y are compared against a second reference run that takes the kernel's routing and
+ *    fp32 router weights as given (stage-wise check), so one near-tie cannot hide or fake
+ *    an error downstream;
  *  - y within the per-dtype tolerance where the reference is finite; where it is not (a
  *    NaN input row through a shared expert or the residual MLP) the kernel must give the
  *    same NaN or Inf; weights within 1e-4 relative, counts exact, losses within 1e-4
@@ -40,6 +42,7 @@ typedef struct moe_verify_report {
     int ok;                       /* every check passed */
     int64_t tokens_compared;      /* tokens whose y was compared */
     int64_t ambiguous_tokens;     /* near-tie tokens whose routing differed (allowed) */
+    int ambiguous_capacity;       /* a probs-priority capacity decision was a near-tie */
     int used_forced_routing;      /* the stage-wise reference run was needed */
     double max_abs_error;         /* largest |y - ref| */
     double max_scaled_error;      /* largest |y - ref| / (atol + rtol |ref|); <= 1 passes */

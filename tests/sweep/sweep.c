@@ -247,7 +247,7 @@ static void run_case(const char *yaml, const char *name, const moegen_spec *spec
             } else {
                 if (report.max_scaled_error > result->max_scaled_error)
                     result->max_scaled_error = report.max_scaled_error;
-                result->near_ties += report.ambiguous_tokens;
+                result->near_ties += report.ambiguous_tokens + report.ambiguous_capacity;
             }
         }
         if (ok && recheck) {
