@@ -121,7 +121,8 @@ int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const lo
     if (moe_tensors_alloc(spec, max_tokens, &ts) != 0 || moe_tensors_alloc(spec, max_tokens, &own) != 0) goto done;
     moe_tensors_fill(&ts, (uint64_t)seed);                            /* the same weights everywhere */
     moe_tensors_fill(&own, (uint64_t)seed + 7919u * (uint64_t)ranks.rank); /* tokens of this rank */
-    memcpy(ts.t[MOE_T_X].data, own.t[MOE_T_X].data, ts.t[MOE_T_X].n_elems * moe_tensor_elem_bytes(&ts, MOE_T_X));
+    if (max_tokens > 0)
+        memcpy(ts.t[MOE_T_X].data, own.t[MOE_T_X].data, ts.t[MOE_T_X].n_elems * moe_tensor_elem_bytes(&ts, MOE_T_X));
     moegen_kernel_weights k;
     moe_tensors_weights(&ts, &k);
     const size_t elem = moegen_dtype_size(spec->dtype), e = (size_t)desc.first_expert;

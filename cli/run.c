@@ -188,7 +188,8 @@ static int own_tokens(const moegen_spec *spec, moe_tensors *ts, uint64_t seed, i
     moe_tensors mine;
     if (moe_tensors_alloc(spec, ts->n_tokens, &mine) != 0) return -1;
     moe_tensors_fill(&mine, seed + 7919u * (uint64_t)rank);
-    memcpy(ts->t[MOE_T_X].data, mine.t[MOE_T_X].data, ts->t[MOE_T_X].n_elems * moe_tensor_elem_bytes(ts, MOE_T_X));
+    if (ts->n_tokens > 0)
+        memcpy(ts->t[MOE_T_X].data, mine.t[MOE_T_X].data, ts->t[MOE_T_X].n_elems * moe_tensor_elem_bytes(ts, MOE_T_X));
     moe_tensors_free(&mine);
     return 0;
 }

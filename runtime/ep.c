@@ -188,13 +188,13 @@ static int grow(void **buffer, size_t count, size_t size) {
 
 static moegen_status ensure_buffers(moegen_ep *ep, size_t send_rows, size_t recv_rows, moegen_error *err) {
     int failed = 0;
-    if (send_rows > ep->send_capacity) {
+    if (send_rows > ep->send_capacity || !ep->send_rows) { /* never NULL, even for 0 rows */
         failed |= grow(&ep->send_rows, send_rows, ep->row_bytes);
         failed |= grow((void **)&ep->returned, send_rows, (size_t)ep->hidden * sizeof(float));
         failed |= grow((void **)&ep->send_scales, send_rows, sizeof(float));
         if (!failed) ep->send_capacity = send_rows;
     }
-    if (!failed && recv_rows > ep->recv_capacity) {
+    if (!failed && (recv_rows > ep->recv_capacity || !ep->recv_rows)) {
         failed |= grow(&ep->recv_rows, recv_rows, ep->row_bytes);
         failed |= grow(&ep->expert_rows, recv_rows, ep->row_bytes);
         failed |= grow(&ep->hidden_rows, recv_rows, (size_t)ep->ffn * ep->elem);
@@ -286,6 +286,7 @@ static moegen_status run_local_experts(moegen_ep *ep, const moegen_kernel_weight
         for (int l = 0; l < L; l++) {
             int64_t from, to, n = ep->recv_counts_by_expert[s * L + l];
             chunk(ep, s, l, &from, &to);
+            if (n == 0) continue; /* (a rank with no rows has no buffers yet) */
             memcpy((char *)ep->expert_rows + to * ep->row_bytes, (char *)ep->recv_rows + from * ep->row_bytes,
                    (size_t)n * ep->row_bytes);
             if (ep->weight_on_input)
@@ -313,8 +314,9 @@ static moegen_status run_local_experts(moegen_ep *ep, const moegen_kernel_weight
         for (int l = 0; l < L; l++) {
             int64_t from, to, n = ep->recv_counts_by_expert[s * L + l];
             chunk(ep, s, l, &to, &from);
-            memcpy((char *)ep->back_rows + to * out_row, (char *)ep->expert_out + from * out_row,
-                   (size_t)n * out_row);
+            if (n > 0)
+                memcpy((char *)ep->back_rows + to * out_row, (char *)ep->expert_out + from * out_row,
+                       (size_t)n * out_row);
         }
     return MOEGEN_OK;
 }
@@ -329,8 +331,9 @@ static moegen_status return_outputs(moegen_ep *ep, const moegen_kernel_plan *pla
     int64_t at = 0;
     for (int e = 0; e < ep->n_experts; e++) {
         const int64_t n = plan->counts_after[e];
-        memcpy((char *)plan->expert_out + plan->expert_offset[e] * out_row, (char *)ep->returned + at * out_row,
-               (size_t)n * out_row);
+        if (n > 0)
+            memcpy((char *)plan->expert_out + plan->expert_offset[e] * out_row, (char *)ep->returned + at * out_row,
+                   (size_t)n * out_row);
         at += n;
     }
     return MOEGEN_OK;

@@ -20,7 +20,8 @@ export MOEGEN_COMM_TIMEOUT=${MOEGEN_COMM_TIMEOUT:-120}
 for np in 2 4; do
     mpi "$np" cases
     printf '%s\n' "$out" | grep '^\[rank' | grep -v ' ok ' | head -n 20
-    if printf '%s' "$out" | grep -q "^\[rank 0/$np\] PASS"; then pass "P=$np: every case bitwise equal to ep_size 1"
+    passed=$(printf '%s\n' "$out" | grep -c "^\[rank [0-9]*/$np\] PASS")
+    if [ "$passed" -eq "$np" ]; then pass "P=$np: every case bitwise equal to ep_size 1 on all $np ranks"
     else fail "P=$np cases: $(printf '%s' "$out" | tail -n 15)"; fi
 done
 

@@ -152,7 +152,8 @@ int ep_check_case(const ep_case *c, moegen_comm *comm, char *why, size_t why_siz
     }
     moe_tensors_fill(&ts, 4242);                 /* the same weights on every rank */
     moe_tensors_fill(&own, 1000 + (uint64_t)rank); /* this rank's own tokens */
-    memcpy(ts.t[MOE_T_X].data, own.t[MOE_T_X].data, ts.t[MOE_T_X].n_elems * moe_tensor_elem_bytes(&ts, MOE_T_X));
+    if (S > 0)
+        memcpy(ts.t[MOE_T_X].data, own.t[MOE_T_X].data, ts.t[MOE_T_X].n_elems * moe_tensor_elem_bytes(&ts, MOE_T_X));
     moe_tensors_apply_pattern(&spec, &ts, c->pattern);
 
     moegen_layer_desc desc_ep, desc_one;

@@ -114,8 +114,10 @@ static int alltoallv(void *user, const void *send, const int64_t *send_counts, c
             barrier(w, timeout_s, why + strlen(why), why_size - strlen(why));
             return 2;
         }
-        memcpy((char *)recv + (size_t)recv_offsets[q] * unit,
-               (const char *)peer->send + (size_t)peer->send_offsets[h->rank] * unit, (size_t)recv_counts[q] * unit);
+        if (recv_counts[q] > 0)
+            memcpy((char *)recv + (size_t)recv_offsets[q] * unit,
+                   (const char *)peer->send + (size_t)peer->send_offsets[h->rank] * unit,
+                   (size_t)recv_counts[q] * unit);
     }
     return barrier(w, timeout_s, why, why_size) ? 1 : 0;
 }
