@@ -65,9 +65,19 @@ int moegen_comm_size(const moegen_comm *comm) { return comm ? comm->size : -1; }
 double moegen_comm_timeout(const moegen_comm *comm) { return comm ? comm->timeout_s : moegen_comm_default_timeout(); }
 int moegen_comm_broken(const moegen_comm *comm) { return comm ? comm->broken : 0; }
 
+void moegen_comm_adopt(moegen_comm *comm, void *buffer) {
+    if (!comm || !buffer) return;
+    void **grown = realloc(comm->adopted, (size_t)(comm->n_adopted + 1) * sizeof *grown);
+    if (!grown) return;
+    comm->adopted = grown;
+    comm->adopted[comm->n_adopted++] = buffer;
+}
+
 void moegen_comm_destroy(moegen_comm *comm) {
     if (!comm) return;
     if (comm->ops.destroy) comm->ops.destroy(comm->user);
+    for (int i = 0; i < comm->n_adopted; i++) free(comm->adopted[i]);
+    free(comm->adopted);
     free(comm);
 }
 

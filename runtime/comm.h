@@ -38,6 +38,8 @@ struct moegen_comm {
     int broken;                    /* a collective failed: everything fails from now on */
     char broken_why[MOEGEN_ERROR_MESSAGE_BYTES];
     uint64_t bytes_sent, bytes_received; /* by alltoallv, since creation */
+    void **adopted;                /* buffers a timed-out collective may still use: freed at destroy */
+    int n_adopted;
 };
 
 /* The collectives, as the layer calls them. Each checks `broken`, runs the transport's
@@ -62,6 +64,11 @@ moegen_status moegen_comm_allreduce_max(moegen_comm *comm, int64_t *values, int 
 /* recv[q * bytes ...] = rank q's `bytes` bytes of send. */
 moegen_status moegen_comm_allgather(moegen_comm *comm, const void *send, void *recv, size_t bytes,
                                     moegen_error *err);
+
+/* After a failure, a layer hands over the buffers it gave the transport (a collective MPI
+ * cannot cancel may still write them): they are freed when the communicator is destroyed.
+ * NULL is ignored; if the list cannot grow the buffer is left alone (never freed early). */
+void moegen_comm_adopt(moegen_comm *comm, void *buffer);
 
 /* A communicator over callbacks the transport fills (used by the MPI and NCCL
  * constructors as well as by moegen_comm_create). */

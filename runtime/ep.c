@@ -152,9 +152,14 @@ void moegen_ep_close(moegen_ep *ep) {
     if (!ep) return;
     if (ep->comm && ep->comm->broken) {
         /* A collective that timed out may still be pending inside the transport (MPI
-         * cannot cancel one), holding these buffers: they are left to it, not freed. */
-        free(ep);
-        return;
+         * cannot cancel one), holding the buffers it was given: they live as long as the
+         * communicator. The rest is ours alone. */
+        void *given[] = {ep->send_counts_by_expert, ep->recv_counts_by_expert, ep->send_rows, ep->recv_rows,
+                         ep->send_scales, ep->recv_scales, ep->returned, ep->back_rows};
+        for (size_t i = 0; i < sizeof given / sizeof given[0]; i++) moegen_comm_adopt(ep->comm, given[i]);
+        ep->send_counts_by_expert = ep->recv_counts_by_expert = NULL;
+        ep->send_rows = ep->recv_rows = NULL;
+        ep->send_scales = ep->recv_scales = ep->returned = ep->back_rows = NULL;
     }
     free(ep->send_counts_by_expert);
     free(ep->recv_counts_by_expert);

@@ -145,14 +145,16 @@ static void without_a_driver_cuda_fails_clearly_and_auto_falls_back_to_cpu(void 
     moegen_layer_close(layer);
 }
 
-static void open_rejects_ep_size_above_one(void **state) {
+static void open_of_an_expert_parallel_spec_needs_a_communicator(void **state) {
     (void)state;
     moegen_layer *layer = NULL;
     moegen_error err;
     const char *ep = "name: ep\nnum_experts: 4\nnum_experts_per_tok: 2\nhidden_size: 32\n"
                      "moe_intermediate_size: 16\nep_size: 2\n";
-    assert_int_equal(moegen_layer_open_string(ep, strlen(ep), NULL, NULL, &layer, &err), MOEGEN_ERR_UNSUPPORTED);
-    assert_non_null(strstr(err.message, "ep_size 2"));
+    assert_int_equal(moegen_layer_open_string(ep, strlen(ep), NULL, NULL, &layer, &err),
+                     MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "ep_size 2 needs a communicator of 2 ranks"));
+    assert_null(layer);
 }
 
 static void forward_before_bind_is_a_state_error(void **state) {
@@ -784,7 +786,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(open_reports_spec_errors_with_location),
         cmocka_unit_test(without_a_driver_cuda_fails_clearly_and_auto_falls_back_to_cpu),
-        cmocka_unit_test(open_rejects_ep_size_above_one),
+        cmocka_unit_test(open_of_an_expert_parallel_spec_needs_a_communicator),
         cmocka_unit_test(forward_before_bind_is_a_state_error),
         cmocka_unit_test(bind_names_the_missing_tensor),
         cmocka_unit_test(forward_rejects_negative_tokens_and_missing_buffers),
