@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "cuda_backend.h"
 #include "emit.h"
 #include "moegen.h"
 #include "spec.h"
@@ -49,7 +50,9 @@ static const char usage_gen[] =
     "  -o, --output DIR      output directory (required)\n"
     "  --backend B           cpu (C + OpenMP, default) or cuda (CUDA C++ for NVRTC / nvcc)\n"
     "  --vector-floats N     cpu: SIMD width the code is tuned for: 4, 8 or 16 (default 8)\n"
-    "  --arch sm_XX          cuda: target architecture the tiles are chosen for (default sm_80)\n";
+    "  --arch sm_XX          cuda: target architecture the tiles are chosen for (default sm_80):\n"
+    "                        sm_70 .. sm_120, optionally with the suffix a or f (sm_90a, sm_100a,\n"
+    "                        sm_120f); the CUDA backend needs sm_80 or newer\n";
 
 int moegen_cli_error(const char *fmt, ...) {
     va_list ap;
@@ -96,8 +99,9 @@ static int command_gen(int argc, char **argv) {
         fputs(usage_gen, stdout);
         return 0;
     }
-    const char *spec_path = NULL, *out_dir = NULL;
-    int vector_floats = 8, cuda_sm = 80;
+    const char *spec_path = NULL, *out_dir = NULL, *arch = "sm_80";
+    int vector_floats = 8;
+    moegen_error err;
     moegen_backend backend = MOEGEN_BACKEND_CPU;
     for (int i = 0; i < argc; i++) {
         if ((!strcmp(argv[i], "-o") || !strcmp(argv[i], "--output")) && i + 1 < argc) {
@@ -114,11 +118,9 @@ static int command_gen(int argc, char **argv) {
             else if (!strcmp(name, "cuda")) backend = MOEGEN_BACKEND_CUDA;
             else return moegen_cli_error("gen: --backend must be cpu or cuda (got '%s')", name);
         } else if (!strcmp(argv[i], "--arch") && i + 1 < argc) {
-            const char *arch = argv[++i];
-            int major = 0, minor = 0;
-            if (sscanf(arch, "sm_%1d%1d", &major, &minor) != 2)
-                return moegen_cli_error("gen: --arch must look like sm_80 or sm_90a (got '%s')", arch);
-            cuda_sm = major * 10 + minor;
+            arch = argv[++i]; /* checked here for an early message; used by moegen_cuda_generate */
+            if (moegen_cuda_arch_parse(arch, NULL, &err) != MOEGEN_OK)
+                return moegen_cli_error("gen: --arch: %s", err.message);
         } else if (argv[i][0] == '-') {
             return moegen_cli_error("gen: unknown option %s (see moegen gen --help)", argv[i]);
         } else if (!spec_path) {
@@ -129,7 +131,6 @@ static int command_gen(int argc, char **argv) {
     }
     if (!spec_path || !out_dir) return moegen_cli_error("gen: usage: moegen gen SPEC -o DIR");
     moegen_spec spec;
-    moegen_error err;
     if (moegen_spec_load_file(spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
     if (spec.ep_size > 1 && backend == MOEGEN_BACKEND_CUDA) {
         moegen_spec_free(&spec);
@@ -137,12 +138,18 @@ static int command_gen(int argc, char **argv) {
                                 "(generate the CPU module, or set ep_size: 1)",
                                 spec_path, spec.ep_size);
     }
-    moegen_target target = {.cpu_vector_floats = vector_floats, .cuda_sm = cuda_sm};
-    moegen_variant variant;
-    moegen_variant_default(&spec, backend, &target, &variant);
     moegen_generated generated;
+    moegen_status st;
+    if (backend == MOEGEN_BACKEND_CUDA) { /* exactly what the CUDA backend compiles for `arch` */
+        st = moegen_cuda_generate(&spec, arch, &generated, &err);
+    } else {
+        moegen_target target = {.cpu_vector_floats = vector_floats};
+        moegen_variant variant;
+        moegen_variant_default(&spec, backend, &target, &variant);
+        st = moegen_generate(&spec, &variant, NULL, &generated, &err);
+    }
     int rc = 0;
-    if (moegen_generate(&spec, &variant, NULL, &generated, &err) != MOEGEN_OK) {
+    if (st != MOEGEN_OK) {
         rc = moegen_cli_error("%s", err.message);
     } else {
         int written = 0;

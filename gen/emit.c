@@ -181,6 +181,7 @@ static moegen_status generate(const moegen_spec *spec, const moegen_variant *var
     moegen_status st = moegen_variant_check(spec, variant, err);
     if (st != MOEGEN_OK) return st;
 
+    out->variant = *variant;
     moegen_spec_hash(spec, out->spec_hash);
     moegen_variant_name(spec, variant, out->variant_name, sizeof out->variant_name);
     snprintf(out->symbol_prefix, sizeof out->symbol_prefix, "moe_%s_%.8s", spec->ident,

@@ -39,6 +39,8 @@ typedef struct moegen_generated {
     char symbol_prefix[96]; /* "moe_<ident>_<hash8>" */
     char variant_name[128];
     char spec_hash[65];
+    moegen_variant variant; /* the variant the files were rendered with (a copy): a backend
+                               launches with these tiles and never recomputes them */
 } moegen_generated;
 
 /* Render every file of `variant->backend` for `spec` using `templates`

@@ -1,11 +1,61 @@
-/* variant.c — the default-variant heuristic, variant checks and names (see variant.h).
+/* variant.c — the default-variant heuristic, variant checks and names, and the parser of
+ * CUDA architecture names (see variant.h).
  *
- * Invariant owned here: every tile and blocking choice moegen makes by itself is made
- * in moegen_variant_default(); templates only read the variant.
+ * Invariants owned here: every tile and blocking choice moegen makes by itself is made
+ * in moegen_variant_default(); templates only read the variant. Every "sm_XX" moegen
+ * reads is parsed by moegen_cuda_arch_parse().
  */
 #include "variant.h"
 
 #include <stdio.h>
+
+#include "moegen_cuda_abi.h"
+
+#define STRINGIFY_(x) #x
+#define STRINGIFY(x) STRINGIFY_(x)
+#define CUDA_ARCH_FORMS                                                                   \
+    "sm_<" STRINGIFY(MOEGEN_CUDA_SM_MIN) ".." STRINGIFY(MOEGEN_CUDA_SM_MAX) ">[a|f], e.g. sm_80, " \
+    "sm_90a, sm_100a, sm_120f"
+
+moegen_status moegen_cuda_arch_parse(const char *text, moegen_cuda_arch *out, moegen_error *err) {
+    if (!text || !text[0])
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "no CUDA architecture given (expected " CUDA_ARCH_FORMS ")");
+    /* "sm_", then 2 or 3 digits without a leading zero, then at most one suffix letter. */
+    const char *p = text;
+    int sm = 0, digits = 0;
+    if (p[0] == 's' && p[1] == 'm' && p[2] == '_') {
+        p += 3;
+        if (*p != '0')
+            for (; *p >= '0' && *p <= '9' && digits < 4; p++, digits++) sm = sm * 10 + (*p - '0');
+    }
+    char suffix = 0;
+    if (digits >= 2 && (*p == 'a' || *p == 'f')) suffix = *p++;
+    if (digits < 2 || digits > 3 || *p != '\0')
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "CUDA architecture '%.32s' is not of the form " CUDA_ARCH_FORMS, text);
+    if (sm < MOEGEN_CUDA_SM_MIN || sm > MOEGEN_CUDA_SM_MAX)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "CUDA architecture '%s': moegen knows sm_%d to sm_%d (got compute "
+                                "capability %d.%d)",
+                                text, MOEGEN_CUDA_SM_MIN, MOEGEN_CUDA_SM_MAX, sm / 10, sm % 10);
+    if (suffix == 'a' && sm < MOEGEN_CUDA_SM_SUFFIX_A_MIN)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "CUDA architecture '%s': the 'a' (architecture-specific) targets start "
+                                "at sm_%da; use sm_%d",
+                                text, MOEGEN_CUDA_SM_SUFFIX_A_MIN, sm);
+    if (suffix == 'f' && sm < MOEGEN_CUDA_SM_SUFFIX_F_MIN)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "CUDA architecture '%s': the 'f' (family) targets start at sm_%df; use "
+                                "sm_%d%s",
+                                text, MOEGEN_CUDA_SM_SUFFIX_F_MIN, sm,
+                                sm >= MOEGEN_CUDA_SM_SUFFIX_A_MIN ? " or its 'a' target" : "");
+    if (out) {
+        out->sm = sm;
+        out->suffix = suffix;
+    }
+    return MOEGEN_OK;
+}
 
 void moegen_variant_default(const moegen_spec *spec, moegen_backend backend,
                             const moegen_target *target, moegen_variant *out) {
@@ -54,9 +104,10 @@ static long cuda_gemm_shared_bytes(const moegen_spec *spec, const moegen_cuda_va
 }
 
 static moegen_status check_cuda(const moegen_spec *spec, const moegen_cuda_variant *v, moegen_error *err) {
-    if (v->sm < 80)
+    if (v->sm < 80 || v->sm > MOEGEN_CUDA_SM_MAX)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
-                                "variant: cuda.sm %d: the CUDA backend needs sm_80 or newer", v->sm);
+                                "variant: cuda.sm %d: the CUDA backend needs sm_80 to sm_%d", v->sm,
+                                MOEGEN_CUDA_SM_MAX);
     if (v->tile_m != 32 && v->tile_m != 64 && v->tile_m != 128)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "variant: cuda.tile_m must be 32, 64 or 128 (got %d)", v->tile_m);
@@ -81,10 +132,11 @@ static moegen_status check_cuda(const moegen_spec *spec, const moegen_cuda_varia
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "variant: cuda tiles need %ld bytes of shared memory per CTA; the limit "
                                 "is 49152", shared);
-    if (v->router_tokens < 1 || v->router_tokens > 64 || 256 % v->router_tokens != 0)
+    if (v->router_tokens < 1 || v->router_tokens > 64 || MOEGEN_CUDA_ROUTER_THREADS % v->router_tokens != 0)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
-                                "variant: cuda.router_tokens must divide 256 and be at most 64 (got %d)",
-                                v->router_tokens);
+                                "variant: cuda.router_tokens must divide %d (the router's threads) and be at "
+                                "most 64 (got %d)",
+                                MOEGEN_CUDA_ROUTER_THREADS, v->router_tokens);
     return MOEGEN_OK;
 }
 

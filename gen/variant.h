@@ -47,8 +47,34 @@ typedef struct moegen_variant {
 /* What the variant is for: the machine's capabilities. */
 typedef struct moegen_target {
     int cpu_vector_floats; /* widest float vector the host compiler flags enable (4, 8, 16) */
-    int cuda_sm;           /* compute capability x10 of the CUDA target (0: 80) */
+    int cuda_sm;           /* compute capability x10 of the CUDA target (0: 80); from
+                              moegen_cuda_arch_parse */
 } moegen_target;
+
+/* ---- CUDA architecture names -----------------------------------------------------------
+ * The one parser of "sm_XX" in moegen: the `moegen gen --arch` option, the CUDA backend
+ * (moegen_open_options.arch, or the device's own name) and the NVRTC layer all call it,
+ * and the variant's `sm` comes from it. Accepted: "sm_" + a compute capability x10 from
+ * MOEGEN_CUDA_SM_MIN to MOEGEN_CUDA_SM_MAX written without leading zeros, plus an optional
+ * suffix: "a" (architecture-specific features: wgmma, TMA, tcgen05; sm_90 on) or "f"
+ * (family-portable features; sm_100 on). E.g. sm_70, sm_80, sm_86, sm_90a, sm_100a,
+ * sm_100f, sm_120, sm_120f. Whether a given NVRTC can compile for it is a separate
+ * question (moegen_nvrtc_supports_arch); whether the CUDA backend supports it is
+ * moegen_variant_check's (sm_80 or newer). */
+#define MOEGEN_CUDA_SM_MIN 70
+#define MOEGEN_CUDA_SM_MAX 120
+#define MOEGEN_CUDA_SM_SUFFIX_A_MIN 90  /* first architecture with an "a" target */
+#define MOEGEN_CUDA_SM_SUFFIX_F_MIN 100 /* first architecture with an "f" target */
+
+typedef struct moegen_cuda_arch {
+    int sm;      /* compute capability x10: 70..120 */
+    char suffix; /* '\0', 'a' or 'f' */
+} moegen_cuda_arch;
+
+/* Parse `text` (e.g. "sm_90a"). Returns MOEGEN_OK and fills `out` (may be NULL to only
+ * check), or MOEGEN_ERR_INVALID_ARGUMENT with a message that quotes `text`, says what is
+ * wrong and what is accepted (out untouched). `text` NULL is refused the same way. */
+moegen_status moegen_cuda_arch_parse(const char *text, moegen_cuda_arch *out, moegen_error *err);
 
 /* The default variant for (spec, backend, target): the single place where tile and
  * blocking heuristics live. `target` may be NULL (portable defaults). */

@@ -32,6 +32,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "variant.h" /* moegen_cuda_arch_parse: the one parser of "sm_XX" */
+
 _Static_assert(sizeof(void *) == sizeof(void (*)(void)),
                "function pointers must have the size of data pointers (POSIX dlsym)");
 
@@ -290,23 +292,15 @@ void moegen_nvrtc_close(moegen_nvrtc *nv) {
     }
 }
 
-/* The number in "sm_<digits>[a|f]", or -1 when `arch` is not of that form. */
-static int arch_number(const char *arch) {
-    int number = 0;
-    int digits = 0;
-    const char *cursor = "";
-    if (arch && strncmp(arch, "sm_", 3) == 0) {
-        for (cursor = arch + 3; *cursor >= '0' && *cursor <= '9' && digits < 4;
-             cursor++, digits++)
-            number = number * 10 + (*cursor - '0');
-        if (*cursor == 'a' || *cursor == 'f')
-            cursor++;
-    }
-    return digits >= 2 && *cursor == '\0' ? number : -1;
+/* The compute capability x10 of `arch` ("sm_90a": 90), or -1 when moegen_cuda_arch_parse
+ * refuses it (its message then goes to `err`, which may be NULL). */
+static int arch_number(const char *arch, moegen_error *err) {
+    moegen_cuda_arch parsed;
+    return moegen_cuda_arch_parse(arch, &parsed, err) == MOEGEN_OK ? parsed.sm : -1;
 }
 
 int moegen_nvrtc_supports_arch(const moegen_nvrtc *nv, const char *arch) {
-    int number = arch_number(arch);
+    int number = arch_number(arch, NULL);
     int supported = 0;
     if (number >= 0 && nv) {
         supported = nv->arch_count == 0;
@@ -379,6 +373,7 @@ static moegen_status check_compile_arguments(const moegen_nvrtc *nv, const char 
                                              int n_options, moegen_error *err) {
     moegen_status status = MOEGEN_OK;
     char supported[TRIED_BYTES];
+    moegen_error why;
     if (!nv || !nv->library || !name || !source) {
         status = moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                   "moegen_nvrtc_compile: needs an open NVRTC, a name, a source "
@@ -408,11 +403,10 @@ static moegen_status check_compile_arguments(const moegen_nvrtc *nv, const char 
             goto done;
         }
     }
-    if (arch_number(arch) < 0) {
+    if (arch_number(arch, &why) < 0) {
         status = moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
-                                  "moegen_nvrtc_compile(%s): architecture '%s' is not of the form "
-                                  "sm_<digits>[a|f] (a real GPU architecture, for a CUBIN)",
-                                  name, arch ? arch : "NULL");
+                                  "moegen_nvrtc_compile(%s): %s (a real GPU architecture, for a CUBIN)",
+                                  name, why.message);
         goto done;
     }
     if (!moegen_nvrtc_supports_arch(nv, arch)) {

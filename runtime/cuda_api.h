@@ -170,7 +170,7 @@ void moegen_nvrtc_close(moegen_nvrtc *nv);
 
 /* 1 if the loaded NVRTC lists `arch` ("sm_90a": the number 90) among the
  * architectures it can compile for, or cannot tell (no list); 0 otherwise or when
- * `arch` is not of the form sm_<digits>[a|f]. */
+ * moegen_cuda_arch_parse (gen/variant.h) refuses `arch`. */
 int moegen_nvrtc_supports_arch(const moegen_nvrtc *nv, const char *arch);
 
 /* An in-memory header: `#include "<name>"` in the source resolves to `text`. */
@@ -207,8 +207,8 @@ typedef struct moegen_nvrtc_output {
  *    is the nvrtcResult.
  *  - MOEGEN_ERR_UNSUPPORTED: this NVRTC cannot compile for `arch`.
  *  - MOEGEN_ERR_INVALID_ARGUMENT: a NULL table/name/source/out, a closed table,
- *    n_headers/n_options negative or with NULL arrays or entries, an arch not of the
- *    form sm_<digits>[a|f], an option that sets the architecture itself
+ *    n_headers/n_options negative or with NULL arrays or entries, an arch that
+ *    moegen_cuda_arch_parse refuses (its message), an option that sets the architecture itself
  *    ("-arch", "--gpu-architecture"), or an option NVRTC rejects
  *    (NVRTC_ERROR_INVALID_OPTION; the log says which).
  *  - MOEGEN_ERR_NO_MEMORY: an allocation failed (ours or NVRTC's).

@@ -1,4 +1,13 @@
-/* cuda_backend.c — the CUDA backend (see cuda_backend.h). */
+/* cuda_backend.c — the CUDA backend (see cuda_backend.h).
+ *
+ * The kernel contract lives in templates/common/moegen_cuda_abi.h: the launch order,
+ * every kernel's threads per block and the dynamic shared memory come from there; the
+ * tiles from the variant stored in the generated result; which kernels exist from the
+ * loaded module (looked up by name). Nothing here re-derives a template's decision.
+ * The launch path was last changed on a machine without a GPU: it is compiled and
+ * checked against a fake driver (tests/test_cuda_backend.c), and NVRTC compiles the
+ * kernels (test_nvrtc), but it was not run there; test_forward_gpu runs it on a GPU.
+ */
 #include "cuda_backend.h"
 
 #include <pthread.h>
@@ -13,7 +22,7 @@
 
 const char *const moegen_cuda_compile_options[] = {"--std=c++17", "-lineinfo", NULL};
 
-#define MAX_SHAPES 2
+#define MAX_SHAPES 2 /* GEMM kernel pairs a module may have: f<F> and f<Fs> */
 
 /* ---- In-process module cache -------------------------------------------------------------
  * Layers of one spec and architecture in one process (e.g. every MoE layer of a model)
@@ -103,30 +112,23 @@ struct moegen_cuda_backend {
     struct {
         int64_t ffn;
         moegen_cu_function gemm1, gemm2;
-    } shapes[MAX_SHAPES];
+    } shapes[MAX_SHAPES]; /* the GEMM pair of each ffn size a problem group uses */
     int n_shapes;
-    moegen_cuda_variant variant;
+    int group_shape[3];   /* index in shapes of each problem group's pair (-1: no problems) */
+    moegen_cuda_variant variant; /* from moegen_generated.variant: what the module was rendered with */
     moegen_cu_device_pointer workspace;
     size_t workspace_bytes;
 };
 
 /* ---- Generation and compilation ---------------------------------------------------------- */
 
-/* "sm_90a" -> 90; 0 if not of that form. */
-static int arch_sm(const char *arch) {
-    int major = 0, minor = 0;
-    if (!arch || sscanf(arch, "sm_%d", &major) != 1) return 0;
-    /* sm_80 -> 80, sm_90a -> 90, sm_100a -> 100 */
-    (void)minor;
-    return major;
-}
-
 moegen_status moegen_cuda_generate(const moegen_spec *spec, const char *arch, moegen_generated *out,
                                    moegen_error *err) {
-    moegen_target target = {.cuda_sm = arch_sm(arch)};
-    if (target.cuda_sm == 0)
-        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
-                                "CUDA architecture '%s' is not of the form sm_80 / sm_90a", arch ? arch : "(null)");
+    memset(out, 0, sizeof *out); /* nothing to free on failure */
+    moegen_cuda_arch parsed;
+    moegen_status st = moegen_cuda_arch_parse(arch, &parsed, err);
+    if (st != MOEGEN_OK) return st;
+    moegen_target target = {.cuda_sm = parsed.sm};
     moegen_variant variant;
     moegen_variant_default(spec, MOEGEN_BACKEND_CUDA, &target, &variant);
     return moegen_generate(spec, &variant, NULL, out, err);
@@ -241,19 +243,63 @@ moegen_status moegen_cuda_backend_available(moegen_error *err) {
         if (st == MOEGEN_OK) st = moegen_cuda_check(&b->cu, (call), what, err); \
     } while (0)
 
-static moegen_status get_function(moegen_cuda_backend *b, const char *prefix, const char *suffix,
+/* Which kernels a module has is the templates' decision alone: every kernel is looked up by
+ * name. A required kernel the module lacks is MOEGEN_ERR_LOAD; an optional one
+ * (moegen_cuda_abi.h: P_dispatch_rank) that cuModuleGetFunction does not find leaves *out
+ * NULL, and the forward does not launch it. */
+enum { KERNEL_REQUIRED = 0, KERNEL_OPTIONAL = 1 };
+
+static moegen_status get_function(moegen_cuda_backend *b, const char *prefix, const char *suffix, int optional,
                                   moegen_cu_function *out, moegen_error *err) {
     char name[192];
     snprintf(name, sizeof name, "%s_%s", prefix, suffix);
     moegen_cu_result r = b->cu.cuModuleGetFunction(out, b->module, name);
-    if (r != 0) *out = NULL;
+    if (r != MOEGEN_CUDA_SUCCESS) *out = NULL;
+    if (r == MOEGEN_CUDA_ERROR_NOT_FOUND && optional) return MOEGEN_OK;
+    if (r == MOEGEN_CUDA_ERROR_NOT_FOUND)
+        return moegen_error_set(err, MOEGEN_ERR_LOAD, r,
+                                "the CUDA module has no kernel %s, which moegen_cuda_abi.h requires (a "
+                                "generator bug)",
+                                name);
     return moegen_cuda_check(&b->cu, r, name, err);
 }
 
-/* The module has a P_dispatch_rank kernel only for the priorities that rank routes. */
-static int has_rank_kernel(const moegen_spec *spec) {
-    return spec->capacity.mode != MOEGEN_CAP_DROPLESS &&
-           (spec->capacity.priority == MOEGEN_PRIORITY_PROBS || spec->capacity.priority == MOEGEN_PRIORITY_RANDOM);
+/* The problem groups of the grouped GEMM launches, in the layout of the problem table
+ * (moegen_cuda_abi.h: routed [0, E), shared [E, E + Ns), residual E + Ns). A group with
+ * count 0 is not launched. */
+typedef struct problem_group {
+    int group, first, count;
+    int64_t ffn; /* its GEMM kernels are P_f<ffn>_gemm1 / _gemm2 */
+} problem_group;
+
+static void problem_groups(const moegen_spec *spec, problem_group groups[3]) {
+    const int E = spec->num_experts, Ns = spec->shared.count;
+    groups[0] = (problem_group){MOEGEN_GROUP_ROUTED, 0, E, spec->moe_intermediate_size};
+    groups[1] = (problem_group){MOEGEN_GROUP_SHARED, E, Ns, Ns > 0 ? spec->shared.intermediate_size : 0};
+    groups[2] = (problem_group){MOEGEN_GROUP_RESIDUAL, E + Ns, spec->use_residual ? 1 : 0,
+                                spec->moe_intermediate_size};
+}
+
+/* Index in b->shapes of the GEMM pair for `ffn`, looking it up in the module the first
+ * time; -1 with `err` set when the module lacks it. */
+static int find_shape(moegen_cuda_backend *b, const char *prefix, int64_t ffn, moegen_status *st,
+                      moegen_error *err) {
+    for (int i = 0; i < b->n_shapes; i++)
+        if (b->shapes[i].ffn == ffn) return i;
+    if (b->n_shapes == MAX_SHAPES) {
+        *st = moegen_error_set(err, MOEGEN_ERR_LOAD, 0, "more than %d GEMM shapes in one layer", MAX_SHAPES);
+        return -1;
+    }
+    const int i = b->n_shapes;
+    char suffix[64];
+    snprintf(suffix, sizeof suffix, "f%lld_gemm1", (long long)ffn);
+    *st = get_function(b, prefix, suffix, KERNEL_REQUIRED, &b->shapes[i].gemm1, err);
+    snprintf(suffix, sizeof suffix, "f%lld_gemm2", (long long)ffn);
+    if (*st == MOEGEN_OK) *st = get_function(b, prefix, suffix, KERNEL_REQUIRED, &b->shapes[i].gemm2, err);
+    if (*st != MOEGEN_OK) return -1;
+    b->shapes[i].ffn = ffn;
+    b->n_shapes++;
+    return i;
 }
 
 moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, const char *arch,
@@ -308,30 +354,20 @@ moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, con
         }
     }
     const char *prefix = generated.symbol_prefix;
-    if (st == MOEGEN_OK) st = get_function(b, prefix, "router", &b->router, err);
-    if (st == MOEGEN_OK) st = get_function(b, prefix, "dispatch_count", &b->dispatch_count, err);
-    if (st == MOEGEN_OK && has_rank_kernel(spec)) st = get_function(b, prefix, "dispatch_rank", &b->dispatch_rank, err);
-    if (st == MOEGEN_OK) st = get_function(b, prefix, "dispatch_place", &b->dispatch_place, err);
-    if (st == MOEGEN_OK) st = get_function(b, prefix, "combine", &b->combine, err);
-    if (st == MOEGEN_OK) st = get_function(b, prefix, "losses", &b->losses, err);
+    if (st == MOEGEN_OK) st = get_function(b, prefix, "router", KERNEL_REQUIRED, &b->router, err);
+    if (st == MOEGEN_OK) st = get_function(b, prefix, "dispatch_count", KERNEL_REQUIRED, &b->dispatch_count, err);
+    if (st == MOEGEN_OK) st = get_function(b, prefix, "dispatch_rank", KERNEL_OPTIONAL, &b->dispatch_rank, err);
+    if (st == MOEGEN_OK) st = get_function(b, prefix, "dispatch_place", KERNEL_REQUIRED, &b->dispatch_place, err);
+    if (st == MOEGEN_OK) st = get_function(b, prefix, "combine", KERNEL_REQUIRED, &b->combine, err);
+    if (st == MOEGEN_OK) st = get_function(b, prefix, "losses", KERNEL_REQUIRED, &b->losses, err);
     if (st == MOEGEN_OK) {
-        int64_t sizes[MAX_SHAPES] = {spec->moe_intermediate_size, spec->shared.intermediate_size};
-        int n = spec->shared.count > 0 && spec->shared.intermediate_size != spec->moe_intermediate_size ? 2 : 1;
-        for (int i = 0; i < n && st == MOEGEN_OK; i++) {
-            char suffix[64];
-            b->shapes[i].ffn = sizes[i];
-            snprintf(suffix, sizeof suffix, "f%lld_gemm1", (long long)sizes[i]);
-            st = get_function(b, prefix, suffix, &b->shapes[i].gemm1, err);
-            snprintf(suffix, sizeof suffix, "f%lld_gemm2", (long long)sizes[i]);
-            if (st == MOEGEN_OK) st = get_function(b, prefix, suffix, &b->shapes[i].gemm2, err);
-        }
-        b->n_shapes = n;
+        problem_group groups[3];
+        problem_groups(spec, groups);
+        for (int g = 0; g < 3 && st == MOEGEN_OK; g++)
+            b->group_shape[g] = groups[g].count > 0 ? find_shape(b, prefix, groups[g].ffn, &st, err) : -1;
     }
     if (st == MOEGEN_OK) {
-        moegen_target target = {.cuda_sm = arch_sm(arch)};
-        moegen_variant variant;
-        moegen_variant_default(spec, MOEGEN_BACKEND_CUDA, &target, &variant);
-        b->variant = variant.cuda;
+        b->variant = generated.variant.cuda;
         snprintf(desc->variant, sizeof desc->variant, "%s", generated.variant_name);
         desc->cache_hit = shared_module || cached.hit;
     }
@@ -437,7 +473,8 @@ static moegen_status launch(moegen_cuda_backend *b, moegen_cu_function f, const 
                             unsigned grid_x, unsigned grid_y, unsigned threads, moegen_cu_stream stream,
                             void **params, moegen_error *err) {
     if (grid_x == 0 || grid_y == 0) return MOEGEN_OK; /* never a zero-size grid */
-    moegen_cu_result r = b->cu.cuLaunchKernel(f, grid_x, grid_y, 1, threads, 1, 1, 0, stream, params, NULL);
+    moegen_cu_result r = b->cu.cuLaunchKernel(f, grid_x, grid_y, 1, threads, 1, 1, MOEGEN_CUDA_DYNAMIC_SHARED_BYTES,
+                                              stream, params, NULL);
     return moegen_cuda_check(&b->cu, r, what, err);
 }
 
@@ -519,39 +556,43 @@ moegen_status moegen_cuda_backend_forward(moegen_cuda_backend *b, const moegen_k
     const moegen_cuda_variant *v = &b->variant;
     CHECK(b->cu.cuMemsetD32Async((moegen_cu_device_pointer)(uintptr_t)a.aux_counts, 0, (size_t)E, stream),
           "cuMemsetD32Async");
-    if (st == MOEGEN_OK) st = launch(b, b->router, "router", ceil_div(S, v->router_tokens), 1, 256, stream, args_only, err);
-    if (st == MOEGEN_OK) st = launch(b, b->dispatch_count, "dispatch_count", 1, 1, 512, stream, args_only, err);
-    if (st == MOEGEN_OK && b->dispatch_rank)
-        st = launch(b, b->dispatch_rank, "dispatch_rank", ceil_div(S * K, 256), 1, 256, stream, args_only, err);
-    if (st == MOEGEN_OK) st = launch(b, b->dispatch_place, "dispatch_place", 1, 1, 512, stream, args_only, err);
+    /* Threads per block: moegen_cuda_abi.h, the one home of each number (the kernels'
+     * __launch_bounds__ use the same macros); tiles: the variant the module was rendered with. */
+    if (st == MOEGEN_OK)
+        st = launch(b, b->router, "router", ceil_div(S, v->router_tokens), 1, MOEGEN_CUDA_ROUTER_THREADS, stream,
+                    args_only, err);
+    if (st == MOEGEN_OK)
+        st = launch(b, b->dispatch_count, "dispatch_count", 1, 1, MOEGEN_CUDA_DISPATCH_THREADS, stream, args_only, err);
+    if (st == MOEGEN_OK && b->dispatch_rank) /* only modules whose priority ranks routes have it */
+        st = launch(b, b->dispatch_rank, "dispatch_rank", ceil_div(S * K, MOEGEN_CUDA_RANK_THREADS), 1,
+                    MOEGEN_CUDA_RANK_THREADS, stream, args_only, err);
+    if (st == MOEGEN_OK)
+        st = launch(b, b->dispatch_place, "dispatch_place", 1, 1, MOEGEN_CUDA_DISPATCH_THREADS, stream, args_only, err);
 
     /* Grouped GEMMs: routed experts, shared experts, residual MLP. m-tile bounds: a group
      * never uses more than these (routed: sum of ceil(rows_e / TILE_M) <= rows / TILE_M + E). */
-    const unsigned threads = 32u * (unsigned)(v->warps_m * v->warps_n);
-    struct {
-        int group, first, count;
-        int64_t ffn;
-        unsigned m_tiles;
-    } groups[3] = {
-        {MOEGEN_GROUP_ROUTED, 0, (int)E, spec->moe_intermediate_size, ceil_div(max_rows, v->tile_m) + (unsigned)E},
-        {MOEGEN_GROUP_SHARED, (int)E, spec->shared.count, spec->shared.intermediate_size,
-         (unsigned)spec->shared.count * ceil_div(S, v->tile_m)},
-        {MOEGEN_GROUP_RESIDUAL, (int)E + spec->shared.count, spec->use_residual ? 1 : 0,
-         spec->moe_intermediate_size, spec->use_residual ? ceil_div(S, v->tile_m) : 0},
+    const unsigned threads = MOEGEN_CUDA_GEMM_THREADS((unsigned)v->warps_m, (unsigned)v->warps_n);
+    problem_group groups[3];
+    problem_groups(spec, groups);
+    const unsigned m_tiles[3] = {
+        ceil_div(max_rows, v->tile_m) + (unsigned)E,
+        (unsigned)spec->shared.count * ceil_div(S, v->tile_m),
+        spec->use_residual ? ceil_div(S, v->tile_m) : 0,
     };
     for (int g = 0; g < 3 && st == MOEGEN_OK; g++) {
-        if (groups[g].count == 0) continue;
-        int shape = 0;
-        while (shape < b->n_shapes - 1 && b->shapes[shape].ffn != groups[g].ffn) shape++;
+        if (b->group_shape[g] < 0) continue; /* no problems in this group */
+        const int shape = b->group_shape[g];
         void *params[] = {&a, &groups[g].group, &groups[g].first, &groups[g].count};
-        st = launch(b, b->shapes[shape].gemm1, "gemm1", groups[g].m_tiles, ceil_div(groups[g].ffn, v->tile_n),
-                    threads, stream, params, err);
+        st = launch(b, b->shapes[shape].gemm1, "gemm1", m_tiles[g], ceil_div(groups[g].ffn, v->tile_n), threads,
+                    stream, params, err);
         if (st == MOEGEN_OK)
-            st = launch(b, b->shapes[shape].gemm2, "gemm2", groups[g].m_tiles,
-                        ceil_div(spec->hidden_size, v->tile_n), threads, stream, params, err);
+            st = launch(b, b->shapes[shape].gemm2, "gemm2", m_tiles[g], ceil_div(spec->hidden_size, v->tile_n),
+                        threads, stream, params, err);
     }
-    if (st == MOEGEN_OK) st = launch(b, b->combine, "combine", (unsigned)S, 1, 128, stream, args_only, err);
-    if (st == MOEGEN_OK) st = launch(b, b->losses, "losses", 1, 1, 256, stream, args_only, err);
+    if (st == MOEGEN_OK)
+        st = launch(b, b->combine, "combine", (unsigned)S, 1, MOEGEN_CUDA_COMBINE_THREADS, stream, args_only, err);
+    if (st == MOEGEN_OK)
+        st = launch(b, b->losses, "losses", 1, 1, MOEGEN_CUDA_LOSS_THREADS, stream, args_only, err);
     if (st == MOEGEN_OK && stats) {
         unsigned char host[24];
         CHECK(b->cu.cuMemcpyDtoHAsync(host, (moegen_cu_device_pointer)(uintptr_t)(base + L.stats), sizeof host, stream),

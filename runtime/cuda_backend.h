@@ -29,8 +29,11 @@ typedef struct moegen_cuda_backend moegen_cuda_backend;
 /* The NVRTC options moegen compiles generated code with (NULL-terminated list). */
 extern const char *const moegen_cuda_compile_options[];
 
-/* Render the CUDA source of `spec` for architecture `arch` ("sm_80", "sm_90a") with the
- * default variant for it. Returns moegen_generate's statuses. */
+/* Render the CUDA source of `spec` for architecture `arch` ("sm_80", "sm_90a", "sm_100a";
+ * read by moegen_cuda_arch_parse, gen/variant.h) with the default variant for it; the
+ * variant is kept in out->variant. Returns moegen_generate's statuses, and
+ * MOEGEN_ERR_INVALID_ARGUMENT with the parser's message for an `arch` it refuses
+ * (then `out` holds nothing to free). */
 moegen_status moegen_cuda_generate(const moegen_spec *spec, const char *arch, moegen_generated *out,
                                    moegen_error *err);
 
@@ -43,9 +46,13 @@ moegen_status moegen_cuda_compile_generated(const moegen_nvrtc *nv, const moegen
 /* Open the backend for `spec` on CUDA device `ordinal`: driver, context (the device's
  * primary context), NVRTC compile through the cache (`cache` may be unusable: then a
  * temporary directory), module load. `arch` NULL: from the device.
+ * The kernels are looked up by name (moegen_cuda_abi.h): optional ones the module lacks
+ * are not launched; the tiles come from the generated result's variant.
  * Returns MOEGEN_OK; MOEGEN_ERR_UNSUPPORTED when there is no driver, no device or no
- * NVRTC (message says which); MOEGEN_ERR_COMPILE with the NVRTC log's first lines;
- * MOEGEN_ERR_DEVICE for driver failures. `desc` gets variant, cache_hit. */
+ * NVRTC (message says which); MOEGEN_ERR_INVALID_ARGUMENT for an `arch` that
+ * moegen_cuda_arch_parse refuses; MOEGEN_ERR_COMPILE with the NVRTC log's first lines;
+ * MOEGEN_ERR_LOAD when the module lacks a required kernel; MOEGEN_ERR_DEVICE for driver
+ * failures. `desc` gets variant, cache_hit. */
 moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, const char *arch,
                                        moegen_cache *cache, moegen_cuda_backend **out,
                                        moegen_layer_desc *desc, moegen_error *err);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # test_cli.sh — the `moegen` command end to end: help and exit codes, check (canonical
-# form and hash), gen (write-if-changed), run (verify, --save / --load round trip), and
-# one-line errors. Needs MOEGEN_BINARY and MOEGEN_SOURCE_DIR (set by CTest).
+# form and hash), gen (write-if-changed; --backend cuda for every --arch form), run (verify,
+# --save / --load round trip), and one-line errors. Needs MOEGEN_BINARY and MOEGEN_SOURCE_DIR (set by CTest).
 set -u
 moegen=${MOEGEN_BINARY:?}
 src=${MOEGEN_SOURCE_DIR:?}
@@ -49,6 +49,30 @@ contains "gen reports three files written" "# 3 of 3 files written"
 expect "gen again rewrites nothing" 0 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen"
 contains "gen reports no files written" "# 0 of 3 files written"
 expect "gen without -o fails" 1 "$moegen" gen "$src/specs/demo.yaml"
+# gen --backend cuda: --arch goes through the one parser of sm_XX (moegen_cuda_arch_parse);
+# sm_100a used to be read as sm_10 and refused
+for arch in sm_80 sm_86 sm_90a sm_100a sm_100f sm_120 sm_120f; do
+    sm=${arch#sm_}
+    sm=${sm%[af]}
+    expect "gen --backend cuda --arch $arch" 0 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen-$arch" --backend cuda --arch "$arch"
+    contains "gen --arch $arch renders the sm_$sm variant" "variant cuda_sm${sm}_"
+    if ls "$work/gen-$arch"/moe_*.cu > /dev/null 2>&1 && [ -f "$work/gen-$arch/moegen_cuda_abi.h" ]; then
+        pass "gen --arch $arch writes the .cu source and moegen_cuda_abi.h"
+    else
+        fail "gen --arch $arch: files missing: $(ls "$work/gen-$arch")"
+    fi
+done
+expect "gen --backend cuda defaults to sm_80" 0 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen-default" --backend cuda
+contains "the default variant is sm_80's" "variant cuda_sm80_"
+for arch in sm_100x sm_8 sm_080 sm_80a sm_90f sm_121 sm_130 compute_90 SM_90 ""; do
+    expect "gen --arch '$arch' is refused" 1 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen-bad" --backend cuda --arch "$arch"
+    contains "gen --arch '$arch' says why" "moegen: gen: --arch: "
+    lines=$(printf '%s\n' "$out" | wc -l)
+    if [ "$lines" -eq 1 ]; then pass "gen --arch '$arch' error is one line"; else fail "error has $lines lines: $out"; fi
+done
+if [ ! -e "$work/gen-bad" ]; then pass "a refused --arch writes nothing"; else fail "a refused --arch created $work/gen-bad"; fi
+expect "gen --arch sm_70 parses but the CUDA backend needs sm_80" 1 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen-70" --backend cuda --arch sm_70
+contains "sm_70 is refused by the variant check" "needs sm_80"
 # generate-and-link: compile the generated source into a program of our own
 cat > "$work/link.c" <<'C'
 #include <stdio.h>

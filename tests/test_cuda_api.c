@@ -6,7 +6,8 @@
  * bf16 mma.sync/ldmatrix inline PTX and plain FMA code compiles warning-free to
  * CUBINs for sm_80 and sm_90a whose ptxas -v reports parse per kernel; a syntax
  * error is a compile error carrying its line; register pressure shows up as spills;
- * bad arguments and options are refused. The driver: a missing library, the
+ * bad arguments and options are refused; "sm_XX" names are read by the one parser
+ * (moegen_cuda_arch_parse, gen/variant.h), accepted and refused forms alike. The driver: a missing library, the
  * toolkit's stub library and fake drivers built here at run time (no device, zero
  * devices, a missing symbol, a fallback symbol, a fake Hopper) give the documented
  * statuses and messages. With a real driver and GPU (a GPU machine), device 0 is
@@ -39,6 +40,7 @@
 #include "cache.h"
 #include "test_support.h"
 #include "cuda_api.h"
+#include "variant.h"
 
 extern char **environ;
 
@@ -509,12 +511,28 @@ static void bad_compile_arguments_are_refused_with_the_output_left_empty(void **
     assert_int_equal(moegen_nvrtc_compile(nv, "k.cu", broken_source, NULL, 0, "sm_80", NULL, 0,
                                           NULL, &err),
                      MOEGEN_ERR_INVALID_ARGUMENT);
+    /* a name the one parser (moegen_cuda_arch_parse) refuses never reaches NVRTC */
+    assert_int_equal(moegen_nvrtc_compile(nv, "k.cu", broken_source, NULL, 0, "sm_10", NULL, 0,
+                                          &out, &err),
+                     MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "'sm_10'"));
+    assert_null(out.log);
     if (nv->arch_count > 0) {
-        assert_int_equal(moegen_nvrtc_compile(nv, "k.cu", broken_source, NULL, 0, "sm_10", NULL,
-                                              0, &out, &err),
-                         MOEGEN_ERR_UNSUPPORTED);
-        assert_non_null(strstr(err.message, "cannot compile for sm_10"));
-        assert_non_null(strstr(err.message, "sm_80"));
+        /* a well-formed name this NVRTC does not list (sm_70 for NVRTC 13, else another) */
+        char missing[16] = "";
+        for (int sm = MOEGEN_CUDA_SM_MIN; sm <= MOEGEN_CUDA_SM_MAX && !missing[0]; sm++) {
+            format_text(missing, sizeof missing, "sm_%d", sm);
+            if (moegen_nvrtc_supports_arch(nv, missing)) missing[0] = '\0';
+        }
+        if (missing[0]) {
+            char expected[64];
+            format_text(expected, sizeof expected, "cannot compile for %s", missing);
+            assert_int_equal(moegen_nvrtc_compile(nv, "k.cu", broken_source, NULL, 0, missing,
+                                                  NULL, 0, &out, &err),
+                             MOEGEN_ERR_UNSUPPORTED);
+            assert_non_null(strstr(err.message, expected));
+            assert_non_null(strstr(err.message, "sm_80"));
+        }
     }
     assert_int_equal(moegen_nvrtc_compile(nv, "k.cu", broken_source, NULL, 0, "sm_80",
                                           unknown_option, 1, &out, &err),
@@ -746,6 +764,97 @@ static void arch_names_follow_the_compute_capability(void **state) {
     assert_string_equal(moegen_cuda_arch_name(9, 0, buffer, 4), "sm_");
 }
 
+/* The one parser of "sm_XX" (gen/variant.h): used by `moegen gen --arch`, the CUDA backend
+ * and the NVRTC layer. */
+static void cuda_arch_names_are_read_by_one_parser(void **state) {
+    static const struct {
+        const char *text;
+        int sm;
+        char suffix;
+    } accepted[] = {
+        {"sm_70", 70, 0},    {"sm_75", 75, 0},     {"sm_80", 80, 0},     {"sm_86", 86, 0},
+        {"sm_89", 89, 0},    {"sm_90", 90, 0},     {"sm_90a", 90, 'a'},  {"sm_100", 100, 0},
+        {"sm_100a", 100, 'a'}, {"sm_100f", 100, 'f'}, {"sm_103a", 103, 'a'}, {"sm_110f", 110, 'f'},
+        {"sm_120", 120, 0},  {"sm_120a", 120, 'a'}, {"sm_120f", 120, 'f'},
+    };
+    static const struct {
+        const char *text;
+        const char *message; /* a piece of the message */
+    } rejected[] = {
+        {NULL, "no CUDA architecture given"},
+        {"", "no CUDA architecture given"},
+        {"sm_", "is not of the form sm_<70..120>[a|f]"},
+        {"sm_8", "'sm_8' is not of the form"},
+        {"sm_9a", "is not of the form"},
+        {"sm_1000", "is not of the form"},
+        {"sm_080", "is not of the form"},
+        {"sm_+80", "is not of the form"},
+        {"sm_80 ", "is not of the form"},
+        {" sm_80", "is not of the form"},
+        {"sm_80\n", "is not of the form"},
+        {"SM_80", "is not of the form"},
+        {"sm-80", "is not of the form"},
+        {"sm80", "is not of the form"},
+        {"sm_90A", "is not of the form"},
+        {"sm_90b", "is not of the form"},
+        {"sm_90af", "is not of the form"},
+        {"sm_100aa", "is not of the form"},
+        {"compute_90", "is not of the form"},
+        {"lto_90", "is not of the form"},
+        {"sm_10", "moegen knows sm_70 to sm_120"},
+        {"sm_60", "moegen knows sm_70 to sm_120"},
+        {"sm_69", "moegen knows sm_70 to sm_120"},
+        {"sm_121", "moegen knows sm_70 to sm_120"},
+        {"sm_130a", "moegen knows sm_70 to sm_120"},
+        {"sm_999", "moegen knows sm_70 to sm_120"},
+        {"sm_80a", "the 'a' (architecture-specific) targets start at sm_90a; use sm_80"},
+        {"sm_89a", "start at sm_90a"},
+        {"sm_80f", "the 'f' (family) targets start at sm_100f; use sm_80"},
+        {"sm_90f", "use sm_90 or its 'a' target"},
+    };
+    (void)state;
+    for (size_t index = 0; index < sizeof accepted / sizeof accepted[0]; index++) {
+        moegen_cuda_arch arch = {-1, 'x'};
+        moegen_error err;
+        if (moegen_cuda_arch_parse(accepted[index].text, &arch, &err) != MOEGEN_OK)
+            fail_msg("%s was refused: %s", accepted[index].text, err.message);
+        assert_int_equal(arch.sm, accepted[index].sm);
+        assert_int_equal(arch.suffix, accepted[index].suffix);
+        assert_int_equal(moegen_cuda_arch_parse(accepted[index].text, NULL, NULL), MOEGEN_OK);
+    }
+    for (size_t index = 0; index < sizeof rejected / sizeof rejected[0]; index++) {
+        moegen_cuda_arch arch = {-1, 'x'};
+        moegen_error err;
+        const char *text = rejected[index].text;
+        assert_int_equal(moegen_cuda_arch_parse(text, &arch, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+        if (!strstr(err.message, rejected[index].message))
+            fail_msg("'%s': message \"%s\" lacks \"%s\"", text ? text : "NULL", err.message,
+                     rejected[index].message);
+        if (text && text[0] && !strchr(text, '\n') && !strstr(err.message, text))
+            fail_msg("'%s': the message does not quote it: %s", text, err.message);
+        assert_int_equal(arch.sm, -1); /* untouched */
+        assert_int_equal(moegen_cuda_arch_parse(text, NULL, NULL), MOEGEN_ERR_INVALID_ARGUMENT);
+    }
+    /* what the backend asks for on its own, the device's name (moegen_cuda_arch_name), parses
+     * back for compute capabilities 7.0 to 12.0 and is refused above */
+    for (int major = 7; major <= 12; major++)
+        for (int minor = 0; minor <= 9; minor++) {
+            char buffer[MOEGEN_CUDA_ARCH_BYTES];
+            moegen_cuda_arch arch;
+            const int sm = major * 10 + minor;
+            moegen_cuda_arch_name(major, minor, buffer, sizeof buffer);
+            moegen_status status = moegen_cuda_arch_parse(buffer, &arch, NULL);
+            if (sm > MOEGEN_CUDA_SM_MAX) {
+                assert_int_equal(status, MOEGEN_ERR_INVALID_ARGUMENT);
+                continue;
+            }
+            if (status != MOEGEN_OK)
+                fail_msg("%s (compute capability %d.%d) is refused", buffer, major, minor);
+            assert_int_equal(arch.sm, sm);
+            assert_int_equal(arch.suffix, major >= 9 ? 'a' : 0);
+        }
+}
+
 static void error_texts_name_cuda_errors_without_a_driver(void **state) {
     char buffer[256];
     moegen_error err;
@@ -973,6 +1082,7 @@ int main(void) {
         cmocka_unit_test(a_driver_with_only_the_original_elapsed_time_symbol_opens),
         cmocka_unit_test(a_fake_hopper_is_described_as_sm_90a),
         cmocka_unit_test(arch_names_follow_the_compute_capability),
+        cmocka_unit_test(cuda_arch_names_are_read_by_one_parser),
         cmocka_unit_test(error_texts_name_cuda_errors_without_a_driver),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);

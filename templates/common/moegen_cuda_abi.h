@@ -3,21 +3,50 @@
  * Place in the pipeline: gen emits CUDA C++ against this header; NVRTC compiles it (the
  * runtime passes this file to NVRTC as an in-memory header); runtime/cuda_backend.c
  * fills a moegen_cuda_args with device pointers and launches the module's kernels, in
- * this order, on one stream (module prefix P):
+ * this order, on one stream (module prefix P; S tokens, k routes per token):
  *
- *   P_router          grid ceil(S / ROUTER_TOKENS), 256 threads   logits, scores, top-k, loss terms
- *   P_dispatch_count  1 x 512                                     counts, per-expert order, position keeps
- *   P_dispatch_rank   grid ceil(S*k / 256), 256 (probs / random)  priority rank inside over-full experts
- *   P_dispatch_place  1 x 512                                     rows, offsets, weights, GEMM problem table
- *   P_<shape>_gemm1   grid (m tiles bound, n tiles) per group     GEMM1 + activation -> hidden
- *   P_<shape>_gemm2   same                                        GEMM2 + bias -> expert_out (fp32)
- *   P_combine         grid S, 128 threads                         y = weighted sum + residual + shared
- *   P_losses          1 x 256                                     aux loss, z loss, dropped routes
+ *   kernel            grid                            threads per block
+ *   P_router          ceil(S / ROUTER_TOKENS)         MOEGEN_CUDA_ROUTER_THREADS
+ *                     logits, scores, top-k, loss terms
+ *   P_dispatch_count  1                               MOEGEN_CUDA_DISPATCH_THREADS
+ *                     counts, per-expert order, position keeps
+ *   P_dispatch_rank   ceil(S*k / RANK_THREADS)        MOEGEN_CUDA_RANK_THREADS
+ *                     priority rank inside over-full experts; optional: only the
+ *                     modules whose drop priority ranks routes (probs, random) have it
+ *   P_dispatch_place  1                               MOEGEN_CUDA_DISPATCH_THREADS
+ *                     rows, offsets, weights, GEMM problem table
+ *   P_<shape>_gemm1   (m tiles bound, n tiles)        MOEGEN_CUDA_GEMM_THREADS(warps)
+ *                     GEMM1 + activation -> hidden, one launch per problem group
+ *   P_<shape>_gemm2   (m tiles bound, n tiles)        MOEGEN_CUDA_GEMM_THREADS(warps)
+ *                     GEMM2 + bias -> expert_out (fp32)
+ *   P_combine         S                               MOEGEN_CUDA_COMBINE_THREADS
+ *                     y = weighted sum + residual + shared
+ *   P_losses          1                               MOEGEN_CUDA_LOSS_THREADS
+ *                     aux loss, z loss, dropped routes
+ *
+ * <shape> is "f<ffn size>": the routed experts and the residual MLP use f<F>, shared
+ * experts f<Fs> (one pair of kernels when Fs == F). ROUTER_TOKENS, the GEMM tiles and the
+ * GEMM warps come from the variant (gen/variant.h), which the runtime reads from the
+ * generated result (moegen_generated.variant), never re-derives.
+ *
+ * Which kernels a module has is decided once, by the templates: the runtime looks every
+ * kernel up by name and treats CUDA_ERROR_NOT_FOUND as "absent" for the optional ones
+ * (P_dispatch_rank), as an error for the others.
+ *
+ * Every threads-per-block count below is the single home of that number: the kernels'
+ * __launch_bounds__ and loops use it, and the runtime launches with it. No kernel uses
+ * dynamic shared memory (every __shared__ array is static and sized at compile time,
+ * within the 48 KiB static limit moegen_variant_check enforces for the GEMM tiles), so
+ * every launch passes MOEGEN_CUDA_DYNAMIC_SHARED_BYTES.
  *
  * Every launch has a grid of at least one block; CTAs beyond the work the dispatch
  * wrote (an expert with fewer rows than the bound) return at once. The capacity C is
  * computed on the host from S (moegen_spec_capacity) and passed in; no kernel needs a
  * host round trip, so the whole forward can be captured in a CUDA graph.
+ *
+ * Note: when the launch constants were moved here (one home for runtime and kernels),
+ * there was no GPU at hand: the kernels were compiled with NVRTC (test_nvrtc) and the
+ * launch sequence checked against a fake driver (test_cuda_backend), not run.
  */
 #ifndef MOEGEN_CUDA_ABI_H
 #define MOEGEN_CUDA_ABI_H
@@ -25,6 +54,19 @@
 #include "moegen_kernel_abi.h"
 
 #define MOEGEN_CUDA_ABI_VERSION 1
+
+/* Threads per block of each kernel (see the table above). */
+#define MOEGEN_CUDA_WARP_THREADS 32
+#define MOEGEN_CUDA_ROUTER_THREADS 256   /* P_router: 8 warps, one token per warp at a time */
+#define MOEGEN_CUDA_DISPATCH_THREADS 512 /* P_dispatch_count and P_dispatch_place */
+#define MOEGEN_CUDA_RANK_THREADS 256     /* P_dispatch_rank: one thread per route */
+#define MOEGEN_CUDA_COMBINE_THREADS 128  /* P_combine: one block per token */
+#define MOEGEN_CUDA_LOSS_THREADS 256     /* P_losses: a power of two (fixed reduction tree) */
+/* P_<shape>_gemm1 / _gemm2: one warp per warp tile of the variant (warps_m x warps_n). */
+#define MOEGEN_CUDA_GEMM_THREADS(warps_m, warps_n) (MOEGEN_CUDA_WARP_THREADS * (warps_m) * (warps_n))
+
+/* Dynamic shared memory of every launch, in bytes (all shared memory is static). */
+#define MOEGEN_CUDA_DYNAMIC_SHARED_BYTES 0
 
 /* Problem groups of the grouped GEMM launches. */
 #define MOEGEN_GROUP_ROUTED 0

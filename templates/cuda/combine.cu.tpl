@@ -7,7 +7,7 @@
 % local P = gen.prefix
 /* ---- Stage 4: combine and losses ------------------------------------------------------ */
 
-#define COMBINE_THREADS 128
+#define COMBINE_THREADS MOEGEN_CUDA_COMBINE_THREADS /* moegen_cuda_abi.h: the runtime launches with it */
 % if spec.use_residual or spec.shared.gate then
 
 /* x[t] . v over HIDDEN in fp32, reduced by the block in a fixed order; every thread gets it. */
@@ -72,7 +72,7 @@ extern "C" __global__ void __launch_bounds__(COMBINE_THREADS) ${P}_combine(const
     }
 }
 
-#define LOSS_THREADS 256
+#define LOSS_THREADS MOEGEN_CUDA_LOSS_THREADS /* moegen_cuda_abi.h */
 
 /* Sum v over the block in a fixed order (thread partition, then a fixed tree). */
 __device__ double block_sum(double v, double *scratch) {

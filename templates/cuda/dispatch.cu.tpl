@@ -7,12 +7,14 @@
 % local moe = import("templates/lib/moe.lua")
 % local cap = spec.capacity
 % local dropless = cap.mode == "dropless"
+% -- `ranked` is the one decision whether this module has P_dispatch_rank: the runtime
+% -- looks the kernel up by name and launches it when it is there (moegen_cuda_abi.h).
 % local ranked = not dropless and (cap.priority == "probs" or cap.priority == "random")
 % local P = gen.prefix
 /* ---- Stage 2: capacity and permutation ---------------------------------------------- */
 
-#define DISPATCH_THREADS 512
-#define RANK_THREADS 256
+#define DISPATCH_THREADS MOEGEN_CUDA_DISPATCH_THREADS /* moegen_cuda_abi.h: the runtime launches with these */
+#define RANK_THREADS MOEGEN_CUDA_RANK_THREADS
 
 /* Rank of this lane's route among routes of the same expert, for a warp walking routes
  * in order 32 at a time: base[expert] (routes of that expert already seen) plus the

@@ -9,6 +9,8 @@
 % -- bf16 / fp16: tensor cores (mma.sync m16n8k16, fp32 accumulate), ldmatrix from an
 % -- XOR-swizzled shared tile fed by a cp.async pipeline of STAGES stages.
 % -- fp32: FMA on CUDA cores with the same pipeline (exact fp32; no TF32 rounding).
+% -- The shapes (moe.ffn_shapes) decide which P_f<ffn>_gemm1/2 kernels exist; the runtime
+% -- looks up the pair for each problem group's ffn size by name (moegen_cuda_abi.h).
 % local moe = import("templates/lib/moe.lua")
 % local P = gen.prefix
 % local fp32 = spec.dtype == "fp32"

@@ -6,7 +6,8 @@
 % --   -> dispatch (capacity, drop priority, expert-contiguous rows, GEMM problem table)
 % --   -> gemm (grouped expert GEMMs: tensor cores for fp16/bf16, FMA for fp32)
 % --   -> combine (weighted sum in slot order, residual, shared) -> losses.
-% -- The launch order and the argument struct are in templates/common/moegen_cuda_abi.h.
+% -- The launch order, the threads per block of every kernel and the argument struct are
+% -- in templates/common/moegen_cuda_abi.h (shared with the runtime, which launches them).
 % local moe = import("templates/lib/moe.lua")
 % include("templates/common/header.tpl")
 #include "moegen_cuda_abi.h"
@@ -46,7 +47,7 @@
 #define STAGES ${variant.cuda.stages}
 #define WARPS_M ${variant.cuda.warps_m}
 #define WARPS_N ${variant.cuda.warps_n}
-#define GEMM_THREADS (32 * WARPS_M * WARPS_N)
+#define GEMM_THREADS MOEGEN_CUDA_GEMM_THREADS(WARPS_M, WARPS_N) /* moegen_cuda_abi.h */
 #define ROUTER_TOKENS ${variant.cuda.router_tokens}
 
 static_assert(HIDDEN % 16 == 0 && FFN % 16 == 0, "sizes are multiples of 16 (validated by the spec loader)");

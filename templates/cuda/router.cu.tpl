@@ -11,7 +11,7 @@
 % local P = gen.prefix
 /* ---- Stage 1: router ------------------------------------------------------------------ */
 
-#define ROUTER_THREADS 256
+#define ROUTER_THREADS MOEGEN_CUDA_ROUTER_THREADS /* moegen_cuda_abi.h: the runtime launches with it */
 #define ROUTER_WARPS (ROUTER_THREADS / 32)
 #define ROUTER_EXPERT_CHUNK 64
 #define ROUTER_K_CHUNK 32
