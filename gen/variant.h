@@ -62,7 +62,7 @@ typedef struct moegen_target {
  * question (moegen_nvrtc_supports_arch); whether the CUDA backend supports it is
  * moegen_variant_check's (sm_80 or newer). */
 #define MOEGEN_CUDA_SM_MIN 70
-#define MOEGEN_CUDA_SM_MAX 120
+#define MOEGEN_CUDA_SM_MAX 121 /* sm_121: GB10 (compute capability 12.1), known to NVRTC 13 */
 #define MOEGEN_CUDA_SM_SUFFIX_A_MIN 90  /* first architecture with an "a" target */
 #define MOEGEN_CUDA_SM_SUFFIX_F_MIN 100 /* first architecture with an "f" target */
 

@@ -51,7 +51,7 @@ contains "gen reports no files written" "# 0 of 3 files written"
 expect "gen without -o fails" 1 "$moegen" gen "$src/specs/demo.yaml"
 # gen --backend cuda: --arch goes through the one parser of sm_XX (moegen_cuda_arch_parse);
 # sm_100a used to be read as sm_10 and refused
-for arch in sm_80 sm_86 sm_90a sm_100a sm_100f sm_120 sm_120f; do
+for arch in sm_80 sm_86 sm_90a sm_100a sm_100f sm_120 sm_120f sm_121a; do
     sm=${arch#sm_}
     sm=${sm%[af]}
     expect "gen --backend cuda --arch $arch" 0 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen-$arch" --backend cuda --arch "$arch"
@@ -64,7 +64,7 @@ for arch in sm_80 sm_86 sm_90a sm_100a sm_100f sm_120 sm_120f; do
 done
 expect "gen --backend cuda defaults to sm_80" 0 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen-default" --backend cuda
 contains "the default variant is sm_80's" "variant cuda_sm80_"
-for arch in sm_100x sm_8 sm_080 sm_80a sm_90f sm_121 sm_130 compute_90 SM_90 ""; do
+for arch in sm_100x sm_8 sm_080 sm_80a sm_90f sm_122 sm_130 compute_90 SM_90 ""; do
     expect "gen --arch '$arch' is refused" 1 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen-bad" --backend cuda --arch "$arch"
     contains "gen --arch '$arch' says why" "moegen: gen: --arch: "
     lines=$(printf '%s\n' "$out" | wc -l)

@@ -351,9 +351,9 @@ static void an_architecture_the_parser_refuses_fails_open_with_its_message(void 
     static const struct {
         const char *arch, *message;
     } cases[] = {
-        {"sm_100x", "CUDA architecture 'sm_100x' is not of the form sm_<70..120>[a|f]"},
+        {"sm_100x", "CUDA architecture 'sm_100x' is not of the form sm_<70..121>[a|f]"},
         {"sm_80a", "the 'a' (architecture-specific) targets start at sm_90a"},
-        {"sm_121a", "moegen knows sm_70 to sm_120"},
+        {"sm_122a", "moegen knows sm_70 to sm_121"},
         {"", "no CUDA architecture given"},
     };
     saved_variable cc = set_variable("FAKE_CUDA_CC", "9.0");
