@@ -3,6 +3,8 @@
 #define _GNU_SOURCE
 #include "cpu_backend.h"
 
+#include "ep.h"
+
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,8 +24,13 @@
 
 struct moegen_cpu_backend {
     moegen_cpu_module module;
+    const moegen_spec *spec;
     void *workspace;
     size_t workspace_capacity;
+    /* expert parallelism: the plan of the last route, and the experts' scratch */
+    moegen_kernel_plan plan;
+    void *hidden;
+    size_t hidden_capacity; /* bytes */
 };
 
 /* ---- Building the module (the cache's builder callback) ------------------------------ */
@@ -139,6 +146,7 @@ moegen_status moegen_cpu_backend_open(const moegen_spec *spec, const moegen_open
     *out = NULL;
     moegen_cpu_backend *b = calloc(1, sizeof *b);
     if (!b) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    b->spec = spec;
     moegen_status st = load_module(b, spec, options, desc, err);
     if (st != MOEGEN_OK) {
         moegen_cpu_backend_close(b);
@@ -152,6 +160,7 @@ void moegen_cpu_backend_close(moegen_cpu_backend *b) {
     if (!b) return;
     moegen_cpu_module_unload(&b->module);
     free(b->workspace);
+    free(b->hidden);
     free(b);
 }
 
@@ -258,4 +267,92 @@ moegen_status moegen_cpu_backend_combine(moegen_cpu_backend *b, const moegen_ker
     moegen_kernel_outputs out;
     moegen_kernel_args args = kernel_args(b, w, n_threads, io, &out);
     return kernel_status(b->module.combine(&args), "combine", err);
+}
+
+/* ---- Expert parallelism: the stages behind runtime/ep.h's moegen_ep_backend ------------------ */
+
+static moegen_status ep_route(void *self, const moegen_kernel_weights *w, int n_threads, const moegen_forward_io *io,
+                              int64_t *counts_after, int64_t *expert_offset, moegen_forward_stats *stats,
+                              moegen_error *err) {
+    moegen_cpu_backend *b = self;
+    moegen_status st = moegen_cpu_backend_route(b, w, n_threads, io, &b->plan, stats, err);
+    if (st != MOEGEN_OK) return st;
+    const int E = b->spec->num_experts;
+    memcpy(counts_after, b->plan.counts_after, (size_t)E * sizeof(int64_t));
+    memcpy(expert_offset, b->plan.expert_offset, (size_t)(E + 1) * sizeof(int64_t));
+    return MOEGEN_OK;
+}
+
+static moegen_status ep_pack(void *self, const moegen_forward_io *io, void *rows, float *scales, moegen_error *err) {
+    (void)err;
+    moegen_cpu_backend *b = self;
+    const moegen_kernel_plan *plan = &b->plan;
+    const size_t row_bytes = (size_t)b->spec->hidden_size * moegen_dtype_size(b->spec->dtype);
+    int64_t at = 0;
+    for (int e = 0; e < b->spec->num_experts; e++)
+        for (int64_t i = 0; i < plan->counts_after[e]; i++, at++) {
+            const int64_t row = plan->expert_offset[e] + i;
+            memcpy((char *)rows + at * row_bytes, (const char *)io->x + (int64_t)plan->row_token[row] * row_bytes,
+                   row_bytes);
+            if (scales) scales[at] = plan->row_scale[row];
+        }
+    return MOEGEN_OK;
+}
+
+static moegen_status ep_experts(void *self, const moegen_kernel_weights *w, int n_threads, int first, int n,
+                                const int64_t *local_offset, const void *rows, const float *scales, float *out,
+                                moegen_error *err) {
+    moegen_cpu_backend *b = self;
+    const size_t bytes = (size_t)local_offset[n] * (size_t)b->spec->moe_intermediate_size *
+                         moegen_dtype_size(b->spec->dtype);
+    if (bytes > b->hidden_capacity) {
+        void *fresh = realloc(b->hidden, bytes);
+        if (!fresh)
+            return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "experts: cannot allocate %zu bytes of scratch",
+                                    bytes);
+        b->hidden = fresh;
+        b->hidden_capacity = bytes;
+    }
+    moegen_kernel_expert_args args = {
+        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
+        .n_threads = n_threads,
+        .first_expert = first,
+        .n_experts = n,
+        .expert_offset = local_offset,
+        .x = rows,
+        .row_scale = scales,
+        .w1 = w->w1,
+        .b1 = w->b1,
+        .w2 = w->w2,
+        .b2 = w->b2,
+        .hidden = b->hidden,
+        .out = out,
+    };
+    return moegen_cpu_backend_experts(b, &args, err);
+}
+
+static moegen_status ep_unpack(void *self, const float *returned, moegen_error *err) {
+    (void)err;
+    moegen_cpu_backend *b = self;
+    const moegen_kernel_plan *plan = &b->plan;
+    const size_t out_row = (size_t)b->spec->hidden_size * sizeof(float);
+    int64_t at = 0;
+    for (int e = 0; e < b->spec->num_experts; e++) {
+        const int64_t n = plan->counts_after[e];
+        if (n > 0)
+            memcpy((char *)plan->expert_out + plan->expert_offset[e] * out_row, (const char *)returned + at * out_row,
+                   (size_t)n * out_row);
+        at += n;
+    }
+    return MOEGEN_OK;
+}
+
+static moegen_status ep_combine(void *self, const moegen_kernel_weights *w, int n_threads,
+                                const moegen_forward_io *io, moegen_forward_stats *stats, moegen_error *err) {
+    (void)stats; /* the route stage reported them */
+    return moegen_cpu_backend_combine(self, w, n_threads, io, err);
+}
+
+void moegen_cpu_backend_ep(moegen_cpu_backend *b, moegen_ep_backend *ops) {
+    *ops = (moegen_ep_backend){b, ep_route, ep_pack, ep_experts, ep_unpack, ep_combine, NULL, NULL};
 }

@@ -53,4 +53,9 @@ moegen_status moegen_cpu_backend_combine(moegen_cpu_backend *b, const moegen_ker
 
 void moegen_cpu_backend_close(moegen_cpu_backend *b);
 
+/* The stages the expert-parallel layer drives (runtime/ep.h); host buffers are heap memory
+ * (host_alloc / host_free NULL). */
+struct moegen_ep_backend;
+void moegen_cpu_backend_ep(moegen_cpu_backend *b, struct moegen_ep_backend *ops);
+
 #endif

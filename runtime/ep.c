@@ -1,5 +1,6 @@
 /* ep.c — the expert-parallel layer: one rank's share of a layer with ep_size > 1 (see ep.h
- * for the flow and its invariants). */
+ * for the flow and its invariants). Everything that crosses ranks lives in host buffers
+ * the backend allocates; the backend moves rows between those and its own memory. */
 #include "ep.h"
 
 #include <stdio.h>
@@ -9,17 +10,18 @@
 
 struct moegen_ep {
     moegen_comm *comm;           /* borrowed */
-    moegen_cpu_backend *backend; /* borrowed */
+    moegen_ep_backend backend;   /* its self is borrowed */
     int rank, ranks, n_experts, n_local, first_expert;
-    int64_t hidden, ffn;
-    size_t elem, row_bytes;      /* layer dtype element; one token row */
+    int64_t hidden;
+    size_t row_bytes;            /* one token row in the layer dtype */
     int weight_on_input;
-    /* per-rank and per-expert bookkeeping, sized once at open */
+    /* per-rank and per-expert bookkeeping, sized once at open (host) */
     int64_t *send_counts_by_expert; /* [E]: kept rows per expert (this rank's routes) */
     int64_t *recv_counts_by_expert; /* [P][E/P]: rows from source s for local expert l */
+    int64_t *expert_offset;      /* [E + 1]: the route stage's permutation */
     int64_t *send_counts, *send_offsets, *recv_counts, *recv_offsets; /* [P] rows */
     int64_t *local_offset;       /* [E/P + 1]: local expert rows, expert by expert */
-    /* buffers that grow with the rows of a call */
+    /* host buffers (from the backend) that grow with the rows of a call */
     void *send_rows;             /* [rows out][H] dtype: the kept rows, destination by destination */
     float *send_scales;          /* [rows out] weight_on_input scales */
     float *returned;             /* [rows out][H] fp32: their experts' outputs, back */
@@ -27,7 +29,6 @@ struct moegen_ep {
     float *recv_scales;          /* [rows in] */
     void *expert_rows;           /* [rows in][H] dtype: expert by expert */
     float *expert_scales;        /* [rows in] */
-    void *hidden_rows;           /* [rows in][F] dtype: the experts' scratch */
     float *expert_out;           /* [rows in][H] fp32: expert by expert */
     float *back_rows;            /* [rows in][H] fp32: in the received order, to send back */
     size_t send_capacity, recv_capacity; /* rows */
@@ -84,7 +85,7 @@ static int find_odd_ranks(const rank_record *records, int ranks, char *why, size
 }
 
 moegen_status moegen_ep_open(const moegen_spec *spec, const char *spec_hash, moegen_comm *comm,
-                             moegen_cpu_backend *backend, moegen_ep **out, moegen_layer_desc *desc,
+                             const moegen_ep_backend *backend, moegen_ep **out, moegen_layer_desc *desc,
                              moegen_error *err) {
     *out = NULL;
     const int ranks = comm->size;
@@ -116,27 +117,26 @@ moegen_status moegen_ep_open(const moegen_spec *spec, const char *spec_hash, moe
     moegen_ep *ep = calloc(1, sizeof *ep);
     if (!ep) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
     ep->comm = comm;
-    ep->backend = backend;
+    ep->backend = *backend;
     ep->rank = comm->rank;
     ep->ranks = ranks;
     ep->n_experts = spec->num_experts;
     ep->n_local = spec->num_experts / ranks;
     ep->first_expert = ep->rank * ep->n_local;
     ep->hidden = spec->hidden_size;
-    ep->ffn = spec->moe_intermediate_size;
-    ep->elem = moegen_dtype_size(spec->dtype);
-    ep->row_bytes = (size_t)spec->hidden_size * ep->elem;
+    ep->row_bytes = (size_t)spec->hidden_size * moegen_dtype_size(spec->dtype);
     ep->weight_on_input = spec->weight_on_input;
     const size_t P = (size_t)ranks, E = (size_t)spec->num_experts;
     ep->send_counts_by_expert = calloc(E, sizeof(int64_t));
     ep->recv_counts_by_expert = calloc(P * (size_t)ep->n_local, sizeof(int64_t));
+    ep->expert_offset = calloc(E + 1, sizeof(int64_t));
     ep->send_counts = calloc(P, sizeof(int64_t));
     ep->send_offsets = calloc(P, sizeof(int64_t));
     ep->recv_counts = calloc(P, sizeof(int64_t));
     ep->recv_offsets = calloc(P, sizeof(int64_t));
     ep->local_offset = calloc((size_t)ep->n_local + 1, sizeof(int64_t));
-    if (!ep->send_counts_by_expert || !ep->recv_counts_by_expert || !ep->send_counts || !ep->send_offsets ||
-        !ep->recv_counts || !ep->recv_offsets || !ep->local_offset) {
+    if (!ep->send_counts_by_expert || !ep->recv_counts_by_expert || !ep->expert_offset || !ep->send_counts ||
+        !ep->send_offsets || !ep->recv_counts || !ep->recv_offsets || !ep->local_offset) {
         moegen_ep_close(ep);
         return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
     }
@@ -148,65 +148,76 @@ moegen_status moegen_ep_open(const moegen_spec *spec, const char *spec_hash, moe
     return MOEGEN_OK;
 }
 
+/* The host buffers of the exchange, each from the backend. */
+#define EP_HOST_BUFFERS(ep)                                                                              \
+    {&(ep)->send_rows, (void **)&(ep)->send_scales, (void **)&(ep)->returned, &(ep)->recv_rows,         \
+     (void **)&(ep)->recv_scales, &(ep)->expert_rows, (void **)&(ep)->expert_scales,                    \
+     (void **)&(ep)->expert_out, (void **)&(ep)->back_rows}
+
 void moegen_ep_close(moegen_ep *ep) {
     if (!ep) return;
+    void **host[] = EP_HOST_BUFFERS(ep);
     if (ep->comm && ep->comm->broken) {
         /* A collective that timed out may still be pending inside the transport (MPI
-         * cannot cancel one), holding the buffers it was given: they live as long as the
-         * communicator. The rest is ours alone. */
-        void *given[] = {ep->send_counts_by_expert, ep->recv_counts_by_expert, ep->send_rows, ep->recv_rows,
-                         ep->send_scales, ep->recv_scales, ep->returned, ep->back_rows};
-        for (size_t i = 0; i < sizeof given / sizeof given[0]; i++) moegen_comm_adopt(ep->comm, given[i]);
+         * cannot cancel one), holding the buffers it was given: the count vectors live as
+         * long as the communicator, and the exchange buffers are left to the transport. */
+        moegen_comm_adopt(ep->comm, ep->send_counts_by_expert);
+        moegen_comm_adopt(ep->comm, ep->recv_counts_by_expert);
         ep->send_counts_by_expert = ep->recv_counts_by_expert = NULL;
-        ep->send_rows = ep->recv_rows = NULL;
-        ep->send_scales = ep->recv_scales = ep->returned = ep->back_rows = NULL;
+        const int host_is_heap = ep->backend.host_free == NULL;
+        for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) {
+            if (host_is_heap) moegen_comm_adopt(ep->comm, *host[i]);
+            *host[i] = NULL;
+        }
     }
+    for (size_t i = 0; i < sizeof host / sizeof host[0]; i++)
+        if (*host[i]) {
+            if (ep->backend.host_free) ep->backend.host_free(ep->backend.self, *host[i]);
+            else free(*host[i]);
+        }
     free(ep->send_counts_by_expert);
     free(ep->recv_counts_by_expert);
+    free(ep->expert_offset);
     free(ep->send_counts);
     free(ep->send_offsets);
     free(ep->recv_counts);
     free(ep->recv_offsets);
     free(ep->local_offset);
-    free(ep->send_rows);
-    free(ep->recv_rows);
-    free(ep->expert_rows);
-    free(ep->hidden_rows);
-    free(ep->send_scales);
-    free(ep->recv_scales);
-    free(ep->expert_scales);
-    free(ep->expert_out);
-    free(ep->back_rows);
-    free(ep->returned);
     free(ep);
 }
 
 /* ---- forward ----------------------------------------------------------------------------- */
 
-/* Grow `*buffer` to hold `count` items of `size` bytes (at least one). */
-static int grow(void **buffer, size_t count, size_t size) {
-    void *fresh = realloc(*buffer, (count ? count : 1) * size);
+/* Replace `*buffer` by a host buffer of `count` items of `size` bytes (at least one; its
+ * contents need not survive). */
+static int grow(moegen_ep *ep, void **buffer, size_t count, size_t size) {
+    const size_t bytes = (count ? count : 1) * size;
+    void *fresh = ep->backend.host_alloc ? ep->backend.host_alloc(ep->backend.self, bytes) : malloc(bytes);
     if (!fresh) return -1;
+    if (*buffer) {
+        if (ep->backend.host_free) ep->backend.host_free(ep->backend.self, *buffer);
+        else free(*buffer);
+    }
     *buffer = fresh;
     return 0;
 }
 
 static moegen_status ensure_buffers(moegen_ep *ep, size_t send_rows, size_t recv_rows, moegen_error *err) {
     int failed = 0;
+    const size_t out_row = (size_t)ep->hidden * sizeof(float);
     if (send_rows > ep->send_capacity || !ep->send_rows) { /* never NULL, even for 0 rows */
-        failed |= grow(&ep->send_rows, send_rows, ep->row_bytes);
-        failed |= grow((void **)&ep->returned, send_rows, (size_t)ep->hidden * sizeof(float));
-        failed |= grow((void **)&ep->send_scales, send_rows, sizeof(float));
+        failed |= grow(ep, &ep->send_rows, send_rows, ep->row_bytes);
+        failed |= grow(ep, (void **)&ep->returned, send_rows, out_row);
+        failed |= grow(ep, (void **)&ep->send_scales, send_rows, sizeof(float));
         if (!failed) ep->send_capacity = send_rows;
     }
     if (!failed && (recv_rows > ep->recv_capacity || !ep->recv_rows)) {
-        failed |= grow(&ep->recv_rows, recv_rows, ep->row_bytes);
-        failed |= grow(&ep->expert_rows, recv_rows, ep->row_bytes);
-        failed |= grow(&ep->hidden_rows, recv_rows, (size_t)ep->ffn * ep->elem);
-        failed |= grow((void **)&ep->expert_out, recv_rows, (size_t)ep->hidden * sizeof(float));
-        failed |= grow((void **)&ep->back_rows, recv_rows, (size_t)ep->hidden * sizeof(float));
-        failed |= grow((void **)&ep->recv_scales, recv_rows, sizeof(float));
-        failed |= grow((void **)&ep->expert_scales, recv_rows, sizeof(float));
+        failed |= grow(ep, &ep->recv_rows, recv_rows, ep->row_bytes);
+        failed |= grow(ep, &ep->expert_rows, recv_rows, ep->row_bytes);
+        failed |= grow(ep, (void **)&ep->expert_out, recv_rows, out_row);
+        failed |= grow(ep, (void **)&ep->back_rows, recv_rows, out_row);
+        failed |= grow(ep, (void **)&ep->recv_scales, recv_rows, sizeof(float));
+        failed |= grow(ep, (void **)&ep->expert_scales, recv_rows, sizeof(float));
         if (!failed) ep->recv_capacity = recv_rows;
     }
     return failed ? moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0,
@@ -225,11 +236,9 @@ static int64_t prefix(const int64_t *counts, int64_t *offsets, int n) {
     return total;
 }
 
-/* Steps 2 and 3: exchange counts, pack the kept rows, send them. Returns the rows sent. */
-static moegen_status dispatch_rows(moegen_ep *ep, const moegen_forward_io *io, const moegen_kernel_plan *plan,
-                                   int64_t *rows_in, moegen_error *err) {
+/* Steps 2 and 3: exchange the counts, pack the kept rows, send them. */
+static moegen_status dispatch_rows(moegen_ep *ep, const moegen_forward_io *io, int64_t *rows_in, moegen_error *err) {
     const int P = ep->ranks, L = ep->n_local;
-    for (int e = 0; e < ep->n_experts; e++) ep->send_counts_by_expert[e] = plan->counts_after[e];
     moegen_status st = moegen_comm_alltoall(ep->comm, ep->send_counts_by_expert, ep->recv_counts_by_expert,
                                             (size_t)L * sizeof(int64_t), err);
     if (st != MOEGEN_OK) return st;
@@ -243,21 +252,13 @@ static moegen_status dispatch_rows(moegen_ep *ep, const moegen_forward_io *io, c
     const int64_t rows_out = prefix(ep->send_counts, ep->send_offsets, P);
     *rows_in = prefix(ep->recv_counts, ep->recv_offsets, P);
     st = ensure_buffers(ep, (size_t)rows_out, (size_t)*rows_in, err);
-    if (st != MOEGEN_OK) return st;
-
-    /* Pack: the kept rows of every expert in expert order, which is destination order
-     * because each rank's experts are contiguous. Padding rows are never sent. */
-    char *send = ep->send_rows;
-    int64_t at = 0;
-    for (int e = 0; e < ep->n_experts; e++)
-        for (int64_t i = 0; i < plan->counts_after[e]; i++, at++) {
-            const int64_t row = plan->expert_offset[e] + i;
-            memcpy(send + at * ep->row_bytes, (const char *)io->x + (int64_t)plan->row_token[row] * ep->row_bytes,
-                   ep->row_bytes);
-            if (ep->weight_on_input) ep->send_scales[at] = plan->row_scale[row];
-        }
-    st = moegen_comm_alltoallv(ep->comm, ep->send_rows, ep->send_counts, ep->send_offsets, ep->recv_rows,
-                               ep->recv_counts, ep->recv_offsets, ep->row_bytes, err);
+    /* The kept rows of every expert in expert order, which is destination order because
+     * each rank's experts are contiguous. Padding rows are never sent. */
+    if (st == MOEGEN_OK && rows_out > 0)
+        st = ep->backend.pack(ep->backend.self, io, ep->send_rows, ep->weight_on_input ? ep->send_scales : NULL, err);
+    if (st == MOEGEN_OK)
+        st = moegen_comm_alltoallv(ep->comm, ep->send_rows, ep->send_counts, ep->send_offsets, ep->recv_rows,
+                                   ep->recv_counts, ep->recv_offsets, ep->row_bytes, err);
     if (st == MOEGEN_OK && ep->weight_on_input)
         st = moegen_comm_alltoallv(ep->comm, ep->send_scales, ep->send_counts, ep->send_offsets, ep->recv_scales,
                                    ep->recv_counts, ep->recv_offsets, sizeof(float), err);
@@ -286,62 +287,40 @@ static moegen_status run_local_experts(moegen_ep *ep, const moegen_kernel_weight
         for (int s = 0; s < P; s++) rows += ep->recv_counts_by_expert[s * L + l];
         ep->local_offset[l + 1] = ep->local_offset[l] + rows;
     }
+    if (rows_in == 0) return MOEGEN_OK;
     const size_t out_row = (size_t)ep->hidden * sizeof(float);
     for (int s = 0; s < P; s++)
         for (int l = 0; l < L; l++) {
             int64_t from, to, n = ep->recv_counts_by_expert[s * L + l];
+            if (n == 0) continue;
             chunk(ep, s, l, &from, &to);
-            if (n == 0) continue; /* (a rank with no rows has no buffers yet) */
             memcpy((char *)ep->expert_rows + to * ep->row_bytes, (char *)ep->recv_rows + from * ep->row_bytes,
                    (size_t)n * ep->row_bytes);
             if (ep->weight_on_input)
                 memcpy(ep->expert_scales + to, ep->recv_scales + from, (size_t)n * sizeof(float));
         }
-    moegen_kernel_expert_args args = {
-        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
-        .n_threads = n_threads,
-        .first_expert = ep->first_expert,
-        .n_experts = L,
-        .expert_offset = ep->local_offset,
-        .x = ep->expert_rows,
-        .row_scale = ep->weight_on_input ? ep->expert_scales : NULL,
-        .w1 = w->w1,
-        .b1 = w->b1,
-        .w2 = w->w2,
-        .b2 = w->b2,
-        .hidden = ep->hidden_rows,
-        .out = ep->expert_out,
-    };
-    moegen_status st = rows_in > 0 ? moegen_cpu_backend_experts(ep->backend, &args, err) : MOEGEN_OK;
+    moegen_status st = ep->backend.experts(ep->backend.self, w, n_threads, ep->first_expert, L, ep->local_offset,
+                                           ep->expert_rows, ep->weight_on_input ? ep->expert_scales : NULL,
+                                           ep->expert_out, err);
     if (st != MOEGEN_OK) return st;
-    /* back in the received order, into the buffer the return trip sends from */
-    for (int s = 0; s < P; s++)
+    for (int s = 0; s < P; s++) /* back in the received order, for the return trip */
         for (int l = 0; l < L; l++) {
-            int64_t from, to, n = ep->recv_counts_by_expert[s * L + l];
+            int64_t to, from, n = ep->recv_counts_by_expert[s * L + l];
+            if (n == 0) continue;
             chunk(ep, s, l, &to, &from);
-            if (n > 0)
-                memcpy((char *)ep->back_rows + to * out_row, (char *)ep->expert_out + from * out_row,
-                       (size_t)n * out_row);
+            memcpy((char *)ep->back_rows + to * out_row, (char *)ep->expert_out + from * out_row,
+                   (size_t)n * out_row);
         }
     return MOEGEN_OK;
 }
 
-/* Step 5: the outputs back to the ranks that sent the rows, into the rows of their
+/* Step 5: the outputs back to the ranks that sent the rows, then into the rows of their
  * route stage's permutation (padding rows are never filled: they are never combined). */
-static moegen_status return_outputs(moegen_ep *ep, const moegen_kernel_plan *plan, moegen_error *err) {
+static moegen_status return_outputs(moegen_ep *ep, moegen_error *err) {
     const size_t out_row = (size_t)ep->hidden * sizeof(float);
     moegen_status st = moegen_comm_alltoallv(ep->comm, ep->back_rows, ep->recv_counts, ep->recv_offsets,
                                              ep->returned, ep->send_counts, ep->send_offsets, out_row, err);
-    if (st != MOEGEN_OK) return st;
-    int64_t at = 0;
-    for (int e = 0; e < ep->n_experts; e++) {
-        const int64_t n = plan->counts_after[e];
-        if (n > 0)
-            memcpy((char *)plan->expert_out + plan->expert_offset[e] * out_row, (char *)ep->returned + at * out_row,
-                   (size_t)n * out_row);
-        at += n;
-    }
-    return MOEGEN_OK;
+    return st == MOEGEN_OK ? ep->backend.unpack(ep->backend.self, ep->returned, err) : st;
 }
 
 moegen_status moegen_ep_forward(moegen_ep *ep, const moegen_kernel_weights *w, int n_threads,
@@ -351,17 +330,17 @@ moegen_status moegen_ep_forward(moegen_ep *ep, const moegen_kernel_weights *w, i
     moegen_forward_stats *s = stats ? stats : &local;
     memset(s, 0, sizeof *s);
     double t0 = now_ms();
-    moegen_kernel_plan plan;
-    moegen_status st = moegen_cpu_backend_route(ep->backend, w, n_threads, io, &plan, s, err);
+    moegen_status st = ep->backend.route(ep->backend.self, w, n_threads, io, ep->send_counts_by_expert,
+                                         ep->expert_offset, s, err);
     double t1 = now_ms();
     int64_t rows_in = 0;
-    if (st == MOEGEN_OK) st = dispatch_rows(ep, io, &plan, &rows_in, err);
+    if (st == MOEGEN_OK) st = dispatch_rows(ep, io, &rows_in, err);
     double t2 = now_ms();
     if (st == MOEGEN_OK) st = run_local_experts(ep, w, n_threads, rows_in, err);
     double t3 = now_ms();
-    if (st == MOEGEN_OK) st = return_outputs(ep, &plan, err);
+    if (st == MOEGEN_OK) st = return_outputs(ep, err);
     double t4 = now_ms();
-    if (st == MOEGEN_OK) st = moegen_cpu_backend_combine(ep->backend, w, n_threads, io, err);
+    if (st == MOEGEN_OK) st = ep->backend.combine(ep->backend.self, w, n_threads, io, s, err);
     double t5 = now_ms();
     for (int q = 0; q < ep->ranks; q++)
         if (q != ep->rank) {

@@ -1,7 +1,8 @@
 /* ep.h — the expert-parallel layer: one rank's share of a layer with ep_size = P > 1.
  *
  * Place in the pipeline: ... -> load -> [launch across ranks]. It sits above a backend
- * (today the CPU one) and a communicator (runtime/comm.h), and never below either:
+ * (moegen_ep_backend: the CPU one, or the CUDA one staged through host memory) and a
+ * communicator (runtime/comm.h), and never below either:
  * the backend runs the stages, the communicator moves bytes, and this file decides
  * what moves where.
  *
@@ -33,16 +34,48 @@
 #define MOEGEN_RUNTIME_EP_H
 
 #include "comm.h"
-#include "cpu_backend.h"
 #include "moegen.h"
+#include "moegen_kernel_abi.h"
 #include "spec.h"
 
 typedef struct moegen_ep moegen_ep;
 
+/* What the expert-parallel layer needs from a backend: its stages, with everything that
+ * crosses ranks in host memory (a CUDA backend stages it through pinned host buffers).
+ * Every count and offset is on the host. */
+typedef struct moegen_ep_backend {
+    void *self;
+    /* Router, capacity and permutation of io's tokens over all E experts: every output of
+     * io but y, the statistics it knows, and the kept rows of each expert and the
+     * permutation's expert offsets ([E] and [E + 1]). */
+    moegen_status (*route)(void *self, const moegen_kernel_weights *w, int n_threads, const moegen_forward_io *io,
+                           int64_t *counts_after, int64_t *expert_offset, moegen_forward_stats *stats,
+                           moegen_error *err);
+    /* The kept rows' inputs (layer dtype) in expert order — expert e's first counts_after[e]
+     * rows of the permutation — and, with weight_on_input, their scales (`scales` is NULL
+     * otherwise), into host buffers. */
+    moegen_status (*pack)(void *self, const moegen_forward_io *io, void *rows, float *scales, moegen_error *err);
+    /* The local experts [first, first + n) (`w` holds their slices) over host rows laid out
+     * expert by expert (local_offset[n + 1]); fp32 outputs into host `out`. */
+    moegen_status (*experts)(void *self, const moegen_kernel_weights *w, int n_threads, int first, int n,
+                             const int64_t *local_offset, const void *rows, const float *scales, float *out,
+                             moegen_error *err);
+    /* The outputs of the kept rows (fp32, in the order pack wrote them) into the rows of the
+     * permutation they belong to. */
+    moegen_status (*unpack)(void *self, const float *returned, moegen_error *err);
+    /* Shared experts, residual, combine into io->y; the statistics it computes. */
+    moegen_status (*combine)(void *self, const moegen_kernel_weights *w, int n_threads, const moegen_forward_io *io,
+                             moegen_forward_stats *stats, moegen_error *err);
+    /* Host buffers for the exchange (page-locked where the backend copies to a device);
+     * both NULL: malloc and free. */
+    void *(*host_alloc)(void *self, size_t bytes);
+    void (*host_free)(void *self, void *buffer);
+} moegen_ep_backend;
+
 /* Check the ranks agree (a collective: every rank must call it) and set up rank r's
- * share. `desc` gets rank, ep_size and the local expert range. */
+ * share over `backend` (copied). `desc` gets rank, ep_size and the local expert range. */
 moegen_status moegen_ep_open(const moegen_spec *spec, const char *spec_hash, moegen_comm *comm,
-                             moegen_cpu_backend *backend, moegen_ep **out, moegen_layer_desc *desc,
+                             const moegen_ep_backend *backend, moegen_ep **out, moegen_layer_desc *desc,
                              moegen_error *err);
 
 /* One forward of this rank's io->n_tokens tokens (a collective). `w` holds the router,

@@ -206,7 +206,9 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
     d->first_expert = 0;
     d->n_local_experts = spec->num_experts;
     if (parallel) {
-        st = moegen_ep_open(spec, d->spec_hash, layer->options.comm, layer->cpu, &layer->ep, d, err);
+        moegen_ep_backend stages;
+        moegen_cpu_backend_ep(layer->cpu, &stages);
+        st = moegen_ep_open(spec, d->spec_hash, layer->options.comm, &stages, &layer->ep, d, err);
         if (st != MOEGEN_OK) return st;
     }
     d->compile_ms = now_ms() - start;

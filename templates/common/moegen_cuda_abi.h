@@ -23,6 +23,9 @@
  *                     y = weighted sum + residual + shared
  *   P_losses          1                               MOEGEN_CUDA_LOSS_THREADS
  *                     aux loss, z loss, dropped routes
+ *   P_ep_pack         rows to send                    MOEGEN_CUDA_EP_PACK_THREADS
+ *                     expert parallelism only (runtime/ep.c): the kept rows a rank
+ *                     sends, gathered from x in the permutation's order
  *
  * <shape> is "f<ffn size>": the routed experts and the residual MLP use f<F>, shared
  * experts f<Fs> (one pair of kernels when Fs == F). ROUTER_TOKENS, the GEMM tiles and the
@@ -62,6 +65,7 @@
 #define MOEGEN_CUDA_RANK_THREADS 256     /* P_dispatch_rank: one thread per route */
 #define MOEGEN_CUDA_COMBINE_THREADS 128  /* P_combine: one block per token */
 #define MOEGEN_CUDA_LOSS_THREADS 256     /* P_losses: a power of two (fixed reduction tree) */
+#define MOEGEN_CUDA_EP_PACK_THREADS 128  /* P_ep_pack: one block per row */
 /* P_<shape>_gemm1 / _gemm2: one warp per warp tile of the variant (warps_m x warps_n). */
 #define MOEGEN_CUDA_GEMM_THREADS(warps_m, warps_n) (MOEGEN_CUDA_WARP_THREADS * (warps_m) * (warps_n))
 
