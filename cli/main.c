@@ -132,12 +132,6 @@ static int command_gen(int argc, char **argv) {
     if (!spec_path || !out_dir) return moegen_cli_error("gen: usage: moegen gen SPEC -o DIR");
     moegen_spec spec;
     if (moegen_spec_load_file(spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
-    if (spec.ep_size > 1 && backend == MOEGEN_BACKEND_CUDA) {
-        moegen_spec_free(&spec);
-        return moegen_cli_error("gen: %s has ep_size %d: the CUDA backend has no expert-parallel path yet "
-                                "(generate the CPU module, or set ep_size: 1)",
-                                spec_path, spec.ep_size);
-    }
     moegen_generated generated;
     moegen_status st;
     if (backend == MOEGEN_BACKEND_CUDA) { /* exactly what the CUDA backend compiles for `arch` */
@@ -160,11 +154,16 @@ static int command_gen(int argc, char **argv) {
                 printf("%s/%s\n", out_dir, generated.files[i].name);
             printf("# %d of %d files written (the others were unchanged); variant %s\n", written,
                    generated.n_files, generated.variant_name);
-            if (spec.ep_size > 1)
+            if (spec.ep_size > 1 && backend == MOEGEN_BACKEND_CPU)
                 printf("# ep_size %d: every rank runs this module on its own tokens; rank r binds experts "
                        "[%d r, %d (r + 1)) and _route / _experts / _combine are the stages the runtime's "
                        "expert-parallel layer drives (moegen_layer_open with a communicator); _forward alone "
                        "is the single-rank layer\n",
+                       spec.ep_size, spec.num_experts / spec.ep_size, spec.num_experts / spec.ep_size);
+            else if (spec.ep_size > 1)
+                printf("# ep_size %d: every rank runs these kernels on its own tokens; rank r binds experts "
+                       "[%d r, %d (r + 1)); the runtime's expert-parallel layer launches them in stages and "
+                       "moves rows between ranks through host memory (_ep_pack gathers the rows to send)\n",
                        spec.ep_size, spec.num_experts / spec.ep_size, spec.num_experts / spec.ep_size);
         }
         moegen_generated_free(&generated);

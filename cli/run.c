@@ -693,7 +693,8 @@ int moegen_cli_bench(int argc, char **argv) {
     if (spec.ep_size > 1) { /* every rank of an mpirun job */
         if (device == MOEGEN_DEVICE_CUDA) {
             moegen_spec_free(&spec);
-            return moegen_cli_error("bench: ep_size %d: the CUDA backend has no expert-parallel path yet",
+            return moegen_cli_error("bench: ep_size %d: the expert-parallel bench runs on the CPU backend; "
+                                    "`mpirun ... moegen run --device cuda` runs the CUDA path",
                                     spec.ep_size);
         }
         int status = moegen_cli_bench_ep(&spec, spec_path, counts, n_counts, repeat, seed, (int)threads, cache_dir);

@@ -10,6 +10,8 @@
  */
 #include "cuda_backend.h"
 
+#include "ep.h"
+
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -108,7 +110,7 @@ struct moegen_cuda_backend {
     moegen_cu_context context;
     moegen_cuda_device info;
     moegen_cu_module module;
-    moegen_cu_function router, dispatch_count, dispatch_rank, dispatch_place, combine, losses;
+    moegen_cu_function router, dispatch_count, dispatch_rank, dispatch_place, combine, losses, ep_pack;
     struct {
         int64_t ffn;
         moegen_cu_function gemm1, gemm2;
@@ -118,6 +120,15 @@ struct moegen_cuda_backend {
     moegen_cuda_variant variant; /* from moegen_generated.variant: what the module was rendered with */
     moegen_cu_device_pointer workspace;
     size_t workspace_bytes;
+    /* expert parallelism (host-staged): the arguments of the call in progress between its
+     * route and combine stages, the permutation's counts on the host, device scratch */
+    moegen_cuda_args ep_args;
+    moegen_cu_stream ep_stream;
+    int64_t *ep_counts, *ep_offsets; /* [E], [E + 1] */
+    int32_t *ep_list;                /* host: rows to pack / identity rows */
+    size_t ep_list_capacity;         /* int32 items */
+    moegen_cu_device_pointer ep_scratch;
+    size_t ep_scratch_bytes;
 };
 
 /* ---- Generation and compilation ---------------------------------------------------------- */
@@ -360,6 +371,7 @@ moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, con
     if (st == MOEGEN_OK) st = get_function(b, prefix, "dispatch_place", KERNEL_REQUIRED, &b->dispatch_place, err);
     if (st == MOEGEN_OK) st = get_function(b, prefix, "combine", KERNEL_REQUIRED, &b->combine, err);
     if (st == MOEGEN_OK) st = get_function(b, prefix, "losses", KERNEL_REQUIRED, &b->losses, err);
+    if (st == MOEGEN_OK) st = get_function(b, prefix, "ep_pack", KERNEL_REQUIRED, &b->ep_pack, err);
     if (st == MOEGEN_OK) {
         problem_group groups[3];
         problem_groups(spec, groups);
@@ -387,10 +399,14 @@ void moegen_cuda_backend_close(moegen_cuda_backend *b) {
     if (b->cu.library) {
         if (b->context) b->cu.cuCtxSetCurrent(b->context);
         if (b->workspace) b->cu.cuMemFree(b->workspace);
+        if (b->ep_scratch) b->cu.cuMemFree(b->ep_scratch);
         if (b->module && module_release(b->module)) b->cu.cuModuleUnload(b->module);
         if (b->context) b->cu.cuDevicePrimaryCtxRelease(b->device);
         moegen_cuda_close(&b->cu);
     }
+    free(b->ep_counts);
+    free(b->ep_offsets);
+    free(b->ep_list);
     free(b);
 }
 
@@ -480,81 +496,73 @@ static moegen_status launch(moegen_cuda_backend *b, moegen_cu_function f, const 
 
 static unsigned ceil_div(int64_t a, int64_t b) { return (unsigned)((a + b - 1) / b); }
 
-moegen_status moegen_cuda_backend_forward(moegen_cuda_backend *b, const moegen_kernel_weights *w,
-                                          const moegen_forward_io *io, moegen_forward_stats *stats,
-                                          moegen_error *err) {
+/* The arguments of one call: capacity, workspace carved for S tokens, device pointers.
+ * S = 0 is handled by the callers (nothing is launched). */
+static moegen_status prepare_args(moegen_cuda_backend *b, const moegen_kernel_weights *w,
+                                  const moegen_forward_io *io, moegen_cuda_args *a, moegen_error *err) {
     const moegen_spec *spec = b->spec;
-    const int64_t S = io->n_tokens, E = spec->num_experts, K = spec->top_k;
-    moegen_status st = MOEGEN_OK;
-    moegen_cu_stream stream = (moegen_cu_stream)io->stream;
-    CHECK(b->cu.cuCtxSetCurrent(b->context), "cuCtxSetCurrent");
-    if (st != MOEGEN_OK) return st;
+    const int64_t S = io->n_tokens;
     const int64_t capacity = moegen_spec_capacity(spec, S);
     const int64_t max_rows = moegen_spec_max_rows(spec, S);
-    if (S > INT32_MAX / K || max_rows > INT32_MAX)
+    if (S > INT32_MAX / spec->top_k || max_rows > INT32_MAX)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "forward: %lld tokens exceed the int32 row indices of this layer", (long long)S);
-    if (S == 0) { /* nothing to launch: empty counts, zero statistics */
-        if (io->counts_before) CHECK(b->cu.cuMemsetD8Async((moegen_cu_device_pointer)(uintptr_t)io->counts_before, 0, (size_t)E * 8, stream), "cuMemsetD8Async");
-        if (io->counts_after) CHECK(b->cu.cuMemsetD8Async((moegen_cu_device_pointer)(uintptr_t)io->counts_after, 0, (size_t)E * 8, stream), "cuMemsetD8Async");
-        if (stats) {
-            stats->n_dropped = 0;
-            stats->capacity = capacity;
-            stats->aux_loss = stats->z_loss = 0.0;
-        }
-        return st;
-    }
     const device_layout L = layout_for(spec, S, max_rows);
-    st = ensure_workspace(b, L.total, err);
+    moegen_status st = ensure_workspace(b, L.total, err);
     if (st != MOEGEN_OK) return st;
-
     char *base = (char *)(uintptr_t)b->workspace;
-    moegen_cuda_args a;
-    memset(&a, 0, sizeof a);
-    a.n_tokens = S;
-    a.capacity = capacity;
-    a.max_rows = max_rows;
-    a.rng_offset = io->rng_offset;
-    a.x = io->x;
-    a.w = *w;
-    a.y = io->y;
-    a.topk_ids = io->topk_ids;
-    a.topk_weights = io->topk_weights;
-    a.router_weights = io->router_weights;
-    a.counts_before = (long long *)io->counts_before;
-    a.counts_after = (long long *)io->counts_after;
-    a.stat_dropped = (long long *)(base + L.stats);
-    a.stat_aux_loss = (double *)(base + L.stats + 8);
-    a.stat_z_loss = (double *)(base + L.stats + 16);
-    a.logits = (float *)(base + L.logits);
-    a.aux_probs = (float *)(base + L.aux_probs);
-    a.aux_counts = (int *)(base + L.aux_counts);
-    a.lse_squared = (double *)(base + L.lse_squared);
-    a.route_expert = (int *)(base + L.route_expert);
-    a.route_weight = (float *)(base + L.route_weight);
-    a.route_valid = (unsigned char *)(base + L.route_valid);
-    a.route_kept = (unsigned char *)(base + L.route_kept);
-    a.route_bucket = (int *)(base + L.route_bucket);
-    a.expert_count = (long long *)(base + L.expert_count);
-    a.expert_kept = (long long *)(base + L.expert_kept);
-    a.bucket_offset = (long long *)(base + L.bucket_offset);
-    a.expert_offset = (long long *)(base + L.expert_offset);
-    a.row_token = (int *)(base + L.row_token);
-    a.row_scale = (float *)(base + L.row_scale);
-    a.route_row = (int *)(base + L.route_row);
-    a.route_final = (float *)(base + L.route_final);
-    a.problems = (moegen_cuda_problem *)(base + L.problems);
-    a.group_tiles = (int *)(base + L.group_tiles);
-    a.hidden = base + L.hidden;
-    a.expert_out = (float *)(base + L.expert_out);
-    a.shared_hidden = base + L.shared_hidden;
-    a.shared_out = (float *)(base + L.shared_out);
-    a.residual_hidden = base + L.residual_hidden;
-    a.residual_out = (float *)(base + L.residual_out);
+    memset(a, 0, sizeof *a);
+    a->n_tokens = S;
+    a->capacity = capacity;
+    a->max_rows = max_rows;
+    a->rng_offset = io->rng_offset;
+    a->x = io->x;
+    a->w = *w;
+    a->y = io->y;
+    a->topk_ids = io->topk_ids;
+    a->topk_weights = io->topk_weights;
+    a->router_weights = io->router_weights;
+    a->counts_before = (long long *)io->counts_before;
+    a->counts_after = (long long *)io->counts_after;
+    a->stat_dropped = (long long *)(base + L.stats);
+    a->stat_aux_loss = (double *)(base + L.stats + 8);
+    a->stat_z_loss = (double *)(base + L.stats + 16);
+    a->logits = (float *)(base + L.logits);
+    a->aux_probs = (float *)(base + L.aux_probs);
+    a->aux_counts = (int *)(base + L.aux_counts);
+    a->lse_squared = (double *)(base + L.lse_squared);
+    a->route_expert = (int *)(base + L.route_expert);
+    a->route_weight = (float *)(base + L.route_weight);
+    a->route_valid = (unsigned char *)(base + L.route_valid);
+    a->route_kept = (unsigned char *)(base + L.route_kept);
+    a->route_bucket = (int *)(base + L.route_bucket);
+    a->expert_count = (long long *)(base + L.expert_count);
+    a->expert_kept = (long long *)(base + L.expert_kept);
+    a->bucket_offset = (long long *)(base + L.bucket_offset);
+    a->expert_offset = (long long *)(base + L.expert_offset);
+    a->row_token = (int *)(base + L.row_token);
+    a->row_scale = (float *)(base + L.row_scale);
+    a->route_row = (int *)(base + L.route_row);
+    a->route_final = (float *)(base + L.route_final);
+    a->problems = (moegen_cuda_problem *)(base + L.problems);
+    a->group_tiles = (int *)(base + L.group_tiles);
+    a->hidden = base + L.hidden;
+    a->expert_out = (float *)(base + L.expert_out);
+    a->shared_hidden = base + L.shared_hidden;
+    a->shared_out = (float *)(base + L.shared_out);
+    a->residual_hidden = base + L.residual_hidden;
+    a->residual_out = (float *)(base + L.residual_out);
+    return MOEGEN_OK;
+}
 
-    void *args_only[] = {&a};
+/* Stages 1 and 2: router, dispatch (counts, ranks, rows, problem table). */
+static moegen_status launch_route(moegen_cuda_backend *b, moegen_cuda_args *a, moegen_cu_stream stream,
+                                  moegen_error *err) {
+    moegen_status st = MOEGEN_OK;
+    const int64_t S = a->n_tokens, E = b->spec->num_experts, K = b->spec->top_k;
+    void *args_only[] = {a};
     const moegen_cuda_variant *v = &b->variant;
-    CHECK(b->cu.cuMemsetD32Async((moegen_cu_device_pointer)(uintptr_t)a.aux_counts, 0, (size_t)E, stream),
+    CHECK(b->cu.cuMemsetD32Async((moegen_cu_device_pointer)(uintptr_t)a->aux_counts, 0, (size_t)E, stream),
           "cuMemsetD32Async");
     /* Threads per block: moegen_cuda_abi.h, the one home of each number (the kernels'
      * __launch_bounds__ use the same macros); tiles: the variant the module was rendered with. */
@@ -568,44 +576,337 @@ moegen_status moegen_cuda_backend_forward(moegen_cuda_backend *b, const moegen_k
                     MOEGEN_CUDA_RANK_THREADS, stream, args_only, err);
     if (st == MOEGEN_OK)
         st = launch(b, b->dispatch_place, "dispatch_place", 1, 1, MOEGEN_CUDA_DISPATCH_THREADS, stream, args_only, err);
+    return st;
+}
 
-    /* Grouped GEMMs: routed experts, shared experts, residual MLP. m-tile bounds: a group
-     * never uses more than these (routed: sum of ceil(rows_e / TILE_M) <= rows / TILE_M + E). */
+/* Stage 3: the grouped GEMMs of the groups whose bit is set in `groups_mask` (bit g for
+ * routed, shared, residual). m-tile bounds: a group never uses more than these (routed:
+ * the sum of ceil(rows_e / TILE_M) <= rows / TILE_M + E). */
+static moegen_status launch_groups(moegen_cuda_backend *b, moegen_cuda_args *a, moegen_cu_stream stream,
+                                   unsigned groups_mask, moegen_error *err) {
+    moegen_status st = MOEGEN_OK;
+    const moegen_spec *spec = b->spec;
+    const moegen_cuda_variant *v = &b->variant;
+    const int64_t S = a->n_tokens;
     const unsigned threads = MOEGEN_CUDA_GEMM_THREADS((unsigned)v->warps_m, (unsigned)v->warps_n);
     problem_group groups[3];
     problem_groups(spec, groups);
     const unsigned m_tiles[3] = {
-        ceil_div(max_rows, v->tile_m) + (unsigned)E,
+        ceil_div(a->max_rows, v->tile_m) + (unsigned)spec->num_experts,
         (unsigned)spec->shared.count * ceil_div(S, v->tile_m),
         spec->use_residual ? ceil_div(S, v->tile_m) : 0,
     };
     for (int g = 0; g < 3 && st == MOEGEN_OK; g++) {
-        if (b->group_shape[g] < 0) continue; /* no problems in this group */
+        if (b->group_shape[g] < 0 || !(groups_mask & (1u << g))) continue; /* no problems, or not now */
         const int shape = b->group_shape[g];
-        void *params[] = {&a, &groups[g].group, &groups[g].first, &groups[g].count};
+        void *params[] = {a, &groups[g].group, &groups[g].first, &groups[g].count};
         st = launch(b, b->shapes[shape].gemm1, "gemm1", m_tiles[g], ceil_div(groups[g].ffn, v->tile_n), threads,
                     stream, params, err);
         if (st == MOEGEN_OK)
             st = launch(b, b->shapes[shape].gemm2, "gemm2", m_tiles[g], ceil_div(spec->hidden_size, v->tile_n),
                         threads, stream, params, err);
     }
-    if (st == MOEGEN_OK)
-        st = launch(b, b->combine, "combine", (unsigned)S, 1, MOEGEN_CUDA_COMBINE_THREADS, stream, args_only, err);
+    return st;
+}
+
+/* Stage 4 and the losses; with `stats`, wait for them and read them back. */
+static moegen_status launch_finish(moegen_cuda_backend *b, moegen_cuda_args *a, moegen_cu_stream stream,
+                                   moegen_forward_stats *stats, moegen_error *err) {
+    moegen_status st = MOEGEN_OK;
+    void *args_only[] = {a};
+    st = launch(b, b->combine, "combine", (unsigned)a->n_tokens, 1, MOEGEN_CUDA_COMBINE_THREADS, stream, args_only,
+                err);
     if (st == MOEGEN_OK)
         st = launch(b, b->losses, "losses", 1, 1, MOEGEN_CUDA_LOSS_THREADS, stream, args_only, err);
     if (st == MOEGEN_OK && stats) {
-        unsigned char host[24];
-        CHECK(b->cu.cuMemcpyDtoHAsync(host, (moegen_cu_device_pointer)(uintptr_t)(base + L.stats), sizeof host, stream),
+        long long dropped = 0;
+        CHECK(b->cu.cuMemcpyDtoHAsync(&dropped, (moegen_cu_device_pointer)(uintptr_t)a->stat_dropped, 8, stream),
+              "cuMemcpyDtoHAsync");
+        CHECK(b->cu.cuMemcpyDtoHAsync(&stats->aux_loss, (moegen_cu_device_pointer)(uintptr_t)a->stat_aux_loss, 8,
+                                      stream),
+              "cuMemcpyDtoHAsync");
+        CHECK(b->cu.cuMemcpyDtoHAsync(&stats->z_loss, (moegen_cu_device_pointer)(uintptr_t)a->stat_z_loss, 8, stream),
               "cuMemcpyDtoHAsync");
         CHECK(b->cu.cuStreamSynchronize(stream), "cuStreamSynchronize");
         if (st == MOEGEN_OK) {
-            long long dropped;
-            memcpy(&dropped, host, 8);
-            memcpy(&stats->aux_loss, host + 8, 8);
-            memcpy(&stats->z_loss, host + 16, 8);
             stats->n_dropped = dropped;
-            stats->capacity = capacity;
+            stats->capacity = a->capacity;
         }
     }
     return st;
+}
+
+/* S = 0: nothing to launch; empty counts, zero statistics. */
+static moegen_status empty_call(moegen_cuda_backend *b, const moegen_forward_io *io, moegen_cu_stream stream,
+                                moegen_forward_stats *stats, moegen_error *err) {
+    moegen_status st = MOEGEN_OK;
+    const size_t E = (size_t)b->spec->num_experts;
+    if (io->counts_before)
+        CHECK(b->cu.cuMemsetD8Async((moegen_cu_device_pointer)(uintptr_t)io->counts_before, 0, E * 8, stream),
+              "cuMemsetD8Async");
+    if (io->counts_after)
+        CHECK(b->cu.cuMemsetD8Async((moegen_cu_device_pointer)(uintptr_t)io->counts_after, 0, E * 8, stream),
+              "cuMemsetD8Async");
+    if (stats) {
+        stats->n_dropped = 0;
+        stats->capacity = moegen_spec_capacity(b->spec, 0);
+        stats->aux_loss = stats->z_loss = 0.0;
+    }
+    return st;
+}
+
+moegen_status moegen_cuda_backend_forward(moegen_cuda_backend *b, const moegen_kernel_weights *w,
+                                          const moegen_forward_io *io, moegen_forward_stats *stats,
+                                          moegen_error *err) {
+    moegen_status st = MOEGEN_OK;
+    moegen_cu_stream stream = (moegen_cu_stream)io->stream;
+    CHECK(b->cu.cuCtxSetCurrent(b->context), "cuCtxSetCurrent");
+    if (st != MOEGEN_OK) return st;
+    if (io->n_tokens == 0) return empty_call(b, io, stream, stats, err);
+    moegen_cuda_args a;
+    st = prepare_args(b, w, io, &a, err);
+    if (st == MOEGEN_OK) st = launch_route(b, &a, stream, err);
+    if (st == MOEGEN_OK) st = launch_groups(b, &a, stream, 7u, err); /* routed, shared, residual */
+    if (st == MOEGEN_OK) st = launch_finish(b, &a, stream, stats, err);
+    return st;
+}
+
+/* ---- Expert parallelism, staged through host memory (runtime/ep.h) ---------------------------
+ * Compiled here, never run: no GPU was available (see README). Each stage runs on the
+ * forward's stream and waits for it before returning, since its results cross to the host. */
+
+#define DEVICE(p) ((moegen_cu_device_pointer)(uintptr_t)(p))
+
+/* Device scratch of at least `bytes` (contents need not survive). */
+static moegen_status ensure_ep_scratch(moegen_cuda_backend *b, size_t bytes, moegen_error *err) {
+    moegen_status st = MOEGEN_OK;
+    if (bytes <= b->ep_scratch_bytes) return MOEGEN_OK;
+    CHECK(b->cu.cuStreamSynchronize(b->ep_stream), "cuStreamSynchronize");
+    if (st != MOEGEN_OK) return st;
+    if (b->ep_scratch) b->cu.cuMemFree(b->ep_scratch);
+    b->ep_scratch = 0;
+    b->ep_scratch_bytes = 0;
+    moegen_cu_result r = b->cu.cuMemAlloc(&b->ep_scratch, bytes);
+    if (r != 0) {
+        char text[256];
+        b->ep_scratch = 0;
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, r, "cannot allocate %zu bytes of device scratch: %s", bytes,
+                                moegen_cuda_error_text(&b->cu, r, text, sizeof text));
+    }
+    b->ep_scratch_bytes = bytes;
+    return MOEGEN_OK;
+}
+
+/* A host list of at least `n` int32 items. */
+static int32_t *ep_list(moegen_cuda_backend *b, size_t n) {
+    if (n > b->ep_list_capacity || !b->ep_list) {
+        int32_t *fresh = realloc(b->ep_list, (n ? n : 1) * sizeof *fresh);
+        if (!fresh) return NULL;
+        b->ep_list = fresh;
+        b->ep_list_capacity = n ? n : 1;
+    }
+    return b->ep_list;
+}
+
+static size_t round256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
+
+static moegen_status cuda_ep_route(void *self, const moegen_kernel_weights *w, int n_threads,
+                                   const moegen_forward_io *io, int64_t *counts_after, int64_t *expert_offset,
+                                   moegen_forward_stats *stats, moegen_error *err) {
+    (void)n_threads;
+    moegen_cuda_backend *b = self;
+    const int E = b->spec->num_experts;
+    moegen_status st = MOEGEN_OK;
+    b->ep_stream = (moegen_cu_stream)io->stream;
+    CHECK(b->cu.cuCtxSetCurrent(b->context), "cuCtxSetCurrent");
+    if (st == MOEGEN_OK && (!b->ep_counts || !b->ep_offsets)) {
+        b->ep_counts = calloc((size_t)E, sizeof(int64_t));
+        b->ep_offsets = calloc((size_t)E + 1, sizeof(int64_t));
+        if (!b->ep_counts || !b->ep_offsets) st = moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    }
+    if (st != MOEGEN_OK) return st;
+    memset(&b->ep_args, 0, sizeof b->ep_args);
+    if (io->n_tokens == 0) {
+        memset(b->ep_counts, 0, (size_t)E * sizeof(int64_t));
+        memset(b->ep_offsets, 0, ((size_t)E + 1) * sizeof(int64_t));
+        st = empty_call(b, io, b->ep_stream, stats, err);
+    } else {
+        st = prepare_args(b, w, io, &b->ep_args, err);
+        if (st == MOEGEN_OK) st = launch_route(b, &b->ep_args, b->ep_stream, err);
+        CHECK(b->cu.cuMemcpyDtoHAsync(b->ep_counts, DEVICE(b->ep_args.expert_kept), (size_t)E * 8, b->ep_stream),
+              "cuMemcpyDtoHAsync");
+        CHECK(b->cu.cuMemcpyDtoHAsync(b->ep_offsets, DEVICE(b->ep_args.expert_offset), ((size_t)E + 1) * 8,
+                                      b->ep_stream),
+              "cuMemcpyDtoHAsync");
+        CHECK(b->cu.cuStreamSynchronize(b->ep_stream), "cuStreamSynchronize");
+        if (st == MOEGEN_OK && stats) stats->capacity = b->ep_args.capacity;
+    }
+    if (st == MOEGEN_OK) {
+        memcpy(counts_after, b->ep_counts, (size_t)E * sizeof(int64_t));
+        memcpy(expert_offset, b->ep_offsets, ((size_t)E + 1) * sizeof(int64_t));
+    }
+    return st;
+}
+
+static moegen_status cuda_ep_pack(void *self, const moegen_forward_io *io, void *rows, float *scales,
+                                  moegen_error *err) {
+    (void)io;
+    moegen_cuda_backend *b = self;
+    const int E = b->spec->num_experts;
+    const size_t row_bytes = (size_t)b->spec->hidden_size * moegen_dtype_size(b->spec->dtype);
+    int64_t n = 0;
+    for (int e = 0; e < E; e++) n += b->ep_counts[e];
+    if (n == 0) return MOEGEN_OK;
+    int32_t *list = ep_list(b, (size_t)n);
+    if (!list) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    int64_t at = 0;
+    for (int e = 0; e < E; e++) /* the kept rows of each expert come first in its segment */
+        for (int64_t i = 0; i < b->ep_counts[e]; i++) list[at++] = (int32_t)(b->ep_offsets[e] + i);
+    const size_t list_at = 0, out_at = round256((size_t)n * 4), scales_at = out_at + round256((size_t)n * row_bytes);
+    moegen_status st = ensure_ep_scratch(b, scales_at + round256((size_t)n * 4), err);
+    if (st != MOEGEN_OK) return st;
+    const moegen_cu_device_pointer base = b->ep_scratch;
+    CHECK(b->cu.cuMemcpyHtoDAsync(base + list_at, list, (size_t)n * 4, b->ep_stream), "cuMemcpyHtoDAsync");
+    int *device_list = (int *)(uintptr_t)(base + list_at);
+    void *device_out = (void *)(uintptr_t)(base + out_at);
+    float *device_scales = scales ? (float *)(uintptr_t)(base + scales_at) : NULL;
+    long long count = n;
+    void *params[] = {&b->ep_args, &device_list, &count, &device_out, &device_scales};
+    if (st == MOEGEN_OK)
+        st = launch(b, b->ep_pack, "ep_pack", (unsigned)n, 1, MOEGEN_CUDA_EP_PACK_THREADS, b->ep_stream, params, err);
+    CHECK(b->cu.cuMemcpyDtoHAsync(rows, base + out_at, (size_t)n * row_bytes, b->ep_stream), "cuMemcpyDtoHAsync");
+    if (scales)
+        CHECK(b->cu.cuMemcpyDtoHAsync(scales, base + scales_at, (size_t)n * 4, b->ep_stream), "cuMemcpyDtoHAsync");
+    CHECK(b->cu.cuStreamSynchronize(b->ep_stream), "cuStreamSynchronize");
+    return st;
+}
+
+static moegen_status cuda_ep_experts(void *self, const moegen_kernel_weights *w, int n_threads, int first, int n,
+                                     const int64_t *local_offset, const void *rows, const float *scales, float *out,
+                                     moegen_error *err) {
+    (void)n_threads;
+    (void)first; /* `w` points at the first local expert: problem l uses weight index l */
+    moegen_cuda_backend *b = self;
+    const moegen_spec *spec = b->spec;
+    const moegen_cuda_variant *v = &b->variant;
+    const int64_t R = local_offset[n];
+    if (R == 0 || n == 0) return MOEGEN_OK;
+    if (R > INT32_MAX) return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "experts: %lld rows", (long long)R);
+    const size_t H = (size_t)spec->hidden_size, F = (size_t)spec->moe_intermediate_size;
+    const size_t elem = moegen_dtype_size(spec->dtype), rows_n = (size_t)R;
+    /* the problem table and the identity row list, on the host */
+    moegen_cuda_problem *problems = calloc((size_t)n, sizeof *problems);
+    int32_t *identity = ep_list(b, rows_n);
+    if (!problems || !identity) {
+        free(problems);
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    }
+    int tiles = 0;
+    for (int l = 0; l < n; l++) {
+        const int64_t rows_l = local_offset[l + 1] - local_offset[l];
+        problems[l] = (moegen_cuda_problem){local_offset[l], rows_l, tiles, l};
+        tiles += (int)ceil_div(rows_l, v->tile_m);
+    }
+    for (size_t r = 0; r < rows_n; r++) identity[r] = (int32_t)r;
+    const int group_tiles[3] = {tiles, 0, 0};
+    size_t at = 0;
+    const size_t x_at = at; at += round256(rows_n * H * elem);
+    const size_t scales_at = at; at += round256(rows_n * 4);
+    const size_t identity_at = at; at += round256(rows_n * 4);
+    const size_t problems_at = at; at += round256((size_t)n * sizeof *problems);
+    const size_t tiles_at = at; at += round256(sizeof group_tiles);
+    const size_t hidden_at = at; at += round256(rows_n * F * elem);
+    const size_t out_at = at; at += round256(rows_n * H * 4);
+    moegen_status st = ensure_ep_scratch(b, at, err);
+    const moegen_cu_device_pointer base = b->ep_scratch;
+    CHECK(b->cu.cuMemcpyHtoDAsync(base + x_at, rows, rows_n * H * elem, b->ep_stream), "cuMemcpyHtoDAsync");
+    if (scales)
+        CHECK(b->cu.cuMemcpyHtoDAsync(base + scales_at, scales, rows_n * 4, b->ep_stream), "cuMemcpyHtoDAsync");
+    CHECK(b->cu.cuMemcpyHtoDAsync(base + identity_at, identity, rows_n * 4, b->ep_stream), "cuMemcpyHtoDAsync");
+    CHECK(b->cu.cuMemcpyHtoDAsync(base + problems_at, problems, (size_t)n * sizeof *problems, b->ep_stream),
+          "cuMemcpyHtoDAsync");
+    CHECK(b->cu.cuMemcpyHtoDAsync(base + tiles_at, group_tiles, sizeof group_tiles, b->ep_stream), "cuMemcpyHtoDAsync");
+    moegen_cuda_args e;
+    memset(&e, 0, sizeof e);
+    e.x = (const void *)(uintptr_t)(base + x_at);
+    e.w = *w; /* the local experts' slices: weight index l is local expert l */
+    e.row_token = (int *)(uintptr_t)(base + identity_at);
+    e.row_scale = scales ? (float *)(uintptr_t)(base + scales_at) : NULL;
+    e.problems = (moegen_cuda_problem *)(uintptr_t)(base + problems_at);
+    e.group_tiles = (int *)(uintptr_t)(base + tiles_at);
+    e.hidden = (void *)(uintptr_t)(base + hidden_at);
+    e.expert_out = (float *)(uintptr_t)(base + out_at);
+    const int shape = b->group_shape[0];
+    int group = MOEGEN_GROUP_ROUTED, first_problem = 0, count = n;
+    void *params[] = {&e, &group, &first_problem, &count};
+    const unsigned threads = MOEGEN_CUDA_GEMM_THREADS((unsigned)v->warps_m, (unsigned)v->warps_n);
+    if (st == MOEGEN_OK)
+        st = launch(b, b->shapes[shape].gemm1, "gemm1", (unsigned)tiles, ceil_div((int64_t)F, v->tile_n), threads,
+                    b->ep_stream, params, err);
+    if (st == MOEGEN_OK)
+        st = launch(b, b->shapes[shape].gemm2, "gemm2", (unsigned)tiles, ceil_div((int64_t)H, v->tile_n), threads,
+                    b->ep_stream, params, err);
+    CHECK(b->cu.cuMemcpyDtoHAsync(out, base + out_at, rows_n * H * 4, b->ep_stream), "cuMemcpyDtoHAsync");
+    CHECK(b->cu.cuStreamSynchronize(b->ep_stream), "cuStreamSynchronize");
+    free(problems);
+    return st;
+}
+
+static moegen_status cuda_ep_unpack(void *self, const float *returned, moegen_error *err) {
+    moegen_cuda_backend *b = self;
+    moegen_status st = MOEGEN_OK;
+    if (b->ep_args.n_tokens == 0) return MOEGEN_OK;
+    const size_t out_row = (size_t)b->spec->hidden_size * 4;
+    int64_t at = 0;
+    for (int e = 0; e < b->spec->num_experts; e++) { /* expert e's kept rows are contiguous in expert_out */
+        const int64_t n = b->ep_counts[e];
+        if (n > 0)
+            CHECK(b->cu.cuMemcpyHtoDAsync(DEVICE(b->ep_args.expert_out) + (size_t)b->ep_offsets[e] * out_row,
+                                          (const char *)returned + (size_t)at * out_row, (size_t)n * out_row,
+                                          b->ep_stream),
+                  "cuMemcpyHtoDAsync");
+        at += n;
+    }
+    CHECK(b->cu.cuStreamSynchronize(b->ep_stream), "cuStreamSynchronize"); /* `returned` may be reused at once */
+    return st;
+}
+
+static moegen_status cuda_ep_combine(void *self, const moegen_kernel_weights *w, int n_threads,
+                                     const moegen_forward_io *io, moegen_forward_stats *stats, moegen_error *err) {
+    (void)w;
+    (void)n_threads;
+    (void)io;
+    moegen_cuda_backend *b = self;
+    if (b->ep_args.n_tokens == 0) return MOEGEN_OK; /* route reported the empty call */
+    moegen_status st = launch_groups(b, &b->ep_args, b->ep_stream, 6u, err); /* shared, residual */
+    if (st == MOEGEN_OK) {
+        moegen_forward_stats mine;
+        memset(&mine, 0, sizeof mine);
+        st = launch_finish(b, &b->ep_args, b->ep_stream, &mine, err);
+        if (st == MOEGEN_OK && stats) {
+            stats->n_dropped = mine.n_dropped;
+            stats->capacity = mine.capacity;
+            stats->aux_loss = mine.aux_loss;
+            stats->z_loss = mine.z_loss;
+        }
+    }
+    return st;
+}
+
+static void *cuda_ep_host_alloc(void *self, size_t bytes) {
+    moegen_cuda_backend *b = self;
+    void *p = NULL;
+    if (b->cu.cuCtxSetCurrent(b->context) != 0 || b->cu.cuMemAllocHost(&p, bytes) != 0) return NULL;
+    return p;
+}
+
+static void cuda_ep_host_free(void *self, void *buffer) {
+    moegen_cuda_backend *b = self;
+    b->cu.cuCtxSetCurrent(b->context);
+    b->cu.cuMemFreeHost(buffer);
+}
+
+void moegen_cuda_backend_ep(moegen_cuda_backend *b, moegen_ep_backend *ops) {
+    *ops = (moegen_ep_backend){b,          cuda_ep_route,      cuda_ep_pack,     cuda_ep_experts,
+                               cuda_ep_unpack, cuda_ep_combine, cuda_ep_host_alloc, cuda_ep_host_free};
 }

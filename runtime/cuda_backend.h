@@ -70,4 +70,13 @@ moegen_status moegen_cuda_backend_forward(moegen_cuda_backend *backend, const mo
 
 void moegen_cuda_backend_close(moegen_cuda_backend *backend);
 
+/* The stages the expert-parallel layer drives (runtime/ep.h), staged through page-locked
+ * host memory (cuMemAllocHost): route and the permutation's counts to the host, the kept
+ * rows gathered on the device (P_ep_pack) and copied out, the received rows copied in and
+ * run through the routed-group GEMMs, their outputs copied out, the returned outputs
+ * copied into expert_out, then the dense GEMMs, combine and losses. Compiled, not yet run
+ * on a GPU. */
+struct moegen_ep_backend;
+void moegen_cuda_backend_ep(moegen_cuda_backend *backend, struct moegen_ep_backend *ops);
+
 #endif

@@ -133,15 +133,14 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
                                 spec->name, layer->options.comm->size);
     if (parallel && layer->options.comm->memory != MOEGEN_COMM_HOST)
         return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
-                                "%s: expert parallelism over a device-memory communicator (%s) needs the CUDA "
-                                "expert-parallel path, which is not implemented yet; use an MPI or callback "
-                                "communicator with the CPU backend",
+                                "%s: expert parallelism moves rows through host memory (MPI or your callbacks); "
+                                "a device-memory communicator (%s) has no expert-parallel path yet",
                                 spec->name, layer->options.comm->transport);
     moegen_status st;
     switch (layer->options.device) {
     case MOEGEN_DEVICE_AUTO: {
         moegen_error why;
-        if (parallel) { /* the expert-parallel layer drives the CPU backend's stages */
+        if (parallel) { /* the CUDA expert-parallel path has not run on a GPU yet: ask for it by name */
             layer->desc.device = MOEGEN_DEVICE_CPU;
         } else if (moegen_cuda_backend_available(&why) == MOEGEN_OK) {
             layer->desc.device = MOEGEN_DEVICE_CUDA;
@@ -158,11 +157,6 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
         layer->desc.device = MOEGEN_DEVICE_CPU;
         break;
     case MOEGEN_DEVICE_CUDA:
-        if (parallel)
-            return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
-                                    "%s: ep_size %d on the CUDA backend: the CUDA expert-parallel path is not "
-                                    "implemented yet (use device cpu)",
-                                    spec->name, spec->ep_size);
         layer->desc.device = MOEGEN_DEVICE_CUDA;
         break;
     default:
@@ -207,7 +201,8 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
     d->n_local_experts = spec->num_experts;
     if (parallel) {
         moegen_ep_backend stages;
-        moegen_cpu_backend_ep(layer->cpu, &stages);
+        if (layer->cuda) moegen_cuda_backend_ep(layer->cuda, &stages); /* staged through pinned host memory */
+        else moegen_cpu_backend_ep(layer->cpu, &stages);
         st = moegen_ep_open(spec, d->spec_hash, layer->options.comm, &stages, &layer->ep, d, err);
         if (st != MOEGEN_OK) return st;
     }
@@ -415,7 +410,7 @@ static moegen_status run_forward(moegen_layer *layer, const moegen_forward_io *i
                                     "forward: %s at %p is not aligned to its %zu-byte elements", buffers[i].name,
                                     buffers[i].pointer, buffers[i].align);
     if (stats) memset(stats, 0, sizeof *stats);
-    if (layer->cuda) return moegen_cuda_backend_forward(layer->cuda, &layer->weights, io, stats, err);
     if (layer->ep) return moegen_ep_forward(layer->ep, &layer->weights, layer->n_threads, io, stats, err);
+    if (layer->cuda) return moegen_cuda_backend_forward(layer->cuda, &layer->weights, io, stats, err);
     return moegen_cpu_backend_forward(layer->cpu, &layer->weights, layer->n_threads, io, stats, err);
 }
