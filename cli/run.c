@@ -463,12 +463,12 @@ int moegen_cli_run(int argc, char **argv) {
     moe_tensors_weights(&ts, &kw);
     moegen_weights weights;
     public_weights(&kw, &weights);
-    if (desc.ep_size > 1) local_experts(&spec, desc.first_expert, &weights); /* bind the local experts only */
     const int on_gpu = desc.device == MOEGEN_DEVICE_CUDA;
     if (on_gpu) { /* device copies; the layer gets device pointers */
         if (cuda_run_open(&gpu, options.cuda_device) || cuda_run_upload(&gpu, &ts, &spec)) goto done;
         cuda_run_weights(&gpu, &weights);
     }
+    if (desc.ep_size > 1) local_experts(&spec, desc.first_expert, &weights); /* bind the local experts only */
     if (moegen_layer_bind(layer, &weights, &err) != MOEGEN_OK) {
         moegen_cli_error("%s", err.message);
         goto done;
