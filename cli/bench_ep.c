@@ -17,6 +17,7 @@
 #include "bench_ep.h"
 #include "cli.h"
 #include "comm.h"
+#include "forward_io.h"
 #include "ranks.h"
 #include "tensors.h"
 
@@ -123,20 +124,8 @@ int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const lo
     moe_tensors_fill(&own, (uint64_t)seed + 7919u * (uint64_t)ranks.rank); /* tokens of this rank */
     if (max_tokens > 0)
         memcpy(ts.t[MOE_T_X].data, own.t[MOE_T_X].data, ts.t[MOE_T_X].n_elems * moe_tensor_elem_bytes(&ts, MOE_T_X));
-    moegen_kernel_weights k;
-    moe_tensors_weights(&ts, &k);
-    const size_t elem = moegen_dtype_size(spec->dtype), e = (size_t)desc.first_expert;
-    const size_t H = (size_t)spec->hidden_size, F = (size_t)spec->moe_intermediate_size,
-                 F1 = (size_t)moegen_spec_ffn_rows(spec);
-    moegen_weights w = {
-        .router_w = k.router_w, .router_b = k.router_b, .score_bias = k.score_bias,
-        .w1 = (const char *)k.w1 + e * F1 * H * elem, .b1 = k.b1 ? (const char *)k.b1 + e * F1 * elem : NULL,
-        .w2 = (const char *)k.w2 + e * H * F * elem, .b2 = k.b2 ? (const char *)k.b2 + e * H * elem : NULL,
-        .shared_w1 = k.shared_w1, .shared_b1 = k.shared_b1, .shared_w2 = k.shared_w2, .shared_b2 = k.shared_b2,
-        .shared_gate = k.shared_gate, .residual_w1 = k.residual_w1, .residual_b1 = k.residual_b1,
-        .residual_w2 = k.residual_w2, .residual_b2 = k.residual_b2, .residual_coef_w = k.residual_coef_w,
-        .residual_coef_b = k.residual_coef_b,
-    };
+    moegen_weights w;
+    moe_tensors_bind_weights(spec, &ts, desc.first_expert, &w);
     if (moegen_layer_bind(layer, &w, &err) != MOEGEN_OK) {
         moegen_cli_error("rank %d: %s", ranks.rank, err.message);
         goto done;
@@ -165,7 +154,8 @@ int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const lo
             stage[2][i] = stats.experts_ms;
             stage[3][i] = stats.combine_ms;
         }
-        const uint64_t row_out = H * elem, row_back = H * sizeof(float);
+        const uint64_t row_out = (uint64_t)spec->hidden_size * moegen_dtype_size(spec->dtype),
+                       row_back = (uint64_t)spec->hidden_size * sizeof(float);
         ep_row mine = {S, median(times, repeat), median(stage[0], repeat), median(stage[1], repeat),
                        median(stage[2], repeat), median(stage[3], repeat), 0.0, stats.bytes_sent,
                        stats.bytes_received};

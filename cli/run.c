@@ -18,6 +18,7 @@
 #include "cli.h"
 #include "bench_ep.h"
 #include "capacity.h"
+#include "forward_io.h"
 #include "memory_limit.h"
 #include "moegen.h"
 #include "npy.h"
@@ -131,18 +132,6 @@ static double now_ms(void) {
 }
 
 /* The kernel-ABI weight view as the public API takes it (same tensors, same layouts). */
-static void public_weights(const moegen_kernel_weights *kw, moegen_weights *w) {
-    *w = (moegen_weights){
-        .router_w = kw->router_w, .router_b = kw->router_b, .score_bias = kw->score_bias,
-        .w1 = kw->w1, .b1 = kw->b1, .w2 = kw->w2, .b2 = kw->b2,
-        .shared_w1 = kw->shared_w1, .shared_b1 = kw->shared_b1, .shared_w2 = kw->shared_w2,
-        .shared_b2 = kw->shared_b2, .shared_gate = kw->shared_gate,
-        .residual_w1 = kw->residual_w1, .residual_b1 = kw->residual_b1,
-        .residual_w2 = kw->residual_w2, .residual_b2 = kw->residual_b2,
-        .residual_coef_w = kw->residual_coef_w, .residual_coef_b = kw->residual_coef_b,
-    };
-}
-
 static int compare_doubles(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
@@ -171,16 +160,6 @@ static int check_fits(const char *command, const moegen_spec *spec, int64_t S) {
 /* ---- Ranks (expert parallelism) ----------------------------------------------------------- */
 
 /* This rank's share of the expert tensors: experts [first, first + n) of w1/b1/w2/b2. */
-static void local_experts(const moegen_spec *spec, int first, moegen_weights *w) {
-    const size_t elem = moegen_dtype_size(spec->dtype);
-    const size_t H = (size_t)spec->hidden_size, F = (size_t)spec->moe_intermediate_size;
-    const size_t F1 = (size_t)moegen_spec_ffn_rows(spec), e = (size_t)first;
-    w->w1 = (const char *)w->w1 + e * F1 * H * elem;
-    if (w->b1) w->b1 = (const char *)w->b1 + e * F1 * elem;
-    w->w2 = (const char *)w->w2 + e * H * F * elem;
-    if (w->b2) w->b2 = (const char *)w->b2 + e * H * elem;
-}
-
 /* Every rank has the same weights (from --seed) and tokens of its own: rank r > 0 draws x
  * from a seed of its own. */
 static int own_tokens(const moegen_spec *spec, moe_tensors *ts, uint64_t seed, int rank) {
@@ -462,13 +441,13 @@ int moegen_cli_run(int argc, char **argv) {
     moegen_kernel_weights kw;
     moe_tensors_weights(&ts, &kw);
     moegen_weights weights;
-    public_weights(&kw, &weights);
+    moe_bind_weights(&kw, &weights);
     const int on_gpu = desc.device == MOEGEN_DEVICE_CUDA;
     if (on_gpu) { /* device copies; the layer gets device pointers */
         if (cuda_run_open(&gpu, options.cuda_device) || cuda_run_upload(&gpu, &ts, &spec)) goto done;
         cuda_run_weights(&gpu, &weights);
     }
-    if (desc.ep_size > 1) local_experts(&spec, desc.first_expert, &weights); /* bind the local experts only */
+    if (desc.ep_size > 1) moe_bind_local_experts(&spec, desc.first_expert, &weights); /* bind the local experts only */
     if (moegen_layer_bind(layer, &weights, &err) != MOEGEN_OK) {
         moegen_cli_error("%s", err.message);
         goto done;
@@ -732,7 +711,7 @@ int moegen_cli_bench(int argc, char **argv) {
     moegen_kernel_weights kw;
     moe_tensors_weights(&ts, &kw);
     moegen_weights weights;
-    public_weights(&kw, &weights);
+    moe_bind_weights(&kw, &weights);
     if (on_gpu) {
         if (cuda_run_open(&gpu, options.cuda_device) || cuda_run_upload(&gpu, &ts, &spec)) goto done;
         cuda_run_weights(&gpu, &weights);

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "forward_io.h"
 #include "spec.h"
 #include "tensors.h"
 #include "verify.h"
@@ -43,58 +44,8 @@ const ep_case EP_CASES[] = {
 };
 const int EP_CASE_COUNT = (int)(sizeof EP_CASES / sizeof EP_CASES[0]);
 
-typedef struct outputs {
-    void *y;
-    int32_t *ids;
-    float *topk_weights, *router_weights;
-    int64_t *before, *after;
-    moegen_forward_stats stats;
-} outputs;
-
-static int outputs_alloc(outputs *o, const moegen_spec *spec, int64_t S) {
-    memset(o, 0, sizeof *o);
-    const size_t routes = (size_t)S * spec->top_k + 1;
-    o->y = calloc((size_t)S * spec->hidden_size + 1, moegen_dtype_size(spec->dtype));
-    o->ids = calloc(routes, sizeof *o->ids);
-    o->topk_weights = calloc(routes, sizeof *o->topk_weights);
-    o->router_weights = calloc(routes, sizeof *o->router_weights);
-    o->before = calloc((size_t)spec->num_experts, sizeof *o->before);
-    o->after = calloc((size_t)spec->num_experts, sizeof *o->after);
-    return o->y && o->ids && o->topk_weights && o->router_weights && o->before && o->after ? 0 : -1;
-}
-
-static void outputs_free(outputs *o) {
-    free(o->y);
-    free(o->ids);
-    free(o->topk_weights);
-    free(o->router_weights);
-    free(o->before);
-    free(o->after);
-}
-
-/* The weights as bind takes them: everything whole, or only experts [first, first + n). */
-static moegen_weights weights_of(const moegen_spec *spec, const moe_tensors *ts, int first, int n) {
-    moegen_kernel_weights k;
-    moe_tensors_weights(ts, &k);
-    const size_t elem = moegen_dtype_size(spec->dtype);
-    const int64_t H = spec->hidden_size, F = spec->moe_intermediate_size, F1 = moegen_spec_ffn_rows(spec);
-    (void)n;
-    moegen_weights w = {
-        .router_w = k.router_w, .router_b = k.router_b, .score_bias = k.score_bias,
-        .w1 = (const char *)k.w1 + (size_t)first * F1 * H * elem,
-        .b1 = k.b1 ? (const char *)k.b1 + (size_t)first * F1 * elem : NULL,
-        .w2 = (const char *)k.w2 + (size_t)first * H * F * elem,
-        .b2 = k.b2 ? (const char *)k.b2 + (size_t)first * H * elem : NULL,
-        .shared_w1 = k.shared_w1, .shared_b1 = k.shared_b1, .shared_w2 = k.shared_w2, .shared_b2 = k.shared_b2,
-        .shared_gate = k.shared_gate, .residual_w1 = k.residual_w1, .residual_b1 = k.residual_b1,
-        .residual_w2 = k.residual_w2, .residual_b2 = k.residual_b2, .residual_coef_w = k.residual_coef_w,
-        .residual_coef_b = k.residual_coef_b,
-    };
-    return w;
-}
-
 static int run_layer(const char *yaml, const char *name, moegen_comm *comm, const moegen_weights *w,
-                     const moe_tensors *ts, uint64_t rng_offset, outputs *o, moegen_layer_desc *desc, char *why,
+                     const moe_tensors *ts, uint64_t rng_offset, moe_outputs *o, moegen_layer_desc *desc, char *why,
                      size_t why_size) {
     moegen_open_options options;
     moegen_open_options_init(&options);
@@ -109,9 +60,7 @@ static int run_layer(const char *yaml, const char *name, moegen_comm *comm, cons
         moegen_layer_close(layer);
         return -1;
     }
-    moegen_forward_io io = {.n_tokens = ts->n_tokens, .x = ts->t[MOE_T_X].data, .y = o->y, .topk_ids = o->ids,
-                            .topk_weights = o->topk_weights, .router_weights = o->router_weights,
-                            .counts_before = o->before, .counts_after = o->after, .rng_offset = rng_offset};
+    moegen_forward_io io = moe_outputs_io(o, ts, rng_offset);
     int rc = 0;
     if (moegen_layer_forward(layer, &io, &o->stats, &err) != MOEGEN_OK) {
         snprintf(why, why_size, "%s: forward: %s", name, err.message);
@@ -141,12 +90,12 @@ int ep_check_case(const ep_case *c, moegen_comm *comm, char *why, size_t why_siz
     moe_tensors ts, own;
     memset(&ts, 0, sizeof ts);
     memset(&own, 0, sizeof own);
-    outputs a, b;
+    moe_outputs a, b;
     memset(&a, 0, sizeof a);
     memset(&b, 0, sizeof b);
     int rc = -1;
     if (moe_tensors_alloc(&spec, S, &ts) != 0 || moe_tensors_alloc(&spec, S, &own) != 0 ||
-        outputs_alloc(&a, &spec, S) != 0 || outputs_alloc(&b, &spec, S) != 0) {
+        moe_outputs_alloc(&a, &spec, S) != 0 || moe_outputs_alloc(&b, &spec, S) != 0) {
         snprintf(why, why_size, "out of memory");
         goto done;
     }
@@ -157,7 +106,9 @@ int ep_check_case(const ep_case *c, moegen_comm *comm, char *why, size_t why_siz
     moe_tensors_apply_pattern(&spec, &ts, c->pattern);
 
     moegen_layer_desc desc_ep, desc_one;
-    const moegen_weights local_w = weights_of(&spec, &ts, first, local), all_w = weights_of(&spec, &ts, 0, 0);
+    moegen_weights local_w, all_w;
+    moe_tensors_bind_weights(&spec, &ts, first, &local_w);
+    moe_tensors_bind_weights(&spec, &ts, 0, &all_w);
     const uint64_t rng_offset = 17;
     if (run_layer(yaml_ep, name_ep, comm, &local_w, &ts, rng_offset, &a, &desc_ep, why, why_size) != 0) goto done;
     if (run_layer(yaml_one, name_one, NULL, &all_w, &ts, rng_offset, &b, &desc_one, why, why_size) != 0) goto done;
@@ -177,8 +128,8 @@ int ep_check_case(const ep_case *c, moegen_comm *comm, char *why, size_t why_siz
         {"topk_ids", a.ids, b.ids, routes * sizeof(int32_t)},
         {"topk_weights", a.topk_weights, b.topk_weights, routes * sizeof(float)},
         {"router_weights", a.router_weights, b.router_weights, routes * sizeof(float)},
-        {"counts_before", a.before, b.before, E * sizeof(int64_t)},
-        {"counts_after", a.after, b.after, E * sizeof(int64_t)},
+        {"counts_before", a.counts_before, b.counts_before, E * sizeof(int64_t)},
+        {"counts_after", a.counts_after, b.counts_after, E * sizeof(int64_t)},
         {"n_dropped", &a.stats.n_dropped, &b.stats.n_dropped, sizeof(int64_t)},
         {"capacity", &a.stats.capacity, &b.stats.capacity, sizeof(int64_t)},
         {"aux_loss", &a.stats.aux_loss, &b.stats.aux_loss, sizeof(double)},
@@ -192,11 +143,7 @@ int ep_check_case(const ep_case *c, moegen_comm *comm, char *why, size_t why_siz
         }
     moegen_kernel_weights k;
     moe_tensors_weights(&ts, &k);
-    moe_kernel_result kernel = {.y = a.y, .ids = a.ids, .topk_weights = a.topk_weights,
-                                .router_weights = a.router_weights, .counts_before = a.before,
-                                .counts_after = a.after, .n_dropped = a.stats.n_dropped,
-                                .capacity = a.stats.capacity, .aux_loss = a.stats.aux_loss,
-                                .z_loss = a.stats.z_loss};
+    moe_kernel_result kernel = moe_outputs_result(&a);
     moe_verify_report report;
     if (moe_verify(&spec, S, ts.t[MOE_T_X].data, &k, rng_offset, NULL, &kernel, &report) != 0 || !report.ok) {
         snprintf(why, why_size, "rank %d: against the reference: %s", rank, report.message);
@@ -207,8 +154,8 @@ int ep_check_case(const ep_case *c, moegen_comm *comm, char *why, size_t why_siz
              (unsigned long long)a.stats.bytes_received, report.message);
     rc = 0;
 done:
-    outputs_free(&a);
-    outputs_free(&b);
+    moe_outputs_free(&a);
+    moe_outputs_free(&b);
     moe_tensors_free(&ts);
     moe_tensors_free(&own);
     moegen_spec_free(&spec);

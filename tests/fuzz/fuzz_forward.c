@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "moegen.h"
+#include "forward_io.h"
 #include "patterns.h"
 #include "spec.h"
 #include "spec_sampler.h"
@@ -52,38 +53,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     moe_tensors_apply_pattern(&spec, &ts, pattern);
     moegen_kernel_weights k;
     moe_tensors_weights(&ts, &k);
-    moegen_weights w = {
-        .router_w = k.router_w, .router_b = k.router_b, .score_bias = k.score_bias, .w1 = k.w1, .b1 = k.b1,
-        .w2 = k.w2, .b2 = k.b2, .shared_w1 = k.shared_w1, .shared_b1 = k.shared_b1, .shared_w2 = k.shared_w2,
-        .shared_b2 = k.shared_b2, .shared_gate = k.shared_gate, .residual_w1 = k.residual_w1,
-        .residual_b1 = k.residual_b1, .residual_w2 = k.residual_w2, .residual_b2 = k.residual_b2,
-        .residual_coef_w = k.residual_coef_w, .residual_coef_b = k.residual_coef_b,
-    };
+    moegen_weights w;
+    moe_tensors_bind_weights(&spec, &ts, 0, &w);
     check(moegen_layer_bind(layer, &w, &err) == MOEGEN_OK, "bind failed", err.message, yaml);
-    const size_t routes = (size_t)S * spec.top_k + 1;
-    void *y = calloc((size_t)S * spec.hidden_size + 1, moegen_dtype_size(spec.dtype));
-    int32_t *ids = calloc(routes, sizeof *ids);
-    float *topk_weights = calloc(routes, sizeof *topk_weights), *router_weights = calloc(routes, sizeof(float));
-    int64_t *before = calloc((size_t)spec.num_experts, sizeof *before);
-    int64_t *after = calloc((size_t)spec.num_experts, sizeof *after);
-    check(y && ids && topk_weights && router_weights && before && after, "out of memory", "outputs", yaml);
-    moegen_forward_io io = {.n_tokens = S, .x = ts.t[MOE_T_X].data, .y = y, .topk_ids = ids,
-                            .topk_weights = topk_weights, .router_weights = router_weights,
-                            .counts_before = before, .counts_after = after, .rng_offset = rng_offset};
-    moegen_forward_stats stats;
-    check(moegen_layer_forward(layer, &io, &stats, &err) == MOEGEN_OK, "forward failed", err.message, yaml);
-    moe_kernel_result kernel = {.y = y, .ids = ids, .topk_weights = topk_weights, .router_weights = router_weights,
-                                .counts_before = before, .counts_after = after, .n_dropped = stats.n_dropped,
-                                .capacity = stats.capacity, .aux_loss = stats.aux_loss, .z_loss = stats.z_loss};
+    moe_outputs o;
+    check(moe_outputs_alloc(&o, &spec, S) == 0, "out of memory", "outputs", yaml);
+    moegen_forward_io io = moe_outputs_io(&o, &ts, rng_offset);
+    check(moegen_layer_forward(layer, &io, &o.stats, &err) == MOEGEN_OK, "forward failed", err.message, yaml);
+    moe_kernel_result kernel = moe_outputs_result(&o);
     moe_verify_report report;
     check(moe_verify(&spec, S, ts.t[MOE_T_X].data, &k, rng_offset, NULL, &kernel, &report) == 0 && report.ok,
           "kernel and reference differ", report.message, yaml);
-    free(y);
-    free(ids);
-    free(topk_weights);
-    free(router_weights);
-    free(before);
-    free(after);
+    moe_outputs_free(&o);
     moe_tensors_free(&ts);
     moegen_layer_close(layer);
     moegen_spec_free(&spec);

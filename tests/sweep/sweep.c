@@ -32,6 +32,7 @@
 #include "patterns.h"
 #include "spec.h"
 #include "spec_sampler.h"
+#include "forward_io.h"
 #include "tensors.h"
 #include "verify.h"
 
@@ -117,35 +118,6 @@ static void describe_spec(const moegen_spec *s, char *out, size_t size) {
              s->shared.count ? " shared" : "", s->use_residual ? " residual" : "");
 }
 
-typedef struct outputs {
-    void *y;
-    int32_t *ids;
-    float *topk_weights, *router_weights;
-    int64_t *counts_before, *counts_after;
-    moegen_forward_stats stats;
-} outputs;
-
-static int outputs_alloc(outputs *o, const moegen_spec *spec, int64_t S) {
-    memset(o, 0, sizeof *o);
-    const size_t routes = (size_t)S * spec->top_k + 1;
-    o->y = calloc((size_t)S * spec->hidden_size + 1, moegen_dtype_size(spec->dtype));
-    o->ids = calloc(routes, sizeof *o->ids);
-    o->topk_weights = calloc(routes, sizeof *o->topk_weights);
-    o->router_weights = calloc(routes, sizeof *o->router_weights);
-    o->counts_before = calloc((size_t)spec->num_experts, sizeof *o->counts_before);
-    o->counts_after = calloc((size_t)spec->num_experts, sizeof *o->counts_after);
-    return o->y && o->ids && o->topk_weights && o->router_weights && o->counts_before && o->counts_after ? 0 : -1;
-}
-
-static void outputs_free(outputs *o) {
-    free(o->y);
-    free(o->ids);
-    free(o->topk_weights);
-    free(o->router_weights);
-    free(o->counts_before);
-    free(o->counts_after);
-}
-
 static moegen_status open_layer(const char *yaml, const char *name, int threads, moegen_layer **layer,
                                 moegen_error *err) {
     moegen_open_options options;
@@ -155,29 +127,18 @@ static moegen_status open_layer(const char *yaml, const char *name, int threads,
     return moegen_layer_open_string(yaml, strlen(yaml), name, &options, layer, err);
 }
 
-static moegen_status forward(moegen_layer *layer, const moe_tensors *ts, uint64_t rng_offset, outputs *o,
-                             moegen_error *err) {
-    moegen_kernel_weights k;
-    moe_tensors_weights(ts, &k);
-    moegen_weights w = {
-        .router_w = k.router_w, .router_b = k.router_b, .score_bias = k.score_bias, .w1 = k.w1, .b1 = k.b1,
-        .w2 = k.w2, .b2 = k.b2, .shared_w1 = k.shared_w1, .shared_b1 = k.shared_b1, .shared_w2 = k.shared_w2,
-        .shared_b2 = k.shared_b2, .shared_gate = k.shared_gate, .residual_w1 = k.residual_w1,
-        .residual_b1 = k.residual_b1, .residual_w2 = k.residual_w2, .residual_b2 = k.residual_b2,
-        .residual_coef_w = k.residual_coef_w, .residual_coef_b = k.residual_coef_b,
-    };
+static moegen_status forward(moegen_layer *layer, const moegen_spec *spec, const moe_tensors *ts,
+                             uint64_t rng_offset, moe_outputs *o, moegen_error *err) {
+    moegen_weights w;
+    moe_tensors_bind_weights(spec, ts, 0, &w);
     moegen_status st = moegen_layer_bind(layer, &w, err);
     if (st != MOEGEN_OK) return st;
-    moegen_forward_io io = {
-        .n_tokens = ts->n_tokens, .x = ts->t[MOE_T_X].data, .y = o->y, .topk_ids = o->ids,
-        .topk_weights = o->topk_weights, .router_weights = o->router_weights,
-        .counts_before = o->counts_before, .counts_after = o->counts_after, .rng_offset = rng_offset,
-    };
+    moegen_forward_io io = moe_outputs_io(o, ts, rng_offset);
     return moegen_layer_forward(layer, &io, &o->stats, err);
 }
 
 /* 1 if two runs gave the same bits. */
-static int same_bits(const moegen_spec *spec, int64_t S, const outputs *a, const outputs *b) {
+static int same_bits(const moegen_spec *spec, int64_t S, const moe_outputs *a, const moe_outputs *b) {
     const size_t routes = (size_t)S * spec->top_k;
     return memcmp(a->y, b->y, (size_t)S * spec->hidden_size * moegen_dtype_size(spec->dtype)) == 0 &&
            memcmp(a->ids, b->ids, routes * sizeof *a->ids) == 0 &&
@@ -208,31 +169,27 @@ static void run_case(const char *yaml, const char *name, const moegen_spec *spec
     for (int i = 0; i < 2 && ok; i++) {
         const int64_t S = plan->tokens[i];
         moe_tensors ts;
-        outputs o, again;
+        moe_outputs o, again;
         memset(&o, 0, sizeof o);
         memset(&again, 0, sizeof again);
         memset(&ts, 0, sizeof ts);
-        if (moe_tensors_alloc(spec, S, &ts) != 0 || outputs_alloc(&o, spec, S) != 0) {
+        if (moe_tensors_alloc(spec, S, &ts) != 0 || moe_outputs_alloc(&o, spec, S) != 0) {
             snprintf(result->message, sizeof result->message, "out of memory for %lld tokens", (long long)S);
-            outputs_free(&o);
+            moe_outputs_free(&o);
             moe_tensors_free(&ts);
             ok = 0;
             break;
         }
         moe_tensors_fill(&ts, plan->data_seed + (uint64_t)i);
         moe_tensors_apply_pattern(spec, &ts, plan->pattern);
-        if (forward(layer, &ts, plan->rng_offset, &o, &err) != MOEGEN_OK) {
+        if (forward(layer, spec, &ts, plan->rng_offset, &o, &err) != MOEGEN_OK) {
             snprintf(result->message, sizeof result->message, "S=%lld: forward: %s", (long long)S, err.message);
             ok = 0;
         }
         if (ok) {
             moegen_kernel_weights w;
             moe_tensors_weights(&ts, &w);
-            moe_kernel_result kernel = {
-                .y = o.y, .ids = o.ids, .topk_weights = o.topk_weights, .router_weights = o.router_weights,
-                .counts_before = o.counts_before, .counts_after = o.counts_after, .n_dropped = o.stats.n_dropped,
-                .capacity = o.stats.capacity, .aux_loss = o.stats.aux_loss, .z_loss = o.stats.z_loss,
-            };
+            moe_kernel_result kernel = moe_outputs_result(&o);
             moe_verify_report report;
             if (moe_verify(spec, S, ts.t[MOE_T_X].data, &w, plan->rng_offset, NULL, &kernel, &report) != 0 ||
                 !report.ok) {
@@ -251,8 +208,8 @@ static void run_case(const char *yaml, const char *name, const moegen_spec *spec
             }
         }
         if (ok && recheck) {
-            if (outputs_alloc(&again, spec, S) != 0 ||
-                forward(recheck, &ts, plan->rng_offset, &again, &err) != MOEGEN_OK) {
+            if (moe_outputs_alloc(&again, spec, S) != 0 ||
+                forward(recheck, spec, &ts, plan->rng_offset, &again, &err) != MOEGEN_OK) {
                 snprintf(result->message, sizeof result->message, "S=%lld: rerun with %d threads: %s", (long long)S,
                          plan->recheck_threads, err.message);
                 ok = 0;
@@ -263,8 +220,8 @@ static void run_case(const char *yaml, const char *name, const moegen_spec *spec
                 ok = 0;
             }
         }
-        outputs_free(&again);
-        outputs_free(&o);
+        moe_outputs_free(&again);
+        moe_outputs_free(&o);
         moe_tensors_free(&ts);
     }
     moegen_layer_close(recheck);
