@@ -312,7 +312,7 @@ static double forward_flops(const moegen_spec *spec, int64_t S, const int64_t *c
 }
 
 /* Minimum bytes one forward must move: every touched expert's weights once, the
- * router weights, the shared / residual weights, x and y (../shared/performance.md). */
+ * router weights, the shared / residual weights, x and y (docs/performance.md). */
 static double forward_bytes(const moegen_spec *spec, int64_t S, const int64_t *counts_after) {
     const double H = (double)spec->hidden_size, F = (double)spec->moe_intermediate_size;
     const double F1 = (double)moegen_spec_ffn_rows(spec), elem = (double)moegen_dtype_size(spec->dtype);
@@ -511,7 +511,7 @@ int moegen_cli_run(int argc, char **argv) {
         printf("  %.0f tokens/s, %.2f GFLOP/s (%.3g GFLOP per forward)\n", S / (median_ms / 1e3),
                flops / (median_ms / 1e3) / 1e9, flops / 1e9);
     if (on_gpu) {
-        /* The floor of ../shared/performance.md: 790 TFLOP/s bf16, the device's copy rate. */
+        /* The floor of docs/performance.md: 790 TFLOP/s bf16, the device's copy rate. */
         const double bandwidth = cuda_run_bandwidth(&gpu);
         floor_ms = 1e3 * (flops / 790e12 > bytes / bandwidth ? flops / 790e12 : bytes / bandwidth);
         printf("  %.1f TFLOP/s, %.2f TB/s effective (%.3g GB moved at least); floor %.4f ms -> %.1f%% of the floor\n",
@@ -606,7 +606,7 @@ static const char usage_bench[] =
     "Time the forward of SPEC at several token counts in one process (weights are made\n"
     "once): median and min over --repeat runs after a warm-up (CUDA events on the GPU),\n"
     "tokens/s, TFLOP/s, effective TB/s and, on the GPU, the percentage of the floor of\n"
-    "../shared/performance.md. Prints a table and one JSON line per token count. It does\n"
+    "docs/performance.md. Prints a table and one JSON line per token count. It does\n"
     "not verify: use `moegen run` for that.\n"
     "\n"
     "options:\n"

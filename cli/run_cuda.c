@@ -146,6 +146,6 @@ void cuda_run_close(cuda_run *r) {
 
 double cuda_run_bandwidth(const cuda_run *r) {
     /* Device-to-device copy rate measured on this project's machines
-     * (../shared/performance.md): H100 ~3.0 TB/s, H200 ~4.3 TB/s. */
+     * (docs/performance.md): H100 ~3.0 TB/s, H200 ~4.3 TB/s. */
     return strstr(r->info.name, "H200") ? 4.3e12 : 3.0e12;
 }

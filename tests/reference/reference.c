@@ -2,7 +2,7 @@
  *
  * Place in the pipeline: outside it. Generated kernels (every backend) are checked
  * against this file, so it is written from docs/numerics.md and
- * ../shared/semantics.md alone and shares no code with gen/ or templates/: it only
+ * docs/numerics.md alone and shares no code with gen/ or templates/: it only
  * reads the validated `moegen_spec` fields and the tensor layouts of
  * templates/common/moegen_kernel_abi.h. Comments cite the rules as "§1.4"
  * (numerics.md section 1, rule 4).

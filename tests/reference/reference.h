@@ -1,7 +1,7 @@
 /* reference.h — an independent MoE forward in plain double-precision loops.
  *
  * This is the yardstick the generated kernels are tested against. It is written
- * from ../shared/semantics.md (summarized in README.md "What the layer computes")
+ * from docs/numerics.md (summarized in README.md "What the layer computes")
  * and shares no code with templates/ or gen/ beyond reading the validated spec
  * struct and the documented tensor layouts (templates/common/moegen_kernel_abi.h).
  * Everything is computed in double: inputs in fp16/bf16 are widened exactly.
