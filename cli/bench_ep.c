@@ -95,7 +95,8 @@ done:
 }
 
 int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const long long *counts, int n_counts,
-                        long long repeat, long long seed, int threads, const char *cache_dir) {
+                        long long repeat, long long seed, int threads, const char *cache_dir,
+                        const char *variant) {
     cli_ranks ranks;
     if (cli_ranks_start(&ranks, spec->ep_size)) return 1;
     long long max_tokens = 0;
@@ -115,6 +116,7 @@ int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const lo
     moegen_open_options_init(&options);
     options.device = MOEGEN_DEVICE_CPU;
     options.cache_dir = cache_dir;
+    options.variant = variant;
     options.n_threads = threads;
     options.comm = ranks.comm;
     if (!times || !stage[4] || !y || (ranks.rank == 0 && !rows)) goto done;
@@ -136,8 +138,8 @@ int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const lo
         goto done;
     }
     if (ranks.rank == 0) {
-        printf("moegen bench: %s on %d CPU ranks (%s), variant %s, %d threads per rank\n", spec->name, ranks.size,
-               ranks.comm->transport, desc.variant, desc.n_threads);
+        printf("moegen bench: %s on %d CPU ranks (%s), variant %s, kernels %s, %d threads per rank\n", spec->name,
+               ranks.size, ranks.comm->transport, desc.variant, desc.kernel_path, desc.n_threads);
         printf("| tokens/rank | rank | median | route | dispatch | experts | combine | sent | received | "
                "exchange/compute | bare all-to-all-v | exchange/bare |\n");
         printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");

@@ -7,6 +7,7 @@
 /* Time `spec` (ep_size > 1) on the ranks of this MPI job at each token count per rank;
  * rank 0 prints the table. Returns the exit status. */
 int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const long long *counts, int n_counts,
-                        long long repeat, long long seed, int threads, const char *cache_dir);
+                        long long repeat, long long seed, int threads, const char *cache_dir,
+                        const char *variant);
 
 #endif

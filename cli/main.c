@@ -40,6 +40,7 @@ static const char usage_check[] =
 
 static const char usage_gen[] =
     "usage: moegen gen SPEC -o DIR [--backend cpu|cuda] [--vector-floats N] [--arch sm_XX]\n"
+    "                  [--variant LIST]\n"
     "\n"
     "Write the generated C sources for SPEC into DIR (created if missing): the layer\n"
     "source, its header and moegen_kernel_abi.h. Files whose content is unchanged are\n"
@@ -52,7 +53,9 @@ static const char usage_gen[] =
     "  --vector-floats N     cpu: SIMD width the code is tuned for: 4, 8 or 16 (default 8)\n"
     "  --arch sm_XX          cuda: target architecture the tiles are chosen for (default sm_80):\n"
     "                        sm_70 .. sm_120, optionally with the suffix a or f (sm_90a, sm_100a,\n"
-    "                        sm_120f); the CUDA backend needs sm_80 or newer\n";
+    "                        sm_120f); the CUDA backend needs sm_80 or newer\n"
+    "  --variant LIST        kernel variant overrides, e.g. tile_rows=6,gemm=bfdot (README:\n"
+    "                        \"Kernel variants\")\n";
 
 int moegen_cli_error(const char *fmt, ...) {
     va_list ap;
@@ -99,7 +102,7 @@ static int command_gen(int argc, char **argv) {
         fputs(usage_gen, stdout);
         return 0;
     }
-    const char *spec_path = NULL, *out_dir = NULL, *arch = "sm_80";
+    const char *spec_path = NULL, *out_dir = NULL, *arch = "sm_80", *variant_overrides = NULL;
     int vector_floats = 8;
     moegen_error err;
     moegen_backend backend = MOEGEN_BACKEND_CPU;
@@ -117,6 +120,8 @@ static int command_gen(int argc, char **argv) {
             if (!strcmp(name, "cpu")) backend = MOEGEN_BACKEND_CPU;
             else if (!strcmp(name, "cuda")) backend = MOEGEN_BACKEND_CUDA;
             else return moegen_cli_error("gen: --backend must be cpu or cuda (got '%s')", name);
+        } else if (!strcmp(argv[i], "--variant") && i + 1 < argc) {
+            variant_overrides = argv[++i];
         } else if (!strcmp(argv[i], "--arch") && i + 1 < argc) {
             arch = argv[++i]; /* checked here for an early message; used by moegen_cuda_generate */
             if (moegen_cuda_arch_parse(arch, NULL, &err) != MOEGEN_OK)
@@ -135,12 +140,13 @@ static int command_gen(int argc, char **argv) {
     moegen_generated generated;
     moegen_status st;
     if (backend == MOEGEN_BACKEND_CUDA) { /* exactly what the CUDA backend compiles for `arch` */
-        st = moegen_cuda_generate(&spec, arch, &generated, &err);
+        st = moegen_cuda_generate(&spec, arch, variant_overrides, &generated, &err);
     } else {
         moegen_target target = {.cpu_vector_floats = vector_floats};
         moegen_variant variant;
         moegen_variant_default(&spec, backend, &target, &variant);
-        st = moegen_generate(&spec, &variant, NULL, &generated, &err);
+        st = moegen_variant_apply_overrides(&variant, variant_overrides, &err);
+        if (st == MOEGEN_OK) st = moegen_generate(&spec, &variant, NULL, &generated, &err);
     }
     int rc = 0;
     if (st != MOEGEN_OK) {

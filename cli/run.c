@@ -52,7 +52,9 @@ static const char usage_run[] =
     "                      (default: all, or a spread-out sample when the reference\n"
     "                      would take more than a few seconds)\n"
     "  --rng-offset N      offset mixed into jitter, noise and random priority (default 0)\n"
-    "  --cache-dir DIR     compile cache (default $MOEGEN_CACHE_DIR or ~/.cache/moegen)\n";
+    "  --cache-dir DIR     compile cache (default $MOEGEN_CACHE_DIR or ~/.cache/moegen)\n"
+    "  --variant LIST      kernel variant overrides, e.g. tile_rows=6,gemm=bfdot (README:\n"
+    "                      \"Kernel variants\")\n";
 
 int moegen_cli_parse_int(const char *text, const char *option, long long min, long long max,
                          long long *out) {
@@ -68,7 +70,7 @@ int moegen_cli_parse_int(const char *text, const char *option, long long min, lo
 }
 
 typedef struct run_options {
-    const char *spec_path, *save_dir, *load_dir, *cache_dir, *arch;
+    const char *spec_path, *save_dir, *load_dir, *cache_dir, *arch, *variant;
     long long tokens, seed, threads, repeat, verify_tokens, rng_offset;
     int device, mode, json, no_verify;
 } run_options;
@@ -107,6 +109,7 @@ static int parse_run_options(int argc, char **argv, run_options *o) {
         else if (!strcmp(a, "--load")) o->load_dir = value;
         else if (!strcmp(a, "--cache-dir")) o->cache_dir = value;
         else if (!strcmp(a, "--arch")) o->arch = value;
+        else if (!strcmp(a, "--variant")) o->variant = value;
         else if (!strcmp(a, "--device")) {
             if (!strcmp(value, "cpu")) o->device = MOEGEN_DEVICE_CPU;
             else if (!strcmp(value, "cuda")) o->device = MOEGEN_DEVICE_CUDA;
@@ -413,6 +416,7 @@ int moegen_cli_run(int argc, char **argv) {
     options.n_threads = (int)o.threads;
     options.cache_dir = o.cache_dir;
     options.arch = o.arch;
+    options.variant = o.variant;
     options.comm = ranks.comm;
     if (moegen_layer_open_file(o.spec_path, &options, &layer, &err) != MOEGEN_OK) {
         moegen_cli_error("%s", err.message);
@@ -500,7 +504,7 @@ int moegen_cli_run(int argc, char **argv) {
     const double bytes = forward_bytes(&spec, S, out.counts_after);
     if (!chatty) goto report_done; /* the other ranks report through print_rank_lines */
     printf("moegen run: %s (spec sha256:%.16s)\n", spec.name, desc.spec_hash);
-    printf("  variant %s\n", desc.variant);
+    printf("  variant %s\n  kernels: %s\n", desc.variant, desc.kernel_path);
     printf("  device %s; module %s in %.0f ms; tensors %s in %.0f ms\n", on_gpu ? gpu.info.name : "cpu",
            desc.cache_hit ? "loaded from the cache" : "generated and compiled", desc.compile_ms,
            o.load_dir ? "loaded" : "generated", fill_ms);
@@ -572,11 +576,12 @@ report_done:;
     if (o.save_dir && save_all(o.save_dir, &ts, &spec, &out)) goto done;
     rc = (verify_rc == 0 && report.ok) ? 0 : 1;
     if (o.json && chatty)
-        printf("{\"spec\": \"%s\", \"device\": \"%s\", \"variant\": \"%s\", \"tokens\": %lld, "
-               "\"median_ms\": %.6f, \"min_ms\": %.6f, \"flops\": %.6g, \"bytes\": %.6g, "
+        printf("{\"spec\": \"%s\", \"device\": \"%s\", \"variant\": \"%s\", \"kernels\": \"%s\", "
+               "\"tokens\": %lld, \"median_ms\": %.6f, \"min_ms\": %.6f, \"flops\": %.6g, \"bytes\": %.6g, "
                "\"floor_ms\": %.6f, \"compile_ms\": %.3f, \"cache_hit\": %d, \"verified\": %s, "
                "\"max_scaled_error\": %.4g}\n",
-               spec.name, on_gpu ? gpu.info.name : "cpu", desc.variant, (long long)S, median_ms, times[0], flops,
+               spec.name, on_gpu ? gpu.info.name : "cpu", desc.variant, desc.kernel_path, (long long)S, median_ms,
+               times[0], flops,
                bytes, floor_ms, desc.compile_ms, desc.cache_hit, o.no_verify ? "null" : (rc == 0 ? "true" : "false"),
                report.max_scaled_error);
 
@@ -616,14 +621,16 @@ static const char usage_bench[] =
     "  --repeat N          timed forwards per token count (default 20)\n"
     "  --seed S            seed of the random tensors (default 1)\n"
     "  --threads N         CPU threads\n"
-    "  --cache-dir DIR     compile cache\n";
+    "  --cache-dir DIR     compile cache\n"
+    "  --variant LIST      kernel variant overrides, e.g. tile_rows=6,gemm=bfdot (README:\n"
+    "                      \"Kernel variants\")\n";
 
 int moegen_cli_bench(int argc, char **argv) {
     if (moegen_cli_wants_help(argc, argv)) {
         fputs(usage_bench, stdout);
         return 0;
     }
-    const char *spec_path = NULL, *token_list = NULL, *arch = NULL, *cache_dir = NULL;
+    const char *spec_path = NULL, *token_list = NULL, *arch = NULL, *cache_dir = NULL, *variant = NULL;
     long long repeat = 20, seed = 1, threads = 0;
     int device = MOEGEN_DEVICE_AUTO;
     for (int i = 0; i < argc; i++) {
@@ -638,6 +645,7 @@ int moegen_cli_bench(int argc, char **argv) {
         if (!strcmp(a, "--tokens")) token_list = value;
         else if (!strcmp(a, "--arch")) arch = value;
         else if (!strcmp(a, "--cache-dir")) cache_dir = value;
+        else if (!strcmp(a, "--variant")) variant = value;
         else if (!strcmp(a, "--repeat")) { if (moegen_cli_parse_int(value, a, 1, 100000, &repeat)) return 1; }
         else if (!strcmp(a, "--seed")) { if (moegen_cli_parse_int(value, a, 0, LLONG_MAX, &seed)) return 1; }
         else if (!strcmp(a, "--threads")) { if (moegen_cli_parse_int(value, a, 1, 4096, &threads)) return 1; }
@@ -676,7 +684,8 @@ int moegen_cli_bench(int argc, char **argv) {
                                     "`mpirun ... moegen run --device cuda` runs the CUDA path",
                                     spec.ep_size);
         }
-        int status = moegen_cli_bench_ep(&spec, spec_path, counts, n_counts, repeat, seed, (int)threads, cache_dir);
+        int status = moegen_cli_bench_ep(&spec, spec_path, counts, n_counts, repeat, seed, (int)threads, cache_dir,
+                                         variant);
         moegen_spec_free(&spec);
         return status;
     }
@@ -694,6 +703,7 @@ int moegen_cli_bench(int argc, char **argv) {
     options.device = device;
     options.arch = arch;
     options.cache_dir = cache_dir;
+    options.variant = variant;
     options.n_threads = (int)threads;
     if (!times || !counts_after) goto done;
     if (moegen_layer_open_file(spec_path, &options, &layer, &err) != MOEGEN_OK) {
@@ -722,8 +732,8 @@ int moegen_cli_bench(int argc, char **argv) {
         moegen_cli_error("%s", err.message);
         goto done;
     }
-    printf("moegen bench: %s on %s, variant %s (module %s in %.0f ms)\n", spec.name,
-           on_gpu ? gpu.info.name : "cpu", desc.variant, desc.cache_hit ? "loaded from the cache" : "compiled",
+    printf("moegen bench: %s on %s, variant %s, kernels %s (module %s in %.0f ms)\n", spec.name,
+           on_gpu ? gpu.info.name : "cpu", desc.variant, desc.kernel_path, desc.cache_hit ? "loaded from the cache" : "compiled",
            desc.compile_ms);
     if (on_gpu) { /* the floor of docs/performance.md is a GPU one */
         printf("| tokens | median | min | tokens/s | TFLOP/s | TB/s | floor | %% of floor |\n");
@@ -772,10 +782,11 @@ int moegen_cli_bench(int argc, char **argv) {
         char floor_json[32] = "null";
         if (on_gpu) snprintf(floor_json, sizeof floor_json, "%.6f", floor_ms);
         fprintf(stderr,
-                "{\"spec\": \"%s\", \"device\": \"%s\", \"variant\": \"%s\", \"tokens\": %lld, \"median_ms\": %.6f, "
-                "\"min_ms\": %.6f, \"flops\": %.6g, \"bytes\": %.6g, \"floor_ms\": %s, \"compile_ms\": %.3f, "
-                "\"cache_hit\": %d}\n",
-                spec.name, on_gpu ? gpu.info.name : "cpu", desc.variant, (long long)S, median, times[0], flops, bytes,
+                "{\"spec\": \"%s\", \"device\": \"%s\", \"variant\": \"%s\", \"kernels\": \"%s\", "
+                "\"tokens\": %lld, \"median_ms\": %.6f, \"min_ms\": %.6f, \"flops\": %.6g, \"bytes\": %.6g, "
+                "\"floor_ms\": %s, \"compile_ms\": %.3f, \"cache_hit\": %d}\n",
+                spec.name, on_gpu ? gpu.info.name : "cpu", desc.variant, desc.kernel_path, (long long)S, median,
+                times[0], flops, bytes,
                 floor_json, desc.compile_ms, desc.cache_hit);
     }
     rc = 0;

@@ -105,24 +105,20 @@ static int add_variant_params(moegen_params *root, const moegen_variant *v, cons
     int rc = 0;
     rc |= moegen_params_str(p, "name", name);
     rc |= moegen_params_str(p, "backend", v->backend == MOEGEN_BACKEND_CPU ? "cpu" : "cuda");
-    moegen_params *cpu = moegen_params_table(p, "cpu");
-    if (!cpu) return -1;
-    rc |= moegen_params_int(cpu, "vector_floats", v->cpu.vector_floats);
-    rc |= moegen_params_int(cpu, "tile_rows", v->cpu.tile_rows);
-    rc |= moegen_params_int(cpu, "tile_cols", v->cpu.tile_cols);
-    rc |= moegen_params_int(cpu, "block_rows", v->cpu.block_rows);
-    rc |= moegen_params_int(cpu, "block_cols", v->cpu.block_cols);
-    rc |= moegen_params_int(cpu, "router_block", v->cpu.router_block);
-    moegen_params *cuda = moegen_params_table(p, "cuda");
-    if (!cuda) return -1;
-    rc |= moegen_params_int(cuda, "sm", v->cuda.sm);
-    rc |= moegen_params_int(cuda, "tile_m", v->cuda.tile_m);
-    rc |= moegen_params_int(cuda, "tile_n", v->cuda.tile_n);
-    rc |= moegen_params_int(cuda, "tile_k", v->cuda.tile_k);
-    rc |= moegen_params_int(cuda, "stages", v->cuda.stages);
-    rc |= moegen_params_int(cuda, "warps_m", v->cuda.warps_m);
-    rc |= moegen_params_int(cuda, "warps_n", v->cuda.warps_n);
-    rc |= moegen_params_int(cuda, "router_tokens", v->cuda.router_tokens);
+    moegen_params *cpu = moegen_params_table(p, "cpu"), *cuda = moegen_params_table(p, "cuda");
+    if (!cpu || !cuda) return -1;
+    int n_fields;
+    const moegen_variant_field *fields = moegen_variant_fields(&n_fields);
+    for (int i = 0; i < n_fields; i++) { /* variant.cpu.<name>, variant.cuda.<name> */
+        moegen_params *table = fields[i].backend == MOEGEN_BACKEND_CPU ? cpu : cuda;
+        const int value = moegen_variant_get(v, &fields[i]);
+        if (fields[i].is_gemm) {
+            const char *gemm = moegen_cpu_gemm_name((moegen_cpu_gemm)value);
+            rc |= moegen_params_str(table, fields[i].name, gemm ? gemm : "unknown");
+        } else {
+            rc |= moegen_params_int(table, fields[i].name, value);
+        }
+    }
     return rc ? -1 : 0;
 }
 

@@ -7,7 +7,10 @@
  */
 #include "variant.h"
 
+#include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "moegen_cuda_abi.h"
 
@@ -57,12 +60,112 @@ moegen_status moegen_cuda_arch_parse(const char *text, moegen_cuda_arch *out, mo
     return MOEGEN_OK;
 }
 
+/* "fma, bfdot, ...": every moegen_cpu_gemm name. */
+static const char *gemm_names(void) {
+    static char names[128];
+    names[0] = '\0';
+    for (int g = 0; moegen_cpu_gemm_name((moegen_cpu_gemm)g); g++)
+        snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", g ? ", " : "one of ",
+                 moegen_cpu_gemm_name((moegen_cpu_gemm)g));
+    return names;
+}
+
+#define CPU_FIELD(name) {#name, MOEGEN_BACKEND_CPU, 0, offsetof(moegen_variant, cpu.name)}
+#define CUDA_FIELD(name) {#name, MOEGEN_BACKEND_CUDA, 0, offsetof(moegen_variant, cuda.name)}
+static const moegen_variant_field FIELDS[] = {
+    {"gemm", MOEGEN_BACKEND_CPU, 1, offsetof(moegen_variant, cpu.gemm)},
+    CPU_FIELD(vector_floats), CPU_FIELD(tile_rows), CPU_FIELD(tile_cols), CPU_FIELD(block_rows),
+    CPU_FIELD(block_cols), CPU_FIELD(router_block),
+    CUDA_FIELD(sm), CUDA_FIELD(tile_m), CUDA_FIELD(tile_n), CUDA_FIELD(tile_k), CUDA_FIELD(stages),
+    CUDA_FIELD(warps_m), CUDA_FIELD(warps_n), CUDA_FIELD(router_tokens),
+};
+#undef CPU_FIELD
+#undef CUDA_FIELD
+_Static_assert(sizeof(moegen_cpu_gemm) == sizeof(int), "moegen_cpu_gemm is stored as an int");
+
+const moegen_variant_field *moegen_variant_fields(int *count) {
+    *count = (int)(sizeof FIELDS / sizeof FIELDS[0]);
+    return FIELDS;
+}
+
+int moegen_variant_get(const moegen_variant *v, const moegen_variant_field *field) {
+    int value;
+    memcpy(&value, (const char *)v + field->offset, sizeof value);
+    return value;
+}
+
+moegen_status moegen_variant_apply_overrides(moegen_variant *v, const char *text, moegen_error *err) {
+    if (!text) return MOEGEN_OK;
+    moegen_variant out = *v;
+    const char *p = text;
+    for (;;) {
+        while (*p == ',' || *p == ' ') p++;
+        if (!*p) break;
+        const size_t len = strcspn(p, ", ");
+        const char *eq = memchr(p, '=', len);
+        const moegen_variant_field *field = NULL;
+        for (size_t i = 0; eq && i < sizeof FIELDS / sizeof FIELDS[0]; i++)
+            if (FIELDS[i].backend == v->backend && strlen(FIELDS[i].name) == (size_t)(eq - p) &&
+                !strncmp(FIELDS[i].name, p, (size_t)(eq - p)))
+                field = &FIELDS[i];
+        if (!field) {
+            char names[512] = "";
+            for (size_t i = 0; i < sizeof FIELDS / sizeof FIELDS[0]; i++)
+                if (FIELDS[i].backend == v->backend)
+                    snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", names[0] ? ", " : "",
+                             FIELDS[i].name);
+            return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                    "variant override '%.*s' is not name=value with a %s field (%s)",
+                                    (int)(len > 64 ? 64 : len), p, v->backend == MOEGEN_BACKEND_CPU ? "cpu" : "cuda",
+                                    names);
+        }
+        const char *value = eq + 1;
+        const int value_len = (int)(p + len - value);
+        int parsed = -1;
+        if (field->is_gemm) {
+            for (int g = 0; moegen_cpu_gemm_name((moegen_cpu_gemm)g); g++)
+                if ((int)strlen(moegen_cpu_gemm_name((moegen_cpu_gemm)g)) == value_len &&
+                    !strncmp(moegen_cpu_gemm_name((moegen_cpu_gemm)g), value, (size_t)value_len))
+                    parsed = g;
+        } else {
+            char *end;
+            long number = value_len > 0 && value_len < 12 ? strtol(value, &end, 10) : -1;
+            if (value_len > 0 && value_len < 12 && end == value + value_len && number >= 0 && number <= 1 << 20)
+                parsed = (int)number;
+        }
+        if (parsed < 0)
+            return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                    "variant override %s='%.*s': expected %s", field->name,
+                                    value_len > 64 ? 64 : value_len, value,
+                                    field->is_gemm ? gemm_names() : "an integer from 0 to 1048576");
+        memcpy((char *)&out + field->offset, &parsed, sizeof parsed);
+        p += len;
+    }
+    *v = out;
+    return MOEGEN_OK;
+}
+
+const char *moegen_cpu_gemm_name(moegen_cpu_gemm gemm) {
+    switch (gemm) {
+    case MOEGEN_CPU_GEMM_FMA: return "fma";
+    case MOEGEN_CPU_GEMM_BF16_DOT: return "bfdot";
+    }
+    return NULL;
+}
+
 void moegen_variant_default(const moegen_spec *spec, moegen_backend backend,
                             const moegen_target *target, moegen_variant *out) {
     out->backend = backend;
     moegen_cpu_variant *cpu = &out->cpu;
     int vector_floats = target && target->cpu_vector_floats ? target->cpu_vector_floats : 4;
     cpu->vector_floats = vector_floats;
+    /* bf16: vdpbf16ps where the CPU has it, except on CPUs with AMX (Sapphire Rapids and
+     * later), where it runs at about 0.75x the widen + FMA path (measured: a 4 x 4 tile
+     * from L1, 75-81 against 105 GFLOP/s per core, bench/results/cpu-*). */
+    cpu->gemm = spec->dtype == MOEGEN_DTYPE_BF16 && vector_floats == 16 && target && target->cpu_bf16_dot &&
+                        !target->cpu_amx
+                    ? MOEGEN_CPU_GEMM_BF16_DOT
+                    : MOEGEN_CPU_GEMM_FMA;
     /* Micro-kernel: tile_rows x tile_cols accumulator vectors plus one vector per
      * row and column loaded each step must fit the register file (16 vector
      * registers below AVX-512, 32 with it). */
@@ -144,6 +247,13 @@ moegen_status moegen_variant_check(const moegen_spec *spec, const moegen_variant
                                    moegen_error *err) {
     if (variant->backend == MOEGEN_BACKEND_CUDA) return check_cuda(spec, &variant->cuda, err);
     const moegen_cpu_variant *cpu = &variant->cpu;
+    if (!moegen_cpu_gemm_name(cpu->gemm))
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "variant: cpu.gemm %d is not a GEMM kind",
+                                (int)cpu->gemm);
+    if (cpu->gemm == MOEGEN_CPU_GEMM_BF16_DOT && (spec->dtype != MOEGEN_DTYPE_BF16 || cpu->vector_floats != 16))
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cpu.gemm bfdot needs a bf16 layer and cpu.vector_floats 16 (got %s, %d)",
+                                moegen_dtype_name(spec->dtype), cpu->vector_floats);
     if (cpu->vector_floats != 4 && cpu->vector_floats != 8 && cpu->vector_floats != 16)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "variant: cpu.vector_floats must be 4, 8 or 16 (got %d)",
@@ -190,9 +300,10 @@ void moegen_variant_name(const moegen_spec *spec, const moegen_variant *variant,
         return;
     }
     const moegen_cpu_variant *cpu = &variant->cpu;
-    snprintf(buf, size, "cpu_%s_e%dk%d_h%lldf%lld_v%dr%dc%db%dx%dq%d_%.8s",
+    const char *gemm = moegen_cpu_gemm_name(cpu->gemm);
+    snprintf(buf, size, "cpu_%s_e%dk%d_h%lldf%lld_v%dr%dc%db%dx%dq%d%s_%.8s",
              moegen_dtype_name(spec->dtype), spec->num_experts, spec->top_k,
              (long long)spec->hidden_size, (long long)spec->moe_intermediate_size,
              cpu->vector_floats, cpu->tile_rows, cpu->tile_cols, cpu->block_rows,
-             cpu->block_cols, cpu->router_block, hash);
+             cpu->block_cols, cpu->router_block, gemm ? gemm : "unknown", hash);
 }

@@ -16,7 +16,18 @@
 
 typedef enum moegen_backend { MOEGEN_BACKEND_CPU = 0, MOEGEN_BACKEND_CUDA = 1 } moegen_backend;
 
+/* How the CPU expert GEMMs multiply (docs/numerics.md §6). */
+typedef enum moegen_cpu_gemm {
+    MOEGEN_CPU_GEMM_FMA = 0,      /* every dtype widened to fp32, fp32 FMA */
+    MOEGEN_CPU_GEMM_BF16_DOT = 1, /* bf16 layers: AVX-512 BF16 vdpbf16ps (needs vector_floats 16) */
+} moegen_cpu_gemm;
+
+/* The name of a moegen_cpu_gemm as templates and variant names spell it ("fma",
+ * "bfdot"), NULL for a value that is not one. */
+const char *moegen_cpu_gemm_name(moegen_cpu_gemm gemm);
+
 typedef struct moegen_cpu_variant {
+    moegen_cpu_gemm gemm;
     int vector_floats; /* floats per SIMD vector in the micro-kernel: 4, 8 or 16 */
     int tile_rows;     /* token rows per micro-kernel tile: 1..8 */
     int tile_cols;     /* weight rows per micro-kernel tile: 1, 2, 4 or 8 (even when gated) */
@@ -47,6 +58,8 @@ typedef struct moegen_variant {
 /* What the variant is for: the machine's capabilities. */
 typedef struct moegen_target {
     int cpu_vector_floats; /* widest float vector the host compiler flags enable (4, 8, 16) */
+    int cpu_bf16_dot;      /* the flags enable AVX-512 BF16 (vdpbf16ps) */
+    int cpu_amx;           /* the CPU has AMX-BF16 (a hint for the heuristic) */
     int cuda_sm;           /* compute capability x10 of the CUDA target (0: 80); from
                               moegen_cuda_arch_parse */
 } moegen_target;
@@ -76,6 +89,30 @@ typedef struct moegen_cuda_arch {
  * wrong and what is accepted (out untouched). `text` NULL is refused the same way. */
 moegen_status moegen_cuda_arch_parse(const char *text, moegen_cuda_arch *out, moegen_error *err);
 
+/* ---- The fields of a variant ---------------------------------------------------------
+ * One table (variant.c) lists every tunable field with its backend and name; the
+ * overrides parser, the template parameters (gen/emit.c: variant.cpu.<name>,
+ * variant.cuda.<name>) and the autotuner all go through it. */
+typedef struct moegen_variant_field {
+    const char *name;       /* as written in overrides and read by templates, e.g. "tile_rows" */
+    moegen_backend backend; /* which sub-struct it lives in */
+    int is_gemm;            /* moegen_cpu_gemm, written by name ("fma", "bfdot"); else an int */
+    size_t offset;          /* of the int (or enum) in moegen_variant */
+} moegen_variant_field;
+
+/* The fields, `*count` of them. */
+const moegen_variant_field *moegen_variant_fields(int *count);
+
+/* The value of `field` in `v` (a moegen_cpu_gemm as its int value). */
+int moegen_variant_get(const moegen_variant *v, const moegen_variant_field *field);
+
+/* Apply overrides to `v`: `text` is a list of name=value separated by commas or spaces,
+ * names from moegen_variant_fields() of v's backend, e.g. "tile_rows=6,gemm=bfdot".
+ * NULL or "" changes nothing. Returns MOEGEN_OK, or MOEGEN_ERR_INVALID_ARGUMENT naming
+ * the item and what is accepted (v unchanged). It does not check that the result fits
+ * the spec: call moegen_variant_check() after it. */
+moegen_status moegen_variant_apply_overrides(moegen_variant *v, const char *text, moegen_error *err);
+
 /* The default variant for (spec, backend, target): the single place where tile and
  * blocking heuristics live. `target` may be NULL (portable defaults). */
 void moegen_variant_default(const moegen_spec *spec, moegen_backend backend,
@@ -87,7 +124,7 @@ moegen_status moegen_variant_check(const moegen_spec *spec, const moegen_variant
                                    moegen_error *err);
 
 /* The variant's name, "<backend>_<dtype>_e<E>k<K>_h<H>f<F>_<tiles>_<spechash8>", e.g.
- * "cpu_bf16_e8k2_h4096f14336_v8r3c4b48x64_1a2b3c4d". */
+ * "cpu_bf16_e8k2_h4096f14336_v8r3c4b48x64q64fma_1a2b3c4d". */
 void moegen_variant_name(const moegen_spec *spec, const moegen_variant *variant, char *buf,
                          size_t size);
 

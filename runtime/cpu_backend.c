@@ -106,10 +106,13 @@ static moegen_status load_module(moegen_cpu_backend *b, const moegen_spec *spec,
     if (o->compile_timeout_s > 0)
         compiler.timeout_ms = o->compile_timeout_s > INT32_MAX / 1000 ? INT32_MAX : o->compile_timeout_s * 1000;
 
-    moegen_target target = {.cpu_vector_floats = compiler.vector_floats};
+    moegen_target target = {.cpu_vector_floats = compiler.vector_floats, .cpu_bf16_dot = compiler.bf16_dot,
+                            .cpu_amx = compiler.amx};
     moegen_variant variant;
     moegen_variant_default(spec, MOEGEN_BACKEND_CPU, &target, &variant);
-    st = moegen_generate(spec, &variant, NULL, &generated, err);
+    st = moegen_variant_apply_overrides(&variant, o->variant, err);
+    if (st == MOEGEN_OK) st = moegen_variant_check(spec, &variant, err);
+    if (st == MOEGEN_OK) st = moegen_generate(spec, &variant, NULL, &generated, err);
     if (st != MOEGEN_OK) return st;
     snprintf(desc->variant, sizeof desc->variant, "%s", generated.variant_name);
 
@@ -136,6 +139,7 @@ static moegen_status load_module(moegen_cpu_backend *b, const moegen_spec *spec,
             st = moegen_cpu_module_load(result.path, &expect, &b->module, err);
         }
     }
+    if (st == MOEGEN_OK) snprintf(desc->kernel_path, sizeof desc->kernel_path, "%s", b->module.info()->kernel_path);
     moegen_cache_result_release(&result);
     moegen_generated_free(&generated);
     return st;

@@ -60,7 +60,7 @@ moegen_status moegen_cpu_module_load(const char *path, const moegen_cpu_module_e
         const moegen_kernel_info *info = module->info();
         if (!info || info->abi_version != MOEGEN_KERNEL_ABI_VERSION || strcmp(info->spec_hash, expect->spec_hash) != 0 ||
             info->num_experts != expect->num_experts || info->top_k != expect->top_k ||
-            info->hidden_size != expect->hidden_size)
+            info->hidden_size != expect->hidden_size || !info->kernel_path)
             st = moegen_error_set(err, MOEGEN_ERR_LOAD, 0, "%s: module was generated for another spec or ABI", path);
     }
     if (st != MOEGEN_OK) moegen_cpu_module_unload(module);

@@ -133,8 +133,8 @@ struct moegen_cuda_backend {
 
 /* ---- Generation and compilation ---------------------------------------------------------- */
 
-moegen_status moegen_cuda_generate(const moegen_spec *spec, const char *arch, moegen_generated *out,
-                                   moegen_error *err) {
+moegen_status moegen_cuda_generate(const moegen_spec *spec, const char *arch, const char *overrides,
+                                   moegen_generated *out, moegen_error *err) {
     memset(out, 0, sizeof *out); /* nothing to free on failure */
     moegen_cuda_arch parsed;
     moegen_status st = moegen_cuda_arch_parse(arch, &parsed, err);
@@ -142,7 +142,12 @@ moegen_status moegen_cuda_generate(const moegen_spec *spec, const char *arch, mo
     moegen_target target = {.cuda_sm = parsed.sm};
     moegen_variant variant;
     moegen_variant_default(spec, MOEGEN_BACKEND_CUDA, &target, &variant);
-    return moegen_generate(spec, &variant, NULL, out, err);
+    st = moegen_variant_apply_overrides(&variant, overrides, err);
+    if (st == MOEGEN_OK && variant.cuda.sm != parsed.sm)
+        st = moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                              "variant override sm=%d: the architecture is %s (set it with the arch option)",
+                              variant.cuda.sm, arch);
+    return st == MOEGEN_OK ? moegen_generate(spec, &variant, NULL, out, err) : st;
 }
 
 moegen_status moegen_cuda_compile_generated(const moegen_nvrtc *nv, const moegen_generated *gen,
@@ -314,7 +319,7 @@ static int find_shape(moegen_cuda_backend *b, const char *prefix, int64_t ffn, m
 }
 
 moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, const char *arch,
-                                       moegen_cache *cache, moegen_cuda_backend **out,
+                                       const char *variant, moegen_cache *cache, moegen_cuda_backend **out,
                                        moegen_layer_desc *desc, moegen_error *err) {
     *out = NULL;
     moegen_cuda_backend *b = calloc(1, sizeof *b);
@@ -337,7 +342,7 @@ moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, con
         st = moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
                               "%s is compute capability %d.%d; the CUDA backend needs 8.0 or newer",
                               b->info.name, b->info.major, b->info.minor);
-    if (st == MOEGEN_OK) st = moegen_cuda_generate(spec, arch, &generated, err);
+    if (st == MOEGEN_OK) st = moegen_cuda_generate(spec, arch, variant, &generated, err);
 
     moegen_nvrtc nv;
     memset(&nv, 0, sizeof nv);
@@ -381,6 +386,8 @@ moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, con
     if (st == MOEGEN_OK) {
         b->variant = generated.variant.cuda;
         snprintf(desc->variant, sizeof desc->variant, "%s", generated.variant_name);
+        snprintf(desc->kernel_path, sizeof desc->kernel_path, "cuda sm_%d, %s", b->variant.sm,
+                 spec->dtype == MOEGEN_DTYPE_FP32 ? "fp32 FMA" : "mma.sync m16n8k16 tensor cores");
         desc->cache_hit = shared_module || cached.hit;
     }
     free(cubin);

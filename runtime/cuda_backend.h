@@ -30,12 +30,13 @@ typedef struct moegen_cuda_backend moegen_cuda_backend;
 extern const char *const moegen_cuda_compile_options[];
 
 /* Render the CUDA source of `spec` for architecture `arch` ("sm_80", "sm_90a", "sm_100a";
- * read by moegen_cuda_arch_parse, gen/variant.h) with the default variant for it; the
- * variant is kept in out->variant. Returns moegen_generate's statuses, and
- * MOEGEN_ERR_INVALID_ARGUMENT with the parser's message for an `arch` it refuses
- * (then `out` holds nothing to free). */
-moegen_status moegen_cuda_generate(const moegen_spec *spec, const char *arch, moegen_generated *out,
-                                   moegen_error *err);
+ * read by moegen_cuda_arch_parse, gen/variant.h) with the default variant for it and
+ * `overrides` applied (moegen_variant_apply_overrides; NULL for none); the variant is
+ * kept in out->variant. Returns moegen_generate's statuses, and
+ * MOEGEN_ERR_INVALID_ARGUMENT with the parser's message for an `arch` or override it
+ * refuses (then `out` holds nothing to free). */
+moegen_status moegen_cuda_generate(const moegen_spec *spec, const char *arch, const char *overrides,
+                                   moegen_generated *out, moegen_error *err);
 
 /* Compile generated CUDA files with NVRTC for `arch` (no driver needed). The main file
  * is the source; the others are offered as in-memory headers. */
@@ -52,9 +53,10 @@ moegen_status moegen_cuda_compile_generated(const moegen_nvrtc *nv, const moegen
  * NVRTC (message says which); MOEGEN_ERR_INVALID_ARGUMENT for an `arch` that
  * moegen_cuda_arch_parse refuses; MOEGEN_ERR_COMPILE with the NVRTC log's first lines;
  * MOEGEN_ERR_LOAD when the module lacks a required kernel; MOEGEN_ERR_DEVICE for driver
- * failures. `desc` gets variant, cache_hit. */
+ * failures. `variant`: overrides of the default variant (moegen_variant_apply_overrides),
+ * NULL for none. `desc` gets variant, kernel_path, cache_hit. */
 moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, const char *arch,
-                                       moegen_cache *cache, moegen_cuda_backend **out,
+                                       const char *variant, moegen_cache *cache, moegen_cuda_backend **out,
                                        moegen_layer_desc *desc, moegen_error *err);
 
 /* Probe only: is a driver with at least one device present? (MOEGEN_OK or

@@ -49,6 +49,9 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 
 #ifndef PATH_MAX
 #define PATH_MAX 4096
@@ -59,6 +62,7 @@ extern char **environ;
 #define BASE_FLAGS "-std=gnu11 -O3 -fPIC -shared -fopenmp -fno-math-errno"
 #define AVX2_FLAGS "-mavx2 -mfma -mf16c"
 #define AVX512_FLAGS "-mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c"
+#define AVX512_BF16_FLAGS "-mavx512bf16" /* vdpbf16ps: bf16 dot products (templates/cpu/gemm.c.tpl) */
 #define MAX_FLAG_WORDS 32
 #define CAPTURE_BYTES 1024
 #define VERSION_LINE_MAX_CHARS 400 /* identity = version + " / " + machine fits */
@@ -318,13 +322,28 @@ static void keep_first_line(char *text, size_t max_chars) {
     text[length] = '\0';
 }
 
+/* 1 if the CPU has AMX tiles with bf16 (CPUID leaf 7: EDX bits 22 and 24). */
+static int cpu_has_amx_bf16(void) {
+#if defined(__x86_64__)
+    unsigned int eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return 0;
+    return (edx >> 22 & 1u) && (edx >> 24 & 1u);
+#else
+    return 0;
+#endif
+}
+
 static void choose_flags(moegen_host_compiler *hc) {
     const char *extra = "";
     hc->vector_floats = 4;
+    hc->bf16_dot = 0;
+    hc->amx = 0;
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
-        extra = " " AVX512_FLAGS;
+        hc->bf16_dot = __builtin_cpu_supports("avx512bf16");
+        hc->amx = cpu_has_amx_bf16();
+        extra = hc->bf16_dot ? " " AVX512_FLAGS " " AVX512_BF16_FLAGS : " " AVX512_FLAGS;
         hc->vector_floats = 16;
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         extra = " " AVX2_FLAGS;

@@ -22,6 +22,8 @@ typedef struct moegen_host_compiler {
     char identity[512];  /* "<first line of --version> / <-dumpmachine>": part of the cache key */
     char flags[256];     /* optimization and ISA flags, space separated: part of the cache key */
     int vector_floats;   /* widest float vector the flags enable: 4 (SSE), 8 (AVX2), 16 (AVX-512) */
+    int bf16_dot;        /* the flags enable AVX-512 BF16 (vdpbf16ps) */
+    int amx;             /* the CPU has AMX with bf16 (tiles; the OS must still permit them) */
     int timeout_ms;      /* time limit of one compile, > 0: $MOEGEN_CC_TIMEOUT s, else 300 s.
                           * Set by the probe; a caller may change it afterwards. Not part of
                           * the cache key (it never changes what a compile produces). */

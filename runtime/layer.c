@@ -168,7 +168,8 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
         moegen_cache cache;
         st = moegen_cache_open(&cache, layer->options.cache_dir, layer->options.log, layer->options.log_user, err);
         if (st == MOEGEN_OK)
-            st = moegen_cuda_backend_open(spec, layer->options.cuda_device, layer->options.arch, &cache,
+            st = moegen_cuda_backend_open(spec, layer->options.cuda_device, layer->options.arch,
+                                          layer->options.variant, &cache,
                                           &layer->cuda, &layer->desc, err);
     } else {
         st = moegen_cpu_backend_open(spec, &layer->options, &layer->cpu, &layer->desc, err);

@@ -135,6 +135,10 @@ typedef struct moegen_open_options {
     int cuda_device;       /* CUDA device ordinal */
     int compile_timeout_s; /* CPU: time limit of one host compile, after which the compiler
                               is killed and open fails; 0: $MOEGEN_CC_TIMEOUT, else 300 s */
+    const char *variant;   /* overrides of the default kernel variant, "name=value" items separated
+                              by commas, e.g. "tile_rows=6,gemm=bfdot" (README: "Kernel
+                              variants"); an unknown name, a bad value or a variant that does
+                              not fit the spec fails open. NULL or "": the default. */
     moegen_comm *comm;     /* expert parallelism: required when the spec's ep_size > 1, and its
                               size must equal ep_size; borrowed, not owned (NULL otherwise) */
     moegen_log_fn log;     /* NULL: print to stderr as "moegen: warning: ..." */
@@ -169,6 +173,7 @@ typedef struct moegen_layer_desc {
     moegen_device_kind device;               /* the backend actually used */
     char spec_hash[65];
     char variant[128];
+    char kernel_path[64];                    /* the instructions the kernels run on, e.g. "avx512" */
     int cache_hit;                           /* the module came from the on-disk cache */
     int n_threads;                           /* CPU threads forward uses (0 on CUDA) */
     int rank, ep_size;                       /* expert parallelism: this rank of ep_size (0 of 1) */

@@ -57,7 +57,7 @@ static void generate(const moegen_spec *spec, moegen_generated *out) { generate_
 
 /* Compiler flags that enable a SIMD width (what runtime/host_cc.c passes). */
 static const char *isa_flags(int vector_floats) {
-    if (vector_floats == 16) return "-mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c";
+    if (vector_floats == 16) return "-mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c -mavx512bf16";
     if (vector_floats == 8) return "-mavx2 -mfma -mf16c";
     return "";
 }
@@ -270,6 +270,77 @@ static void variant_check_rejects_tiles_that_do_not_fit(void **state) {
     moegen_spec_free(&spec);
 }
 
+static void variant_overrides_set_named_fields_and_refuse_bad_items(void **state) {
+    (void)state;
+    moegen_spec spec;
+    parse_spec("name: o\nnum_experts: 4\nnum_experts_per_tok: 1\nhidden_size: 64\nmoe_intermediate_size: 32\n"
+               "dtype: bf16\n",
+               &spec);
+    moegen_target target = {.cpu_vector_floats = 16};
+    moegen_variant variant, before;
+    moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, &target, &variant);
+    assert_int_equal(variant.cpu.gemm, MOEGEN_CPU_GEMM_FMA); /* no bf16 dot on this target */
+    moegen_error err;
+    assert_int_equal(moegen_variant_apply_overrides(&variant, " tile_rows=6, block_rows=60,gemm=bfdot ", &err), MOEGEN_OK);
+    assert_int_equal(variant.cpu.tile_rows, 6);
+    assert_int_equal(variant.cpu.block_rows, 60);
+    assert_int_equal(variant.cpu.gemm, MOEGEN_CPU_GEMM_BF16_DOT);
+    assert_int_equal(moegen_variant_check(&spec, &variant, &err), MOEGEN_OK);
+    char name[160];
+    moegen_variant_name(&spec, &variant, name, sizeof name);
+    assert_non_null(strstr(name, "_v16r6c4b60x64q64bfdot_"));
+    assert_int_equal(moegen_variant_apply_overrides(&variant, NULL, &err), MOEGEN_OK);
+    assert_int_equal(moegen_variant_apply_overrides(&variant, "", &err), MOEGEN_OK);
+    before = variant;
+    static const struct {
+        const char *text, *expect;
+    } BAD[] = {
+        {"tile_rows=x", "tile_rows='x'"}, {"nope=1", "tile_rows"}, {"tile_rows", "'tile_rows'"},
+        {"gemm=amx", "one of fma, bfdot"}, {"tile_m=64", "tile_m=64"}, {"tile_rows=-1", "tile_rows='-1'"},
+        {"tile_cols=2,tile_rows=", "tile_rows=''"},
+    };
+    for (size_t i = 0; i < sizeof BAD / sizeof BAD[0]; i++) {
+        assert_int_equal(moegen_variant_apply_overrides(&variant, BAD[i].text, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+        if (!strstr(err.message, BAD[i].expect)) fail_msg("'%s': %s", BAD[i].text, err.message);
+        assert_memory_equal(&variant, &before, sizeof variant); /* nothing applied */
+    }
+    /* Checked against the spec afterwards: vdpbf16ps needs bf16 and 16-float vectors. */
+    assert_int_equal(moegen_variant_apply_overrides(&variant, "vector_floats=8", &err), MOEGEN_OK);
+    assert_int_equal(moegen_variant_check(&spec, &variant, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "bfdot"));
+    /* CUDA fields on a CUDA variant. */
+    moegen_variant cuda;
+    moegen_variant_default(&spec, MOEGEN_BACKEND_CUDA, NULL, &cuda);
+    assert_int_equal(moegen_variant_apply_overrides(&cuda, "tile_m=128,stages=4", &err), MOEGEN_OK);
+    assert_int_equal(cuda.cuda.tile_m, 128);
+    assert_int_equal(cuda.cuda.stages, 4);
+    assert_int_equal(moegen_variant_apply_overrides(&cuda, "tile_rows=2", &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    moegen_spec_free(&spec);
+}
+
+/* The vdpbf16ps kernels compile without warnings, for every row count of a tile. */
+static void bf16_dot_variant_compiles_without_warnings(void **state) {
+    (void)state;
+    moegen_spec spec;
+    char path[1024];
+    snprintf(path, sizeof path, "%s/specs/demo.yaml", source_dir());
+    load_spec(path, &spec);
+    moegen_target target = {.cpu_vector_floats = 16, .cpu_bf16_dot = 1};
+    moegen_variant variant;
+    moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, &target, &variant);
+    assert_int_equal(variant.cpu.gemm, MOEGEN_CPU_GEMM_BF16_DOT);
+    moegen_error err;
+    assert_int_equal(moegen_variant_apply_overrides(&variant, "tile_rows=6,block_rows=36", &err), MOEGEN_OK);
+    moegen_generated gen;
+    if (moegen_generate(&spec, &variant, NULL, &gen, &err) != MOEGEN_OK) fail_msg("%s", err.message);
+    const moegen_generated_file *main_file = &gen.files[gen.main_file];
+    assert_non_null(strstr(main_file->text, "_mm512_dpbf16_ps"));
+    assert_non_null(strstr(main_file->text, "dot_tile_u16_u16_k256_r5("));
+    compile_strictly(&gen, 16, "demo, gemm=bfdot");
+    moegen_generated_free(&gen);
+    moegen_spec_free(&spec);
+}
+
 static void template_errors_surface_with_the_template_line(void **state) {
     (void)state;
     /* The built-in set with layer.c.tpl replaced by a broken one. */
@@ -350,6 +421,8 @@ int main(void) {
         cmocka_unit_test(every_shipped_spec_compiles_without_warnings),
         cmocka_unit_test(small_spec_matrix_compiles_without_warnings),
         cmocka_unit_test(variant_check_rejects_tiles_that_do_not_fit),
+        cmocka_unit_test(variant_overrides_set_named_fields_and_refuse_bad_items),
+        cmocka_unit_test(bf16_dot_variant_compiles_without_warnings),
         cmocka_unit_test(template_errors_surface_with_the_template_line),
         cmocka_unit_test(compiler_errors_are_traced_back_to_the_template_line),
         cmocka_unit_test(write_skips_unchanged_files),

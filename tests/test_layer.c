@@ -343,6 +343,31 @@ static void open_rejects_negative_thread_counts_and_devices(void **state) {
     assert_non_null(strstr(err.message, "cuda_device"));
 }
 
+static void open_takes_variant_overrides_and_refuses_bad_ones(void **state) {
+    (void)state;
+    moegen_open_options o;
+    moegen_open_options_init(&o);
+    o.device = MOEGEN_DEVICE_CPU;
+    o.variant = "tile_rows=3,block_rows=9,tile_cols=2";
+    moegen_layer *layer = open_or_fail(SMALL, &o);
+    moegen_layer_desc desc;
+    assert_int_equal(moegen_layer_describe(layer, &desc), MOEGEN_OK);
+    assert_non_null(strstr(desc.variant, "r3c2b9x"));
+    assert_true(desc.kernel_path[0] != '\0');
+    moegen_layer_close(layer);
+    moegen_error err;
+    static const char *BAD[] = {"tile_rows=9", "tile_rows=3", "unknown=1", "tile_cols=2,block_cols=3"};
+    static const char *EXPECT[] = {"tile_rows must be in 1..8", "block_rows", "not name=value", "block_cols"};
+    for (int i = 0; i < 4; i++) {
+        o.variant = BAD[i];
+        layer = NULL;
+        assert_int_equal(moegen_layer_open_string(SMALL, strlen(SMALL), NULL, &o, &layer, &err),
+                         MOEGEN_ERR_INVALID_ARGUMENT);
+        if (!strstr(err.message, EXPECT[i])) fail_msg("%s: %s", BAD[i], err.message);
+        assert_null(layer);
+    }
+}
+
 static void absurd_thread_counts_are_capped_with_a_notice(void **state) {
     (void)state;
     const int notices_before = notices_seen;
@@ -798,6 +823,7 @@ int main(void) {
         cmocka_unit_test(open_rejects_negative_thread_counts_and_devices),
         cmocka_unit_test(misaligned_tensors_are_refused_by_name),
         cmocka_unit_test(absurd_thread_counts_are_capped_with_a_notice),
+        cmocka_unit_test(open_takes_variant_overrides_and_refuses_bad_ones),
         cmocka_unit_test(two_threads_forwarding_one_layer_get_a_state_error_not_a_race),
         cmocka_unit_test(a_host_programs_locale_changes_neither_the_spec_nor_its_hash),
         cmocka_unit_test(closed_layers_unmap_their_modules_and_memory_stays_bounded),

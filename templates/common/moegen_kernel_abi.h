@@ -66,7 +66,7 @@ typedef unsigned long size_t;
 #include <stdint.h>
 #endif
 
-#define MOEGEN_KERNEL_ABI_VERSION 2
+#define MOEGEN_KERNEL_ABI_VERSION 3
 
 /* Status codes a generated forward returns. */
 #define MOEGEN_KERNEL_OK 0
@@ -157,6 +157,7 @@ typedef struct moegen_kernel_info {
     int num_experts, top_k;
     int64_t hidden_size, ffn_size, ffn_rows;
     int dtype;               /* 0 fp32, 1 fp16, 2 bf16 */
+    const char *kernel_path; /* the instructions the kernels compiled to, e.g. "avx512" */
 } moegen_kernel_info;
 
 #endif

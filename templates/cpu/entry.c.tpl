@@ -66,7 +66,7 @@ static workspace_layout layout_for(int64_t n_tokens) {
 const moegen_kernel_info *${P}_info(void) {
     static const moegen_kernel_info info = {
         MOEGEN_KERNEL_ABI_VERSION, "${spec.hash}", "${variant.name}",
-        NUM_EXPERTS, TOP_K, HIDDEN, FFN, FFN_ROWS, ${dtype_code} /* ${spec.dtype} */};
+        NUM_EXPERTS, TOP_K, HIDDEN, FFN, FFN_ROWS, ${dtype_code} /* ${spec.dtype} */, KERNEL_PATH};
     return &info;
 }
 

@@ -51,9 +51,10 @@ static void ${n}_gemm1_task(const forward_state *st, const ffn_problem *p, int64
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, ${F});
     for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
+        const int rows = (int)min_i64(TILE_ROWS, row_end - r); /* the last tile may be short */
         const elem_t *a[TILE_ROWS];
         for (int i = 0; i < TILE_ROWS; i++) {
-            int64_t row = min_i64(r + i, row_end - 1); /* overhang repeats the last row */
+            int64_t row = min_i64(r + i, row_end - 1); /* unused pointers of a short tile stay valid */
             int64_t token = p->row_token ? p->row_token[row] : row;
             a[i] = token >= 0 ? p->x + token * HIDDEN : st->zero_row;
         }
@@ -66,8 +67,8 @@ static void ${n}_gemm1_task(const forward_state *st, const ffn_problem *p, int64
 %   end
             }
             float acc[TILE_ROWS][TILE_COLS];
-            ${dot1}(a, b, acc);
-            for (int i = 0; i < TILE_ROWS && r + i < row_end; i++) {
+            ${dot1}(rows, a, b, acc);
+            for (int i = 0; i < rows; i++) {
                 const float scale = p->row_scale ? p->row_scale[r + i] : 1.0f;
                 for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
                     float gate = scale * acc[i][j];
@@ -96,14 +97,15 @@ static void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
     for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
+        const int rows = (int)min_i64(TILE_ROWS, row_end - r);
         const elem_t *a[TILE_ROWS];
         for (int i = 0; i < TILE_ROWS; i++) a[i] = p->hidden + min_i64(r + i, row_end - 1) * ${F};
         for (int64_t c = col0; c < col_end; c += TILE_COLS) {
             const elem_t *b[TILE_COLS];
             for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + j) * ${F};
             float acc[TILE_ROWS][TILE_COLS];
-            ${dot2}(a, b, acc);
-            for (int i = 0; i < TILE_ROWS && r + i < row_end; i++)
+            ${dot2}(rows, a, b, acc);
+            for (int i = 0; i < rows; i++)
                 for (int j = 0; j < TILE_COLS; j++)
                     p->out[(r + i) * HIDDEN + c + j] = acc[i][j] + (p->b2 ? elem_to_float(p->b2[c + j]) : 0.0f);
         }

@@ -1,47 +1,71 @@
-% -- gemm.c.tpl — dot-product micro-kernels: a TILE_ROWS x TILE_COLS tile of
+% -- gemm.c.tpl — dot-product micro-kernels: a ROWS x TILE_COLS tile of
 % -- C[i][j] = sum_k A_i[k] * B_j[k], where A rows are activations and B rows are weight
-% -- rows ([out][in] layout, so both are contiguous along k). One kernel per (A storage,
-% -- B storage, K) the layer needs; K is a constant, so the k loop has a fixed trip count.
+% -- rows ([out][in] layout, so both are contiguous along k and nothing is packed). One
+% -- kernel per (A storage, B storage, K) the layer needs and per row count ROWS in
+% -- 1..TILE_ROWS: a tile with fewer rows left (an expert with one token) runs a kernel for
+% -- exactly that many rows instead of repeating one. The accumulators are named variables
+% -- (written out here, one per tile element) and the kernels are not inlined, so that the
+% -- accumulators stay in registers. Every output
+% -- element is summed in the same order whatever ROWS is, so the results do not depend on
+% -- how rows fall into tiles, nor on the thread count.
 % local moe = import("templates/lib/moe.lua")
+% local cols = variant.cpu.tile_cols
 /* ---- Dot-product micro-kernels ----------------------------------------------------- */
 % for _, kernel in ipairs(moe.dot_kernels(spec)) do
-
-/* ${kernel.name}: A ${kernel.a}, B ${kernel.b}, K = ${kernel.k}. Accumulates in fp32 vectors,
- * lane sums in a fixed order. */
-static inline void ${kernel.name}(const ${kernel.a} *const a[TILE_ROWS],
-                                   const ${kernel.b} *const b[TILE_COLS],
-                                   float out[TILE_ROWS][TILE_COLS]) {
-    vfloat acc[TILE_ROWS][TILE_COLS];
-    memset(acc, 0, sizeof acc);
-%   if kernel.a == "uint16_t" and kernel.b == "uint16_t" and spec.dtype == "bf16" and kernel.k % (2 * variant.cpu.vector_floats) == 0 then
-    /* bf16 x bf16: read 2 * VEC_FLOATS values as 32-bit pairs; the even elements widen with
-     * a shift, the odd ones with a mask, and a dot product may pair them in any order. */
-    for (int64_t k = 0; k < ${kernel.k}; k += 2 * VEC_FLOATS) {
-        vfloat a_even[TILE_ROWS], a_odd[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; i++) {
-            vu32 raw;
-            memcpy(&raw, a[i] + k, sizeof raw);
-            a_even[i] = (vfloat)(raw << 16);
-            a_odd[i] = (vfloat)(raw & 0xffff0000u);
-        }
-        for (int j = 0; j < TILE_COLS; j++) {
-            vu32 raw;
-            memcpy(&raw, b[j] + k, sizeof raw);
-            const vfloat b_even = (vfloat)(raw << 16), b_odd = (vfloat)(raw & 0xffff0000u);
-            for (int i = 0; i < TILE_ROWS; i++) acc[i][j] += a_even[i] * b_even + a_odd[i] * b_odd;
-        }
-    }
+%   local pairs_of_bf16 = kernel.a == "uint16_t" and kernel.b == "uint16_t" and spec.dtype == "bf16" and kernel.k % (2 * variant.cpu.vector_floats) == 0
+%   local operand, load_a, load_b, step, k_step
+%   if pairs_of_bf16 then
+%     operand, load_a, load_b, step, k_step = "bf16_operand", "load_bf16_operand", "load_bf16_operand", "dot_step_bf16", "2 * VEC_FLOATS"
 %   else
-    for (int64_t k = 0; k < ${kernel.k}; k += VEC_FLOATS) {
-        vfloat av[TILE_ROWS], bv[TILE_COLS];
-        for (int i = 0; i < TILE_ROWS; i++) av[i] = ${moe.load_name(kernel.a, spec.dtype)}(a[i] + k);
-        for (int j = 0; j < TILE_COLS; j++) bv[j] = ${moe.load_name(kernel.b, spec.dtype)}(b[j] + k);
-        for (int i = 0; i < TILE_ROWS; i++)
-            for (int j = 0; j < TILE_COLS; j++) acc[i][j] += av[i] * bv[j];
-    }
+%     operand, load_a, load_b, step, k_step = "vfloat", moe.load_name(kernel.a, spec.dtype), moe.load_name(kernel.b, spec.dtype), "dot_step", "VEC_FLOATS"
 %   end
-    for (int i = 0; i < TILE_ROWS; i++)
-        for (int j = 0; j < TILE_COLS; j++) out[i][j] = vector_sum(acc[i][j]);
+%   for rows = 1, variant.cpu.tile_rows do
+
+/* ${kernel.name}_r${rows}: ${rows} x TILE_COLS, A ${kernel.a}, B ${kernel.b}, K = ${kernel.k}.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void ${kernel.name}_r${rows}(const ${kernel.a} *const a[TILE_ROWS], const ${kernel.b} *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+%     for i = 0, rows - 1 do
+    const ${kernel.a} *const a${i} = a[${i}];
+%     end
+%     for j = 0, cols - 1 do
+    const ${kernel.b} *const b${j} = b[${j}];
+%     end
+%     for i = 0, rows - 1 do
+%       local names = {}
+%       for j = 0, cols - 1 do names[#names + 1] = "c" .. i .. j .. " = {0}" end
+    vfloat ${table.concat(names, ", ")};
+%     end
+    for (int64_t k = 0; k < ${kernel.k}; k += ${k_step}) {
+%     for j = 0, cols - 1 do
+        const ${operand} w${j} = ${load_b}(b${j} + k);
+%     end
+%     for i = 0, rows - 1 do
+        {
+            const ${operand} x = ${load_a}(a${i} + k);
+%       for j = 0, cols - 1 do
+            c${i}${j} = ${step}(c${i}${j}, x, w${j});
+%       end
+        }
+%     end
+    }
+%     for i = 0, rows - 1 do
+%       for j = 0, cols - 1 do
+    out[${i}][${j}] = vector_sum(c${i}${j});
+%       end
+%     end
+}
+%   end
+
+/* ${kernel.name}: 1 <= rows <= TILE_ROWS rows of A. */
+static void ${kernel.name}(int rows, const ${kernel.a} *const a[TILE_ROWS],
+                           const ${kernel.b} *const b[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    switch (rows) {
+%   for rows = 1, variant.cpu.tile_rows - 1 do
+    case ${rows}: ${kernel.name}_r${rows}(a, b, out); break;
+%   end
+    default: ${kernel.name}_r${variant.cpu.tile_rows}(a, b, out); break;
+    }
 }
 % end
 

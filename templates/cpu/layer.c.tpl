@@ -63,6 +63,30 @@ static const float WEIGHT_SUM_EPS = 1e-20f; /* clamp of weight sums before divid
 #define BLOCK_COLS ${variant.cpu.block_cols}
 #define ROUTER_BLOCK ${variant.cpu.router_block}
 
+% if variant.cpu.gemm == "bfdot" then
+/* bf16 dot products with the AVX-512 BF16 instruction (vdpbf16ps) when the compiler targets
+ * it (the host compiler's flags follow this CPU: runtime/host_cc.c); else widen + FMA. */
+#if VEC_FLOATS == 16 && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define DOT_BF16_INSTRUCTION 1
+#else
+#define DOT_BF16_INSTRUCTION 0
+#endif
+% else
+#define DOT_BF16_INSTRUCTION 0 /* variant gemm ${variant.cpu.gemm}: widen to fp32 + FMA */
+% end
+
+/* Which instructions the micro-kernels compiled to: moegen_layer_desc.kernel_path. */
+#if DOT_BF16_INSTRUCTION
+#define KERNEL_PATH "avx512 + avx512bf16 (vdpbf16ps)"
+#elif VEC_FLOATS == 16 && defined(__AVX512F__)
+#define KERNEL_PATH "avx512"
+#elif VEC_FLOATS == 8 && defined(__AVX2__)
+#define KERNEL_PATH "avx2"
+#else
+#define KERNEL_PATH "generic C vectors"
+#endif
+
 _Static_assert(HIDDEN % VEC_FLOATS == 0, "the hidden size must be a multiple of the vector width");
 _Static_assert(FFN % VEC_FLOATS == 0, "the ffn size must be a multiple of the vector width");
 _Static_assert(BLOCK_ROWS % TILE_ROWS == 0, "a row block must hold whole row tiles");

@@ -102,13 +102,63 @@ static inline float elem_to_float(elem_t v) { return v; }
 static inline elem_t float_to_elem(float f) { return f; }
 % end
 
-/* Horizontal sum in a fixed lane order (results do not depend on scheduling). */
+/* Horizontal sum in a fixed order (results do not depend on scheduling): the upper half
+ * of the lanes added to the lower half until four are left, then (0 + 2) + (1 + 3). */
+typedef float vfloat8 __attribute__((vector_size(32)));
+typedef float vfloat4 __attribute__((vector_size(16)));
 static inline float vector_sum(vfloat v) {
-    float total = 0.0f;
-    for (int i = 0; i < VEC_FLOATS; i++) total += v[i];
-    return total;
+    float lanes[VEC_FLOATS];
+    memcpy(lanes, &v, sizeof v);
+#if VEC_FLOATS >= 16
+    vfloat8 low8, high8;
+    memcpy(&low8, lanes, sizeof low8);
+    memcpy(&high8, lanes + 8, sizeof high8);
+    low8 += high8;
+    memcpy(lanes, &low8, sizeof low8);
+#endif
+#if VEC_FLOATS >= 8
+    vfloat4 low4, high4;
+    memcpy(&low4, lanes, sizeof low4);
+    memcpy(&high4, lanes + 4, sizeof high4);
+    low4 += high4;
+    memcpy(lanes, &low4, sizeof low4);
+#endif
+    return (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
 }
 
+/* One step of a dot product in every lane: c + a * b (contracted to an FMA). */
+static inline vfloat dot_step(vfloat c, vfloat a, vfloat b) { return c + a * b; }
+
+% if spec.dtype == "bf16" then
+/* bf16 x bf16 dot products take 2 * VEC_FLOATS values per step, as pairs of neighbours. */
+#if DOT_BF16_INSTRUCTION
+/* vdpbf16ps: each lane adds the products of its pair (odd element first, then even), each
+ * addition rounded to fp32; subnormal inputs and results count as zero (numerics.md §6). */
+typedef __m512bh bf16_operand;
+static inline bf16_operand load_bf16_operand(const uint16_t *p) {
+    bf16_operand v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline vfloat dot_step_bf16(vfloat c, bf16_operand a, bf16_operand b) {
+    return (vfloat)_mm512_dpbf16_ps((__m512)c, a, b);
+}
+#else
+/* Without it: the even elements widen with a shift, the odd ones with a mask. */
+typedef struct bf16_operand {
+    vfloat even, odd;
+} bf16_operand;
+static inline bf16_operand load_bf16_operand(const uint16_t *p) {
+    vu32 raw;
+    memcpy(&raw, p, sizeof raw);
+    return (bf16_operand){(vfloat)(raw << 16), (vfloat)(raw & 0xffff0000u)};
+}
+static inline vfloat dot_step_bf16(vfloat c, bf16_operand a, bf16_operand b) {
+    return c + a.even * b.even + a.odd * b.odd;
+}
+#endif
+
+% end
 /* Activations (docs/numerics.md §3). */
 % if spec.activation == "relu" then
 static inline float activation(float z) { return z < 0.0f ? 0.0f : z; } /* NaN stays NaN */

@@ -239,9 +239,10 @@ static void route_block(forward_state *st, int64_t block) {
 % end
     }
 
-    /* Logits: TILE_ROWS tokens x TILE_COLS experts per micro-kernel call; tiles that
-     * overhang the block repeat the last row / expert and drop those results. */
+    /* Logits: up to TILE_ROWS tokens x TILE_COLS experts per micro-kernel call; a tile
+     * that overhangs the experts repeats the last one and drops those results. */
     for (int64_t t = t0; t < t1; t += TILE_ROWS) {
+        const int rows = (int)min_i64(TILE_ROWS, t1 - t);
         const float *a[TILE_ROWS];
         for (int i = 0; i < TILE_ROWS; i++) a[i] = st->router_input + min_i64(t + i, t1 - 1) * HIDDEN;
         for (int e = 0; e < NUM_EXPERTS; e += TILE_COLS) {
@@ -249,8 +250,8 @@ static void route_block(forward_state *st, int64_t block) {
             for (int j = 0; j < TILE_COLS; j++)
                 b[j] = w->router_w + min_i64(e + j, NUM_EXPERTS - 1) * HIDDEN;
             float out[TILE_ROWS][TILE_COLS];
-            ${moe.dot_name("float", "float", spec.hidden_size)}(a, b, out);
-            for (int i = 0; i < TILE_ROWS && t + i < t1; i++)
+            ${moe.dot_name("float", "float", spec.hidden_size)}(rows, a, b, out);
+            for (int i = 0; i < rows; i++)
                 for (int j = 0; j < TILE_COLS && e + j < NUM_EXPERTS; j++) {
 % if r.router_bias then
                     float logit = out[i][j] + w->router_b[e + j];

@@ -339,11 +339,12 @@ static void limit_to_groups(const moegen_router_spec *router, int n_experts, rou
 
 /* Routes one token from its sanitized logits z[E] (§1.5-§1.9): fills ids[k]
  * (selection order, invalid routes last) and router_weights[k] (0 for invalid
- * routes), lowers *margin, and returns the number of valid routes. score_bias is
+ * routes), lowers *margin, copies the selection keys into selection_out[E], and
+ * returns the number of valid routes. score_bias is
  * read only for sigmoid / sqrtsoftplus with router.score_bias. */
 static int route_token(const moegen_spec *spec, const float *score_bias, int train, uint64_t rng_offset,
                        int64_t token, const double *z, router_scratch *scratch, int32_t *ids,
-                       double *router_weights, double *margin) {
+                       double *router_weights, double *margin, double *selection_out) {
     const moegen_router_spec *router = &spec->router;
     int n_experts = spec->num_experts, top_k = spec->top_k;
     int softmax = router->score_function == MOEGEN_SCORE_SOFTMAX;
@@ -367,6 +368,7 @@ static int route_token(const moegen_spec *spec, const float *score_bias, int tra
     }
     if (router->n_group > 1)
         limit_to_groups(router, n_experts, scratch, margin);
+    memcpy(selection_out, sel, (size_t)n_experts * sizeof *sel); /* the keys the picks compare */
 
     /* §1.6: rsample noise. The noisy choice ranks the same candidates as the clean
      * one (those the group step left) by z + gumbel. */
@@ -740,6 +742,7 @@ void moe_ref_result_free(moe_ref_result *res) {
     free(res->counts_before);
     free(res->counts_after);
     free(res->margin);
+    free(res->selection);
     memset(res, 0, sizeof(*res));
 }
 
@@ -851,8 +854,9 @@ static int allocate_result(const moegen_spec *spec, int64_t n_tokens, moe_ref_re
     res->counts_before = allocate_zeroed(spec->num_experts, sizeof(int64_t));
     res->counts_after = allocate_zeroed(spec->num_experts, sizeof(int64_t));
     res->margin = allocate_zeroed(n_tokens, sizeof(double));
+    res->selection = allocate_zeroed(n_tokens * spec->num_experts, sizeof(double));
     if (!res->y || !res->ids || !res->router_weights || !res->weights || !res->counts_before ||
-        !res->counts_after || !res->margin)
+        !res->counts_after || !res->margin || !res->selection)
         return -1;
     return 0;
 }
@@ -894,7 +898,7 @@ static int route_one_token(const moegen_spec *spec, const tensor_reader *reader,
 
     res->margin[t] = INFINITY;
     int n_valid = route_token(spec, w->score_bias, train, rng_offset, t, z, &work->router, work->own_ids,
-                              work->own_weights, &res->margin[t]);
+                              work->own_weights, &res->margin[t], res->selection + t * n_experts);
     int32_t *ids = res->ids + t * top_k;
     double *router_weights = res->router_weights + t * top_k;
     unsigned char *route_valid = work->route_valid + t * top_k;

@@ -50,6 +50,9 @@ typedef struct moe_ref_result {
      * comparison was close to mattering (e.g. k == E). A tiny positive gap marks
      * a token whose choice may legitimately differ between fp32 and double. */
     double *margin;
+    /* [S][E] the key each expert's pick was decided on (the selection score of §1.8,
+     * after the group step: -inf for an invalid or masked expert). */
+    double *selection;
     /* The closest capacity decision of the `probs` priority: over the experts that drop
      * routes, the smallest relative gap (last kept weight - first dropped) / last kept
      * weight; 0 for an exact tie (the lower token wins), INFINITY when no expert drops a

@@ -2,7 +2,7 @@
  *
  * layer:      qwen1_5_moe_a2_7b (60 experts, top-4, hidden 2048, ffn 1408, swiglu, bf16)
  * spec hash:  sha256:499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02 (canonical spec: `moegen check <spec file>`)
- * variant:    cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64_499b563a
+ * variant:    cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a
  * regenerate: moegen gen <spec file> -o <dir>
  */
 #include "moe_qwen1_5_moe_a2_7b_499b563a.h"
@@ -28,13 +28,26 @@
 static const float ROUTED_SCALING_FACTOR = 1.0f;
 static const float WEIGHT_SUM_EPS = 1e-20f; /* clamp of weight sums before dividing */
 
-/* Micro-kernel tile and parallel blocking (variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64_499b563a). */
+/* Micro-kernel tile and parallel blocking (variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a). */
 #define VEC_FLOATS 8
 #define TILE_ROWS 3
 #define TILE_COLS 4
 #define BLOCK_ROWS 48
 #define BLOCK_COLS 64
 #define ROUTER_BLOCK 64
+
+#define DOT_BF16_INSTRUCTION 0 /* variant gemm fma: widen to fp32 + FMA */
+
+/* Which instructions the micro-kernels compiled to: moegen_layer_desc.kernel_path. */
+#if DOT_BF16_INSTRUCTION
+#define KERNEL_PATH "avx512 + avx512bf16 (vdpbf16ps)"
+#elif VEC_FLOATS == 16 && defined(__AVX512F__)
+#define KERNEL_PATH "avx512"
+#elif VEC_FLOATS == 8 && defined(__AVX2__)
+#define KERNEL_PATH "avx2"
+#else
+#define KERNEL_PATH "generic C vectors"
+#endif
 
 _Static_assert(HIDDEN % VEC_FLOATS == 0, "the hidden size must be a multiple of the vector width");
 _Static_assert(FFN % VEC_FLOATS == 0, "the ffn size must be a multiple of the vector width");
@@ -86,12 +99,60 @@ static inline vfloat load_bf16(const uint16_t *p) {
     return (vfloat)wide;
 }
 
-/* Horizontal sum in a fixed lane order (results do not depend on scheduling). */
+/* Horizontal sum in a fixed order (results do not depend on scheduling): the upper half
+ * of the lanes added to the lower half until four are left, then (0 + 2) + (1 + 3). */
+typedef float vfloat8 __attribute__((vector_size(32)));
+typedef float vfloat4 __attribute__((vector_size(16)));
 static inline float vector_sum(vfloat v) {
-    float total = 0.0f;
-    for (int i = 0; i < VEC_FLOATS; i++) total += v[i];
-    return total;
+    float lanes[VEC_FLOATS];
+    memcpy(lanes, &v, sizeof v);
+#if VEC_FLOATS >= 16
+    vfloat8 low8, high8;
+    memcpy(&low8, lanes, sizeof low8);
+    memcpy(&high8, lanes + 8, sizeof high8);
+    low8 += high8;
+    memcpy(lanes, &low8, sizeof low8);
+#endif
+#if VEC_FLOATS >= 8
+    vfloat4 low4, high4;
+    memcpy(&low4, lanes, sizeof low4);
+    memcpy(&high4, lanes + 4, sizeof high4);
+    low4 += high4;
+    memcpy(lanes, &low4, sizeof low4);
+#endif
+    return (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
 }
+
+/* One step of a dot product in every lane: c + a * b (contracted to an FMA). */
+static inline vfloat dot_step(vfloat c, vfloat a, vfloat b) { return c + a * b; }
+
+/* bf16 x bf16 dot products take 2 * VEC_FLOATS values per step, as pairs of neighbours. */
+#if DOT_BF16_INSTRUCTION
+/* vdpbf16ps: each lane adds the products of its pair (odd element first, then even), each
+ * addition rounded to fp32; subnormal inputs and results count as zero (numerics.md §6). */
+typedef __m512bh bf16_operand;
+static inline bf16_operand load_bf16_operand(const uint16_t *p) {
+    bf16_operand v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline vfloat dot_step_bf16(vfloat c, bf16_operand a, bf16_operand b) {
+    return (vfloat)_mm512_dpbf16_ps((__m512)c, a, b);
+}
+#else
+/* Without it: the even elements widen with a shift, the odd ones with a mask. */
+typedef struct bf16_operand {
+    vfloat even, odd;
+} bf16_operand;
+static inline bf16_operand load_bf16_operand(const uint16_t *p) {
+    vu32 raw;
+    memcpy(&raw, p, sizeof raw);
+    return (bf16_operand){(vfloat)(raw << 16), (vfloat)(raw & 0xffff0000u)};
+}
+static inline vfloat dot_step_bf16(vfloat c, bf16_operand a, bf16_operand b) {
+    return c + a.even * b.even + a.odd * b.odd;
+}
+#endif
 
 /* Activations (docs/numerics.md §3). */
 static inline float activation(float z) { return z / (1.0f + expf(-z)); } /* silu */
@@ -100,106 +161,548 @@ static inline float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
 /* ---- Dot-product micro-kernels ----------------------------------------------------- */
 
-/* dot_tile_f32_f32_k2048: A float, B float, K = 2048. Accumulates in fp32 vectors,
- * lane sums in a fixed order. */
-static inline void dot_tile_f32_f32_k2048(const float *const a[TILE_ROWS],
-                                   const float *const b[TILE_COLS],
-                                   float out[TILE_ROWS][TILE_COLS]) {
-    vfloat acc[TILE_ROWS][TILE_COLS];
-    memset(acc, 0, sizeof acc);
+/* dot_tile_f32_f32_k2048_r1: 1 x TILE_COLS, A float, B float, K = 2048.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void dot_tile_f32_f32_k2048_r1(const float *const a[TILE_ROWS], const float *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+    const float *const a0 = a[0];
+    const float *const b0 = b[0];
+    const float *const b1 = b[1];
+    const float *const b2 = b[2];
+    const float *const b3 = b[3];
+    vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
     for (int64_t k = 0; k < 2048; k += VEC_FLOATS) {
-        vfloat av[TILE_ROWS], bv[TILE_COLS];
-        for (int i = 0; i < TILE_ROWS; i++) av[i] = load_f32(a[i] + k);
-        for (int j = 0; j < TILE_COLS; j++) bv[j] = load_f32(b[j] + k);
-        for (int i = 0; i < TILE_ROWS; i++)
-            for (int j = 0; j < TILE_COLS; j++) acc[i][j] += av[i] * bv[j];
+        const vfloat w0 = load_f32(b0 + k);
+        const vfloat w1 = load_f32(b1 + k);
+        const vfloat w2 = load_f32(b2 + k);
+        const vfloat w3 = load_f32(b3 + k);
+        {
+            const vfloat x = load_f32(a0 + k);
+            c00 = dot_step(c00, x, w0);
+            c01 = dot_step(c01, x, w1);
+            c02 = dot_step(c02, x, w2);
+            c03 = dot_step(c03, x, w3);
+        }
     }
-    for (int i = 0; i < TILE_ROWS; i++)
-        for (int j = 0; j < TILE_COLS; j++) out[i][j] = vector_sum(acc[i][j]);
+    out[0][0] = vector_sum(c00);
+    out[0][1] = vector_sum(c01);
+    out[0][2] = vector_sum(c02);
+    out[0][3] = vector_sum(c03);
 }
 
-/* dot_tile_u16_u16_k1408: A uint16_t, B uint16_t, K = 1408. Accumulates in fp32 vectors,
- * lane sums in a fixed order. */
-static inline void dot_tile_u16_u16_k1408(const uint16_t *const a[TILE_ROWS],
-                                   const uint16_t *const b[TILE_COLS],
-                                   float out[TILE_ROWS][TILE_COLS]) {
-    vfloat acc[TILE_ROWS][TILE_COLS];
-    memset(acc, 0, sizeof acc);
-    /* bf16 x bf16: read 2 * VEC_FLOATS values as 32-bit pairs; the even elements widen with
-     * a shift, the odd ones with a mask, and a dot product may pair them in any order. */
+/* dot_tile_f32_f32_k2048_r2: 2 x TILE_COLS, A float, B float, K = 2048.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void dot_tile_f32_f32_k2048_r2(const float *const a[TILE_ROWS], const float *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+    const float *const a0 = a[0];
+    const float *const a1 = a[1];
+    const float *const b0 = b[0];
+    const float *const b1 = b[1];
+    const float *const b2 = b[2];
+    const float *const b3 = b[3];
+    vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
+    vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
+    for (int64_t k = 0; k < 2048; k += VEC_FLOATS) {
+        const vfloat w0 = load_f32(b0 + k);
+        const vfloat w1 = load_f32(b1 + k);
+        const vfloat w2 = load_f32(b2 + k);
+        const vfloat w3 = load_f32(b3 + k);
+        {
+            const vfloat x = load_f32(a0 + k);
+            c00 = dot_step(c00, x, w0);
+            c01 = dot_step(c01, x, w1);
+            c02 = dot_step(c02, x, w2);
+            c03 = dot_step(c03, x, w3);
+        }
+        {
+            const vfloat x = load_f32(a1 + k);
+            c10 = dot_step(c10, x, w0);
+            c11 = dot_step(c11, x, w1);
+            c12 = dot_step(c12, x, w2);
+            c13 = dot_step(c13, x, w3);
+        }
+    }
+    out[0][0] = vector_sum(c00);
+    out[0][1] = vector_sum(c01);
+    out[0][2] = vector_sum(c02);
+    out[0][3] = vector_sum(c03);
+    out[1][0] = vector_sum(c10);
+    out[1][1] = vector_sum(c11);
+    out[1][2] = vector_sum(c12);
+    out[1][3] = vector_sum(c13);
+}
+
+/* dot_tile_f32_f32_k2048_r3: 3 x TILE_COLS, A float, B float, K = 2048.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void dot_tile_f32_f32_k2048_r3(const float *const a[TILE_ROWS], const float *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+    const float *const a0 = a[0];
+    const float *const a1 = a[1];
+    const float *const a2 = a[2];
+    const float *const b0 = b[0];
+    const float *const b1 = b[1];
+    const float *const b2 = b[2];
+    const float *const b3 = b[3];
+    vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
+    vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
+    vfloat c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0};
+    for (int64_t k = 0; k < 2048; k += VEC_FLOATS) {
+        const vfloat w0 = load_f32(b0 + k);
+        const vfloat w1 = load_f32(b1 + k);
+        const vfloat w2 = load_f32(b2 + k);
+        const vfloat w3 = load_f32(b3 + k);
+        {
+            const vfloat x = load_f32(a0 + k);
+            c00 = dot_step(c00, x, w0);
+            c01 = dot_step(c01, x, w1);
+            c02 = dot_step(c02, x, w2);
+            c03 = dot_step(c03, x, w3);
+        }
+        {
+            const vfloat x = load_f32(a1 + k);
+            c10 = dot_step(c10, x, w0);
+            c11 = dot_step(c11, x, w1);
+            c12 = dot_step(c12, x, w2);
+            c13 = dot_step(c13, x, w3);
+        }
+        {
+            const vfloat x = load_f32(a2 + k);
+            c20 = dot_step(c20, x, w0);
+            c21 = dot_step(c21, x, w1);
+            c22 = dot_step(c22, x, w2);
+            c23 = dot_step(c23, x, w3);
+        }
+    }
+    out[0][0] = vector_sum(c00);
+    out[0][1] = vector_sum(c01);
+    out[0][2] = vector_sum(c02);
+    out[0][3] = vector_sum(c03);
+    out[1][0] = vector_sum(c10);
+    out[1][1] = vector_sum(c11);
+    out[1][2] = vector_sum(c12);
+    out[1][3] = vector_sum(c13);
+    out[2][0] = vector_sum(c20);
+    out[2][1] = vector_sum(c21);
+    out[2][2] = vector_sum(c22);
+    out[2][3] = vector_sum(c23);
+}
+
+/* dot_tile_f32_f32_k2048: 1 <= rows <= TILE_ROWS rows of A. */
+static void dot_tile_f32_f32_k2048(int rows, const float *const a[TILE_ROWS],
+                           const float *const b[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    switch (rows) {
+    case 1: dot_tile_f32_f32_k2048_r1(a, b, out); break;
+    case 2: dot_tile_f32_f32_k2048_r2(a, b, out); break;
+    default: dot_tile_f32_f32_k2048_r3(a, b, out); break;
+    }
+}
+
+/* dot_tile_u16_u16_k1408_r1: 1 x TILE_COLS, A uint16_t, B uint16_t, K = 1408.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void dot_tile_u16_u16_k1408_r1(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+    const uint16_t *const a0 = a[0];
+    const uint16_t *const b0 = b[0];
+    const uint16_t *const b1 = b[1];
+    const uint16_t *const b2 = b[2];
+    const uint16_t *const b3 = b[3];
+    vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
     for (int64_t k = 0; k < 1408; k += 2 * VEC_FLOATS) {
-        vfloat a_even[TILE_ROWS], a_odd[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; i++) {
-            vu32 raw;
-            memcpy(&raw, a[i] + k, sizeof raw);
-            a_even[i] = (vfloat)(raw << 16);
-            a_odd[i] = (vfloat)(raw & 0xffff0000u);
-        }
-        for (int j = 0; j < TILE_COLS; j++) {
-            vu32 raw;
-            memcpy(&raw, b[j] + k, sizeof raw);
-            const vfloat b_even = (vfloat)(raw << 16), b_odd = (vfloat)(raw & 0xffff0000u);
-            for (int i = 0; i < TILE_ROWS; i++) acc[i][j] += a_even[i] * b_even + a_odd[i] * b_odd;
+        const bf16_operand w0 = load_bf16_operand(b0 + k);
+        const bf16_operand w1 = load_bf16_operand(b1 + k);
+        const bf16_operand w2 = load_bf16_operand(b2 + k);
+        const bf16_operand w3 = load_bf16_operand(b3 + k);
+        {
+            const bf16_operand x = load_bf16_operand(a0 + k);
+            c00 = dot_step_bf16(c00, x, w0);
+            c01 = dot_step_bf16(c01, x, w1);
+            c02 = dot_step_bf16(c02, x, w2);
+            c03 = dot_step_bf16(c03, x, w3);
         }
     }
-    for (int i = 0; i < TILE_ROWS; i++)
-        for (int j = 0; j < TILE_COLS; j++) out[i][j] = vector_sum(acc[i][j]);
+    out[0][0] = vector_sum(c00);
+    out[0][1] = vector_sum(c01);
+    out[0][2] = vector_sum(c02);
+    out[0][3] = vector_sum(c03);
 }
 
-/* dot_tile_u16_u16_k2048: A uint16_t, B uint16_t, K = 2048. Accumulates in fp32 vectors,
- * lane sums in a fixed order. */
-static inline void dot_tile_u16_u16_k2048(const uint16_t *const a[TILE_ROWS],
-                                   const uint16_t *const b[TILE_COLS],
-                                   float out[TILE_ROWS][TILE_COLS]) {
-    vfloat acc[TILE_ROWS][TILE_COLS];
-    memset(acc, 0, sizeof acc);
-    /* bf16 x bf16: read 2 * VEC_FLOATS values as 32-bit pairs; the even elements widen with
-     * a shift, the odd ones with a mask, and a dot product may pair them in any order. */
+/* dot_tile_u16_u16_k1408_r2: 2 x TILE_COLS, A uint16_t, B uint16_t, K = 1408.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void dot_tile_u16_u16_k1408_r2(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+    const uint16_t *const a0 = a[0];
+    const uint16_t *const a1 = a[1];
+    const uint16_t *const b0 = b[0];
+    const uint16_t *const b1 = b[1];
+    const uint16_t *const b2 = b[2];
+    const uint16_t *const b3 = b[3];
+    vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
+    vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
+    for (int64_t k = 0; k < 1408; k += 2 * VEC_FLOATS) {
+        const bf16_operand w0 = load_bf16_operand(b0 + k);
+        const bf16_operand w1 = load_bf16_operand(b1 + k);
+        const bf16_operand w2 = load_bf16_operand(b2 + k);
+        const bf16_operand w3 = load_bf16_operand(b3 + k);
+        {
+            const bf16_operand x = load_bf16_operand(a0 + k);
+            c00 = dot_step_bf16(c00, x, w0);
+            c01 = dot_step_bf16(c01, x, w1);
+            c02 = dot_step_bf16(c02, x, w2);
+            c03 = dot_step_bf16(c03, x, w3);
+        }
+        {
+            const bf16_operand x = load_bf16_operand(a1 + k);
+            c10 = dot_step_bf16(c10, x, w0);
+            c11 = dot_step_bf16(c11, x, w1);
+            c12 = dot_step_bf16(c12, x, w2);
+            c13 = dot_step_bf16(c13, x, w3);
+        }
+    }
+    out[0][0] = vector_sum(c00);
+    out[0][1] = vector_sum(c01);
+    out[0][2] = vector_sum(c02);
+    out[0][3] = vector_sum(c03);
+    out[1][0] = vector_sum(c10);
+    out[1][1] = vector_sum(c11);
+    out[1][2] = vector_sum(c12);
+    out[1][3] = vector_sum(c13);
+}
+
+/* dot_tile_u16_u16_k1408_r3: 3 x TILE_COLS, A uint16_t, B uint16_t, K = 1408.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void dot_tile_u16_u16_k1408_r3(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+    const uint16_t *const a0 = a[0];
+    const uint16_t *const a1 = a[1];
+    const uint16_t *const a2 = a[2];
+    const uint16_t *const b0 = b[0];
+    const uint16_t *const b1 = b[1];
+    const uint16_t *const b2 = b[2];
+    const uint16_t *const b3 = b[3];
+    vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
+    vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
+    vfloat c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0};
+    for (int64_t k = 0; k < 1408; k += 2 * VEC_FLOATS) {
+        const bf16_operand w0 = load_bf16_operand(b0 + k);
+        const bf16_operand w1 = load_bf16_operand(b1 + k);
+        const bf16_operand w2 = load_bf16_operand(b2 + k);
+        const bf16_operand w3 = load_bf16_operand(b3 + k);
+        {
+            const bf16_operand x = load_bf16_operand(a0 + k);
+            c00 = dot_step_bf16(c00, x, w0);
+            c01 = dot_step_bf16(c01, x, w1);
+            c02 = dot_step_bf16(c02, x, w2);
+            c03 = dot_step_bf16(c03, x, w3);
+        }
+        {
+            const bf16_operand x = load_bf16_operand(a1 + k);
+            c10 = dot_step_bf16(c10, x, w0);
+            c11 = dot_step_bf16(c11, x, w1);
+            c12 = dot_step_bf16(c12, x, w2);
+            c13 = dot_step_bf16(c13, x, w3);
+        }
+        {
+            const bf16_operand x = load_bf16_operand(a2 + k);
+            c20 = dot_step_bf16(c20, x, w0);
+            c21 = dot_step_bf16(c21, x, w1);
+            c22 = dot_step_bf16(c22, x, w2);
+            c23 = dot_step_bf16(c23, x, w3);
+        }
+    }
+    out[0][0] = vector_sum(c00);
+    out[0][1] = vector_sum(c01);
+    out[0][2] = vector_sum(c02);
+    out[0][3] = vector_sum(c03);
+    out[1][0] = vector_sum(c10);
+    out[1][1] = vector_sum(c11);
+    out[1][2] = vector_sum(c12);
+    out[1][3] = vector_sum(c13);
+    out[2][0] = vector_sum(c20);
+    out[2][1] = vector_sum(c21);
+    out[2][2] = vector_sum(c22);
+    out[2][3] = vector_sum(c23);
+}
+
+/* dot_tile_u16_u16_k1408: 1 <= rows <= TILE_ROWS rows of A. */
+static void dot_tile_u16_u16_k1408(int rows, const uint16_t *const a[TILE_ROWS],
+                           const uint16_t *const b[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    switch (rows) {
+    case 1: dot_tile_u16_u16_k1408_r1(a, b, out); break;
+    case 2: dot_tile_u16_u16_k1408_r2(a, b, out); break;
+    default: dot_tile_u16_u16_k1408_r3(a, b, out); break;
+    }
+}
+
+/* dot_tile_u16_u16_k2048_r1: 1 x TILE_COLS, A uint16_t, B uint16_t, K = 2048.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void dot_tile_u16_u16_k2048_r1(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+    const uint16_t *const a0 = a[0];
+    const uint16_t *const b0 = b[0];
+    const uint16_t *const b1 = b[1];
+    const uint16_t *const b2 = b[2];
+    const uint16_t *const b3 = b[3];
+    vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
     for (int64_t k = 0; k < 2048; k += 2 * VEC_FLOATS) {
-        vfloat a_even[TILE_ROWS], a_odd[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; i++) {
-            vu32 raw;
-            memcpy(&raw, a[i] + k, sizeof raw);
-            a_even[i] = (vfloat)(raw << 16);
-            a_odd[i] = (vfloat)(raw & 0xffff0000u);
-        }
-        for (int j = 0; j < TILE_COLS; j++) {
-            vu32 raw;
-            memcpy(&raw, b[j] + k, sizeof raw);
-            const vfloat b_even = (vfloat)(raw << 16), b_odd = (vfloat)(raw & 0xffff0000u);
-            for (int i = 0; i < TILE_ROWS; i++) acc[i][j] += a_even[i] * b_even + a_odd[i] * b_odd;
+        const bf16_operand w0 = load_bf16_operand(b0 + k);
+        const bf16_operand w1 = load_bf16_operand(b1 + k);
+        const bf16_operand w2 = load_bf16_operand(b2 + k);
+        const bf16_operand w3 = load_bf16_operand(b3 + k);
+        {
+            const bf16_operand x = load_bf16_operand(a0 + k);
+            c00 = dot_step_bf16(c00, x, w0);
+            c01 = dot_step_bf16(c01, x, w1);
+            c02 = dot_step_bf16(c02, x, w2);
+            c03 = dot_step_bf16(c03, x, w3);
         }
     }
-    for (int i = 0; i < TILE_ROWS; i++)
-        for (int j = 0; j < TILE_COLS; j++) out[i][j] = vector_sum(acc[i][j]);
+    out[0][0] = vector_sum(c00);
+    out[0][1] = vector_sum(c01);
+    out[0][2] = vector_sum(c02);
+    out[0][3] = vector_sum(c03);
 }
 
-/* dot_tile_u16_u16_k5632: A uint16_t, B uint16_t, K = 5632. Accumulates in fp32 vectors,
- * lane sums in a fixed order. */
-static inline void dot_tile_u16_u16_k5632(const uint16_t *const a[TILE_ROWS],
-                                   const uint16_t *const b[TILE_COLS],
-                                   float out[TILE_ROWS][TILE_COLS]) {
-    vfloat acc[TILE_ROWS][TILE_COLS];
-    memset(acc, 0, sizeof acc);
-    /* bf16 x bf16: read 2 * VEC_FLOATS values as 32-bit pairs; the even elements widen with
-     * a shift, the odd ones with a mask, and a dot product may pair them in any order. */
-    for (int64_t k = 0; k < 5632; k += 2 * VEC_FLOATS) {
-        vfloat a_even[TILE_ROWS], a_odd[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; i++) {
-            vu32 raw;
-            memcpy(&raw, a[i] + k, sizeof raw);
-            a_even[i] = (vfloat)(raw << 16);
-            a_odd[i] = (vfloat)(raw & 0xffff0000u);
+/* dot_tile_u16_u16_k2048_r2: 2 x TILE_COLS, A uint16_t, B uint16_t, K = 2048.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void dot_tile_u16_u16_k2048_r2(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+    const uint16_t *const a0 = a[0];
+    const uint16_t *const a1 = a[1];
+    const uint16_t *const b0 = b[0];
+    const uint16_t *const b1 = b[1];
+    const uint16_t *const b2 = b[2];
+    const uint16_t *const b3 = b[3];
+    vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
+    vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
+    for (int64_t k = 0; k < 2048; k += 2 * VEC_FLOATS) {
+        const bf16_operand w0 = load_bf16_operand(b0 + k);
+        const bf16_operand w1 = load_bf16_operand(b1 + k);
+        const bf16_operand w2 = load_bf16_operand(b2 + k);
+        const bf16_operand w3 = load_bf16_operand(b3 + k);
+        {
+            const bf16_operand x = load_bf16_operand(a0 + k);
+            c00 = dot_step_bf16(c00, x, w0);
+            c01 = dot_step_bf16(c01, x, w1);
+            c02 = dot_step_bf16(c02, x, w2);
+            c03 = dot_step_bf16(c03, x, w3);
         }
-        for (int j = 0; j < TILE_COLS; j++) {
-            vu32 raw;
-            memcpy(&raw, b[j] + k, sizeof raw);
-            const vfloat b_even = (vfloat)(raw << 16), b_odd = (vfloat)(raw & 0xffff0000u);
-            for (int i = 0; i < TILE_ROWS; i++) acc[i][j] += a_even[i] * b_even + a_odd[i] * b_odd;
+        {
+            const bf16_operand x = load_bf16_operand(a1 + k);
+            c10 = dot_step_bf16(c10, x, w0);
+            c11 = dot_step_bf16(c11, x, w1);
+            c12 = dot_step_bf16(c12, x, w2);
+            c13 = dot_step_bf16(c13, x, w3);
         }
     }
-    for (int i = 0; i < TILE_ROWS; i++)
-        for (int j = 0; j < TILE_COLS; j++) out[i][j] = vector_sum(acc[i][j]);
+    out[0][0] = vector_sum(c00);
+    out[0][1] = vector_sum(c01);
+    out[0][2] = vector_sum(c02);
+    out[0][3] = vector_sum(c03);
+    out[1][0] = vector_sum(c10);
+    out[1][1] = vector_sum(c11);
+    out[1][2] = vector_sum(c12);
+    out[1][3] = vector_sum(c13);
+}
+
+/* dot_tile_u16_u16_k2048_r3: 3 x TILE_COLS, A uint16_t, B uint16_t, K = 2048.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void dot_tile_u16_u16_k2048_r3(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+    const uint16_t *const a0 = a[0];
+    const uint16_t *const a1 = a[1];
+    const uint16_t *const a2 = a[2];
+    const uint16_t *const b0 = b[0];
+    const uint16_t *const b1 = b[1];
+    const uint16_t *const b2 = b[2];
+    const uint16_t *const b3 = b[3];
+    vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
+    vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
+    vfloat c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0};
+    for (int64_t k = 0; k < 2048; k += 2 * VEC_FLOATS) {
+        const bf16_operand w0 = load_bf16_operand(b0 + k);
+        const bf16_operand w1 = load_bf16_operand(b1 + k);
+        const bf16_operand w2 = load_bf16_operand(b2 + k);
+        const bf16_operand w3 = load_bf16_operand(b3 + k);
+        {
+            const bf16_operand x = load_bf16_operand(a0 + k);
+            c00 = dot_step_bf16(c00, x, w0);
+            c01 = dot_step_bf16(c01, x, w1);
+            c02 = dot_step_bf16(c02, x, w2);
+            c03 = dot_step_bf16(c03, x, w3);
+        }
+        {
+            const bf16_operand x = load_bf16_operand(a1 + k);
+            c10 = dot_step_bf16(c10, x, w0);
+            c11 = dot_step_bf16(c11, x, w1);
+            c12 = dot_step_bf16(c12, x, w2);
+            c13 = dot_step_bf16(c13, x, w3);
+        }
+        {
+            const bf16_operand x = load_bf16_operand(a2 + k);
+            c20 = dot_step_bf16(c20, x, w0);
+            c21 = dot_step_bf16(c21, x, w1);
+            c22 = dot_step_bf16(c22, x, w2);
+            c23 = dot_step_bf16(c23, x, w3);
+        }
+    }
+    out[0][0] = vector_sum(c00);
+    out[0][1] = vector_sum(c01);
+    out[0][2] = vector_sum(c02);
+    out[0][3] = vector_sum(c03);
+    out[1][0] = vector_sum(c10);
+    out[1][1] = vector_sum(c11);
+    out[1][2] = vector_sum(c12);
+    out[1][3] = vector_sum(c13);
+    out[2][0] = vector_sum(c20);
+    out[2][1] = vector_sum(c21);
+    out[2][2] = vector_sum(c22);
+    out[2][3] = vector_sum(c23);
+}
+
+/* dot_tile_u16_u16_k2048: 1 <= rows <= TILE_ROWS rows of A. */
+static void dot_tile_u16_u16_k2048(int rows, const uint16_t *const a[TILE_ROWS],
+                           const uint16_t *const b[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    switch (rows) {
+    case 1: dot_tile_u16_u16_k2048_r1(a, b, out); break;
+    case 2: dot_tile_u16_u16_k2048_r2(a, b, out); break;
+    default: dot_tile_u16_u16_k2048_r3(a, b, out); break;
+    }
+}
+
+/* dot_tile_u16_u16_k5632_r1: 1 x TILE_COLS, A uint16_t, B uint16_t, K = 5632.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void dot_tile_u16_u16_k5632_r1(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+    const uint16_t *const a0 = a[0];
+    const uint16_t *const b0 = b[0];
+    const uint16_t *const b1 = b[1];
+    const uint16_t *const b2 = b[2];
+    const uint16_t *const b3 = b[3];
+    vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
+    for (int64_t k = 0; k < 5632; k += 2 * VEC_FLOATS) {
+        const bf16_operand w0 = load_bf16_operand(b0 + k);
+        const bf16_operand w1 = load_bf16_operand(b1 + k);
+        const bf16_operand w2 = load_bf16_operand(b2 + k);
+        const bf16_operand w3 = load_bf16_operand(b3 + k);
+        {
+            const bf16_operand x = load_bf16_operand(a0 + k);
+            c00 = dot_step_bf16(c00, x, w0);
+            c01 = dot_step_bf16(c01, x, w1);
+            c02 = dot_step_bf16(c02, x, w2);
+            c03 = dot_step_bf16(c03, x, w3);
+        }
+    }
+    out[0][0] = vector_sum(c00);
+    out[0][1] = vector_sum(c01);
+    out[0][2] = vector_sum(c02);
+    out[0][3] = vector_sum(c03);
+}
+
+/* dot_tile_u16_u16_k5632_r2: 2 x TILE_COLS, A uint16_t, B uint16_t, K = 5632.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void dot_tile_u16_u16_k5632_r2(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+    const uint16_t *const a0 = a[0];
+    const uint16_t *const a1 = a[1];
+    const uint16_t *const b0 = b[0];
+    const uint16_t *const b1 = b[1];
+    const uint16_t *const b2 = b[2];
+    const uint16_t *const b3 = b[3];
+    vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
+    vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
+    for (int64_t k = 0; k < 5632; k += 2 * VEC_FLOATS) {
+        const bf16_operand w0 = load_bf16_operand(b0 + k);
+        const bf16_operand w1 = load_bf16_operand(b1 + k);
+        const bf16_operand w2 = load_bf16_operand(b2 + k);
+        const bf16_operand w3 = load_bf16_operand(b3 + k);
+        {
+            const bf16_operand x = load_bf16_operand(a0 + k);
+            c00 = dot_step_bf16(c00, x, w0);
+            c01 = dot_step_bf16(c01, x, w1);
+            c02 = dot_step_bf16(c02, x, w2);
+            c03 = dot_step_bf16(c03, x, w3);
+        }
+        {
+            const bf16_operand x = load_bf16_operand(a1 + k);
+            c10 = dot_step_bf16(c10, x, w0);
+            c11 = dot_step_bf16(c11, x, w1);
+            c12 = dot_step_bf16(c12, x, w2);
+            c13 = dot_step_bf16(c13, x, w3);
+        }
+    }
+    out[0][0] = vector_sum(c00);
+    out[0][1] = vector_sum(c01);
+    out[0][2] = vector_sum(c02);
+    out[0][3] = vector_sum(c03);
+    out[1][0] = vector_sum(c10);
+    out[1][1] = vector_sum(c11);
+    out[1][2] = vector_sum(c12);
+    out[1][3] = vector_sum(c13);
+}
+
+/* dot_tile_u16_u16_k5632_r3: 3 x TILE_COLS, A uint16_t, B uint16_t, K = 5632.
+ * Not inlined: on its own it has the whole register file for its accumulators. */
+static __attribute__((noinline)) void dot_tile_u16_u16_k5632_r3(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
+        float out[TILE_ROWS][TILE_COLS]) {
+    const uint16_t *const a0 = a[0];
+    const uint16_t *const a1 = a[1];
+    const uint16_t *const a2 = a[2];
+    const uint16_t *const b0 = b[0];
+    const uint16_t *const b1 = b[1];
+    const uint16_t *const b2 = b[2];
+    const uint16_t *const b3 = b[3];
+    vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
+    vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
+    vfloat c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0};
+    for (int64_t k = 0; k < 5632; k += 2 * VEC_FLOATS) {
+        const bf16_operand w0 = load_bf16_operand(b0 + k);
+        const bf16_operand w1 = load_bf16_operand(b1 + k);
+        const bf16_operand w2 = load_bf16_operand(b2 + k);
+        const bf16_operand w3 = load_bf16_operand(b3 + k);
+        {
+            const bf16_operand x = load_bf16_operand(a0 + k);
+            c00 = dot_step_bf16(c00, x, w0);
+            c01 = dot_step_bf16(c01, x, w1);
+            c02 = dot_step_bf16(c02, x, w2);
+            c03 = dot_step_bf16(c03, x, w3);
+        }
+        {
+            const bf16_operand x = load_bf16_operand(a1 + k);
+            c10 = dot_step_bf16(c10, x, w0);
+            c11 = dot_step_bf16(c11, x, w1);
+            c12 = dot_step_bf16(c12, x, w2);
+            c13 = dot_step_bf16(c13, x, w3);
+        }
+        {
+            const bf16_operand x = load_bf16_operand(a2 + k);
+            c20 = dot_step_bf16(c20, x, w0);
+            c21 = dot_step_bf16(c21, x, w1);
+            c22 = dot_step_bf16(c22, x, w2);
+            c23 = dot_step_bf16(c23, x, w3);
+        }
+    }
+    out[0][0] = vector_sum(c00);
+    out[0][1] = vector_sum(c01);
+    out[0][2] = vector_sum(c02);
+    out[0][3] = vector_sum(c03);
+    out[1][0] = vector_sum(c10);
+    out[1][1] = vector_sum(c11);
+    out[1][2] = vector_sum(c12);
+    out[1][3] = vector_sum(c13);
+    out[2][0] = vector_sum(c20);
+    out[2][1] = vector_sum(c21);
+    out[2][2] = vector_sum(c22);
+    out[2][3] = vector_sum(c23);
+}
+
+/* dot_tile_u16_u16_k5632: 1 <= rows <= TILE_ROWS rows of A. */
+static void dot_tile_u16_u16_k5632(int rows, const uint16_t *const a[TILE_ROWS],
+                           const uint16_t *const b[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    switch (rows) {
+    case 1: dot_tile_u16_u16_k5632_r1(a, b, out); break;
+    case 2: dot_tile_u16_u16_k5632_r2(a, b, out); break;
+    default: dot_tile_u16_u16_k5632_r3(a, b, out); break;
+    }
 }
 
 /* ---- Per-call state ------------------------------------------------------------------- */
@@ -355,9 +858,10 @@ static void route_block(forward_state *st, int64_t block) {
         for (int64_t h = 0; h < HIDDEN; h++) dst[h] = elem_to_float(src[h]);
     }
 
-    /* Logits: TILE_ROWS tokens x TILE_COLS experts per micro-kernel call; tiles that
-     * overhang the block repeat the last row / expert and drop those results. */
+    /* Logits: up to TILE_ROWS tokens x TILE_COLS experts per micro-kernel call; a tile
+     * that overhangs the experts repeats the last one and drops those results. */
     for (int64_t t = t0; t < t1; t += TILE_ROWS) {
+        const int rows = (int)min_i64(TILE_ROWS, t1 - t);
         const float *a[TILE_ROWS];
         for (int i = 0; i < TILE_ROWS; i++) a[i] = st->router_input + min_i64(t + i, t1 - 1) * HIDDEN;
         for (int e = 0; e < NUM_EXPERTS; e += TILE_COLS) {
@@ -365,8 +869,8 @@ static void route_block(forward_state *st, int64_t block) {
             for (int j = 0; j < TILE_COLS; j++)
                 b[j] = w->router_w + min_i64(e + j, NUM_EXPERTS - 1) * HIDDEN;
             float out[TILE_ROWS][TILE_COLS];
-            dot_tile_f32_f32_k2048(a, b, out);
-            for (int i = 0; i < TILE_ROWS && t + i < t1; i++)
+            dot_tile_f32_f32_k2048(rows, a, b, out);
+            for (int i = 0; i < rows; i++)
                 for (int j = 0; j < TILE_COLS && e + j < NUM_EXPERTS; j++) {
                     float logit = out[i][j];
                     if (isnan(logit)) logit = -INFINITY; /* NaN counts as -inf */
@@ -519,9 +1023,10 @@ static void f1408_gemm1_task(const forward_state *st, const ffn_problem *p, int6
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, 1408);
     for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
+        const int rows = (int)min_i64(TILE_ROWS, row_end - r); /* the last tile may be short */
         const elem_t *a[TILE_ROWS];
         for (int i = 0; i < TILE_ROWS; i++) {
-            int64_t row = min_i64(r + i, row_end - 1); /* overhang repeats the last row */
+            int64_t row = min_i64(r + i, row_end - 1); /* unused pointers of a short tile stay valid */
             int64_t token = p->row_token ? p->row_token[row] : row;
             a[i] = token >= 0 ? p->x + token * HIDDEN : st->zero_row;
         }
@@ -532,8 +1037,8 @@ static void f1408_gemm1_task(const forward_state *st, const ffn_problem *p, int6
                 b[TILE_HIDDEN_COLS + j] = p->w1 + (1408 + f + j) * HIDDEN; /* up row */
             }
             float acc[TILE_ROWS][TILE_COLS];
-            dot_tile_u16_u16_k2048(a, b, acc);
-            for (int i = 0; i < TILE_ROWS && r + i < row_end; i++) {
+            dot_tile_u16_u16_k2048(rows, a, b, acc);
+            for (int i = 0; i < rows; i++) {
                 const float scale = p->row_scale ? p->row_scale[r + i] : 1.0f;
                 for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
                     float gate = scale * acc[i][j];
@@ -554,14 +1059,15 @@ static void f1408_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
     for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
+        const int rows = (int)min_i64(TILE_ROWS, row_end - r);
         const elem_t *a[TILE_ROWS];
         for (int i = 0; i < TILE_ROWS; i++) a[i] = p->hidden + min_i64(r + i, row_end - 1) * 1408;
         for (int64_t c = col0; c < col_end; c += TILE_COLS) {
             const elem_t *b[TILE_COLS];
             for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + j) * 1408;
             float acc[TILE_ROWS][TILE_COLS];
-            dot_tile_u16_u16_k1408(a, b, acc);
-            for (int i = 0; i < TILE_ROWS && r + i < row_end; i++)
+            dot_tile_u16_u16_k1408(rows, a, b, acc);
+            for (int i = 0; i < rows; i++)
                 for (int j = 0; j < TILE_COLS; j++)
                     p->out[(r + i) * HIDDEN + c + j] = acc[i][j] + (p->b2 ? elem_to_float(p->b2[c + j]) : 0.0f);
         }
@@ -609,9 +1115,10 @@ static void f5632_gemm1_task(const forward_state *st, const ffn_problem *p, int6
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, 5632);
     for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
+        const int rows = (int)min_i64(TILE_ROWS, row_end - r); /* the last tile may be short */
         const elem_t *a[TILE_ROWS];
         for (int i = 0; i < TILE_ROWS; i++) {
-            int64_t row = min_i64(r + i, row_end - 1); /* overhang repeats the last row */
+            int64_t row = min_i64(r + i, row_end - 1); /* unused pointers of a short tile stay valid */
             int64_t token = p->row_token ? p->row_token[row] : row;
             a[i] = token >= 0 ? p->x + token * HIDDEN : st->zero_row;
         }
@@ -622,8 +1129,8 @@ static void f5632_gemm1_task(const forward_state *st, const ffn_problem *p, int6
                 b[TILE_HIDDEN_COLS + j] = p->w1 + (5632 + f + j) * HIDDEN; /* up row */
             }
             float acc[TILE_ROWS][TILE_COLS];
-            dot_tile_u16_u16_k2048(a, b, acc);
-            for (int i = 0; i < TILE_ROWS && r + i < row_end; i++) {
+            dot_tile_u16_u16_k2048(rows, a, b, acc);
+            for (int i = 0; i < rows; i++) {
                 const float scale = p->row_scale ? p->row_scale[r + i] : 1.0f;
                 for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
                     float gate = scale * acc[i][j];
@@ -644,14 +1151,15 @@ static void f5632_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
     for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
+        const int rows = (int)min_i64(TILE_ROWS, row_end - r);
         const elem_t *a[TILE_ROWS];
         for (int i = 0; i < TILE_ROWS; i++) a[i] = p->hidden + min_i64(r + i, row_end - 1) * 5632;
         for (int64_t c = col0; c < col_end; c += TILE_COLS) {
             const elem_t *b[TILE_COLS];
             for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + j) * 5632;
             float acc[TILE_ROWS][TILE_COLS];
-            dot_tile_u16_u16_k5632(a, b, acc);
-            for (int i = 0; i < TILE_ROWS && r + i < row_end; i++)
+            dot_tile_u16_u16_k5632(rows, a, b, acc);
+            for (int i = 0; i < rows; i++)
                 for (int j = 0; j < TILE_COLS; j++)
                     p->out[(r + i) * HIDDEN + c + j] = acc[i][j] + (p->b2 ? elem_to_float(p->b2[c + j]) : 0.0f);
         }
@@ -858,8 +1366,8 @@ static workspace_layout layout_for(int64_t n_tokens) {
 
 const moegen_kernel_info *moe_qwen1_5_moe_a2_7b_499b563a_info(void) {
     static const moegen_kernel_info info = {
-        MOEGEN_KERNEL_ABI_VERSION, "499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02", "cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64_499b563a",
-        NUM_EXPERTS, TOP_K, HIDDEN, FFN, FFN_ROWS, 2 /* bf16 */};
+        MOEGEN_KERNEL_ABI_VERSION, "499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02", "cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a",
+        NUM_EXPERTS, TOP_K, HIDDEN, FFN, FFN_ROWS, 2 /* bf16 */, KERNEL_PATH};
     return &info;
 }
 
