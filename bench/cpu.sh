@@ -14,9 +14,11 @@
 # row to build-bench/cpu-bench.jsonl (or DIR/rows.jsonl); --out DIR also keeps the raw logs, the
 # exact commands and the machine's description there, for bench/results/<cpu>-<date>/.
 #
-# Time: --quick (demo + qwen3-30b-a3b, S in {1, 128}) takes about 5 minutes on 2 cores; the default
-# (every spec but test-*, fp32 and bf16, S up to 4096, 1 and 2 threads; mixtral-8x7b at S = 4096 is
-# skipped by --max-gflop 1000) about 1.5 to 2.5 hours on a quiet 2-core machine.
+# Time: --quick (demo + qwen3-30b-a3b, S in {1, 128}) takes about 3 minutes on 2 cores, plus about 4
+# the first time (building ggml). The default (every spec but test-*, fp32 and bf16, S up to 4096,
+# 1 and 2 threads; mixtral-8x7b at S = 4096 is skipped by --max-gflop 1000; deepseek-v3 does not fit
+# in 24 GiB and is skipped with its size) is estimated at about an hour on a quiet 2-core machine
+# (45-90 minutes: it has not been run whole yet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -69,15 +71,15 @@ build_ggml() {
         return 1
     # The sdist leaves out ggml.pc.in, which ggml's CMakeLists configures when built on its own.
     [ -f "$src/ggml/ggml.pc.in" ] || : > "$src/ggml/ggml.pc.in"
-    run cmake -S "$src/ggml" -B "$work/ggml-build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-        -DGGML_NATIVE=ON -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF -DGIT_EXE=GIT_EXE-NOTFOUND \
-        > "$work/ggml-build.log" 2>&1 || return 1
+    # GIT_CEILING_DIRECTORIES: ggml's CMakeLists asks git for its commit, which would be ours.
+    run env GIT_CEILING_DIRECTORIES="$root/$work" cmake -S "$src/ggml" -B "$work/ggml-build" \
+        -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON -DGGML_BUILD_TESTS=OFF \
+        -DGGML_BUILD_EXAMPLES=OFF > "$work/ggml-build.log" 2>&1 || return 1
     run cmake --build "$work/ggml-build" -j "$(nproc)" >> "$work/ggml-build.log" 2>&1 || return 1
     run cmake --install "$work/ggml-build" --prefix "$ggml_prefix" >> "$work/ggml-build.log" 2>&1 || return 1
     echo "$ggml_stamp" > "$ggml_prefix/stamp"
 }
-# GIT_EXE: ggml's CMakeLists would take the commit of the repository around it (ours) for its own.
-ggml_stamp="llama-cpp-python $llcpp_version sdist, vendor/llama.cpp/ggml, GGML_NATIVE=ON"
+ggml_stamp="llama-cpp-python $llcpp_version sdist, vendor/llama.cpp/ggml, GGML_NATIVE=ON, shared"
 export MOEGEN_GGML_SOURCE=$ggml_stamp
 ggml_dir=""
 if [ "$(cat "$ggml_prefix/stamp" 2> /dev/null)" != "$ggml_stamp" ]; then

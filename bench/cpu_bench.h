@@ -61,8 +61,13 @@ int blas_loop_has_sbgemm(void);
  * otherwise their weights are converted to fp32 copies here, once (how: *bf16_mode). Returns
  * NULL with a reason in why[]. */
 blas_loop *blas_loop_create(const bench_moe *m, int64_t max_S, const char **bf16_mode, char *why, size_t why_size);
-/* One forward of m (its S, threads, x and routing) into y ([S][H] layer dtype). */
-void blas_loop_run(blas_loop *b, const bench_moe *m, void *y);
+/* The two schedules of the loop on T > 1 threads (cpu_bench_blas.c says what they do). */
+enum { BLAS_GEMM_THREADS = 0, BLAS_EXPERTS_PARALLEL = 1 };
+const char *blas_schedule_name(int schedule);
+
+/* One forward of m (its S, threads, x and routing) into y ([S][H] layer dtype). 0, or -1 when
+ * the buffers of that many threads cannot be allocated. */
+int blas_loop_run(blas_loop *b, const bench_moe *m, void *y, int schedule);
 void blas_loop_free(blas_loop *b);
 
 /* ---- ggml's MUL_MAT_ID (cpu_bench_ggml.c; a stub when ggml was not built) --------------------- */

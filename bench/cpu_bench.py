@@ -4,7 +4,8 @@
 For every spec (default: specs/*.yaml but the test-* ones), dtype (fp32, bf16), thread count and
 token count it times, round-robin in the same run:
   moegen    the public API's forward (moegen_layer_forward) through the C worker moegen_cpu_bench;
-  openblas  the per-expert OpenBLAS loop (bench/cpu_bench_blas.c), in the same worker;
+  openblas  the per-expert OpenBLAS loop (bench/cpu_bench_blas.c), in the same worker, in the faster
+            of its two schedules on the shape (threaded GEMMs, or experts spread over threads);
   ggml      ggml's MUL_MAT_ID graph as llama.cpp builds it (bench/cpu_bench_ggml.c), same worker;
   pytorch   a Hugging Face Mixtral-style sparse MoE block (router linear, softmax, top-k, a loop
             over the experts hit, index_add_) in this process, torch.set_num_threads matching.
@@ -323,6 +324,9 @@ def run_shape(args, worker, info, tensors, torch, S, T, raw):
     for impl, why in unavailable.items():
         rows.append({"impl": impl, "unavailable": why})
     for row in rows:
+        if row["impl"] == "openblas":
+            row["openblas_schedule"] = prep.get("openblas_schedule")
+            row["openblas_schedule_ms"] = prep.get("openblas_schedule_ms")
         row.update({"tokens": S, "threads": T, "expert_flops": prep["expert_flops"],
                     "expert_bytes": prep["expert_bytes"], "kept_routes": prep["kept_routes"],
                     "touched_experts": prep["touched_experts"], "variant": prep["variant"]})
@@ -353,7 +357,7 @@ def table(rows, limits):
              "% of limit |",
              "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        head = f"| {r['spec']} | {r['dtype']} | {r['tokens']} | {r['threads']} | {r['impl']} |"
+        head = f"| {r['spec']} | {r['dtype']} | {r['tokens']} | {r['threads']} | {r.get('label', r['impl'])} |"
         if "median_ms" not in r:
             lines.append(head + f" — | — | — | — | — | — |  *{r['unavailable']}*")
             continue
@@ -518,6 +522,13 @@ def main():
                         rows = run_shape(args, worker, ready, tensors, torch, S, T, transcript)
                         for row in rows:
                             row.update({"spec": spec_name, "dtype": dtype})
+                            if row["impl"] == "openblas" and "median_ms" in row:
+                                how = []
+                                if "converted" in ready["openblas"]:
+                                    how.append("fp32 weights")  # no cblas_sbgemm: fp32 copies
+                                if T > 1:
+                                    how.append(row["openblas_schedule"])
+                                row["label"] = "openblas" + (f" ({', '.join(how)})" if how else "")
                             variants.add(row["variant"])
                         all_rows += rows
                         summary = ", ".join(f"{r['impl']} {fmt_ms(r['median_ms'])} ms" +
@@ -576,7 +587,9 @@ def main():
                "sum over k); fp32 activations; only ggml_graph_compute is timed. It computes routes moegen dropped "
                "(weight 0): llama.cpp has no capacity. Built from "
                + os.environ.get("MOEGEN_GGML_SOURCE", "(unknown: run through bench/cpu.sh)") + ".",
-               "- openblas: the per-expert loop; OpenBLAS threads each GEMM, cblas_sgemv for one-row experts.",
+               "- openblas: the per-expert loop (cblas_sgemv for one-row experts). On 2+ threads both schedules are "
+               "tried at set-up and the faster kept (named in the row): gemm-threads (OpenBLAS threads each GEMM) or "
+               "experts-parallel (OpenMP threads take whole experts, single-threaded OpenBLAS).",
                "- implementations alternate round-robin inside each shape (rotating order); PyTorch in the driver "
                "process, the C implementations in the worker process, one at a time."]
     text = "\n".join(report) + "\n"
