@@ -428,12 +428,13 @@ def machine_info(torch):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--specs", help="comma-separated spec names (specs/NAME.yaml) or paths; default: all but test-*")
-    ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--tokens", default="1,16,128,1024,4096")
-    ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dtypes", default="fp32,bf16", help="layer dtypes (the spec's dtype is overridden)")
+    ap.add_argument("--tokens", default="1,16,128,1024,4096", help="token counts S")
+    ap.add_argument("--threads", default="1,2", help="thread counts (every implementation gets the same)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of every implementation (3 for calls over 2 s)")
     ap.add_argument("--target-ms", type=float, default=300.0, help="timed work per implementation and round")
     ap.add_argument("--max-reps", type=int, default=20, help="most timed calls per implementation and round")
     ap.add_argument("--settle-ms", type=float, default=50.0,
@@ -442,11 +443,13 @@ def main():
                     help="skip shapes whose expert GEMMs exceed this many GFLOP per call (0: no limit)")
     ap.add_argument("--quick", action="store_true",
                     help="demo + qwen3-30b-a3b, S in {1, 128}, 3 rounds: a sanity run of a few minutes")
-    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
     ap.add_argument("--out", help="folder for results.md, rows.jsonl, limits, raw logs, commands and machine info")
-    ap.add_argument("--json", help="the JSON lines file (default: OUT/rows.jsonl, else build-bench/cpu-bench.jsonl)")
-    ap.add_argument("--worker", default=os.path.join(ROOT, "build-bench", "moegen", "moegen_cpu_bench"))
-    ap.add_argument("--limits", default=os.path.join(ROOT, "build-bench", "moegen", "moegen_cpu_limits"))
+    ap.add_argument("--json", help="the JSON lines file (OUT/rows.jsonl with --out, else build-bench/cpu-bench.jsonl)")
+    ap.add_argument("--worker", default=os.path.join(ROOT, "build-bench", "moegen", "moegen_cpu_bench"),
+                    help="the C worker (bench/cpu.sh builds it)")
+    ap.add_argument("--limits", default=os.path.join(ROOT, "build-bench", "moegen", "moegen_cpu_limits"),
+                    help="the limit probe (bench/cpu.sh builds it)")
     args = ap.parse_args()
     if args.quick:
         args.specs = args.specs or "demo,qwen3-30b-a3b"
