@@ -149,8 +149,16 @@ const char *moegen_cpu_gemm_name(moegen_cpu_gemm gemm) {
     switch (gemm) {
     case MOEGEN_CPU_GEMM_FMA: return "fma";
     case MOEGEN_CPU_GEMM_BF16_DOT: return "bfdot";
+    case MOEGEN_CPU_GEMM_AMX: return "amx";
     }
     return NULL;
+}
+
+/* AMX tiles take 32 values of k at a time: every GEMM's k (H, F, the shared F) must be a
+ * multiple of 32. */
+static int amx_shapes_fit(const moegen_spec *spec) {
+    return spec->hidden_size % 32 == 0 && spec->moe_intermediate_size % 32 == 0 &&
+           (spec->shared.count == 0 || spec->shared.intermediate_size % 32 == 0);
 }
 
 void moegen_variant_default(const moegen_spec *spec, moegen_backend backend,
@@ -159,13 +167,17 @@ void moegen_variant_default(const moegen_spec *spec, moegen_backend backend,
     moegen_cpu_variant *cpu = &out->cpu;
     int vector_floats = target && target->cpu_vector_floats ? target->cpu_vector_floats : 4;
     cpu->vector_floats = vector_floats;
-    /* bf16: vdpbf16ps where the CPU has it, except on CPUs with AMX (Sapphire Rapids and
-     * later), where it runs at about 0.75x the widen + FMA path (measured: a 4 x 4 tile
-     * from L1, 75-81 against 105 GFLOP/s per core, bench/results/cpu-*). */
-    cpu->gemm = spec->dtype == MOEGEN_DTYPE_BF16 && vector_floats == 16 && target && target->cpu_bf16_dot &&
-                        !target->cpu_amx
-                    ? MOEGEN_CPU_GEMM_BF16_DOT
-                    : MOEGEN_CPU_GEMM_FMA;
+    /* bf16: AMX tiles where the CPU has them and the shapes fit; else vdpbf16ps where the
+     * CPU has it, except on CPUs with AMX (Sapphire Rapids and later), where vdpbf16ps runs
+     * at about 0.75x the widen + FMA path (measured here: a 4 x 4 tile from L1, 75-81
+     * against 105 GFLOP/s per core). */
+    const int bf16_avx512 = spec->dtype == MOEGEN_DTYPE_BF16 && vector_floats == 16 && target;
+    if (bf16_avx512 && target->cpu_amx && amx_shapes_fit(spec))
+        cpu->gemm = MOEGEN_CPU_GEMM_AMX;
+    else if (bf16_avx512 && target->cpu_bf16_dot && !target->cpu_amx)
+        cpu->gemm = MOEGEN_CPU_GEMM_BF16_DOT;
+    else
+        cpu->gemm = MOEGEN_CPU_GEMM_FMA;
     /* Micro-kernel: tile_rows x tile_cols accumulator vectors plus one vector per
      * row and column loaded each step must fit the register file (16 vector
      * registers below AVX-512, 32 with it). */
@@ -250,10 +262,21 @@ moegen_status moegen_variant_check(const moegen_spec *spec, const moegen_variant
     if (!moegen_cpu_gemm_name(cpu->gemm))
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "variant: cpu.gemm %d is not a GEMM kind",
                                 (int)cpu->gemm);
-    if (cpu->gemm == MOEGEN_CPU_GEMM_BF16_DOT && (spec->dtype != MOEGEN_DTYPE_BF16 || cpu->vector_floats != 16))
+    if (cpu->gemm != MOEGEN_CPU_GEMM_FMA && (spec->dtype != MOEGEN_DTYPE_BF16 || cpu->vector_floats != 16))
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
-                                "variant: cpu.gemm bfdot needs a bf16 layer and cpu.vector_floats 16 (got %s, %d)",
-                                moegen_dtype_name(spec->dtype), cpu->vector_floats);
+                                "variant: cpu.gemm %s needs a bf16 layer and cpu.vector_floats 16 (got %s, %d)",
+                                moegen_cpu_gemm_name(cpu->gemm), moegen_dtype_name(spec->dtype), cpu->vector_floats);
+    if (cpu->gemm == MOEGEN_CPU_GEMM_AMX && !amx_shapes_fit(spec))
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cpu.gemm amx needs hidden_size and the intermediate sizes to be multiples "
+                                "of 32 (got %lld, %lld%s)",
+                                (long long)spec->hidden_size, (long long)spec->moe_intermediate_size,
+                                spec->shared.count ? " and the shared experts'" : "");
+    if (cpu->gemm == MOEGEN_CPU_GEMM_AMX && (cpu->block_rows % 16 != 0 || cpu->block_cols % 16 != 0))
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cpu.gemm amx needs cpu.block_rows and cpu.block_cols to be multiples of "
+                                "16 (got %d, %d)",
+                                cpu->block_rows, cpu->block_cols);
     if (cpu->vector_floats != 4 && cpu->vector_floats != 8 && cpu->vector_floats != 16)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "variant: cpu.vector_floats must be 4, 8 or 16 (got %d)",

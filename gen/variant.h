@@ -20,10 +20,13 @@ typedef enum moegen_backend { MOEGEN_BACKEND_CPU = 0, MOEGEN_BACKEND_CUDA = 1 } 
 typedef enum moegen_cpu_gemm {
     MOEGEN_CPU_GEMM_FMA = 0,      /* every dtype widened to fp32, fp32 FMA */
     MOEGEN_CPU_GEMM_BF16_DOT = 1, /* bf16 layers: AVX-512 BF16 vdpbf16ps (needs vector_floats 16) */
+    MOEGEN_CPU_GEMM_AMX = 2,      /* bf16 layers: AMX tiles (tdpbf16ps) for the expert GEMMs; needs
+                                     vector_floats 16 and H, F multiples of 32; falls back to
+                                     widen + FMA where the OS does not grant AMX */
 } moegen_cpu_gemm;
 
 /* The name of a moegen_cpu_gemm as templates and variant names spell it ("fma",
- * "bfdot"), NULL for a value that is not one. */
+ * "bfdot", "amx"), NULL for a value that is not one. */
 const char *moegen_cpu_gemm_name(moegen_cpu_gemm gemm);
 
 typedef struct moegen_cpu_variant {

@@ -307,7 +307,8 @@ static moegen_status ep_experts(void *self, const moegen_kernel_weights *w, int 
                                 const int64_t *local_offset, const void *rows, const float *scales, float *out,
                                 moegen_error *err) {
     moegen_cpu_backend *b = self;
-    const size_t bytes = (size_t)local_offset[n] * (size_t)b->spec->moe_intermediate_size *
+    const size_t bytes = MOEGEN_KERNEL_EXPERT_SCRATCH_ELEMS(local_offset[n], n, b->spec->hidden_size,
+                                                            b->spec->moe_intermediate_size) *
                          moegen_dtype_size(b->spec->dtype);
     if (bytes > b->hidden_capacity) {
         void *fresh = realloc(b->hidden, bytes);

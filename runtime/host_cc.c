@@ -63,6 +63,7 @@ extern char **environ;
 #define AVX2_FLAGS "-mavx2 -mfma -mf16c"
 #define AVX512_FLAGS "-mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c"
 #define AVX512_BF16_FLAGS "-mavx512bf16" /* vdpbf16ps: bf16 dot products (templates/cpu/gemm.c.tpl) */
+#define AMX_FLAGS "-mamx-tile -mamx-bf16"     /* AMX tiles (templates/cpu/amx.c.tpl) */
 #define MAX_FLAG_WORDS 32
 #define CAPTURE_BYTES 1024
 #define VERSION_LINE_MAX_CHARS 400 /* identity = version + " / " + machine fits */
@@ -343,7 +344,9 @@ static void choose_flags(moegen_host_compiler *hc) {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
         hc->bf16_dot = __builtin_cpu_supports("avx512bf16");
         hc->amx = cpu_has_amx_bf16();
-        extra = hc->bf16_dot ? " " AVX512_FLAGS " " AVX512_BF16_FLAGS : " " AVX512_FLAGS;
+        extra = hc->amx        ? " " AVX512_FLAGS " " AVX512_BF16_FLAGS " " AMX_FLAGS
+                : hc->bf16_dot ? " " AVX512_FLAGS " " AVX512_BF16_FLAGS
+                               : " " AVX512_FLAGS;
         hc->vector_floats = 16;
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         extra = " " AVX2_FLAGS;

@@ -193,7 +193,8 @@ static void free_text_never_reaches_generated_code(void **state) {
 }
 
 /* Write the files and compile the main one with every warning as an error. */
-static void compile_strictly(const moegen_generated *gen, int vector_floats, const char *label) {
+/* Compile the generated sources with -Werror and `flags` (isa_flags() and more). */
+static void compile_strictly(const moegen_generated *gen, const char *flags, const char *label) {
     char dir[] = "/tmp/moegen-emit-XXXXXX";
     assert_non_null(mkdtemp(dir));
     moegen_error err;
@@ -202,7 +203,7 @@ static void compile_strictly(const moegen_generated *gen, int vector_floats, con
     char command[2048];
     snprintf(command, sizeof command,
              "%s -std=gnu11 -fsyntax-only -fopenmp %s -Wall -Wextra -Werror -Wshadow -I%s %s/%s 2>%s/log",
-             cc, isa_flags(vector_floats), dir, dir, gen->files[gen->main_file].name, dir);
+             cc, flags, dir, dir, gen->files[gen->main_file].name, dir);
     int rc = system(command);
     if (rc != 0) {
         char log_path[1100];
@@ -225,7 +226,7 @@ static void every_shipped_spec_compiles_without_warnings(void **state) {
         load_spec(path, &spec);
         moegen_generated gen;
         generate(&spec, &gen);
-        compile_strictly(&gen, 8, SHIPPED[i]);
+        compile_strictly(&gen, isa_flags(8), SHIPPED[i]);
         moegen_generated_free(&gen);
         moegen_spec_free(&spec);
     }
@@ -243,7 +244,7 @@ static void small_spec_matrix_compiles_without_warnings(void **state) {
         moegen_generated gen;
         const int width = 4 << ((i / 3 + 2 * (i % 3)) % 3);
         generate_for(&spec, width, &gen);
-        compile_strictly(&gen, width, yaml);
+        compile_strictly(&gen, isa_flags(width), yaml);
         moegen_generated_free(&gen);
         moegen_spec_free(&spec);
     }
@@ -296,7 +297,7 @@ static void variant_overrides_set_named_fields_and_refuse_bad_items(void **state
         const char *text, *expect;
     } BAD[] = {
         {"tile_rows=x", "tile_rows='x'"}, {"nope=1", "tile_rows"}, {"tile_rows", "'tile_rows'"},
-        {"gemm=amx", "one of fma, bfdot"}, {"tile_m=64", "tile_m=64"}, {"tile_rows=-1", "tile_rows='-1'"},
+        {"gemm=tf32", "one of fma, bfdot, amx"}, {"tile_m=64", "tile_m=64"}, {"tile_rows=-1", "tile_rows='-1'"},
         {"tile_cols=2,tile_rows=", "tile_rows=''"},
     };
     for (size_t i = 0; i < sizeof BAD / sizeof BAD[0]; i++) {
@@ -318,6 +319,63 @@ static void variant_overrides_set_named_fields_and_refuse_bad_items(void **state
     moegen_spec_free(&spec);
 }
 
+/* The AMX kernels: chosen by default for bf16 where the CPU has AMX and every k is a
+ * multiple of 32, refused where a k is not, and compiled without warnings both with the
+ * AMX flags (the tile path) and without them (the FMA fallback the layer then runs). */
+static void amx_variant_is_chosen_where_it_fits_and_compiles_without_warnings(void **state) {
+    (void)state;
+    static const char *FITS[] = {
+        "name: amx_gated\nnum_experts: 5\nnum_experts_per_tok: 3\nhidden_size: 96\n"
+        "moe_intermediate_size: 64\ndtype: bf16\nexpert_bias: true\n",
+        "name: amx_shared\nnum_experts: 4\nnum_experts_per_tok: 2\nhidden_size: 64\n"
+        "moe_intermediate_size: 32\ndtype: bf16\nshared_experts: {count: 2, intermediate_size: 96, gate: true}\n",
+        "name: amx_plain\nsemantics: deepspeed\nnum_experts: 4\nnum_experts_per_tok: 1\nhidden_size: 64\n"
+        "moe_intermediate_size: 96\ndtype: bf16\nactivation: gelu\nuse_residual: true\n",
+    };
+    const moegen_target target = {.cpu_vector_floats = 16, .cpu_bf16_dot = 1, .cpu_amx = 1};
+    char flags[512];
+    snprintf(flags, sizeof flags, "%s -mamx-tile -mamx-bf16", isa_flags(16));
+    for (size_t i = 0; i < sizeof FITS / sizeof FITS[0]; i++) {
+        moegen_spec spec;
+        parse_spec(FITS[i], &spec);
+        moegen_variant variant;
+        moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, &target, &variant);
+        assert_int_equal(variant.cpu.gemm, MOEGEN_CPU_GEMM_AMX);
+        moegen_error err;
+        assert_int_equal(moegen_variant_check(&spec, &variant, &err), MOEGEN_OK);
+        moegen_generated gen;
+        if (moegen_generate(&spec, &variant, NULL, &gen, &err) != MOEGEN_OK) fail_msg("%s", err.message);
+        assert_non_null(strstr(gen.files[gen.main_file].text, "_tile_dpbf16ps"));
+        compile_strictly(&gen, flags, FITS[i]);
+        compile_strictly(&gen, isa_flags(16), FITS[i]);
+        moegen_generated_free(&gen);
+        moegen_spec_free(&spec);
+    }
+    /* A k that is not a multiple of 32: not the default, and refused when asked for. */
+    moegen_spec spec;
+    parse_spec("name: amx_misfit\nnum_experts: 4\nnum_experts_per_tok: 2\nhidden_size: 48\n"
+               "moe_intermediate_size: 64\ndtype: bf16\n",
+               &spec);
+    moegen_variant variant;
+    moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, &target, &variant);
+    assert_int_equal(variant.cpu.gemm, MOEGEN_CPU_GEMM_FMA);
+    moegen_error err;
+    assert_int_equal(moegen_variant_apply_overrides(&variant, "gemm=amx", &err), MOEGEN_OK);
+    assert_int_equal(moegen_variant_check(&spec, &variant, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "multiples of 32"));
+    moegen_spec_free(&spec);
+    /* Not for fp32 layers. */
+    parse_spec("name: amx_fp32\nnum_experts: 4\nnum_experts_per_tok: 2\nhidden_size: 64\n"
+               "moe_intermediate_size: 64\ndtype: fp32\n",
+               &spec);
+    moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, &target, &variant);
+    assert_int_equal(variant.cpu.gemm, MOEGEN_CPU_GEMM_FMA);
+    assert_int_equal(moegen_variant_apply_overrides(&variant, "gemm=amx", &err), MOEGEN_OK);
+    assert_int_equal(moegen_variant_check(&spec, &variant, &err), MOEGEN_ERR_INVALID_ARGUMENT);
+    assert_non_null(strstr(err.message, "needs a bf16 layer"));
+    moegen_spec_free(&spec);
+}
+
 /* The vdpbf16ps kernels compile without warnings, for every row count of a tile. */
 static void bf16_dot_variant_compiles_without_warnings(void **state) {
     (void)state;
@@ -336,7 +394,7 @@ static void bf16_dot_variant_compiles_without_warnings(void **state) {
     const moegen_generated_file *main_file = &gen.files[gen.main_file];
     assert_non_null(strstr(main_file->text, "_mm512_dpbf16_ps"));
     assert_non_null(strstr(main_file->text, "dot_tile_u16_u16_k256_r5("));
-    compile_strictly(&gen, 16, "demo, gemm=bfdot");
+    compile_strictly(&gen, isa_flags(16), "demo, gemm=bfdot");
     moegen_generated_free(&gen);
     moegen_spec_free(&spec);
 }
@@ -423,6 +481,7 @@ int main(void) {
         cmocka_unit_test(variant_check_rejects_tiles_that_do_not_fit),
         cmocka_unit_test(variant_overrides_set_named_fields_and_refuse_bad_items),
         cmocka_unit_test(bf16_dot_variant_compiles_without_warnings),
+        cmocka_unit_test(amx_variant_is_chosen_where_it_fits_and_compiles_without_warnings),
         cmocka_unit_test(template_errors_surface_with_the_template_line),
         cmocka_unit_test(compiler_errors_are_traced_back_to_the_template_line),
         cmocka_unit_test(write_skips_unchanged_files),

@@ -13,7 +13,7 @@ typedef struct workspace_layout {
     size_t router_input, logits, route_expert, route_weight, route_valid;
     size_t block_prob_sums, block_counts, block_z_sums;
     size_t counts_before, counts_after, expert_offset, row_token, row_scale, route_row;
-    size_t route_final, scratch, zero_row, hidden, expert_out;
+    size_t route_final, scratch, hidden, expert_out, amx_scratch;
     size_t shared_hidden, shared_out, residual_hidden, residual_out;
     size_t summary;
     size_t total;
@@ -44,9 +44,28 @@ static workspace_layout layout_for(int64_t n_tokens) {
     CARVE(route_row, routes * sizeof(int32_t));
     CARVE(route_final, routes * sizeof(float));
     CARVE(scratch, routes * sizeof(struct priority_entry));
-    CARVE(zero_row, HIDDEN * sizeof(elem_t));
     CARVE(hidden, rows * FFN * sizeof(elem_t));
     CARVE(expert_out, rows * HIDDEN * sizeof(float));
+% if variant.cpu.gemm == "amx" then
+    { /* AMX: the x packs and h packs of the largest FFN shape, rows rounded up to 16 (amx.c.tpl) */
+        size_t most = 0, elems;
+%   for _, shape in ipairs(moe.ffn_shapes(spec)) do
+        elems = (0
+%     if shape.ffn == spec.ffn_size then
+                 + rows + 16 * (size_t)NUM_EXPERTS
+%       if spec.use_residual then
+                 + tokens + 16
+%       end
+%     end
+%     if spec.shared.count > 0 and shape.ffn == spec.shared.ffn_size then
+                 + (size_t)SHARED_EXPERTS * (tokens + 16)
+%     end
+                 ) * (size_t)(HIDDEN + ${shape.ffn});
+        if (elems > most) most = elems;
+%   end
+        CARVE(amx_scratch, most * sizeof(elem_t));
+    }
+% end
 % if spec.shared.count > 0 then
     CARVE(shared_hidden, (size_t)SHARED_EXPERTS * tokens * SHARED_FFN * sizeof(elem_t));
     CARVE(shared_out, (size_t)SHARED_EXPERTS * tokens * HIDDEN * sizeof(float));
@@ -67,6 +86,12 @@ const moegen_kernel_info *${P}_info(void) {
     static const moegen_kernel_info info = {
         MOEGEN_KERNEL_ABI_VERSION, "${spec.hash}", "${variant.name}",
         NUM_EXPERTS, TOP_K, HIDDEN, FFN, FFN_ROWS, ${dtype_code} /* ${spec.dtype} */, KERNEL_PATH};
+% if variant.cpu.gemm == "amx" then
+    static const moegen_kernel_info amx_info = {
+        MOEGEN_KERNEL_ABI_VERSION, "${spec.hash}", "${variant.name}",
+        NUM_EXPERTS, TOP_K, HIDDEN, FFN, FFN_ROWS, ${dtype_code} /* ${spec.dtype} */, KERNEL_PATH_AMX};
+    if (amx_usable()) return &amx_info; /* else: AMX not compiled in or not granted */
+% end
     return &info;
 }
 
@@ -157,9 +182,11 @@ static int begin_call(const moegen_kernel_args *args, forward_state *st, int *em
     st->route_row = (int32_t *)(base + layout.route_row);
     st->route_final = (float *)(base + layout.route_final);
     st->scratch = (struct priority_entry *)(base + layout.scratch);
-    st->zero_row = (elem_t *)(base + layout.zero_row);
     st->hidden = (elem_t *)(base + layout.hidden);
     st->expert_out = (float *)(base + layout.expert_out);
+% if variant.cpu.gemm == "amx" then
+    st->amx_scratch = (uint32_t *)(base + layout.amx_scratch);
+% end
 % if spec.shared.count > 0 then
     st->shared_hidden = (elem_t *)(base + layout.shared_hidden);
     st->shared_out = (float *)(base + layout.shared_out);
@@ -169,7 +196,6 @@ static int begin_call(const moegen_kernel_args *args, forward_state *st, int *em
     st->residual_out = (float *)(base + layout.residual_out);
 % end
     st->summary = (route_summary *)(base + layout.summary);
-    memset(st->zero_row, 0, HIDDEN * sizeof(elem_t));
     return MOEGEN_KERNEL_OK;
 }
 

@@ -8,6 +8,7 @@
 % local elem = moe.elem_type(spec.dtype)
 % local gated = spec.gated
 % local hcols = gated and "(TILE_COLS / 2)" or "TILE_COLS"
+% local amx_arg = variant.cpu.gemm == "amx" and ", st->amx_scratch" or ""
 /* ---- Stage 3: expert FFNs ------------------------------------------------------------ */
 
 /* One expert applied to n_rows rows. Row r reads row row_token[r] of x (a zero row
@@ -21,7 +22,13 @@ typedef struct ffn_problem {
     int64_t n_rows;
     elem_t *hidden;         /* [n_rows][ffn] */
     float *out;             /* [n_rows][HIDDEN] */
+% if variant.cpu.gemm == "amx" then
+    uint32_t *xpack, *hpack; /* the rows' inputs and activations as AMX tiles (amx.c.tpl) */
+% end
 } ffn_problem;
+
+/* The input of padding rows (row_token -1, and the rows AMX tiles round up to). */
+static const elem_t zero_row[HIDDEN];
 
 /* Columns of the activation one micro-kernel tile produces (gated tiles read the gate
  * and the up row of each column). */
@@ -37,6 +44,10 @@ static int problem_of_task(const int64_t *task_start, int n_problems, int64_t ta
     }
     return low;
 }
+% if variant.cpu.gemm == "amx" then
+
+% include("templates/cpu/amx.c.tpl")
+% end
 % for _, shape in ipairs(moe.ffn_shapes(spec)) do
 %   local n = shape.name
 %   local F = shape.ffn
@@ -47,7 +58,7 @@ static int problem_of_task(const int64_t *task_start, int n_problems, int64_t ta
 
 /* GEMM1 + activation for rows [row0, row0 + BLOCK_ROWS) and activation columns
  * [col0, col0 + BLOCK_COLS) of one problem. */
-static void ${n}_gemm1_task(const forward_state *st, const ffn_problem *p, int64_t row0, int64_t col0) {
+static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, ${F});
     for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
@@ -56,7 +67,7 @@ static void ${n}_gemm1_task(const forward_state *st, const ffn_problem *p, int64
         for (int i = 0; i < TILE_ROWS; i++) {
             int64_t row = min_i64(r + i, row_end - 1); /* unused pointers of a short tile stay valid */
             int64_t token = p->row_token ? p->row_token[row] : row;
-            a[i] = token >= 0 ? p->x + token * HIDDEN : st->zero_row;
+            a[i] = token >= 0 ? p->x + token * HIDDEN : zero_row;
         }
         for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
             const elem_t *b[TILE_COLS];
@@ -112,10 +123,24 @@ static void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     }
 }
 
-/* Run every problem of shape ${n}: all GEMM1 tasks, a barrier, all GEMM2 tasks. */
-static void ${n}_run(const forward_state *st, const ffn_problem *problems, int n_problems,
-                     int n_threads) {
+%   if variant.cpu.gemm == "amx" then
+/* Run every problem of shape ${n}: on AMX tiles where the process may use them (`scratch`
+ * holds their packs), else all GEMM1 tasks, a barrier, all GEMM2 tasks. */
+static void ${n}_run(const ffn_problem *problems, int n_problems, int n_threads, uint32_t *scratch) {
     if (n_problems == 0) return;
+#if AMX_COMPILED
+    if (amx_usable()) {
+        ${n}_run_amx(problems, n_problems, n_threads, scratch);
+        return;
+    }
+#else
+    (void)scratch;
+#endif
+%   else
+/* Run every problem of shape ${n}: all GEMM1 tasks, a barrier, all GEMM2 tasks. */
+static void ${n}_run(const ffn_problem *problems, int n_problems, int n_threads) {
+    if (n_problems == 0) return;
+%   end
     const int64_t col_blocks1 = (${F} + BLOCK_COLS - 1) / BLOCK_COLS;
     const int64_t col_blocks2 = (HIDDEN + BLOCK_COLS - 1) / BLOCK_COLS;
     int64_t start1[n_problems + 1], start2[n_problems + 1];
@@ -132,7 +157,7 @@ static void ${n}_run(const forward_state *st, const ffn_problem *problems, int n
         for (int64_t task = 0; task < n_tasks1; task++) {
             int p = problem_of_task(start1, n_problems, task);
             int64_t local = task - start1[p];
-            ${n}_gemm1_task(st, &problems[p], (local / col_blocks1) * BLOCK_ROWS,
+            ${n}_gemm1_task(&problems[p], (local / col_blocks1) * BLOCK_ROWS,
                          (local % col_blocks1) * BLOCK_COLS);
         }
 #pragma omp for schedule(dynamic, 1)
@@ -215,7 +240,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->out = st->shared_out + (int64_t)i * st->n_tokens * HIDDEN;
     }
 %   end
-    ${shape.name}_run(st, problems, n_problems, n_threads);
+    ${shape.name}_run(problems, n_problems, n_threads${amx_arg});
 % end
 }
 
@@ -223,8 +248,6 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
  * parallel sweep like the routed experts of P_forward. */
 static int run_routed_rows(const moegen_kernel_expert_args *a) {
     const int64_t rows = a->expert_offset[a->n_experts];
-    forward_state st; /* only zero_row is read, and no row here is padding */
-    memset(&st, 0, sizeof st);
     ffn_problem problems[NUM_EXPERTS];
     for (int l = 0; l < a->n_experts; l++) {
         ffn_problem *p = &problems[l];
@@ -242,6 +265,12 @@ static int run_routed_rows(const moegen_kernel_expert_args *a) {
         p->hidden = (elem_t *)a->hidden + first_row * FFN;
         p->out = a->out + first_row * HIDDEN;
     }
-    ${moe.shape_name(spec.ffn_size)}_run(&st, problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1);
+% if variant.cpu.gemm == "amx" then
+    /* a->hidden: MOEGEN_KERNEL_EXPERT_SCRATCH_ELEMS elements, room for the AMX packs */
+    ${moe.shape_name(spec.ffn_size)}_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1,
+                                       (uint32_t *)a->hidden);
+% else
+    ${moe.shape_name(spec.ffn_size)}_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1);
+% end
     return MOEGEN_KERNEL_OK;
 }

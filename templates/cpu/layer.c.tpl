@@ -75,6 +75,14 @@ static const float WEIGHT_SUM_EPS = 1e-20f; /* clamp of weight sums before divid
 % else
 #define DOT_BF16_INSTRUCTION 0 /* variant gemm ${variant.cpu.gemm}: widen to fp32 + FMA */
 % end
+% if variant.cpu.gemm == "amx" then
+/* The expert GEMMs on AMX tiles (amx.c.tpl) when the compiler targets them and the OS
+ * grants them; the router, and everything where AMX is not granted, on widen + FMA. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#define KERNEL_PATH_AMX "avx512 + amx-bf16 (tdpbf16ps)"
+% end
 
 /* Which instructions the micro-kernels compiled to: moegen_layer_desc.kernel_path. */
 #if DOT_BF16_INSTRUCTION

@@ -37,9 +37,11 @@ typedef struct forward_state {
     int64_t n_dropped;
 
     /* Stage 3, experts */
-    elem_t *zero_row;                 /* [HIDDEN] zeros: the input of padding rows */
     elem_t *hidden;                   /* [rows][FFN] activations, rounded to the layer dtype */
     float *expert_out;                /* [rows][HIDDEN] */
+% if variant.cpu.gemm == "amx" then
+    uint32_t *amx_scratch;            /* the AMX tiles' packs (amx.c.tpl) */
+% end
 % if spec.shared.count > 0 then
     elem_t *shared_hidden;            /* [SHARED_EXPERTS][S][SHARED_FFN] */
     float *shared_out;                /* [SHARED_EXPERTS][S][HIDDEN] */

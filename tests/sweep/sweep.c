@@ -105,7 +105,8 @@ static void plan_case(moe_choices *c, const moegen_spec *spec, case_plan *plan) 
     plan->rng_offset = moe_choose(c, 4) ? moe_choose(c, 1000) : 0;
     /* Half the cases run a random valid kernel variant instead of the default one: every
      * row tile (and so every short-tile kernel), column tile, blocking, vector width, and
-     * vdpbf16ps for bf16 (where the CPU lacks it the module falls back to widen + FMA). */
+     * for bf16 vdpbf16ps or AMX tiles (where the CPU lacks them the module falls back to
+     * widen + FMA). */
     plan->variant[0] = '\0';
     if (moe_choose(c, 2)) {
         static const int COLS[] = {1, 2, 4, 8}, WIDTHS[] = {4, 8, 16};
@@ -113,12 +114,23 @@ static void plan_case(moe_choices *c, const moegen_spec *spec, case_plan *plan) 
         int cols = COLS[moe_choose(c, 4)];
         if (cols == 1 && moegen_activation_is_gated(spec->activation)) cols = 2;
         const int width = WIDTHS[moe_choose(c, 3)];
-        const int block_rows = rows * (1 + (int)moe_choose(c, 16)), block_cols = cols * (1 + (int)moe_choose(c, 16));
+        int block_rows = rows * (1 + (int)moe_choose(c, 16)), block_cols = cols * (1 + (int)moe_choose(c, 16));
         const int router_block = 1 + (int)moe_choose(c, 128);
-        const int bf16_dot = spec->dtype == MOEGEN_DTYPE_BF16 && width == 16 && moe_choose(c, 2);
+        const char *gemm = "fma";
+        if (spec->dtype == MOEGEN_DTYPE_BF16 && width == 16 && moe_choose(c, 2)) {
+            gemm = "bfdot";
+            /* AMX tiles where every k is a multiple of 32, with blocks of 16 rows and columns */
+            const int64_t shared_f = spec->shared.count > 0 ? spec->shared.intermediate_size : 32;
+            if (spec->hidden_size % 32 == 0 && spec->moe_intermediate_size % 32 == 0 && shared_f % 32 == 0 &&
+                moe_choose(c, 2)) {
+                gemm = "amx";
+                block_rows = 16 * rows * (1 + (int)moe_choose(c, 4)); /* a multiple of tile_rows too */
+                block_cols = 16 * (1 + (int)moe_choose(c, 8));
+            }
+        }
         snprintf(plan->variant, sizeof plan->variant,
                  "tile_rows=%d,tile_cols=%d,block_rows=%d,block_cols=%d,router_block=%d,vector_floats=%d,gemm=%s", rows,
-                 cols, block_rows, block_cols, router_block, width, bf16_dot ? "bfdot" : "fma");
+                 cols, block_rows, block_cols, router_block, width, gemm);
     }
 }
 

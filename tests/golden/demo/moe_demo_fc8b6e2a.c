@@ -602,7 +602,6 @@ typedef struct forward_state {
     int64_t n_dropped;
 
     /* Stage 3, experts */
-    elem_t *zero_row;                 /* [HIDDEN] zeros: the input of padding rows */
     elem_t *hidden;                   /* [rows][FFN] activations, rounded to the layer dtype */
     float *expert_out;                /* [rows][HIDDEN] */
 
@@ -867,6 +866,9 @@ typedef struct ffn_problem {
     float *out;             /* [n_rows][HIDDEN] */
 } ffn_problem;
 
+/* The input of padding rows (row_token -1, and the rows AMX tiles round up to). */
+static const elem_t zero_row[HIDDEN];
+
 /* Columns of the activation one micro-kernel tile produces (gated tiles read the gate
  * and the up row of each column). */
 #define TILE_HIDDEN_COLS (TILE_COLS / 2)
@@ -886,7 +888,7 @@ static int problem_of_task(const int64_t *task_start, int n_problems, int64_t ta
 
 /* GEMM1 + activation for rows [row0, row0 + BLOCK_ROWS) and activation columns
  * [col0, col0 + BLOCK_COLS) of one problem. */
-static void f512_gemm1_task(const forward_state *st, const ffn_problem *p, int64_t row0, int64_t col0) {
+static void f512_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, 512);
     for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
@@ -895,7 +897,7 @@ static void f512_gemm1_task(const forward_state *st, const ffn_problem *p, int64
         for (int i = 0; i < TILE_ROWS; i++) {
             int64_t row = min_i64(r + i, row_end - 1); /* unused pointers of a short tile stay valid */
             int64_t token = p->row_token ? p->row_token[row] : row;
-            a[i] = token >= 0 ? p->x + token * HIDDEN : st->zero_row;
+            a[i] = token >= 0 ? p->x + token * HIDDEN : zero_row;
         }
         for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
             const elem_t *b[TILE_COLS];
@@ -942,8 +944,7 @@ static void f512_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
 }
 
 /* Run every problem of shape f512: all GEMM1 tasks, a barrier, all GEMM2 tasks. */
-static void f512_run(const forward_state *st, const ffn_problem *problems, int n_problems,
-                     int n_threads) {
+static void f512_run(const ffn_problem *problems, int n_problems, int n_threads) {
     if (n_problems == 0) return;
     const int64_t col_blocks1 = (512 + BLOCK_COLS - 1) / BLOCK_COLS;
     const int64_t col_blocks2 = (HIDDEN + BLOCK_COLS - 1) / BLOCK_COLS;
@@ -961,7 +962,7 @@ static void f512_run(const forward_state *st, const ffn_problem *problems, int n
         for (int64_t task = 0; task < n_tasks1; task++) {
             int p = problem_of_task(start1, n_problems, task);
             int64_t local = task - start1[p];
-            f512_gemm1_task(st, &problems[p], (local / col_blocks1) * BLOCK_ROWS,
+            f512_gemm1_task(&problems[p], (local / col_blocks1) * BLOCK_ROWS,
                          (local % col_blocks1) * BLOCK_COLS);
         }
 #pragma omp for schedule(dynamic, 1)
@@ -1001,15 +1002,13 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->hidden = st->hidden + first_row * 512;
         p->out = st->expert_out + first_row * HIDDEN;
     }
-    f512_run(st, problems, n_problems, n_threads);
+    f512_run(problems, n_problems, n_threads);
 }
 
 /* P_experts: the routed experts [first, first + n) over the caller's rows, in one
  * parallel sweep like the routed experts of P_forward. */
 static int run_routed_rows(const moegen_kernel_expert_args *a) {
     const int64_t rows = a->expert_offset[a->n_experts];
-    forward_state st; /* only zero_row is read, and no row here is padding */
-    memset(&st, 0, sizeof st);
     ffn_problem problems[NUM_EXPERTS];
     for (int l = 0; l < a->n_experts; l++) {
         ffn_problem *p = &problems[l];
@@ -1027,7 +1026,7 @@ static int run_routed_rows(const moegen_kernel_expert_args *a) {
         p->hidden = (elem_t *)a->hidden + first_row * FFN;
         p->out = a->out + first_row * HIDDEN;
     }
-    f512_run(&st, problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1);
+    f512_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1);
     return MOEGEN_KERNEL_OK;
 }
 /* ---- Stage 4: combine ------------------------------------------------------------------ */
@@ -1065,7 +1064,7 @@ typedef struct workspace_layout {
     size_t router_input, logits, route_expert, route_weight, route_valid;
     size_t block_prob_sums, block_counts, block_z_sums;
     size_t counts_before, counts_after, expert_offset, row_token, row_scale, route_row;
-    size_t route_final, scratch, zero_row, hidden, expert_out;
+    size_t route_final, scratch, hidden, expert_out, amx_scratch;
     size_t shared_hidden, shared_out, residual_hidden, residual_out;
     size_t summary;
     size_t total;
@@ -1096,7 +1095,6 @@ static workspace_layout layout_for(int64_t n_tokens) {
     CARVE(route_row, routes * sizeof(int32_t));
     CARVE(route_final, routes * sizeof(float));
     CARVE(scratch, routes * sizeof(struct priority_entry));
-    CARVE(zero_row, HIDDEN * sizeof(elem_t));
     CARVE(hidden, rows * FFN * sizeof(elem_t));
     CARVE(expert_out, rows * HIDDEN * sizeof(float));
     CARVE(summary, sizeof(route_summary));
@@ -1177,11 +1175,9 @@ static int begin_call(const moegen_kernel_args *args, forward_state *st, int *em
     st->route_row = (int32_t *)(base + layout.route_row);
     st->route_final = (float *)(base + layout.route_final);
     st->scratch = (struct priority_entry *)(base + layout.scratch);
-    st->zero_row = (elem_t *)(base + layout.zero_row);
     st->hidden = (elem_t *)(base + layout.hidden);
     st->expert_out = (float *)(base + layout.expert_out);
     st->summary = (route_summary *)(base + layout.summary);
-    memset(st->zero_row, 0, HIDDEN * sizeof(elem_t));
     return MOEGEN_KERNEL_OK;
 }
 

@@ -145,9 +145,16 @@ typedef struct moegen_kernel_expert_args {
     const void *x;                /* [rows][H] dtype */
     const float *row_scale;       /* [rows] (weight_on_input) or NULL */
     const void *w1, *b1, *w2, *b2; /* b1 / b2 NULL without expert_bias */
-    void *hidden;                 /* [rows][F] dtype scratch */
+    void *hidden;                 /* scratch of MOEGEN_KERNEL_EXPERT_SCRATCH_ELEMS(rows, n_experts, H, F)
+                                     elements of the layer dtype */
     float *out;                   /* [rows][H] fp32 */
 } moegen_kernel_expert_args;
+
+/* Elements of scratch P_experts needs for `rows` rows over `n_experts` experts: each
+ * expert's rows rounded up to a block of 16 (AMX tiles), and room for the rows' inputs
+ * and activations in tile layout. */
+#define MOEGEN_KERNEL_EXPERT_SCRATCH_ELEMS(rows, n_experts, hidden_size, ffn_size) \
+    (((size_t)(rows) + 16u * (size_t)(n_experts)) * ((size_t)(hidden_size) + (size_t)(ffn_size)))
 
 /* What a module was generated for; the runtime checks it against the spec it asked for. */
 typedef struct moegen_kernel_info {
