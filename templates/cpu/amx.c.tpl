@@ -169,17 +169,18 @@ static void ${n}_amx_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0
             _tile_stored(3, c[3], 64);
             for (int half = 0; half < 1 + two; half++) {
                 const int64_t block = b + half;
+                /* the activation for the block's real rows only; its padding rows get 0 */
+                const int valid = (int)min_i64(AMX_BLOCK, p->n_rows - block * AMX_BLOCK);
                 float scale[AMX_BLOCK];
-                for (int t = 0; t < AMX_BLOCK; t++) {
-                    const int64_t r = block * AMX_BLOCK + t;
-                    scale[t] = p->row_scale && r < p->n_rows ? p->row_scale[r] : 1.0f;
-                }
+                for (int t = 0; t < valid; t++)
+                    scale[t] = p->row_scale ? p->row_scale[block * AMX_BLOCK + t] : 1.0f;
                 uint32_t *h = p->hpack + block * (${F} / 2) * AMX_BLOCK;
 %   if gated then
                 const float (*gate)[AMX_BLOCK] = c[2 * half], (*up)[AMX_BLOCK] = c[2 * half + 1];
                 for (int i = 0; i < AMX_BLOCK; i += 2) {
                     uint32_t *pair = h + ((f + i) / 2) * AMX_BLOCK;
-                    for (int t = 0; t < AMX_BLOCK; t++) {
+                    for (int t = valid; t < AMX_BLOCK; t++) pair[t] = 0;
+                    for (int t = 0; t < valid; t++) {
                         float value[2];
                         for (int s = 0; s < 2; s++) {
                             float g = scale[t] * gate[i + s][t], u = scale[t] * up[i + s][t];
@@ -198,7 +199,8 @@ static void ${n}_amx_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0
                     const int64_t f0 = f + tile * AMX_BLOCK;
                     for (int i = 0; i < AMX_BLOCK; i += 2) {
                         uint32_t *pair = h + ((f0 + i) / 2) * AMX_BLOCK;
-                        for (int t = 0; t < AMX_BLOCK; t++) {
+                        for (int t = valid; t < AMX_BLOCK; t++) pair[t] = 0;
+                        for (int t = 0; t < valid; t++) {
                             float value[2];
                             for (int s = 0; s < 2; s++) {
                                 float g = scale[t] * acc[i + s][t];

@@ -61,21 +61,22 @@ static int problem_of_task(const int64_t *task_start, int n_problems, int64_t ta
 static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, ${F});
-    for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
-        const int rows = (int)min_i64(TILE_ROWS, row_end - r); /* the last tile may be short */
-        const elem_t *a[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; i++) {
-            int64_t row = min_i64(r + i, row_end - 1); /* unused pointers of a short tile stay valid */
-            int64_t token = p->row_token ? p->row_token[row] : row;
-            a[i] = token >= 0 ? p->x + token * HIDDEN : zero_row;
-        }
-        for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
-            const elem_t *b[TILE_COLS];
-            for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
-                b[j] = p->w1 + (f + j) * HIDDEN;
+    for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
+        const elem_t *b[TILE_COLS];
+        for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
+            b[j] = p->w1 + (f + j) * HIDDEN;
 %   if gated then
-                b[TILE_HIDDEN_COLS + j] = p->w1 + (${F} + f + j) * HIDDEN; /* up row */
+            b[TILE_HIDDEN_COLS + j] = p->w1 + (${F} + f + j) * HIDDEN; /* up row */
 %   end
+        }
+        /* the tile's weight rows stay in L1 while the block's rows stream past them */
+        for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
+            const int rows = (int)min_i64(TILE_ROWS, row_end - r); /* the last tile may be short */
+            const elem_t *a[TILE_ROWS];
+            for (int i = 0; i < TILE_ROWS; i++) {
+                int64_t row = min_i64(r + i, row_end - 1); /* unused pointers of a short tile stay valid */
+                int64_t token = p->row_token ? p->row_token[row] : row;
+                a[i] = token >= 0 ? p->x + token * HIDDEN : zero_row;
             }
             float acc[TILE_ROWS][TILE_COLS];
             ${dot1}(rows, a, b, acc);
@@ -107,13 +108,13 @@ static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
 static void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
-    for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
-        const int rows = (int)min_i64(TILE_ROWS, row_end - r);
-        const elem_t *a[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; i++) a[i] = p->hidden + min_i64(r + i, row_end - 1) * ${F};
-        for (int64_t c = col0; c < col_end; c += TILE_COLS) {
-            const elem_t *b[TILE_COLS];
-            for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + j) * ${F};
+    for (int64_t c = col0; c < col_end; c += TILE_COLS) {
+        const elem_t *b[TILE_COLS];
+        for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + j) * ${F};
+        for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
+            const int rows = (int)min_i64(TILE_ROWS, row_end - r);
+            const elem_t *a[TILE_ROWS];
+            for (int i = 0; i < TILE_ROWS; i++) a[i] = p->hidden + min_i64(r + i, row_end - 1) * ${F};
             float acc[TILE_ROWS][TILE_COLS];
             ${dot2}(rows, a, b, acc);
             for (int i = 0; i < rows; i++)

@@ -103,27 +103,24 @@ static inline elem_t float_to_elem(float f) { return f; }
 % end
 
 /* Horizontal sum in a fixed order (results do not depend on scheduling): the upper half
- * of the lanes added to the lower half until four are left, then (0 + 2) + (1 + 3). */
+ * of the lanes added to the lower half until four are left, then (0 + 2) + (1 + 3).
+ * Written with lane subscripts, not memcpy through an array: with the array, GCC 12 keeps
+ * every accumulator of a micro-kernel in memory (16 loads and stores per k step). */
 typedef float vfloat8 __attribute__((vector_size(32)));
 typedef float vfloat4 __attribute__((vector_size(16)));
 static inline float vector_sum(vfloat v) {
-    float lanes[VEC_FLOATS];
-    memcpy(lanes, &v, sizeof v);
 #if VEC_FLOATS >= 16
-    vfloat8 low8, high8;
-    memcpy(&low8, lanes, sizeof low8);
-    memcpy(&high8, lanes + 8, sizeof high8);
-    low8 += high8;
-    memcpy(lanes, &low8, sizeof low8);
+    const vfloat8 v8 = (vfloat8){v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]} +
+                       (vfloat8){v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]};
+#elif VEC_FLOATS == 8
+    const vfloat8 v8 = v;
 #endif
 #if VEC_FLOATS >= 8
-    vfloat4 low4, high4;
-    memcpy(&low4, lanes, sizeof low4);
-    memcpy(&high4, lanes + 4, sizeof high4);
-    low4 += high4;
-    memcpy(lanes, &low4, sizeof low4);
+    const vfloat4 v4 = (vfloat4){v8[0], v8[1], v8[2], v8[3]} + (vfloat4){v8[4], v8[5], v8[6], v8[7]};
+#else
+    const vfloat4 v4 = v;
 #endif
-    return (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
+    return (v4[0] + v4[2]) + (v4[1] + v4[3]);
 }
 
 /* One step of a dot product in every lane: c + a * b (contracted to an FMA). */
