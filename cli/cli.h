@@ -19,4 +19,7 @@ int moegen_cli_parse_int(const char *text, const char *option, long long min, lo
 int moegen_cli_run(int argc, char **argv);
 int moegen_cli_bench(int argc, char **argv);
 
+/* `moegen tune` (cli/tune.c). */
+int moegen_cli_tune(int argc, char **argv);
+
 #endif

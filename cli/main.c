@@ -28,6 +28,8 @@ static const char usage_main[] =
     "  run SPEC [options]    compile, run on random (or loaded) tensors, verify\n"
     "                        against the reference and report speed\n"
     "  bench SPEC --tokens N,N,...  time several token counts (no verification)\n"
+    "  tune SPEC [options]   sweep kernel variants, verify and time each, and write the\n"
+    "                        winners per token count into a tuning database\n"
     "\n"
     "`moegen <command> --help` describes each command. Specs: specs/README.md.\n";
 
@@ -191,5 +193,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "gen")) return command_gen(argc - 2, argv + 2);
     if (!strcmp(argv[1], "run")) return moegen_cli_run(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench")) return moegen_cli_bench(argc - 2, argv + 2);
-    return moegen_cli_error("unknown command '%s' (commands: check, gen, run, bench; see moegen --help)", argv[1]);
+    if (!strcmp(argv[1], "tune")) return moegen_cli_tune(argc - 2, argv + 2);
+    return moegen_cli_error("unknown command '%s' (commands: check, gen, run, bench, tune; see moegen --help)",
+                            argv[1]);
 }

@@ -54,7 +54,9 @@ static const char usage_run[] =
     "  --rng-offset N      offset mixed into jitter, noise and random priority (default 0)\n"
     "  --cache-dir DIR     compile cache (default $MOEGEN_CACHE_DIR or ~/.cache/moegen)\n"
     "  --variant LIST      kernel variant overrides, e.g. tile_rows=6,gemm=bfdot (README:\n"
-    "                      \"Kernel variants\")\n";
+    "                      \"Kernel variants\")\n"
+    "  --no-tuning         the default variant even where a tuning database exists\n"
+    "                      (docs/tuning.md)\n";
 
 int moegen_cli_parse_int(const char *text, const char *option, long long min, long long max,
                          long long *out) {
@@ -71,6 +73,7 @@ int moegen_cli_parse_int(const char *text, const char *option, long long min, lo
 
 typedef struct run_options {
     const char *spec_path, *save_dir, *load_dir, *cache_dir, *arch, *variant;
+    int no_tuning;
     long long tokens, seed, threads, repeat, verify_tokens, rng_offset;
     int device, mode, json, no_verify;
 } run_options;
@@ -95,6 +98,10 @@ static int parse_run_options(int argc, char **argv, run_options *o) {
         }
         if (!strcmp(a, "--json") || !strcmp(a, "--no-verify")) {
             *(a[2] == 'j' ? &o->json : &o->no_verify) = 1;
+            continue;
+        }
+        if (!strcmp(a, "--no-tuning")) {
+            o->no_tuning = 1;
             continue;
         }
         if (!value) return moegen_cli_error("run: option %s needs a value (see moegen run --help)", a);
@@ -417,6 +424,7 @@ int moegen_cli_run(int argc, char **argv) {
     options.cache_dir = o.cache_dir;
     options.arch = o.arch;
     options.variant = o.variant;
+    options.tuning = o.no_tuning ? MOEGEN_TUNING_OFF : MOEGEN_TUNING_AUTO;
     options.comm = ranks.comm;
     if (moegen_layer_open_file(o.spec_path, &options, &layer, &err) != MOEGEN_OK) {
         moegen_cli_error("%s", err.message);
@@ -504,7 +512,7 @@ int moegen_cli_run(int argc, char **argv) {
     const double bytes = forward_bytes(&spec, S, out.counts_after);
     if (!chatty) goto report_done; /* the other ranks report through print_rank_lines */
     printf("moegen run: %s (spec sha256:%.16s)\n", spec.name, desc.spec_hash);
-    printf("  variant %s\n  kernels: %s\n", desc.variant, desc.kernel_path);
+    printf("  variant %s\n  kernels: %s\n  tuning: %s\n", desc.variant, desc.kernel_path, desc.tuning);
     printf("  device %s; module %s in %.0f ms; tensors %s in %.0f ms\n", on_gpu ? gpu.info.name : "cpu",
            desc.cache_hit ? "loaded from the cache" : "generated and compiled", desc.compile_ms,
            o.load_dir ? "loaded" : "generated", fill_ms);
@@ -623,7 +631,9 @@ static const char usage_bench[] =
     "  --threads N         CPU threads\n"
     "  --cache-dir DIR     compile cache\n"
     "  --variant LIST      kernel variant overrides, e.g. tile_rows=6,gemm=bfdot (README:\n"
-    "                      \"Kernel variants\")\n";
+    "                      \"Kernel variants\")\n"
+    "  --no-tuning         the default variant even where a tuning database exists\n"
+    "                      (docs/tuning.md)\n";
 
 int moegen_cli_bench(int argc, char **argv) {
     if (moegen_cli_wants_help(argc, argv)) {
@@ -632,12 +642,16 @@ int moegen_cli_bench(int argc, char **argv) {
     }
     const char *spec_path = NULL, *token_list = NULL, *arch = NULL, *cache_dir = NULL, *variant = NULL;
     long long repeat = 20, seed = 1, threads = 0;
-    int device = MOEGEN_DEVICE_AUTO;
+    int device = MOEGEN_DEVICE_AUTO, no_tuning = 0;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
         if (a[0] != '-') {
             if (spec_path) return moegen_cli_error("bench: unexpected argument %s", a);
             spec_path = a;
+            continue;
+        }
+        if (!strcmp(a, "--no-tuning")) {
+            no_tuning = 1;
             continue;
         }
         if (!value) return moegen_cli_error("bench: option %s needs a value", a);
@@ -704,6 +718,7 @@ int moegen_cli_bench(int argc, char **argv) {
     options.arch = arch;
     options.cache_dir = cache_dir;
     options.variant = variant;
+    options.tuning = no_tuning ? MOEGEN_TUNING_OFF : MOEGEN_TUNING_AUTO;
     options.n_threads = (int)threads;
     if (!times || !counts_after) goto done;
     if (moegen_layer_open_file(spec_path, &options, &layer, &err) != MOEGEN_OK) {
@@ -735,6 +750,7 @@ int moegen_cli_bench(int argc, char **argv) {
     printf("moegen bench: %s on %s, variant %s, kernels %s (module %s in %.0f ms)\n", spec.name,
            on_gpu ? gpu.info.name : "cpu", desc.variant, desc.kernel_path, desc.cache_hit ? "loaded from the cache" : "compiled",
            desc.compile_ms);
+    printf("tuning: %s\n", desc.tuning);
     if (on_gpu) { /* the floor of docs/performance.md is a GPU one */
         printf("| tokens | median | min | tokens/s | TFLOP/s | TB/s | floor | %% of floor |\n");
         printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");

@@ -131,4 +131,24 @@ moegen_status moegen_variant_check(const moegen_spec *spec, const moegen_variant
 void moegen_variant_name(const moegen_spec *spec, const moegen_variant *variant, char *buf,
                          size_t size);
 
+/* ---- For tuners (gen/variant_space.c) ----------------------------------------------- */
+
+/* Every field of v's backend as an override list ("gemm=amx,vector_floats=16,..."): applied to
+ * any default variant of the same spec and backend it gives back v. */
+void moegen_variant_overrides(const moegen_variant *v, char *buf, size_t size);
+
+/* The fields of a spec that matter for choosing kernels, as "key=value" words: backend, E,
+ * k, H, F, activation, dtype, ep_size, shared experts, residual MLP, expert bias. Not the
+ * name, free text, router details or seeds: two specs with one key tune alike. */
+void moegen_variant_shape_key(const moegen_spec *spec, moegen_backend backend, char *buf, size_t size);
+
+/* Candidates for tuning the CPU backend, written to out[0..max): with `around` NULL the
+ * coarse stage (every GEMM kind the target has, each with a set of micro-kernel tiles, the
+ * default blocking); with `around` a variant, the fine stage (its GEMM kind and tile with a
+ * set of task blockings and router blocks). Each candidate passes moegen_variant_check;
+ * `*n_invalid` counts the combinations that did not (may be NULL). Duplicates are removed.
+ * Returns the number written. */
+int moegen_variant_space(const moegen_spec *spec, const moegen_target *target, const moegen_variant *around,
+                         moegen_variant *out, int max, int *n_invalid);
+
 #endif

@@ -63,6 +63,7 @@
  */
 #define _GNU_SOURCE
 #include "cache.h"
+#include "fs_util.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -145,23 +146,6 @@ static void warn_cache_trouble_once(moegen_cache *c, const char *fmt, ...) {
     }
 }
 
-/* snprintf into a path buffer; -1 (errno ENAMETOOLONG) when it does not fit. */
-static int path_format(char *out, size_t size, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static int path_format(char *out, size_t size, const char *fmt, ...) {
-    int result = 0;
-    va_list ap;
-    va_start(ap, fmt);
-    int written = vsnprintf(out, size, fmt, ap);
-    va_end(ap);
-    if (written < 0 || (size_t)written >= size) {
-        errno = ENAMETOOLONG;
-        result = -1;
-    }
-    return result;
-}
-
 /* snprintf that may truncate (messages, and paths whose length was checked). */
 static void format_text(char *out, size_t size, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -226,21 +210,6 @@ static int write_all(int fd, const void *data, size_t size) {
 }
 
 /* fsync a directory so that entries created or renamed in it are durable. */
-static int fsync_directory(const char *path) {
-    int result = -1;
-    int fd = open(path, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-    if (fd >= 0) {
-        result = fsync(fd);
-        /* Some file systems cannot fsync directories; that is not a failure. */
-        if (result != 0 && (errno == EINVAL || errno == ENOTSUP))
-            result = 0;
-        int saved = errno;
-        close(fd);
-        errno = saved;
-    }
-    return result;
-}
-
 /* mkdir a single private directory; an existing directory (not a symlink) is fine. */
 static int make_private_directory(const char *path) {
     int result = 0;
@@ -258,39 +227,12 @@ static int make_private_directory(const char *path) {
     return result;
 }
 
-/* mkdir -p with mode 0700 for every directory created; existing ones (also
- * symlinks to directories, e.g. a linked ~/.cache) are left alone. */
-static int make_directories(const char *path) {
-    char partial[PATH_MAX];
-    int result = 0;
-    int created_last = 0;
-    if (path_format(partial, sizeof partial, "%s", path) != 0)
-        result = -1;
-    for (char *p = partial + 1; result == 0 && *p; p++) {
-        if (*p != '/')
-            continue;
-        *p = '\0';
-        if (mkdir(partial, 0700) != 0 && errno != EEXIST)
-            result = -1;
-        *p = '/';
-    }
-    if (result == 0) {
-        if (mkdir(partial, 0700) == 0)
-            created_last = 1;
-        else if (errno != EEXIST)
-            result = -1;
-    }
-    if (created_last)
-        (void)chmod(partial, 0700);
-    return result;
-}
-
 /* Creates and removes a one-byte file in `dir`: the only honest writability test
  * (permission bits say nothing about root, read-only mounts or a full disk). */
 static int probe_writable(const char *dir) {
     char probe[PATH_MAX];
     int result = -1;
-    if (path_format(probe, sizeof probe, "%s/.moegen-probe.XXXXXX", dir) == 0) {
+    if (moegen_path_format(probe, sizeof probe, "%s/.moegen-probe.XXXXXX", dir) == 0) {
         int fd = mkostemp(probe, O_CLOEXEC);
         if (fd >= 0) {
             result = write_all(fd, "p", 1);
@@ -371,14 +313,14 @@ static int resolve_root_path(const char *dir, char *out, size_t size, char *why,
             format_text(why, why_size, "the cache directory given is an empty string");
             result = -1;
         } else {
-            result = path_format(out, size, "%s", dir);
+            result = moegen_path_format(out, size, "%s", dir);
         }
     } else if (from_env && from_env[0]) {
-        result = path_format(out, size, "%s", from_env);
+        result = moegen_path_format(out, size, "%s", from_env);
     } else if (xdg && xdg[0] == '/') { /* XDG: relative values are to be ignored */
-        result = path_format(out, size, "%s/moegen", xdg);
+        result = moegen_path_format(out, size, "%s/moegen", xdg);
     } else if (home && home[0]) {
-        result = path_format(out, size, "%s/.cache/moegen", home);
+        result = moegen_path_format(out, size, "%s/.cache/moegen", home);
     } else {
         format_text(why, why_size, "none of MOEGEN_CACHE_DIR, XDG_CACHE_HOME and HOME is set");
         result = -1;
@@ -394,7 +336,7 @@ static int prepare_root(moegen_cache *c, char *why, size_t why_size) {
     char work_root[PATH_MAX];
     struct stat st;
     int result = -1;
-    if (make_directories(c->root) != 0) {
+    if (moegen_make_directories(c->root, 0700) != 0) {
         format_text(why, why_size, "cannot create it: %s", strerror(errno));
     } else if (!realpath(c->root, resolved)) {
         format_text(why, why_size, "cannot resolve it: %s", strerror(errno));
@@ -406,7 +348,7 @@ static int prepare_root(moegen_cache *c, char *why, size_t why_size) {
         /* why already says it */
     } else if (probe_writable(resolved) != 0) {
         format_text(why, why_size, "not writable: %s", strerror(errno));
-    } else if (path_format(work_root, sizeof work_root, "%s/tmp", resolved) != 0) {
+    } else if (moegen_path_format(work_root, sizeof work_root, "%s/tmp", resolved) != 0) {
         format_text(why, why_size, "its path is too long");
     } else if (make_private_directory(work_root) != 0) {
         format_text(why, why_size, "cannot create %s: %s", work_root, strerror(errno));
@@ -548,7 +490,7 @@ static void remove_stale_work_directories(const moegen_cache *c) {
     DIR *listing = NULL;
     struct dirent *item;
     time_t now = time(NULL);
-    if (path_format(work_root, sizeof work_root, "%s/tmp", c->root) == 0) {
+    if (moegen_path_format(work_root, sizeof work_root, "%s/tmp", c->root) == 0) {
         int fd = open(work_root, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
         if (fd >= 0 && !(listing = fdopendir(fd)))
             close(fd);
@@ -562,7 +504,7 @@ static void remove_stale_work_directories(const moegen_cache *c) {
             continue;
         if (now - st.st_mtime <= STALE_WORK_SECONDS)
             continue;
-        if (path_format(stale, sizeof stale, "%s/%s", work_root, item->d_name) == 0)
+        if (moegen_path_format(stale, sizeof stale, "%s/%s", work_root, item->d_name) == 0)
             (void)moegen_remove_tree(stale);
     }
     if (listing)
@@ -642,7 +584,7 @@ static int read_manifest(const char *entry, manifest_fields *m, char *why, size_
     struct stat st;
     int result = -1;
     int fd = -1;
-    if (path_format(path, sizeof path, "%s/%s", entry, MANIFEST_NAME) != 0) {
+    if (moegen_path_format(path, sizeof path, "%s/%s", entry, MANIFEST_NAME) != 0) {
         format_text(why, why_size, "manifest path too long");
         goto done;
     }
@@ -694,7 +636,7 @@ static int check_artifact(const char *entry, const manifest_fields *m, char *why
     struct stat st;
     int result = -1;
     int fd = -1;
-    if (path_format(path, sizeof path, "%s/%s", entry, m->artifact) != 0) {
+    if (moegen_path_format(path, sizeof path, "%s/%s", entry, m->artifact) != 0) {
         format_text(why, why_size, "artifact path too long");
         goto done;
     }
@@ -782,10 +724,10 @@ static int evict_entry(const moegen_cache *c, const char *entry, const struct st
     struct stat now;
     int result = -1;
     int grave_made = 0;
-    if (path_format(grave, sizeof grave, "%s/tmp/evicted.XXXXXX", c->root) != 0 || !mkdtemp(grave))
+    if (moegen_path_format(grave, sizeof grave, "%s/tmp/evicted.XXXXXX", c->root) != 0 || !mkdtemp(grave))
         goto done;
     grave_made = 1;
-    if (path_format(moved, sizeof moved, "%s/entry", grave) != 0)
+    if (moegen_path_format(moved, sizeof moved, "%s/entry", grave) != 0)
         goto done;
     if (rename(entry, moved) != 0) {
         result = errno == ENOENT ? 0 : -1;
@@ -859,7 +801,7 @@ static int make_temporary_directory(const char *kind, char *out, size_t size) {
     int result = -1;
     for (int i = 0; i < 2 && result != 0; i++) {
         const char *base = temporary_base(i);
-        if (base && path_format(out, size, "%s/moegen-%s-XXXXXX", base, kind) == 0 && mkdtemp(out))
+        if (base && moegen_path_format(out, size, "%s/moegen-%s-XXXXXX", base, kind) == 0 && mkdtemp(out))
             result = 0;
     }
     return result;
@@ -872,7 +814,7 @@ static int make_temporary_log(const char *key, char *out, size_t size) {
     for (int i = 0; i < 2 && result != 0; i++) {
         const char *base = temporary_base(i);
         int fd = -1;
-        if (base && path_format(out, size, "%s/moegen-failed-%.*s-XXXXXX%s", base,
+        if (base && moegen_path_format(out, size, "%s/moegen-failed-%.*s-XXXXXX%s", base,
                                 TEMP_LOG_KEY_PREFIX_CHARS, key, FAILED_LOG_SUFFIX) == 0)
             fd = mkostemps(out, (int)strlen(FAILED_LOG_SUFFIX), O_CLOEXEC);
         if (fd >= 0) {
@@ -903,7 +845,7 @@ static int prepare_cache_log(const char *failed_dir, const char *key, cache_log_
     int stat_result = -1;
     int fd = -1;
     format_text(log->name, sizeof log->name, "%s%s", key, FAILED_LOG_SUFFIX);
-    if (path_format(log->path, sizeof log->path, "%s/%s", failed_dir, log->name) != 0) {
+    if (moegen_path_format(log->path, sizeof log->path, "%s/%s", failed_dir, log->name) != 0) {
         format_text(why, why_size, "the build log path in %s is too long", failed_dir);
         goto done;
     }
@@ -1080,7 +1022,7 @@ static moegen_status build_uncached(const char *kind, const char *key, const cha
         goto done;
     }
     log_made = 1;
-    if (path_format(artifact, sizeof artifact, "%s/%s", dir, name) != 0) {
+    if (moegen_path_format(artifact, sizeof artifact, "%s/%s", dir, name) != 0) {
         status = moegen_error_set(err, MOEGEN_ERR_IO, ENAMETOOLONG,
                                   "temporary artifact path too long in %s", dir);
         goto done;
@@ -1145,7 +1087,7 @@ static int write_manifest(const char *work, const char *key, const char *name,
         errno = ENAMETOOLONG;
         goto done;
     }
-    if (path_format(path, sizeof path, "%s/%s", work, MANIFEST_NAME) != 0)
+    if (moegen_path_format(path, sizeof path, "%s/%s", work, MANIFEST_NAME) != 0)
         goto done;
     fd = open(path, CACHE_OPEN_CREATE, 0600);
     if (fd < 0 || write_all(fd, text, (size_t)length) != 0 || fsync(fd) != 0)
@@ -1187,7 +1129,7 @@ static void publish_work(moegen_cache *c, const publish_request *rq, const char 
         struct stat seen;
         entry_state state;
         if (rename(work, rq->entry) == 0) {
-            (void)fsync_directory(rq->entry_parent);
+            (void)moegen_fsync_directory(rq->entry_parent, 0);
             *work_owned = 0;
             format_text(res->path, sizeof res->path, "%s/%s", rq->entry, rq->name);
             finished = 1;
@@ -1243,7 +1185,7 @@ static moegen_status build_and_publish(moegen_cache *c, const publish_request *r
         goto done;
     }
     log_owned = 1;
-    if (path_format(work, sizeof work, "%s/tmp/%s.%ld.XXXXXX", c->root, rq->key, (long)getpid()) !=
+    if (moegen_path_format(work, sizeof work, "%s/tmp/%s.%ld.XXXXXX", c->root, rq->key, (long)getpid()) !=
             0 ||
         !mkdtemp(work)) {
         warn_cache_trouble_once(c, "could not write to cache directory %s (mkdtemp: %s)", c->root,
@@ -1252,7 +1194,7 @@ static moegen_status build_and_publish(moegen_cache *c, const publish_request *r
         goto done;
     }
     work_owned = 1;
-    if (path_format(artifact, sizeof artifact, "%s/%s", work, rq->name) != 0) {
+    if (moegen_path_format(artifact, sizeof artifact, "%s/%s", work, rq->name) != 0) {
         status = moegen_error_set(err, MOEGEN_ERR_IO, ENAMETOOLONG, "artifact path too long in %s",
                                   work);
         goto done;
@@ -1277,7 +1219,7 @@ static moegen_status build_and_publish(moegen_cache *c, const publish_request *r
         goto done;
     }
     if (seal_artifact(artifact, &size, hex) != 0 ||
-        write_manifest(work, rq->key, rq->name, size, hex) != 0 || fsync_directory(work) != 0) {
+        write_manifest(work, rq->key, rq->name, size, hex) != 0 || moegen_fsync_directory(work, 0) != 0) {
         warn_cache_trouble_once(c, "could not write to cache directory %s (%s)", c->root,
                                 strerror(errno));
         keep_work_as_result(work, rq->name, res);
@@ -1299,9 +1241,9 @@ static int format_entry_paths(const moegen_cache *c, const char *kind, const cha
                               char kind_dir[PATH_MAX], char entry_parent[PATH_MAX],
                               char entry[PATH_MAX]) {
     int result = -1;
-    if (path_format(kind_dir, PATH_MAX, "%s/%s", c->root, kind) == 0 &&
-        path_format(entry_parent, PATH_MAX, "%s/%.2s", kind_dir, key) == 0 &&
-        path_format(entry, PATH_MAX, "%s/%s", entry_parent, key) == 0)
+    if (moegen_path_format(kind_dir, PATH_MAX, "%s/%s", c->root, kind) == 0 &&
+        moegen_path_format(entry_parent, PATH_MAX, "%s/%.2s", kind_dir, key) == 0 &&
+        moegen_path_format(entry, PATH_MAX, "%s/%s", entry_parent, key) == 0)
         result = 0;
     return result;
 }
@@ -1320,8 +1262,8 @@ static moegen_status get_cached(moegen_cache *c, const char *kind, const char *k
     struct stat seen;
     publish_request rq = {kind, key, name, kind_dir, entry_parent, entry, failed_dir, corrupt_why};
     if (format_entry_paths(c, kind, key, kind_dir, entry_parent, entry) != 0 ||
-        path_format(artifact, sizeof artifact, "%s/%s", entry, name) != 0 ||
-        path_format(failed_dir, sizeof failed_dir, "%s/%s", c->root, FAILED_DIR_NAME) != 0) {
+        moegen_path_format(artifact, sizeof artifact, "%s/%s", entry, name) != 0 ||
+        moegen_path_format(failed_dir, sizeof failed_dir, "%s/%s", c->root, FAILED_DIR_NAME) != 0) {
         warn_cache_trouble_once(c, "cache directory %s: entry paths are too long", c->root);
         status = build_uncached(kind, key, name, build, ctx, res, err);
         goto done;

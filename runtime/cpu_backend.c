@@ -16,14 +16,21 @@
 #include "host_cc.h"
 #include "memory_limit.h"
 #include "sha256.h"
+#include "tuning_db.h"
 #include "variant.h"
 
 #ifndef PATH_MAX
 #define PATH_MAX 4096
 #endif
 
+/* The most variants one layer holds (one per tuned token range). */
+#define MAX_VARIANTS MOEGEN_TUNING_MAX_BUCKETS
+
 struct moegen_cpu_backend {
-    moegen_cpu_module module;
+    /* modules[i] runs calls of up to max_tokens[i] tokens (the last one, every larger call) */
+    moegen_cpu_module modules[MAX_VARIANTS];
+    int64_t max_tokens[MAX_VARIANTS];
+    int n_modules;
     const moegen_spec *spec;
     void *workspace;
     size_t workspace_capacity;
@@ -88,29 +95,25 @@ static void module_cache_key(const moegen_generated *gen, const moegen_host_comp
     moegen_sha256_final_hex(&h, key);
 }
 
-/* Generate, compile (or fetch from the cache) and load the module. */
-static moegen_status load_module(moegen_cpu_backend *b, const moegen_spec *spec, const moegen_open_options *o,
+/* Generate, compile (or fetch from the cache) and load the module of the default variant
+ * with `overrides` applied into *module; desc gets its variant, kernel path and cache hit. */
+static moegen_status load_module(const moegen_host_compiler *cc, const moegen_spec *spec,
+                                 const moegen_open_options *o, const char *overrides, moegen_cpu_module *module,
                                  moegen_layer_desc *desc, moegen_error *caller_err) {
     moegen_error local;
     moegen_error *err = caller_err ? caller_err : &local; /* its message is reused below */
     moegen_status st;
-    moegen_host_compiler compiler;
+    moegen_host_compiler compiler = *cc;
     moegen_generated generated;
     moegen_cache cache;
     moegen_cache_result result;
     memset(&result, 0, sizeof result);
     memset(&generated, 0, sizeof generated);
 
-    st = moegen_host_compiler_probe(&compiler, err);
-    if (st != MOEGEN_OK) return st;
-    if (o->compile_timeout_s > 0)
-        compiler.timeout_ms = o->compile_timeout_s > INT32_MAX / 1000 ? INT32_MAX : o->compile_timeout_s * 1000;
-
-    moegen_target target = {.cpu_vector_floats = compiler.vector_floats, .cpu_bf16_dot = compiler.bf16_dot,
-                            .cpu_amx = compiler.amx};
+    moegen_target target = moegen_host_compiler_target(&compiler);
     moegen_variant variant;
     moegen_variant_default(spec, MOEGEN_BACKEND_CPU, &target, &variant);
-    st = moegen_variant_apply_overrides(&variant, o->variant, err);
+    st = moegen_variant_apply_overrides(&variant, overrides, err);
     if (st == MOEGEN_OK) st = moegen_variant_check(spec, &variant, err);
     if (st == MOEGEN_OK) st = moegen_generate(spec, &variant, NULL, &generated, err);
     if (st != MOEGEN_OK) return st;
@@ -125,7 +128,7 @@ static moegen_status load_module(moegen_cpu_backend *b, const moegen_spec *spec,
                                              spec->top_k, spec->hidden_size};
     if (st == MOEGEN_OK) {
         desc->cache_hit = result.hit;
-        st = moegen_cpu_module_load(result.path, &expect, &b->module, err);
+        st = moegen_cpu_module_load(result.path, &expect, module, err);
     }
     if (st == MOEGEN_ERR_LOAD && result.hit) {
         /* An entry that passed its manifest but does not load (damaged in a way the hash
@@ -136,22 +139,127 @@ static moegen_status load_module(moegen_cpu_backend *b, const moegen_spec *spec,
             st = moegen_cache_get(&cache, "cpu", key, "module.so", build_module, &build, &result, err);
         if (st == MOEGEN_OK) {
             desc->cache_hit = 0;
-            st = moegen_cpu_module_load(result.path, &expect, &b->module, err);
+            st = moegen_cpu_module_load(result.path, &expect, module, err);
         }
     }
-    if (st == MOEGEN_OK) snprintf(desc->kernel_path, sizeof desc->kernel_path, "%s", b->module.info()->kernel_path);
+    if (st == MOEGEN_OK) snprintf(desc->kernel_path, sizeof desc->kernel_path, "%s", module->info()->kernel_path);
     moegen_cache_result_release(&result);
     moegen_generated_free(&generated);
     return st;
+}
+
+/* ---- Tuning databases (runtime/tuning_db.h) ------------------------------------------------ */
+
+/* The repository's databases; an installed moegen would point this at its data directory. */
+#ifndef MOEGEN_SHIPPED_TUNING_DIR
+#define MOEGEN_SHIPPED_TUNING_DIR NULL
+#endif
+
+static void warn_tuning(void *ctx, const char *message) {
+    const moegen_open_options *o = ctx;
+    if (o->log) o->log(o->log_user, MOEGEN_LOG_WARNING, message);
+    else fprintf(stderr, "moegen: warning: %s\n", message);
+}
+
+/* The database for this spec on this CPU, if there is one and the layer may use it;
+ * desc->tuning says which rung of the ladder was used. Returns 1 with *db filled, else 0. */
+static int find_tuning(const moegen_spec *spec, const moegen_open_options *o, const moegen_host_compiler *cc,
+                       moegen_tuning_db *db, moegen_layer_desc *desc) {
+    if (o->variant && o->variant[0]) {
+        snprintf(desc->tuning, sizeof desc->tuning, "explicit variant (open option)");
+        return 0;
+    }
+    if (o->tuning == MOEGEN_TUNING_OFF) {
+        snprintf(desc->tuning, sizeof desc->tuning, "default heuristic (tuning off)");
+        return 0;
+    }
+    if (spec->ep_size > 1) {
+        snprintf(desc->tuning, sizeof desc->tuning, "default heuristic (expert-parallel layers are not tuned)");
+        return 0;
+    }
+    char shape[256], device[160], family[64], storage[4096], source[1024] = "";
+    const char *dirs[8];
+    moegen_variant_shape_key(spec, MOEGEN_BACKEND_CPU, shape, sizeof shape);
+    moegen_host_compiler_device(cc, device, sizeof device, family, sizeof family);
+    const int n_dirs = moegen_tuning_default_dirs(MOEGEN_SHIPPED_TUNING_DIR, dirs, 8, storage, sizeof storage);
+    moegen_tuning_rung rung = MOEGEN_TUNING_NONE;
+    if (moegen_tuning_db_lookup(dirs, n_dirs, shape, device, family, db, &rung, source, sizeof source, warn_tuning,
+                                (void *)o) != MOEGEN_OK ||
+        rung == MOEGEN_TUNING_NONE || db->n_buckets < 1) {
+        snprintf(desc->tuning, sizeof desc->tuning, "default heuristic (no tuning database for this shape on %s)",
+                 family);
+        return 0;
+    }
+    int at = snprintf(desc->tuning, sizeof desc->tuning, "%s: %.300s", rung == MOEGEN_TUNING_EXACT ? "exact" : "family",
+                      source);
+    for (int i = 0; i < db->n_buckets && at > 0 && (size_t)at < sizeof desc->tuning; i++) {
+        const moegen_tuning_bucket *bk = &db->buckets[i];
+        char upper[24];
+        if (bk->max_tokens == INT64_MAX) snprintf(upper, sizeof upper, "inf");
+        else snprintf(upper, sizeof upper, "%lld", (long long)bk->max_tokens);
+        at += snprintf(desc->tuning + at, sizeof desc->tuning - (size_t)at, "%s%lld-%s %s", i ? "; " : " (",
+                       (long long)bk->min_tokens, upper, bk->variant_name);
+    }
+    if (at > 0 && (size_t)at + 2 < sizeof desc->tuning) strcat(desc->tuning, ")");
+    return 1;
 }
 
 moegen_status moegen_cpu_backend_open(const moegen_spec *spec, const moegen_open_options *options,
                                       moegen_cpu_backend **out, moegen_layer_desc *desc, moegen_error *err) {
     *out = NULL;
     moegen_cpu_backend *b = calloc(1, sizeof *b);
-    if (!b) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    moegen_tuning_db *db = calloc(1, sizeof *db);
+    if (!b || !db) {
+        free(b);
+        free(db);
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    }
     b->spec = spec;
-    moegen_status st = load_module(b, spec, options, desc, err);
+    moegen_host_compiler compiler;
+    moegen_status st = moegen_host_compiler_probe(&compiler, err);
+    if (st == MOEGEN_OK && options->compile_timeout_s > 0)
+        compiler.timeout_ms =
+            options->compile_timeout_s > INT32_MAX / 1000 ? INT32_MAX : options->compile_timeout_s * 1000;
+    if (st == MOEGEN_OK && find_tuning(spec, options, &compiler, db, desc)) {
+        /* One module per token range. A variant this moegen refuses (a database from a
+         * machine with other instructions, edited by hand) is a warning and the default. */
+        for (int i = 0; i < db->n_buckets && st == MOEGEN_OK; i++) {
+            moegen_layer_desc one = *desc;
+            moegen_error why;
+            st = load_module(&compiler, spec, options, db->buckets[i].variant, &b->modules[i], &one, &why);
+            if (st == MOEGEN_ERR_INVALID_ARGUMENT) {
+                char message[1400];
+                snprintf(message, sizeof message, "tuning database variant '%s' for %lld+ tokens is not usable (%s); "
+                         "the layer runs the default variant",
+                         db->buckets[i].variant, (long long)db->buckets[i].min_tokens, why.message);
+                warn_tuning((void *)options, message);
+                for (int j = 0; j < i; j++) moegen_cpu_module_unload(&b->modules[j]);
+                b->n_modules = 0;
+                snprintf(desc->tuning, sizeof desc->tuning, "default heuristic (the tuning database's variants "
+                         "are not usable here)");
+                st = MOEGEN_OK;
+                break;
+            }
+            if (st != MOEGEN_OK) {
+                if (err) *err = why;
+                break;
+            }
+            b->max_tokens[i] = db->buckets[i].max_tokens;
+            b->n_modules = i + 1;
+            if (i == 0) *desc = one;
+            else desc->cache_hit &= one.cache_hit;
+        }
+        if (b->n_modules > 0) b->max_tokens[b->n_modules - 1] = INT64_MAX;
+    }
+    if (st == MOEGEN_OK && b->n_modules == 0) {
+        st = load_module(&compiler, spec, options, options->variant, &b->modules[0], desc, err);
+        if (st == MOEGEN_OK) {
+            b->max_tokens[0] = INT64_MAX;
+            b->n_modules = 1;
+        }
+    }
+    free(db);
+    desc->n_variants = b->n_modules;
     if (st != MOEGEN_OK) {
         moegen_cpu_backend_close(b);
         return st;
@@ -162,10 +270,17 @@ moegen_status moegen_cpu_backend_open(const moegen_spec *spec, const moegen_open
 
 void moegen_cpu_backend_close(moegen_cpu_backend *b) {
     if (!b) return;
-    moegen_cpu_module_unload(&b->module);
+    for (int i = 0; i < b->n_modules; i++) moegen_cpu_module_unload(&b->modules[i]);
     free(b->workspace);
     free(b->hidden);
     free(b);
+}
+
+/* The module for a call of n_tokens tokens. */
+static const moegen_cpu_module *module_for(const moegen_cpu_backend *b, int64_t n_tokens) {
+    int i = 0;
+    while (i + 1 < b->n_modules && n_tokens > b->max_tokens[i]) i++;
+    return &b->modules[i];
 }
 
 /* ---- Calls ----------------------------------------------------------------------------- */
@@ -173,8 +288,9 @@ void moegen_cpu_backend_close(moegen_cpu_backend *b) {
 /* Make the workspace hold what n_tokens need (64-byte aligned). A workspace larger than
  * what this process may still allocate (runtime/memory_limit.c) is refused with both
  * sizes, instead of being left to the OOM killer when its pages are touched. */
-static moegen_status ensure_workspace(moegen_cpu_backend *b, int64_t n_tokens, moegen_error *err) {
-    size_t bytes = b->module.workspace_bytes(n_tokens);
+static moegen_status ensure_workspace(moegen_cpu_backend *b, const moegen_cpu_module *module, int64_t n_tokens,
+                                     moegen_error *err) {
+    size_t bytes = module->workspace_bytes(n_tokens);
     if (n_tokens > 0 && bytes == 0)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "forward: n_tokens %lld is above this layer's limit", (long long)n_tokens);
@@ -240,11 +356,12 @@ static void report(const moegen_kernel_outputs *out, moegen_forward_stats *stats
 moegen_status moegen_cpu_backend_forward(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
                                          const moegen_forward_io *io, moegen_forward_stats *stats,
                                          moegen_error *err) {
-    moegen_status st = ensure_workspace(b, io->n_tokens, err);
+    const moegen_cpu_module *module = module_for(b, io->n_tokens);
+    moegen_status st = ensure_workspace(b, module, io->n_tokens, err);
     if (st != MOEGEN_OK) return st;
     moegen_kernel_outputs out;
     moegen_kernel_args args = kernel_args(b, w, n_threads, io, &out);
-    st = kernel_status(b->module.forward(&args), "forward", err);
+    st = kernel_status(module->forward(&args), "forward", err);
     if (st == MOEGEN_OK) report(&out, stats);
     return st;
 }
@@ -252,25 +369,25 @@ moegen_status moegen_cpu_backend_forward(moegen_cpu_backend *b, const moegen_ker
 moegen_status moegen_cpu_backend_route(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
                                        const moegen_forward_io *io, moegen_kernel_plan *plan,
                                        moegen_forward_stats *stats, moegen_error *err) {
-    moegen_status st = ensure_workspace(b, io->n_tokens, err);
+    moegen_status st = ensure_workspace(b, &b->modules[0], io->n_tokens, err); /* EP layers hold one module */
     if (st != MOEGEN_OK) return st;
     moegen_kernel_outputs out;
     moegen_kernel_args args = kernel_args(b, w, n_threads, io, &out);
-    st = kernel_status(b->module.route(&args, plan), "route", err);
+    st = kernel_status(b->modules[0].route(&args, plan), "route", err);
     if (st == MOEGEN_OK) report(&out, stats);
     return st;
 }
 
 moegen_status moegen_cpu_backend_experts(moegen_cpu_backend *b, const moegen_kernel_expert_args *args,
                                          moegen_error *err) {
-    return kernel_status(b->module.experts(args), "experts", err);
+    return kernel_status(b->modules[0].experts(args), "experts", err);
 }
 
 moegen_status moegen_cpu_backend_combine(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
                                          const moegen_forward_io *io, moegen_error *err) {
     moegen_kernel_outputs out;
     moegen_kernel_args args = kernel_args(b, w, n_threads, io, &out);
-    return kernel_status(b->module.combine(&args), "combine", err);
+    return kernel_status(b->modules[0].combine(&args), "combine", err);
 }
 
 /* ---- Expert parallelism: the stages behind runtime/ep.h's moegen_ep_backend ------------------ */

@@ -585,3 +585,40 @@ done:
         close(log_fd);
     return status;
 }
+
+moegen_target moegen_host_compiler_target(const moegen_host_compiler *hc) {
+    return (moegen_target){.cpu_vector_floats = hc->vector_floats, .cpu_bf16_dot = hc->bf16_dot, .cpu_amx = hc->amx};
+}
+
+void moegen_host_compiler_device(const moegen_host_compiler *hc, char *device, size_t device_size, char *family,
+                                 size_t family_size) {
+    const char *isa = hc->amx             ? "avx512-amx"
+                      : hc->bf16_dot      ? "avx512-bf16"
+                      : hc->vector_floats == 16 ? "avx512"
+                      : hc->vector_floats == 8  ? "avx2"
+                                                : "base";
+#if defined(__x86_64__)
+    const char *arch = "x86_64";
+#elif defined(__aarch64__)
+    const char *arch = "aarch64";
+#else
+    const char *arch = "other";
+#endif
+    char model[128] = "unknown model";
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (f) {
+        char line[512];
+        while (fgets(line, sizeof line, f)) {
+            if (strncmp(line, "model name", 10) != 0) continue;
+            const char *colon = strchr(line, ':');
+            if (!colon) break;
+            colon++;
+            while (*colon == ' ' || *colon == '\t') colon++;
+            snprintf(model, sizeof model, "%.*s", (int)strcspn(colon, "\n"), colon);
+            break;
+        }
+        fclose(f);
+    }
+    snprintf(device, device_size, "cpu %s; %s", model, isa);
+    snprintf(family, family_size, "cpu-%s-%s", arch, isa);
+}

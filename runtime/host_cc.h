@@ -16,6 +16,7 @@
 #define MOEGEN_RUNTIME_HOST_CC_H
 
 #include "moegen.h"
+#include "variant.h"
 
 typedef struct moegen_host_compiler {
     char command[256];   /* program to run ("cc" or $MOEGEN_CC) */
@@ -35,6 +36,15 @@ typedef struct moegen_host_compiler {
  * not found ...", "MOEGEN_CC_TIMEOUT='abc' is not a time limit ...", "host C
  * compiler 'cc': '--version' did not answer within 30 s (killed; ...)"). */
 moegen_status moegen_host_compiler_probe(moegen_host_compiler *hc, moegen_error *err);
+
+/* The variant target these flags give (gen/variant.h). */
+moegen_target moegen_host_compiler_target(const moegen_host_compiler *hc);
+
+/* What tuning databases are filed under (docs/tuning.md): `device`, this CPU exactly
+ * ("cpu <model name>; <instruction sets>"), and `family`, CPUs that run the same kernels
+ * ("cpu-<arch>-<instruction sets>", e.g. "cpu-x86_64-avx512-amx"). */
+void moegen_host_compiler_device(const moegen_host_compiler *hc, char *device, size_t device_size, char *family,
+                                 size_t family_size);
 
 /* Compile `source_path` (its directory is on the include path) into the shared
  * object `output_path`, writing the compiler's output to `log_path`, for at most

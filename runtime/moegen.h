@@ -139,11 +139,17 @@ typedef struct moegen_open_options {
                               by commas, e.g. "tile_rows=6,gemm=bfdot" (README: "Kernel
                               variants"); an unknown name, a bad value or a variant that does
                               not fit the spec fails open. NULL or "": the default. */
+    int tuning;            /* MOEGEN_TUNING_AUTO (0): a CPU layer with ep_size 1 and no `variant`
+                              runs the variants a tuning database names for each token count
+                              (docs/tuning.md: $MOEGEN_TUNING_DIR, the user's cache, the
+                              repository's tuning/); MOEGEN_TUNING_OFF: the default variant */
     moegen_comm *comm;     /* expert parallelism: required when the spec's ep_size > 1, and its
                               size must equal ep_size; borrowed, not owned (NULL otherwise) */
     moegen_log_fn log;     /* NULL: print to stderr as "moegen: warning: ..." */
     void *log_user;
 } moegen_open_options;
+
+enum { MOEGEN_TUNING_AUTO = 0, MOEGEN_TUNING_OFF = 1 };
 
 /* Defaults: device AUTO, cache from the environment, mode from the spec. NULL is a no-op. */
 void moegen_open_options_init(moegen_open_options *opts);
@@ -172,8 +178,12 @@ typedef struct moegen_layer_desc {
     int64_t shared_ffn_size, shared_ffn_rows;
     moegen_device_kind device;               /* the backend actually used */
     char spec_hash[65];
-    char variant[128];
+    char variant[128];                       /* the variant (the first one's, with several) */
     char kernel_path[64];                    /* the instructions the kernels run on, e.g. "avx512" */
+    int n_variants;                          /* modules held: 1, or one per tuned token range */
+    char tuning[512];                        /* where the variants came from: "default heuristic
+                                                (...)", or "exact: FILE", "family: FILE" and the
+                                                token ranges with their variants (docs/tuning.md) */
     int cache_hit;                           /* the module came from the on-disk cache */
     int n_threads;                           /* CPU threads forward uses (0 on CUDA) */
     int rank, ep_size;                       /* expert parallelism: this rank of ep_size (0 of 1) */

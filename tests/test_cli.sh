@@ -7,17 +7,7 @@ moegen=${MOEGEN_BINARY:?}
 src=${MOEGEN_SOURCE_DIR:?}
 work=$(mktemp -d /tmp/moegen-cli-XXXXXX)
 trap 'rm -rf "$work"' EXIT
-failures=0
-pass() { echo "ok   - $1"; }
-fail() { echo "FAIL - $1"; failures=$((failures + 1)); }
-expect() { # expect NAME STATUS COMMAND...: run COMMAND, require exit STATUS, keep output in $out
-    local name=$1 status=$2
-    shift 2
-    out=$("$@" 2>&1)
-    local rc=$?
-    if [ "$rc" -eq "$status" ]; then pass "$name"; else fail "$name (exit $rc, wanted $status): $out"; fi
-}
-contains() { if printf '%s' "$out" | grep -qF -- "$2"; then pass "$1"; else fail "$1: '$2' not in: $out"; fi; }
+. "$(dirname "$0")/check_lib.sh"
 
 expect "no arguments prints usage and fails" 1 "$moegen"
 contains "usage names the commands" "commands:"
@@ -139,5 +129,4 @@ fi
 expect "bench checks memory like run" 1 timeout 20 "$moegen" bench "$src/specs/demo.yaml" --tokens 1,2000000000
 contains "bench names the limit" "limited by"
 
-echo "$failures failure(s)"
-[ "$failures" -eq 0 ]
+finish

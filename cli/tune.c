@@ -1,0 +1,856 @@
+/* tune.c — `moegen tune`: sweep generated kernel variants of a spec, verify and time each,
+ * and write the winners per token-count bucket into a tuning database (runtime/tuning_db.h,
+ * docs/tuning.md) that layers then use at open.
+ *
+ *   spec -> candidates (gen/variant_space.c: coarse, then fine around each bucket's best)
+ *        -> compile, --jobs at a time, each in a child process (the on-disk cache keeps the
+ *           modules)
+ *        -> one child per candidate, one at a time: open (cache hit), bind the weights the
+ *           parent made before forking, verify against the double-precision reference,
+ *           time every bucket's token count (warm-up, repeats, median)
+ *        -> table, database.
+ *
+ * Isolation: a candidate that fails to compile, crashes, hangs past its time limit or
+ * gives a wrong answer costs that candidate only: its child is killed or reports, and the
+ * candidate is FAIL with the reason. The default variant is always a candidate, so the
+ * tuned layer is never slower than the default in the measured run.
+ *
+ * Fault injection for the tests: $MOEGEN_TUNE_INJECT="compile:I,crash:J,hang:K,wrong:L" makes
+ * candidate I fail to compile (its child runs a compiler that does not exist), J crash, K
+ * hang and L report a perturbed output to the verifier (candidate indices in sweep order).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "forward_io.h"
+#include "host_cc.h"
+#include "moegen.h"
+#include "npy.h"
+#include "spec.h"
+#include "tensors.h"
+#include "tuning_db.h"
+#include "variant.h"
+#include "verify.h"
+
+static const char usage_tune[] =
+    "usage: moegen tune SPEC [options]\n"
+    "\n"
+    "Sweep generated kernel variants of SPEC: every candidate is compiled (in parallel),\n"
+    "verified against the double-precision reference and timed at every token count, each\n"
+    "in a child process under a time limit; the best verified variant of each token-count\n"
+    "bucket goes into a tuning database that layers of this shape then use on this CPU\n"
+    "(docs/tuning.md). The default variant is always a candidate.\n"
+    "\n"
+    "options:\n"
+    "  --tokens LIST       token counts to time, one bucket each (default 1,16,128,1024)\n"
+    "  --device D          cpu (the CUDA backend is not tuned yet)\n"
+    "  --budget SECONDS    stop starting candidates after this long (default 600)\n"
+    "  --routing R         skewed (default: zipf:1.2), uniform, zipf:S (expert popularity\n"
+    "                      falls as 1/rank^S), or from:DIR (replay DIR/topk_ids.npy, e.g.\n"
+    "                      from `moegen run --save DIR` or a model's saved routing; needs\n"
+    "                      hidden_size >= num_experts)\n"
+    "  --jobs N            compiles at once (default: the CPUs this process may use)\n"
+    "  --threads N         CPU threads of the timed forwards (default: as a layer would)\n"
+    "  --repeat N          timed forwards per token count and candidate (default 7)\n"
+    "  --out DIR           database directory (default $MOEGEN_TUNING_DIR, else\n"
+    "                      $XDG_CACHE_HOME/moegen/tuning or ~/.cache/moegen/tuning)\n"
+    "  --no-write          print the table only\n"
+    "  --cache-dir DIR     compile cache\n"
+    "  --seed S            seed of the random tensors (default 1)\n"
+    "  --timeout SECONDS   limit of one candidate's verify + timing child (default: 30 s plus\n"
+    "                      20x the default variant's time)\n";
+
+#define MAX_COUNTS 16
+#define MAX_CANDIDATES 256
+
+typedef enum { CAND_PENDING, CAND_PASS, CAND_FAIL, CAND_SKIPPED } cand_state;
+
+typedef struct candidate {
+    moegen_variant variant;
+    char overrides[200], name[200];
+    cand_state state;
+    char why[300];
+    double median_ms[MAX_COUNTS];
+} candidate;
+
+typedef struct tune_options {
+    const char *spec_path, *cache_dir, *out_dir, *routing, *replay_dir;
+    long long counts[MAX_COUNTS];
+    int n_counts;
+    long long budget_s, jobs, threads, repeat, seed, timeout_s;
+    int write;
+    double zipf;
+} tune_options;
+
+typedef struct injection {
+    int compile, crash, hang, wrong; /* candidate indices, -1: none */
+} injection;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static int compare_doubles(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static int parse_tokens(const char *list, tune_options *o) {
+    o->n_counts = 0;
+    for (const char *p = list; *p;) {
+        char item[32];
+        const size_t len = strcspn(p, ",");
+        snprintf(item, sizeof item, "%.*s", (int)(len < 31 ? len : 31), p);
+        if (o->n_counts == MAX_COUNTS)
+            return moegen_cli_error("tune: --tokens: at most %d token counts", MAX_COUNTS);
+        if (moegen_cli_parse_int(item, "--tokens", 1, INT32_MAX, &o->counts[o->n_counts])) return 1;
+        for (int i = 0; i < o->n_counts; i++)
+            if (o->counts[i] >= o->counts[o->n_counts])
+                return moegen_cli_error("tune: --tokens must increase (%lld after %lld)", o->counts[o->n_counts],
+                                        o->counts[i]);
+        o->n_counts++;
+        p += len + (p[len] == ',');
+    }
+    return o->n_counts ? 0 : moegen_cli_error("tune: --tokens is empty");
+}
+
+static int parse_options(int argc, char **argv, tune_options *o) {
+    *o = (tune_options){.budget_s = 600, .repeat = 7, .seed = 1, .write = 1, .routing = "skewed", .zipf = 1.2};
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    o->jobs = cpus > 0 ? cpus : 1;
+    if (parse_tokens("1,16,128,1024", o)) return 1;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
+        if (a[0] != '-') {
+            if (o->spec_path) return moegen_cli_error("tune: unexpected argument %s", a);
+            o->spec_path = a;
+            continue;
+        }
+        if (!strcmp(a, "--no-write")) {
+            o->write = 0;
+            continue;
+        }
+        if (!value) return moegen_cli_error("tune: option %s needs a value", a);
+        i++;
+        if (!strcmp(a, "--tokens")) {
+            if (parse_tokens(value, o)) return 1;
+        } else if (!strcmp(a, "--device")) {
+            if (strcmp(value, "cpu") != 0)
+                return moegen_cli_error("tune: --device %s: only the CPU backend is tuned in this version (the "
+                                        "CUDA variant space needs a GPU to time)",
+                                        value);
+        } else if (!strcmp(a, "--budget")) {
+            if (moegen_cli_parse_int(value, a, 1, 7 * 24 * 3600, &o->budget_s)) return 1;
+        } else if (!strcmp(a, "--jobs")) {
+            if (moegen_cli_parse_int(value, a, 1, 256, &o->jobs)) return 1;
+        } else if (!strcmp(a, "--threads")) {
+            if (moegen_cli_parse_int(value, a, 1, MOEGEN_THREAD_LIMIT, &o->threads)) return 1;
+        } else if (!strcmp(a, "--repeat")) {
+            if (moegen_cli_parse_int(value, a, 1, 10000, &o->repeat)) return 1;
+        } else if (!strcmp(a, "--seed")) {
+            if (moegen_cli_parse_int(value, a, 0, LLONG_MAX, &o->seed)) return 1;
+        } else if (!strcmp(a, "--timeout")) {
+            if (moegen_cli_parse_int(value, a, 1, 24 * 3600, &o->timeout_s)) return 1;
+        } else if (!strcmp(a, "--out")) {
+            o->out_dir = value;
+        } else if (!strcmp(a, "--cache-dir")) {
+            o->cache_dir = value;
+        } else if (!strcmp(a, "--routing")) {
+            o->routing = value;
+            if (!strcmp(value, "skewed")) {
+                o->zipf = 1.2;
+            } else if (!strcmp(value, "uniform")) {
+                o->zipf = 0.0;
+            } else if (!strncmp(value, "zipf:", 5)) {
+                char *end;
+                errno = 0;
+                o->zipf = strtod(value + 5, &end);
+                if (errno || end == value + 5 || *end || !(o->zipf >= 0.0 && o->zipf <= 8.0))
+                    return moegen_cli_error("tune: --routing %s: S of zipf:S must be a number in [0, 8]", value);
+            } else if (!strncmp(value, "from:", 5) && value[5]) {
+                o->replay_dir = value + 5;
+                o->zipf = 0.0;
+            } else {
+                return moegen_cli_error("tune: --routing must be skewed, uniform, zipf:S or from:DIR (got '%s')",
+                                        value);
+            }
+        } else {
+            return moegen_cli_error("tune: unknown option %s (see moegen tune --help)", a);
+        }
+    }
+    if (!o->spec_path) return moegen_cli_error("tune: usage: moegen tune SPEC [options] (see --help)");
+    return 0;
+}
+
+static void read_injection(injection *inj) {
+    *inj = (injection){-1, -1, -1, -1};
+    const char *text = getenv("MOEGEN_TUNE_INJECT");
+    if (!text) return;
+    static const char *KINDS[] = {"compile:", "crash:", "hang:", "wrong:"};
+    int *slots[] = {&inj->compile, &inj->crash, &inj->hang, &inj->wrong};
+    for (int k = 0; k < 4; k++) {
+        const char *at = strstr(text, KINDS[k]);
+        if (at) *slots[k] = atoi(at + strlen(KINDS[k]));
+    }
+}
+
+/* ---- Routing ------------------------------------------------------------------------------
+ * Skew by construction, for any spec: every token's input gets a 1 in column 0 and expert
+ * e's router row gets -S * ln(rank_e + 1) there (rank_e: e's place in a seeded random order),
+ * so the logits of popular experts are lifted over the tokens' own random logits (about
+ * 1/3 of a unit) and expert popularity falls roughly as 1 / rank^S. */
+static void apply_routing(const moegen_spec *spec, moe_tensors *ts, double zipf, uint64_t seed) {
+    if (zipf <= 0.0) return;
+    const int E = spec->num_experts;
+    int *order = malloc((size_t)E * sizeof *order);
+    if (!order) return;
+    for (int e = 0; e < E; e++) order[e] = e;
+    uint64_t state = seed * 0x9e3779b97f4a7c15ull + 1;
+    for (int e = E - 1; e > 0; e--) { /* Fisher-Yates with a xorshift */
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        const int j = (int)(state % (uint64_t)(e + 1));
+        const int t = order[e];
+        order[e] = order[j];
+        order[j] = t;
+    }
+    for (int rank = 0; rank < E; rank++)
+        moe_tensor_set(ts, MOE_T_ROUTER_W, (size_t)order[rank] * (size_t)spec->hidden_size,
+                       -zipf * log((double)rank + 1.0));
+    for (int64_t t = 0; t < ts->n_tokens; t++) moe_tensor_set(ts, MOE_T_X, (size_t)t * (size_t)spec->hidden_size, 1.0);
+    free(order);
+}
+
+/* Replay saved routing: DIR/topk_ids.npy ([S0][k] int32 or int64) becomes tokens whose
+ * router logits pick those experts in that order. The router becomes the identity on the
+ * first E input columns (biases zero) and token t's input holds 2 (k - j) + 4 in column
+ * ids[t % S0][j], so its logits are exactly those values; counts above S0 cycle through
+ * the saved tokens. Group limits (a token's experts in more groups than topk_group) and
+ * train-mode noise can still pick other experts: the number of tokens whose saved experts
+ * break the group limit is printed. Returns 0, or 1 after printing an error. */
+static int replay_routing(const moegen_spec *spec, moe_tensors *ts, const char *dir) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/topk_ids.npy", dir);
+    moegen_npy ids;
+    moegen_error err;
+    const moegen_npy_dtype allowed[] = {MOEGEN_NPY_I4, MOEGEN_NPY_I8};
+    const int64_t k = spec->top_k, E = spec->num_experts, H = spec->hidden_size;
+    if (moegen_npy_read(path, &ids, &err) != MOEGEN_OK) return moegen_cli_error("tune: --routing from:%s: %s", dir, err.message);
+    int rc = 0;
+    int ok_dtype = 0;
+    for (size_t i = 0; i < sizeof allowed / sizeof allowed[0]; i++) ok_dtype |= ids.dtype == allowed[i];
+    if (!ok_dtype || ids.ndim != 2 || ids.shape[1] != k || ids.shape[0] < 1) {
+        rc = moegen_cli_error("tune: %s: expected int32 or int64 of shape (S, %lld) with S >= 1 (the spec's top-k)", path,
+                              (long long)k);
+        goto done;
+    }
+    if (H < E) {
+        rc = moegen_cli_error("tune: --routing from:DIR needs hidden_size >= num_experts to replay routing "
+                              "(hidden_size %lld, num_experts %lld)",
+                              (long long)H, (long long)E);
+        goto done;
+    }
+    const int64_t saved = ids.shape[0];
+    int64_t *id = malloc((size_t)(saved * k) * sizeof *id);
+    if (!id) {
+        rc = moegen_cli_error("tune: out of memory");
+        goto done;
+    }
+    for (int64_t i = 0; i < saved * k; i++) {
+        id[i] = ids.dtype == MOEGEN_NPY_I4 ? ((const int32_t *)ids.data)[i] : ((const int64_t *)ids.data)[i];
+        if (id[i] < 0 || id[i] >= E) {
+            rc = moegen_cli_error("tune: %s: token %lld, slot %lld: expert %lld is not in [0, %lld)", path,
+                                  (long long)(i / k), (long long)(i % k), (long long)id[i], (long long)E);
+            free(id);
+            goto done;
+        }
+        for (int64_t j = i - i % k; j < i; j++)
+            if (id[j] == id[i]) {
+                rc = moegen_cli_error("tune: %s: token %lld names expert %lld twice", path, (long long)(i / k),
+                                      (long long)id[i]);
+                free(id);
+                goto done;
+            }
+    }
+    for (size_t i = 0; i < ts->t[MOE_T_ROUTER_W].n_elems; i++) moe_tensor_set(ts, MOE_T_ROUTER_W, i, 0.0);
+    for (int64_t e = 0; e < E; e++) moe_tensor_set(ts, MOE_T_ROUTER_W, (size_t)(e * H + e), 1.0);
+    if (ts->t[MOE_T_ROUTER_B].data)
+        for (size_t i = 0; i < ts->t[MOE_T_ROUTER_B].n_elems; i++) moe_tensor_set(ts, MOE_T_ROUTER_B, i, 0.0);
+    if (ts->t[MOE_T_SCORE_BIAS].data)
+        for (size_t i = 0; i < ts->t[MOE_T_SCORE_BIAS].n_elems; i++) moe_tensor_set(ts, MOE_T_SCORE_BIAS, i, 0.0);
+    int64_t broken = 0;
+    for (int64_t t = 0; t < ts->n_tokens; t++) {
+        const int64_t *row = id + (t % saved) * k;
+        for (int64_t c = 0; c < H; c++) moe_tensor_set(ts, MOE_T_X, (size_t)(t * H + c), 0.0);
+        for (int64_t j = 0; j < k; j++) moe_tensor_set(ts, MOE_T_X, (size_t)(t * H + row[j]), 2.0 * (double)(k - j) + 4.0);
+    }
+    if (spec->router.n_group > 1 && spec->router.topk_group < spec->router.n_group)
+        for (int64_t t = 0; t < saved; t++) {
+            int groups = 0;
+            uint64_t seen = 0;
+            for (int64_t j = 0; j < k; j++) {
+                const int g = (int)(id[t * k + j] / (E / spec->router.n_group));
+                if (!(seen >> (g % 64) & 1)) groups++;
+                seen |= 1ull << (g % 64);
+            }
+            broken += groups > spec->router.topk_group;
+        }
+    fprintf(stderr, "moegen tune: replaying the routing of %lld saved tokens from %s%s", (long long)saved, path,
+            ts->n_tokens > saved ? " (cycled)" : "");
+    if (broken) fprintf(stderr, "; %lld of them name experts in more than %d groups, which the group limit changes",
+                        (long long)broken, spec->router.topk_group);
+    fputc('\n', stderr);
+    free(id);
+done:
+    moegen_npy_free(&ids);
+    return rc;
+}
+
+/* ---- Children ------------------------------------------------------------------------------- */
+
+typedef struct child {
+    pid_t pid;
+    int fd;        /* read end of its report pipe */
+    int index;     /* candidate */
+    double start;
+    char report[1024];
+    size_t report_len;
+} child;
+
+/* Fork a child that runs body(index, write_fd) and exits; -1 on failure. */
+static int spawn(child *c, int index, int (*body)(int index, int fd, void *ctx), void *ctx) {
+    int fds[2];
+    if (pipe(fds) != 0) return -1;
+    fflush(NULL);
+    const pid_t pid = fork();
+    if (pid < 0) {
+        close(fds[0]);
+        close(fds[1]);
+        return -1;
+    }
+    if (pid == 0) {
+        close(fds[0]);
+        setpgid(0, 0); /* its own group: a kill reaches the compiler it runs too */
+        _exit(body(index, fds[1], ctx));
+    }
+    setpgid(pid, pid);
+    close(fds[1]);
+    *c = (child){.pid = pid, .fd = fds[0], .index = index, .start = now_s()};
+    return 0;
+}
+
+/* Read what is there of the child's report; 1 at end of file. */
+static int drain(child *c) {
+    for (;;) {
+        char buffer[512];
+        const ssize_t n = read(c->fd, buffer, sizeof buffer);
+        if (n > 0) {
+            const size_t room = sizeof c->report - 1 - c->report_len;
+            const size_t take = (size_t)n < room ? (size_t)n : room;
+            memcpy(c->report + c->report_len, buffer, take);
+            c->report_len += take;
+            c->report[c->report_len] = '\0';
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        return n == 0 || (n < 0 && errno != EAGAIN);
+    }
+}
+
+/* Reap the child; the reason it failed, or "" when it exited 0. */
+static void reap(child *c, int killed_for_time, double limit_s, char *why, size_t size) {
+    int status = 0;
+    while (waitpid(c->pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    close(c->fd);
+    why[0] = '\0';
+    if (killed_for_time) snprintf(why, size, "timeout: no result within %.0f s (killed)", limit_s);
+    else if (WIFSIGNALED(status)) snprintf(why, size, "crashed: signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
+    else if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
+        snprintf(why, size, "%s", c->report_len ? c->report : "failed without a message");
+}
+
+/* Run body for every index in `indices` with at most `parallel` children at once, each
+ * under limit_s; results[i] gets the child's report ("" on failure) and whys[i] the reason. */
+typedef void (*progress_fn)(void *ctx, int index, const char *report, const char *why);
+static void run_children(const int *indices, int n, int parallel, double limit_s,
+                         int (*body)(int index, int fd, void *ctx), void *ctx, progress_fn done_fn,
+                         void *done_ctx) {
+    child running[256];
+    int n_running = 0, next = 0;
+    if (parallel > 256) parallel = 256;
+    while (next < n || n_running > 0) {
+        while (next < n && n_running < parallel) {
+            if (spawn(&running[n_running], indices[next], body, ctx) != 0) {
+                done_fn(done_ctx, indices[next], "", "cannot start a child process");
+                next++;
+                continue;
+            }
+            n_running++;
+            next++;
+        }
+        struct pollfd fds[256];
+        for (int i = 0; i < n_running; i++) fds[i] = (struct pollfd){.fd = running[i].fd, .events = POLLIN};
+        (void)poll(fds, (nfds_t)n_running, 200);
+        for (int i = 0; i < n_running; i++) {
+            child *c = &running[i];
+            int finished = (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) && drain(c);
+            int timed_out = 0;
+            if (!finished && now_s() - c->start > limit_s) {
+                kill(-c->pid, SIGKILL);
+                kill(c->pid, SIGKILL);
+                finished = timed_out = 1;
+            }
+            if (!finished) continue;
+            char why[600];
+            reap(c, timed_out, limit_s, why, sizeof why);
+            done_fn(done_ctx, c->index, why[0] ? "" : c->report, why);
+            running[i] = running[--n_running];
+            fds[i] = fds[n_running];
+            i--;
+        }
+    }
+}
+
+/* ---- What the children do ------------------------------------------------------------------ */
+
+typedef struct tune_state {
+    const tune_options *o;
+    const moegen_spec *spec;
+    candidate *cands;
+    int n_cands;
+    injection inj;
+    moe_tensors *ts; /* made once, before the children fork */
+    int64_t verify_tokens;
+    uint8_t *verify_mask;
+    /* progress */
+    int done, total;
+    double started;
+    int tty;
+} tune_state;
+
+static void open_options(const tune_state *t, const candidate *c, moegen_open_options *opts) {
+    moegen_open_options_init(opts);
+    opts->device = MOEGEN_DEVICE_CPU;
+    opts->cache_dir = t->o->cache_dir;
+    opts->variant = c->overrides;
+    opts->n_threads = (int)t->o->threads;
+    opts->tuning = MOEGEN_TUNING_OFF;
+}
+
+static void report_line(int fd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void report_line(int fd, const char *fmt, ...) {
+    char text[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    const int n = vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    if (n > 0) {
+        ssize_t w = write(fd, text, (size_t)n < sizeof text ? (size_t)n : sizeof text - 1);
+        (void)w;
+    }
+}
+
+/* Compile child: open the layer (it compiles into the cache) and close it. */
+static int compile_body(int index, int fd, void *ctx) {
+    tune_state *t = ctx;
+    if (index == t->inj.compile) setenv("MOEGEN_CC", "/nonexistent/moegen-injected-cc", 1);
+    moegen_open_options opts;
+    open_options(t, &t->cands[index], &opts);
+    moegen_layer *layer = NULL;
+    moegen_error err;
+    if (moegen_layer_open_file(t->o->spec_path, &opts, &layer, &err) != MOEGEN_OK) {
+        report_line(fd, "compile: %.900s", err.message);
+        return 1;
+    }
+    moegen_layer_close(layer);
+    report_line(fd, "ok");
+    return 0;
+}
+
+/* Measure child: verify, then time each token count; reports "ok <median ms>...". */
+static int measure_body(int index, int fd, void *ctx) {
+    tune_state *t = ctx;
+    const moegen_spec *spec = t->spec;
+    if (index == t->inj.crash) raise(SIGSEGV);
+    if (index == t->inj.hang)
+        for (;;) pause();
+    moegen_open_options opts;
+    open_options(t, &t->cands[index], &opts);
+    moegen_layer *layer = NULL;
+    moegen_error err;
+    if (moegen_layer_open_file(t->o->spec_path, &opts, &layer, &err) != MOEGEN_OK) {
+        report_line(fd, "open: %.900s", err.message);
+        return 1;
+    }
+    moegen_weights weights;
+    moe_tensors_bind_weights(spec, t->ts, 0, &weights);
+    if (moegen_layer_bind(layer, &weights, &err) != MOEGEN_OK) {
+        report_line(fd, "bind: %.900s", err.message);
+        return 1;
+    }
+    /* Verify on the first verify_tokens tokens. */
+    moe_outputs out;
+    const int64_t most = t->o->counts[t->o->n_counts - 1];
+    if (moe_outputs_alloc(&out, spec, most > t->verify_tokens ? most : t->verify_tokens) != 0) {
+        report_line(fd, "out of memory");
+        return 1;
+    }
+    moegen_forward_io io = moe_outputs_io(&out, t->ts, 0);
+    io.n_tokens = t->verify_tokens;
+    if (moegen_layer_forward(layer, &io, &out.stats, &err) != MOEGEN_OK) {
+        report_line(fd, "forward: %.900s", err.message);
+        return 1;
+    }
+    if (index == t->inj.wrong) { /* the injected wrong answer: one element of y off by a lot */
+        if (spec->dtype == MOEGEN_DTYPE_FP32) ((float *)out.y)[0] += 1000.0f;
+        else ((uint16_t *)out.y)[0] ^= 0x4000;
+    }
+    moegen_kernel_weights kw;
+    moe_tensors_weights(t->ts, &kw);
+    const moe_kernel_result result = moe_outputs_result(&out);
+    moe_verify_report report;
+    memset(&report, 0, sizeof report);
+    if (moe_verify(spec, t->verify_tokens, t->ts->t[MOE_T_X].data, &kw, 0, t->verify_mask, &result, &report) != 0 ||
+        !report.ok) {
+        report_line(fd, "wrong output: %.900s", report.message);
+        return 1;
+    }
+    /* Time. */
+    char line[1024];
+    int at = snprintf(line, sizeof line, "ok");
+    double *times = calloc((size_t)t->o->repeat, sizeof *times);
+    if (!times) return 1;
+    for (int c = 0; c < t->o->n_counts; c++) {
+        io.n_tokens = t->o->counts[c];
+        for (long long r = -2; r < t->o->repeat; r++) {
+            const double start = now_s();
+            if (moegen_layer_forward(layer, &io, NULL, &err) != MOEGEN_OK) {
+                report_line(fd, "forward at %lld tokens: %.900s", (long long)io.n_tokens, err.message);
+                return 1;
+            }
+            if (r >= 0) times[r] = (now_s() - start) * 1e3;
+        }
+        qsort(times, (size_t)t->o->repeat, sizeof *times, compare_doubles);
+        at += snprintf(line + at, sizeof line - (size_t)at, " %.6g", times[t->o->repeat / 2]);
+    }
+    report_line(fd, "%s", line);
+    return 0; /* the process exits: no need to free */
+}
+
+/* ---- Progress ---------------------------------------------------------------------------------- */
+
+static void print_progress(tune_state *t, int index) {
+    const candidate *c = &t->cands[index];
+    const double elapsed = now_s() - t->started;
+    if (!t->tty) { /* JSON lines for logs and scripts */
+        fprintf(stderr, "{\"candidate\": %d, \"variant\": \"%s\", \"state\": \"%s\"", index, c->name,
+                c->state == CAND_PASS ? "PASS" : "FAIL");
+        if (c->state == CAND_PASS) {
+            fprintf(stderr, ", \"median_ms\": {");
+            for (int k = 0; k < t->o->n_counts; k++)
+                fprintf(stderr, "%s\"%lld\": %.6g", k ? ", " : "", t->o->counts[k], c->median_ms[k]);
+            fprintf(stderr, "}");
+        } else {
+            fprintf(stderr, ", \"why\": \"");
+            for (const char *p = c->why; *p; p++)
+                fprintf(stderr, *p == '"' || *p == '\\' ? "\\%c" : (unsigned char)*p < 32 ? " " : "%c", *p);
+            fprintf(stderr, "\"");
+        }
+        fprintf(stderr, ", \"done\": %d, \"total\": %d, \"elapsed_s\": %.1f}\n", t->done, t->total, elapsed);
+        return;
+    }
+    char best[256] = "";
+    int at = 0;
+    for (int k = 0; k < t->o->n_counts && at < (int)sizeof best - 40; k++) {
+        double b = INFINITY;
+        for (int i = 0; i < t->n_cands; i++)
+            if (t->cands[i].state == CAND_PASS && t->cands[i].median_ms[k] < b) b = t->cands[i].median_ms[k];
+        at += snprintf(best + at, sizeof best - (size_t)at, " %lld:%s%.3gms", t->o->counts[k], isinf(b) ? "-" : "",
+                       isinf(b) ? 0.0 : b);
+    }
+    const double eta = t->done ? elapsed / t->done * (t->total - t->done) : 0.0;
+    fprintf(stderr, "\r\033[K[%d/%d] best%s | %.0f s, ETA %.0f s", t->done, t->total, best, elapsed, eta);
+    fflush(stderr);
+}
+
+static void compiled(void *ctx, int index, const char *report, const char *why) {
+    tune_state *t = ctx;
+    (void)report;
+    if (why[0]) {
+        t->cands[index].state = CAND_FAIL;
+        snprintf(t->cands[index].why, sizeof t->cands[index].why, "%s", why);
+        t->done++;
+        print_progress(t, index);
+    }
+}
+
+static void measured(void *ctx, int index, const char *report, const char *why) {
+    tune_state *t = ctx;
+    candidate *c = &t->cands[index];
+    t->done++;
+    if (why[0] || strncmp(report, "ok", 2) != 0) {
+        c->state = CAND_FAIL;
+        snprintf(c->why, sizeof c->why, "%s", why[0] ? why : report);
+    } else {
+        c->state = CAND_PASS;
+        const char *p = report + 2;
+        for (int k = 0; k < t->o->n_counts; k++) {
+            char *end;
+            c->median_ms[k] = strtod(p, &end);
+            if (end == p) {
+                c->state = CAND_FAIL;
+                snprintf(c->why, sizeof c->why, "unreadable report '%.200s'", report);
+                break;
+            }
+            p = end;
+        }
+    }
+    print_progress(t, index);
+}
+
+/* Compile then measure candidates [first, last) that are still pending, within the budget. */
+static void run_stage(tune_state *t, int first, int last) {
+    int indices[MAX_CANDIDATES] = {0}, n = 0;
+    for (int i = first; i < last; i++)
+        if (t->cands[i].state == CAND_PENDING) {
+            if (now_s() - t->started > (double)t->o->budget_s && i > 0) {
+                t->cands[i].state = CAND_SKIPPED;
+                snprintf(t->cands[i].why, sizeof t->cands[i].why, "budget of %lld s spent", t->o->budget_s);
+                continue;
+            }
+            indices[n++] = i;
+        }
+    t->total += n;
+    /* Compiles: the compiler's own time limit applies inside; this one only catches a child stuck elsewhere. */
+    run_children(indices, n, (int)t->o->jobs, 900.0, compile_body, t, compiled, t);
+    int to_measure[MAX_CANDIDATES], m = 0;
+    for (int i = 0; i < n; i++)
+        if (t->cands[indices[i]].state == CAND_PENDING) to_measure[m++] = indices[i];
+    for (int i = 0; i < m; i++) { /* one at a time: timings must not share the CPUs */
+        if (now_s() - t->started > (double)t->o->budget_s && to_measure[i] > 0) {
+            t->cands[to_measure[i]].state = CAND_SKIPPED;
+            snprintf(t->cands[to_measure[i]].why, sizeof t->cands[to_measure[i]].why, "budget of %lld s spent",
+                     t->o->budget_s);
+            t->total--;
+            continue;
+        }
+        double limit = t->o->timeout_s > 0 ? (double)t->o->timeout_s : 30.0;
+        if (t->o->timeout_s == 0 && t->cands[0].state == CAND_PASS) {
+            double total_ms = 0;
+            for (int k = 0; k < t->o->n_counts; k++) total_ms += t->cands[0].median_ms[k] * (double)(t->o->repeat + 2);
+            limit += 20.0 * total_ms / 1e3;
+        } else if (t->o->timeout_s == 0) {
+            limit = 600.0; /* the default variant itself: no reference time yet */
+        }
+        run_children(&to_measure[i], 1, 1, limit, measure_body, t, measured, t);
+    }
+}
+
+/* ---- The command ------------------------------------------------------------------------------- */
+
+static int add_candidate(tune_state *t, const moegen_variant *v) {
+    for (int i = 0; i < t->n_cands; i++)
+        if (!memcmp(&t->cands[i].variant.cpu, &v->cpu, sizeof v->cpu)) return 0;
+    if (t->n_cands == MAX_CANDIDATES) return 0;
+    candidate *c = &t->cands[t->n_cands++];
+    memset(c, 0, sizeof *c);
+    c->variant = *v;
+    moegen_variant_overrides(v, c->overrides, sizeof c->overrides);
+    moegen_variant_name(t->spec, v, c->name, sizeof c->name);
+    c->state = CAND_PENDING;
+    return 1;
+}
+
+/* Bucket k covers the token counts nearer (geometrically) to counts[k] than to its neighbours. */
+static void bucket_range(const tune_options *o, int k, int64_t *lo, int64_t *hi) {
+    *lo = k == 0 ? 1 : (int64_t)floor(sqrt((double)o->counts[k - 1] * (double)o->counts[k])) + 1;
+    *hi = k + 1 == o->n_counts ? INT64_MAX : (int64_t)floor(sqrt((double)o->counts[k] * (double)o->counts[k + 1]));
+    if (*lo > o->counts[k]) *lo = o->counts[k];
+    if (*hi < o->counts[k]) *hi = o->counts[k];
+}
+
+static int best_for(const tune_state *t, int k) {
+    int best = -1;
+    for (int i = 0; i < t->n_cands; i++)
+        if (t->cands[i].state == CAND_PASS && (best < 0 || t->cands[i].median_ms[k] < t->cands[best].median_ms[k]))
+            best = i;
+    return best;
+}
+
+int moegen_cli_tune(int argc, char **argv) {
+    if (moegen_cli_wants_help(argc, argv)) {
+        fputs(usage_tune, stdout);
+        return 0;
+    }
+    tune_options o;
+    if (parse_options(argc, argv, &o)) return 1;
+    moegen_error err;
+    moegen_spec spec;
+    if (moegen_spec_load_file(o.spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
+    int rc = 1;
+    tune_state t;
+    memset(&t, 0, sizeof t);
+    moe_tensors ts;
+    memset(&ts, 0, sizeof ts);
+    t.o = &o;
+    t.spec = &spec;
+    t.tty = isatty(2);
+    t.started = now_s();
+    read_injection(&t.inj);
+    t.cands = calloc(MAX_CANDIDATES, sizeof *t.cands);
+    moegen_variant *space = calloc(MAX_CANDIDATES, sizeof *space);
+    if (!t.cands || !space) {
+        moegen_cli_error("tune: out of memory");
+        goto done;
+    }
+    if (spec.ep_size > 1) {
+        moegen_cli_error("tune: %s: ep_size %d: expert-parallel layers are not tuned in this version (tune the "
+                         "same spec with ep_size 1 on one rank)",
+                         o.spec_path, spec.ep_size);
+        goto done;
+    }
+    moegen_host_compiler cc;
+    if (moegen_host_compiler_probe(&cc, &err) != MOEGEN_OK) {
+        moegen_cli_error("%s", err.message);
+        goto done;
+    }
+    const moegen_target target = moegen_host_compiler_target(&cc);
+
+    /* The tensors, once, before any child forks (children share them copy-on-write). */
+    const int64_t most = o.counts[o.n_counts - 1];
+    t.verify_tokens = most < 64 ? most : 64;
+    if (moe_tensors_alloc(&spec, most > t.verify_tokens ? most : t.verify_tokens, &ts) != 0) {
+        moegen_cli_error("tune: out of memory allocating tensors for %lld tokens", (long long)most);
+        goto done;
+    }
+    moe_tensors_fill(&ts, (uint64_t)o.seed);
+    apply_routing(&spec, &ts, o.zipf, (uint64_t)o.seed);
+    if (o.replay_dir && replay_routing(&spec, &ts, o.replay_dir)) goto done;
+    t.ts = &ts;
+    t.verify_mask = malloc((size_t)t.verify_tokens);
+    if (!t.verify_mask) goto done;
+    /* Verify as many tokens as a reference budget of ~2 GFLOP allows (at least 4). */
+    const double per_token = 6.0 * (double)spec.top_k * (double)spec.hidden_size * (double)spec.moe_intermediate_size;
+    int64_t verified = (int64_t)(2e9 / (per_token > 1 ? per_token : 1));
+    if (verified < 4) verified = 4;
+    for (int64_t i = 0; i < t.verify_tokens; i++)
+        t.verify_mask[i] = verified >= t.verify_tokens || i % (t.verify_tokens / verified + 1) == 0;
+
+    /* Stage 1: the coarse space (the default first). */
+    int n_invalid = 0, invalid_stage = 0;
+    const int n_space = moegen_variant_space(&spec, &target, NULL, space, MAX_CANDIDATES, &invalid_stage);
+    n_invalid += invalid_stage;
+    for (int i = 0; i < n_space; i++) add_candidate(&t, &space[i]);
+    fprintf(stderr, "moegen tune: %s, %d token counts, routing %s, %d coarse candidates (%d invalid), budget %lld s\n",
+            spec.name, o.n_counts, o.routing, n_space, invalid_stage, o.budget_s);
+    run_stage(&t, 0, t.n_cands);
+    if (t.cands[0].state != CAND_PASS) {
+        if (t.tty) fputc('\n', stderr);
+        moegen_cli_error("tune: the default variant failed (%s): nothing to compare with", t.cands[0].why);
+        goto done;
+    }
+    /* Stage 2: blockings around each bucket's best. */
+    const int stage2 = t.n_cands;
+    for (int k = 0; k < o.n_counts; k++) {
+        const int b = best_for(&t, k);
+        if (b < 0) continue;
+        const int n_fine = moegen_variant_space(&spec, &target, &t.cands[b].variant, space, MAX_CANDIDATES,
+                                                &invalid_stage);
+        n_invalid += invalid_stage;
+        for (int i = 0; i < n_fine; i++) add_candidate(&t, &space[i]);
+    }
+    run_stage(&t, stage2, t.n_cands);
+    if (t.tty) fputc('\n', stderr);
+
+    /* The table and the database. */
+    int n_pass = 0, n_fail = 0, n_skipped = 0;
+    for (int i = 0; i < t.n_cands; i++) {
+        n_pass += t.cands[i].state == CAND_PASS;
+        n_fail += t.cands[i].state == CAND_FAIL;
+        n_skipped += t.cands[i].state == CAND_SKIPPED;
+    }
+    moegen_tuning_db *db = calloc(1, sizeof *db);
+    if (!db) goto done;
+    moegen_tuning_db_init(db);
+    char shape[256], device[160], family[64];
+    moegen_variant_shape_key(&spec, MOEGEN_BACKEND_CPU, shape, sizeof shape);
+    moegen_host_compiler_device(&cc, device, sizeof device, family, sizeof family);
+    snprintf(db->device, sizeof db->device, "%s", device);
+    snprintf(db->family, sizeof db->family, "%s", family);
+    snprintf(db->shape, sizeof db->shape, "%s", shape);
+    snprintf(db->routing, sizeof db->routing, "%s", o.routing);
+    const time_t now = time(NULL);
+    struct tm utc;
+    gmtime_r(&now, &utc);
+    strftime(db->date, sizeof db->date, "%Y-%m-%dT%H:%M:%SZ", &utc);
+    db->threads = (int)o.threads;
+    if (db->threads == 0) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        db->threads = cpus > 0 ? (int)cpus : 1;
+    }
+    db->n_buckets = o.n_counts;
+    printf("moegen tune: %s on %s (%s), routing %s, %d threads\n", spec.name, device, family, o.routing, db->threads);
+    printf("| tokens | timed | best variant | median | default | speedup |\n|---|---:|---|---:|---:|---:|\n");
+    for (int k = 0; k < o.n_counts; k++) {
+        moegen_tuning_bucket *bk = &db->buckets[k];
+        const int b = best_for(&t, k);
+        bucket_range(&o, k, &bk->min_tokens, &bk->max_tokens);
+        bk->timed_tokens = o.counts[k];
+        bk->median_ms = t.cands[b].median_ms[k];
+        bk->default_ms = t.cands[0].median_ms[k];
+        snprintf(bk->variant, sizeof bk->variant, "%s", b == 0 ? "" : t.cands[b].overrides);
+        snprintf(bk->variant_name, sizeof bk->variant_name, "%s", t.cands[b].name);
+        char upper[24];
+        if (bk->max_tokens == INT64_MAX) snprintf(upper, sizeof upper, "inf");
+        else snprintf(upper, sizeof upper, "%lld", (long long)bk->max_tokens);
+        printf("| %lld-%s | %lld | %s | %.4f ms | %.4f ms | %.2fx |\n", (long long)bk->min_tokens, upper,
+               o.counts[k], t.cands[b].name, bk->median_ms, bk->default_ms, bk->default_ms / bk->median_ms);
+    }
+    printf("candidates: %d PASS, %d FAIL, %d INVALID, %d SKIPPED (budget); %.0f s\n", n_pass, n_fail, n_invalid,
+           n_skipped, now_s() - t.started);
+    for (int i = 0; i < t.n_cands; i++)
+        if (t.cands[i].state == CAND_FAIL) printf("  FAIL %s: %.240s\n", t.cands[i].name, t.cands[i].why);
+    if (o.write) {
+        char dir_storage[MOEGEN_TUNING_DIRS_STORAGE_BYTES], path[4096 + MOEGEN_TUNING_FILE_NAME_BYTES];
+        char name[MOEGEN_TUNING_FILE_NAME_BYTES];
+        const char *dirs[4];
+        const char *dir = o.out_dir;
+        if (!dir) {
+            const int n_dirs = moegen_tuning_default_dirs(NULL, dirs, 4, dir_storage, sizeof dir_storage);
+            dir = n_dirs > 0 ? dirs[0] : ".";
+        }
+        moegen_tuning_db_file_name(shape, device, name, sizeof name);
+        snprintf(path, sizeof path, "%s/%s", dir, name);
+        if (moegen_tuning_db_write(path, db, &err) != MOEGEN_OK) {
+            free(db);
+            moegen_cli_error("tune: %s", err.message);
+            goto done;
+        }
+        printf("database: %s\n", path);
+    }
+    free(db);
+    rc = 0;
+done:
+    free(t.cands);
+    free(space);
+    free(t.verify_mask);
+    moe_tensors_free(&ts);
+    moegen_spec_free(&spec);
+    return rc;
+}

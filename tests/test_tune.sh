@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# test_tune.sh — `moegen tune` end to end on a tiny spec with a small budget: the table, the
+# database, a layer that then runs the tuned variants (and says so), and the candidates that
+# must fail without taking the tuner down (injected: a compile failure, a crash, a hang, a
+# wrong answer), each with its label; corrupt and stale databases fall back to the default
+# with a warning; another CPU of the same family uses the file through the family rung.
+# Needs MOEGEN_BINARY and MOEGEN_SOURCE_DIR (set by CTest).
+set -u
+moegen=${MOEGEN_BINARY:?}
+work=$(mktemp -d /tmp/moegen-tune-XXXXXX)
+trap 'rm -rf "$work"' EXIT
+. "$(dirname "$0")/check_lib.sh"
+
+spec=$work/tiny.yaml
+printf 'name: tiny_tune\nnum_experts: 6\nnum_experts_per_tok: 2\nhidden_size: 32\nmoe_intermediate_size: 48\ndtype: fp32\n' >"$spec"
+db=$work/db
+common=(--cache-dir "$work/cache")
+
+expect "tune: a tiny spec with faults injected into candidates 1-4" 0 \
+    env MOEGEN_TUNE_INJECT="compile:1,crash:2,hang:3,wrong:4" \
+    "$moegen" tune "$spec" --tokens 1,8,64 --budget 25 --timeout 8 --repeat 3 --jobs 2 --out "$db" "${common[@]}"
+contains "tune prints the table" "| tokens | timed | best variant | median | default | speedup |"
+contains "tune: the first bucket starts at 1" "| 1-2 | 1 |"
+contains "tune: the last bucket is open" "| 23-inf | 64 |"
+contains "tune: a compile failure is FAIL with the compiler's reason" "compile: "
+contains "tune: a crash is FAIL with the signal" "crashed: signal 11"
+contains "tune: a hang is killed at its time limit" "timeout: no result within 8 s (killed)"
+contains "tune: a wrong answer is FAIL from the verifier" "wrong output: "
+contains "tune: PASS / FAIL / INVALID counts" "4 FAIL"
+contains "tune: says where the database went" "database: $db/"
+file=$(find "$db" -name '*.tune' | head -1)
+if [ -n "$file" ] && grep -q '^bucket 1-2 ' "$file" && grep -q '^routing: skewed$' "$file"; then
+    pass "tune: the database file has the buckets and the routing"
+else
+    fail "tune: no database file with the buckets under $db"
+fi
+# The winners never come from a failed candidate: the table names only PASS variants.
+table_variants=$(printf '%s\n' "$out" | grep '^| [0-9]' | awk -F'|' '{gsub(/ /, "", $4); print $4}')
+failed_variants=$(printf '%s\n' "$out" | grep '^  FAIL ' | awk '{print $2}' | tr -d ':')
+bad=0
+for v in $table_variants; do printf '%s\n' "$failed_variants" | grep -qx -- "$v" && bad=1; done
+if [ "$bad" -eq 0 ]; then pass "tune: no failed candidate wins a bucket"; else fail "tune: a failed candidate won"; fi
+
+expect "a layer of the tuned shape uses the database" 0 env MOEGEN_TUNING_DIR="$db" "$moegen" run "$spec" --tokens 40 "${common[@]}"
+contains "run says which rung and file" "tuning: exact: $file"
+contains "the tuned layer verifies" "verify against the double-precision reference"
+lacks "the tuned layer verifies ok" "FAILED"
+expect "--no-tuning runs the default" 0 env MOEGEN_TUNING_DIR="$db" "$moegen" run "$spec" --tokens 40 --no-tuning "${common[@]}"
+contains "--no-tuning is reported" "tuning: default heuristic (tuning off)"
+expect "--variant wins over the database" 0 env MOEGEN_TUNING_DIR="$db" "$moegen" run "$spec" --tokens 4 --variant tile_rows=2 "${common[@]}"
+contains "--variant is reported" "tuning: explicit variant"
+
+# Another CPU of the same family: the family rung.
+other=$(dirname "$file")/cpu-Another-Model-Of-The-Family.tune
+sed 's/^device: .*/device: cpu Another Model Of The Family/' "$file" >"$other"
+mv "$file" "$work/exact.tune"
+expect "a same-family file is used" 0 env MOEGEN_TUNING_DIR="$db" "$moegen" run "$spec" --tokens 4 "${common[@]}"
+contains "run reports the family rung" "tuning: family: $other"
+rm -f "$other"
+mv "$work/exact.tune" "$file"
+
+# Corrupt and stale files: a warning and the default, never a failure.
+cp "$file" "$work/good.tune"
+printf 'bucket 2-1 nonsense\n' >>"$file"
+expect "a corrupt database still opens" 0 env MOEGEN_TUNING_DIR="$db" "$moegen" run "$spec" --tokens 4 "${common[@]}"
+contains "a corrupt database is a warning naming the file" "warning: "
+contains "a corrupt database falls back to the default" "tuning: default heuristic"
+sed 's/^moegen: .*/moegen: 0.0.1/' "$work/good.tune" >"$file"
+expect "a stale database still opens" 0 env MOEGEN_TUNING_DIR="$db" "$moegen" run "$spec" --tokens 4 "${common[@]}"
+contains "a stale database is a warning saying so" "0.0.1"
+contains "a stale database falls back to the default" "tuning: default heuristic"
+cp "$work/good.tune" "$file"
+
+# Bad requests are one-line errors.
+printf 'name: tiny_ep\nep_size: 2\nnum_experts: 4\nnum_experts_per_tok: 1\nhidden_size: 16\nmoe_intermediate_size: 16\n' >"$work/ep.yaml"
+expect "tune refuses an expert-parallel spec" 1 "$moegen" tune "$work/ep.yaml" --no-write "${common[@]}"
+contains "the ep refusal says why" "expert-parallel layers are not tuned"
+expect "tune refuses an unknown routing" 1 "$moegen" tune "$spec" --routing lumpy
+contains "the routing error lists the choices" "skewed, uniform, zipf:S or from:DIR"
+# Replaying saved routing: a run's topk_ids drive the timed tokens.
+expect "run --save writes topk_ids" 0 "$moegen" run "$spec" --tokens 20 --save "$work/saved" "${common[@]}"
+expect "tune --routing from:DIR" 0 "$moegen" tune "$spec" --routing from:"$work/saved" --tokens 1,16 --budget 5 \
+    --repeat 2 --no-write "${common[@]}"
+contains "the replay is announced" "replaying the routing of 20 saved tokens"
+python3 -c "import numpy" 2>/dev/null && python3 - "$work/bad" <<'PY'
+import numpy as np, os, sys
+os.makedirs(sys.argv[1], exist_ok=True)
+np.save(os.path.join(sys.argv[1], "topk_ids.npy"), np.array([[0, 0]], dtype=np.int32))
+PY
+if [ -f "$work/bad/topk_ids.npy" ]; then
+    expect "a saved routing naming one expert twice is refused" 1 "$moegen" tune "$spec" --routing from:"$work/bad" --no-write
+    contains "the refusal names the token" "token 0 names expert 0 twice"
+fi
+expect "tune refuses decreasing token counts" 1 "$moegen" tune "$spec" --tokens 8,2
+expect "tune --help" 0 "$moegen" tune --help
+contains "tune --help shows usage" "usage: moegen tune"
+
+finish
