@@ -7,7 +7,8 @@
  *           modules)
  *        -> one child per candidate, one at a time: open (cache hit), bind the weights the
  *           parent made before forking, verify against the double-precision reference,
- *           time every bucket's token count (warm-up, repeats, median)
+ *           time every bucket's token count (a warm-up, repeats, median; a candidate 3x
+ *           slower than the best so far at a count stops being timed there)
  *        -> table, database.
  *
  * Isolation: a candidate that fails to compile, crashes, hangs past its time limit or
@@ -74,6 +75,7 @@ static const char usage_tune[] =
 
 #define MAX_COUNTS 16
 #define MAX_CANDIDATES 256
+#define PRUNE_FACTOR 3.0 /* a candidate this many times slower than the best stops being timed */
 
 typedef enum { CAND_PENDING, CAND_PASS, CAND_FAIL, CAND_SKIPPED } cand_state;
 
@@ -438,6 +440,7 @@ typedef struct tune_state {
     moe_tensors *ts; /* made once, before the children fork */
     int64_t verify_tokens;
     uint8_t *verify_mask;
+    double best_ms[MAX_COUNTS]; /* best median so far per token count (INFINITY: none yet) */
     /* progress */
     int done, total;
     double started;
@@ -538,13 +541,22 @@ static int measure_body(int index, int fd, void *ctx) {
     if (!times) return 1;
     for (int c = 0; c < t->o->n_counts; c++) {
         io.n_tokens = t->o->counts[c];
-        for (long long r = -2; r < t->o->repeat; r++) {
+        int pruned = 0;
+        for (long long r = -1; r < t->o->repeat && !pruned; r++) {
             const double start = now_s();
             if (moegen_layer_forward(layer, &io, NULL, &err) != MOEGEN_OK) {
                 report_line(fd, "forward at %lld tokens: %.900s", (long long)io.n_tokens, err.message);
                 return 1;
             }
-            if (r >= 0) times[r] = (now_s() - start) * 1e3;
+            const double ms = (now_s() - start) * 1e3;
+            if (r >= 0) times[r] = ms;
+            /* Pruned: the first timed run already over PRUNE_FACTOR x the best median so far
+             * (known when this child forked) cannot win this count; it is not timed further. */
+            pruned = r == 0 && ms > PRUNE_FACTOR * t->best_ms[c];
+        }
+        if (pruned) {
+            at += snprintf(line + at, sizeof line - (size_t)at, " inf");
+            continue;
         }
         qsort(times, (size_t)t->o->repeat, sizeof *times, compare_doubles);
         at += snprintf(line + at, sizeof line - (size_t)at, " %.6g", times[t->o->repeat / 2]);
@@ -563,8 +575,10 @@ static void print_progress(tune_state *t, int index) {
                 c->state == CAND_PASS ? "PASS" : "FAIL");
         if (c->state == CAND_PASS) {
             fprintf(stderr, ", \"median_ms\": {");
-            for (int k = 0; k < t->o->n_counts; k++)
-                fprintf(stderr, "%s\"%lld\": %.6g", k ? ", " : "", t->o->counts[k], c->median_ms[k]);
+            for (int k = 0; k < t->o->n_counts; k++) {
+                fprintf(stderr, "%s\"%lld\": ", k ? ", " : "", t->o->counts[k]);
+                fprintf(stderr, isinf(c->median_ms[k]) ? "null" : "%.6g", c->median_ms[k]); /* null: pruned */
+            }
             fprintf(stderr, "}");
         } else {
             fprintf(stderr, ", \"why\": \"");
@@ -618,6 +632,7 @@ static void measured(void *ctx, int index, const char *report, const char *why) 
                 snprintf(c->why, sizeof c->why, "unreadable report '%.200s'", report);
                 break;
             }
+            if (c->median_ms[k] < t->best_ms[k]) t->best_ms[k] = c->median_ms[k];
             p = end;
         }
     }
@@ -713,6 +728,7 @@ int moegen_cli_tune(int argc, char **argv) {
     t.tty = isatty(2);
     t.started = now_s();
     read_injection(&t.inj);
+    for (int k = 0; k < MAX_COUNTS; k++) t.best_ms[k] = INFINITY;
     t.cands = calloc(MAX_CANDIDATES, sizeof *t.cands);
     moegen_variant *space = calloc(MAX_CANDIDATES, sizeof *space);
     if (!t.cands || !space) {
