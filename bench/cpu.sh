@@ -3,7 +3,7 @@
 # same run, with the ratios and the machine's limits (bench/cpu_bench.py says what is measured).
 #
 #   bench/cpu.sh [--quick] [--specs a,b] [--dtypes fp32,bf16] [--tokens 1,16,128,1024,4096]
-#                [--threads 1,2] [--rounds N] [--max-gflop X] [--out DIR] [--no-torch] ...
+#                [--threads 1,2] [--rounds N] [--max-gflop X] [--evict-mb N] [--out DIR] [--no-torch] ...
 #
 # It installs what it needs, idempotently: Debian packages (apt-get: compilers, CMake, OpenBLAS),
 # ggml built from the llama.cpp sources that the llama-cpp-python sdist ships (pip download, then

@@ -117,6 +117,8 @@ typedef struct worker {
     char blas_why[256];
     ggml_moe *ggml;
     char ggml_why[256];
+    unsigned char *evict;     /* --evict-mb: written before every timed call (evict_caches) */
+    size_t evict_bytes;
 } worker;
 
 /* What the anchors cannot express: the spec is skipped with the reason. */
@@ -224,6 +226,29 @@ static void print_ready(const worker *w, double fill_ms) {
     printf(", \"ggml\": ");
     json_string(stdout, ggml_moe_version());
     printf(", \"fill_ms\": %.1f}\n", fill_ms);
+    fflush(stdout);
+}
+
+/* Cold-cache timing (--evict-mb): before every timed call, every implementation alike, the
+ * worker writes and reads a buffer larger than the last-level cache, as the other layers of a
+ * model do between two calls of one layer; without it, decode timings of layers whose touched
+ * weights fit in the cache measure the cache, not memory. */
+static void evict_caches(worker *w) {
+    if (!w->evict_bytes) return;
+    volatile unsigned char *p = w->evict;
+    for (size_t i = 0; i < w->evict_bytes; i += 64) p[i] = (unsigned char)(p[i] + 1);
+}
+
+static void cmd_evict(worker *w, long long megabytes) {
+    free(w->evict);
+    w->evict = NULL;
+    w->evict_bytes = 0;
+    if (megabytes > 0) {
+        w->evict_bytes = (size_t)megabytes << 20;
+        w->evict = calloc(1, w->evict_bytes);
+        if (!w->evict) w->evict_bytes = 0;
+    }
+    printf("{\"event\": \"evict\", \"bytes\": %zu}\n", w->evict_bytes);
     fflush(stdout);
 }
 
@@ -392,6 +417,7 @@ static void cmd_time(worker *w, const char *impl, int n) {
         return;
     }
     for (int i = 0; i < n; i++) {
+        evict_caches(w);
         const double t0 = now_ms();
         if (impl[0] == 'm') {
             if (moegen_call(w, 0) != 0) {
@@ -525,6 +551,10 @@ int main(int argc, char **argv) {
         int b = 0;
         if (sscanf(line, "%31s", cmd) != 1) continue;
         if (!strcmp(cmd, "quit")) break;
+        if (!strcmp(cmd, "evict") && sscanf(line, "%*s %lld", &a) == 1 && a >= 0) {
+            cmd_evict(&w, a);
+            continue;
+        }
         if (!strcmp(cmd, "prepare") && sscanf(line, "%*s %lld %d", &a, &b) == 2) cmd_prepare(&w, a, b);
         else if (!strcmp(cmd, "time") && sscanf(line, "%*s %31s %d", impl, &b) == 2 && b > 0) cmd_time(&w, impl, b);
         else if (!strcmp(cmd, "check") && w.layer) cmd_check(&w);
@@ -538,6 +568,7 @@ int main(int argc, char **argv) {
     if (w.shm) munmap(w.shm, w.shm_bytes);
     if (w.shm_fd >= 0) close(w.shm_fd);
     free(w.canonical);
+    free(w.evict);
     free(w.counts_after);
     free(w.y_anchor);
     moegen_spec_free(&w.spec);

@@ -258,6 +258,8 @@ def time_round(impl, worker, block, reps, warm):
         out = []
         with torch.inference_mode():
             for i in range(warm + reps):
+                if block.evict is not None:  # --evict-mb, as the worker does for the others
+                    block.evict += 1
                 t0 = time.perf_counter()
                 block.last = block()
                 dt = (time.perf_counter() - t0) * 1e3
@@ -279,6 +281,7 @@ def run_shape(args, worker, info, tensors, torch, S, T, raw):
         try:
             torch.set_num_threads(T)
             block = MixtralStyleBlock(torch, info, tensors, S)
+            block.evict = (torch.zeros(args.evict_mb << 18, dtype=torch.float32) if args.evict_mb else None)
             with torch.inference_mode():
                 t0 = time.perf_counter()
                 y = block()
@@ -444,6 +447,10 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="demo + qwen3-30b-a3b, S in {1, 128}, 3 rounds: a sanity run of a few minutes")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows")
+    ap.add_argument("--evict-mb", type=int, default=0,
+                    help="before every timed call, every implementation writes a buffer of this many MiB "
+                         "(make it over the last-level cache): cold-cache timings, as in a model whose other "
+                         "layers run between two calls of this one; 0: warm (default: %(default)s)")
     ap.add_argument("--out", help="folder for results.md, rows.jsonl, limits, raw logs, commands and machine info")
     ap.add_argument("--json", help="the JSON lines file (OUT/rows.jsonl with --out, else build-bench/cpu-bench.jsonl)")
     ap.add_argument("--worker", default=os.path.join(ROOT, "build-bench", "moegen", "moegen_cpu_bench"),
@@ -506,6 +513,8 @@ def main():
                     notes.append(f"{spec_name} {dtype}: skipped: {ready.get('message')}")
                     log("   " + notes[-1])
                     continue
+                if args.evict_mb:
+                    worker.ask(f"evict {args.evict_mb}")
                 notes.append(f"{spec_name} {dtype}: E={ready['E']} k={ready['k']} H={ready['H']} F={ready['F']} "
                              f"{ready['activation']}, {ready['n_shared']} shared, capacity {ready['capacity']}; "
                              f"openblas: {ready['openblas']}; {ready['ggml']}")
