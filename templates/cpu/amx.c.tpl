@@ -48,10 +48,13 @@ static int amx_usable(void) {
 
 /* Weight tiles are 16 rows a row stride apart: 16 (or 32) streams at once, more than the
  * hardware prefetchers follow. Each k step asks for the 64 bytes AMX_PREFETCH steps ahead
- * of every row (a prefetch past the tensor's end is harmless). */
+ * of every row. Near a tensor's end that address is past it: a prefetch never faults, and
+ * the address is formed as an integer, not by pointer arithmetic beyond the array. */
 #define AMX_PREFETCH 8
-static inline void amx_prefetch_rows(const elem_t *tile, int64_t stride) {
-    for (int r = 0; r < AMX_BLOCK; r++) _mm_prefetch((const char *)(tile + r * stride), _MM_HINT_T0);
+static inline void amx_prefetch_rows(const elem_t *tile, int64_t k_ahead, int64_t stride) {
+    const uintptr_t first = (uintptr_t)tile + (uintptr_t)k_ahead * sizeof(elem_t);
+    for (int r = 0; r < AMX_BLOCK; r++)
+        _mm_prefetch((const char *)(first + (uintptr_t)(r * stride) * sizeof(elem_t)), _MM_HINT_T0);
 }
 
 /* Every tile 16 rows of 64 bytes: C tiles 0-3, B tiles 4-5, A tiles 6-7. Tile state is per
@@ -147,8 +150,8 @@ static void ${n}_amx_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0
             _tile_zero(2);
             _tile_zero(3);
             for (int64_t kb = 0; kb < HIDDEN / 32; kb++) {
-                amx_prefetch_rows(a0 + (kb + AMX_PREFETCH) * 32, HIDDEN);
-                if (second) amx_prefetch_rows(a1 + (kb + AMX_PREFETCH) * 32, HIDDEN);
+                amx_prefetch_rows(a0, (kb + AMX_PREFETCH) * 32, HIDDEN);
+                if (second) amx_prefetch_rows(a1, (kb + AMX_PREFETCH) * 32, HIDDEN);
                 _tile_loadd(4, x0 + kb * 16 * AMX_BLOCK, 64);
                 _tile_loadd(6, a0 + kb * 32, HIDDEN * 2);
                 _tile_dpbf16ps(0, 6, 4);
@@ -233,8 +236,8 @@ static void ${n}_amx_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0
             _tile_zero(2);
             _tile_zero(3);
             for (int64_t kb = 0; kb < ${F} / 32; kb++) {
-                amx_prefetch_rows(a0 + (kb + AMX_PREFETCH) * 32, ${F});
-                if (second) amx_prefetch_rows(a1 + (kb + AMX_PREFETCH) * 32, ${F});
+                amx_prefetch_rows(a0, (kb + AMX_PREFETCH) * 32, ${F});
+                if (second) amx_prefetch_rows(a1, (kb + AMX_PREFETCH) * 32, ${F});
                 _tile_loadd(4, h0 + kb * 16 * AMX_BLOCK, 64);
                 _tile_loadd(6, a0 + kb * 32, ${F} * 2);
                 _tile_dpbf16ps(0, 6, 4);
