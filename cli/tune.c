@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -840,6 +841,9 @@ int moegen_cli_tune(int argc, char **argv) {
     }
     printf("candidates: %d PASS, %d FAIL, %d INVALID, %d SKIPPED (budget); %.0f s\n", n_pass, n_fail, n_invalid,
            n_skipped, now_s() - t.started);
+    struct rusage usage;
+    if (getrusage(RUSAGE_SELF, &usage) == 0) /* the modules are loaded in children: this does not grow with them */
+        printf("tuner process peak memory: %.1f MiB\n", (double)usage.ru_maxrss / 1024.0);
     for (int i = 0; i < t.n_cands; i++)
         if (t.cands[i].state == CAND_FAIL) printf("  FAIL %s: %.240s\n", t.cands[i].name, t.cands[i].why);
     if (o.write) {

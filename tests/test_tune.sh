@@ -41,6 +41,20 @@ bad=0
 for v in $table_variants; do printf '%s\n' "$failed_variants" | grep -qx -- "$v" && bad=1; done
 if [ "$bad" -eq 0 ]; then pass "tune: no failed candidate wins a bucket"; else fail "tune: a failed candidate won"; fi
 
+# The tuner's own memory does not grow with the candidates (each is loaded in a child): a sweep
+# of one timed candidate and the sweep above peak within 16 MiB of each other.
+peak_many=$(printf '%s\n' "$out" | sed -n 's/^tuner process peak memory: \([0-9.]*\) MiB$/\1/p')
+candidates_many=$(printf '%s\n' "$out" | sed -n 's/^candidates: \([0-9]*\) PASS.*/\1/p')
+expect "tune: a sweep that times only the default" 0 "$moegen" tune "$spec" --tokens 1,8,64 --budget 1 --repeat 1 \
+    --no-write "${common[@]}"
+peak_one=$(printf '%s\n' "$out" | sed -n 's/^tuner process peak memory: \([0-9.]*\) MiB$/\1/p')
+if [ -n "$peak_many" ] && [ -n "$peak_one" ] &&
+    awk -v a="$peak_many" -v b="$peak_one" 'BEGIN { exit !(a - b < 16) }'; then
+    pass "tune: peak memory $peak_many MiB over $candidates_many PASS candidates vs $peak_one MiB for one"
+else
+    fail "tune: peak memory grew with the candidates: '$peak_many' MiB vs '$peak_one' MiB"
+fi
+
 expect "a layer of the tuned shape uses the database" 0 env MOEGEN_TUNING_DIR="$db" "$moegen" run "$spec" --tokens 40 "${common[@]}"
 contains "run says which rung and file" "tuning: exact: $file"
 contains "the tuned layer verifies" "verify against the double-precision reference"
