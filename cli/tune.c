@@ -384,8 +384,10 @@ static void reap(child *c, int killed_for_time, double limit_s, char *why, size_
     why[0] = '\0';
     if (killed_for_time) snprintf(why, size, "timeout: no result within %.0f s (killed)", limit_s);
     else if (WIFSIGNALED(status)) snprintf(why, size, "crashed: signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
-    else if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
-        snprintf(why, size, "%s", c->report_len ? c->report : "failed without a message");
+    else if (WIFEXITED(status) && WEXITSTATUS(status) != 0 && c->report_len)
+        snprintf(why, size, "%s", c->report);
+    else if (WIFEXITED(status) && WEXITSTATUS(status) != 0) /* e.g. a crash a sanitizer's handler caught */
+        snprintf(why, size, "exited with status %d without a report (its stderr says why)", WEXITSTATUS(status));
 }
 
 /* Run body for every index in `indices` with at most `parallel` children at once, each
@@ -491,7 +493,10 @@ static int compile_body(int index, int fd, void *ctx) {
 static int measure_body(int index, int fd, void *ctx) {
     tune_state *t = ctx;
     const moegen_spec *spec = t->spec;
-    if (index == t->inj.crash) raise(SIGSEGV);
+    if (index == t->inj.crash) { /* as an uninstrumented process dies (a sanitizer would catch it) */
+        signal(SIGSEGV, SIG_DFL);
+        raise(SIGSEGV);
+    }
     if (index == t->inj.hang)
         for (;;) pause();
     moegen_open_options opts;
