@@ -512,7 +512,8 @@ int moegen_cli_run(int argc, char **argv) {
     const double bytes = forward_bytes(&spec, S, out.counts_after);
     if (!chatty) goto report_done; /* the other ranks report through print_rank_lines */
     printf("moegen run: %s (spec sha256:%.16s)\n", spec.name, desc.spec_hash);
-    printf("  variant %s\n  kernels: %s\n  tuning: %s\n", desc.variant, desc.kernel_path, desc.tuning);
+    printf("  variant %s\n  kernels: %s\n  tuning: %s\n",
+           desc.n_variants > 1 ? "by token count (the ranges below)" : desc.variant, desc.kernel_path, desc.tuning);
     printf("  device %s; module %s in %.0f ms; tensors %s in %.0f ms\n", on_gpu ? gpu.info.name : "cpu",
            desc.cache_hit ? "loaded from the cache" : "generated and compiled", desc.compile_ms,
            o.load_dir ? "loaded" : "generated", fill_ms);
@@ -748,8 +749,8 @@ int moegen_cli_bench(int argc, char **argv) {
         goto done;
     }
     printf("moegen bench: %s on %s, variant %s, kernels %s (module %s in %.0f ms)\n", spec.name,
-           on_gpu ? gpu.info.name : "cpu", desc.variant, desc.kernel_path, desc.cache_hit ? "loaded from the cache" : "compiled",
-           desc.compile_ms);
+           on_gpu ? gpu.info.name : "cpu", desc.n_variants > 1 ? "by token count (tuning, below)" : desc.variant,
+           desc.kernel_path, desc.cache_hit ? "loaded from the cache" : "compiled", desc.compile_ms);
     printf("tuning: %s\n", desc.tuning);
     if (on_gpu) { /* the floor of docs/performance.md is a GPU one */
         printf("| tokens | median | min | tokens/s | TFLOP/s | TB/s | floor | %% of floor |\n");

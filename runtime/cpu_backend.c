@@ -246,8 +246,15 @@ moegen_status moegen_cpu_backend_open(const moegen_spec *spec, const moegen_open
             }
             b->max_tokens[i] = db->buckets[i].max_tokens;
             b->n_modules = i + 1;
-            if (i == 0) *desc = one;
-            else desc->cache_hit &= one.cache_hit;
+            if (i == 0) {
+                *desc = one;
+            } else {
+                desc->cache_hit &= one.cache_hit;
+                if (!strstr(desc->kernel_path, one.kernel_path)) { /* the distinct paths, in range order */
+                    const size_t used = strlen(desc->kernel_path);
+                    snprintf(desc->kernel_path + used, sizeof desc->kernel_path - used, " | %s", one.kernel_path);
+                }
+            }
         }
         if (b->n_modules > 0) b->max_tokens[b->n_modules - 1] = INT64_MAX;
     }

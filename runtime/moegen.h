@@ -179,7 +179,9 @@ typedef struct moegen_layer_desc {
     moegen_device_kind device;               /* the backend actually used */
     char spec_hash[65];
     char variant[128];                       /* the variant (the first one's, with several) */
-    char kernel_path[64];                    /* the instructions the kernels run on, e.g. "avx512" */
+    char kernel_path[96];                    /* the instructions the kernels run on, e.g. "avx512";
+                                                with several variants the distinct ones, in
+                                                token-range order, separated by " | " */
     int n_variants;                          /* modules held: 1, or one per tuned token range */
     char tuning[512];                        /* where the variants came from: "default heuristic
                                                 (...)", or "exact: FILE", "family: FILE" and the
