@@ -21,21 +21,6 @@
 #include "ranks.h"
 #include "tensors.h"
 
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-static int compare_doubles(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(double *values, long long n) {
-    qsort(values, (size_t)n, sizeof *values, compare_doubles);
-    return values[n / 2];
-}
 
 typedef struct ep_row {
     long long tokens;
@@ -76,14 +61,14 @@ static double bare_exchange_ms(moegen_comm *comm, uint64_t out_bytes, uint64_t b
     }
     if (buffers[0][0] && buffers[0][1] && buffers[1][0] && buffers[1][1]) {
         for (long long i = -1; i < repeat; i++) {
-            double start = now_ms();
+            double start = moegen_cli_now_ms();
             for (int d = 0; d < 2; d++)
                 if (moegen_comm_alltoallv(comm, buffers[d][0], send[d], send_at[d], buffers[d][1], recv[d], recv_at[d],
                                           1, NULL) != MOEGEN_OK)
                     goto done;
-            if (i >= 0) times[i] = now_ms() - start;
+            if (i >= 0) times[i] = moegen_cli_now_ms() - start;
         }
-        result = median(times, repeat);
+        result = moegen_cli_median(times, repeat);
     }
 done:
     for (int d = 0; d < 2; d++) {
@@ -149,13 +134,13 @@ int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const lo
         moegen_forward_io io = {.n_tokens = S, .x = ts.t[MOE_T_X].data, .y = y};
         moegen_forward_stats stats;
         for (long long i = -1; i < repeat; i++) {
-            double start = now_ms();
+            double start = moegen_cli_now_ms();
             if (moegen_layer_forward(layer, &io, &stats, &err) != MOEGEN_OK) {
                 moegen_cli_error("rank %d: %s", ranks.rank, err.message);
                 goto done;
             }
             if (i < 0) continue;
-            times[i] = now_ms() - start;
+            times[i] = moegen_cli_now_ms() - start;
             stage[0][i] = stats.route_ms;
             stage[1][i] = stats.dispatch_ms;
             stage[2][i] = stats.experts_ms;
@@ -163,8 +148,8 @@ int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const lo
         }
         const uint64_t row_out = (uint64_t)spec->hidden_size * moegen_dtype_size(spec->dtype),
                        row_back = (uint64_t)spec->hidden_size * sizeof(float);
-        ep_row mine = {S, median(times, repeat), median(stage[0], repeat), median(stage[1], repeat),
-                       median(stage[2], repeat), median(stage[3], repeat), 0.0, stats.bytes_sent,
+        ep_row mine = {S, moegen_cli_median(times, repeat), moegen_cli_median(stage[0], repeat), moegen_cli_median(stage[1], repeat),
+                       moegen_cli_median(stage[2], repeat), moegen_cli_median(stage[3], repeat), 0.0, stats.bytes_sent,
                        stats.bytes_received};
         /* the same bytes: this rank's rows out in the layer dtype, the rows it received back in fp32 */
         mine.bare_ms = bare_exchange_ms(ranks.comm, (uint64_t)stats.rows_sent * row_out,

@@ -15,6 +15,10 @@ int moegen_cli_wants_help(int argc, char **argv);
 int moegen_cli_parse_int(const char *text, const char *option, long long min, long long max,
                          long long *out);
 
+/* A monotonic clock in milliseconds, and the median of n timings (sorted in place). */
+double moegen_cli_now_ms(void);
+double moegen_cli_median(double *values, long long n);
+
 /* `moegen run` and `moegen bench` (cli/run.c). */
 int moegen_cli_run(int argc, char **argv);
 int moegen_cli_bench(int argc, char **argv);

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "train.h"
 #include "bench_ep.h"
 #include "capacity.h"
 #include "forward_io.h"
@@ -56,7 +57,14 @@ static const char usage_run[] =
     "  --variant LIST      kernel variant overrides, e.g. tile_rows=6,gemm=bfdot (README:\n"
     "                      \"Kernel variants\")\n"
     "  --no-tuning         the default variant even where a tuning database exists\n"
-    "                      (docs/tuning.md)\n";
+    "                      (docs/tuning.md)\n"
+    "  --backward          also run training steps (CPU, ep_size 1): the forward that keeps\n"
+    "                      its state and the backward (docs/numerics.md §8), timed against\n"
+    "                      the forward, the gradients verified against the reference backward\n"
+    "                      (dy random from --seed, or DIR/dy.npy with --load); with --save,\n"
+    "                      dy.npy, dx.npy and grad_<tensor>.npy (fp32) go into DIR too\n"
+    "  --aux-coeff X       with --backward: the loss is sum(dy . y) + X * aux_loss + Y * z_loss\n"
+    "  --z-coeff Y         (default 0 and 0)\n";
 
 int moegen_cli_parse_int(const char *text, const char *option, long long min, long long max,
                          long long *out) {
@@ -75,8 +83,22 @@ typedef struct run_options {
     const char *spec_path, *save_dir, *load_dir, *cache_dir, *arch, *variant;
     int no_tuning;
     long long tokens, seed, threads, repeat, verify_tokens, rng_offset;
-    int device, mode, json, no_verify;
+    int device, mode, json, no_verify, backward;
+    double aux_coeff, z_coeff;
 } run_options;
+
+/* A finite decimal option value; prints an error and returns -1 on failure. */
+static int parse_double(const char *text, const char *option, double *out) {
+    char *end = NULL;
+    errno = 0;
+    double value = strtod(text, &end);
+    if (errno || !end || *end || end == text || !isfinite(value)) {
+        moegen_cli_error("%s: expected a finite number, got '%s'", option, text);
+        return -1;
+    }
+    *out = value;
+    return 0;
+}
 
 static int parse_run_options(int argc, char **argv, run_options *o) {
     memset(o, 0, sizeof *o);
@@ -104,8 +126,16 @@ static int parse_run_options(int argc, char **argv, run_options *o) {
             o->no_tuning = 1;
             continue;
         }
+        if (!strcmp(a, "--backward")) {
+            o->backward = 1;
+            continue;
+        }
         if (!value) return moegen_cli_error("run: option %s needs a value (see moegen run --help)", a);
         i++;
+        if (!strcmp(a, "--aux-coeff") || !strcmp(a, "--z-coeff")) {
+            if (parse_double(value, a, a[2] == 'a' ? &o->aux_coeff : &o->z_coeff) != 0) return 1;
+            continue;
+        }
         if (!strcmp(a, "--tokens")) number = &o->tokens, max = INT32_MAX;
         else if (!strcmp(a, "--seed")) number = &o->seed;
         else if (!strcmp(a, "--threads")) number = &o->threads, min = 1, max = 4096;
@@ -132,19 +162,25 @@ static int parse_run_options(int argc, char **argv, run_options *o) {
         if (number && moegen_cli_parse_int(value, a, min, max, number) != 0) return 1;
     }
     if (!o->spec_path) return moegen_cli_error("run: usage: moegen run SPEC [options] (see --help)");
+    if ((o->aux_coeff != 0.0 || o->z_coeff != 0.0) && !o->backward)
+        return moegen_cli_error("run: --aux-coeff and --z-coeff only mean something with --backward");
     return 0;
 }
 
-static double now_ms(void) {
+double moegen_cli_now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-/* The kernel-ABI weight view as the public API takes it (same tensors, same layouts). */
 static int compare_doubles(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
+}
+
+double moegen_cli_median(double *values, long long n) {
+    qsort(values, (size_t)n, sizeof *values, compare_doubles);
+    return values[n / 2];
 }
 
 /* Refuse, with the sizes, a run whose tensors, outputs and workspace cannot fit in what
@@ -437,7 +473,7 @@ int moegen_cli_run(int argc, char **argv) {
         moegen_cli_error("run: out of memory allocating tensors for %lld tokens", (long long)S);
         goto done;
     }
-    double fill_start = now_ms();
+    double fill_start = moegen_cli_now_ms();
     if (o.load_dir) {
         for (int i = 0; i < MOE_T_COUNT; i++)
             if (ts.t[i].data && load_tensor(o.load_dir, &ts, i)) goto done;
@@ -448,7 +484,7 @@ int moegen_cli_run(int argc, char **argv) {
             goto done;
         }
     }
-    double fill_ms = now_ms() - fill_start;
+    double fill_ms = moegen_cli_now_ms() - fill_start;
 
     moegen_kernel_weights kw;
     moe_tensors_weights(&ts, &kw);
@@ -497,16 +533,15 @@ int moegen_cli_run(int argc, char **argv) {
             goto done;
     } else {
         for (long long i = -1; i < o.repeat; i++) { /* one warm-up, then the timed runs */
-            double start = now_ms();
+            double start = moegen_cli_now_ms();
             if (moegen_layer_forward(layer, &io, &out.stats, &err) != MOEGEN_OK) {
                 moegen_cli_error("%s", err.message);
                 goto done;
             }
-            if (i >= 0) times[i] = now_ms() - start;
+            if (i >= 0) times[i] = moegen_cli_now_ms() - start;
         }
     }
-    qsort(times, (size_t)o.repeat, sizeof *times, compare_doubles);
-    const double median_ms = times[o.repeat / 2];
+    const double median_ms = moegen_cli_median(times, o.repeat); /* sorts: times[0] is the min */
     const double flops = forward_flops(&spec, S, out.counts_after);
 
     const double bytes = forward_bytes(&spec, S, out.counts_after);
@@ -563,14 +598,14 @@ report_done:;
     moe_verify_report report;
     memset(&report, 0, sizeof report);
     report.ok = 1;
-    double verify_start = now_ms();
+    double verify_start = moegen_cli_now_ms();
     int verify_rc = 0;
     if (o.no_verify)
         snprintf(report.message, sizeof report.message, "skipped (--no-verify)");
     else
         verify_rc = moe_verify(&spec, S, ts.t[MOE_T_X].data, &kw, (uint64_t)o.rng_offset, mask, &kernel, &report);
     if (chatty)
-        printf("  verify against the double-precision reference (%.0f ms): %s%s\n", now_ms() - verify_start,
+        printf("  verify against the double-precision reference (%.0f ms): %s%s\n", moegen_cli_now_ms() - verify_start,
                report.ok ? "" : "FAILED: ", report.message);
     if (ranks.size > 1) {
         rank_line line = {report.ok && verify_rc == 0, (long long)S, (long long)out.stats.n_dropped,
@@ -584,6 +619,19 @@ report_done:;
                (long long)report.tokens_compared, (long long)S);
     if (o.save_dir && save_all(o.save_dir, &ts, &spec, &out)) goto done;
     rc = (verify_rc == 0 && report.ok) ? 0 : 1;
+    if (o.backward) {
+        if (on_gpu || desc.ep_size > 1) {
+            moegen_cli_error("run --backward: the training backward runs on CPU layers with ep_size 1 so far "
+                             "(use --device cpu)");
+            rc = 1;
+            goto done;
+        }
+        cli_train_options train = {.seed = (uint64_t)o.seed, .rng_offset = (uint64_t)o.rng_offset,
+                                   .repeat = o.repeat, .aux_coeff = o.aux_coeff, .z_coeff = o.z_coeff,
+                                   .forward_ms = median_ms, .load_dir = o.load_dir, .save_dir = o.save_dir,
+                                   .verify = !o.no_verify};
+        if (cli_train_step(layer, &spec, &ts, &train) != 0) rc = 1;
+    }
     if (o.json && chatty)
         printf("{\"spec\": \"%s\", \"device\": \"%s\", \"variant\": \"%s\", \"kernels\": \"%s\", "
                "\"tokens\": %lld, \"median_ms\": %.6f, \"min_ms\": %.6f, \"flops\": %.6g, \"bytes\": %.6g, "
@@ -775,16 +823,15 @@ int moegen_cli_bench(int argc, char **argv) {
             moegen_forward_io host_io = {.n_tokens = S, .x = ts.t[MOE_T_X].data, .y = y, .counts_after = counts_after};
             io = host_io;
             for (long long i = -1; i < repeat; i++) {
-                double start = now_ms();
+                double start = moegen_cli_now_ms();
                 if (moegen_layer_forward(layer, &io, &stats, &err) != MOEGEN_OK) {
                     moegen_cli_error("%s", err.message);
                     goto done;
                 }
-                if (i >= 0) times[i] = now_ms() - start;
+                if (i >= 0) times[i] = moegen_cli_now_ms() - start;
             }
         }
-        qsort(times, (size_t)repeat, sizeof *times, compare_doubles);
-        const double median = times[repeat / 2], flops = forward_flops(&spec, S, counts_after);
+        const double median = moegen_cli_median(times, repeat), flops = forward_flops(&spec, S, counts_after);
         const double bytes = forward_bytes(&spec, S, counts_after);
         const double bandwidth = on_gpu ? cuda_run_bandwidth(&gpu) : 0.0;
         const double floor_ms = on_gpu ? 1e3 * (flops / 790e12 > bytes / bandwidth ? flops / 790e12 : bytes / bandwidth) : 0.0;

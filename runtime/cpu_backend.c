@@ -295,6 +295,24 @@ static const moegen_cpu_module *module_for(const moegen_cpu_backend *b, int64_t 
 /* Make the workspace hold what n_tokens need (64-byte aligned). A workspace larger than
  * what this process may still allocate (runtime/memory_limit.c) is refused with both
  * sizes, instead of being left to the OOM killer when its pages are touched. */
+static moegen_status alloc_within_budget(const char *what, int64_t n_tokens, size_t bytes, void **out,
+                                         size_t *rounded_out, moegen_error *err) {
+    size_t rounded = (bytes + 63) & ~(size_t)63;
+    if (rounded == 0) rounded = 64;
+    moegen_memory_budget budget;
+    if (moegen_memory_budget_read(&budget, NULL) == MOEGEN_OK && (uint64_t)rounded > budget.available_bytes) {
+        char need[MOEGEN_BYTES_TEXT_BYTES], have[MOEGEN_BYTES_TEXT_BYTES];
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0,
+                                "%s: %lld tokens need %s; this process can allocate %s more (limited by %s)", what,
+                                (long long)n_tokens, moegen_format_bytes(rounded, need, sizeof need),
+                                moegen_format_bytes(budget.available_bytes, have, sizeof have), budget.limited_by);
+    }
+    *out = aligned_alloc(64, rounded);
+    if (!*out) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "%s: cannot allocate %zu bytes", what, rounded);
+    if (rounded_out) *rounded_out = rounded;
+    return MOEGEN_OK;
+}
+
 static moegen_status ensure_workspace(moegen_cpu_backend *b, const moegen_cpu_module *module, int64_t n_tokens,
                                      moegen_error *err) {
     size_t bytes = module->workspace_bytes(n_tokens);
@@ -302,20 +320,10 @@ static moegen_status ensure_workspace(moegen_cpu_backend *b, const moegen_cpu_mo
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "forward: n_tokens %lld is above this layer's limit", (long long)n_tokens);
     if (bytes <= b->workspace_capacity) return MOEGEN_OK;
-    size_t rounded = (bytes + 63) & ~(size_t)63;
-    moegen_memory_budget budget;
-    if (moegen_memory_budget_read(&budget, NULL) == MOEGEN_OK && (uint64_t)rounded > budget.available_bytes) {
-        char need[MOEGEN_BYTES_TEXT_BYTES], have[MOEGEN_BYTES_TEXT_BYTES];
-        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0,
-                                "forward: %lld tokens need a %s workspace; this process can allocate %s more "
-                                "(limited by %s)",
-                                (long long)n_tokens, moegen_format_bytes(rounded, need, sizeof need),
-                                moegen_format_bytes(budget.available_bytes, have, sizeof have), budget.limited_by);
-    }
-    void *fresh = aligned_alloc(64, rounded);
-    if (!fresh)
-        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "forward: cannot allocate a %zu-byte workspace",
-                                rounded);
+    void *fresh;
+    size_t rounded;
+    moegen_status st = alloc_within_budget("forward workspace", n_tokens, bytes, &fresh, &rounded, err);
+    if (st != MOEGEN_OK) return st;
     free(b->workspace);
     b->workspace = fresh;
     b->workspace_capacity = rounded;
@@ -339,6 +347,7 @@ static moegen_kernel_args kernel_args(const moegen_cpu_backend *b, const moegen_
         .n_tokens = io->n_tokens,
         .rng_offset = io->rng_offset,
         .x = io->x,
+        .used_token = io->used_token,
         .w = *w,
         .out = out,
         .workspace = b->workspace,
@@ -395,6 +404,142 @@ moegen_status moegen_cpu_backend_combine(moegen_cpu_backend *b, const moegen_ker
     moegen_kernel_outputs out;
     moegen_kernel_args args = kernel_args(b, w, n_threads, io, &out);
     return kernel_status(b->modules[0].combine(&args), "combine", err);
+}
+
+/* ---- Training ---------------------------------------------------------------------------- */
+
+struct moegen_cpu_saved {
+    const moegen_cpu_module *module; /* the module that ran the forward runs its backward */
+    moegen_kernel_args args;         /* the forward's call: x and used_token point at the copies */
+    moegen_kernel_outputs out;       /* (its outputs went to the caller; y is not kept) */
+    void *x, *used_token;            /* copies */
+    void *workspace;                 /* the forward's workspace: routing, permutation, outputs */
+    size_t workspace_bytes;
+    void *backward;                  /* the backward's workspace, from the first backward call */
+    size_t backward_bytes;
+    int data_done;                   /* backward_data ran */
+};
+
+moegen_status moegen_cpu_backend_forward_train(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
+                                               const moegen_forward_io *io, moegen_cpu_saved **saved,
+                                               moegen_forward_stats *stats, moegen_error *err) {
+    *saved = NULL;
+    const moegen_cpu_module *module = module_for(b, io->n_tokens);
+    const int64_t n = io->n_tokens;
+    size_t ws = module->workspace_bytes(n);
+    if (n > 0 && ws == 0)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "forward: n_tokens %lld is above this layer's limit", (long long)n);
+    moegen_cpu_saved *s = calloc(1, sizeof *s);
+    if (!s) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "forward: cannot allocate the saved state");
+    s->module = module;
+    const size_t x_bytes = (size_t)n * (size_t)b->spec->hidden_size * moegen_dtype_size(b->spec->dtype);
+    moegen_status st = alloc_within_budget("training forward: saved state", n, ws, &s->workspace, &s->workspace_bytes,
+                                           err);
+    if (st == MOEGEN_OK && n > 0) st = alloc_within_budget("training forward: copy of x", n, x_bytes, &s->x, NULL, err);
+    if (st == MOEGEN_OK && n > 0 && io->used_token)
+        st = alloc_within_budget("training forward: copy of used_token", n, (size_t)n, &s->used_token, NULL, err);
+    if (st != MOEGEN_OK) {
+        moegen_cpu_saved_free(s);
+        return st;
+    }
+    if (n > 0) memcpy(s->x, io->x, x_bytes);
+    if (s->used_token) memcpy(s->used_token, io->used_token, (size_t)n);
+    s->args = kernel_args(b, w, n_threads, io, &s->out);
+    s->args.workspace = s->workspace;
+    s->args.workspace_bytes = s->workspace_bytes;
+    st = kernel_status(module->forward(&s->args), "forward", err);
+    if (st != MOEGEN_OK) {
+        moegen_cpu_saved_free(s);
+        return st;
+    }
+    report(&s->out, stats);
+    /* from here on the saved call reads only the copies and the workspace */
+    s->args.x = s->x;
+    s->args.used_token = s->used_token;
+    s->out = (moegen_kernel_outputs){.y = s->workspace}; /* never written again */
+    s->args.out = &s->out;
+    *saved = s;
+    return MOEGEN_OK;
+}
+
+static moegen_kernel_grads kernel_grads(const moegen_grads *g) {
+    return (moegen_kernel_grads){g->router_w,        g->router_b,        g->w1,          g->b1,
+                                 g->w2,              g->b2,              g->shared_w1,   g->shared_b1,
+                                 g->shared_w2,       g->shared_b2,       g->shared_gate, g->residual_w1,
+                                 g->residual_b1,     g->residual_w2,     g->residual_b2, g->residual_coef_w,
+                                 g->residual_coef_b};
+}
+
+moegen_status moegen_cpu_backend_backward(moegen_cpu_backend *b, moegen_cpu_saved *s, int n_threads,
+                                          const moegen_backward_io *bio, const moegen_grads *grads,
+                                          moegen_error *err) {
+    (void)b;
+    const int64_t n = s->args.n_tokens;
+    if (!s->backward) {
+        size_t bytes = s->module->backward_workspace_bytes(n);
+        moegen_status st = alloc_within_budget("backward workspace", n, bytes, &s->backward, &s->backward_bytes, err);
+        if (st != MOEGEN_OK) return st;
+    }
+    s->args.n_threads = n_threads;
+    moegen_kernel_backward_args args = {
+        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
+        .n_threads = n_threads,
+        .forward = &s->args,
+        .dy = bio->dy,
+        .dx = bio->dx,
+        .aux_coeff = bio->aux_coeff,
+        .z_coeff = bio->z_coeff,
+        .workspace = s->backward,
+        .workspace_bytes = s->backward_bytes,
+    };
+    s->data_done = 0;
+    int rc = s->module->backward_data(&args);
+    if (rc == MOEGEN_KERNEL_ENOMEM)
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, rc, "backward: a thread's scratch could not be allocated");
+    moegen_status st = kernel_status(rc, "backward", err);
+    if (st != MOEGEN_OK) return st;
+    s->data_done = 1;
+    return grads ? moegen_cpu_backend_backward_weights(b, s, n_threads, grads, err) : MOEGEN_OK;
+}
+
+moegen_status moegen_cpu_backend_backward_weights(moegen_cpu_backend *b, moegen_cpu_saved *s, int n_threads,
+                                                  const moegen_grads *grads, moegen_error *err) {
+    (void)b;
+    if (!s->data_done)
+        return moegen_error_set(err, MOEGEN_ERR_STATE, 0,
+                                "backward_weights: moegen_layer_backward has not run on this saved forward");
+    s->args.n_threads = n_threads;
+    moegen_kernel_backward_args args = {
+        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
+        .n_threads = n_threads,
+        .forward = &s->args,
+        .workspace = s->backward,
+        .workspace_bytes = s->backward_bytes,
+        .grads = kernel_grads(grads),
+        .accumulate = grads->accumulate != 0,
+    };
+    return kernel_status(s->module->backward_weights(&args), "backward_weights", err);
+}
+
+size_t moegen_cpu_saved_bytes(const moegen_cpu_saved *s) {
+    if (!s) return 0;
+    const size_t x_bytes = s->x ? (size_t)s->args.n_tokens * (size_t)s->module->info()->hidden_size *
+                                      (s->module->info()->dtype == 0 ? 4u : 2u)
+                                : 0;
+    return sizeof *s + s->workspace_bytes + x_bytes + (s->used_token ? (size_t)s->args.n_tokens : 0) +
+           s->backward_bytes;
+}
+
+int64_t moegen_cpu_saved_tokens(const moegen_cpu_saved *s) { return s ? s->args.n_tokens : 0; }
+
+void moegen_cpu_saved_free(moegen_cpu_saved *s) {
+    if (!s) return;
+    free(s->x);
+    free(s->used_token);
+    free(s->workspace);
+    free(s->backward);
+    free(s);
 }
 
 /* ---- Expert parallelism: the stages behind runtime/ep.h's moegen_ep_backend ------------------ */

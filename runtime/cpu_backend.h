@@ -51,6 +51,22 @@ moegen_status moegen_cpu_backend_experts(moegen_cpu_backend *b, const moegen_ker
 moegen_status moegen_cpu_backend_combine(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
                                          const moegen_forward_io *io, moegen_error *err);
 
+/* Training (docs/numerics.md §8): a forward whose state is kept in *saved (its own workspace
+ * and a copy of x), and the two phases of its backward; grads == NULL in backward computes
+ * dx only, and backward_weights then makes the weight gradients. */
+typedef struct moegen_cpu_saved moegen_cpu_saved;
+moegen_status moegen_cpu_backend_forward_train(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
+                                               const moegen_forward_io *io, moegen_cpu_saved **saved,
+                                               moegen_forward_stats *stats, moegen_error *err);
+moegen_status moegen_cpu_backend_backward(moegen_cpu_backend *b, moegen_cpu_saved *saved, int n_threads,
+                                          const moegen_backward_io *bio, const moegen_grads *grads,
+                                          moegen_error *err);
+moegen_status moegen_cpu_backend_backward_weights(moegen_cpu_backend *b, moegen_cpu_saved *saved, int n_threads,
+                                                  const moegen_grads *grads, moegen_error *err);
+size_t moegen_cpu_saved_bytes(const moegen_cpu_saved *saved);
+int64_t moegen_cpu_saved_tokens(const moegen_cpu_saved *saved);
+void moegen_cpu_saved_free(moegen_cpu_saved *saved);
+
 void moegen_cpu_backend_close(moegen_cpu_backend *b);
 
 /* The stages the expert-parallel layer drives (runtime/ep.h); host buffers are heap memory

@@ -50,11 +50,15 @@ moegen_status moegen_cpu_module_load(const char *path, const moegen_cpu_module_e
     *(void **)&module->route = symbol(handle, expect->symbol_prefix, "route");
     *(void **)&module->experts = symbol(handle, expect->symbol_prefix, "experts");
     *(void **)&module->combine = symbol(handle, expect->symbol_prefix, "combine");
+    *(void **)&module->backward_workspace_bytes = symbol(handle, expect->symbol_prefix, "backward_workspace_bytes");
+    *(void **)&module->backward_data = symbol(handle, expect->symbol_prefix, "backward_data");
+    *(void **)&module->backward_weights = symbol(handle, expect->symbol_prefix, "backward_weights");
     moegen_status st = MOEGEN_OK;
     if (!module->info || !module->workspace_bytes || !module->forward || !module->route || !module->experts ||
-        !module->combine) {
+        !module->combine || !module->backward_workspace_bytes || !module->backward_data || !module->backward_weights) {
         st = moegen_error_set(err, MOEGEN_ERR_LOAD, 0,
-                              "%s: missing symbols %s_info / _workspace_bytes / _forward / _route / _experts / _combine",
+                              "%s: missing symbols %s_info / _workspace_bytes / _forward / _route / _experts / _combine "
+                              "/ _backward_workspace_bytes / _backward_data / _backward_weights",
                               path, expect->symbol_prefix);
     } else {
         const moegen_kernel_info *info = module->info();

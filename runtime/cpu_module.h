@@ -2,8 +2,10 @@
  *
  * Place in the pipeline: spec -> gen -> compile -> cache -> [load] -> launch.
  * A module is the shared object the host compiler made from one generated source. It
- * exports <prefix>_info, <prefix>_workspace_bytes, <prefix>_forward and the three stages
- * <prefix>_route, <prefix>_experts, <prefix>_combine (templates/common/moegen_kernel_abi.h).
+ * exports <prefix>_info, <prefix>_workspace_bytes, <prefix>_forward, the three stages
+ * <prefix>_route, <prefix>_experts, <prefix>_combine, and the training backward
+ * <prefix>_backward_workspace_bytes, _backward_data, _backward_weights
+ * (templates/common/moegen_kernel_abi.h).
  *
  * Unloading: a closed layer's module is unmapped (dlclose), so a process that opens
  * thousands of layers (a tuning sweep) keeps its memory bounded. The one thing that must
@@ -30,6 +32,9 @@ typedef struct moegen_cpu_module {
     int (*route)(const moegen_kernel_args *args, moegen_kernel_plan *plan);
     int (*experts)(const moegen_kernel_expert_args *args);
     int (*combine)(const moegen_kernel_args *args);
+    size_t (*backward_workspace_bytes)(int64_t n_tokens);
+    int (*backward_data)(const moegen_kernel_backward_args *args);
+    int (*backward_weights)(const moegen_kernel_backward_args *args);
 } moegen_cpu_module;
 
 /* What a module must have been generated for. */

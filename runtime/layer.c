@@ -16,6 +16,7 @@
 #include "moegen.h"
 
 #include <errno.h>
+#include <math.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -384,8 +385,8 @@ moegen_status moegen_layer_forward(moegen_layer *layer, const moegen_forward_io 
     return st;
 }
 
-static moegen_status run_forward(moegen_layer *layer, const moegen_forward_io *io, moegen_forward_stats *stats,
-                                 moegen_error *err) {
+/* The checks of a forward's arguments (shared by forward and forward_train). */
+static moegen_status check_forward_io(const moegen_layer *layer, const moegen_forward_io *io, moegen_error *err) {
     if (!layer->bound)
         return moegen_error_set(err, MOEGEN_ERR_STATE, 0, "forward: no weights bound (call moegen_layer_bind)");
     if (io->n_tokens < 0)
@@ -410,8 +411,124 @@ static moegen_status run_forward(moegen_layer *layer, const moegen_forward_io *i
             return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                     "forward: %s at %p is not aligned to its %zu-byte elements", buffers[i].name,
                                     buffers[i].pointer, buffers[i].align);
+    return MOEGEN_OK;
+}
+
+static moegen_status run_forward(moegen_layer *layer, const moegen_forward_io *io, moegen_forward_stats *stats,
+                                 moegen_error *err) {
+    moegen_status st = check_forward_io(layer, io, err);
+    if (st != MOEGEN_OK) return st;
     if (stats) memset(stats, 0, sizeof *stats);
+    if (layer->cuda && io->used_token)
+        return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
+                                "forward: used_token is not implemented on the CUDA backend yet (CPU layers only)");
     if (layer->ep) return moegen_ep_forward(layer->ep, &layer->weights, layer->n_threads, io, stats, err);
     if (layer->cuda) return moegen_cuda_backend_forward(layer->cuda, &layer->weights, io, stats, err);
     return moegen_cpu_backend_forward(layer->cpu, &layer->weights, layer->n_threads, io, stats, err);
+}
+
+/* ---- Training ---------------------------------------------------------------------------- */
+
+struct moegen_saved {
+    const moegen_layer *layer; /* the layer whose forward this is */
+    moegen_cpu_saved *cpu;
+};
+
+moegen_status moegen_layer_forward_train(moegen_layer *layer, const moegen_forward_io *io, moegen_saved **saved,
+                                         moegen_forward_stats *stats, moegen_error *err) {
+    if (!layer || !io || !saved)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "forward_train: layer, io and saved are required");
+    *saved = NULL;
+    if (layer->cuda || layer->ep)
+        return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
+                                "forward_train: the training backward runs on CPU layers with ep_size 1 so far "
+                                "(this layer is %s)",
+                                layer->cuda ? "a CUDA layer" : "expert-parallel");
+    moegen_saved *s = calloc(1, sizeof *s);
+    if (!s) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "forward_train: out of memory");
+    s->layer = layer;
+    moegen_status st = claim(layer, "forward_train", err);
+    if (st == MOEGEN_OK) {
+        st = check_forward_io(layer, io, err);
+        if (st == MOEGEN_OK) {
+            if (stats) memset(stats, 0, sizeof *stats);
+            st = moegen_cpu_backend_forward_train(layer->cpu, &layer->weights, layer->n_threads, io, &s->cpu, stats,
+                                                  err);
+        }
+        release(layer);
+    }
+    if (st != MOEGEN_OK) {
+        free(s);
+        return st;
+    }
+    *saved = s;
+    return MOEGEN_OK;
+}
+
+static moegen_status check_saved(const moegen_layer *layer, const moegen_saved *saved, const char *what,
+                                 moegen_error *err) {
+    if (!layer || !saved)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "%s: layer and saved are required", what);
+    if (saved->layer != layer)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "%s: the saved forward belongs to another layer", what);
+    return MOEGEN_OK;
+}
+
+/* Every gradient buffer is fp32: 4-byte aligned. */
+static moegen_status check_grads(const moegen_grads *g, const char *what, moegen_error *err) {
+    const float *const all[] = {g->router_w,    g->router_b,        g->w1,         g->b1,        g->w2,
+                                g->b2,          g->shared_w1,       g->shared_b1,  g->shared_w2, g->shared_b2,
+                                g->shared_gate, g->residual_w1,     g->residual_b1, g->residual_w2, g->residual_b2,
+                                g->residual_coef_w, g->residual_coef_b};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if ((uintptr_t)all[i] % sizeof(float) != 0)
+            return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                    "%s: gradient buffer %zu at %p is not aligned to 4 bytes", what, i,
+                                    (const void *)all[i]);
+    return MOEGEN_OK;
+}
+
+moegen_status moegen_layer_backward(moegen_layer *layer, moegen_saved *saved, const moegen_backward_io *bio,
+                                    const moegen_grads *grads, moegen_error *err) {
+    moegen_status st = check_saved(layer, saved, "backward", err);
+    if (st != MOEGEN_OK) return st;
+    if (!bio) return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "backward: bio is required");
+    const size_t elem = moegen_dtype_size(layer->spec.dtype);
+    if (!bio->dy && moegen_cpu_saved_tokens(saved->cpu) > 0)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "backward: dy is required");
+    if ((uintptr_t)bio->dy % elem != 0 || (uintptr_t)bio->dx % elem != 0)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "backward: dy and dx must be aligned to their %zu-byte elements", elem);
+    if (!isfinite(bio->aux_coeff) || !isfinite(bio->z_coeff))
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "backward: aux_coeff and z_coeff must be finite (got %g and %g)", bio->aux_coeff,
+                                bio->z_coeff);
+    if (grads && (st = check_grads(grads, "backward", err)) != MOEGEN_OK) return st;
+    if ((st = claim(layer, "backward", err)) != MOEGEN_OK) return st;
+    st = moegen_cpu_backend_backward(layer->cpu, saved->cpu, layer->n_threads, bio, grads, err);
+    release(layer);
+    return st;
+}
+
+moegen_status moegen_layer_backward_weights(moegen_layer *layer, moegen_saved *saved, const moegen_grads *grads,
+                                            moegen_error *err) {
+    moegen_status st = check_saved(layer, saved, "backward_weights", err);
+    if (st != MOEGEN_OK) return st;
+    if (!grads) return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "backward_weights: grads is required");
+    if ((st = check_grads(grads, "backward_weights", err)) != MOEGEN_OK) return st;
+    if ((st = claim(layer, "backward_weights", err)) != MOEGEN_OK) return st;
+    st = moegen_cpu_backend_backward_weights(layer->cpu, saved->cpu, layer->n_threads, grads, err);
+    release(layer);
+    return st;
+}
+
+size_t moegen_saved_bytes(const moegen_saved *saved) {
+    return saved ? sizeof *saved + moegen_cpu_saved_bytes(saved->cpu) : 0;
+}
+
+void moegen_saved_free(moegen_saved *saved) {
+    if (!saved) return;
+    moegen_cpu_saved_free(saved->cpu);
+    free(saved);
 }

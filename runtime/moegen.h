@@ -230,6 +230,9 @@ typedef struct moegen_forward_io {
     int64_t *counts_after;   /* optional [E] */
     uint64_t rng_offset;     /* mixed into jitter / noise / random priority (e.g. step) */
     void *stream;            /* CUDA: a CUstream (NULL = default stream); CPU: ignored */
+    const uint8_t *used_token; /* optional [S]: DeepSpeed's used_token padding mask; 0 = the token
+                                  is routed but never dispatched or counted (docs/numerics.md
+                                  §9). NULL = every token is used. CPU layers only. */
 } moegen_forward_io;
 
 typedef struct moegen_forward_stats {
@@ -251,6 +254,60 @@ typedef struct moegen_forward_stats {
  * MOEGEN_ERR_NO_MEMORY if the workspace cannot grow. */
 moegen_status moegen_layer_forward(moegen_layer *layer, const moegen_forward_io *io,
                                    moegen_forward_stats *stats, moegen_error *err);
+
+/* ---- Training: forward with saved state, backward (docs/numerics.md §8) -------------------- */
+
+/* What a training forward keeps for its backward: a copy of x and of the used_token mask,
+ * the routing, the permutation and the expert outputs (the forward's workspace), and,
+ * after moegen_layer_backward, the per-row gradients the weight gradients are made from.
+ * The activations are recomputed by the backward (one more GEMM1 pass), not kept; the
+ * memory of each part is in docs/training.md. The weights bound at the forward must stay
+ * unchanged until its backward is done. One layer may have several saved forwards
+ * outstanding (micro-batches); each is freed with moegen_saved_free. */
+typedef struct moegen_saved moegen_saved;
+
+/* Weight gradients: fp32 whatever the layer dtype, in the layout of the weight each belongs
+ * to (moegen_weights). NULL = not wanted. score_bias has no gradient (§8.1). */
+typedef struct moegen_grads {
+    float *router_w, *router_b;
+    float *w1, *b1, *w2, *b2;
+    float *shared_w1, *shared_b1, *shared_w2, *shared_b2, *shared_gate;
+    float *residual_w1, *residual_b1, *residual_w2, *residual_b2;
+    float *residual_coef_w, *residual_coef_b;
+    int accumulate; /* 1: add into the buffers (fp32 main-grad style); 0: overwrite them */
+} moegen_grads;
+
+typedef struct moegen_backward_io {
+    const void *dy;   /* [S][H] layer dtype: d loss / d y (may be NULL when S == 0) */
+    void *dx;         /* [S][H] layer dtype, or NULL when not wanted */
+    double aux_coeff; /* the loss differentiated is sum(dy . y) + aux_coeff * aux_loss */
+    double z_coeff;   /*                                        + z_coeff * z_loss  */
+} moegen_backward_io;
+
+/* A forward (exactly moegen_layer_forward's outputs) that also returns, in *saved, what
+ * the backward needs. CPU layers with ep_size 1; other layers return MOEGEN_ERR_UNSUPPORTED.
+ * Same errors as moegen_layer_forward, plus MOEGEN_ERR_NO_MEMORY for the saved state. */
+moegen_status moegen_layer_forward_train(moegen_layer *layer, const moegen_forward_io *io, moegen_saved **saved,
+                                         moegen_forward_stats *stats, moegen_error *err);
+
+/* The backward of a saved forward: dx (bio->dx) and, when `grads` is non-NULL, every weight
+ * gradient it names. With grads == NULL only the input gradient is computed, and the weight
+ * gradients follow later with moegen_layer_backward_weights (Megatron's split backward).
+ * Gradients do not depend on the thread count. */
+moegen_status moegen_layer_backward(moegen_layer *layer, moegen_saved *saved, const moegen_backward_io *bio,
+                                    const moegen_grads *grads, moegen_error *err);
+
+/* The weight gradients of a saved forward whose moegen_layer_backward has run. May be called
+ * more than once (e.g. accumulating into several buffers). */
+moegen_status moegen_layer_backward_weights(moegen_layer *layer, moegen_saved *saved, const moegen_grads *grads,
+                                            moegen_error *err);
+
+/* Bytes a saved forward holds (its copy of x, the forward state and, after the backward,
+ * the per-row gradients). NULL: 0. */
+size_t moegen_saved_bytes(const moegen_saved *saved);
+
+/* Free a saved forward (NULL is a no-op). */
+void moegen_saved_free(moegen_saved *saved);
 
 /* Close a layer (NULL is a no-op). */
 void moegen_layer_close(moegen_layer *layer);

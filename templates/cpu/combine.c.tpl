@@ -9,15 +9,13 @@
 /* ---- Stage 4: combine ------------------------------------------------------------------ */
 
 #define COMBINE_CHUNK ${chunk} /* hidden columns per step; divides HIDDEN */
-% if spec.use_residual or spec.shared.gate then
 
 /* x[t] . v for an fp32 vector v of HIDDEN values, in fp32. */
-static float dot_x_fp32(const elem_t *x, const float *v) {
+static __attribute__((unused)) float dot_x_fp32(const elem_t *x, const float *v) {
     float sum = 0.0f;
     for (int64_t h = 0; h < HIDDEN; h++) sum += elem_to_float(x[h]) * v[h];
     return sum;
 }
-% end
 
 static void run_combine(const forward_state *st, elem_t *y, int n_threads) {
     const int64_t n_tokens = st->n_tokens;

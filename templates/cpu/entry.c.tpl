@@ -130,6 +130,8 @@ static int weights_present(const moegen_kernel_weights *w) {
     return ok;
 }
 
+static void carve_state(const moegen_kernel_args *args, forward_state *st);
+
 /* The checks every staged call shares, then the per-call state carved from the
  * workspace. Returns MOEGEN_KERNEL_OK, or a negative code; *empty is 1 for 0 tokens
  * (nothing to route: the outputs are filled here and the caller returns). */
@@ -156,15 +158,22 @@ static int begin_call(const moegen_kernel_args *args, forward_state *st, int *em
         *empty = 1;
         return MOEGEN_KERNEL_OK;
     }
-    const workspace_layout layout = layout_for(n_tokens);
-    if (!args->workspace || args->workspace_bytes < layout.total) return MOEGEN_KERNEL_EWORKSPACE;
+    if (!args->workspace || args->workspace_bytes < layout_for(n_tokens).total) return MOEGEN_KERNEL_EWORKSPACE;
+    carve_state(args, st);
+    return MOEGEN_KERNEL_OK;
+}
 
+/* The per-call state of args (n_tokens > 0): its tensors and the workspace buffers. */
+static void carve_state(const moegen_kernel_args *args, forward_state *st) {
+    const int64_t n_tokens = args->n_tokens;
+    const workspace_layout layout = layout_for(n_tokens);
     char *base = args->workspace;
     memset(st, 0, sizeof *st);
     st->n_tokens = n_tokens;
     st->n_router_blocks = (n_tokens + ROUTER_BLOCK - 1) / ROUTER_BLOCK;
     st->rng_offset = args->rng_offset;
     st->x = args->x;
+    st->used_token = args->used_token;
     st->w = &args->w;
     st->router_input = (float *)(base + layout.router_input);
     st->logits = (float *)(base + layout.logits);
@@ -196,7 +205,6 @@ static int begin_call(const moegen_kernel_args *args, forward_state *st, int *em
     st->residual_out = (float *)(base + layout.residual_out);
 % end
     st->summary = (route_summary *)(base + layout.summary);
-    return MOEGEN_KERNEL_OK;
 }
 
 static int threads_for(const moegen_kernel_args *args) {

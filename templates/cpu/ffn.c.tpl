@@ -22,6 +22,7 @@ typedef struct ffn_problem {
     int64_t n_rows;
     elem_t *hidden;         /* [n_rows][ffn] */
     float *out;             /* [n_rows][HIDDEN] */
+    float *pre;             /* [n_rows][ffn_rows] the pre-activations, kept for the backward; or NULL */
 % if variant.cpu.gemm == "amx" then
     uint32_t *xpack, *hpack; /* the rows' inputs and activations as AMX tiles (amx.c.tpl) */
 % end
@@ -91,6 +92,12 @@ static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
                         gate += elem_to_float(p->b1[f + j]);
 %   if gated then
                         up += elem_to_float(p->b1[${F} + f + j]);
+%   end
+                    }
+                    if (p->pre) { /* training: the backward's input (backward.c.tpl) */
+                        p->pre[(r + i) * ${shape.ffn_rows} + f + j] = gate;
+%   if gated then
+                        p->pre[(r + i) * ${shape.ffn_rows} + ${F} + f + j] = up;
 %   end
                     }
 %   if gated then
@@ -209,6 +216,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->n_rows = st->expert_offset[e + 1] - first_row;
         p->hidden = st->hidden + first_row * ${F};
         p->out = st->expert_out + first_row * HIDDEN;
+        p->pre = NULL;
     }
 %     if spec.use_residual then
     if (dense) {
@@ -223,6 +231,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->n_rows = st->n_tokens;
         p->hidden = st->residual_hidden;
         p->out = st->residual_out;
+        p->pre = NULL;
     }
 %     end
 %   end
@@ -239,6 +248,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->n_rows = st->n_tokens;
         p->hidden = st->shared_hidden + (int64_t)i * st->n_tokens * ${F};
         p->out = st->shared_out + (int64_t)i * st->n_tokens * HIDDEN;
+        p->pre = NULL;
     }
 %   end
     ${shape.name}_run(problems, n_problems, n_threads${amx_arg});
@@ -265,6 +275,7 @@ static int run_routed_rows(const moegen_kernel_expert_args *a) {
         p->n_rows = a->expert_offset[l + 1] - first_row;
         p->hidden = (elem_t *)a->hidden + first_row * FFN;
         p->out = a->out + first_row * HIDDEN;
+        p->pre = NULL;
     }
 % if variant.cpu.gemm == "amx" then
     /* a->hidden: MOEGEN_KERNEL_EXPERT_SCRATCH_ELEMS elements, room for the AMX packs */

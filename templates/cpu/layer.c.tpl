@@ -2,7 +2,8 @@
 % -- whole MoE forward for one spec. Stages, in data-flow order, each in its own partial:
 % --   numerics (storage conversion, activations, RNG) -> gemm (dot-product micro-kernels)
 % --   -> router (logits, scores, top-k, losses) -> dispatch (capacity, permutation)
-% --   -> ffn (grouped expert GEMMs) -> combine -> entry (workspace, forward, info).
+% --   -> ffn (grouped expert GEMMs) -> combine -> entry (workspace, forward, info)
+% --   -> backward (the training backward, from the forward's workspace).
 % local moe = import("templates/lib/moe.lua")
 % include("templates/common/header.tpl")
 #include "${gen.header_name}"
@@ -108,3 +109,4 @@ _Static_assert(BLOCK_COLS % TILE_COLS == 0, "a column block must hold whole colu
 % include("templates/cpu/ffn.c.tpl")
 % include("templates/cpu/combine.c.tpl")
 % include("templates/cpu/entry.c.tpl")
+% include("templates/cpu/backward.c.tpl")

@@ -107,6 +107,7 @@ static void limit_groups(float sel[NUM_EXPERTS]) {
 static void route_token(forward_state *st, int64_t t, double *prob_sums, int64_t *counts,
                         double *z_sum) {
     const float *z = st->logits + t * NUM_EXPERTS;
+    const int used = !st->used_token || st->used_token[t]; /* 0: a padding token (§9) */
     float score[NUM_EXPERTS], sel[NUM_EXPERTS];
     router_scores(z, score);
 % if softmax and r.order == "topk_then_softmax" then
@@ -190,12 +191,12 @@ static void route_token(forward_state *st, int64_t t, double *prob_sums, int64_t
 %   end
     for (int e = 0; e < NUM_EXPERTS; e++) prob_sums[e] += prob[e];
 %   if aux == "ds_first_choice" then
-    if (valid[0]) counts[ids[0]]++; /* first choices */
+    if (used && valid[0]) counts[ids[0]]++; /* first choices of used tokens */
 %   else
     float plain[NUM_EXPERTS]; /* plain top-k: no group limit, bias, capacity or noise */
     uint8_t plain_taken[NUM_EXPERTS] = {0};
     for (int e = 0; e < NUM_EXPERTS; e++) plain[e] = z[e] > -INFINITY ? prob[e] : -INFINITY;
-    for (int j = 0; j < TOP_K; j++) {
+    for (int j = 0; used && j < TOP_K; j++) { /* used tokens only */
         int best = argmax_untaken(plain, plain_taken, NUM_EXPERTS);
         if (best < 0) break;
         plain_taken[best] = 1;
@@ -217,6 +218,10 @@ static void route_token(forward_state *st, int64_t t, double *prob_sums, int64_t
         double lse = (double)z_max + log((double)exp_sum);
         *z_sum += lse * lse;
     }
+
+    /* A padding token keeps its ids and router weights but is never counted or dispatched. */
+    if (!used)
+        for (int j = 0; j < TOP_K; j++) valid[j] = 0;
 }
 
 /* Router for tokens [block * ROUTER_BLOCK, ...): fp32 input, logits, routing. */

@@ -11,6 +11,7 @@ typedef struct forward_state {
     int64_t n_router_blocks;
     uint64_t rng_offset;
     const elem_t *x;                  /* [S][HIDDEN] */
+    const uint8_t *used_token;        /* [S] or NULL: 0 = a padding token (numerics §9) */
     const moegen_kernel_weights *w;
 
     /* Stage 1, router */
@@ -18,7 +19,8 @@ typedef struct forward_state {
     float *logits;                    /* [S][NUM_EXPERTS] sanitized logits */
     int32_t *route_expert;            /* [S][TOP_K] */
     float *route_weight;              /* [S][TOP_K] router weights */
-    uint8_t *route_valid;             /* [S][TOP_K] 0 = filled slot (no valid expert left) */
+    uint8_t *route_valid;             /* [S][TOP_K] 0 = filled slot (no valid expert left), or
+                                         a padding token's route: never counted or dispatched */
     double *block_prob_sums;          /* [blocks][NUM_EXPERTS] aux-loss partial sums */
     int64_t *block_counts;            /* [blocks][NUM_EXPERTS] aux-loss partial counts */
     double *block_z_sums;             /* [blocks] z-loss partial sums */

@@ -10,17 +10,23 @@
  * The forward runs in three passes, each a plain loop:
  *   1. every token: widen x, jitter the router input, logits, sanitize, scores,
  *      group limit, top-k, router weights, decision margin, loss statistics;
- *   2. every expert: rank its routes by the capacity priority, keep the first C;
- *      then every token: final (renormalized) combine weights;
+ *   2. every expert: rank its routes by the capacity priority, keep the first C
+ *      (routes of tokens masked by used_token take no part, §9; forced_kept, when
+ *      given, replaces the ranking); then every token: final (renormalized) combine
+ *      weights;
  *   3. every token in the mask: experts, combine, residual MLP, shared experts.
  * Everything is double. The only deliberate fp32 step is the DeepSpeed capacity
  * formula (§2.1), which the contract states in fp32; and logits are clamped to the
- * fp32 range the way an fp32 router would overflow (see sanitize_logit).
+ * fp32 range the way an fp32 router would overflow (see moe_ref_sanitize_logit).
  * Clarity beats speed, but nothing is wasteful: weights are widened on the fly (a
  * 65536-entry table for fp16 / bf16), never copied whole, so huge specs can be
  * checked on a sample of tokens through the token mask.
+ *
+ * The backward (reference_backward.c) runs passes 1 and 2 through
+ * moe_ref_forward_decisions (reference_internal.h) to see the same decisions.
  */
 #include "reference.h"
+#include "reference_internal.h"
 
 #include <float.h>
 #include <math.h>
@@ -186,7 +192,7 @@ static void mlp_forward(const tensor_reader *reader, const mlp_view *mlp, moegen
  * overflow: a value that rounds to +-inf in fp32 is treated as that infinity (so +
  * becomes the largest float and - becomes invalid), and one beyond the largest float
  * that still rounds to it is clamped to it. Inside the fp32 range nothing changes. */
-static double sanitize_logit(double z) {
+double moe_ref_sanitize_logit(double z) {
     const double fp32_overflow = 0x1.ffffffp127; /* halfway past FLT_MAX: rounds to inf */
     if (isnan(z))
         return -INFINITY;
@@ -447,8 +453,9 @@ static int uses_first_choice_counts(const moegen_spec *spec) {
 }
 
 /* Adds one token to the loss sums. first_choice: the token's valid first expert
- * from its own routing, or -1. */
-static void accumulate_losses(const moegen_spec *spec, const double *z, int first_choice,
+ * from its own routing, or -1. counted: 0 for a token masked out by used_token (§9):
+ * its scores still enter the means P_e, but it adds nothing to the counts c / c1. */
+static void accumulate_losses(const moegen_spec *spec, const double *z, int first_choice, int counted,
                               router_scratch *scratch, loss_sums *sums) {
     int n_experts = spec->num_experts;
     double lse = logsumexp_valid(z, n_experts);
@@ -470,6 +477,8 @@ static void accumulate_losses(const moegen_spec *spec, const double *z, int firs
     }
     for (int e = 0; e < n_experts; e++)
         sums->probability_sums[e] += p[e];
+    if (!counted)
+        return;
 
     if (uses_first_choice_counts(spec)) {
         if (first_choice >= 0)
@@ -577,14 +586,30 @@ static double priority_key(const moegen_spec *spec, uint64_t rng_offset, int64_t
 }
 
 /* §2.2-§2.3: marks kept[t*k + j] for the first C routes of each expert and fills
- * the counts. Returns -1 on allocation failure. */
+ * the counts. `route_valid` must already leave out the routes of tokens masked by
+ * used_token (§9: they take no slot and are not counted). With forced_kept (the
+ * caller's capacity decisions) a valid route is kept exactly when forced_kept says
+ * so, whatever the mode and C. Returns -1 on allocation failure. */
 static int apply_capacity(const moegen_spec *spec, int64_t n_tokens, uint64_t rng_offset,
-                          const unsigned char *route_valid, moe_ref_result *res, unsigned char *kept) {
+                          const unsigned char *route_valid, const uint8_t *forced_kept,
+                          moe_ref_result *res, unsigned char *kept) {
     int n_experts = spec->num_experts, top_k = spec->top_k;
     int64_t n_routes = n_tokens * top_k;
     for (int64_t r = 0; r < n_routes; r++)
         if (route_valid[r])
             res->counts_before[res->ids[r]]++;
+    if (forced_kept) { /* no decision of ours: nothing was close */
+        res->capacity_margin = INFINITY;
+        res->n_dropped = 0;
+        for (int64_t r = 0; r < n_routes; r++) {
+            kept[r] = (unsigned char)(route_valid[r] && forced_kept[r]);
+            if (kept[r])
+                res->counts_after[res->ids[r]]++;
+        }
+        for (int e = 0; e < n_experts; e++)
+            res->n_dropped += res->counts_before[e] - res->counts_after[e];
+        return 0;
+    }
     if (res->capacity < 0) { /* dropless: every valid route is kept */
         memcpy(kept, route_valid, (size_t)n_routes);
         memcpy(res->counts_after, res->counts_before, (size_t)n_experts * sizeof(int64_t));
@@ -763,6 +788,7 @@ typedef struct forward_work {
     int32_t *own_ids;            /* [k] */
     unsigned char *route_valid;  /* [S*k] */
     unsigned char *route_kept;   /* [S*k] */
+    unsigned char *route_counted; /* [S*k] valid and of a used token (§9) */
     double *expert_input;        /* [H] */
     double *expert_output;       /* [H] */
     double *moe_sum;             /* [H] */
@@ -775,6 +801,7 @@ typedef struct forward_work {
 static void free_work(forward_work *work) {
     void *buffers[] = {work->half_table, work->x_row, work->router_input, work->logits,
                        work->own_weights, work->own_ids, work->route_valid, work->route_kept,
+                       work->route_counted,
                        work->expert_input, work->expert_output, work->moe_sum, work->shared_sum,
                        work->mlp.pre, work->mlp.hidden, work->router.scores, work->router.selection,
                        work->router.noisy, work->router.probabilities, work->router.group_scores,
@@ -808,6 +835,7 @@ static int allocate_work(const moegen_spec *spec, int64_t n_tokens, forward_work
     work->own_ids = allocate_zeroed(top_k, sizeof(int32_t));
     work->route_valid = allocate_zeroed(n_tokens * top_k, 1);
     work->route_kept = allocate_zeroed(n_tokens * top_k, 1);
+    work->route_counted = allocate_zeroed(n_tokens * top_k, 1);
     work->expert_input = allocate_zeroed(hidden, sizeof(double));
     work->expert_output = allocate_zeroed(hidden, sizeof(double));
     work->moe_sum = allocate_zeroed(hidden, sizeof(double));
@@ -828,7 +856,8 @@ static int allocate_work(const moegen_spec *spec, int64_t n_tokens, forward_work
     work->losses.balance_counts = allocate_zeroed(n_experts, sizeof(int64_t));
     if ((spec->dtype != MOEGEN_DTYPE_FP32 && !work->half_table) || !work->x_row ||
         !work->router_input || !work->logits || !work->own_weights || !work->own_ids ||
-        !work->route_valid || !work->route_kept || !work->expert_input || !work->expert_output ||
+        !work->route_valid || !work->route_kept || !work->route_counted || !work->expert_input ||
+        !work->expert_output ||
         !work->moe_sum || !work->shared_sum || !work->mlp.pre || !work->mlp.hidden ||
         !work->router.scores || !work->router.selection || !work->router.noisy ||
         !work->router.probabilities || !work->router.group_scores || !work->router.candidate ||
@@ -893,7 +922,7 @@ static int route_one_token(const moegen_spec *spec, const tensor_reader *reader,
         double logit = dot_fp32(w->router_w + (int64_t)e * hidden, work->router_input, hidden);
         if (spec->router.router_bias)
             logit += (double)w->router_b[e];
-        z[e] = sanitize_logit(logit);
+        z[e] = moe_ref_sanitize_logit(logit);
     }
 
     res->margin[t] = INFINITY;
@@ -924,7 +953,8 @@ static int route_one_token(const moegen_spec *spec, const tensor_reader *reader,
             route_valid[j] = (unsigned char)(j < n_valid);
         }
     }
-    accumulate_losses(spec, z, n_valid > 0 ? work->own_ids[0] : -1, &work->router, &work->losses);
+    int used = !opt || !opt->used_token || opt->used_token[t];
+    accumulate_losses(spec, z, n_valid > 0 ? work->own_ids[0] : -1, used, &work->router, &work->losses);
     return 0;
 }
 
@@ -1020,15 +1050,18 @@ static void compute_token_output(const moegen_spec *spec, const tensor_reader *r
     }
 }
 
-/* The forward (see reference.h). On failure returns -1 with the reason in `why`
- * and leaves *res zeroed (nothing to free). */
-int moe_ref_forward(const moegen_spec *spec, int64_t n_tokens, const void *x,
-                    const moegen_kernel_weights *w, const moe_ref_options *opt,
-                    moe_ref_result *res, char *why) {
+/* The forward's three passes (see reference_internal.h). On failure returns -1 with
+ * the reason in `why` and leaves *res and *decisions zeroed (nothing to free). */
+int moe_ref_forward_decisions(const moegen_spec *spec, int64_t n_tokens, const void *x,
+                              const moegen_kernel_weights *w, const moe_ref_options *opt,
+                              int compute_outputs, moe_ref_result *res,
+                              moe_ref_decisions *decisions, char *why) {
     if (why)
         why[0] = '\0';
     if (res)
         memset(res, 0, sizeof(*res));
+    if (decisions)
+        memset(decisions, 0, sizeof(*decisions));
     if (check_arguments(spec, n_tokens, x, w, opt, res, why) != 0)
         return -1;
 
@@ -1049,21 +1082,59 @@ int moe_ref_forward(const moegen_spec *spec, int64_t n_tokens, const void *x,
         }
     finish_losses(spec, n_tokens, &work.losses, res);
 
-    /* pass 2: capacity. pad_to_capacity (§2.5) changes no result, so it is ignored. */
+    /* pass 2: capacity. pad_to_capacity (§2.5) changes no result, so it is ignored.
+     * §9: the routes of tokens masked by used_token take no slot and are not counted
+     * (C still comes from all S tokens). */
+    const unsigned char *counted = work.route_valid;
+    if (opt && opt->used_token) {
+        for (int64_t t = 0; t < n_tokens; t++)
+            for (int j = 0; j < spec->top_k; j++) {
+                int64_t r = t * spec->top_k + j;
+                work.route_counted[r] = (unsigned char)(work.route_valid[r] && opt->used_token[t]);
+            }
+        counted = work.route_counted;
+    }
     res->capacity = compute_capacity(spec, n_tokens, train);
-    if (apply_capacity(spec, n_tokens, rng_offset, work.route_valid, res, work.route_kept) != 0) {
+    if (apply_capacity(spec, n_tokens, rng_offset, counted, opt ? opt->forced_kept : NULL, res,
+                       work.route_kept) != 0) {
         status = fail(why, "reference: out of memory ranking routes");
         goto done;
     }
     final_weights(spec, n_tokens, work.route_kept, res);
 
-    for (int64_t t = 0; t < n_tokens; t++) /* pass 3: outputs */
-        if (!opt || !opt->token_mask || opt->token_mask[t])
-            compute_token_output(spec, &reader, x, w, t, &work, res);
+    if (compute_outputs)
+        for (int64_t t = 0; t < n_tokens; t++) /* pass 3: outputs */
+            if (!opt || !opt->token_mask || opt->token_mask[t])
+                compute_token_output(spec, &reader, x, w, t, &work, res);
+
+    if (decisions) { /* hand the per-route marks and the loss counts over */
+        decisions->route_valid = work.route_valid;
+        decisions->route_kept = work.route_kept;
+        decisions->balance_counts = work.losses.balance_counts;
+        work.route_valid = work.route_kept = NULL;
+        work.losses.balance_counts = NULL;
+    }
 
 done:
     free_work(&work);
     if (status != 0)
         moe_ref_result_free(res);
     return status;
+}
+
+void moe_ref_decisions_free(moe_ref_decisions *decisions) {
+    if (!decisions)
+        return;
+    free(decisions->route_valid);
+    free(decisions->route_kept);
+    free(decisions->balance_counts);
+    memset(decisions, 0, sizeof(*decisions));
+}
+
+/* The forward (see reference.h). On failure returns -1 with the reason in `why`
+ * and leaves *res zeroed (nothing to free). */
+int moe_ref_forward(const moegen_spec *spec, int64_t n_tokens, const void *x,
+                    const moegen_kernel_weights *w, const moe_ref_options *opt,
+                    moe_ref_result *res, char *why) {
+    return moe_ref_forward_decisions(spec, n_tokens, x, w, opt, 1, res, NULL, why);
 }

@@ -1,10 +1,16 @@
-/* reference.h — an independent MoE forward in plain double-precision loops.
+/* reference.h — an independent MoE forward and backward in plain double-precision loops.
  *
  * This is the yardstick the generated kernels are tested against. It is written
  * from docs/numerics.md (summarized in README.md "What the layer computes")
  * and shares no code with templates/ or gen/ beyond reading the validated spec
  * struct and the documented tensor layouts (templates/common/moegen_kernel_abi.h).
  * Everything is computed in double: inputs in fp16/bf16 are widened exactly.
+ *
+ * The backward (moe_ref_backward, reference_backward.c) is written from the math of
+ * docs/numerics.md §8 alone, never from the generated kernels' backward: it reuses
+ * only the forward's routing decisions (reference_internal.h) and recomputes every
+ * differentiated quantity itself. tests/test_reference_backward.c checks it against
+ * central finite differences of this forward.
  *
  * The CLI (`moegen run`) links it to verify runs; tests link it for the matrix.
  */
@@ -27,6 +33,22 @@ typedef struct moe_ref_options {
      * tokens with mask[t] != 0 (others' y rows are left 0). Routing, capacity,
      * counts and losses always cover every token. Lets huge specs verify a sample. */
     const uint8_t *token_mask;
+    /* Optional [S] padding mask of the layer (docs/numerics.md §9; NULL = every token
+     * used). A token with used_token[t] == 0 is routed and reported (ids, router
+     * weights), but all its routes are treated as dropped: not counted in
+     * counts_before / counts_after (nor as dropped), no capacity slot, combine weight
+     * 0, routed output 0. The capacity C still comes from all S tokens; the aux loss
+     * counts c / c1 leave it out while the score means P_e and the divisions by S cover
+     * all S; the z-loss, shared experts and the residual path include it. Unlike
+     * token_mask this changes the layer's result. */
+    const uint8_t *used_token;
+    /* Optional [S][k] capacity override, meant to go with forced_ids: 1 = the route
+     * survived capacity. When given, a valid route of a used token is kept exactly
+     * when forced_kept says so (whatever the capacity mode, C and priority, which are
+     * then not applied; capacity is still reported), so a test can reproduce a
+     * kernel's exact capacity decisions when router weights are near-tied. Invalid
+     * routes and routes of masked tokens are never kept, whatever it says. */
+    const uint8_t *forced_kept;
     uint64_t rng_offset;
 } moe_ref_options;
 
@@ -69,6 +91,38 @@ int moe_ref_forward(const moegen_spec *spec, int64_t n_tokens, const void *x,
                     moe_ref_result *res, char *why);
 
 void moe_ref_result_free(moe_ref_result *res);
+
+/* Gradients of L = sum(dy . y) + aux_coeff * aux_loss + z_coeff * z_loss (docs/numerics.md §8),
+ * every array double, in the layouts of the corresponding weights; NULL for tensors the spec
+ * lacks (router_b without router.router_bias; b1, b2, shared_b1, shared_b2, residual_b1,
+ * residual_b2 without expert_bias; shared_* without shared experts, shared_gate without
+ * shared_experts.gate; residual_* without use_residual). score_bias gets no gradient (§8.1).
+ * dx, router_w, w1 and w2 are always allocated (dx with one element when S = 0). */
+typedef struct moe_ref_grads {
+    double *dx;                                   /* [S][H] */
+    double *router_w, *router_b;                  /* [E][H], [E] */
+    double *w1, *b1, *w2, *b2;                    /* [E][F1][H], [E][F1], [E][H][F], [E][H] */
+    double *shared_w1, *shared_b1, *shared_w2, *shared_b2, *shared_gate; /* [Ns][F1s][H] ... [H] */
+    double *residual_w1, *residual_b1, *residual_w2, *residual_b2;
+    double *residual_coef_w, *residual_coef_b;    /* [2][H], [2] */
+} moe_ref_grads;
+
+/* The exact gradients of the reference forward's L, in double, by the chain of §8.2.
+ * dy: [S][H] in the layer dtype (like x). Uses the same routing as moe_ref_forward with the
+ * same options: it runs the forward's routing and capacity passes (so used_token, forced_ids
+ * with forced_router_weights, forced_kept and rng_offset mean what they mean there), and
+ * treats every selection and capacity decision as a constant (§8.1). Router weights and their
+ * derivatives are always recomputed in double from the logits (with forced_ids, from the
+ * logits of the forced experts, not from forced_router_weights). y is differentiated before
+ * any rounding, and h is not rounded (as in the forward). token_mask is ignored: every token
+ * is differentiated. *grads is overwritten (not accumulated). Returns 0, or -1 with the
+ * reason in `why` (up to 256 bytes) and *grads zeroed. */
+int moe_ref_backward(const moegen_spec *spec, int64_t n_tokens, const void *x,
+                     const moegen_kernel_weights *w, const moe_ref_options *opt, const void *dy,
+                     double aux_coeff, double z_coeff, moe_ref_grads *grads, char *why);
+
+/* Frees every array of grads and zeroes it; NULL and a zeroed struct are fine. */
+void moe_ref_grads_free(moe_ref_grads *grads);
 
 /* moegen's counter-based RNG (README.md "Randomness"), written here independently:
  * a uniform in (0, 1) for (seed, offset, stream, index). */

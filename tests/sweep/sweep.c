@@ -3,7 +3,7 @@
  * with the independent double-precision reference (tests/reference).
  *
  *   moegen_sweep [--seed S] [--first I] [--count N] [--compiler PROG] [--failures DIR]
- *                [--record DIR] [--specs FILE...] [--quiet]
+ *                [--record DIR] [--backward] [--specs FILE...] [--quiet]
  *
  * Cases I .. I+N-1 of seed S are run. Case i of seed S draws its spec (tests/sweep/spec_sampler.c), its token counts, data
  * pattern (random, exact ties, non-finite logits, a hot expert), thread count and RNG
@@ -15,6 +15,10 @@
  * mismatch, and, with --failures, leaves the spec there as a ready-made regression file
  * (--record DIR saves every case that way).
  * Every third case also reruns with another thread count and requires the same bits.
+ * With --backward every case also runs a training step (forward that keeps its state, then
+ * the backward with aux_coeff 0.3 and z_coeff 0.1) and checks the gradients against the
+ * reference backward on the kernel's routing (tests/reference/verify_backward.h), and the
+ * rerun's gradients bit for bit.
  *
  * Exit status: 0 when every case passed, 1 when any failed, 2 on a usage error.
  * CTest runs a short fixed-seed sweep (label `sweep`); scripts/sweep.sh runs long ones.
@@ -32,9 +36,11 @@
 #include "patterns.h"
 #include "spec.h"
 #include "spec_sampler.h"
+#include "backward_io.h"
 #include "forward_io.h"
 #include "tensors.h"
 #include "verify.h"
+#include "verify_backward.h"
 
 /* Reference work allowed per forward (double FLOPs): keeps a case to about a second. */
 #define REFERENCE_FLOP_BUDGET 3e8
@@ -45,8 +51,12 @@ typedef struct sweep_options {
     long first, count;
     const char *compiler, *failures, *record;
     char **specs;
-    int n_specs, quiet;
+    int n_specs, quiet, backward;
 } sweep_options;
+
+/* Loss coefficients of the backward cases. */
+#define SWEEP_AUX_COEFF 0.3
+#define SWEEP_Z_COEFF 0.1
 
 typedef struct case_plan {
     int64_t tokens[2];
@@ -88,9 +98,10 @@ static double flops_per_token(const moegen_spec *spec) {
     return flops;
 }
 
-static void plan_case(moe_choices *c, const moegen_spec *spec, case_plan *plan) {
+static void plan_case(moe_choices *c, const moegen_spec *spec, int backward, case_plan *plan) {
     static const int64_t TOKENS[] = {0, 1, 2, 3, 5, 17, 33, 64, 100, 257, 400, 1000};
-    const int64_t cap = (int64_t)(REFERENCE_FLOP_BUDGET / flops_per_token(spec));
+    /* the reference backward costs about three forwards */
+    const int64_t cap = (int64_t)(REFERENCE_FLOP_BUDGET / (backward ? 4.0 : 1.0) / flops_per_token(spec));
     for (int i = 0; i < 2; i++) {
         int64_t s = TOKENS[moe_choose(c, sizeof TOKENS / sizeof TOKENS[0])];
         if (s > cap) s = cap > 1 ? cap : 1;
@@ -179,9 +190,81 @@ static int same_bits(const moegen_spec *spec, int64_t S, const moe_outputs *a, c
            memcmp(&a->stats.z_loss, &b->stats.z_loss, sizeof a->stats.z_loss) == 0;
 }
 
+/* A training step of S tokens on `layer` into b (o gets the forward's outputs). */
+static moegen_status train_step(moegen_layer *layer, const moegen_spec *spec, const moe_tensors *ts,
+                                uint64_t rng_offset, moe_outputs *o, moe_backward_buffers *b, moegen_error *err) {
+    moegen_weights w;
+    moe_tensors_bind_weights(spec, ts, 0, &w);
+    moegen_status st = moegen_layer_bind(layer, &w, err);
+    if (st != MOEGEN_OK) return st;
+    moegen_forward_io io = moe_outputs_io(o, ts, rng_offset);
+    moegen_saved *saved = NULL;
+    st = moegen_layer_forward_train(layer, &io, &saved, &o->stats, err);
+    if (st != MOEGEN_OK) return st;
+    moegen_backward_io bio = {.dy = b->dy, .dx = b->dx, .aux_coeff = SWEEP_AUX_COEFF, .z_coeff = SWEEP_Z_COEFF};
+    st = moegen_layer_backward(layer, saved, &bio, &b->grads, err);
+    moegen_saved_free(saved);
+    return st;
+}
+
+/* The backward of one forward: against the reference, and bitwise on the rerun layer. */
+static int check_backward(moegen_layer *layer, moegen_layer *recheck, const moegen_spec *spec,
+                          const moe_tensors *ts, const case_plan *plan, case_outcome *result) {
+    const int64_t S = ts->n_tokens;
+    moe_outputs o, o2;
+    moe_backward_buffers b, b2;
+    memset(&o2, 0, sizeof o2);
+    memset(&b2, 0, sizeof b2);
+    if (moe_outputs_alloc(&o, spec, S) != 0) {
+        snprintf(result->message, sizeof result->message, "backward: out of memory");
+        return 0;
+    }
+    if (moe_backward_alloc(&b, spec, S, plan->data_seed ^ 0xbacc) != 0) {
+        moe_outputs_free(&o);
+        snprintf(result->message, sizeof result->message, "backward: out of memory");
+        return 0;
+    }
+    int ok = 1;
+    moegen_error err;
+    if (train_step(layer, spec, ts, plan->rng_offset, &o, &b, &err) != MOEGEN_OK) {
+        snprintf(result->message, sizeof result->message, "S=%lld: training step: %s", (long long)S, err.message);
+        ok = 0;
+    }
+    if (ok) {
+        moegen_kernel_weights w;
+        moe_tensors_weights(ts, &w);
+        moe_backward_case c = {.n_tokens = S, .x = ts->t[MOE_T_X].data, .w = &w, .rng_offset = plan->rng_offset,
+                               .ids = o.ids, .router_weights = o.router_weights, .topk_weights = o.topk_weights,
+                               .dy = b.dy, .aux_coeff = SWEEP_AUX_COEFF, .z_coeff = SWEEP_Z_COEFF};
+        moe_backward_report report;
+        if (moe_verify_backward(spec, &c, b.dx, &b.grads, &report) != 0 || !report.ok) {
+            snprintf(result->message, sizeof result->message, "S=%lld: backward: %s", (long long)S, report.message);
+            ok = 0;
+        } else if (report.max_scaled_error > result->max_scaled_error) {
+            result->max_scaled_error = report.max_scaled_error;
+        }
+    }
+    if (ok && recheck) {
+        if (moe_outputs_alloc(&o2, spec, S) != 0 || moe_backward_alloc(&b2, spec, S, plan->data_seed ^ 0xbacc) != 0 ||
+            train_step(recheck, spec, ts, plan->rng_offset, &o2, &b2, &err) != MOEGEN_OK) {
+            snprintf(result->message, sizeof result->message, "S=%lld: backward rerun: %s", (long long)S, err.message);
+            ok = 0;
+        } else if (!moe_backward_same_bits(spec, &b, &b2)) {
+            snprintf(result->message, sizeof result->message, "S=%lld: %d and %d threads gave different gradients",
+                     (long long)S, plan->threads, plan->recheck_threads);
+            ok = 0;
+        }
+    }
+    moe_backward_free(&b2);
+    moe_backward_free(&b);
+    moe_outputs_free(&o2);
+    moe_outputs_free(&o);
+    return ok;
+}
+
 /* Run one spec under one plan. */
 static void run_case(const char *yaml, const char *name, const moegen_spec *spec, const case_plan *plan,
-                     case_outcome *result) {
+                     int backward, case_outcome *result) {
     moegen_error err;
     moegen_layer *layer = NULL, *recheck = NULL;
     result->ok = 0;
@@ -246,6 +329,7 @@ static void run_case(const char *yaml, const char *name, const moegen_spec *spec
                 ok = 0;
             }
         }
+        if (ok && backward) ok = check_backward(layer, recheck, spec, &ts, plan, result);
         moe_outputs_free(&again);
         moe_outputs_free(&o);
         moe_tensors_free(&ts);
@@ -316,7 +400,7 @@ static char *read_spec_file(const char *path) {
 
 static int usage(void) {
     fprintf(stderr, "usage: moegen_sweep [--seed S] [--first I] [--count N] [--compiler PROG] [--failures DIR] "
-                    "[--record DIR] [--specs FILE...] [--quiet]\n");
+                    "[--record DIR] [--backward] [--specs FILE...] [--quiet]\n");
     return 2;
 }
 
@@ -326,7 +410,9 @@ static int parse_options(int argc, char **argv, sweep_options *o) {
     o->count = 20;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "--quiet")) {
+        if (!strcmp(a, "--backward")) {
+            o->backward = 1;
+        } else if (!strcmp(a, "--quiet")) {
             o->quiet = 1;
         } else if (!strcmp(a, "--specs")) {
             o->specs = argv + i + 1;
@@ -399,10 +485,10 @@ int main(int argc, char **argv) {
             continue;
         }
         case_plan plan;
-        plan_case(&choices, &spec, &plan);
+        plan_case(&choices, &spec, o.backward, &plan);
         if (o.n_specs > 0) parse_plan(yaml, &plan); /* a regression file replays its own data */
         describe_spec(&spec, summary, sizeof summary);
-        run_case(yaml, name, &spec, &plan, &result);
+        run_case(yaml, name, &spec, &plan, o.backward, &result);
         if (!result.ok) {
             failed++;
             printf("[ FAIL ] %s (%s): %s | S=%lld,%lld %s threads=%d variant %s\n  %s\n%s", name, how, summary,

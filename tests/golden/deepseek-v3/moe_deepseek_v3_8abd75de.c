@@ -580,6 +580,7 @@ typedef struct forward_state {
     int64_t n_router_blocks;
     uint64_t rng_offset;
     const elem_t *x;                  /* [S][HIDDEN] */
+    const uint8_t *used_token;        /* [S] or NULL: 0 = a padding token (numerics §9) */
     const moegen_kernel_weights *w;
 
     /* Stage 1, router */
@@ -587,7 +588,8 @@ typedef struct forward_state {
     float *logits;                    /* [S][NUM_EXPERTS] sanitized logits */
     int32_t *route_expert;            /* [S][TOP_K] */
     float *route_weight;              /* [S][TOP_K] router weights */
-    uint8_t *route_valid;             /* [S][TOP_K] 0 = filled slot (no valid expert left) */
+    uint8_t *route_valid;             /* [S][TOP_K] 0 = filled slot (no valid expert left), or
+                                         a padding token's route: never counted or dispatched */
     double *block_prob_sums;          /* [blocks][NUM_EXPERTS] aux-loss partial sums */
     int64_t *block_counts;            /* [blocks][NUM_EXPERTS] aux-loss partial counts */
     double *block_z_sums;             /* [blocks] z-loss partial sums */
@@ -695,6 +697,7 @@ static void limit_groups(float sel[NUM_EXPERTS]) {
 static void route_token(forward_state *st, int64_t t, double *prob_sums, int64_t *counts,
                         double *z_sum) {
     const float *z = st->logits + t * NUM_EXPERTS;
+    const int used = !st->used_token || st->used_token[t]; /* 0: a padding token (§9) */
     float score[NUM_EXPERTS], sel[NUM_EXPERTS];
     router_scores(z, score);
     const float *bias = st->w->score_bias; /* selection only */
@@ -733,7 +736,7 @@ static void route_token(forward_state *st, int64_t t, double *prob_sums, int64_t
     float plain[NUM_EXPERTS]; /* plain top-k: no group limit, bias, capacity or noise */
     uint8_t plain_taken[NUM_EXPERTS] = {0};
     for (int e = 0; e < NUM_EXPERTS; e++) plain[e] = z[e] > -INFINITY ? prob[e] : -INFINITY;
-    for (int j = 0; j < TOP_K; j++) {
+    for (int j = 0; used && j < TOP_K; j++) { /* used tokens only */
         int best = argmax_untaken(plain, plain_taken, NUM_EXPERTS);
         if (best < 0) break;
         plain_taken[best] = 1;
@@ -750,6 +753,10 @@ static void route_token(forward_state *st, int64_t t, double *prob_sums, int64_t
         double lse = (double)z_max + log((double)exp_sum);
         *z_sum += lse * lse;
     }
+
+    /* A padding token keeps its ids and router weights but is never counted or dispatched. */
+    if (!used)
+        for (int j = 0; j < TOP_K; j++) valid[j] = 0;
 }
 
 /* Router for tokens [block * ROUTER_BLOCK, ...): fp32 input, logits, routing. */
@@ -904,6 +911,7 @@ typedef struct ffn_problem {
     int64_t n_rows;
     elem_t *hidden;         /* [n_rows][ffn] */
     float *out;             /* [n_rows][HIDDEN] */
+    float *pre;             /* [n_rows][ffn_rows] the pre-activations, kept for the backward; or NULL */
 } ffn_problem;
 
 /* The input of padding rows (row_token -1, and the rows AMX tiles round up to). */
@@ -956,6 +964,10 @@ static void f2048_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
                     if (p->b1) {
                         gate += elem_to_float(p->b1[f + j]);
                         up += elem_to_float(p->b1[2048 + f + j]);
+                    }
+                    if (p->pre) { /* training: the backward's input (backward.c.tpl) */
+                        p->pre[(r + i) * 4096 + f + j] = gate;
+                        p->pre[(r + i) * 4096 + 2048 + f + j] = up;
                     }
                     p->hidden[(r + i) * 2048 + f + j] = float_to_elem(activation(gate) * up);
                 }
@@ -1041,6 +1053,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->n_rows = st->expert_offset[e + 1] - first_row;
         p->hidden = st->hidden + first_row * 2048;
         p->out = st->expert_out + first_row * HIDDEN;
+        p->pre = NULL;
     }
     for (int i = 0; dense && i < SHARED_EXPERTS; i++) {
         ffn_problem *p = &problems[n_problems++]; /* shared expert: every token */
@@ -1054,6 +1067,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->n_rows = st->n_tokens;
         p->hidden = st->shared_hidden + (int64_t)i * st->n_tokens * 2048;
         p->out = st->shared_out + (int64_t)i * st->n_tokens * HIDDEN;
+        p->pre = NULL;
     }
     f2048_run(problems, n_problems, n_threads);
 }
@@ -1078,6 +1092,7 @@ static int run_routed_rows(const moegen_kernel_expert_args *a) {
         p->n_rows = a->expert_offset[l + 1] - first_row;
         p->hidden = (elem_t *)a->hidden + first_row * FFN;
         p->out = a->out + first_row * HIDDEN;
+        p->pre = NULL;
     }
     f2048_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1);
     return MOEGEN_KERNEL_OK;
@@ -1085,6 +1100,13 @@ static int run_routed_rows(const moegen_kernel_expert_args *a) {
 /* ---- Stage 4: combine ------------------------------------------------------------------ */
 
 #define COMBINE_CHUNK 256 /* hidden columns per step; divides HIDDEN */
+
+/* x[t] . v for an fp32 vector v of HIDDEN values, in fp32. */
+static __attribute__((unused)) float dot_x_fp32(const elem_t *x, const float *v) {
+    float sum = 0.0f;
+    for (int64_t h = 0; h < HIDDEN; h++) sum += elem_to_float(x[h]) * v[h];
+    return sum;
+}
 
 static void run_combine(const forward_state *st, elem_t *y, int n_threads) {
     const int64_t n_tokens = st->n_tokens;
@@ -1186,6 +1208,8 @@ static int weights_present(const moegen_kernel_weights *w) {
     return ok;
 }
 
+static void carve_state(const moegen_kernel_args *args, forward_state *st);
+
 /* The checks every staged call shares, then the per-call state carved from the
  * workspace. Returns MOEGEN_KERNEL_OK, or a negative code; *empty is 1 for 0 tokens
  * (nothing to route: the outputs are filled here and the caller returns). */
@@ -1212,15 +1236,22 @@ static int begin_call(const moegen_kernel_args *args, forward_state *st, int *em
         *empty = 1;
         return MOEGEN_KERNEL_OK;
     }
-    const workspace_layout layout = layout_for(n_tokens);
-    if (!args->workspace || args->workspace_bytes < layout.total) return MOEGEN_KERNEL_EWORKSPACE;
+    if (!args->workspace || args->workspace_bytes < layout_for(n_tokens).total) return MOEGEN_KERNEL_EWORKSPACE;
+    carve_state(args, st);
+    return MOEGEN_KERNEL_OK;
+}
 
+/* The per-call state of args (n_tokens > 0): its tensors and the workspace buffers. */
+static void carve_state(const moegen_kernel_args *args, forward_state *st) {
+    const int64_t n_tokens = args->n_tokens;
+    const workspace_layout layout = layout_for(n_tokens);
     char *base = args->workspace;
     memset(st, 0, sizeof *st);
     st->n_tokens = n_tokens;
     st->n_router_blocks = (n_tokens + ROUTER_BLOCK - 1) / ROUTER_BLOCK;
     st->rng_offset = args->rng_offset;
     st->x = args->x;
+    st->used_token = args->used_token;
     st->w = &args->w;
     st->router_input = (float *)(base + layout.router_input);
     st->logits = (float *)(base + layout.logits);
@@ -1243,7 +1274,6 @@ static int begin_call(const moegen_kernel_args *args, forward_state *st, int *em
     st->shared_hidden = (elem_t *)(base + layout.shared_hidden);
     st->shared_out = (float *)(base + layout.shared_out);
     st->summary = (route_summary *)(base + layout.summary);
-    return MOEGEN_KERNEL_OK;
 }
 
 static int threads_for(const moegen_kernel_args *args) {
@@ -1333,5 +1363,803 @@ int moe_deepseek_v3_8abd75de_combine(const moegen_kernel_args *args) {
     args->out->n_dropped = summary.n_dropped;
     args->out->aux_loss = summary.aux_loss;
     args->out->z_loss = summary.z_loss;
+    return MOEGEN_KERNEL_OK;
+}
+/* ---- Training: the backward pass ------------------------------------------------------ */
+
+/* Outer-product micro-kernels: a BWD_MR x (NV * VEC_FLOATS) tile of
+ * C[i][n] = sum_k a_i[k * a_step] * B_k[n], B_k = row (b_index ? b_index[k] : k) of B,
+ * scaled by b_scale[k] when given. a_step 1 reads A rows (C = A B); a_step = lda reads A
+ * columns (C = A^T B, the weight gradients). One sum per element, k ascending. */
+#define BWD_MR 4
+#define BWD_TASK_ROWS (4 * BWD_MR)           /* rows of C per parallel task */
+#define BWD_TASK_COLS (16 * VEC_FLOATS)      /* columns of C per parallel task */
+
+static __attribute__((noinline, unused)) void outer_e_v2(const float *const a[BWD_MR], int64_t a_step,
+        int64_t n_k, const elem_t *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
+        vfloat out[BWD_MR][2]) {
+    const vfloat zero = {0};
+    vfloat c00 = zero, c01 = zero;
+    vfloat c10 = zero, c11 = zero;
+    vfloat c20 = zero, c21 = zero;
+    vfloat c30 = zero, c31 = zero;
+    for (int64_t k = 0; k < n_k; k++) {
+        const elem_t *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb;
+        vfloat w0 = load_bf16(row + 0 * VEC_FLOATS);
+        vfloat w1 = load_bf16(row + 1 * VEC_FLOATS);
+        if (b_scale) {
+            w0 = w0 * b_scale[k];
+            w1 = w1 * b_scale[k];
+        }
+        {
+            const vfloat x = zero + a[0][k * a_step];
+            c00 += x * w0;
+            c01 += x * w1;
+        }
+        {
+            const vfloat x = zero + a[1][k * a_step];
+            c10 += x * w0;
+            c11 += x * w1;
+        }
+        {
+            const vfloat x = zero + a[2][k * a_step];
+            c20 += x * w0;
+            c21 += x * w1;
+        }
+        {
+            const vfloat x = zero + a[3][k * a_step];
+            c30 += x * w0;
+            c31 += x * w1;
+        }
+    }
+    out[0][0] = c00;
+    out[0][1] = c01;
+    out[1][0] = c10;
+    out[1][1] = c11;
+    out[2][0] = c20;
+    out[2][1] = c21;
+    out[3][0] = c30;
+    out[3][1] = c31;
+}
+
+static __attribute__((noinline, unused)) void outer_e_v1(const float *const a[BWD_MR], int64_t a_step,
+        int64_t n_k, const elem_t *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
+        vfloat out[BWD_MR][1]) {
+    const vfloat zero = {0};
+    vfloat c00 = zero;
+    vfloat c10 = zero;
+    vfloat c20 = zero;
+    vfloat c30 = zero;
+    for (int64_t k = 0; k < n_k; k++) {
+        const elem_t *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb;
+        vfloat w0 = load_bf16(row + 0 * VEC_FLOATS);
+        if (b_scale) {
+            w0 = w0 * b_scale[k];
+        }
+        {
+            const vfloat x = zero + a[0][k * a_step];
+            c00 += x * w0;
+        }
+        {
+            const vfloat x = zero + a[1][k * a_step];
+            c10 += x * w0;
+        }
+        {
+            const vfloat x = zero + a[2][k * a_step];
+            c20 += x * w0;
+        }
+        {
+            const vfloat x = zero + a[3][k * a_step];
+            c30 += x * w0;
+        }
+    }
+    out[0][0] = c00;
+    out[1][0] = c10;
+    out[2][0] = c20;
+    out[3][0] = c30;
+}
+
+static __attribute__((noinline, unused)) void outer_f_v2(const float *const a[BWD_MR], int64_t a_step,
+        int64_t n_k, const float *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
+        vfloat out[BWD_MR][2]) {
+    const vfloat zero = {0};
+    vfloat c00 = zero, c01 = zero;
+    vfloat c10 = zero, c11 = zero;
+    vfloat c20 = zero, c21 = zero;
+    vfloat c30 = zero, c31 = zero;
+    for (int64_t k = 0; k < n_k; k++) {
+        const float *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb;
+        vfloat w0 = load_f32(row + 0 * VEC_FLOATS);
+        vfloat w1 = load_f32(row + 1 * VEC_FLOATS);
+        if (b_scale) {
+            w0 = w0 * b_scale[k];
+            w1 = w1 * b_scale[k];
+        }
+        {
+            const vfloat x = zero + a[0][k * a_step];
+            c00 += x * w0;
+            c01 += x * w1;
+        }
+        {
+            const vfloat x = zero + a[1][k * a_step];
+            c10 += x * w0;
+            c11 += x * w1;
+        }
+        {
+            const vfloat x = zero + a[2][k * a_step];
+            c20 += x * w0;
+            c21 += x * w1;
+        }
+        {
+            const vfloat x = zero + a[3][k * a_step];
+            c30 += x * w0;
+            c31 += x * w1;
+        }
+    }
+    out[0][0] = c00;
+    out[0][1] = c01;
+    out[1][0] = c10;
+    out[1][1] = c11;
+    out[2][0] = c20;
+    out[2][1] = c21;
+    out[3][0] = c30;
+    out[3][1] = c31;
+}
+
+static __attribute__((noinline, unused)) void outer_f_v1(const float *const a[BWD_MR], int64_t a_step,
+        int64_t n_k, const float *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
+        vfloat out[BWD_MR][1]) {
+    const vfloat zero = {0};
+    vfloat c00 = zero;
+    vfloat c10 = zero;
+    vfloat c20 = zero;
+    vfloat c30 = zero;
+    for (int64_t k = 0; k < n_k; k++) {
+        const float *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb;
+        vfloat w0 = load_f32(row + 0 * VEC_FLOATS);
+        if (b_scale) {
+            w0 = w0 * b_scale[k];
+        }
+        {
+            const vfloat x = zero + a[0][k * a_step];
+            c00 += x * w0;
+        }
+        {
+            const vfloat x = zero + a[1][k * a_step];
+            c10 += x * w0;
+        }
+        {
+            const vfloat x = zero + a[2][k * a_step];
+            c20 += x * w0;
+        }
+        {
+            const vfloat x = zero + a[3][k * a_step];
+            c30 += x * w0;
+        }
+    }
+    out[0][0] = c00;
+    out[1][0] = c10;
+    out[2][0] = c20;
+    out[3][0] = c30;
+}
+
+/* C (+)= the products above for rows [m0, m0 + rows) of C (rows <= BWD_MR) and columns
+ * [c0, c1) (multiples of VEC_FLOATS), C row-major with ldc columns. A row i is read at
+ * a + (m0 + i) * a_row (a_row: lda for C = A B, 1 for C = A^T B). `store` writes C. */
+typedef void (*tile_store_fn)(void *ctx, int64_t m, int64_t c, const float *values, int n);
+
+static void store_plain(void *ctx, int64_t m, int64_t c, const float *values, int n);
+
+static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row, int64_t a_step, int64_t m0,
+        int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const elem_t *b, int64_t ldb,
+        const int32_t *b_index, const float *b_scale, tile_store_fn store, void *ctx) {
+    for (int64_t c = c0; c < c1;) {
+        const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1;
+        for (int64_t m = m0; m < m0 + rows; m += BWD_MR) {
+            const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
+            const float *ap[BWD_MR];
+            for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row;
+            vfloat tile[BWD_MR][2];
+            if (nv == 2)
+                outer_e_v2(ap, a_step, n_k, b + c, ldb, b_index, b_scale, tile);
+            else
+                outer_e_v1(ap, a_step, n_k, b + c, ldb, b_index, b_scale, (vfloat(*)[1])tile);
+            for (int i = 0; i < valid; i++) {
+                float values[2 * VEC_FLOATS];
+                if (nv == 2) {
+                    memcpy(values, &tile[i][0], sizeof(vfloat));
+                    memcpy(values + VEC_FLOATS, &tile[i][1], sizeof(vfloat));
+                } else {
+                    vfloat one;
+                    memcpy(&one, (char *)tile + (size_t)i * sizeof(vfloat), sizeof one);
+                    memcpy(values, &one, sizeof one);
+                }
+                store(ctx, m + i, c, values, nv * VEC_FLOATS);
+            }
+        }
+        c += nv * VEC_FLOATS;
+    }
+}
+static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row, int64_t a_step, int64_t m0,
+        int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const float *b, int64_t ldb,
+        const int32_t *b_index, const float *b_scale, tile_store_fn store, void *ctx) {
+    for (int64_t c = c0; c < c1;) {
+        const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1;
+        for (int64_t m = m0; m < m0 + rows; m += BWD_MR) {
+            const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
+            const float *ap[BWD_MR];
+            for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row;
+            vfloat tile[BWD_MR][2];
+            if (nv == 2)
+                outer_f_v2(ap, a_step, n_k, b + c, ldb, b_index, b_scale, tile);
+            else
+                outer_f_v1(ap, a_step, n_k, b + c, ldb, b_index, b_scale, (vfloat(*)[1])tile);
+            for (int i = 0; i < valid; i++) {
+                float values[2 * VEC_FLOATS];
+                if (nv == 2) {
+                    memcpy(values, &tile[i][0], sizeof(vfloat));
+                    memcpy(values + VEC_FLOATS, &tile[i][1], sizeof(vfloat));
+                } else {
+                    vfloat one;
+                    memcpy(&one, (char *)tile + (size_t)i * sizeof(vfloat), sizeof one);
+                    memcpy(values, &one, sizeof one);
+                }
+                store(ctx, m + i, c, values, nv * VEC_FLOATS);
+            }
+        }
+        c += nv * VEC_FLOATS;
+    }
+}
+
+/* ---- Backward state --------------------------------------------------------------------- */
+
+/* What P_backward_data leaves for P_backward_weights. */
+typedef struct backward_summary {
+    uint64_t magic; /* BACKWARD_DATA_DONE once P_backward_data has run */
+    int64_t n_tokens, n_rows;
+} backward_summary;
+#define BACKWARD_DATA_DONE 0x6d6f6567656e6277ull
+
+typedef struct backward_layout {
+    size_t dw_final, dz, coef_dq, gate_dnu;
+    size_t row_do, row_h, row_pre, row_du;
+    size_t shared_do, shared_h, shared_pre, shared_du;
+    size_t residual_do, residual_h, residual_pre, residual_du;
+    size_t summary, total;
+} backward_layout;
+
+static backward_layout backward_layout_for(int64_t n_tokens) {
+    backward_layout layout;
+    memset(&layout, 0, sizeof layout);
+    const size_t tokens = (size_t)n_tokens;
+    const size_t rows = (size_t)max_rows_for(n_tokens);
+    size_t offset = 0;
+#define CARVE(field, bytes) (layout.field = offset, offset += ((size_t)(bytes) + 63) & ~(size_t)63)
+    CARVE(dw_final, tokens * TOP_K * sizeof(float));
+    CARVE(dz, tokens * NUM_EXPERTS * sizeof(float));
+    CARVE(coef_dq, tokens * 2 * sizeof(float));
+    CARVE(gate_dnu, tokens * sizeof(float));
+    CARVE(row_do, rows * HIDDEN * sizeof(float));
+    CARVE(row_h, rows * FFN * sizeof(elem_t));
+    CARVE(row_pre, rows * FFN_ROWS * sizeof(float));
+    CARVE(row_du, rows * HIDDEN * sizeof(float));
+    CARVE(shared_do, (size_t)SHARED_EXPERTS * tokens * HIDDEN * sizeof(float));
+    CARVE(shared_h, (size_t)SHARED_EXPERTS * tokens * SHARED_FFN * sizeof(elem_t));
+    CARVE(shared_pre, (size_t)SHARED_EXPERTS * tokens * SHARED_FFN_ROWS * sizeof(float));
+    CARVE(shared_du, (size_t)SHARED_EXPERTS * tokens * HIDDEN * sizeof(float));
+    CARVE(summary, sizeof(backward_summary));
+#undef CARVE
+    layout.total = offset;
+    return layout;
+}
+
+typedef struct backward_state {
+    forward_state f;          /* the forward's state, from its workspace */
+    const elem_t *dy;         /* [S][HIDDEN] */
+    elem_t *dx;               /* [S][HIDDEN] or NULL */
+    float aux_coeff, z_coeff;
+    float *dw_final;          /* [S][TOP_K] d loss / d combine weight */
+    float *dz;                /* [S][NUM_EXPERTS] d loss / d logit */
+    float *coef_dq;           /* [S][2] d loss / d residual coefficient logit */
+    float *gate_dnu;          /* [S] d loss / d shared-gate logit */
+    float *row_do, *row_pre, *row_du; /* [rows][HIDDEN], [rows][FFN_ROWS], [rows][HIDDEN] */
+    elem_t *row_h;                    /* [rows][FFN] */
+    float *shared_do, *shared_pre, *shared_du; /* [SHARED_EXPERTS][S][...] */
+    elem_t *shared_h;
+    backward_summary *summary;
+} backward_state;
+
+/* One FFN of the backward (a routed expert over its real rows, a shared expert or the
+ * residual MLP over every token): its inputs, the gradients flowing through it, and
+ * where its weight gradients go. */
+typedef struct bwd_problem {
+    const elem_t *x;          /* [.][HIDDEN] */
+    const int32_t *row_token; /* row r reads x row row_token[r] (NULL: row r) */
+    const float *row_scale;   /* weight_on_input: the input scale of row r, or NULL */
+    int64_t n_rows;
+    const elem_t *w1, *b1, *w2;
+    float *d_out;             /* [n_rows][HIDDEN] d loss / d output */
+    elem_t *h;                /* [n_rows][ffn] the activations, rounded as the forward's */
+    float *pre;               /* [n_rows][ffn_rows] pre-activations, then their gradients */
+    float *du;                /* [n_rows][HIDDEN] d loss / d input */
+    float *g_w1, *g_b1, *g_w2, *g_b2; /* fp32 weight gradients, or NULL */
+} bwd_problem;
+
+/* Derivative of the activation (numerics §8.2.4). */
+static inline float activation_grad(float z) {
+    const float s = sigmoid(z);
+    return s * (1.0f + z * (1.0f - s));
+}
+
+/* ---- Stores of the tiles --------------------------------------------------------------- */
+
+typedef struct store_ctx {
+    float *c;        /* C, row-major */
+    int64_t ldc;
+    int accumulate;  /* add to C (the caller's gradient buffer) instead of writing it */
+    const float *pre; /* dh -> da: the pre-activations ([.][ldp]), overwritten by their gradients */
+    int64_t ldp, ffn;
+} store_ctx;
+
+static void store_plain(void *ctx, int64_t m, int64_t c, const float *values, int n) {
+    const store_ctx *s = ctx;
+    float *dst = s->c + m * s->ldc + c;
+    if (s->accumulate)
+        for (int i = 0; i < n; i++) dst[i] += values[i];
+    else
+        memcpy(dst, values, (size_t)n * sizeof(float));
+}
+
+/* dh -> the gradient of the pre-activations, in place of them (row m, columns c..c+n). */
+static void store_activation_grad(void *ctx, int64_t m, int64_t c, const float *dh, int n) {
+    const store_ctx *s = ctx;
+    float *pre = s->c + m * s->ldp;
+    for (int i = 0; i < n; i++) {
+        const float gate = pre[c + i], up = pre[s->ffn + c + i];
+        pre[c + i] = dh[i] * up * activation_grad(gate);
+        pre[s->ffn + c + i] = dh[i] * activation(gate);
+    }
+}
+
+/* Column sums of A ([n_k][lda], columns [m0, m0 + rows)) into g (bias gradients). */
+static void column_sums(const float *a, int64_t lda, int64_t n_k, int64_t m0, int64_t rows, float *g,
+                        int accumulate) {
+    for (int64_t m = m0; m < m0 + rows; m++) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < n_k; k++) sum += a[k * lda + m];
+        g[m] = accumulate ? g[m] + sum : sum;
+    }
+}
+
+/* Work split of a list of problems into tasks of BWD_TASK_ROWS x BWD_TASK_COLS of C. */
+static int64_t task_grid(const int64_t *rows_of, int n, int64_t cols, int64_t *start) {
+    const int64_t col_blocks = (cols + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+    start[0] = 0;
+    for (int p = 0; p < n; p++) {
+        int64_t row_blocks = (rows_of[p] + BWD_TASK_ROWS - 1) / BWD_TASK_ROWS;
+        start[p + 1] = start[p] + row_blocks * col_blocks;
+    }
+    return start[n];
+}
+
+/* ---- Backward of FFN shape f2048: 7168 -> 4096 -> 2048 -> 7168 ---- */
+
+/* P_backward_data for the problems of this shape: GEMM1 again (pre-activations kept), then
+ * da = (do W2) * act'(pre), then du = da W1. */
+static void f2048_backward_data(const bwd_problem *problems, int n_problems, int n_threads) {
+    if (n_problems == 0) return;
+    ffn_problem fwd[n_problems];
+    int64_t rows_of[n_problems], start1[n_problems + 1], start_dh[n_problems + 1], start_du[n_problems + 1];
+    const int64_t col_blocks1 = (2048 + BLOCK_COLS - 1) / BLOCK_COLS;
+    start1[0] = 0;
+    for (int p = 0; p < n_problems; p++) {
+        const bwd_problem *b = &problems[p];
+        fwd[p] = (ffn_problem){.x = b->x, .w1 = b->w1, .b1 = b->b1, .row_token = b->row_token,
+                               .row_scale = b->row_scale, .n_rows = b->n_rows, .hidden = b->h,
+                               .pre = b->pre};
+        rows_of[p] = b->n_rows;
+        start1[p + 1] = start1[p] + (b->n_rows + BLOCK_ROWS - 1) / BLOCK_ROWS * col_blocks1;
+    }
+    const int64_t n_tasks1 = start1[n_problems];
+    const int64_t n_dh = task_grid(rows_of, n_problems, 2048, start_dh);
+    const int64_t n_du = task_grid(rows_of, n_problems, HIDDEN, start_du);
+    const int64_t dh_col_blocks = (2048 + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+    const int64_t du_col_blocks = (HIDDEN + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_tasks1; task++) { /* GEMM1 as the forward's FMA path */
+            int p = problem_of_task(start1, n_problems, task);
+            int64_t local = task - start1[p];
+            f2048_gemm1_task(&fwd[p], (local / col_blocks1) * BLOCK_ROWS, (local % col_blocks1) * BLOCK_COLS);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_dh; task++) { /* dh = do W2, then da in place of pre */
+            int p = problem_of_task(start_dh, n_problems, task);
+            int64_t local = task - start_dh[p];
+            const bwd_problem *b = &problems[p];
+            const int64_t m0 = (local / dh_col_blocks) * BWD_TASK_ROWS, c0 = (local % dh_col_blocks) * BWD_TASK_COLS;
+            store_ctx ctx = {.c = b->pre, .ldp = 4096, .ffn = 2048};
+            outer_block_e(b->d_out, HIDDEN, 1, m0, min_i64(BWD_TASK_ROWS, b->n_rows - m0), c0,
+                          min_i64(c0 + BWD_TASK_COLS, 2048), HIDDEN, b->w2, 2048, NULL, NULL,
+                          store_activation_grad, &ctx);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_du; task++) { /* du = da W1 */
+            int p = problem_of_task(start_du, n_problems, task);
+            int64_t local = task - start_du[p];
+            const bwd_problem *b = &problems[p];
+            const int64_t m0 = (local / du_col_blocks) * BWD_TASK_ROWS, c0 = (local % du_col_blocks) * BWD_TASK_COLS;
+            store_ctx ctx = {.c = b->du, .ldc = HIDDEN};
+            outer_block_e(b->pre, 4096, 1, m0, min_i64(BWD_TASK_ROWS, b->n_rows - m0), c0,
+                          min_i64(c0 + BWD_TASK_COLS, HIDDEN), 4096, b->w1, HIDDEN, NULL, NULL, store_plain, &ctx);
+        }
+    }
+}
+
+/* P_backward_weights for the problems of this shape: dW2 = do^T h, db2 = sum do,
+ * dW1 = da^T u, db1 = sum da, each a sum over the problem's rows in row order. */
+static void f2048_backward_weights(const bwd_problem *problems, int n_problems, int n_threads, int accumulate) {
+    if (n_problems == 0) return;
+    int64_t m_w2[n_problems], m_w1[n_problems], start_w2[n_problems + 1], start_w1[n_problems + 1];
+    for (int p = 0; p < n_problems; p++) {
+        m_w2[p] = problems[p].g_w2 || problems[p].g_b2 ? HIDDEN : 0;
+        m_w1[p] = problems[p].g_w1 || problems[p].g_b1 ? 4096 : 0;
+    }
+    const int64_t n_w2 = task_grid(m_w2, n_problems, 2048, start_w2);
+    const int64_t n_w1 = task_grid(m_w1, n_problems, HIDDEN, start_w1);
+    const int64_t w2_col_blocks = (2048 + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+    const int64_t w1_col_blocks = (HIDDEN + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t task = 0; task < n_w2; task++) {
+            int p = problem_of_task(start_w2, n_problems, task);
+            int64_t local = task - start_w2[p];
+            const bwd_problem *b = &problems[p];
+            const int64_t m0 = (local / w2_col_blocks) * BWD_TASK_ROWS, c0 = (local % w2_col_blocks) * BWD_TASK_COLS;
+            const int64_t rows = min_i64(BWD_TASK_ROWS, HIDDEN - m0);
+            if (b->g_w2) {
+                store_ctx ctx = {.c = b->g_w2, .ldc = 2048, .accumulate = accumulate};
+                outer_block_e(b->d_out, 1, HIDDEN, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, 2048), b->n_rows,
+                              b->h, 2048, NULL, NULL, store_plain, &ctx);
+            }
+            if (b->g_b2 && c0 == 0) column_sums(b->d_out, HIDDEN, b->n_rows, m0, rows, b->g_b2, accumulate);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_w1; task++) {
+            int p = problem_of_task(start_w1, n_problems, task);
+            int64_t local = task - start_w1[p];
+            const bwd_problem *b = &problems[p];
+            const int64_t m0 = (local / w1_col_blocks) * BWD_TASK_ROWS, c0 = (local % w1_col_blocks) * BWD_TASK_COLS;
+            const int64_t rows = min_i64(BWD_TASK_ROWS, 4096 - m0);
+            if (b->g_w1) {
+                store_ctx ctx = {.c = b->g_w1, .ldc = HIDDEN, .accumulate = accumulate};
+                outer_block_e(b->pre, 1, 4096, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, HIDDEN), b->n_rows,
+                              b->x, HIDDEN, b->row_token, b->row_scale, store_plain, &ctx);
+            }
+            if (b->g_b1 && c0 == 0) column_sums(b->pre, 4096, b->n_rows, m0, rows, b->g_b1, accumulate);
+        }
+    }
+}
+
+/* The problems of every FFN shape; `g` may be NULL (the data phase). */
+static int backward_problems(const backward_state *bs, const moegen_kernel_grads *g, int64_t ffn,
+                             bwd_problem *list) {
+    const forward_state *st = &bs->f;
+    const moegen_kernel_weights *w = st->w;
+    int n = 0;
+    if (ffn == FFN) {
+        for (int e = 0; e < NUM_EXPERTS; e++) {
+            const int64_t first = st->expert_offset[e];
+            bwd_problem *p = &list[n++];
+            *p = (bwd_problem){.x = st->x, .row_token = st->row_token + first, .n_rows = st->counts_after[e],
+                               .w1 = (const elem_t *)w->w1 + (int64_t)e * FFN_ROWS * HIDDEN,
+                               .w2 = (const elem_t *)w->w2 + (int64_t)e * HIDDEN * FFN,
+                               .d_out = bs->row_do + first * HIDDEN, .h = bs->row_h + first * FFN,
+                               .pre = bs->row_pre + first * FFN_ROWS, .du = bs->row_du + first * HIDDEN};
+            if (w->b1) p->b1 = (const elem_t *)w->b1 + (int64_t)e * FFN_ROWS;
+            if (g) {
+                if (g->w1) p->g_w1 = g->w1 + (int64_t)e * FFN_ROWS * HIDDEN;
+                if (g->w2) p->g_w2 = g->w2 + (int64_t)e * HIDDEN * FFN;
+            }
+        }
+    }
+    if (ffn == SHARED_FFN) {
+        for (int i = 0; i < SHARED_EXPERTS; i++) {
+            const int64_t first = (int64_t)i * st->n_tokens;
+            bwd_problem *p = &list[n++];
+            *p = (bwd_problem){.x = st->x, .n_rows = st->n_tokens,
+                               .w1 = (const elem_t *)w->shared_w1 + (int64_t)i * SHARED_FFN_ROWS * HIDDEN,
+                               .w2 = (const elem_t *)w->shared_w2 + (int64_t)i * HIDDEN * SHARED_FFN,
+                               .d_out = bs->shared_do + first * HIDDEN, .h = bs->shared_h + first * SHARED_FFN,
+                               .pre = bs->shared_pre + first * SHARED_FFN_ROWS, .du = bs->shared_du + first * HIDDEN};
+            if (w->shared_b1) p->b1 = (const elem_t *)w->shared_b1 + (int64_t)i * SHARED_FFN_ROWS;
+            if (g) {
+                if (g->shared_w1) p->g_w1 = g->shared_w1 + (int64_t)i * SHARED_FFN_ROWS * HIDDEN;
+                if (g->shared_w2) p->g_w2 = g->shared_w2 + (int64_t)i * HIDDEN * SHARED_FFN;
+            }
+        }
+    }
+    return n;
+}
+
+/* ---- Token pass A: the gradients of the combine ---------------------------------------- */
+
+/* dot product of two fp32 vectors of HIDDEN values, in order */
+static inline float dot_hidden(const float *a, const float *b) {
+    float sum = 0.0f;
+    for (int64_t h = 0; h < HIDDEN; h++) sum += a[h] * b[h];
+    return sum;
+}
+
+/* Token t: the upstream of every expert row (do), d loss / d combine weight, the residual
+ * coefficient and shared gate logits' gradients (numerics §8.2 steps 1-3). */
+static void token_pass_a(const backward_state *bs, int64_t t, float *g, float *y_moe) {
+    const forward_state *st = &bs->f;
+    for (int64_t h = 0; h < HIDDEN; h++) g[h] = elem_to_float(bs->dy[t * HIDDEN + h]);
+    const int32_t *row = st->route_row + t * TOP_K;
+    const float *weight = st->route_final + t * TOP_K;
+    (void)y_moe;
+    const float *upstream = g; /* the upstream of y_moe */
+    const float gamma = 1.0f;
+    for (int i = 0; i < SHARED_EXPERTS; i++) {
+        float *d_out = bs->shared_do + ((int64_t)i * st->n_tokens + t) * HIDDEN;
+        for (int64_t h = 0; h < HIDDEN; h++) d_out[h] = gamma * g[h];
+    }
+    float *dw = bs->dw_final + t * TOP_K;
+    for (int j = 0; j < TOP_K; j++) {
+        dw[j] = 0.0f;
+        if (row[j] < 0) continue; /* dropped, invalid or a padding token: no gradient */
+        float *d_out = bs->row_do + (int64_t)row[j] * HIDDEN;
+        const float *o = st->expert_out + (int64_t)row[j] * HIDDEN;
+        dw[j] = dot_hidden(upstream, o);
+        for (int64_t h = 0; h < HIDDEN; h++) d_out[h] = weight[j] * upstream[h];
+    }
+}
+
+/* ---- Token pass B: the router's backward and dx ---------------------------------------- */
+
+/* Token t: d loss / d logits (numerics §8.2 steps 5-9), from d loss / d combine weights.
+ * aux_grad[e] = aux_coeff * d aux / d p[t][e] (the same for every token). */
+static void router_backward(const backward_state *bs, int64_t t, const float *aux_grad, float *dz) {
+    const forward_state *st = &bs->f;
+    const float *z = st->logits + t * NUM_EXPERTS;
+    const int32_t *ids = st->route_expert + t * TOP_K;
+    const uint8_t *valid = st->route_valid + t * TOP_K;
+    const int32_t *row = st->route_row + t * TOP_K;
+    const float *dw_final = bs->dw_final + t * TOP_K;
+    float s[NUM_EXPERTS], ds[NUM_EXPERTS];
+    router_scores(z, s);
+    for (int e = 0; e < NUM_EXPERTS; e++) ds[e] = dz[e] = 0.0f;
+
+    /* Capacity: the final weights from the router weights (§8.2.5). */
+    float dw[TOP_K];
+    for (int j = 0; j < TOP_K; j++) dw[j] = row[j] >= 0 ? dw_final[j] : 0.0f;
+    for (int j = 0; j < TOP_K; j++) dw[j] *= ROUTED_SCALING_FACTOR; /* routed_scaling_factor */
+
+    /* The router weights from the scores (§8.2.6). */
+    float v[TOP_K]; /* the weights before norm_topk_prob */
+    for (int j = 0; j < TOP_K; j++) v[j] = valid[j] ? s[ids[j]] : 0.0f;
+    float dv[TOP_K];
+    float v_total = 0.0f;
+    for (int j = 0; j < TOP_K; j++) v_total += v[j];
+    const float v_norm = v_total > WEIGHT_SUM_EPS ? v_total : WEIGHT_SUM_EPS;
+    float w_dot = 0.0f;
+    for (int j = 0; j < TOP_K; j++) w_dot += dw[j] * (v[j] / v_norm);
+    if (!(v_total > WEIGHT_SUM_EPS)) w_dot = 0.0f;
+    for (int j = 0; j < TOP_K; j++) dv[j] = valid[j] ? (dw[j] - w_dot) / v_norm : 0.0f;
+    for (int j = 0; j < TOP_K; j++)
+        if (valid[j]) ds[ids[j]] += dv[j];
+
+    /* Load-balancing loss (§8.2.7). */
+    float s_total = 0.0f; /* p = s / max(sum s, 1e-20) */
+    for (int e = 0; e < NUM_EXPERTS; e++) s_total += z[e] > -INFINITY ? s[e] : 0.0f;
+    const float s_norm = s_total > WEIGHT_SUM_EPS ? s_total : WEIGHT_SUM_EPS;
+    float p_dot = 0.0f;
+    for (int e = 0; e < NUM_EXPERTS; e++) p_dot += z[e] > -INFINITY ? aux_grad[e] * (s[e] / s_norm) : 0.0f;
+    if (!(s_total > WEIGHT_SUM_EPS)) p_dot = 0.0f;
+    for (int e = 0; e < NUM_EXPERTS; e++)
+        if (z[e] > -INFINITY) ds[e] += (aux_grad[e] - p_dot) / s_norm;
+
+    /* z-loss (§8.2.8): z_coeff * 2 lse softmax / S. */
+    if (bs->z_coeff != 0.0f) {
+        float z_max = -INFINITY;
+        for (int e = 0; e < NUM_EXPERTS; e++)
+            if (z[e] > z_max) z_max = z[e];
+        if (z_max > -INFINITY) {
+            float exp_sum = 0.0f;
+            for (int e = 0; e < NUM_EXPERTS; e++) exp_sum += expf(z[e] - z_max);
+            const float lse = (float)((double)z_max + log((double)exp_sum));
+            const float scale = bs->z_coeff * 2.0f * lse / (float)st->n_tokens;
+            for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += scale * (expf(z[e] - z_max) / exp_sum);
+        }
+    }
+
+    /* Scores to logits (§8.2.9); logits that were not finite pass nothing. */
+    for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += ds[e] * s[e] * (1.0f - s[e]);
+    for (int e = 0; e < NUM_EXPERTS; e++)
+        if (!(z[e] > -INFINITY && z[e] < FLT_MAX)) dz[e] = 0.0f;
+}
+
+/* Token t: the router's backward, then dx[t] as the sum of its routed rows' du (slot
+ * order), the shared experts', the residual MLP's, the residual coefficient's, the shared
+ * gate's and the router's terms, rounded once to the layer dtype. */
+static void token_pass_b(const backward_state *bs, int64_t t, const float *aux_grad) {
+    const forward_state *st = &bs->f;
+    const int32_t *row = st->route_row + t * TOP_K;
+    float *dz = bs->dz + t * NUM_EXPERTS;
+    router_backward(bs, t, aux_grad, dz);
+    if (!bs->dx) return;
+    for (int64_t h0 = 0; h0 < HIDDEN; h0 += COMBINE_CHUNK) {
+        float acc[COMBINE_CHUNK];
+        for (int h = 0; h < COMBINE_CHUNK; h++) acc[h] = 0.0f;
+        for (int j = 0; j < TOP_K; j++) {
+            if (row[j] < 0) continue;
+            const float *du = bs->row_du + (int64_t)row[j] * HIDDEN + h0;
+            for (int h = 0; h < COMBINE_CHUNK; h++) acc[h] += du[h];
+        }
+        for (int i = 0; i < SHARED_EXPERTS; i++) {
+            const float *du = bs->shared_du + ((int64_t)i * st->n_tokens + t) * HIDDEN + h0;
+            for (int h = 0; h < COMBINE_CHUNK; h++) acc[h] += du[h];
+        }
+        for (int h = 0; h < COMBINE_CHUNK; h++) {
+            float router = 0.0f;
+            for (int e = 0; e < NUM_EXPERTS; e++) router += dz[e] * st->w->router_w[(int64_t)e * HIDDEN + h0 + h];
+            acc[h] += router;
+        }
+        elem_t *dst = bs->dx + t * HIDDEN + h0;
+        for (int h = 0; h < COMBINE_CHUNK; h++) dst[h] = float_to_elem(acc[h]);
+    }
+}
+
+/* ---- Entry points ------------------------------------------------------------------------ */
+
+size_t moe_deepseek_v3_8abd75de_backward_workspace_bytes(int64_t n_tokens) {
+    if (n_tokens < 0 || n_tokens > MAX_TOKENS) return 0;
+    return backward_layout_for(n_tokens).total;
+}
+
+/* The checks both phases share; the forward's state from its workspace and the backward's
+ * buffers. *empty is 1 for 0 tokens. */
+static int begin_backward(const moegen_kernel_backward_args *args, backward_state *bs, int *empty) {
+    *empty = 0;
+    if (!args) return MOEGEN_KERNEL_EARG;
+    if (args->abi_version != MOEGEN_KERNEL_ABI_VERSION) return MOEGEN_KERNEL_EABI;
+    const moegen_kernel_args *fw = args->forward;
+    if (!fw) return MOEGEN_KERNEL_EARG;
+    if (fw->abi_version != MOEGEN_KERNEL_ABI_VERSION) return MOEGEN_KERNEL_EABI;
+    const int64_t n_tokens = fw->n_tokens;
+    if (n_tokens < 0 || n_tokens > MAX_TOKENS) return MOEGEN_KERNEL_EARG;
+    if (n_tokens == 0) {
+        *empty = 1;
+        return MOEGEN_KERNEL_OK;
+    }
+    if (!fw->x || !weights_present(&fw->w)) return MOEGEN_KERNEL_EARG;
+    if (!fw->workspace || fw->workspace_bytes < layout_for(n_tokens).total) return MOEGEN_KERNEL_EWORKSPACE;
+    const backward_layout layout = backward_layout_for(n_tokens);
+    if (!args->workspace || args->workspace_bytes < layout.total) return MOEGEN_KERNEL_EWORKSPACE;
+    memset(bs, 0, sizeof *bs);
+    carve_state(fw, &bs->f);
+    const route_summary summary = *bs->f.summary; /* what the forward left */
+    bs->f.capacity = summary.capacity;
+    bs->f.n_rows = summary.n_rows;
+    bs->f.n_dropped = summary.n_dropped;
+    bs->dy = args->dy;
+    bs->dx = args->dx;
+    bs->aux_coeff = (float)args->aux_coeff;
+    bs->z_coeff = (float)args->z_coeff;
+    char *base = args->workspace;
+    bs->dw_final = (float *)(base + layout.dw_final);
+    bs->dz = (float *)(base + layout.dz);
+    bs->coef_dq = (float *)(base + layout.coef_dq);
+    bs->gate_dnu = (float *)(base + layout.gate_dnu);
+    bs->row_do = (float *)(base + layout.row_do);
+    bs->row_h = (elem_t *)(base + layout.row_h);
+    bs->row_pre = (float *)(base + layout.row_pre);
+    bs->row_du = (float *)(base + layout.row_du);
+    bs->shared_do = (float *)(base + layout.shared_do);
+    bs->shared_h = (elem_t *)(base + layout.shared_h);
+    bs->shared_pre = (float *)(base + layout.shared_pre);
+    bs->shared_du = (float *)(base + layout.shared_du);
+    bs->summary = (backward_summary *)(base + layout.summary);
+    return MOEGEN_KERNEL_OK;
+}
+
+int moe_deepseek_v3_8abd75de_backward_data(const moegen_kernel_backward_args *args) {
+    backward_state bs;
+    int empty;
+    int rc = begin_backward(args, &bs, &empty);
+    if (rc != MOEGEN_KERNEL_OK || empty) return rc;
+    if (!args->dy) return MOEGEN_KERNEL_EARG;
+    const forward_state *st = &bs.f;
+    const int64_t n_tokens = st->n_tokens;
+    const int n_threads = args->n_threads > 0 ? args->n_threads : threads_for(args->forward);
+    bs.summary->magic = 0;
+
+    /* aux_coeff * d aux / d p[t][e]: the counts are the forward's, summed in block order. */
+    float aux_grad[NUM_EXPERTS];
+    for (int e = 0; e < NUM_EXPERTS; e++) {
+        int64_t count = 0;
+        for (int64_t block = 0; block < st->n_router_blocks; block++) count += st->block_counts[block * NUM_EXPERTS + e];
+        const double n = (double)n_tokens;
+        aux_grad[e] = (float)(args->aux_coeff * NUM_EXPERTS * (double)count / ((double)TOP_K * n * n));
+    }
+
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads)
+    {
+        float *scratch = malloc(2 * HIDDEN * sizeof(float));
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n_tokens; t++)
+            if (scratch) token_pass_a(&bs, t, scratch, scratch + HIDDEN);
+        free(scratch);
+    }
+    if (failed) return MOEGEN_KERNEL_ENOMEM;
+
+    bwd_problem problems[NUM_EXPERTS + 1 + SHARED_EXPERTS];
+    f2048_backward_data(problems, backward_problems(&bs, NULL, 2048, problems), n_threads);
+
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t t = 0; t < n_tokens; t++) token_pass_b(&bs, t, aux_grad);
+
+    *bs.summary = (backward_summary){BACKWARD_DATA_DONE, n_tokens, st->n_rows};
+    return MOEGEN_KERNEL_OK;
+}
+
+/* Gradient buffer g of n floats: zero, unless accumulating. */
+static void clear_grad(float *g, size_t n, int accumulate) {
+    if (g && !accumulate) memset(g, 0, n * sizeof(float));
+}
+
+/* dG[m][n] (+)= sum_k A[k][m] B[k][n] for a dense tensor, and its bias column sums. */
+static void dense_weight_grad(const float *a, int64_t m_count, int64_t n_k, const void *b, int b_is_float,
+                              float *g, float *g_bias, int accumulate, int n_threads) {
+    const int64_t col_blocks = (HIDDEN + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+    const int64_t n_tasks = (m_count + BWD_TASK_ROWS - 1) / BWD_TASK_ROWS * col_blocks;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+    for (int64_t task = 0; task < n_tasks; task++) {
+        const int64_t m0 = task / col_blocks * BWD_TASK_ROWS, c0 = task % col_blocks * BWD_TASK_COLS;
+        const int64_t rows = min_i64(BWD_TASK_ROWS, m_count - m0), c1 = min_i64(c0 + BWD_TASK_COLS, HIDDEN);
+        if (g) {
+            store_ctx ctx = {.c = g, .ldc = HIDDEN, .accumulate = accumulate};
+            if (b_is_float)
+                outer_block_f(a, 1, m_count, m0, rows, c0, c1, n_k, b, HIDDEN, NULL, NULL, store_plain, &ctx);
+            else
+                outer_block_e(a, 1, m_count, m0, rows, c0, c1, n_k, b, HIDDEN, NULL, NULL, store_plain, &ctx);
+        }
+        if (g_bias && c0 == 0) column_sums(a, m_count, n_k, m0, rows, g_bias, accumulate);
+    }
+}
+
+int moe_deepseek_v3_8abd75de_backward_weights(const moegen_kernel_backward_args *args) {
+    backward_state bs;
+    int empty;
+    int rc = begin_backward(args, &bs, &empty);
+    if (rc != MOEGEN_KERNEL_OK) return rc;
+    const moegen_kernel_grads *g = &args->grads;
+    const int accumulate = args->accumulate;
+    if (empty) { /* no tokens: every gradient is 0 */
+        clear_grad(g->router_w, (size_t)NUM_EXPERTS * HIDDEN, accumulate);
+        clear_grad(g->w1, (size_t)NUM_EXPERTS * FFN_ROWS * HIDDEN, accumulate);
+        clear_grad(g->w2, (size_t)NUM_EXPERTS * HIDDEN * FFN, accumulate);
+        clear_grad(g->shared_w1, (size_t)SHARED_EXPERTS * SHARED_FFN_ROWS * HIDDEN, accumulate);
+        clear_grad(g->shared_w2, (size_t)SHARED_EXPERTS * HIDDEN * SHARED_FFN, accumulate);
+        return MOEGEN_KERNEL_OK;
+    }
+    if (bs.summary->magic != BACKWARD_DATA_DONE || bs.summary->n_tokens != bs.f.n_tokens)
+        return MOEGEN_KERNEL_EARG; /* P_backward_data has not run on this workspace */
+    const int n_threads = args->n_threads > 0 ? args->n_threads : threads_for(args->forward);
+    const int64_t n_tokens = bs.f.n_tokens;
+
+    bwd_problem problems[NUM_EXPERTS + 1 + SHARED_EXPERTS];
+    f2048_backward_weights(problems, backward_problems(&bs, g, 2048, problems), n_threads, accumulate);
+
+    /* The router: dWr = dz^T xr (the router's own input, jitter included), dbr = sum dz. */
+    dense_weight_grad(bs.dz, NUM_EXPERTS, n_tokens, bs.f.router_input, 1, g->router_w, NULL, accumulate, n_threads);
     return MOEGEN_KERNEL_OK;
 }

@@ -21,6 +21,14 @@
  *       shared experts, the residual MLP and the combine into y, reading the experts'
  *       outputs from plan->expert_out. Same args (and workspace) as the P_route call.
  *   Bitwise, P_route + P_experts over plan's rows + P_combine == P_forward.
+ * and the training backward (docs/numerics.md §8), which reads the workspace a P_forward
+ * call left (so the caller keeps that workspace, and the forward's x, until it is done):
+ *   size_t P_backward_workspace_bytes(int64_t n_tokens);
+ *   int P_backward_data(const moegen_kernel_backward_args *args);
+ *       dx, and the per-row gradients the weight gradients need, into args->workspace;
+ *   int P_backward_weights(const moegen_kernel_backward_args *args);
+ *       the weight gradients, from what P_backward_data left in args->workspace.
+ *   The two may run apart (Megatron's split backward: input gradient now, weights later).
  *
  * Tensor layouts (row-major, C order; E experts, k top-k, H hidden, F expert ffn
  * size, F1 = 2F for gated activations (rows [0,F) gate, [F,2F) up) else F;
@@ -60,19 +68,21 @@ typedef long long int64_t;
 typedef unsigned long long uint64_t;
 typedef int int32_t;
 typedef unsigned int uint32_t;
+typedef unsigned char uint8_t;
 typedef unsigned long size_t;
 #else
 #include <stddef.h>
 #include <stdint.h>
 #endif
 
-#define MOEGEN_KERNEL_ABI_VERSION 3
+#define MOEGEN_KERNEL_ABI_VERSION 4
 
 /* Status codes a generated forward returns. */
 #define MOEGEN_KERNEL_OK 0
 #define MOEGEN_KERNEL_EARG (-1)       /* a required pointer is NULL or a size is negative */
 #define MOEGEN_KERNEL_EWORKSPACE (-2) /* workspace smaller than P_workspace_bytes(n_tokens) */
 #define MOEGEN_KERNEL_EABI (-3)       /* args->abi_version differs from MOEGEN_KERNEL_ABI_VERSION */
+#define MOEGEN_KERNEL_ENOMEM (-4)     /* a per-thread scratch buffer could not be allocated */
 
 typedef struct moegen_kernel_weights {
     const float *router_w;
@@ -115,11 +125,38 @@ typedef struct moegen_kernel_args {
     int64_t n_tokens;        /* S >= 0; any value, no recompile */
     uint64_t rng_offset;     /* mixed into the RNG (e.g. the training step) */
     const void *x;
+    const uint8_t *used_token; /* optional [S]: 0 = a padding token, routed but never dispatched
+                                  (docs/numerics.md §9); NULL = every token is used */
     moegen_kernel_weights w;
     moegen_kernel_outputs *out;
     void *workspace;         /* 64-byte aligned, P_workspace_bytes(n_tokens) bytes */
     size_t workspace_bytes;
 } moegen_kernel_args;
+
+/* Weight gradients (docs/numerics.md §8): fp32 whatever the layer dtype, in the layout of the
+ * weight each belongs to; NULL = not wanted (or not in this spec). score_bias has none. */
+typedef struct moegen_kernel_grads {
+    float *router_w, *router_b;
+    float *w1, *b1, *w2, *b2;
+    float *shared_w1, *shared_b1, *shared_w2, *shared_b2, *shared_gate;
+    float *residual_w1, *residual_b1, *residual_w2, *residual_b2;
+    float *residual_coef_w, *residual_coef_b;
+} moegen_kernel_grads;
+
+typedef struct moegen_kernel_backward_args {
+    int abi_version;
+    int n_threads;
+    const moegen_kernel_args *forward; /* the P_forward call: n_tokens, x, weights, workspace */
+    const void *dy;          /* [S][H] dtype: the gradient of the loss with respect to y */
+    void *dx;                /* [S][H] dtype, or NULL (P_backward_data) */
+    double aux_coeff;        /* the loss is sum(dy . y) + aux_coeff * aux_loss + z_coeff * z_loss */
+    double z_coeff;
+    void *workspace;         /* 64-byte aligned, P_backward_workspace_bytes(n_tokens) bytes; the
+                                same one for P_backward_data and the P_backward_weights after it */
+    size_t workspace_bytes;
+    moegen_kernel_grads grads; /* P_backward_weights */
+    int accumulate;          /* 1: add into grads (fp32 main-grad style); 0: overwrite */
+} moegen_kernel_backward_args;
 
 /* Where P_route left the permutation; every pointer is into the workspace. Rows are in
  * expert-contiguous order: expert e owns rows [expert_offset[e], expert_offset[e + 1]),

@@ -1,0 +1,920 @@
+% -- backward.c.tpl — the training backward (docs/numerics.md §8): the exact gradients of
+% -- sum(dy . y) + aux_coeff * aux_loss + z_coeff * z_loss with respect to x and every weight,
+% -- from the workspace a P_forward call left. Two exported phases, as Megatron splits them:
+% --   P_backward_data:    per-token and per-row gradients and dx (token pass A, then per FFN
+% --                       shape: GEMM1 recomputed with its pre-activations kept, dh = do W2
+% --                       with the activation's derivative in its epilogue, du = da W1; then
+% --                       token pass B: the router's backward and dx);
+% --   P_backward_weights: the weight gradients as sums over rows, from what the first left.
+% -- Every output element is one sequential sum in a fixed order (rows in row order, tokens in
+% -- token order), so gradients do not depend on the thread count.
+% local moe = import("templates/lib/moe.lua")
+% local r = spec.router
+% local softmax = r.score_function == "softmax"
+% local aux = moe.aux_kind(spec)
+% local gated = spec.gated
+% local elem = moe.elem_type(spec.dtype)
+% local load_elem = moe.load_name(elem, spec.dtype)
+% local mr = variant.cpu.vector_floats == 16 and 8 or 4
+% local P = gen.prefix
+/* ---- Training: the backward pass ------------------------------------------------------ */
+
+/* Outer-product micro-kernels: a BWD_MR x (NV * VEC_FLOATS) tile of
+ * C[i][n] = sum_k a_i[k * a_step] * B_k[n], B_k = row (b_index ? b_index[k] : k) of B,
+ * scaled by b_scale[k] when given. a_step 1 reads A rows (C = A B); a_step = lda reads A
+ * columns (C = A^T B, the weight gradients). One sum per element, k ascending. */
+#define BWD_MR ${mr}
+#define BWD_TASK_ROWS (4 * BWD_MR)           /* rows of C per parallel task */
+#define BWD_TASK_COLS (16 * VEC_FLOATS)      /* columns of C per parallel task */
+% for _, bt in ipairs({{ tag = "e", ctype = "elem_t", load = load_elem }, { tag = "f", ctype = "float", load = "load_f32" }}) do
+%   for _, nv in ipairs({2, 1}) do
+
+static __attribute__((noinline, unused)) void outer_${bt.tag}_v${nv}(const float *const a[BWD_MR], int64_t a_step,
+        int64_t n_k, const ${bt.ctype} *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
+        vfloat out[BWD_MR][${nv}]) {
+    const vfloat zero = {0};
+%     for i = 0, mr - 1 do
+%       local names = {}
+%       for v = 0, nv - 1 do names[#names + 1] = "c" .. i .. v .. " = zero" end
+    vfloat ${table.concat(names, ", ")};
+%     end
+    for (int64_t k = 0; k < n_k; k++) {
+        const ${bt.ctype} *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb;
+%     for v = 0, nv - 1 do
+        vfloat w${v} = ${bt.load}(row + ${v} * VEC_FLOATS);
+%     end
+        if (b_scale) {
+%     for v = 0, nv - 1 do
+            w${v} = w${v} * b_scale[k];
+%     end
+        }
+%     for i = 0, mr - 1 do
+        {
+            const vfloat x = zero + a[${i}][k * a_step];
+%       for v = 0, nv - 1 do
+            c${i}${v} += x * w${v};
+%       end
+        }
+%     end
+    }
+%     for i = 0, mr - 1 do
+%       for v = 0, nv - 1 do
+    out[${i}][${v}] = c${i}${v};
+%       end
+%     end
+}
+%   end
+% end
+
+/* C (+)= the products above for rows [m0, m0 + rows) of C (rows <= BWD_MR) and columns
+ * [c0, c1) (multiples of VEC_FLOATS), C row-major with ldc columns. A row i is read at
+ * a + (m0 + i) * a_row (a_row: lda for C = A B, 1 for C = A^T B). `store` writes C. */
+typedef void (*tile_store_fn)(void *ctx, int64_t m, int64_t c, const float *values, int n);
+
+static void store_plain(void *ctx, int64_t m, int64_t c, const float *values, int n);
+
+% for _, bt in ipairs({{ tag = "e", ctype = "elem_t" }, { tag = "f", ctype = "float" }}) do
+static __attribute__((unused)) void outer_block_${bt.tag}(const float *a, int64_t a_row, int64_t a_step, int64_t m0,
+        int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const ${bt.ctype} *b, int64_t ldb,
+        const int32_t *b_index, const float *b_scale, tile_store_fn store, void *ctx) {
+    for (int64_t c = c0; c < c1;) {
+        const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1;
+        for (int64_t m = m0; m < m0 + rows; m += BWD_MR) {
+            const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
+            const float *ap[BWD_MR];
+            for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row;
+            vfloat tile[BWD_MR][2];
+            if (nv == 2)
+                outer_${bt.tag}_v2(ap, a_step, n_k, b + c, ldb, b_index, b_scale, tile);
+            else
+                outer_${bt.tag}_v1(ap, a_step, n_k, b + c, ldb, b_index, b_scale, (vfloat(*)[1])tile);
+            for (int i = 0; i < valid; i++) {
+                float values[2 * VEC_FLOATS];
+                if (nv == 2) {
+                    memcpy(values, &tile[i][0], sizeof(vfloat));
+                    memcpy(values + VEC_FLOATS, &tile[i][1], sizeof(vfloat));
+                } else {
+                    vfloat one;
+                    memcpy(&one, (char *)tile + (size_t)i * sizeof(vfloat), sizeof one);
+                    memcpy(values, &one, sizeof one);
+                }
+                store(ctx, m + i, c, values, nv * VEC_FLOATS);
+            }
+        }
+        c += nv * VEC_FLOATS;
+    }
+}
+% end
+
+/* ---- Backward state --------------------------------------------------------------------- */
+
+/* What P_backward_data leaves for P_backward_weights. */
+typedef struct backward_summary {
+    uint64_t magic; /* BACKWARD_DATA_DONE once P_backward_data has run */
+    int64_t n_tokens, n_rows;
+} backward_summary;
+#define BACKWARD_DATA_DONE 0x6d6f6567656e6277ull
+
+typedef struct backward_layout {
+    size_t dw_final, dz, coef_dq, gate_dnu;
+    size_t row_do, row_h, row_pre, row_du;
+    size_t shared_do, shared_h, shared_pre, shared_du;
+    size_t residual_do, residual_h, residual_pre, residual_du;
+    size_t summary, total;
+} backward_layout;
+
+static backward_layout backward_layout_for(int64_t n_tokens) {
+    backward_layout layout;
+    memset(&layout, 0, sizeof layout);
+    const size_t tokens = (size_t)n_tokens;
+    const size_t rows = (size_t)max_rows_for(n_tokens);
+    size_t offset = 0;
+#define CARVE(field, bytes) (layout.field = offset, offset += ((size_t)(bytes) + 63) & ~(size_t)63)
+    CARVE(dw_final, tokens * TOP_K * sizeof(float));
+    CARVE(dz, tokens * NUM_EXPERTS * sizeof(float));
+    CARVE(coef_dq, tokens * 2 * sizeof(float));
+    CARVE(gate_dnu, tokens * sizeof(float));
+    CARVE(row_do, rows * HIDDEN * sizeof(float));
+    CARVE(row_h, rows * FFN * sizeof(elem_t));
+    CARVE(row_pre, rows * FFN_ROWS * sizeof(float));
+    CARVE(row_du, rows * HIDDEN * sizeof(float));
+% if spec.shared.count > 0 then
+    CARVE(shared_do, (size_t)SHARED_EXPERTS * tokens * HIDDEN * sizeof(float));
+    CARVE(shared_h, (size_t)SHARED_EXPERTS * tokens * SHARED_FFN * sizeof(elem_t));
+    CARVE(shared_pre, (size_t)SHARED_EXPERTS * tokens * SHARED_FFN_ROWS * sizeof(float));
+    CARVE(shared_du, (size_t)SHARED_EXPERTS * tokens * HIDDEN * sizeof(float));
+% end
+% if spec.use_residual then
+    CARVE(residual_do, tokens * HIDDEN * sizeof(float));
+    CARVE(residual_h, tokens * FFN * sizeof(elem_t));
+    CARVE(residual_pre, tokens * FFN_ROWS * sizeof(float));
+    CARVE(residual_du, tokens * HIDDEN * sizeof(float));
+% end
+    CARVE(summary, sizeof(backward_summary));
+#undef CARVE
+    layout.total = offset;
+    return layout;
+}
+
+typedef struct backward_state {
+    forward_state f;          /* the forward's state, from its workspace */
+    const elem_t *dy;         /* [S][HIDDEN] */
+    elem_t *dx;               /* [S][HIDDEN] or NULL */
+    float aux_coeff, z_coeff;
+    float *dw_final;          /* [S][TOP_K] d loss / d combine weight */
+    float *dz;                /* [S][NUM_EXPERTS] d loss / d logit */
+    float *coef_dq;           /* [S][2] d loss / d residual coefficient logit */
+    float *gate_dnu;          /* [S] d loss / d shared-gate logit */
+    float *row_do, *row_pre, *row_du; /* [rows][HIDDEN], [rows][FFN_ROWS], [rows][HIDDEN] */
+    elem_t *row_h;                    /* [rows][FFN] */
+% if spec.shared.count > 0 then
+    float *shared_do, *shared_pre, *shared_du; /* [SHARED_EXPERTS][S][...] */
+    elem_t *shared_h;
+% end
+% if spec.use_residual then
+    float *residual_do, *residual_pre, *residual_du; /* [S][...] */
+    elem_t *residual_h;
+% end
+    backward_summary *summary;
+} backward_state;
+
+/* One FFN of the backward (a routed expert over its real rows, a shared expert or the
+ * residual MLP over every token): its inputs, the gradients flowing through it, and
+ * where its weight gradients go. */
+typedef struct bwd_problem {
+    const elem_t *x;          /* [.][HIDDEN] */
+    const int32_t *row_token; /* row r reads x row row_token[r] (NULL: row r) */
+    const float *row_scale;   /* weight_on_input: the input scale of row r, or NULL */
+    int64_t n_rows;
+    const elem_t *w1, *b1, *w2;
+    float *d_out;             /* [n_rows][HIDDEN] d loss / d output */
+    elem_t *h;                /* [n_rows][ffn] the activations, rounded as the forward's */
+    float *pre;               /* [n_rows][ffn_rows] pre-activations, then their gradients */
+    float *du;                /* [n_rows][HIDDEN] d loss / d input */
+    float *g_w1, *g_b1, *g_w2, *g_b2; /* fp32 weight gradients, or NULL */
+} bwd_problem;
+
+/* Derivative of the activation (numerics §8.2.4). */
+static inline float activation_grad(float z) {
+% if spec.activation == "relu" then
+    return z > 0.0f ? 1.0f : 0.0f;
+% elseif spec.activation == "gelu" or spec.activation == "geglu" then
+    return 0.5f * (1.0f + erff(z * 0.70710678118654752f)) + z * 0.39894228040143268f * expf(-0.5f * z * z);
+% elseif spec.activation == "gelu_tanh" then
+    const float k = 0.79788456080286536f;
+    const float t = tanhf(k * (z + 0.044715f * z * z * z));
+    return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * k * (1.0f + 3.0f * 0.044715f * z * z);
+% else
+    const float s = sigmoid(z);
+    return s * (1.0f + z * (1.0f - s));
+% end
+}
+
+/* ---- Stores of the tiles --------------------------------------------------------------- */
+
+typedef struct store_ctx {
+    float *c;        /* C, row-major */
+    int64_t ldc;
+    int accumulate;  /* add to C (the caller's gradient buffer) instead of writing it */
+    const float *pre; /* dh -> da: the pre-activations ([.][ldp]), overwritten by their gradients */
+    int64_t ldp, ffn;
+} store_ctx;
+
+static void store_plain(void *ctx, int64_t m, int64_t c, const float *values, int n) {
+    const store_ctx *s = ctx;
+    float *dst = s->c + m * s->ldc + c;
+    if (s->accumulate)
+        for (int i = 0; i < n; i++) dst[i] += values[i];
+    else
+        memcpy(dst, values, (size_t)n * sizeof(float));
+}
+
+/* dh -> the gradient of the pre-activations, in place of them (row m, columns c..c+n). */
+static void store_activation_grad(void *ctx, int64_t m, int64_t c, const float *dh, int n) {
+    const store_ctx *s = ctx;
+    float *pre = s->c + m * s->ldp;
+    for (int i = 0; i < n; i++) {
+% if gated then
+        const float gate = pre[c + i], up = pre[s->ffn + c + i];
+        pre[c + i] = dh[i] * up * activation_grad(gate);
+        pre[s->ffn + c + i] = dh[i] * activation(gate);
+% else
+        pre[c + i] = dh[i] * activation_grad(pre[c + i]);
+% end
+    }
+}
+
+/* Column sums of A ([n_k][lda], columns [m0, m0 + rows)) into g (bias gradients). */
+static void column_sums(const float *a, int64_t lda, int64_t n_k, int64_t m0, int64_t rows, float *g,
+                        int accumulate) {
+    for (int64_t m = m0; m < m0 + rows; m++) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < n_k; k++) sum += a[k * lda + m];
+        g[m] = accumulate ? g[m] + sum : sum;
+    }
+}
+
+/* Work split of a list of problems into tasks of BWD_TASK_ROWS x BWD_TASK_COLS of C. */
+static int64_t task_grid(const int64_t *rows_of, int n, int64_t cols, int64_t *start) {
+    const int64_t col_blocks = (cols + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+    start[0] = 0;
+    for (int p = 0; p < n; p++) {
+        int64_t row_blocks = (rows_of[p] + BWD_TASK_ROWS - 1) / BWD_TASK_ROWS;
+        start[p + 1] = start[p] + row_blocks * col_blocks;
+    }
+    return start[n];
+}
+% for _, shape in ipairs(moe.ffn_shapes(spec)) do
+%   local n = shape.name
+%   local F = shape.ffn
+%   local F1 = shape.ffn_rows
+
+/* ---- Backward of FFN shape ${n}: ${spec.hidden_size} -> ${F1} -> ${F} -> ${spec.hidden_size} ---- */
+
+/* P_backward_data for the problems of this shape: GEMM1 again (pre-activations kept), then
+ * da = (do W2) * act'(pre), then du = da W1. */
+static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int n_threads) {
+    if (n_problems == 0) return;
+    ffn_problem fwd[n_problems];
+    int64_t rows_of[n_problems], start1[n_problems + 1], start_dh[n_problems + 1], start_du[n_problems + 1];
+    const int64_t col_blocks1 = (${F} + BLOCK_COLS - 1) / BLOCK_COLS;
+    start1[0] = 0;
+    for (int p = 0; p < n_problems; p++) {
+        const bwd_problem *b = &problems[p];
+        fwd[p] = (ffn_problem){.x = b->x, .w1 = b->w1, .b1 = b->b1, .row_token = b->row_token,
+                               .row_scale = b->row_scale, .n_rows = b->n_rows, .hidden = b->h,
+                               .pre = b->pre};
+        rows_of[p] = b->n_rows;
+        start1[p + 1] = start1[p] + (b->n_rows + BLOCK_ROWS - 1) / BLOCK_ROWS * col_blocks1;
+    }
+    const int64_t n_tasks1 = start1[n_problems];
+    const int64_t n_dh = task_grid(rows_of, n_problems, ${F}, start_dh);
+    const int64_t n_du = task_grid(rows_of, n_problems, HIDDEN, start_du);
+    const int64_t dh_col_blocks = (${F} + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+    const int64_t du_col_blocks = (HIDDEN + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_tasks1; task++) { /* GEMM1 as the forward's FMA path */
+            int p = problem_of_task(start1, n_problems, task);
+            int64_t local = task - start1[p];
+            ${n}_gemm1_task(&fwd[p], (local / col_blocks1) * BLOCK_ROWS, (local % col_blocks1) * BLOCK_COLS);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_dh; task++) { /* dh = do W2, then da in place of pre */
+            int p = problem_of_task(start_dh, n_problems, task);
+            int64_t local = task - start_dh[p];
+            const bwd_problem *b = &problems[p];
+            const int64_t m0 = (local / dh_col_blocks) * BWD_TASK_ROWS, c0 = (local % dh_col_blocks) * BWD_TASK_COLS;
+            store_ctx ctx = {.c = b->pre, .ldp = ${F1}, .ffn = ${F}};
+            outer_block_e(b->d_out, HIDDEN, 1, m0, min_i64(BWD_TASK_ROWS, b->n_rows - m0), c0,
+                          min_i64(c0 + BWD_TASK_COLS, ${F}), HIDDEN, b->w2, ${F}, NULL, NULL,
+                          store_activation_grad, &ctx);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_du; task++) { /* du = da W1 */
+            int p = problem_of_task(start_du, n_problems, task);
+            int64_t local = task - start_du[p];
+            const bwd_problem *b = &problems[p];
+            const int64_t m0 = (local / du_col_blocks) * BWD_TASK_ROWS, c0 = (local % du_col_blocks) * BWD_TASK_COLS;
+            store_ctx ctx = {.c = b->du, .ldc = HIDDEN};
+            outer_block_e(b->pre, ${F1}, 1, m0, min_i64(BWD_TASK_ROWS, b->n_rows - m0), c0,
+                          min_i64(c0 + BWD_TASK_COLS, HIDDEN), ${F1}, b->w1, HIDDEN, NULL, NULL, store_plain, &ctx);
+        }
+    }
+}
+
+/* P_backward_weights for the problems of this shape: dW2 = do^T h, db2 = sum do,
+ * dW1 = da^T u, db1 = sum da, each a sum over the problem's rows in row order. */
+static void ${n}_backward_weights(const bwd_problem *problems, int n_problems, int n_threads, int accumulate) {
+    if (n_problems == 0) return;
+    int64_t m_w2[n_problems], m_w1[n_problems], start_w2[n_problems + 1], start_w1[n_problems + 1];
+    for (int p = 0; p < n_problems; p++) {
+        m_w2[p] = problems[p].g_w2 || problems[p].g_b2 ? HIDDEN : 0;
+        m_w1[p] = problems[p].g_w1 || problems[p].g_b1 ? ${F1} : 0;
+    }
+    const int64_t n_w2 = task_grid(m_w2, n_problems, ${F}, start_w2);
+    const int64_t n_w1 = task_grid(m_w1, n_problems, HIDDEN, start_w1);
+    const int64_t w2_col_blocks = (${F} + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+    const int64_t w1_col_blocks = (HIDDEN + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t task = 0; task < n_w2; task++) {
+            int p = problem_of_task(start_w2, n_problems, task);
+            int64_t local = task - start_w2[p];
+            const bwd_problem *b = &problems[p];
+            const int64_t m0 = (local / w2_col_blocks) * BWD_TASK_ROWS, c0 = (local % w2_col_blocks) * BWD_TASK_COLS;
+            const int64_t rows = min_i64(BWD_TASK_ROWS, HIDDEN - m0);
+            if (b->g_w2) {
+                store_ctx ctx = {.c = b->g_w2, .ldc = ${F}, .accumulate = accumulate};
+                outer_block_e(b->d_out, 1, HIDDEN, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, ${F}), b->n_rows,
+                              b->h, ${F}, NULL, NULL, store_plain, &ctx);
+            }
+            if (b->g_b2 && c0 == 0) column_sums(b->d_out, HIDDEN, b->n_rows, m0, rows, b->g_b2, accumulate);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_w1; task++) {
+            int p = problem_of_task(start_w1, n_problems, task);
+            int64_t local = task - start_w1[p];
+            const bwd_problem *b = &problems[p];
+            const int64_t m0 = (local / w1_col_blocks) * BWD_TASK_ROWS, c0 = (local % w1_col_blocks) * BWD_TASK_COLS;
+            const int64_t rows = min_i64(BWD_TASK_ROWS, ${F1} - m0);
+            if (b->g_w1) {
+                store_ctx ctx = {.c = b->g_w1, .ldc = HIDDEN, .accumulate = accumulate};
+                outer_block_e(b->pre, 1, ${F1}, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, HIDDEN), b->n_rows,
+                              b->x, HIDDEN, b->row_token, b->row_scale, store_plain, &ctx);
+            }
+            if (b->g_b1 && c0 == 0) column_sums(b->pre, ${F1}, b->n_rows, m0, rows, b->g_b1, accumulate);
+        }
+    }
+}
+% end
+
+/* The problems of every FFN shape; `g` may be NULL (the data phase). */
+static int backward_problems(const backward_state *bs, const moegen_kernel_grads *g, int64_t ffn,
+                             bwd_problem *list) {
+    const forward_state *st = &bs->f;
+    const moegen_kernel_weights *w = st->w;
+    int n = 0;
+    if (ffn == FFN) {
+        for (int e = 0; e < NUM_EXPERTS; e++) {
+            const int64_t first = st->expert_offset[e];
+            bwd_problem *p = &list[n++];
+            *p = (bwd_problem){.x = st->x, .row_token = st->row_token + first, .n_rows = st->counts_after[e],
+                               .w1 = (const elem_t *)w->w1 + (int64_t)e * FFN_ROWS * HIDDEN,
+                               .w2 = (const elem_t *)w->w2 + (int64_t)e * HIDDEN * FFN,
+                               .d_out = bs->row_do + first * HIDDEN, .h = bs->row_h + first * FFN,
+                               .pre = bs->row_pre + first * FFN_ROWS, .du = bs->row_du + first * HIDDEN};
+% if spec.weight_on_input then
+            p->row_scale = st->row_scale + first;
+% end
+            if (w->b1) p->b1 = (const elem_t *)w->b1 + (int64_t)e * FFN_ROWS;
+            if (g) {
+                if (g->w1) p->g_w1 = g->w1 + (int64_t)e * FFN_ROWS * HIDDEN;
+                if (g->w2) p->g_w2 = g->w2 + (int64_t)e * HIDDEN * FFN;
+% if spec.expert_bias then
+                if (g->b1) p->g_b1 = g->b1 + (int64_t)e * FFN_ROWS;
+                if (g->b2) p->g_b2 = g->b2 + (int64_t)e * HIDDEN;
+% end
+            }
+        }
+% if spec.use_residual then
+        bwd_problem *p = &list[n++]; /* the residual MLP over every token */
+        *p = (bwd_problem){.x = st->x, .n_rows = st->n_tokens, .w1 = (const elem_t *)w->residual_w1,
+                           .b1 = (const elem_t *)w->residual_b1, .w2 = (const elem_t *)w->residual_w2,
+                           .d_out = bs->residual_do, .h = bs->residual_h, .pre = bs->residual_pre,
+                           .du = bs->residual_du};
+        if (g) {
+            p->g_w1 = g->residual_w1;
+            p->g_w2 = g->residual_w2;
+%   if spec.expert_bias then
+            p->g_b1 = g->residual_b1;
+            p->g_b2 = g->residual_b2;
+%   end
+        }
+% end
+    }
+% if spec.shared.count > 0 then
+    if (ffn == SHARED_FFN) {
+        for (int i = 0; i < SHARED_EXPERTS; i++) {
+            const int64_t first = (int64_t)i * st->n_tokens;
+            bwd_problem *p = &list[n++];
+            *p = (bwd_problem){.x = st->x, .n_rows = st->n_tokens,
+                               .w1 = (const elem_t *)w->shared_w1 + (int64_t)i * SHARED_FFN_ROWS * HIDDEN,
+                               .w2 = (const elem_t *)w->shared_w2 + (int64_t)i * HIDDEN * SHARED_FFN,
+                               .d_out = bs->shared_do + first * HIDDEN, .h = bs->shared_h + first * SHARED_FFN,
+                               .pre = bs->shared_pre + first * SHARED_FFN_ROWS, .du = bs->shared_du + first * HIDDEN};
+            if (w->shared_b1) p->b1 = (const elem_t *)w->shared_b1 + (int64_t)i * SHARED_FFN_ROWS;
+            if (g) {
+                if (g->shared_w1) p->g_w1 = g->shared_w1 + (int64_t)i * SHARED_FFN_ROWS * HIDDEN;
+                if (g->shared_w2) p->g_w2 = g->shared_w2 + (int64_t)i * HIDDEN * SHARED_FFN;
+%   if spec.expert_bias then
+                if (g->shared_b1) p->g_b1 = g->shared_b1 + (int64_t)i * SHARED_FFN_ROWS;
+                if (g->shared_b2) p->g_b2 = g->shared_b2 + (int64_t)i * HIDDEN;
+%   end
+            }
+        }
+    }
+% end
+    return n;
+}
+
+/* ---- Token pass A: the gradients of the combine ---------------------------------------- */
+
+/* dot product of two fp32 vectors of HIDDEN values, in order */
+static inline float dot_hidden(const float *a, const float *b) {
+    float sum = 0.0f;
+    for (int64_t h = 0; h < HIDDEN; h++) sum += a[h] * b[h];
+    return sum;
+}
+
+/* Token t: the upstream of every expert row (do), d loss / d combine weight, the residual
+ * coefficient and shared gate logits' gradients (numerics §8.2 steps 1-3). */
+static void token_pass_a(const backward_state *bs, int64_t t, float *g, float *y_moe) {
+    const forward_state *st = &bs->f;
+    for (int64_t h = 0; h < HIDDEN; h++) g[h] = elem_to_float(bs->dy[t * HIDDEN + h]);
+    const int32_t *row = st->route_row + t * TOP_K;
+    const float *weight = st->route_final + t * TOP_K;
+% if spec.use_residual then
+    /* y = y_moe c0 + mlp c1: recompute y_moe (slot order) and the coefficients. */
+    for (int64_t h = 0; h < HIDDEN; h++) y_moe[h] = 0.0f;
+    for (int j = 0; j < TOP_K; j++) {
+        if (row[j] < 0) continue;
+        const float *o = st->expert_out + (int64_t)row[j] * HIDDEN;
+%   if spec.weight_on_input then
+        for (int64_t h = 0; h < HIDDEN; h++) y_moe[h] += o[h];
+%   else
+        for (int64_t h = 0; h < HIDDEN; h++) y_moe[h] += weight[j] * o[h];
+%   end
+    }
+    const elem_t *x = st->x + t * HIDDEN;
+    float q0 = dot_x_fp32(x, st->w->residual_coef_w) + st->w->residual_coef_b[0];
+    float q1 = dot_x_fp32(x, st->w->residual_coef_w + HIDDEN) + st->w->residual_coef_b[1];
+    float q_max = q0 > q1 ? q0 : q1;
+    float e0 = expf(q0 - q_max), e1 = expf(q1 - q_max);
+    const float c0 = e0 / (e0 + e1), c1 = e1 / (e0 + e1);
+    const float *mlp = st->residual_out + t * HIDDEN;
+    const float dc0 = dot_hidden(g, y_moe), dc1 = dot_hidden(g, mlp);
+    const float mean = c0 * dc0 + c1 * dc1;
+    bs->coef_dq[t * 2] = c0 * (dc0 - mean);
+    bs->coef_dq[t * 2 + 1] = c1 * (dc1 - mean);
+    for (int64_t h = 0; h < HIDDEN; h++) bs->residual_do[t * HIDDEN + h] = c1 * g[h];
+    float *upstream = y_moe; /* from here on: the upstream of y_moe, c0 g */
+    for (int64_t h = 0; h < HIDDEN; h++) upstream[h] = c0 * g[h];
+% else
+    (void)y_moe;
+    const float *upstream = g; /* the upstream of y_moe */
+% end
+% if spec.shared.count > 0 then
+%   if spec.shared.gate then
+    const float gamma = sigmoid(dot_x_fp32(st->x + t * HIDDEN, st->w->shared_gate));
+    float d_gamma = 0.0f;
+    for (int64_t h = 0; h < HIDDEN; h++) {
+        float shared = 0.0f;
+        for (int i = 0; i < SHARED_EXPERTS; i++) shared += st->shared_out[((int64_t)i * st->n_tokens + t) * HIDDEN + h];
+        d_gamma += g[h] * shared;
+    }
+    bs->gate_dnu[t] = d_gamma * gamma * (1.0f - gamma);
+%   else
+    const float gamma = 1.0f;
+%   end
+    for (int i = 0; i < SHARED_EXPERTS; i++) {
+        float *d_out = bs->shared_do + ((int64_t)i * st->n_tokens + t) * HIDDEN;
+        for (int64_t h = 0; h < HIDDEN; h++) d_out[h] = gamma * g[h];
+    }
+% end
+    float *dw = bs->dw_final + t * TOP_K;
+    for (int j = 0; j < TOP_K; j++) {
+        dw[j] = 0.0f;
+        if (row[j] < 0) continue; /* dropped, invalid or a padding token: no gradient */
+        float *d_out = bs->row_do + (int64_t)row[j] * HIDDEN;
+% if spec.weight_on_input then
+        for (int64_t h = 0; h < HIDDEN; h++) d_out[h] = upstream[h]; /* output weight 1; dw in pass B */
+% else
+        const float *o = st->expert_out + (int64_t)row[j] * HIDDEN;
+        dw[j] = dot_hidden(upstream, o);
+        for (int64_t h = 0; h < HIDDEN; h++) d_out[h] = weight[j] * upstream[h];
+% end
+    }
+}
+
+/* ---- Token pass B: the router's backward and dx ---------------------------------------- */
+
+/* Token t: d loss / d logits (numerics §8.2 steps 5-9), from d loss / d combine weights.
+ * aux_grad[e] = aux_coeff * d aux / d p[t][e] (the same for every token). */
+static void router_backward(const backward_state *bs, int64_t t, const float *aux_grad, float *dz) {
+    const forward_state *st = &bs->f;
+    const float *z = st->logits + t * NUM_EXPERTS;
+    const int32_t *ids = st->route_expert + t * TOP_K;
+    const uint8_t *valid = st->route_valid + t * TOP_K;
+    const int32_t *row = st->route_row + t * TOP_K;
+    const float *dw_final = bs->dw_final + t * TOP_K;
+    float s[NUM_EXPERTS], ds[NUM_EXPERTS];
+    router_scores(z, s);
+    for (int e = 0; e < NUM_EXPERTS; e++) ds[e] = dz[e] = 0.0f;
+
+    /* Capacity: the final weights from the router weights (§8.2.5). */
+    float dw[TOP_K];
+% if spec.capacity.renormalize then
+    const float *weight = st->route_weight + t * TOP_K; /* after norm and scaling, before capacity */
+    float kept_sum = 0.0f, kept_dot = 0.0f;
+    for (int j = 0; j < TOP_K; j++)
+        if (row[j] >= 0) {
+            kept_sum += weight[j];
+            kept_dot += dw_final[j] * weight[j];
+        }
+    const float kept_norm = kept_sum > WEIGHT_SUM_EPS ? kept_sum : WEIGHT_SUM_EPS;
+    const float kept_mean = kept_sum > WEIGHT_SUM_EPS ? kept_dot / kept_norm : 0.0f;
+    for (int j = 0; j < TOP_K; j++)
+        dw[j] = row[j] >= 0 ? ROUTED_SCALING_FACTOR / kept_norm * (dw_final[j] - kept_mean) : 0.0f;
+% else
+    for (int j = 0; j < TOP_K; j++) dw[j] = row[j] >= 0 ? dw_final[j] : 0.0f;
+% end
+% if r.routed_scaling_factor ~= 1 then
+    for (int j = 0; j < TOP_K; j++) dw[j] *= ROUTED_SCALING_FACTOR; /* routed_scaling_factor */
+% end
+
+    /* The router weights from the scores (§8.2.6). */
+% local need_v = r.norm_topk_prob or (softmax and r.order == "topk_then_softmax")
+% if need_v then
+    float v[TOP_K]; /* the weights before norm_topk_prob */
+% if softmax and r.order == "topk_then_softmax" then
+    float v_max = -INFINITY, v_sum = 0.0f;
+    for (int j = 0; j < TOP_K; j++)
+        if (valid[j] && z[ids[j]] > v_max) v_max = z[ids[j]];
+    for (int j = 0; j < TOP_K; j++) {
+        v[j] = valid[j] ? expf(z[ids[j]] - v_max) : 0.0f;
+        v_sum += v[j];
+    }
+    for (int j = 0; j < TOP_K; j++) v[j] = valid[j] ? v[j] / v_sum : 0.0f;
+% else
+    for (int j = 0; j < TOP_K; j++) v[j] = valid[j] ? s[ids[j]] : 0.0f;
+% end
+% end
+    float dv[TOP_K];
+% if r.norm_topk_prob then
+    float v_total = 0.0f;
+    for (int j = 0; j < TOP_K; j++) v_total += v[j];
+    const float v_norm = v_total > WEIGHT_SUM_EPS ? v_total : WEIGHT_SUM_EPS;
+    float w_dot = 0.0f;
+    for (int j = 0; j < TOP_K; j++) w_dot += dw[j] * (v[j] / v_norm);
+    if (!(v_total > WEIGHT_SUM_EPS)) w_dot = 0.0f;
+    for (int j = 0; j < TOP_K; j++) dv[j] = valid[j] ? (dw[j] - w_dot) / v_norm : 0.0f;
+% else
+    for (int j = 0; j < TOP_K; j++) dv[j] = valid[j] ? dw[j] : 0.0f;
+% end
+% if softmax and r.order == "topk_then_softmax" then
+    float v_dot = 0.0f;
+    for (int j = 0; j < TOP_K; j++) v_dot += v[j] * dv[j];
+    for (int j = 0; j < TOP_K; j++)
+        if (valid[j]) dz[ids[j]] += v[j] * (dv[j] - v_dot);
+% else
+    for (int j = 0; j < TOP_K; j++)
+        if (valid[j]) ds[ids[j]] += dv[j];
+% end
+% if aux ~= "none" then
+
+    /* Load-balancing loss (§8.2.7). */
+%   if softmax or aux == "ds_first_choice" then
+%     if softmax then
+    const float *p = s; /* softmax over all experts */
+%     else
+    float p[NUM_EXPERTS];
+    router_softmax(z, p);
+%     end
+    float p_dot = 0.0f;
+    for (int e = 0; e < NUM_EXPERTS; e++) p_dot += p[e] * aux_grad[e];
+    for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += p[e] * (aux_grad[e] - p_dot);
+%   else
+    float s_total = 0.0f; /* p = s / max(sum s, 1e-20) */
+    for (int e = 0; e < NUM_EXPERTS; e++) s_total += z[e] > -INFINITY ? s[e] : 0.0f;
+    const float s_norm = s_total > WEIGHT_SUM_EPS ? s_total : WEIGHT_SUM_EPS;
+    float p_dot = 0.0f;
+    for (int e = 0; e < NUM_EXPERTS; e++) p_dot += z[e] > -INFINITY ? aux_grad[e] * (s[e] / s_norm) : 0.0f;
+    if (!(s_total > WEIGHT_SUM_EPS)) p_dot = 0.0f;
+    for (int e = 0; e < NUM_EXPERTS; e++)
+        if (z[e] > -INFINITY) ds[e] += (aux_grad[e] - p_dot) / s_norm;
+%   end
+% else
+    (void)aux_grad;
+% end
+
+    /* z-loss (§8.2.8): z_coeff * 2 lse softmax / S. */
+    if (bs->z_coeff != 0.0f) {
+        float z_max = -INFINITY;
+        for (int e = 0; e < NUM_EXPERTS; e++)
+            if (z[e] > z_max) z_max = z[e];
+        if (z_max > -INFINITY) {
+            float exp_sum = 0.0f;
+            for (int e = 0; e < NUM_EXPERTS; e++) exp_sum += expf(z[e] - z_max);
+            const float lse = (float)((double)z_max + log((double)exp_sum));
+            const float scale = bs->z_coeff * 2.0f * lse / (float)st->n_tokens;
+            for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += scale * (expf(z[e] - z_max) / exp_sum);
+        }
+    }
+
+    /* Scores to logits (§8.2.9); logits that were not finite pass nothing. */
+% if softmax then
+    float s_dot = 0.0f;
+    for (int e = 0; e < NUM_EXPERTS; e++) s_dot += s[e] * ds[e];
+    for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += s[e] * (ds[e] - s_dot);
+% elseif r.score_function == "sigmoid" then
+    for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += ds[e] * s[e] * (1.0f - s[e]);
+% else
+    for (int e = 0; e < NUM_EXPERTS; e++)
+        if (s[e] > 0.0f) dz[e] += ds[e] * sigmoid(z[e]) / (2.0f * s[e]);
+% end
+    for (int e = 0; e < NUM_EXPERTS; e++)
+        if (!(z[e] > -INFINITY && z[e] < FLT_MAX)) dz[e] = 0.0f;
+}
+
+/* Token t: the router's backward, then dx[t] as the sum of its routed rows' du (slot
+ * order), the shared experts', the residual MLP's, the residual coefficient's, the shared
+ * gate's and the router's terms, rounded once to the layer dtype. */
+static void token_pass_b(const backward_state *bs, int64_t t, const float *aux_grad) {
+    const forward_state *st = &bs->f;
+    const int32_t *row = st->route_row + t * TOP_K;
+% if spec.weight_on_input then
+    /* the input was w x: d loss / d w = x . du */
+    for (int j = 0; j < TOP_K; j++)
+        if (row[j] >= 0) bs->dw_final[t * TOP_K + j] = dot_x_fp32(st->x + t * HIDDEN, bs->row_du + (int64_t)row[j] * HIDDEN);
+% end
+    float *dz = bs->dz + t * NUM_EXPERTS;
+    router_backward(bs, t, aux_grad, dz);
+    if (!bs->dx) return;
+% if spec.weight_on_input then
+    const float *weight = st->route_final + t * TOP_K;
+% end
+% if spec.use_residual then
+    const float dq0 = bs->coef_dq[t * 2], dq1 = bs->coef_dq[t * 2 + 1];
+% end
+    for (int64_t h0 = 0; h0 < HIDDEN; h0 += COMBINE_CHUNK) {
+        float acc[COMBINE_CHUNK];
+        for (int h = 0; h < COMBINE_CHUNK; h++) acc[h] = 0.0f;
+        for (int j = 0; j < TOP_K; j++) {
+            if (row[j] < 0) continue;
+            const float *du = bs->row_du + (int64_t)row[j] * HIDDEN + h0;
+% if spec.weight_on_input then
+            for (int h = 0; h < COMBINE_CHUNK; h++) acc[h] += weight[j] * du[h];
+% else
+            for (int h = 0; h < COMBINE_CHUNK; h++) acc[h] += du[h];
+% end
+        }
+% if spec.shared.count > 0 then
+        for (int i = 0; i < SHARED_EXPERTS; i++) {
+            const float *du = bs->shared_du + ((int64_t)i * st->n_tokens + t) * HIDDEN + h0;
+            for (int h = 0; h < COMBINE_CHUNK; h++) acc[h] += du[h];
+        }
+%   if spec.shared.gate then
+        for (int h = 0; h < COMBINE_CHUNK; h++) acc[h] += bs->gate_dnu[t] * st->w->shared_gate[h0 + h];
+%   end
+% end
+% if spec.use_residual then
+        {
+            const float *du = bs->residual_du + t * HIDDEN + h0;
+            const float *wc = st->w->residual_coef_w;
+            for (int h = 0; h < COMBINE_CHUNK; h++)
+                acc[h] += du[h] + (dq0 * wc[h0 + h] + dq1 * wc[HIDDEN + h0 + h]);
+        }
+% end
+        for (int h = 0; h < COMBINE_CHUNK; h++) {
+            float router = 0.0f;
+            for (int e = 0; e < NUM_EXPERTS; e++) router += dz[e] * st->w->router_w[(int64_t)e * HIDDEN + h0 + h];
+% if moe.uses_jitter(spec) then
+            const float u = rng_uniform(st->rng_offset, RNG_STREAM_JITTER, (uint64_t)t * HIDDEN + h0 + h);
+            router *= (1.0f - INPUT_JITTER) + u * (2.0f * INPUT_JITTER); /* the router saw x * m */
+% end
+            acc[h] += router;
+        }
+        elem_t *dst = bs->dx + t * HIDDEN + h0;
+        for (int h = 0; h < COMBINE_CHUNK; h++) dst[h] = float_to_elem(acc[h]);
+    }
+}
+
+/* ---- Entry points ------------------------------------------------------------------------ */
+
+size_t ${P}_backward_workspace_bytes(int64_t n_tokens) {
+    if (n_tokens < 0 || n_tokens > MAX_TOKENS) return 0;
+    return backward_layout_for(n_tokens).total;
+}
+
+/* The checks both phases share; the forward's state from its workspace and the backward's
+ * buffers. *empty is 1 for 0 tokens. */
+static int begin_backward(const moegen_kernel_backward_args *args, backward_state *bs, int *empty) {
+    *empty = 0;
+    if (!args) return MOEGEN_KERNEL_EARG;
+    if (args->abi_version != MOEGEN_KERNEL_ABI_VERSION) return MOEGEN_KERNEL_EABI;
+    const moegen_kernel_args *fw = args->forward;
+    if (!fw) return MOEGEN_KERNEL_EARG;
+    if (fw->abi_version != MOEGEN_KERNEL_ABI_VERSION) return MOEGEN_KERNEL_EABI;
+    const int64_t n_tokens = fw->n_tokens;
+    if (n_tokens < 0 || n_tokens > MAX_TOKENS) return MOEGEN_KERNEL_EARG;
+    if (n_tokens == 0) {
+        *empty = 1;
+        return MOEGEN_KERNEL_OK;
+    }
+    if (!fw->x || !weights_present(&fw->w)) return MOEGEN_KERNEL_EARG;
+    if (!fw->workspace || fw->workspace_bytes < layout_for(n_tokens).total) return MOEGEN_KERNEL_EWORKSPACE;
+    const backward_layout layout = backward_layout_for(n_tokens);
+    if (!args->workspace || args->workspace_bytes < layout.total) return MOEGEN_KERNEL_EWORKSPACE;
+    memset(bs, 0, sizeof *bs);
+    carve_state(fw, &bs->f);
+    const route_summary summary = *bs->f.summary; /* what the forward left */
+    bs->f.capacity = summary.capacity;
+    bs->f.n_rows = summary.n_rows;
+    bs->f.n_dropped = summary.n_dropped;
+    bs->dy = args->dy;
+    bs->dx = args->dx;
+    bs->aux_coeff = (float)args->aux_coeff;
+    bs->z_coeff = (float)args->z_coeff;
+    char *base = args->workspace;
+    bs->dw_final = (float *)(base + layout.dw_final);
+    bs->dz = (float *)(base + layout.dz);
+    bs->coef_dq = (float *)(base + layout.coef_dq);
+    bs->gate_dnu = (float *)(base + layout.gate_dnu);
+    bs->row_do = (float *)(base + layout.row_do);
+    bs->row_h = (elem_t *)(base + layout.row_h);
+    bs->row_pre = (float *)(base + layout.row_pre);
+    bs->row_du = (float *)(base + layout.row_du);
+% if spec.shared.count > 0 then
+    bs->shared_do = (float *)(base + layout.shared_do);
+    bs->shared_h = (elem_t *)(base + layout.shared_h);
+    bs->shared_pre = (float *)(base + layout.shared_pre);
+    bs->shared_du = (float *)(base + layout.shared_du);
+% end
+% if spec.use_residual then
+    bs->residual_do = (float *)(base + layout.residual_do);
+    bs->residual_h = (elem_t *)(base + layout.residual_h);
+    bs->residual_pre = (float *)(base + layout.residual_pre);
+    bs->residual_du = (float *)(base + layout.residual_du);
+% end
+    bs->summary = (backward_summary *)(base + layout.summary);
+    return MOEGEN_KERNEL_OK;
+}
+
+int ${P}_backward_data(const moegen_kernel_backward_args *args) {
+    backward_state bs;
+    int empty;
+    int rc = begin_backward(args, &bs, &empty);
+    if (rc != MOEGEN_KERNEL_OK || empty) return rc;
+    if (!args->dy) return MOEGEN_KERNEL_EARG;
+    const forward_state *st = &bs.f;
+    const int64_t n_tokens = st->n_tokens;
+    const int n_threads = args->n_threads > 0 ? args->n_threads : threads_for(args->forward);
+    bs.summary->magic = 0;
+
+    /* aux_coeff * d aux / d p[t][e]: the counts are the forward's, summed in block order. */
+    float aux_grad[NUM_EXPERTS];
+% if aux == "none" then
+    for (int e = 0; e < NUM_EXPERTS; e++) aux_grad[e] = 0.0f;
+% else
+    for (int e = 0; e < NUM_EXPERTS; e++) {
+        int64_t count = 0;
+        for (int64_t block = 0; block < st->n_router_blocks; block++) count += st->block_counts[block * NUM_EXPERTS + e];
+        const double n = (double)n_tokens;
+%   if aux == "ds_first_choice" then
+        aux_grad[e] = (float)(args->aux_coeff * NUM_EXPERTS * (double)count / (n * n));
+%   else
+        aux_grad[e] = (float)(args->aux_coeff * NUM_EXPERTS * (double)count / ((double)TOP_K * n * n));
+%   end
+    }
+% end
+
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads)
+    {
+        float *scratch = malloc(2 * HIDDEN * sizeof(float));
+        if (!scratch) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < n_tokens; t++)
+            if (scratch) token_pass_a(&bs, t, scratch, scratch + HIDDEN);
+        free(scratch);
+    }
+    if (failed) return MOEGEN_KERNEL_ENOMEM;
+
+    bwd_problem problems[NUM_EXPERTS + 1${spec.shared.count > 0 and " + SHARED_EXPERTS" or ""}];
+% for _, shape in ipairs(moe.ffn_shapes(spec)) do
+    ${shape.name}_backward_data(problems, backward_problems(&bs, NULL, ${shape.ffn}, problems), n_threads);
+% end
+
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t t = 0; t < n_tokens; t++) token_pass_b(&bs, t, aux_grad);
+
+    *bs.summary = (backward_summary){BACKWARD_DATA_DONE, n_tokens, st->n_rows};
+    return MOEGEN_KERNEL_OK;
+}
+
+/* Gradient buffer g of n floats: zero, unless accumulating. */
+static void clear_grad(float *g, size_t n, int accumulate) {
+    if (g && !accumulate) memset(g, 0, n * sizeof(float));
+}
+
+/* dG[m][n] (+)= sum_k A[k][m] B[k][n] for a dense tensor, and its bias column sums. */
+static void dense_weight_grad(const float *a, int64_t m_count, int64_t n_k, const void *b, int b_is_float,
+                              float *g, float *g_bias, int accumulate, int n_threads) {
+    const int64_t col_blocks = (HIDDEN + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+    const int64_t n_tasks = (m_count + BWD_TASK_ROWS - 1) / BWD_TASK_ROWS * col_blocks;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+    for (int64_t task = 0; task < n_tasks; task++) {
+        const int64_t m0 = task / col_blocks * BWD_TASK_ROWS, c0 = task % col_blocks * BWD_TASK_COLS;
+        const int64_t rows = min_i64(BWD_TASK_ROWS, m_count - m0), c1 = min_i64(c0 + BWD_TASK_COLS, HIDDEN);
+        if (g) {
+            store_ctx ctx = {.c = g, .ldc = HIDDEN, .accumulate = accumulate};
+            if (b_is_float)
+                outer_block_f(a, 1, m_count, m0, rows, c0, c1, n_k, b, HIDDEN, NULL, NULL, store_plain, &ctx);
+            else
+                outer_block_e(a, 1, m_count, m0, rows, c0, c1, n_k, b, HIDDEN, NULL, NULL, store_plain, &ctx);
+        }
+        if (g_bias && c0 == 0) column_sums(a, m_count, n_k, m0, rows, g_bias, accumulate);
+    }
+}
+
+int ${P}_backward_weights(const moegen_kernel_backward_args *args) {
+    backward_state bs;
+    int empty;
+    int rc = begin_backward(args, &bs, &empty);
+    if (rc != MOEGEN_KERNEL_OK) return rc;
+    const moegen_kernel_grads *g = &args->grads;
+    const int accumulate = args->accumulate;
+    if (empty) { /* no tokens: every gradient is 0 */
+        clear_grad(g->router_w, (size_t)NUM_EXPERTS * HIDDEN, accumulate);
+% if r.router_bias then
+        clear_grad(g->router_b, NUM_EXPERTS, accumulate);
+% end
+        clear_grad(g->w1, (size_t)NUM_EXPERTS * FFN_ROWS * HIDDEN, accumulate);
+        clear_grad(g->w2, (size_t)NUM_EXPERTS * HIDDEN * FFN, accumulate);
+% if spec.expert_bias then
+        clear_grad(g->b1, (size_t)NUM_EXPERTS * FFN_ROWS, accumulate);
+        clear_grad(g->b2, (size_t)NUM_EXPERTS * HIDDEN, accumulate);
+% end
+% if spec.shared.count > 0 then
+        clear_grad(g->shared_w1, (size_t)SHARED_EXPERTS * SHARED_FFN_ROWS * HIDDEN, accumulate);
+        clear_grad(g->shared_w2, (size_t)SHARED_EXPERTS * HIDDEN * SHARED_FFN, accumulate);
+%   if spec.expert_bias then
+        clear_grad(g->shared_b1, (size_t)SHARED_EXPERTS * SHARED_FFN_ROWS, accumulate);
+        clear_grad(g->shared_b2, (size_t)SHARED_EXPERTS * HIDDEN, accumulate);
+%   end
+%   if spec.shared.gate then
+        clear_grad(g->shared_gate, HIDDEN, accumulate);
+%   end
+% end
+% if spec.use_residual then
+        clear_grad(g->residual_w1, (size_t)FFN_ROWS * HIDDEN, accumulate);
+        clear_grad(g->residual_w2, (size_t)HIDDEN * FFN, accumulate);
+%   if spec.expert_bias then
+        clear_grad(g->residual_b1, FFN_ROWS, accumulate);
+        clear_grad(g->residual_b2, HIDDEN, accumulate);
+%   end
+        clear_grad(g->residual_coef_w, 2 * HIDDEN, accumulate);
+        clear_grad(g->residual_coef_b, 2, accumulate);
+% end
+        return MOEGEN_KERNEL_OK;
+    }
+    if (bs.summary->magic != BACKWARD_DATA_DONE || bs.summary->n_tokens != bs.f.n_tokens)
+        return MOEGEN_KERNEL_EARG; /* P_backward_data has not run on this workspace */
+    const int n_threads = args->n_threads > 0 ? args->n_threads : threads_for(args->forward);
+    const int64_t n_tokens = bs.f.n_tokens;
+
+    bwd_problem problems[NUM_EXPERTS + 1${spec.shared.count > 0 and " + SHARED_EXPERTS" or ""}];
+% for _, shape in ipairs(moe.ffn_shapes(spec)) do
+    ${shape.name}_backward_weights(problems, backward_problems(&bs, g, ${shape.ffn}, problems), n_threads, accumulate);
+% end
+
+    /* The router: dWr = dz^T xr (the router's own input, jitter included), dbr = sum dz. */
+% if r.router_bias then
+    dense_weight_grad(bs.dz, NUM_EXPERTS, n_tokens, bs.f.router_input, 1, g->router_w, g->router_b, accumulate, n_threads);
+% else
+    dense_weight_grad(bs.dz, NUM_EXPERTS, n_tokens, bs.f.router_input, 1, g->router_w, NULL, accumulate, n_threads);
+% end
+% if spec.use_residual then
+    dense_weight_grad(bs.coef_dq, 2, n_tokens, bs.f.x, 0, g->residual_coef_w, g->residual_coef_b, accumulate, n_threads);
+% end
+% if spec.shared.count > 0 and spec.shared.gate then
+    dense_weight_grad(bs.gate_dnu, 1, n_tokens, bs.f.x, 0, g->shared_gate, NULL, accumulate, n_threads);
+% end
+    return MOEGEN_KERNEL_OK;
+}
