@@ -97,6 +97,24 @@ cp "$work/saved/y.npy" "$work/y_first.npy"
 expect "run --load reproduces the saved run" 0 "$moegen" run "$src/specs/demo.yaml" --load "$work/saved" --repeat 1 --save "$work/saved"
 if cmp -s "$work/y_first.npy" "$work/saved/y.npy"; then pass "loaded run gives bitwise the same y"; else fail "y differs after --load"; fi
 expect "run with zero tokens" 0 "$moegen" run "$src/specs/demo.yaml" --tokens 0 --repeat 1
+
+# run --backward: training steps, verified; gradients saved; dy loaded back gives the same bits
+expect "run --backward verifies the gradients" 0 "$moegen" run "$src/specs/test-features.yaml" --device cpu \
+    --tokens 19 --repeat 1 --backward --aux-coeff 0.01 --z-coeff 0.001 --save "$work/train"
+contains "the backward is timed against the forward" "the forward"
+contains "the gradients are verified" "verify gradients against the double-precision reference backward"
+for f in dy dx grad_w1 grad_w2 grad_router_w grad_shared_gate grad_residual_coef_w grad_b2; do
+    if [ -f "$work/train/$f.npy" ]; then pass "--backward --save wrote $f.npy"; else fail "--backward --save did not write $f.npy"; fi
+done
+cp "$work/train/grad_w1.npy" "$work/grad_w1_first.npy"
+expect "run --backward --load reads dy.npy" 0 "$moegen" run "$src/specs/test-features.yaml" --device cpu \
+    --load "$work/train" --repeat 1 --backward --aux-coeff 0.01 --z-coeff 0.001 --save "$work/train"
+contains "dy comes from the file" "dy dy.npy"
+if cmp -s "$work/grad_w1_first.npy" "$work/train/grad_w1.npy"; then pass "loaded dy gives bitwise the same grad_w1"; else fail "grad_w1 differs after --load"; fi
+expect "run --backward with zero tokens" 0 "$moegen" run "$src/specs/demo.yaml" --device cpu --tokens 0 --repeat 1 --backward
+expect "--aux-coeff needs --backward" 1 "$moegen" run "$src/specs/demo.yaml" --aux-coeff 0.1
+contains "the coefficient error says why" "only mean something with --backward"
+expect "--z-coeff must be a finite number" 1 "$moegen" run "$src/specs/demo.yaml" --backward --z-coeff nan
 expect "run rejects an unknown option" 1 "$moegen" run "$src/specs/demo.yaml" --frob 1
 expect "run rejects a bad token count" 1 "$moegen" run "$src/specs/demo.yaml" --tokens -3
 contains "bad token count names the option" "--tokens"
