@@ -38,6 +38,7 @@ struct moegen_cpu_backend {
     moegen_kernel_plan plan;
     void *hidden;
     size_t hidden_capacity; /* bytes */
+    int keep_activations;   /* training: the forward keeps the pre-activations */
 };
 
 /* ---- Building the module (the cache's builder callback) ------------------------------ */
@@ -258,6 +259,7 @@ moegen_status moegen_cpu_backend_open(const moegen_spec *spec, const moegen_open
         }
         if (b->n_modules > 0) b->max_tokens[b->n_modules - 1] = INT64_MAX;
     }
+    b->keep_activations = options->activations == MOEGEN_ACTIVATIONS_KEEP;
     if (st == MOEGEN_OK && b->n_modules == 0) {
         st = load_module(&compiler, spec, options, options->variant, &b->modules[0], desc, err);
         if (st == MOEGEN_OK) {
@@ -418,6 +420,7 @@ struct moegen_cpu_saved {
     void *backward;                  /* the backward's workspace, from the first backward call */
     size_t backward_bytes;
     int data_done;                   /* backward_data ran */
+    int kept;                        /* the forward kept its pre-activations in `backward` */
 };
 
 moegen_status moegen_cpu_backend_forward_train(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
@@ -439,6 +442,11 @@ moegen_status moegen_cpu_backend_forward_train(moegen_cpu_backend *b, const moeg
     if (st == MOEGEN_OK && n > 0) st = alloc_within_budget("training forward: copy of x", n, x_bytes, &s->x, NULL, err);
     if (st == MOEGEN_OK && n > 0 && io->used_token)
         st = alloc_within_budget("training forward: copy of used_token", n, (size_t)n, &s->used_token, NULL, err);
+    if (st == MOEGEN_OK && n > 0 && b->keep_activations) { /* the backward's workspace, now */
+        st = alloc_within_budget("training forward: kept activations", n, module->backward_workspace_bytes(n),
+                                 &s->backward, &s->backward_bytes, err);
+        s->kept = st == MOEGEN_OK;
+    }
     if (st != MOEGEN_OK) {
         moegen_cpu_saved_free(s);
         return st;
@@ -448,6 +456,7 @@ moegen_status moegen_cpu_backend_forward_train(moegen_cpu_backend *b, const moeg
     s->args = kernel_args(b, w, n_threads, io, &s->out);
     s->args.workspace = s->workspace;
     s->args.workspace_bytes = s->workspace_bytes;
+    s->args.train_keep = s->kept ? s->backward : NULL;
     st = kernel_status(module->forward(&s->args), "forward", err);
     if (st != MOEGEN_OK) {
         moegen_cpu_saved_free(s);
@@ -476,6 +485,11 @@ moegen_status moegen_cpu_backend_backward(moegen_cpu_backend *b, moegen_cpu_save
                                           moegen_error *err) {
     (void)b;
     const int64_t n = s->args.n_tokens;
+    if (s->kept && s->data_done)
+        return moegen_error_set(err, MOEGEN_ERR_STATE, 0,
+                                "backward: this saved forward's kept activations were used by its first backward "
+                                "(run moegen_layer_backward_weights for more weight gradients, or open the layer "
+                                "with activations recomputed to run the backward again)");
     if (!s->backward) {
         size_t bytes = s->module->backward_workspace_bytes(n);
         moegen_status st = alloc_within_budget("backward workspace", n, bytes, &s->backward, &s->backward_bytes, err);
@@ -493,7 +507,7 @@ moegen_status moegen_cpu_backend_backward(moegen_cpu_backend *b, moegen_cpu_save
         .workspace = s->backward,
         .workspace_bytes = s->backward_bytes,
     };
-    s->data_done = 0;
+    if (!s->kept) s->data_done = 0;
     int rc = s->module->backward_data(&args);
     if (rc == MOEGEN_KERNEL_ENOMEM)
         return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, rc, "backward: a thread's scratch could not be allocated");

@@ -143,6 +143,11 @@ typedef struct moegen_open_options {
                               runs the variants a tuning database names for each token count
                               (docs/tuning.md: $MOEGEN_TUNING_DIR, the user's cache, the
                               repository's tuning/); MOEGEN_TUNING_OFF: the default variant */
+    int activations;       /* training (moegen_layer_forward_train): MOEGEN_ACTIVATIONS_RECOMPUTE
+                              (0): the backward runs the expert GEMM1 again for the
+                              pre-activations; MOEGEN_ACTIVATIONS_KEEP: the forward keeps them
+                              (more memory per saved forward, one GEMM1 less per step;
+                              docs/training.md "Memory") */
     moegen_comm *comm;     /* expert parallelism: required when the spec's ep_size > 1, and its
                               size must equal ep_size; borrowed, not owned (NULL otherwise) */
     moegen_log_fn log;     /* NULL: print to stderr as "moegen: warning: ..." */
@@ -150,6 +155,7 @@ typedef struct moegen_open_options {
 } moegen_open_options;
 
 enum { MOEGEN_TUNING_AUTO = 0, MOEGEN_TUNING_OFF = 1 };
+enum { MOEGEN_ACTIVATIONS_RECOMPUTE = 0, MOEGEN_ACTIVATIONS_KEEP = 1 };
 
 /* Defaults: device AUTO, cache from the environment, mode from the spec. NULL is a no-op. */
 void moegen_open_options_init(moegen_open_options *opts);
@@ -260,8 +266,9 @@ moegen_status moegen_layer_forward(moegen_layer *layer, const moegen_forward_io 
 /* What a training forward keeps for its backward: a copy of x and of the used_token mask,
  * the routing, the permutation and the expert outputs (the forward's workspace), and,
  * after moegen_layer_backward, the per-row gradients the weight gradients are made from.
- * The activations are recomputed by the backward (one more GEMM1 pass), not kept; the
- * memory of each part is in docs/training.md. The weights bound at the forward must stay
+ * The experts' pre-activations are recomputed by the backward (one more GEMM1 pass), or kept
+ * by the forward with opts.activations = MOEGEN_ACTIVATIONS_KEEP; the memory of each part is
+ * in docs/training.md. The weights bound at the forward must stay
  * unchanged until its backward is done. One layer may have several saved forwards
  * outstanding (micro-batches); each is freed with moegen_saved_free. */
 typedef struct moegen_saved moegen_saved;

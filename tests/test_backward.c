@@ -66,6 +66,8 @@ static char *spec_text(const matrix_spec *m, const char *dtype) {
     return text;
 }
 
+static int keep_activations; /* the next open_cpu's opts.activations */
+
 static moegen_layer *open_cpu(const char *yaml, int threads, moegen_spec *spec) {
     moegen_error err;
     if (spec && moegen_spec_parse(yaml, strlen(yaml), "matrix.yaml", spec, &err) != MOEGEN_OK)
@@ -75,6 +77,7 @@ static moegen_layer *open_cpu(const char *yaml, int threads, moegen_spec *spec) 
     opts.device = MOEGEN_DEVICE_CPU;
     opts.n_threads = threads;
     opts.tuning = MOEGEN_TUNING_OFF;
+    opts.activations = keep_activations ? MOEGEN_ACTIVATIONS_KEEP : MOEGEN_ACTIVATIONS_RECOMPUTE;
     moegen_layer *layer = NULL;
     if (moegen_layer_open_string(yaml, strlen(yaml), "matrix.yaml", &opts, &layer, &err) != MOEGEN_OK)
         fail_msg("open: %s\n%s", err.message, yaml);
@@ -352,11 +355,71 @@ static void test_two_saved_forwards(void **state) {
     moegen_spec_free(&spec);
 }
 
+/* Kept activations: the same bits as recomputed ones where the forward's GEMM1 is the FMA
+ * path the backward recomputes with (fp32), verified where it is not (bf16: AMX or vdpbf16ps
+ * where the CPU has them); a second backward of a kept forward is refused. */
+static void test_kept_activations(void **state) {
+    (void)state;
+    static const char *const DTYPES[] = {"fp32", "bf16"};
+    for (int d = 0; d < 2; d++) {
+        const matrix_spec *m = &MATRIX[d == 0 ? 5 : 0]; /* shared + residual; plain swiglu */
+        moegen_spec spec;
+        const char *yaml = spec_text(m, DTYPES[d]);
+        moegen_layer *recompute = open_cpu(yaml, 2, &spec);
+        keep_activations = 1;
+        moegen_layer *keep = open_cpu(yaml, 2, NULL);
+        keep_activations = 0;
+        const int64_t S = 45;
+        moe_tensors ts;
+        moe_outputs o1, o2;
+        moe_backward_buffers b1, b2;
+        assert_int_equal(moe_tensors_alloc(&spec, S, &ts), 0);
+        moe_tensors_fill(&ts, 31);
+        assert_int_equal(moe_outputs_alloc(&o1, &spec, S), 0);
+        assert_int_equal(moe_outputs_alloc(&o2, &spec, S), 0);
+        assert_int_equal(moe_backward_alloc(&b1, &spec, S, 8), 0);
+        assert_int_equal(moe_backward_alloc(&b2, &spec, S, 8), 0);
+        train_step(recompute, &spec, &ts, NULL, &o1, &b1, 0.2, 0.1, 0);
+        train_step(keep, &spec, &ts, NULL, &o2, &b2, 0.2, 0.1, 1);
+        if (d == 0) assert_true(moe_backward_same_bits(&spec, &b1, &b2));
+        moegen_kernel_weights kw;
+        moe_tensors_weights(&ts, &kw);
+        moe_backward_case c = {.n_tokens = S, .x = ts.t[MOE_T_X].data, .w = &kw, .rng_offset = 11, .ids = o2.ids,
+                               .router_weights = o2.router_weights, .topk_weights = o2.topk_weights, .dy = b2.dy,
+                               .aux_coeff = 0.2, .z_coeff = 0.1};
+        moe_backward_report report;
+        assert_int_equal(moe_verify_backward(&spec, &c, b2.dx, &b2.grads, &report), 0);
+        if (!report.ok) fail_msg("kept activations (%s): %s", DTYPES[d], report.message);
+
+        /* the kept pre-activations become their gradients: one backward per saved forward */
+        moegen_error err;
+        moegen_forward_io io = moe_outputs_io(&o2, &ts, 11);
+        moegen_saved *saved = NULL;
+        assert_int_equal(moegen_layer_forward_train(keep, &io, &saved, NULL, &err), MOEGEN_OK);
+        moegen_backward_io bio = {.dy = b2.dy, .dx = b2.dx};
+        assert_int_equal(moegen_layer_backward(keep, saved, &bio, NULL, &err), MOEGEN_OK);
+        assert_int_equal(moegen_layer_backward(keep, saved, &bio, NULL, &err), MOEGEN_ERR_STATE);
+        assert_non_null(strstr(err.message, "kept activations"));
+        assert_int_equal(moegen_layer_backward_weights(keep, saved, &b2.grads, &err), MOEGEN_OK);
+        moegen_saved_free(saved);
+
+        moe_backward_free(&b1);
+        moe_backward_free(&b2);
+        moe_outputs_free(&o1);
+        moe_outputs_free(&o2);
+        moe_tensors_free(&ts);
+        moegen_layer_close(recompute);
+        moegen_layer_close(keep);
+        moegen_spec_free(&spec);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_two_saved_forwards),
         cmocka_unit_test(test_determinism_split_accumulate),
+        cmocka_unit_test(test_kept_activations),
         cmocka_unit_test(test_many_tokens),
         cmocka_unit_test(test_matrix_fp32),
         cmocka_unit_test(test_matrix_bf16),

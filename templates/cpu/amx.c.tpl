@@ -191,6 +191,10 @@ static void ${n}_amx_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0
                                 g += elem_to_float(p->b1[f + i + s]);
                                 u += elem_to_float(p->b1[${F} + f + i + s]);
                             }
+                            if (p->pre) { /* training: kept for the backward */
+                                p->pre[(block * AMX_BLOCK + t) * (2 * ${F}) + f + i + s] = g;
+                                p->pre[(block * AMX_BLOCK + t) * (2 * ${F}) + ${F} + f + i + s] = u;
+                            }
                             value[s] = activation(g) * u;
                         }
                         pair[t] = (uint32_t)float_to_elem(value[0]) | (uint32_t)float_to_elem(value[1]) << 16;
@@ -208,6 +212,7 @@ static void ${n}_amx_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0
                             for (int s = 0; s < 2; s++) {
                                 float g = scale[t] * acc[i + s][t];
                                 if (p->b1) g += elem_to_float(p->b1[f0 + i + s]);
+                                if (p->pre) p->pre[(block * AMX_BLOCK + t) * ${F} + f0 + i + s] = g;
                                 value[s] = activation(g);
                             }
                             pair[t] = (uint32_t)float_to_elem(value[0]) | (uint32_t)float_to_elem(value[1]) << 16;

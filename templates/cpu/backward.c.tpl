@@ -156,6 +156,20 @@ static backward_layout backward_layout_for(int64_t n_tokens) {
     return layout;
 }
 
+static void keep_pointers(const moegen_kernel_args *args, forward_state *st) {
+    st->keep_routed = st->keep_shared = st->keep_residual = NULL;
+    if (!args->train_keep) return;
+    const backward_layout layout = backward_layout_for(args->n_tokens);
+    char *base = args->train_keep;
+    st->keep_routed = (float *)(base + layout.row_pre);
+% if spec.shared.count > 0 then
+    st->keep_shared = (float *)(base + layout.shared_pre);
+% end
+% if spec.use_residual then
+    st->keep_residual = (float *)(base + layout.residual_pre);
+% end
+}
+
 typedef struct backward_state {
     forward_state f;          /* the forward's state, from its workspace */
     const elem_t *dy;         /* [S][HIDDEN] */
@@ -271,9 +285,10 @@ static int64_t task_grid(const int64_t *rows_of, int n, int64_t cols, int64_t *s
 
 /* ---- Backward of FFN shape ${n}: ${spec.hidden_size} -> ${F1} -> ${F} -> ${spec.hidden_size} ---- */
 
-/* P_backward_data for the problems of this shape: GEMM1 again (pre-activations kept), then
- * da = (do W2) * act'(pre), then du = da W1. */
-static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int n_threads) {
+/* P_backward_data for the problems of this shape: GEMM1 again with its pre-activations kept
+ * (or, when the forward kept them, the activations from them), then da = (do W2) * act'(pre),
+ * then du = da W1. */
+static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int n_threads, int kept) {
     if (n_problems == 0) return;
     ffn_problem fwd[n_problems];
     int64_t rows_of[n_problems], start1[n_problems + 1], start_dh[n_problems + 1], start_du[n_problems + 1];
@@ -287,7 +302,11 @@ static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int 
         rows_of[p] = b->n_rows;
         start1[p + 1] = start1[p] + (b->n_rows + BLOCK_ROWS - 1) / BLOCK_ROWS * col_blocks1;
     }
-    const int64_t n_tasks1 = start1[n_problems];
+    const int64_t n_tasks1 = kept ? 0 : start1[n_problems];
+    int64_t start_h[n_problems + 1];
+    start_h[0] = 0;
+    for (int p = 0; p < n_problems; p++) start_h[p + 1] = start_h[p] + (kept ? problems[p].n_rows : 0);
+    const int64_t n_rows_h = start_h[n_problems];
     const int64_t n_dh = task_grid(rows_of, n_problems, ${F}, start_dh);
     const int64_t n_du = task_grid(rows_of, n_problems, HIDDEN, start_du);
     const int64_t dh_col_blocks = (${F} + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
@@ -299,6 +318,19 @@ static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int 
             int p = problem_of_task(start1, n_problems, task);
             int64_t local = task - start1[p];
             ${n}_gemm1_task(&fwd[p], (local / col_blocks1) * BLOCK_ROWS, (local % col_blocks1) * BLOCK_COLS);
+        }
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < n_rows_h; row++) { /* kept: h from the forward's pre-activations */
+            int p = problem_of_task(start_h, n_problems, row);
+            const int64_t r = row - start_h[p];
+            const float *pre = problems[p].pre + r * ${F1};
+            elem_t *h = problems[p].h + r * ${F};
+            for (int64_t f = 0; f < ${F}; f++)
+%   if gated then
+                h[f] = float_to_elem(activation(pre[f]) * pre[${F} + f]);
+%   else
+                h[f] = float_to_elem(activation(pre[f]));
+%   end
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < n_dh; task++) { /* dh = do W2, then da in place of pre */
@@ -816,9 +848,11 @@ int ${P}_backward_data(const moegen_kernel_backward_args *args) {
     }
     if (failed) return MOEGEN_KERNEL_ENOMEM;
 
+    /* the forward kept its pre-activations in this workspace: no GEMM1 again */
+    const int kept = args->forward->train_keep == args->workspace;
     bwd_problem problems[NUM_EXPERTS + 1${spec.shared.count > 0 and " + SHARED_EXPERTS" or ""}];
 % for _, shape in ipairs(moe.ffn_shapes(spec)) do
-    ${shape.name}_backward_data(problems, backward_problems(&bs, NULL, ${shape.ffn}, problems), n_threads);
+    ${shape.name}_backward_data(problems, backward_problems(&bs, NULL, ${shape.ffn}, problems), n_threads, kept);
 % end
 
 #pragma omp parallel for schedule(static) num_threads(n_threads)

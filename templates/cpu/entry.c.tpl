@@ -205,6 +205,7 @@ static void carve_state(const moegen_kernel_args *args, forward_state *st) {
     st->residual_out = (float *)(base + layout.residual_out);
 % end
     st->summary = (route_summary *)(base + layout.summary);
+    keep_pointers(args, st);
 }
 
 static int threads_for(const moegen_kernel_args *args) {

@@ -216,7 +216,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->n_rows = st->expert_offset[e + 1] - first_row;
         p->hidden = st->hidden + first_row * ${F};
         p->out = st->expert_out + first_row * HIDDEN;
-        p->pre = NULL;
+        p->pre = st->keep_routed ? st->keep_routed + first_row * ${rows} : NULL;
     }
 %     if spec.use_residual then
     if (dense) {
@@ -231,7 +231,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->n_rows = st->n_tokens;
         p->hidden = st->residual_hidden;
         p->out = st->residual_out;
-        p->pre = NULL;
+        p->pre = st->keep_residual;
     }
 %     end
 %   end
@@ -248,7 +248,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->n_rows = st->n_tokens;
         p->hidden = st->shared_hidden + (int64_t)i * st->n_tokens * ${F};
         p->out = st->shared_out + (int64_t)i * st->n_tokens * HIDDEN;
-        p->pre = NULL;
+        p->pre = st->keep_shared ? st->keep_shared + (int64_t)i * st->n_tokens * ${rows} : NULL;
     }
 %   end
     ${shape.name}_run(problems, n_problems, n_threads${amx_arg});

@@ -56,7 +56,16 @@ typedef struct forward_state {
     double aux_loss;
     double z_loss;
     struct route_summary *summary;    /* in the workspace: what P_route leaves for P_combine */
+
+    /* Training with kept activations (args->train_keep): where GEMM1 writes the
+     * pre-activations, in the backward's workspace (backward.c.tpl); NULL otherwise. */
+    float *keep_routed;               /* [rows][FFN_ROWS] */
+    float *keep_shared;               /* [SHARED_EXPERTS][S][SHARED_FFN_ROWS] */
+    float *keep_residual;             /* [S][FFN_ROWS] */
 } forward_state;
+
+/* The keep_* pointers of st from args->train_keep (backward.c.tpl owns that layout). */
+static void keep_pointers(const moegen_kernel_args *args, forward_state *st);
 
 /* The scalars of a routing, kept in the workspace between P_route and P_combine. */
 typedef struct route_summary {

@@ -16,7 +16,8 @@
  * (--record DIR saves every case that way).
  * Every third case also reruns with another thread count and requires the same bits.
  * With --backward every case also runs a training step (forward that keeps its state, then
- * the backward with aux_coeff 0.3 and z_coeff 0.1) and checks the gradients against the
+ * the backward with aux_coeff 0.3 and z_coeff 0.1; the activations kept in half the cases,
+ * recomputed in the others) and checks the gradients against the
  * reference backward on the kernel's routing (tests/reference/verify_backward.h), and the
  * rerun's gradients bit for bit.
  *
@@ -160,12 +161,13 @@ static void describe_spec(const moegen_spec *s, char *out, size_t size) {
 }
 
 static moegen_status open_layer(const char *yaml, const char *name, int threads, const char *variant,
-                                moegen_layer **layer, moegen_error *err) {
+                                int keep_activations, moegen_layer **layer, moegen_error *err) {
     moegen_open_options options;
     moegen_open_options_init(&options);
     options.device = MOEGEN_DEVICE_CPU;
     options.n_threads = threads;
     options.variant = variant;
+    options.activations = keep_activations ? MOEGEN_ACTIVATIONS_KEEP : MOEGEN_ACTIVATIONS_RECOMPUTE;
     return moegen_layer_open_string(yaml, strlen(yaml), name, &options, layer, err);
 }
 
@@ -270,12 +272,14 @@ static void run_case(const char *yaml, const char *name, const moegen_spec *spec
     result->ok = 0;
     result->max_scaled_error = 0.0;
     result->near_ties = 0;
-    if (open_layer(yaml, name, plan->threads, plan->variant, &layer, &err) != MOEGEN_OK) {
+    /* backward cases keep the activations in half the cases (by the data seed), else recompute */
+    const int keep = backward && (plan->data_seed & 1);
+    if (open_layer(yaml, name, plan->threads, plan->variant, keep, &layer, &err) != MOEGEN_OK) {
         snprintf(result->message, sizeof result->message, "open: %s", err.message);
         return;
     }
     if (plan->recheck_threads &&
-        open_layer(yaml, name, plan->recheck_threads, plan->variant, &recheck, &err) != MOEGEN_OK) {
+        open_layer(yaml, name, plan->recheck_threads, plan->variant, keep, &recheck, &err) != MOEGEN_OK) {
         snprintf(result->message, sizeof result->message, "open (second layer): %s", err.message);
         moegen_layer_close(layer);
         return;

@@ -131,6 +131,10 @@ typedef struct moegen_kernel_args {
     moegen_kernel_outputs *out;
     void *workspace;         /* 64-byte aligned, P_workspace_bytes(n_tokens) bytes */
     size_t workspace_bytes;
+    void *train_keep;        /* training with kept activations: the P_backward_data workspace
+                                (P_backward_workspace_bytes(n_tokens)) this forward's backward
+                                will use; GEMM1 writes its pre-activations there, and the
+                                backward does not recompute them. NULL otherwise. */
 } moegen_kernel_args;
 
 /* Weight gradients (docs/numerics.md §8): fp32 whatever the layer dtype, in the layout of the

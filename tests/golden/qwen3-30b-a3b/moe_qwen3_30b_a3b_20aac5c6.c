@@ -607,7 +607,16 @@ typedef struct forward_state {
     double aux_loss;
     double z_loss;
     struct route_summary *summary;    /* in the workspace: what P_route leaves for P_combine */
+
+    /* Training with kept activations (args->train_keep): where GEMM1 writes the
+     * pre-activations, in the backward's workspace (backward.c.tpl); NULL otherwise. */
+    float *keep_routed;               /* [rows][FFN_ROWS] */
+    float *keep_shared;               /* [SHARED_EXPERTS][S][SHARED_FFN_ROWS] */
+    float *keep_residual;             /* [S][FFN_ROWS] */
 } forward_state;
+
+/* The keep_* pointers of st from args->train_keep (backward.c.tpl owns that layout). */
+static void keep_pointers(const moegen_kernel_args *args, forward_state *st);
 
 /* The scalars of a routing, kept in the workspace between P_route and P_combine. */
 typedef struct route_summary {
@@ -1007,7 +1016,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->n_rows = st->expert_offset[e + 1] - first_row;
         p->hidden = st->hidden + first_row * 768;
         p->out = st->expert_out + first_row * HIDDEN;
-        p->pre = NULL;
+        p->pre = st->keep_routed ? st->keep_routed + first_row * 1536 : NULL;
     }
     f768_run(problems, n_problems, n_threads);
 }
@@ -1202,6 +1211,7 @@ static void carve_state(const moegen_kernel_args *args, forward_state *st) {
     st->hidden = (elem_t *)(base + layout.hidden);
     st->expert_out = (float *)(base + layout.expert_out);
     st->summary = (route_summary *)(base + layout.summary);
+    keep_pointers(args, st);
 }
 
 static int threads_for(const moegen_kernel_args *args) {
@@ -1577,6 +1587,14 @@ static backward_layout backward_layout_for(int64_t n_tokens) {
     return layout;
 }
 
+static void keep_pointers(const moegen_kernel_args *args, forward_state *st) {
+    st->keep_routed = st->keep_shared = st->keep_residual = NULL;
+    if (!args->train_keep) return;
+    const backward_layout layout = backward_layout_for(args->n_tokens);
+    char *base = args->train_keep;
+    st->keep_routed = (float *)(base + layout.row_pre);
+}
+
 typedef struct backward_state {
     forward_state f;          /* the forward's state, from its workspace */
     const elem_t *dy;         /* [S][HIDDEN] */
@@ -1666,9 +1684,10 @@ static int64_t task_grid(const int64_t *rows_of, int n, int64_t cols, int64_t *s
 
 /* ---- Backward of FFN shape f768: 2048 -> 1536 -> 768 -> 2048 ---- */
 
-/* P_backward_data for the problems of this shape: GEMM1 again (pre-activations kept), then
- * da = (do W2) * act'(pre), then du = da W1. */
-static void f768_backward_data(const bwd_problem *problems, int n_problems, int n_threads) {
+/* P_backward_data for the problems of this shape: GEMM1 again with its pre-activations kept
+ * (or, when the forward kept them, the activations from them), then da = (do W2) * act'(pre),
+ * then du = da W1. */
+static void f768_backward_data(const bwd_problem *problems, int n_problems, int n_threads, int kept) {
     if (n_problems == 0) return;
     ffn_problem fwd[n_problems];
     int64_t rows_of[n_problems], start1[n_problems + 1], start_dh[n_problems + 1], start_du[n_problems + 1];
@@ -1682,7 +1701,11 @@ static void f768_backward_data(const bwd_problem *problems, int n_problems, int 
         rows_of[p] = b->n_rows;
         start1[p + 1] = start1[p] + (b->n_rows + BLOCK_ROWS - 1) / BLOCK_ROWS * col_blocks1;
     }
-    const int64_t n_tasks1 = start1[n_problems];
+    const int64_t n_tasks1 = kept ? 0 : start1[n_problems];
+    int64_t start_h[n_problems + 1];
+    start_h[0] = 0;
+    for (int p = 0; p < n_problems; p++) start_h[p + 1] = start_h[p] + (kept ? problems[p].n_rows : 0);
+    const int64_t n_rows_h = start_h[n_problems];
     const int64_t n_dh = task_grid(rows_of, n_problems, 768, start_dh);
     const int64_t n_du = task_grid(rows_of, n_problems, HIDDEN, start_du);
     const int64_t dh_col_blocks = (768 + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
@@ -1694,6 +1717,15 @@ static void f768_backward_data(const bwd_problem *problems, int n_problems, int 
             int p = problem_of_task(start1, n_problems, task);
             int64_t local = task - start1[p];
             f768_gemm1_task(&fwd[p], (local / col_blocks1) * BLOCK_ROWS, (local % col_blocks1) * BLOCK_COLS);
+        }
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < n_rows_h; row++) { /* kept: h from the forward's pre-activations */
+            int p = problem_of_task(start_h, n_problems, row);
+            const int64_t r = row - start_h[p];
+            const float *pre = problems[p].pre + r * 1536;
+            elem_t *h = problems[p].h + r * 768;
+            for (int64_t f = 0; f < 768; f++)
+                h[f] = float_to_elem(activation(pre[f]) * pre[768 + f]);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < n_dh; task++) { /* dh = do W2, then da in place of pre */
@@ -1991,8 +2023,10 @@ int moe_qwen3_30b_a3b_20aac5c6_backward_data(const moegen_kernel_backward_args *
     }
     if (failed) return MOEGEN_KERNEL_ENOMEM;
 
+    /* the forward kept its pre-activations in this workspace: no GEMM1 again */
+    const int kept = args->forward->train_keep == args->workspace;
     bwd_problem problems[NUM_EXPERTS + 1];
-    f768_backward_data(problems, backward_problems(&bs, NULL, 768, problems), n_threads);
+    f768_backward_data(problems, backward_problems(&bs, NULL, 768, problems), n_threads, kept);
 
 #pragma omp parallel for schedule(static) num_threads(n_threads)
     for (int64_t t = 0; t < n_tokens; t++) token_pass_b(&bs, t, aux_grad);
