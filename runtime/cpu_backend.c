@@ -39,6 +39,8 @@ struct moegen_cpu_backend {
     void *hidden;
     size_t hidden_capacity; /* bytes */
     int keep_activations;   /* training: the forward keeps the pre-activations */
+    struct moegen_cpu_saved *training; /* an expert-parallel training forward in progress: its
+                                          route and combine stages run in this saved state */
 };
 
 /* ---- Building the module (the cache's builder callback) ------------------------------ */
@@ -332,6 +334,9 @@ static moegen_status ensure_workspace(moegen_cpu_backend *b, const moegen_cpu_mo
     return MOEGEN_OK;
 }
 
+static void *saved_workspace(const struct moegen_cpu_saved *s);
+static size_t saved_workspace_bytes(const struct moegen_cpu_saved *s);
+
 /* The module's arguments for `io`; `out` receives the outputs. */
 static moegen_kernel_args kernel_args(const moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
                                       const moegen_forward_io *io, moegen_kernel_outputs *out) {
@@ -352,8 +357,8 @@ static moegen_kernel_args kernel_args(const moegen_cpu_backend *b, const moegen_
         .used_token = io->used_token,
         .w = *w,
         .out = out,
-        .workspace = b->workspace,
-        .workspace_bytes = b->workspace_capacity,
+        .workspace = b->training ? saved_workspace(b->training) : b->workspace,
+        .workspace_bytes = b->training ? saved_workspace_bytes(b->training) : b->workspace_capacity,
     };
 }
 
@@ -387,7 +392,8 @@ moegen_status moegen_cpu_backend_forward(moegen_cpu_backend *b, const moegen_ker
 moegen_status moegen_cpu_backend_route(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
                                        const moegen_forward_io *io, moegen_kernel_plan *plan,
                                        moegen_forward_stats *stats, moegen_error *err) {
-    moegen_status st = ensure_workspace(b, &b->modules[0], io->n_tokens, err); /* EP layers hold one module */
+    /* EP layers hold one module; a training forward brings its own workspace */
+    moegen_status st = b->training ? MOEGEN_OK : ensure_workspace(b, &b->modules[0], io->n_tokens, err);
     if (st != MOEGEN_OK) return st;
     moegen_kernel_outputs out;
     moegen_kernel_args args = kernel_args(b, w, n_threads, io, &out);
@@ -423,11 +429,16 @@ struct moegen_cpu_saved {
     int kept;                        /* the forward kept its pre-activations in `backward` */
 };
 
-moegen_status moegen_cpu_backend_forward_train(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
-                                               const moegen_forward_io *io, moegen_cpu_saved **saved,
-                                               moegen_forward_stats *stats, moegen_error *err) {
-    *saved = NULL;
-    const moegen_cpu_module *module = module_for(b, io->n_tokens);
+static void *saved_workspace(const moegen_cpu_saved *s) { return s->workspace; }
+static size_t saved_workspace_bytes(const moegen_cpu_saved *s) { return s->workspace_bytes; }
+
+/* The saved state of a training forward of io on `module`: its workspace, the copies of x and
+ * used_token and, when the activations are kept, the backward's workspace; s->args are the
+ * forward's arguments (still pointing at io's tensors: saved_seal points them at the copies). */
+static moegen_status saved_create(moegen_cpu_backend *b, const moegen_cpu_module *module, const moegen_kernel_weights *w,
+                                  int n_threads, const moegen_forward_io *io, int keep, moegen_cpu_saved **out,
+                                  moegen_error *err) {
+    *out = NULL;
     const int64_t n = io->n_tokens;
     size_t ws = module->workspace_bytes(n);
     if (n > 0 && ws == 0)
@@ -442,7 +453,7 @@ moegen_status moegen_cpu_backend_forward_train(moegen_cpu_backend *b, const moeg
     if (st == MOEGEN_OK && n > 0) st = alloc_within_budget("training forward: copy of x", n, x_bytes, &s->x, NULL, err);
     if (st == MOEGEN_OK && n > 0 && io->used_token)
         st = alloc_within_budget("training forward: copy of used_token", n, (size_t)n, &s->used_token, NULL, err);
-    if (st == MOEGEN_OK && n > 0 && b->keep_activations) { /* the backward's workspace, now */
+    if (st == MOEGEN_OK && n > 0 && keep) { /* the backward's workspace, now */
         st = alloc_within_budget("training forward: kept activations", n, module->backward_workspace_bytes(n),
                                  &s->backward, &s->backward_bytes, err);
         s->kept = st == MOEGEN_OK;
@@ -457,17 +468,33 @@ moegen_status moegen_cpu_backend_forward_train(moegen_cpu_backend *b, const moeg
     s->args.workspace = s->workspace;
     s->args.workspace_bytes = s->workspace_bytes;
     s->args.train_keep = s->kept ? s->backward : NULL;
+    *out = s;
+    return MOEGEN_OK;
+}
+
+/* After the forward: the saved call reads only the copies and the workspace from here on. */
+static void saved_seal(moegen_cpu_saved *s) {
+    s->args.x = s->x;
+    s->args.used_token = s->used_token;
+    s->out = (moegen_kernel_outputs){.y = s->workspace}; /* never written again */
+    s->args.out = &s->out;
+}
+
+moegen_status moegen_cpu_backend_forward_train(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,
+                                               const moegen_forward_io *io, moegen_cpu_saved **saved,
+                                               moegen_forward_stats *stats, moegen_error *err) {
+    *saved = NULL;
+    const moegen_cpu_module *module = module_for(b, io->n_tokens);
+    moegen_cpu_saved *s;
+    moegen_status st = saved_create(b, module, w, n_threads, io, b->keep_activations, &s, err);
+    if (st != MOEGEN_OK) return st;
     st = kernel_status(module->forward(&s->args), "forward", err);
     if (st != MOEGEN_OK) {
         moegen_cpu_saved_free(s);
         return st;
     }
     report(&s->out, stats);
-    /* from here on the saved call reads only the copies and the workspace */
-    s->args.x = s->x;
-    s->args.used_token = s->used_token;
-    s->out = (moegen_kernel_outputs){.y = s->workspace}; /* never written again */
-    s->args.out = &s->out;
+    saved_seal(s);
     *saved = s;
     return MOEGEN_OK;
 }
@@ -641,6 +668,97 @@ static moegen_status ep_combine(void *self, const moegen_kernel_weights *w, int 
     return moegen_cpu_backend_combine(self, w, n_threads, io, err);
 }
 
+/* ---- Expert parallelism, training: the backend's side of runtime/ep.c's backward ----------- */
+
+static moegen_status ep_train_begin(void *self, const moegen_kernel_weights *w, int n_threads,
+                                    const moegen_forward_io *io, void **saved, moegen_error *err) {
+    moegen_cpu_backend *b = self;
+    moegen_cpu_saved *s;
+    /* expert parallelism recomputes the activations: the routed experts run on other ranks */
+    moegen_status st = saved_create(b, &b->modules[0], w, n_threads, io, 0, &s, err);
+    if (st != MOEGEN_OK) return st;
+    b->training = s;
+    *saved = s;
+    return MOEGEN_OK;
+}
+
+static void ep_train_end(void *self, void *saved) {
+    moegen_cpu_backend *b = self;
+    b->training = NULL;
+    saved_seal(saved);
+}
+
+static moegen_kernel_backward_args backward_args(moegen_cpu_saved *s, int n_threads, const moegen_backward_io *bio) {
+    s->args.n_threads = n_threads;
+    return (moegen_kernel_backward_args){
+        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
+        .n_threads = n_threads,
+        .forward = &s->args,
+        .dy = bio ? bio->dy : NULL,
+        .dx = bio ? bio->dx : NULL,
+        .aux_coeff = bio ? bio->aux_coeff : 0.0,
+        .z_coeff = bio ? bio->z_coeff : 0.0,
+        .workspace = s->backward,
+        .workspace_bytes = s->backward_bytes,
+    };
+}
+
+static moegen_status ep_backward_combine(void *self, void *saved, int n_threads, const moegen_backward_io *bio,
+                                         moegen_kernel_backward_plan *plan, moegen_error *err) {
+    (void)self;
+    moegen_cpu_saved *s = saved;
+    const int64_t n = s->args.n_tokens;
+    if (!s->backward) {
+        moegen_status st = alloc_within_budget("backward workspace", n, s->module->backward_workspace_bytes(n),
+                                               &s->backward, &s->backward_bytes, err);
+        if (st != MOEGEN_OK) return st;
+    }
+    s->data_done = 0;
+    moegen_kernel_backward_args args = backward_args(s, n_threads, bio);
+    return kernel_status(s->module->backward_combine(&args, plan), "backward", err);
+}
+
+static moegen_status ep_backward_experts(void *self, const moegen_kernel_expert_backward_args *args, int weights,
+                                         moegen_error *err) {
+    moegen_cpu_backend *b = self;
+    return kernel_status(weights ? b->modules[0].backward_experts_weights(args) : b->modules[0].backward_experts(args),
+                         "backward (experts)", err);
+}
+
+static moegen_status ep_backward_route(void *self, void *saved, int n_threads, const moegen_backward_io *bio,
+                                       moegen_error *err) {
+    (void)self;
+    moegen_cpu_saved *s = saved;
+    moegen_kernel_backward_args args = backward_args(s, n_threads, bio);
+    moegen_status st = kernel_status(s->module->backward_route(&args), "backward", err);
+    s->data_done = st == MOEGEN_OK;
+    return st;
+}
+
+static moegen_status ep_backward_weights(void *self, void *saved, int n_threads, const moegen_grads *grads,
+                                         moegen_error *err) {
+    return moegen_cpu_backend_backward_weights(self, saved, n_threads, grads, err);
+}
+
+static void ep_saved_free(void *saved) { moegen_cpu_saved_free(saved); }
+
+static size_t ep_saved_bytes(const void *saved) { return moegen_cpu_saved_bytes(saved); }
+
 void moegen_cpu_backend_ep(moegen_cpu_backend *b, moegen_ep_backend *ops) {
-    *ops = (moegen_ep_backend){b, ep_route, ep_pack, ep_experts, ep_unpack, ep_combine, NULL, NULL};
+    *ops = (moegen_ep_backend){b,
+                               ep_route,
+                               ep_pack,
+                               ep_experts,
+                               ep_unpack,
+                               ep_combine,
+                               NULL,
+                               NULL,
+                               ep_train_begin,
+                               ep_train_end,
+                               ep_backward_combine,
+                               ep_backward_experts,
+                               ep_backward_route,
+                               ep_backward_weights,
+                               ep_saved_bytes,
+                               ep_saved_free};
 }

@@ -53,12 +53,19 @@ moegen_status moegen_cpu_module_load(const char *path, const moegen_cpu_module_e
     *(void **)&module->backward_workspace_bytes = symbol(handle, expect->symbol_prefix, "backward_workspace_bytes");
     *(void **)&module->backward_data = symbol(handle, expect->symbol_prefix, "backward_data");
     *(void **)&module->backward_weights = symbol(handle, expect->symbol_prefix, "backward_weights");
+    *(void **)&module->backward_combine = symbol(handle, expect->symbol_prefix, "backward_combine");
+    *(void **)&module->backward_experts = symbol(handle, expect->symbol_prefix, "backward_experts");
+    *(void **)&module->backward_experts_weights = symbol(handle, expect->symbol_prefix, "backward_experts_weights");
+    *(void **)&module->backward_route = symbol(handle, expect->symbol_prefix, "backward_route");
     moegen_status st = MOEGEN_OK;
     if (!module->info || !module->workspace_bytes || !module->forward || !module->route || !module->experts ||
-        !module->combine || !module->backward_workspace_bytes || !module->backward_data || !module->backward_weights) {
+        !module->combine || !module->backward_workspace_bytes || !module->backward_data || !module->backward_weights ||
+        !module->backward_combine || !module->backward_experts || !module->backward_experts_weights ||
+        !module->backward_route) {
         st = moegen_error_set(err, MOEGEN_ERR_LOAD, 0,
                               "%s: missing symbols %s_info / _workspace_bytes / _forward / _route / _experts / _combine "
-                              "/ _backward_workspace_bytes / _backward_data / _backward_weights",
+                              "/ _backward_workspace_bytes / _backward_data / _backward_weights / _backward_combine / "
+                              "_backward_experts / _backward_experts_weights / _backward_route",
                               path, expect->symbol_prefix);
     } else {
         const moegen_kernel_info *info = module->info();

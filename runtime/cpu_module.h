@@ -4,7 +4,8 @@
  * A module is the shared object the host compiler made from one generated source. It
  * exports <prefix>_info, <prefix>_workspace_bytes, <prefix>_forward, the three stages
  * <prefix>_route, <prefix>_experts, <prefix>_combine, and the training backward
- * <prefix>_backward_workspace_bytes, _backward_data, _backward_weights
+ * <prefix>_backward_workspace_bytes, _backward_data, _backward_weights and its stages
+ * _backward_combine, _backward_experts, _backward_experts_weights, _backward_route
  * (templates/common/moegen_kernel_abi.h).
  *
  * Unloading: a closed layer's module is unmapped (dlclose), so a process that opens
@@ -35,6 +36,10 @@ typedef struct moegen_cpu_module {
     size_t (*backward_workspace_bytes)(int64_t n_tokens);
     int (*backward_data)(const moegen_kernel_backward_args *args);
     int (*backward_weights)(const moegen_kernel_backward_args *args);
+    int (*backward_combine)(const moegen_kernel_backward_args *args, moegen_kernel_backward_plan *plan);
+    int (*backward_experts)(const moegen_kernel_expert_backward_args *args);
+    int (*backward_experts_weights)(const moegen_kernel_expert_backward_args *args);
+    int (*backward_route)(const moegen_kernel_backward_args *args);
 } moegen_cpu_module;
 
 /* What a module must have been generated for. */

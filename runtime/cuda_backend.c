@@ -914,6 +914,12 @@ static void cuda_ep_host_free(void *self, void *buffer) {
 }
 
 void moegen_cuda_backend_ep(moegen_cuda_backend *b, moegen_ep_backend *ops) {
-    *ops = (moegen_ep_backend){b,          cuda_ep_route,      cuda_ep_pack,     cuda_ep_experts,
-                               cuda_ep_unpack, cuda_ep_combine, cuda_ep_host_alloc, cuda_ep_host_free};
+    *ops = (moegen_ep_backend){.self = b,
+                               .route = cuda_ep_route,
+                               .pack = cuda_ep_pack,
+                               .experts = cuda_ep_experts,
+                               .unpack = cuda_ep_unpack,
+                               .combine = cuda_ep_combine,
+                               .host_alloc = cuda_ep_host_alloc,
+                               .host_free = cuda_ep_host_free}; /* no training stages: no CUDA backward yet */
 }

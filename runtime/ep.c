@@ -12,8 +12,9 @@ struct moegen_ep {
     moegen_comm *comm;           /* borrowed */
     moegen_ep_backend backend;   /* its self is borrowed */
     int rank, ranks, n_experts, n_local, first_expert;
-    int64_t hidden;
+    int64_t hidden, ffn, ffn_rows;
     size_t row_bytes;            /* one token row in the layer dtype */
+    size_t elem;                 /* bytes of one element of the layer dtype */
     int weight_on_input;
     /* per-rank and per-expert bookkeeping, sized once at open (host) */
     int64_t *send_counts_by_expert; /* [E]: kept rows per expert (this rank's routes) */
@@ -125,6 +126,9 @@ moegen_status moegen_ep_open(const moegen_spec *spec, const char *spec_hash, moe
     ep->first_expert = ep->rank * ep->n_local;
     ep->hidden = spec->hidden_size;
     ep->row_bytes = (size_t)spec->hidden_size * moegen_dtype_size(spec->dtype);
+    ep->elem = moegen_dtype_size(spec->dtype);
+    ep->ffn = spec->moe_intermediate_size;
+    ep->ffn_rows = moegen_spec_ffn_rows(spec);
     ep->weight_on_input = spec->weight_on_input;
     const size_t P = (size_t)ranks, E = (size_t)spec->num_experts;
     ep->send_counts_by_expert = calloc(E, sizeof(int64_t));
@@ -354,4 +358,239 @@ moegen_status moegen_ep_forward(moegen_ep *ep, const moegen_kernel_weights *w, i
     s->experts_ms = t3 - t2;
     s->combine_ms = t5 - t4;
     return st;
+}
+
+/* ---- training ------------------------------------------------------------------------------ */
+
+struct moegen_ep_saved {
+    void *backend_saved;       /* the backend's: routing, permutation, x (route and combine state) */
+    void (*backend_free)(void *saved);
+    size_t (*backend_bytes)(const void *saved);
+    size_t own_bytes;          /* what the copies and buffers below hold */
+    int64_t n_tokens, rows_out, rows_in;
+    int ranks, n_local;
+    moegen_kernel_weights w;   /* the weights of the forward (the local experts' slices) */
+    /* the exchange of the forward, kept: the backward retraces it */
+    int64_t *send_counts, *send_offsets, *recv_counts, *recv_offsets; /* [P] */
+    int64_t *recv_counts_by_expert;                                   /* [P][L] */
+    int64_t *local_offset;                                            /* [L + 1] */
+    void *expert_rows;                                                /* [rows in][H] dtype, expert order */
+    float *expert_scales;                                             /* [rows in] (weight_on_input) */
+    /* the backward's (heap; from the first backward on) */
+    float *send_grad;   /* [rows out][H]: d loss / d output of the rows sent, then d loss / d input back */
+    float *recv_grad;   /* [rows in][H]: as received */
+    float *expert_do;   /* [rows in][H]: expert order */
+    float *expert_du;   /* [rows in][H]: expert order */
+    float *pre;         /* [rows in][F1] */
+    void *h;            /* [rows in][F] dtype */
+    int data_done;
+};
+
+static void *copy_of(const void *src, size_t bytes) {
+    void *dst = malloc(bytes ? bytes : 1);
+    if (dst && bytes) memcpy(dst, src, bytes);
+    return dst;
+}
+
+void moegen_ep_saved_free(moegen_ep_saved *s) {
+    if (!s) return;
+    if (s->backend_saved && s->backend_free) s->backend_free(s->backend_saved);
+    free(s->send_counts);
+    free(s->send_offsets);
+    free(s->recv_counts);
+    free(s->recv_offsets);
+    free(s->recv_counts_by_expert);
+    free(s->local_offset);
+    free(s->expert_rows);
+    free(s->expert_scales);
+    free(s->send_grad);
+    free(s->recv_grad);
+    free(s->expert_do);
+    free(s->expert_du);
+    free(s->pre);
+    free(s->h);
+    free(s);
+}
+
+int64_t moegen_ep_saved_tokens(const moegen_ep_saved *s) { return s ? s->n_tokens : 0; }
+
+moegen_status moegen_ep_forward_train(moegen_ep *ep, const moegen_kernel_weights *w, int n_threads,
+                                      const moegen_forward_io *io, moegen_ep_saved **saved,
+                                      moegen_forward_stats *stats, moegen_error *err) {
+    *saved = NULL;
+    if (!ep->backend.train_begin)
+        return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
+                                "rank %d: forward_train: this backend has no training backward yet", ep->rank);
+    moegen_ep_saved *s = calloc(1, sizeof *s);
+    if (!s) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "rank %d: out of memory", ep->rank);
+    s->backend_free = ep->backend.saved_free;
+    s->backend_bytes = ep->backend.saved_bytes;
+    s->n_tokens = io->n_tokens;
+    s->w = *w;
+    s->ranks = ep->ranks;
+    s->n_local = ep->n_local;
+    /* the backend's state; a rank that cannot make it still takes part in the collectives */
+    moegen_status st = ep->backend.train_begin(ep->backend.self, w, n_threads, io, &s->backend_saved, err);
+    moegen_status forward = moegen_ep_forward(ep, w, n_threads, io, stats, st == MOEGEN_OK ? err : NULL);
+    if (st == MOEGEN_OK) {
+        ep->backend.train_end(ep->backend.self, s->backend_saved);
+        st = forward;
+    }
+    if (st == MOEGEN_OK) {
+        const size_t P = (size_t)ep->ranks, L = (size_t)ep->n_local;
+        s->rows_out = prefix(ep->send_counts, ep->send_offsets, ep->ranks);
+        s->rows_in = ep->local_offset[ep->n_local];
+        s->send_counts = copy_of(ep->send_counts, P * sizeof(int64_t));
+        s->send_offsets = copy_of(ep->send_offsets, P * sizeof(int64_t));
+        s->recv_counts = copy_of(ep->recv_counts, P * sizeof(int64_t));
+        s->recv_offsets = copy_of(ep->recv_offsets, P * sizeof(int64_t));
+        s->recv_counts_by_expert = copy_of(ep->recv_counts_by_expert, P * L * sizeof(int64_t));
+        s->local_offset = copy_of(ep->local_offset, (L + 1) * sizeof(int64_t));
+        s->expert_rows = copy_of(ep->expert_rows, (size_t)s->rows_in * ep->row_bytes);
+        s->expert_scales = ep->weight_on_input ? copy_of(ep->expert_scales, (size_t)s->rows_in * sizeof(float))
+                                               : NULL;
+        s->own_bytes = sizeof *s + (4 * P + P * L + L + 1) * sizeof(int64_t) + (size_t)s->rows_in * ep->row_bytes +
+                       (s->expert_scales ? (size_t)s->rows_in * sizeof(float) : 0);
+        if (!s->send_counts || !s->send_offsets || !s->recv_counts || !s->recv_offsets ||
+            !s->recv_counts_by_expert || !s->local_offset || !s->expert_rows ||
+            (ep->weight_on_input && !s->expert_scales))
+            st = moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "rank %d: cannot keep the exchange of %lld rows",
+                                  ep->rank, (long long)s->rows_in);
+    }
+    if (st != MOEGEN_OK) {
+        moegen_ep_saved_free(s);
+        return st;
+    }
+    *saved = s;
+    return MOEGEN_OK;
+}
+
+size_t moegen_ep_saved_bytes(const moegen_ep_saved *s) {
+    if (!s) return 0;
+    return s->own_bytes + (s->backend_bytes ? s->backend_bytes(s->backend_saved) : 0);
+}
+
+/* The rows of every (source s, local expert l) chunk from one order to the other: `to_expert`
+ * 1 moves the received order into the expert-by-expert order, 0 the reverse. */
+static void reorder_rows(const moegen_ep *ep, const moegen_ep_saved *s, const char *from, char *to, size_t row_bytes,
+                         int to_expert) {
+    const int P = s->ranks, L = s->n_local;
+    for (int q = 0; q < P; q++)
+        for (int l = 0; l < L; l++) {
+            const int64_t n = s->recv_counts_by_expert[q * L + l];
+            if (n == 0) continue;
+            int64_t within = 0, before = 0;
+            for (int m = 0; m < l; m++) within += s->recv_counts_by_expert[q * L + m];
+            for (int r = 0; r < q; r++) before += s->recv_counts_by_expert[r * L + l];
+            const int64_t received_at = s->recv_offsets[q] + within, expert_at = s->local_offset[l] + before;
+            const int64_t src = to_expert ? received_at : expert_at, dst = to_expert ? expert_at : received_at;
+            memcpy(to + dst * row_bytes, from + src * row_bytes, (size_t)n * row_bytes);
+        }
+    (void)ep;
+}
+
+/* The backward's exchange buffers (heap; the first backward allocates them). */
+static moegen_status backward_buffers(const moegen_ep *ep, moegen_ep_saved *s, moegen_error *err) {
+    if (s->send_grad) return MOEGEN_OK;
+    const size_t H = (size_t)ep->hidden, in = (size_t)s->rows_in, out = (size_t)s->rows_out;
+    s->send_grad = malloc((out ? out : 1) * H * sizeof(float));
+    s->recv_grad = malloc((in ? in : 1) * H * sizeof(float));
+    s->expert_do = malloc((in ? in : 1) * H * sizeof(float));
+    s->expert_du = malloc((in ? in : 1) * H * sizeof(float));
+    s->pre = malloc((in ? in : 1) * (size_t)ep->ffn_rows * sizeof(float));
+    s->h = malloc((in ? in : 1) * (size_t)ep->ffn * ep->elem);
+    if (!s->send_grad || !s->recv_grad || !s->expert_do || !s->expert_du || !s->pre || !s->h)
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0,
+                                "rank %d: backward: cannot allocate the buffers of %zu rows out, %zu in", ep->rank, out,
+                                in);
+    s->own_bytes += (out + 3 * in) * H * sizeof(float) + in * (size_t)ep->ffn_rows * sizeof(float) +
+                    in * (size_t)ep->ffn * ep->elem;
+    return MOEGEN_OK;
+}
+
+/* The local experts' backward arguments over the kept rows (their weight gradients in g). */
+static moegen_kernel_expert_backward_args expert_backward_args(const moegen_ep *ep, moegen_ep_saved *s,
+                                                               const moegen_kernel_weights *w, int n_threads,
+                                                               const moegen_grads *g) {
+    return (moegen_kernel_expert_backward_args){
+        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
+        .n_threads = n_threads,
+        .first_expert = ep->first_expert,
+        .n_experts = ep->n_local,
+        .expert_offset = s->local_offset,
+        .x = s->expert_rows,
+        .row_scale = s->expert_scales,
+        .w1 = w->w1,
+        .b1 = w->b1,
+        .w2 = w->w2,
+        .d_out = s->expert_do,
+        .du = s->expert_du,
+        .pre = s->pre,
+        .h = s->h,
+        .g_w1 = g ? g->w1 : NULL,
+        .g_b1 = g ? g->b1 : NULL,
+        .g_w2 = g ? g->w2 : NULL,
+        .g_b2 = g ? g->b2 : NULL,
+        .accumulate = g ? g->accumulate : 0,
+    };
+}
+
+moegen_status moegen_ep_backward(moegen_ep *ep, moegen_ep_saved *s, int n_threads, const moegen_backward_io *bio,
+                                 const moegen_grads *grads, moegen_error *err) {
+    const moegen_kernel_weights *w = &s->w;
+    const size_t H = (size_t)ep->hidden, grad_row = H * sizeof(float);
+    s->data_done = 0;
+    moegen_kernel_backward_plan plan;
+    /* 1. the combine's backward: d loss / d output of every kept row, and the dense FFNs */
+    moegen_status st = ep->backend.backward_combine(ep->backend.self, s->backend_saved, n_threads, bio, &plan, err);
+    if (st == MOEGEN_OK) st = backward_buffers(ep, s, err);
+    /* 2. those rows to the ranks that ran their experts, in the order the forward sent them */
+    if (st == MOEGEN_OK) {
+        int64_t at = 0;
+        for (int e = 0; e < ep->n_experts; e++)
+            for (int64_t i = 0; i < plan.counts_after[e]; i++, at++)
+                memcpy((char *)s->send_grad + (size_t)at * grad_row,
+                       plan.row_do + (size_t)(plan.expert_offset[e] + i) * H, grad_row);
+        st = moegen_comm_alltoallv(ep->comm, s->send_grad, s->send_counts, s->send_offsets, s->recv_grad,
+                                   s->recv_counts, s->recv_offsets, grad_row, err);
+    }
+    /* 3. the local experts' backward over the rows they ran in the forward */
+    if (st == MOEGEN_OK && s->rows_in > 0) {
+        reorder_rows(ep, s, (const char *)s->recv_grad, (char *)s->expert_do, grad_row, 1);
+        moegen_kernel_expert_backward_args a = expert_backward_args(ep, s, w, n_threads, NULL);
+        st = ep->backend.backward_experts(ep->backend.self, &a, 0, err);
+        if (st == MOEGEN_OK) reorder_rows(ep, s, (const char *)s->expert_du, (char *)s->recv_grad, grad_row, 0);
+    }
+    /* 4. d loss / d input back to the rows' ranks, into the permutation's rows */
+    if (st == MOEGEN_OK)
+        st = moegen_comm_alltoallv(ep->comm, s->recv_grad, s->recv_counts, s->recv_offsets, s->send_grad,
+                                   s->send_counts, s->send_offsets, grad_row, err);
+    if (st == MOEGEN_OK) {
+        int64_t at = 0;
+        for (int e = 0; e < ep->n_experts; e++)
+            for (int64_t i = 0; i < plan.counts_after[e]; i++, at++)
+                memcpy(plan.row_du + (size_t)(plan.expert_offset[e] + i) * H,
+                       (const char *)s->send_grad + (size_t)at * grad_row, grad_row);
+    }
+    /* 5. the router's backward and dx */
+    if (st == MOEGEN_OK) st = ep->backend.backward_route(ep->backend.self, s->backend_saved, n_threads, bio, err);
+    if (st != MOEGEN_OK) return st;
+    s->data_done = 1;
+    return grads ? moegen_ep_backward_weights(ep, s, n_threads, grads, err) : MOEGEN_OK;
+}
+
+moegen_status moegen_ep_backward_weights(moegen_ep *ep, moegen_ep_saved *s, int n_threads, const moegen_grads *grads,
+                                         moegen_error *err) {
+    const moegen_kernel_weights *w = &s->w;
+    if (!s->data_done)
+        return moegen_error_set(err, MOEGEN_ERR_STATE, 0,
+                                "rank %d: backward_weights: moegen_layer_backward has not run on this saved forward",
+                                ep->rank);
+    /* the local experts' gradients over the rows every rank sent them (no communication) */
+    moegen_kernel_expert_backward_args a = expert_backward_args(ep, s, w, n_threads, grads);
+    moegen_status st = ep->backend.backward_experts(ep->backend.self, &a, 1, err);
+    if (st != MOEGEN_OK) return st;
+    moegen_grads rest = *grads; /* the router, shared experts and residual: this rank's tokens */
+    rest.w1 = rest.b1 = rest.w2 = rest.b2 = NULL;
+    return ep->backend.backward_weights(ep->backend.self, s->backend_saved, n_threads, &rest, err);
 }

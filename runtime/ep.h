@@ -70,6 +70,27 @@ typedef struct moegen_ep_backend {
      * both NULL: malloc and free. */
     void *(*host_alloc)(void *self, size_t bytes);
     void (*host_free)(void *self, void *buffer);
+
+    /* Training (NULL where the backend has none: the CUDA backend). Between train_begin and
+     * train_end the stages above run one training forward, whose state goes into a saved
+     * object of the backend's (freed with saved_free). */
+    moegen_status (*train_begin)(void *self, const moegen_kernel_weights *w, int n_threads,
+                                 const moegen_forward_io *io, void **saved, moegen_error *err);
+    void (*train_end)(void *self, void *saved);
+    /* Backward stages (moegen_kernel_abi.h): the combine's backward (the kept rows' d loss /
+     * d output in plan->row_do, and where their d loss / d input goes, plan->row_du); the local
+     * experts' backward over host rows (weights: 0 = du, 1 = their weight gradients); the
+     * router's backward and dx; the router's and dense FFNs' weight gradients. */
+    moegen_status (*backward_combine)(void *self, void *saved, int n_threads, const moegen_backward_io *bio,
+                                      moegen_kernel_backward_plan *plan, moegen_error *err);
+    moegen_status (*backward_experts)(void *self, const moegen_kernel_expert_backward_args *args, int weights,
+                                      moegen_error *err);
+    moegen_status (*backward_route)(void *self, void *saved, int n_threads, const moegen_backward_io *bio,
+                                    moegen_error *err);
+    moegen_status (*backward_weights)(void *self, void *saved, int n_threads, const moegen_grads *grads,
+                                      moegen_error *err);
+    size_t (*saved_bytes)(const void *saved);
+    void (*saved_free)(void *saved);
 } moegen_ep_backend;
 
 /* Check the ranks agree (a collective: every rank must call it) and set up rank r's
@@ -82,6 +103,26 @@ moegen_status moegen_ep_open(const moegen_spec *spec, const char *spec_hash, moe
  * shared and residual weights whole and the expert tensors of the local experts only. */
 moegen_status moegen_ep_forward(moegen_ep *ep, const moegen_kernel_weights *w, int n_threads,
                                 const moegen_forward_io *io, moegen_forward_stats *stats, moegen_error *err);
+
+/* Training (a collective, like forward): a forward of io's tokens whose state is kept in
+ * *saved, then its backward: `grads` NULL computes dx only and moegen_ep_backward_weights the
+ * weight gradients later. Every rank gets the gradients of its local experts (w1, b1, w2, b2
+ * of `grads` point at their slices, as the weights do), summed over the rows every rank sent
+ * them in a fixed order (source rank, then the source's row order), and, for the replicated
+ * router, shared experts and residual MLP, its own tokens' contribution (to be all-reduced by
+ * the caller, as data-parallel gradients are). MOEGEN_ERR_UNSUPPORTED where the backend has
+ * no training stages. */
+typedef struct moegen_ep_saved moegen_ep_saved;
+moegen_status moegen_ep_forward_train(moegen_ep *ep, const moegen_kernel_weights *w, int n_threads,
+                                      const moegen_forward_io *io, moegen_ep_saved **saved,
+                                      moegen_forward_stats *stats, moegen_error *err);
+moegen_status moegen_ep_backward(moegen_ep *ep, moegen_ep_saved *saved, int n_threads, const moegen_backward_io *bio,
+                                 const moegen_grads *grads, moegen_error *err);
+moegen_status moegen_ep_backward_weights(moegen_ep *ep, moegen_ep_saved *saved, int n_threads, const moegen_grads *grads,
+                                         moegen_error *err);
+int64_t moegen_ep_saved_tokens(const moegen_ep_saved *saved);
+size_t moegen_ep_saved_bytes(const moegen_ep_saved *saved);
+void moegen_ep_saved_free(moegen_ep_saved *saved);
 
 void moegen_ep_close(moegen_ep *ep);
 

@@ -431,7 +431,8 @@ static moegen_status run_forward(moegen_layer *layer, const moegen_forward_io *i
 
 struct moegen_saved {
     const moegen_layer *layer; /* the layer whose forward this is */
-    moegen_cpu_saved *cpu;
+    moegen_cpu_saved *cpu;     /* ep_size 1 */
+    moegen_ep_saved *ep;       /* ep_size > 1 */
 };
 
 moegen_status moegen_layer_forward_train(moegen_layer *layer, const moegen_forward_io *io, moegen_saved **saved,
@@ -439,11 +440,11 @@ moegen_status moegen_layer_forward_train(moegen_layer *layer, const moegen_forwa
     if (!layer || !io || !saved)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "forward_train: layer, io and saved are required");
     *saved = NULL;
-    if (layer->cuda || layer->ep)
+    if (layer->cuda)
         return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
-                                "forward_train: the training backward runs on CPU layers with ep_size 1 so far "
-                                "(this layer is %s)",
-                                layer->cuda ? "a CUDA layer" : "expert-parallel");
+                                "forward_train: the training backward runs on CPU layers so far (this is a CUDA "
+                                "layer%s)",
+                                layer->ep ? ", expert-parallel" : "");
     moegen_saved *s = calloc(1, sizeof *s);
     if (!s) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "forward_train: out of memory");
     s->layer = layer;
@@ -452,8 +453,11 @@ moegen_status moegen_layer_forward_train(moegen_layer *layer, const moegen_forwa
         st = check_forward_io(layer, io, err);
         if (st == MOEGEN_OK) {
             if (stats) memset(stats, 0, sizeof *stats);
-            st = moegen_cpu_backend_forward_train(layer->cpu, &layer->weights, layer->n_threads, io, &s->cpu, stats,
-                                                  err);
+            if (layer->ep)
+                st = moegen_ep_forward_train(layer->ep, &layer->weights, layer->n_threads, io, &s->ep, stats, err);
+            else
+                st = moegen_cpu_backend_forward_train(layer->cpu, &layer->weights, layer->n_threads, io, &s->cpu,
+                                                      stats, err);
         }
         release(layer);
     }
@@ -495,7 +499,7 @@ moegen_status moegen_layer_backward(moegen_layer *layer, moegen_saved *saved, co
     if (st != MOEGEN_OK) return st;
     if (!bio) return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "backward: bio is required");
     const size_t elem = moegen_dtype_size(layer->spec.dtype);
-    if (!bio->dy && moegen_cpu_saved_tokens(saved->cpu) > 0)
+    if (!bio->dy && (saved->ep ? moegen_ep_saved_tokens(saved->ep) : moegen_cpu_saved_tokens(saved->cpu)) > 0)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "backward: dy is required");
     if ((uintptr_t)bio->dy % elem != 0 || (uintptr_t)bio->dx % elem != 0)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
@@ -506,7 +510,8 @@ moegen_status moegen_layer_backward(moegen_layer *layer, moegen_saved *saved, co
                                 bio->z_coeff);
     if (grads && (st = check_grads(grads, "backward", err)) != MOEGEN_OK) return st;
     if ((st = claim(layer, "backward", err)) != MOEGEN_OK) return st;
-    st = moegen_cpu_backend_backward(layer->cpu, saved->cpu, layer->n_threads, bio, grads, err);
+    if (saved->ep) st = moegen_ep_backward(layer->ep, saved->ep, layer->n_threads, bio, grads, err);
+    else st = moegen_cpu_backend_backward(layer->cpu, saved->cpu, layer->n_threads, bio, grads, err);
     release(layer);
     return st;
 }
@@ -518,17 +523,19 @@ moegen_status moegen_layer_backward_weights(moegen_layer *layer, moegen_saved *s
     if (!grads) return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "backward_weights: grads is required");
     if ((st = check_grads(grads, "backward_weights", err)) != MOEGEN_OK) return st;
     if ((st = claim(layer, "backward_weights", err)) != MOEGEN_OK) return st;
-    st = moegen_cpu_backend_backward_weights(layer->cpu, saved->cpu, layer->n_threads, grads, err);
+    if (saved->ep) st = moegen_ep_backward_weights(layer->ep, saved->ep, layer->n_threads, grads, err);
+    else st = moegen_cpu_backend_backward_weights(layer->cpu, saved->cpu, layer->n_threads, grads, err);
     release(layer);
     return st;
 }
 
 size_t moegen_saved_bytes(const moegen_saved *saved) {
-    return saved ? sizeof *saved + moegen_cpu_saved_bytes(saved->cpu) : 0;
+    return saved ? sizeof *saved + moegen_cpu_saved_bytes(saved->cpu) + moegen_ep_saved_bytes(saved->ep) : 0;
 }
 
 void moegen_saved_free(moegen_saved *saved) {
     if (!saved) return;
     moegen_cpu_saved_free(saved->cpu);
+    moegen_ep_saved_free(saved->ep);
     free(saved);
 }

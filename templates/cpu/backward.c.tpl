@@ -404,13 +404,13 @@ static void ${n}_backward_weights(const bwd_problem *problems, int n_problems, i
 % end
 
 /* The problems of every FFN shape; `g` may be NULL (the data phase). */
-static int backward_problems(const backward_state *bs, const moegen_kernel_grads *g, int64_t ffn,
-                             bwd_problem *list) {
+static int backward_problems(const backward_state *bs, const moegen_kernel_grads *g, int64_t ffn, int routed,
+                             int dense, bwd_problem *list) {
     const forward_state *st = &bs->f;
     const moegen_kernel_weights *w = st->w;
     int n = 0;
     if (ffn == FFN) {
-        for (int e = 0; e < NUM_EXPERTS; e++) {
+        for (int e = 0; routed && e < NUM_EXPERTS; e++) {
             const int64_t first = st->expert_offset[e];
             bwd_problem *p = &list[n++];
             *p = (bwd_problem){.x = st->x, .row_token = st->row_token + first, .n_rows = st->counts_after[e],
@@ -432,6 +432,7 @@ static int backward_problems(const backward_state *bs, const moegen_kernel_grads
             }
         }
 % if spec.use_residual then
+        if (!dense) return n;
         bwd_problem *p = &list[n++]; /* the residual MLP over every token */
         *p = (bwd_problem){.x = st->x, .n_rows = st->n_tokens, .w1 = (const elem_t *)w->residual_w1,
                            .b1 = (const elem_t *)w->residual_b1, .w2 = (const elem_t *)w->residual_w2,
@@ -449,7 +450,7 @@ static int backward_problems(const backward_state *bs, const moegen_kernel_grads
     }
 % if spec.shared.count > 0 then
     if (ffn == SHARED_FFN) {
-        for (int i = 0; i < SHARED_EXPERTS; i++) {
+        for (int i = 0; dense && i < SHARED_EXPERTS; i++) {
             const int64_t first = (int64_t)i * st->n_tokens;
             bwd_problem *p = &list[n++];
             *p = (bwd_problem){.x = st->x, .n_rows = st->n_tokens,
@@ -805,34 +806,30 @@ static int begin_backward(const moegen_kernel_backward_args *args, backward_stat
     return MOEGEN_KERNEL_OK;
 }
 
-int ${P}_backward_data(const moegen_kernel_backward_args *args) {
-    backward_state bs;
-    int empty;
-    int rc = begin_backward(args, &bs, &empty);
-    if (rc != MOEGEN_KERNEL_OK || empty) return rc;
-    if (!args->dy) return MOEGEN_KERNEL_EARG;
-    const forward_state *st = &bs.f;
-    const int64_t n_tokens = st->n_tokens;
-    const int n_threads = args->n_threads > 0 ? args->n_threads : threads_for(args->forward);
-    bs.summary->magic = 0;
-
-    /* aux_coeff * d aux / d p[t][e]: the counts are the forward's, summed in block order. */
-    float aux_grad[NUM_EXPERTS];
+/* aux_coeff * d aux / d p[t][e] (the same for every token); the counts are the forward's,
+ * summed in block order. */
+static void aux_gradient(const forward_state *st, double aux_coeff, float aux_grad[NUM_EXPERTS]) {
 % if aux == "none" then
+    (void)st;
+    (void)aux_coeff;
     for (int e = 0; e < NUM_EXPERTS; e++) aux_grad[e] = 0.0f;
 % else
+    const double n = (double)st->n_tokens;
     for (int e = 0; e < NUM_EXPERTS; e++) {
         int64_t count = 0;
         for (int64_t block = 0; block < st->n_router_blocks; block++) count += st->block_counts[block * NUM_EXPERTS + e];
-        const double n = (double)n_tokens;
 %   if aux == "ds_first_choice" then
-        aux_grad[e] = (float)(args->aux_coeff * NUM_EXPERTS * (double)count / (n * n));
+        aux_grad[e] = (float)(aux_coeff * NUM_EXPERTS * (double)count / (n * n));
 %   else
-        aux_grad[e] = (float)(args->aux_coeff * NUM_EXPERTS * (double)count / ((double)TOP_K * n * n));
+        aux_grad[e] = (float)(aux_coeff * NUM_EXPERTS * (double)count / ((double)TOP_K * n * n));
 %   end
     }
 % end
+}
 
+/* Token pass A over every token, in parallel; MOEGEN_KERNEL_ENOMEM if a thread's scratch
+ * could not be allocated. */
+static int run_pass_a(const backward_state *bs, int n_threads) {
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
@@ -842,23 +839,139 @@ int ${P}_backward_data(const moegen_kernel_backward_args *args) {
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < n_tokens; t++)
-            if (scratch) token_pass_a(&bs, t, scratch, scratch + HIDDEN);
+        for (int64_t t = 0; t < bs->f.n_tokens; t++)
+            if (scratch) token_pass_a(bs, t, scratch, scratch + HIDDEN);
         free(scratch);
     }
-    if (failed) return MOEGEN_KERNEL_ENOMEM;
+    return failed ? MOEGEN_KERNEL_ENOMEM : MOEGEN_KERNEL_OK;
+}
 
-    /* the forward kept its pre-activations in this workspace: no GEMM1 again */
-    const int kept = args->forward->train_keep == args->workspace;
+/* The FFNs' data phase: the routed experts over the permutation's rows (`routed`) and the
+ * shared experts and the residual MLP (`dense`). */
+static void run_ffn_data(const backward_state *bs, int routed, int dense, int kept, int n_threads) {
     bwd_problem problems[NUM_EXPERTS + 1${spec.shared.count > 0 and " + SHARED_EXPERTS" or ""}];
 % for _, shape in ipairs(moe.ffn_shapes(spec)) do
-    ${shape.name}_backward_data(problems, backward_problems(&bs, NULL, ${shape.ffn}, problems), n_threads, kept);
+    ${shape.name}_backward_data(problems, backward_problems(bs, NULL, ${shape.ffn}, routed, dense, problems), n_threads, kept);
 % end
+}
 
+/* Token pass B over every token, then the mark P_backward_weights checks. */
+static void run_pass_b(const backward_state *bs, double aux_coeff, int n_threads) {
+    float aux_grad[NUM_EXPERTS];
+    aux_gradient(&bs->f, aux_coeff, aux_grad);
 #pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t t = 0; t < n_tokens; t++) token_pass_b(&bs, t, aux_grad);
+    for (int64_t t = 0; t < bs->f.n_tokens; t++) token_pass_b(bs, t, aux_grad);
+    *bs->summary = (backward_summary){BACKWARD_DATA_DONE, bs->f.n_tokens, bs->f.n_rows};
+}
 
-    *bs.summary = (backward_summary){BACKWARD_DATA_DONE, n_tokens, st->n_rows};
+static int backward_threads(const moegen_kernel_backward_args *args) {
+    return args->n_threads > 0 ? args->n_threads : threads_for(args->forward);
+}
+
+int ${P}_backward_data(const moegen_kernel_backward_args *args) {
+    backward_state bs;
+    int empty;
+    int rc = begin_backward(args, &bs, &empty);
+    if (rc != MOEGEN_KERNEL_OK || empty) return rc;
+    if (!args->dy) return MOEGEN_KERNEL_EARG;
+    const int n_threads = backward_threads(args);
+    bs.summary->magic = 0;
+    if ((rc = run_pass_a(&bs, n_threads)) != MOEGEN_KERNEL_OK) return rc;
+    /* the forward kept its pre-activations in this workspace: no GEMM1 again */
+    const int kept = args->forward->train_keep == args->workspace;
+    run_ffn_data(&bs, 1, 1, kept, n_threads);
+    run_pass_b(&bs, args->aux_coeff, n_threads);
+    return MOEGEN_KERNEL_OK;
+}
+
+/* ---- The staged backward (expert parallelism, runtime/ep.c) ------------------------------ */
+
+int ${P}_backward_combine(const moegen_kernel_backward_args *args, moegen_kernel_backward_plan *plan) {
+    static const int64_t no_rows[NUM_EXPERTS + 1];
+    if (!plan) return MOEGEN_KERNEL_EARG;
+    memset(plan, 0, sizeof *plan);
+    backward_state bs;
+    int empty;
+    int rc = begin_backward(args, &bs, &empty);
+    if (rc != MOEGEN_KERNEL_OK) return rc;
+    if (empty) {
+        plan->expert_offset = plan->counts_after = no_rows;
+        return MOEGEN_KERNEL_OK;
+    }
+    if (!args->dy) return MOEGEN_KERNEL_EARG;
+    const int n_threads = backward_threads(args);
+    bs.summary->magic = 0;
+    if ((rc = run_pass_a(&bs, n_threads)) != MOEGEN_KERNEL_OK) return rc;
+    run_ffn_data(&bs, 0, 1, 0, n_threads); /* the dense FFNs; the routed rows go to their ranks */
+    plan->n_rows = bs.f.n_rows;
+    plan->expert_offset = bs.f.expert_offset;
+    plan->counts_after = bs.f.counts_after;
+    plan->row_do = bs.row_do;
+    plan->row_du = bs.row_du;
+    return MOEGEN_KERNEL_OK;
+}
+
+int ${P}_backward_route(const moegen_kernel_backward_args *args) {
+    backward_state bs;
+    int empty;
+    int rc = begin_backward(args, &bs, &empty);
+    if (rc != MOEGEN_KERNEL_OK || empty) return rc;
+    if (!args->dy) return MOEGEN_KERNEL_EARG;
+    run_pass_b(&bs, args->aux_coeff, backward_threads(args));
+    return MOEGEN_KERNEL_OK;
+}
+
+/* The routed experts [first, first + n) over the caller's rows, as bwd_problems. */
+static int expert_rows_problems(const moegen_kernel_expert_backward_args *a, bwd_problem *list) {
+    if (!a || a->abi_version != MOEGEN_KERNEL_ABI_VERSION) return -1;
+    if (a->first_expert < 0 || a->n_experts < 0 || a->first_expert > NUM_EXPERTS - a->n_experts) return -1;
+    if (a->n_experts == 0) return 0;
+    if (!a->expert_offset || a->expert_offset[0] != 0) return -1;
+    const int64_t rows = a->expert_offset[a->n_experts];
+    if (rows < 0) return -1;
+    if (rows > 0 && (!a->x || !a->w1 || !a->w2 || !a->d_out || !a->du || !a->pre || !a->h)) return -1;
+% if spec.expert_bias then
+    if (rows > 0 && !a->b1) return -1;
+% end
+% if spec.weight_on_input then
+    if (rows > 0 && !a->row_scale) return -1;
+% end
+    for (int l = 0; l < a->n_experts; l++) {
+        const int64_t first = a->expert_offset[l];
+        if (first < 0 || a->expert_offset[l + 1] < first || a->expert_offset[l + 1] > rows) return -1;
+        bwd_problem *p = &list[l];
+        *p = (bwd_problem){.x = (const elem_t *)a->x + first * HIDDEN,
+                           .row_scale = a->row_scale ? a->row_scale + first : NULL,
+                           .n_rows = a->expert_offset[l + 1] - first,
+                           .w1 = (const elem_t *)a->w1 + (int64_t)l * FFN_ROWS * HIDDEN,
+                           .b1 = a->b1 ? (const elem_t *)a->b1 + (int64_t)l * FFN_ROWS : NULL,
+                           .w2 = (const elem_t *)a->w2 + (int64_t)l * HIDDEN * FFN,
+                           .d_out = (float *)a->d_out + first * HIDDEN, .h = (elem_t *)a->h + first * FFN,
+                           .pre = a->pre + first * FFN_ROWS, .du = a->du + first * HIDDEN};
+        if (a->g_w1) p->g_w1 = a->g_w1 + (int64_t)l * FFN_ROWS * HIDDEN;
+        if (a->g_w2) p->g_w2 = a->g_w2 + (int64_t)l * HIDDEN * FFN;
+% if spec.expert_bias then
+        if (a->g_b1) p->g_b1 = a->g_b1 + (int64_t)l * FFN_ROWS;
+        if (a->g_b2) p->g_b2 = a->g_b2 + (int64_t)l * HIDDEN;
+% end
+    }
+    return a->n_experts;
+}
+
+int ${P}_backward_experts(const moegen_kernel_expert_backward_args *args) {
+    bwd_problem problems[NUM_EXPERTS];
+    const int n = expert_rows_problems(args, problems);
+    if (n < 0) return args && args->abi_version != MOEGEN_KERNEL_ABI_VERSION ? MOEGEN_KERNEL_EABI : MOEGEN_KERNEL_EARG;
+    ${moe.shape_name(spec.ffn_size)}_backward_data(problems, n, args->n_threads > 0 ? args->n_threads : 1, 0);
+    return MOEGEN_KERNEL_OK;
+}
+
+int ${P}_backward_experts_weights(const moegen_kernel_expert_backward_args *args) {
+    bwd_problem problems[NUM_EXPERTS];
+    const int n = expert_rows_problems(args, problems);
+    if (n < 0) return args && args->abi_version != MOEGEN_KERNEL_ABI_VERSION ? MOEGEN_KERNEL_EABI : MOEGEN_KERNEL_EARG;
+    ${moe.shape_name(spec.ffn_size)}_backward_weights(problems, n, args->n_threads > 0 ? args->n_threads : 1,
+                                                      args->accumulate);
     return MOEGEN_KERNEL_OK;
 }
 
@@ -930,12 +1043,15 @@ int ${P}_backward_weights(const moegen_kernel_backward_args *args) {
     }
     if (bs.summary->magic != BACKWARD_DATA_DONE || bs.summary->n_tokens != bs.f.n_tokens)
         return MOEGEN_KERNEL_EARG; /* P_backward_data has not run on this workspace */
-    const int n_threads = args->n_threads > 0 ? args->n_threads : threads_for(args->forward);
+    const int n_threads = backward_threads(args);
     const int64_t n_tokens = bs.f.n_tokens;
 
+    /* the routed experts' gradients here unless the caller made them with
+     * P_backward_experts_weights (the staged backward passes NULL for them) */
+    const int routed = g->w1 || g->b1 || g->w2 || g->b2;
     bwd_problem problems[NUM_EXPERTS + 1${spec.shared.count > 0 and " + SHARED_EXPERTS" or ""}];
 % for _, shape in ipairs(moe.ffn_shapes(spec)) do
-    ${shape.name}_backward_weights(problems, backward_problems(&bs, g, ${shape.ffn}, problems), n_threads, accumulate);
+    ${shape.name}_backward_weights(problems, backward_problems(&bs, g, ${shape.ffn}, routed, 1, problems), n_threads, accumulate);
 % end
 
     /* The router: dWr = dz^T xr (the router's own input, jitter included), dbr = sum dz. */
