@@ -16,41 +16,38 @@
 % local elem = moe.elem_type(spec.dtype)
 % local load_elem = moe.load_name(elem, spec.dtype)
 % local mr = variant.cpu.vector_floats == 16 and 8 or 4
+% local splat = "{" .. string.rep("s, ", variant.cpu.vector_floats - 1) .. "s}" -- a broadcast
 % local P = gen.prefix
 /* ---- Training: the backward pass ------------------------------------------------------ */
 
 /* Outer-product micro-kernels: a BWD_MR x (NV * VEC_FLOATS) tile of
- * C[i][n] = sum_k a_i[k * a_step] * B_k[n], B_k = row (b_index ? b_index[k] : k) of B,
- * scaled by b_scale[k] when given. a_step 1 reads A rows (C = A B); a_step = lda reads A
- * columns (C = A^T B, the weight gradients). One sum per element, k ascending. */
+ * C[i][n] += sum_k a_i[k * a_step] * B[k][n] over an fp32 panel B (ldb floats a row), into the
+ * accumulators `out` holds. a_step 1 reads A rows (C = A B); a_step = lda reads A columns
+ * (C = A^T B, the weight gradients). One sum per element, k ascending (a sum split over
+ * calls continues the same chain). */
 #define BWD_MR ${mr}
 #define BWD_TASK_ROWS (4 * BWD_MR)           /* rows of C per parallel task */
 #define BWD_TASK_COLS (16 * VEC_FLOATS)      /* columns of C per parallel task */
-% for _, bt in ipairs({{ tag = "e", ctype = "elem_t", load = load_elem }, { tag = "f", ctype = "float", load = "load_f32" }}) do
+#define BWD_KC 256                           /* k per packed B panel */
+% for _, bt in ipairs({{ tag = "f", ctype = "float", load = "load_f32" }}) do
 %   for _, nv in ipairs({2, 1}) do
 
 static __attribute__((noinline, unused)) void outer_${bt.tag}_v${nv}(const float *const a[BWD_MR], int64_t a_step,
-        int64_t n_k, const ${bt.ctype} *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
-        vfloat out[BWD_MR][${nv}]) {
-    const vfloat zero = {0};
+        int64_t n_k, const ${bt.ctype} *b, int64_t ldb, vfloat out[BWD_MR][${nv}]) {
 %     for i = 0, mr - 1 do
 %       local names = {}
-%       for v = 0, nv - 1 do names[#names + 1] = "c" .. i .. v .. " = zero" end
+%       for v = 0, nv - 1 do names[#names + 1] = "c" .. i .. v .. " = out[" .. i .. "][" .. v .. "]" end
     vfloat ${table.concat(names, ", ")};
 %     end
     for (int64_t k = 0; k < n_k; k++) {
-        const ${bt.ctype} *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb;
+        const ${bt.ctype} *row = b + k * ldb;
 %     for v = 0, nv - 1 do
-        vfloat w${v} = ${bt.load}(row + ${v} * VEC_FLOATS);
+        const vfloat w${v} = ${bt.load}(row + ${v} * VEC_FLOATS);
 %     end
-        if (b_scale) {
-%     for v = 0, nv - 1 do
-            w${v} = w${v} * b_scale[k];
-%     end
-        }
 %     for i = 0, mr - 1 do
         {
-            const vfloat x = zero + a[${i}][k * a_step];
+            const float s = a[${i}][k * a_step];
+            const vfloat x = ${splat};
 %       for v = 0, nv - 1 do
             c${i}${v} += x * w${v};
 %       end
@@ -66,44 +63,67 @@ static __attribute__((noinline, unused)) void outer_${bt.tag}_v${nv}(const float
 %   end
 % end
 
-/* C (+)= the products above for rows [m0, m0 + rows) of C (rows <= BWD_MR) and columns
- * [c0, c1) (multiples of VEC_FLOATS), C row-major with ldc columns. A row i is read at
- * a + (m0 + i) * a_row (a_row: lda for C = A B, 1 for C = A^T B). `store` writes C. */
+/* What receives a finished row of a tile of C: `n` values of row m from column c. */
 typedef void (*tile_store_fn)(void *ctx, int64_t m, int64_t c, const float *values, int n);
 
 static void store_plain(void *ctx, int64_t m, int64_t c, const float *values, int n);
 
-% for _, bt in ipairs({{ tag = "e", ctype = "elem_t" }, { tag = "f", ctype = "float" }}) do
-static __attribute__((unused)) void outer_block_${bt.tag}(const float *a, int64_t a_row, int64_t a_step, int64_t m0,
-        int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const ${bt.ctype} *b, int64_t ldb,
+% for _, bt in ipairs({{ tag = "e", ctype = "elem_t", load = load_elem }, { tag = "f", ctype = "float", load = "load_f32" }}) do
+/* C = sum over k of A's k-th values times B's row k, for rows [m0, m0 + rows) of C (at most
+ * BWD_TASK_ROWS) and columns [c0, c1) (multiples of VEC_FLOATS); row i of C reads A at
+ * a + (m0 + i) * a_row + k * a_step (C = A B: a_row = lda, a_step = 1; C = A^T B, the weight
+ * gradients: a_row = 1, a_step = lda). B's row k is row b_index[k] (or k) of b, times
+ * b_scale[k] when given. For each column tile, B's rows k0 .. k0 + BWD_KC are packed into a
+ * contiguous fp32 panel (L1-sized, widened once) that every row tile then streams; the
+ * accumulators carry over from panel to panel. `store` receives each finished row. */
+static __attribute__((unused)) void outer_block_${bt.tag}(const float *a, int64_t a_row, int64_t a_step,
+        int64_t m0, int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const ${bt.ctype} *b, int64_t ldb,
         const int32_t *b_index, const float *b_scale, tile_store_fn store, void *ctx) {
+    float panel[BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     for (int64_t c = c0; c < c1;) {
-        const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1;
-        for (int64_t m = m0; m < m0 + rows; m += BWD_MR) {
+        const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1, width = nv * VEC_FLOATS;
+        const int n_tiles = (int)((rows + BWD_MR - 1) / BWD_MR);
+        vfloat tile[BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
+        memset(tile, 0, sizeof tile);
+        for (int64_t k0 = 0; k0 < n_k; k0 += BWD_KC) {
+            const int64_t kc = min_i64(BWD_KC, n_k - k0);
+            for (int64_t k = 0; k < kc; k++) {
+                const ${bt.ctype} *row = b + (b_index ? (int64_t)b_index[k0 + k] : k0 + k) * ldb + c;
+                for (int v = 0; v < nv; v++) {
+                    vfloat w = ${bt.load}(row + v * VEC_FLOATS);
+                    if (b_scale) w = w * b_scale[k0 + k];
+                    memcpy(panel + k * width + v * VEC_FLOATS, &w, sizeof w);
+                }
+            }
+            for (int t = 0; t < n_tiles; t++) {
+                const int64_t m = m0 + (int64_t)t * BWD_MR;
+                const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
+                const float *ap[BWD_MR];
+                for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row + k0 * a_step;
+                if (nv == 2)
+                    outer_f_v2(ap, a_step, kc, panel, width, tile[t]);
+                else
+                    outer_f_v1(ap, a_step, kc, panel, width, (vfloat(*)[1])tile[t]);
+            }
+        }
+        for (int t = 0; t < n_tiles; t++) {
+            const int64_t m = m0 + (int64_t)t * BWD_MR;
             const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
-            const float *ap[BWD_MR];
-            for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row;
-            vfloat tile[BWD_MR][2];
-            if (nv == 2)
-                outer_${bt.tag}_v2(ap, a_step, n_k, b + c, ldb, b_index, b_scale, tile);
-            else
-                outer_${bt.tag}_v1(ap, a_step, n_k, b + c, ldb, b_index, b_scale, (vfloat(*)[1])tile);
             for (int i = 0; i < valid; i++) {
                 float values[2 * VEC_FLOATS];
                 if (nv == 2) {
-                    memcpy(values, &tile[i][0], sizeof(vfloat));
-                    memcpy(values + VEC_FLOATS, &tile[i][1], sizeof(vfloat));
+                    memcpy(values, &tile[t][i][0], sizeof(vfloat));
+                    memcpy(values + VEC_FLOATS, &tile[t][i][1], sizeof(vfloat));
                 } else {
-                    vfloat one;
-                    memcpy(&one, (char *)tile + (size_t)i * sizeof(vfloat), sizeof one);
-                    memcpy(values, &one, sizeof one);
+                    memcpy(values, (char *)tile[t] + (size_t)i * sizeof(vfloat), sizeof(vfloat));
                 }
-                store(ctx, m + i, c, values, nv * VEC_FLOATS);
+                store(ctx, m + i, c, values, width);
             }
         }
-        c += nv * VEC_FLOATS;
+        c += width;
     }
 }
+
 % end
 
 /* ---- Backward state --------------------------------------------------------------------- */
@@ -409,6 +429,9 @@ static int backward_problems(const backward_state *bs, const moegen_kernel_grads
     const forward_state *st = &bs->f;
     const moegen_kernel_weights *w = st->w;
     int n = 0;
+% if not spec.use_residual and spec.shared.count == 0 then
+    (void)dense; /* no dense FFNs in this layer */
+% end
     if (ffn == FFN) {
         for (int e = 0; routed && e < NUM_EXPERTS; e++) {
             const int64_t first = st->expert_offset[e];

@@ -29,6 +29,17 @@
  *   int P_backward_weights(const moegen_kernel_backward_args *args);
  *       the weight gradients, from what P_backward_data left in args->workspace.
  *   The two may run apart (Megatron's split backward: input gradient now, weights later).
+ * and the data phase's stages, for a caller that moves the routed rows between them (the
+ * expert-parallel layer); bitwise, they equal P_backward_data:
+ *   int P_backward_combine(const moegen_kernel_backward_args *args, moegen_kernel_backward_plan *plan);
+ *       d loss / d expert output of every kept row (plan->row_do), the dense FFNs' data phase;
+ *   int P_backward_experts(const moegen_kernel_expert_backward_args *args);
+ *       routed experts over caller-given rows: du from do (any rows; a row's du does not
+ *       depend on the other rows), keeping pre-activations and activations in the caller's
+ *       scratch for P_backward_experts_weights (their weight gradients over those rows);
+ *   int P_backward_route(const moegen_kernel_backward_args *args);
+ *       the router's backward and dx, after the caller filled plan->row_du. P_backward_weights
+ *       then gives the router's and the dense FFNs' gradients (pass NULL for w1, b1, w2, b2).
  *
  * Tensor layouts (row-major, C order; E experts, k top-k, H hidden, F expert ffn
  * size, F1 = 2F for gated activations (rows [0,F) gate, [F,2F) up) else F;
@@ -161,6 +172,35 @@ typedef struct moegen_kernel_backward_args {
     moegen_kernel_grads grads; /* P_backward_weights */
     int accumulate;          /* 1: add into grads (fp32 main-grad style); 0: overwrite */
 } moegen_kernel_backward_args;
+
+/* Where P_backward_combine left the per-row gradients (pointers into its workspace); rows as
+ * in moegen_kernel_plan (expert e's real rows are the first counts_after[e] of its range). */
+typedef struct moegen_kernel_backward_plan {
+    int64_t n_rows;
+    const int64_t *expert_offset; /* [E + 1] */
+    const int64_t *counts_after;  /* [E] */
+    const float *row_do;          /* [n_rows][H] fp32: d loss / d expert output */
+    float *row_du;                /* [n_rows][H] fp32: d loss / d expert input, for the caller to fill */
+} moegen_kernel_backward_plan;
+
+/* The backward of routed experts [first, first + n) over caller-given rows, laid out as in
+ * moegen_kernel_expert_args; pre and h are the caller's scratch, kept between
+ * P_backward_experts and P_backward_experts_weights. */
+typedef struct moegen_kernel_expert_backward_args {
+    int abi_version;
+    int n_threads;
+    int first_expert, n_experts;
+    const int64_t *expert_offset; /* [n_experts + 1] */
+    const void *x;                /* [rows][H] dtype: the rows' inputs */
+    const float *row_scale;       /* [rows] (weight_on_input) or NULL */
+    const void *w1, *b1, *w2;     /* the n experts' slices; b1 NULL without expert_bias */
+    const float *d_out;           /* [rows][H] fp32: d loss / d output */
+    float *du;                    /* [rows][H] fp32: d loss / d input (P_backward_experts) */
+    float *pre;                   /* [rows][ffn_rows] fp32 scratch */
+    void *h;                      /* [rows][ffn] dtype scratch */
+    float *g_w1, *g_b1, *g_w2, *g_b2; /* the n experts' gradient slices (P_backward_experts_weights) */
+    int accumulate;
+} moegen_kernel_expert_backward_args;
 
 /* Where P_route left the permutation; every pointer is into the workspace. Rows are in
  * expert-contiguous order: expert e owns rows [expert_offset[e], expert_offset[e + 1]),

@@ -1302,130 +1302,46 @@ int moe_olmoe_1b_7b_10a4c323_combine(const moegen_kernel_args *args) {
 /* ---- Training: the backward pass ------------------------------------------------------ */
 
 /* Outer-product micro-kernels: a BWD_MR x (NV * VEC_FLOATS) tile of
- * C[i][n] = sum_k a_i[k * a_step] * B_k[n], B_k = row (b_index ? b_index[k] : k) of B,
- * scaled by b_scale[k] when given. a_step 1 reads A rows (C = A B); a_step = lda reads A
- * columns (C = A^T B, the weight gradients). One sum per element, k ascending. */
+ * C[i][n] += sum_k a_i[k * a_step] * B[k][n] over an fp32 panel B (ldb floats a row), into the
+ * accumulators `out` holds. a_step 1 reads A rows (C = A B); a_step = lda reads A columns
+ * (C = A^T B, the weight gradients). One sum per element, k ascending (a sum split over
+ * calls continues the same chain). */
 #define BWD_MR 4
 #define BWD_TASK_ROWS (4 * BWD_MR)           /* rows of C per parallel task */
 #define BWD_TASK_COLS (16 * VEC_FLOATS)      /* columns of C per parallel task */
-
-static __attribute__((noinline, unused)) void outer_e_v2(const float *const a[BWD_MR], int64_t a_step,
-        int64_t n_k, const elem_t *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
-        vfloat out[BWD_MR][2]) {
-    const vfloat zero = {0};
-    vfloat c00 = zero, c01 = zero;
-    vfloat c10 = zero, c11 = zero;
-    vfloat c20 = zero, c21 = zero;
-    vfloat c30 = zero, c31 = zero;
-    for (int64_t k = 0; k < n_k; k++) {
-        const elem_t *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb;
-        vfloat w0 = load_bf16(row + 0 * VEC_FLOATS);
-        vfloat w1 = load_bf16(row + 1 * VEC_FLOATS);
-        if (b_scale) {
-            w0 = w0 * b_scale[k];
-            w1 = w1 * b_scale[k];
-        }
-        {
-            const vfloat x = zero + a[0][k * a_step];
-            c00 += x * w0;
-            c01 += x * w1;
-        }
-        {
-            const vfloat x = zero + a[1][k * a_step];
-            c10 += x * w0;
-            c11 += x * w1;
-        }
-        {
-            const vfloat x = zero + a[2][k * a_step];
-            c20 += x * w0;
-            c21 += x * w1;
-        }
-        {
-            const vfloat x = zero + a[3][k * a_step];
-            c30 += x * w0;
-            c31 += x * w1;
-        }
-    }
-    out[0][0] = c00;
-    out[0][1] = c01;
-    out[1][0] = c10;
-    out[1][1] = c11;
-    out[2][0] = c20;
-    out[2][1] = c21;
-    out[3][0] = c30;
-    out[3][1] = c31;
-}
-
-static __attribute__((noinline, unused)) void outer_e_v1(const float *const a[BWD_MR], int64_t a_step,
-        int64_t n_k, const elem_t *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
-        vfloat out[BWD_MR][1]) {
-    const vfloat zero = {0};
-    vfloat c00 = zero;
-    vfloat c10 = zero;
-    vfloat c20 = zero;
-    vfloat c30 = zero;
-    for (int64_t k = 0; k < n_k; k++) {
-        const elem_t *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb;
-        vfloat w0 = load_bf16(row + 0 * VEC_FLOATS);
-        if (b_scale) {
-            w0 = w0 * b_scale[k];
-        }
-        {
-            const vfloat x = zero + a[0][k * a_step];
-            c00 += x * w0;
-        }
-        {
-            const vfloat x = zero + a[1][k * a_step];
-            c10 += x * w0;
-        }
-        {
-            const vfloat x = zero + a[2][k * a_step];
-            c20 += x * w0;
-        }
-        {
-            const vfloat x = zero + a[3][k * a_step];
-            c30 += x * w0;
-        }
-    }
-    out[0][0] = c00;
-    out[1][0] = c10;
-    out[2][0] = c20;
-    out[3][0] = c30;
-}
+#define BWD_KC 256                           /* k per packed B panel */
 
 static __attribute__((noinline, unused)) void outer_f_v2(const float *const a[BWD_MR], int64_t a_step,
-        int64_t n_k, const float *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
-        vfloat out[BWD_MR][2]) {
-    const vfloat zero = {0};
-    vfloat c00 = zero, c01 = zero;
-    vfloat c10 = zero, c11 = zero;
-    vfloat c20 = zero, c21 = zero;
-    vfloat c30 = zero, c31 = zero;
+        int64_t n_k, const float *b, int64_t ldb, vfloat out[BWD_MR][2]) {
+    vfloat c00 = out[0][0], c01 = out[0][1];
+    vfloat c10 = out[1][0], c11 = out[1][1];
+    vfloat c20 = out[2][0], c21 = out[2][1];
+    vfloat c30 = out[3][0], c31 = out[3][1];
     for (int64_t k = 0; k < n_k; k++) {
-        const float *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb;
-        vfloat w0 = load_f32(row + 0 * VEC_FLOATS);
-        vfloat w1 = load_f32(row + 1 * VEC_FLOATS);
-        if (b_scale) {
-            w0 = w0 * b_scale[k];
-            w1 = w1 * b_scale[k];
-        }
+        const float *row = b + k * ldb;
+        const vfloat w0 = load_f32(row + 0 * VEC_FLOATS);
+        const vfloat w1 = load_f32(row + 1 * VEC_FLOATS);
         {
-            const vfloat x = zero + a[0][k * a_step];
+            const float s = a[0][k * a_step];
+            const vfloat x = {s, s, s, s, s, s, s, s};
             c00 += x * w0;
             c01 += x * w1;
         }
         {
-            const vfloat x = zero + a[1][k * a_step];
+            const float s = a[1][k * a_step];
+            const vfloat x = {s, s, s, s, s, s, s, s};
             c10 += x * w0;
             c11 += x * w1;
         }
         {
-            const vfloat x = zero + a[2][k * a_step];
+            const float s = a[2][k * a_step];
+            const vfloat x = {s, s, s, s, s, s, s, s};
             c20 += x * w0;
             c21 += x * w1;
         }
         {
-            const vfloat x = zero + a[3][k * a_step];
+            const float s = a[3][k * a_step];
+            const vfloat x = {s, s, s, s, s, s, s, s};
             c30 += x * w0;
             c31 += x * w1;
         }
@@ -1441,33 +1357,32 @@ static __attribute__((noinline, unused)) void outer_f_v2(const float *const a[BW
 }
 
 static __attribute__((noinline, unused)) void outer_f_v1(const float *const a[BWD_MR], int64_t a_step,
-        int64_t n_k, const float *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
-        vfloat out[BWD_MR][1]) {
-    const vfloat zero = {0};
-    vfloat c00 = zero;
-    vfloat c10 = zero;
-    vfloat c20 = zero;
-    vfloat c30 = zero;
+        int64_t n_k, const float *b, int64_t ldb, vfloat out[BWD_MR][1]) {
+    vfloat c00 = out[0][0];
+    vfloat c10 = out[1][0];
+    vfloat c20 = out[2][0];
+    vfloat c30 = out[3][0];
     for (int64_t k = 0; k < n_k; k++) {
-        const float *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb;
-        vfloat w0 = load_f32(row + 0 * VEC_FLOATS);
-        if (b_scale) {
-            w0 = w0 * b_scale[k];
-        }
+        const float *row = b + k * ldb;
+        const vfloat w0 = load_f32(row + 0 * VEC_FLOATS);
         {
-            const vfloat x = zero + a[0][k * a_step];
+            const float s = a[0][k * a_step];
+            const vfloat x = {s, s, s, s, s, s, s, s};
             c00 += x * w0;
         }
         {
-            const vfloat x = zero + a[1][k * a_step];
+            const float s = a[1][k * a_step];
+            const vfloat x = {s, s, s, s, s, s, s, s};
             c10 += x * w0;
         }
         {
-            const vfloat x = zero + a[2][k * a_step];
+            const float s = a[2][k * a_step];
+            const vfloat x = {s, s, s, s, s, s, s, s};
             c20 += x * w0;
         }
         {
-            const vfloat x = zero + a[3][k * a_step];
+            const float s = a[3][k * a_step];
+            const vfloat x = {s, s, s, s, s, s, s, s};
             c30 += x * w0;
         }
     }
@@ -1477,73 +1392,121 @@ static __attribute__((noinline, unused)) void outer_f_v1(const float *const a[BW
     out[3][0] = c30;
 }
 
-/* C (+)= the products above for rows [m0, m0 + rows) of C (rows <= BWD_MR) and columns
- * [c0, c1) (multiples of VEC_FLOATS), C row-major with ldc columns. A row i is read at
- * a + (m0 + i) * a_row (a_row: lda for C = A B, 1 for C = A^T B). `store` writes C. */
+/* What receives a finished row of a tile of C: `n` values of row m from column c. */
 typedef void (*tile_store_fn)(void *ctx, int64_t m, int64_t c, const float *values, int n);
 
 static void store_plain(void *ctx, int64_t m, int64_t c, const float *values, int n);
 
-static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row, int64_t a_step, int64_t m0,
-        int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const elem_t *b, int64_t ldb,
+/* C = sum over k of A's k-th values times B's row k, for rows [m0, m0 + rows) of C (at most
+ * BWD_TASK_ROWS) and columns [c0, c1) (multiples of VEC_FLOATS); row i of C reads A at
+ * a + (m0 + i) * a_row + k * a_step (C = A B: a_row = lda, a_step = 1; C = A^T B, the weight
+ * gradients: a_row = 1, a_step = lda). B's row k is row b_index[k] (or k) of b, times
+ * b_scale[k] when given. For each column tile, B's rows k0 .. k0 + BWD_KC are packed into a
+ * contiguous fp32 panel (L1-sized, widened once) that every row tile then streams; the
+ * accumulators carry over from panel to panel. `store` receives each finished row. */
+static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row, int64_t a_step,
+        int64_t m0, int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const elem_t *b, int64_t ldb,
         const int32_t *b_index, const float *b_scale, tile_store_fn store, void *ctx) {
+    float panel[BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     for (int64_t c = c0; c < c1;) {
-        const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1;
-        for (int64_t m = m0; m < m0 + rows; m += BWD_MR) {
+        const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1, width = nv * VEC_FLOATS;
+        const int n_tiles = (int)((rows + BWD_MR - 1) / BWD_MR);
+        vfloat tile[BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
+        memset(tile, 0, sizeof tile);
+        for (int64_t k0 = 0; k0 < n_k; k0 += BWD_KC) {
+            const int64_t kc = min_i64(BWD_KC, n_k - k0);
+            for (int64_t k = 0; k < kc; k++) {
+                const elem_t *row = b + (b_index ? (int64_t)b_index[k0 + k] : k0 + k) * ldb + c;
+                for (int v = 0; v < nv; v++) {
+                    vfloat w = load_bf16(row + v * VEC_FLOATS);
+                    if (b_scale) w = w * b_scale[k0 + k];
+                    memcpy(panel + k * width + v * VEC_FLOATS, &w, sizeof w);
+                }
+            }
+            for (int t = 0; t < n_tiles; t++) {
+                const int64_t m = m0 + (int64_t)t * BWD_MR;
+                const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
+                const float *ap[BWD_MR];
+                for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row + k0 * a_step;
+                if (nv == 2)
+                    outer_f_v2(ap, a_step, kc, panel, width, tile[t]);
+                else
+                    outer_f_v1(ap, a_step, kc, panel, width, (vfloat(*)[1])tile[t]);
+            }
+        }
+        for (int t = 0; t < n_tiles; t++) {
+            const int64_t m = m0 + (int64_t)t * BWD_MR;
             const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
-            const float *ap[BWD_MR];
-            for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row;
-            vfloat tile[BWD_MR][2];
-            if (nv == 2)
-                outer_e_v2(ap, a_step, n_k, b + c, ldb, b_index, b_scale, tile);
-            else
-                outer_e_v1(ap, a_step, n_k, b + c, ldb, b_index, b_scale, (vfloat(*)[1])tile);
             for (int i = 0; i < valid; i++) {
                 float values[2 * VEC_FLOATS];
                 if (nv == 2) {
-                    memcpy(values, &tile[i][0], sizeof(vfloat));
-                    memcpy(values + VEC_FLOATS, &tile[i][1], sizeof(vfloat));
+                    memcpy(values, &tile[t][i][0], sizeof(vfloat));
+                    memcpy(values + VEC_FLOATS, &tile[t][i][1], sizeof(vfloat));
                 } else {
-                    vfloat one;
-                    memcpy(&one, (char *)tile + (size_t)i * sizeof(vfloat), sizeof one);
-                    memcpy(values, &one, sizeof one);
+                    memcpy(values, (char *)tile[t] + (size_t)i * sizeof(vfloat), sizeof(vfloat));
                 }
-                store(ctx, m + i, c, values, nv * VEC_FLOATS);
+                store(ctx, m + i, c, values, width);
             }
         }
-        c += nv * VEC_FLOATS;
+        c += width;
     }
 }
-static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row, int64_t a_step, int64_t m0,
-        int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const float *b, int64_t ldb,
+
+/* C = sum over k of A's k-th values times B's row k, for rows [m0, m0 + rows) of C (at most
+ * BWD_TASK_ROWS) and columns [c0, c1) (multiples of VEC_FLOATS); row i of C reads A at
+ * a + (m0 + i) * a_row + k * a_step (C = A B: a_row = lda, a_step = 1; C = A^T B, the weight
+ * gradients: a_row = 1, a_step = lda). B's row k is row b_index[k] (or k) of b, times
+ * b_scale[k] when given. For each column tile, B's rows k0 .. k0 + BWD_KC are packed into a
+ * contiguous fp32 panel (L1-sized, widened once) that every row tile then streams; the
+ * accumulators carry over from panel to panel. `store` receives each finished row. */
+static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row, int64_t a_step,
+        int64_t m0, int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const float *b, int64_t ldb,
         const int32_t *b_index, const float *b_scale, tile_store_fn store, void *ctx) {
+    float panel[BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     for (int64_t c = c0; c < c1;) {
-        const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1;
-        for (int64_t m = m0; m < m0 + rows; m += BWD_MR) {
+        const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1, width = nv * VEC_FLOATS;
+        const int n_tiles = (int)((rows + BWD_MR - 1) / BWD_MR);
+        vfloat tile[BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
+        memset(tile, 0, sizeof tile);
+        for (int64_t k0 = 0; k0 < n_k; k0 += BWD_KC) {
+            const int64_t kc = min_i64(BWD_KC, n_k - k0);
+            for (int64_t k = 0; k < kc; k++) {
+                const float *row = b + (b_index ? (int64_t)b_index[k0 + k] : k0 + k) * ldb + c;
+                for (int v = 0; v < nv; v++) {
+                    vfloat w = load_f32(row + v * VEC_FLOATS);
+                    if (b_scale) w = w * b_scale[k0 + k];
+                    memcpy(panel + k * width + v * VEC_FLOATS, &w, sizeof w);
+                }
+            }
+            for (int t = 0; t < n_tiles; t++) {
+                const int64_t m = m0 + (int64_t)t * BWD_MR;
+                const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
+                const float *ap[BWD_MR];
+                for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row + k0 * a_step;
+                if (nv == 2)
+                    outer_f_v2(ap, a_step, kc, panel, width, tile[t]);
+                else
+                    outer_f_v1(ap, a_step, kc, panel, width, (vfloat(*)[1])tile[t]);
+            }
+        }
+        for (int t = 0; t < n_tiles; t++) {
+            const int64_t m = m0 + (int64_t)t * BWD_MR;
             const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
-            const float *ap[BWD_MR];
-            for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row;
-            vfloat tile[BWD_MR][2];
-            if (nv == 2)
-                outer_f_v2(ap, a_step, n_k, b + c, ldb, b_index, b_scale, tile);
-            else
-                outer_f_v1(ap, a_step, n_k, b + c, ldb, b_index, b_scale, (vfloat(*)[1])tile);
             for (int i = 0; i < valid; i++) {
                 float values[2 * VEC_FLOATS];
                 if (nv == 2) {
-                    memcpy(values, &tile[i][0], sizeof(vfloat));
-                    memcpy(values + VEC_FLOATS, &tile[i][1], sizeof(vfloat));
+                    memcpy(values, &tile[t][i][0], sizeof(vfloat));
+                    memcpy(values + VEC_FLOATS, &tile[t][i][1], sizeof(vfloat));
                 } else {
-                    vfloat one;
-                    memcpy(&one, (char *)tile + (size_t)i * sizeof(vfloat), sizeof one);
-                    memcpy(values, &one, sizeof one);
+                    memcpy(values, (char *)tile[t] + (size_t)i * sizeof(vfloat), sizeof(vfloat));
                 }
-                store(ctx, m + i, c, values, nv * VEC_FLOATS);
+                store(ctx, m + i, c, values, width);
             }
         }
-        c += nv * VEC_FLOATS;
+        c += width;
     }
 }
+
 
 /* ---- Backward state --------------------------------------------------------------------- */
 
@@ -1794,13 +1757,14 @@ static void f1024_backward_weights(const bwd_problem *problems, int n_problems, 
 }
 
 /* The problems of every FFN shape; `g` may be NULL (the data phase). */
-static int backward_problems(const backward_state *bs, const moegen_kernel_grads *g, int64_t ffn,
-                             bwd_problem *list) {
+static int backward_problems(const backward_state *bs, const moegen_kernel_grads *g, int64_t ffn, int routed,
+                             int dense, bwd_problem *list) {
     const forward_state *st = &bs->f;
     const moegen_kernel_weights *w = st->w;
     int n = 0;
+    (void)dense; /* no dense FFNs in this layer */
     if (ffn == FFN) {
-        for (int e = 0; e < NUM_EXPERTS; e++) {
+        for (int e = 0; routed && e < NUM_EXPERTS; e++) {
             const int64_t first = st->expert_offset[e];
             bwd_problem *p = &list[n++];
             *p = (bwd_problem){.x = st->x, .row_token = st->row_token + first, .n_rows = st->counts_after[e],
@@ -1976,26 +1940,20 @@ static int begin_backward(const moegen_kernel_backward_args *args, backward_stat
     return MOEGEN_KERNEL_OK;
 }
 
-int moe_olmoe_1b_7b_10a4c323_backward_data(const moegen_kernel_backward_args *args) {
-    backward_state bs;
-    int empty;
-    int rc = begin_backward(args, &bs, &empty);
-    if (rc != MOEGEN_KERNEL_OK || empty) return rc;
-    if (!args->dy) return MOEGEN_KERNEL_EARG;
-    const forward_state *st = &bs.f;
-    const int64_t n_tokens = st->n_tokens;
-    const int n_threads = args->n_threads > 0 ? args->n_threads : threads_for(args->forward);
-    bs.summary->magic = 0;
-
-    /* aux_coeff * d aux / d p[t][e]: the counts are the forward's, summed in block order. */
-    float aux_grad[NUM_EXPERTS];
+/* aux_coeff * d aux / d p[t][e] (the same for every token); the counts are the forward's,
+ * summed in block order. */
+static void aux_gradient(const forward_state *st, double aux_coeff, float aux_grad[NUM_EXPERTS]) {
+    const double n = (double)st->n_tokens;
     for (int e = 0; e < NUM_EXPERTS; e++) {
         int64_t count = 0;
         for (int64_t block = 0; block < st->n_router_blocks; block++) count += st->block_counts[block * NUM_EXPERTS + e];
-        const double n = (double)n_tokens;
-        aux_grad[e] = (float)(args->aux_coeff * NUM_EXPERTS * (double)count / ((double)TOP_K * n * n));
+        aux_grad[e] = (float)(aux_coeff * NUM_EXPERTS * (double)count / ((double)TOP_K * n * n));
     }
+}
 
+/* Token pass A over every token, in parallel; MOEGEN_KERNEL_ENOMEM if a thread's scratch
+ * could not be allocated. */
+static int run_pass_a(const backward_state *bs, int n_threads) {
     int failed = 0;
 #pragma omp parallel num_threads(n_threads)
     {
@@ -2005,21 +1963,127 @@ int moe_olmoe_1b_7b_10a4c323_backward_data(const moegen_kernel_backward_args *ar
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < n_tokens; t++)
-            if (scratch) token_pass_a(&bs, t, scratch, scratch + HIDDEN);
+        for (int64_t t = 0; t < bs->f.n_tokens; t++)
+            if (scratch) token_pass_a(bs, t, scratch, scratch + HIDDEN);
         free(scratch);
     }
-    if (failed) return MOEGEN_KERNEL_ENOMEM;
+    return failed ? MOEGEN_KERNEL_ENOMEM : MOEGEN_KERNEL_OK;
+}
 
+/* The FFNs' data phase: the routed experts over the permutation's rows (`routed`) and the
+ * shared experts and the residual MLP (`dense`). */
+static void run_ffn_data(const backward_state *bs, int routed, int dense, int kept, int n_threads) {
+    bwd_problem problems[NUM_EXPERTS + 1];
+    f1024_backward_data(problems, backward_problems(bs, NULL, 1024, routed, dense, problems), n_threads, kept);
+}
+
+/* Token pass B over every token, then the mark P_backward_weights checks. */
+static void run_pass_b(const backward_state *bs, double aux_coeff, int n_threads) {
+    float aux_grad[NUM_EXPERTS];
+    aux_gradient(&bs->f, aux_coeff, aux_grad);
+#pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int64_t t = 0; t < bs->f.n_tokens; t++) token_pass_b(bs, t, aux_grad);
+    *bs->summary = (backward_summary){BACKWARD_DATA_DONE, bs->f.n_tokens, bs->f.n_rows};
+}
+
+static int backward_threads(const moegen_kernel_backward_args *args) {
+    return args->n_threads > 0 ? args->n_threads : threads_for(args->forward);
+}
+
+int moe_olmoe_1b_7b_10a4c323_backward_data(const moegen_kernel_backward_args *args) {
+    backward_state bs;
+    int empty;
+    int rc = begin_backward(args, &bs, &empty);
+    if (rc != MOEGEN_KERNEL_OK || empty) return rc;
+    if (!args->dy) return MOEGEN_KERNEL_EARG;
+    const int n_threads = backward_threads(args);
+    bs.summary->magic = 0;
+    if ((rc = run_pass_a(&bs, n_threads)) != MOEGEN_KERNEL_OK) return rc;
     /* the forward kept its pre-activations in this workspace: no GEMM1 again */
     const int kept = args->forward->train_keep == args->workspace;
-    bwd_problem problems[NUM_EXPERTS + 1];
-    f1024_backward_data(problems, backward_problems(&bs, NULL, 1024, problems), n_threads, kept);
+    run_ffn_data(&bs, 1, 1, kept, n_threads);
+    run_pass_b(&bs, args->aux_coeff, n_threads);
+    return MOEGEN_KERNEL_OK;
+}
 
-#pragma omp parallel for schedule(static) num_threads(n_threads)
-    for (int64_t t = 0; t < n_tokens; t++) token_pass_b(&bs, t, aux_grad);
+/* ---- The staged backward (expert parallelism, runtime/ep.c) ------------------------------ */
 
-    *bs.summary = (backward_summary){BACKWARD_DATA_DONE, n_tokens, st->n_rows};
+int moe_olmoe_1b_7b_10a4c323_backward_combine(const moegen_kernel_backward_args *args, moegen_kernel_backward_plan *plan) {
+    static const int64_t no_rows[NUM_EXPERTS + 1];
+    if (!plan) return MOEGEN_KERNEL_EARG;
+    memset(plan, 0, sizeof *plan);
+    backward_state bs;
+    int empty;
+    int rc = begin_backward(args, &bs, &empty);
+    if (rc != MOEGEN_KERNEL_OK) return rc;
+    if (empty) {
+        plan->expert_offset = plan->counts_after = no_rows;
+        return MOEGEN_KERNEL_OK;
+    }
+    if (!args->dy) return MOEGEN_KERNEL_EARG;
+    const int n_threads = backward_threads(args);
+    bs.summary->magic = 0;
+    if ((rc = run_pass_a(&bs, n_threads)) != MOEGEN_KERNEL_OK) return rc;
+    run_ffn_data(&bs, 0, 1, 0, n_threads); /* the dense FFNs; the routed rows go to their ranks */
+    plan->n_rows = bs.f.n_rows;
+    plan->expert_offset = bs.f.expert_offset;
+    plan->counts_after = bs.f.counts_after;
+    plan->row_do = bs.row_do;
+    plan->row_du = bs.row_du;
+    return MOEGEN_KERNEL_OK;
+}
+
+int moe_olmoe_1b_7b_10a4c323_backward_route(const moegen_kernel_backward_args *args) {
+    backward_state bs;
+    int empty;
+    int rc = begin_backward(args, &bs, &empty);
+    if (rc != MOEGEN_KERNEL_OK || empty) return rc;
+    if (!args->dy) return MOEGEN_KERNEL_EARG;
+    run_pass_b(&bs, args->aux_coeff, backward_threads(args));
+    return MOEGEN_KERNEL_OK;
+}
+
+/* The routed experts [first, first + n) over the caller's rows, as bwd_problems. */
+static int expert_rows_problems(const moegen_kernel_expert_backward_args *a, bwd_problem *list) {
+    if (!a || a->abi_version != MOEGEN_KERNEL_ABI_VERSION) return -1;
+    if (a->first_expert < 0 || a->n_experts < 0 || a->first_expert > NUM_EXPERTS - a->n_experts) return -1;
+    if (a->n_experts == 0) return 0;
+    if (!a->expert_offset || a->expert_offset[0] != 0) return -1;
+    const int64_t rows = a->expert_offset[a->n_experts];
+    if (rows < 0) return -1;
+    if (rows > 0 && (!a->x || !a->w1 || !a->w2 || !a->d_out || !a->du || !a->pre || !a->h)) return -1;
+    for (int l = 0; l < a->n_experts; l++) {
+        const int64_t first = a->expert_offset[l];
+        if (first < 0 || a->expert_offset[l + 1] < first || a->expert_offset[l + 1] > rows) return -1;
+        bwd_problem *p = &list[l];
+        *p = (bwd_problem){.x = (const elem_t *)a->x + first * HIDDEN,
+                           .row_scale = a->row_scale ? a->row_scale + first : NULL,
+                           .n_rows = a->expert_offset[l + 1] - first,
+                           .w1 = (const elem_t *)a->w1 + (int64_t)l * FFN_ROWS * HIDDEN,
+                           .b1 = a->b1 ? (const elem_t *)a->b1 + (int64_t)l * FFN_ROWS : NULL,
+                           .w2 = (const elem_t *)a->w2 + (int64_t)l * HIDDEN * FFN,
+                           .d_out = (float *)a->d_out + first * HIDDEN, .h = (elem_t *)a->h + first * FFN,
+                           .pre = a->pre + first * FFN_ROWS, .du = a->du + first * HIDDEN};
+        if (a->g_w1) p->g_w1 = a->g_w1 + (int64_t)l * FFN_ROWS * HIDDEN;
+        if (a->g_w2) p->g_w2 = a->g_w2 + (int64_t)l * HIDDEN * FFN;
+    }
+    return a->n_experts;
+}
+
+int moe_olmoe_1b_7b_10a4c323_backward_experts(const moegen_kernel_expert_backward_args *args) {
+    bwd_problem problems[NUM_EXPERTS];
+    const int n = expert_rows_problems(args, problems);
+    if (n < 0) return args && args->abi_version != MOEGEN_KERNEL_ABI_VERSION ? MOEGEN_KERNEL_EABI : MOEGEN_KERNEL_EARG;
+    f1024_backward_data(problems, n, args->n_threads > 0 ? args->n_threads : 1, 0);
+    return MOEGEN_KERNEL_OK;
+}
+
+int moe_olmoe_1b_7b_10a4c323_backward_experts_weights(const moegen_kernel_expert_backward_args *args) {
+    bwd_problem problems[NUM_EXPERTS];
+    const int n = expert_rows_problems(args, problems);
+    if (n < 0) return args && args->abi_version != MOEGEN_KERNEL_ABI_VERSION ? MOEGEN_KERNEL_EABI : MOEGEN_KERNEL_EARG;
+    f1024_backward_weights(problems, n, args->n_threads > 0 ? args->n_threads : 1,
+                                                      args->accumulate);
     return MOEGEN_KERNEL_OK;
 }
 
@@ -2063,11 +2127,14 @@ int moe_olmoe_1b_7b_10a4c323_backward_weights(const moegen_kernel_backward_args 
     }
     if (bs.summary->magic != BACKWARD_DATA_DONE || bs.summary->n_tokens != bs.f.n_tokens)
         return MOEGEN_KERNEL_EARG; /* P_backward_data has not run on this workspace */
-    const int n_threads = args->n_threads > 0 ? args->n_threads : threads_for(args->forward);
+    const int n_threads = backward_threads(args);
     const int64_t n_tokens = bs.f.n_tokens;
 
+    /* the routed experts' gradients here unless the caller made them with
+     * P_backward_experts_weights (the staged backward passes NULL for them) */
+    const int routed = g->w1 || g->b1 || g->w2 || g->b2;
     bwd_problem problems[NUM_EXPERTS + 1];
-    f1024_backward_weights(problems, backward_problems(&bs, g, 1024, problems), n_threads, accumulate);
+    f1024_backward_weights(problems, backward_problems(&bs, g, 1024, routed, 1, problems), n_threads, accumulate);
 
     /* The router: dWr = dz^T xr (the router's own input, jitter included), dbr = sum dz. */
     dense_weight_grad(bs.dz, NUM_EXPERTS, n_tokens, bs.f.router_input, 1, g->router_w, NULL, accumulate, n_threads);
