@@ -15,6 +15,12 @@ int moegen_cli_wants_help(int argc, char **argv);
 int moegen_cli_parse_int(const char *text, const char *option, long long min, long long max,
                          long long *out);
 
+/* A comma-separated list of integers in [min, max] (at most `capacity` of them) into out;
+ * prints an error naming `option` and returns -1 on failure (an empty list, a bad item, too
+ * many). Returns the count. */
+int moegen_cli_parse_int_list(const char *text, const char *option, long long min, long long max, long long *out,
+                              int capacity);
+
 /* A monotonic clock in milliseconds, and the median of n timings (sorted in place). */
 double moegen_cli_now_ms(void);
 double moegen_cli_median(double *values, long long n);

@@ -79,6 +79,28 @@ int moegen_cli_parse_int(const char *text, const char *option, long long min, lo
     return 0;
 }
 
+int moegen_cli_parse_int_list(const char *text, const char *option, long long min, long long max, long long *out,
+                              int capacity) {
+    int n = 0;
+    for (const char *p = text; *p;) {
+        char item[32];
+        const size_t len = strcspn(p, ",");
+        snprintf(item, sizeof item, "%.*s", (int)(len < 31 ? len : 31), p);
+        if (n == capacity) {
+            moegen_cli_error("%s: at most %d values", option, capacity);
+            return -1;
+        }
+        if (moegen_cli_parse_int(item, option, min, max, &out[n]) != 0) return -1;
+        n++;
+        p += len + (p[len] == ',');
+    }
+    if (n == 0) {
+        moegen_cli_error("%s: the list is empty", option);
+        return -1;
+    }
+    return n;
+}
+
 typedef struct run_options {
     const char *spec_path, *save_dir, *load_dir, *cache_dir, *arch, *variant;
     int no_tuning;
@@ -723,15 +745,10 @@ int moegen_cli_bench(int argc, char **argv) {
     long long counts[32];
     int n_counts = 0;
     long long max_tokens = 0;
-    for (const char *p = token_list; *p && n_counts < 32;) {
-        char item[32];
-        size_t len = strcspn(p, ",");
-        snprintf(item, sizeof item, "%.*s", (int)(len < 31 ? len : 31), p);
-        if (moegen_cli_parse_int(item, "--tokens", 1, INT32_MAX, &counts[n_counts])) return 1;
-        if (counts[n_counts] > max_tokens) max_tokens = counts[n_counts];
-        n_counts++;
-        p += len + (p[len] == ',');
-    }
+    n_counts = moegen_cli_parse_int_list(token_list, "--tokens", 1, INT32_MAX, counts, 32);
+    if (n_counts < 0) return 1;
+    for (int i = 0; i < n_counts; i++)
+        if (counts[i] > max_tokens) max_tokens = counts[i];
 
     moegen_error err;
     moegen_spec spec;

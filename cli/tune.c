@@ -113,22 +113,12 @@ static int compare_doubles(const void *a, const void *b) {
 }
 
 static int parse_tokens(const char *list, tune_options *o) {
-    o->n_counts = 0;
-    for (const char *p = list; *p;) {
-        char item[32];
-        const size_t len = strcspn(p, ",");
-        snprintf(item, sizeof item, "%.*s", (int)(len < 31 ? len : 31), p);
-        if (o->n_counts == MAX_COUNTS)
-            return moegen_cli_error("tune: --tokens: at most %d token counts", MAX_COUNTS);
-        if (moegen_cli_parse_int(item, "--tokens", 1, INT32_MAX, &o->counts[o->n_counts])) return 1;
-        for (int i = 0; i < o->n_counts; i++)
-            if (o->counts[i] >= o->counts[o->n_counts])
-                return moegen_cli_error("tune: --tokens must increase (%lld after %lld)", o->counts[o->n_counts],
-                                        o->counts[i]);
-        o->n_counts++;
-        p += len + (p[len] == ',');
-    }
-    return o->n_counts ? 0 : moegen_cli_error("tune: --tokens is empty");
+    o->n_counts = moegen_cli_parse_int_list(list, "tune: --tokens", 1, INT32_MAX, o->counts, MAX_COUNTS);
+    if (o->n_counts < 0) return 1;
+    for (int i = 1; i < o->n_counts; i++)
+        if (o->counts[i - 1] >= o->counts[i])
+            return moegen_cli_error("tune: --tokens must increase (%lld after %lld)", o->counts[i], o->counts[i - 1]);
+    return 0;
 }
 
 static int parse_options(int argc, char **argv, tune_options *o) {
