@@ -146,19 +146,8 @@ static void warn_cache_trouble_once(moegen_cache *c, const char *fmt, ...) {
     }
 }
 
-/* snprintf that may truncate (messages, and paths whose length was checked). */
-static void format_text(char *out, size_t size, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void format_text(char *out, size_t size, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(out, size, fmt, ap);
-    va_end(ap);
-}
-
 static void copy_text(char *out, size_t size, const char *text) {
-    format_text(out, size, "%s", text);
+    moegen_text_format(out, size, "%s", text);
 }
 
 static int is_lower_hex(const char *text, size_t length) {
@@ -249,20 +238,20 @@ static int probe_writable(const char *dir) {
 static const char *private_directory_problem(const struct stat *st, char *why, size_t size) {
     const char *problem = NULL;
     if (S_ISLNK(st->st_mode)) {
-        format_text(why, size, "a symbolic link, not a directory");
+        moegen_text_format(why, size, "a symbolic link, not a directory");
         problem = why;
     } else if (!S_ISDIR(st->st_mode)) {
-        format_text(why, size, "not a directory");
+        moegen_text_format(why, size, "not a directory");
         problem = why;
     } else if (st->st_uid != geteuid()) {
-        format_text(why, size, "owned by uid %u, not by this user (uid %u)", (unsigned)st->st_uid,
+        moegen_text_format(why, size, "owned by uid %u, not by this user (uid %u)", (unsigned)st->st_uid,
                     (unsigned)geteuid());
         problem = why;
     } else if (st->st_mode & S_IWOTH) {
-        format_text(why, size, "world-writable (mode %04o)", (unsigned)(st->st_mode & 07777));
+        moegen_text_format(why, size, "world-writable (mode %04o)", (unsigned)(st->st_mode & 07777));
         problem = why;
     } else if (st->st_mode & S_IWGRP) {
-        format_text(why, size, "group-writable (mode %04o)", (unsigned)(st->st_mode & 07777));
+        moegen_text_format(why, size, "group-writable (mode %04o)", (unsigned)(st->st_mode & 07777));
         problem = why;
     }
     return problem;
@@ -285,14 +274,14 @@ static int check_ancestors(const char *path, char *why, size_t why_size) {
         else
             *slash = '\0';
         if (stat(prefix, &st) != 0) {
-            format_text(why, why_size, "cannot stat its parent %s: %s", prefix, strerror(errno));
+            moegen_text_format(why, why_size, "cannot stat its parent %s: %s", prefix, strerror(errno));
             result = -1;
         } else if (st.st_uid != geteuid() && st.st_uid != 0) {
-            format_text(why, why_size, "its parent %s is owned by uid %u", prefix,
+            moegen_text_format(why, why_size, "its parent %s is owned by uid %u", prefix,
                         (unsigned)st.st_uid);
             result = -1;
         } else if ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX)) {
-            format_text(why, why_size, "its parent %s is writable by others (mode %04o)", prefix,
+            moegen_text_format(why, why_size, "its parent %s is writable by others (mode %04o)", prefix,
                         (unsigned)(st.st_mode & 07777));
             result = -1;
         }
@@ -310,7 +299,7 @@ static int resolve_root_path(const char *dir, char *out, size_t size, char *why,
     const char *home = getenv("HOME");
     if (dir) {
         if (dir[0] == '\0') {
-            format_text(why, why_size, "the cache directory given is an empty string");
+            moegen_text_format(why, why_size, "the cache directory given is an empty string");
             result = -1;
         } else {
             result = moegen_path_format(out, size, "%s", dir);
@@ -322,11 +311,11 @@ static int resolve_root_path(const char *dir, char *out, size_t size, char *why,
     } else if (home && home[0]) {
         result = moegen_path_format(out, size, "%s/.cache/moegen", home);
     } else {
-        format_text(why, why_size, "none of MOEGEN_CACHE_DIR, XDG_CACHE_HOME and HOME is set");
+        moegen_text_format(why, why_size, "none of MOEGEN_CACHE_DIR, XDG_CACHE_HOME and HOME is set");
         result = -1;
     }
     if (result != 0 && why[0] == '\0')
-        format_text(why, why_size, "its path is too long");
+        moegen_text_format(why, why_size, "its path is too long");
     return result;
 }
 
@@ -337,29 +326,29 @@ static int prepare_root(moegen_cache *c, char *why, size_t why_size) {
     struct stat st;
     int result = -1;
     if (moegen_make_directories(c->root, 0700) != 0) {
-        format_text(why, why_size, "cannot create it: %s", strerror(errno));
+        moegen_text_format(why, why_size, "cannot create it: %s", strerror(errno));
     } else if (!realpath(c->root, resolved)) {
-        format_text(why, why_size, "cannot resolve it: %s", strerror(errno));
+        moegen_text_format(why, why_size, "cannot resolve it: %s", strerror(errno));
     } else if (stat(resolved, &st) != 0) {
-        format_text(why, why_size, "cannot stat it: %s", strerror(errno));
+        moegen_text_format(why, why_size, "cannot stat it: %s", strerror(errno));
     } else if (private_directory_problem(&st, why, why_size)) {
         /* why already says it */
     } else if (check_ancestors(resolved, why, why_size) != 0) {
         /* why already says it */
     } else if (probe_writable(resolved) != 0) {
-        format_text(why, why_size, "not writable: %s", strerror(errno));
+        moegen_text_format(why, why_size, "not writable: %s", strerror(errno));
     } else if (moegen_path_format(work_root, sizeof work_root, "%s/tmp", resolved) != 0) {
-        format_text(why, why_size, "its path is too long");
+        moegen_text_format(why, why_size, "its path is too long");
     } else if (make_private_directory(work_root) != 0) {
-        format_text(why, why_size, "cannot create %s: %s", work_root, strerror(errno));
+        moegen_text_format(why, why_size, "cannot create %s: %s", work_root, strerror(errno));
     } else if (lstat(work_root, &st) != 0) {
-        format_text(why, why_size, "cannot stat %s: %s", work_root, strerror(errno));
+        moegen_text_format(why, why_size, "cannot stat %s: %s", work_root, strerror(errno));
     } else if (private_directory_problem(&st, why, why_size)) {
         char inner[REASON_BYTES];
         copy_text(inner, sizeof inner, why);
-        format_text(why, why_size, "%s is %s", work_root, inner);
+        moegen_text_format(why, why_size, "%s is %s", work_root, inner);
     } else if (probe_writable(work_root) != 0) {
-        format_text(why, why_size, "%s is not writable: %s", work_root, strerror(errno));
+        moegen_text_format(why, why_size, "%s is not writable: %s", work_root, strerror(errno));
     } else {
         copy_text(c->root, sizeof c->root, resolved);
         result = 0;
@@ -585,21 +574,21 @@ static int read_manifest(const char *entry, manifest_fields *m, char *why, size_
     int result = -1;
     int fd = -1;
     if (moegen_path_format(path, sizeof path, "%s/%s", entry, MANIFEST_NAME) != 0) {
-        format_text(why, why_size, "manifest path too long");
+        moegen_text_format(why, why_size, "manifest path too long");
         goto done;
     }
     fd = open(path, CACHE_OPEN_READ);
     if (fd < 0) {
         if (errno == ENOENT)
-            format_text(why, why_size, "manifest missing");
+            moegen_text_format(why, why_size, "manifest missing");
         else if (errno == ELOOP)
-            format_text(why, why_size, "manifest is a symbolic link");
+            moegen_text_format(why, why_size, "manifest is a symbolic link");
         else
-            format_text(why, why_size, "manifest unreadable: %s", strerror(errno));
+            moegen_text_format(why, why_size, "manifest unreadable: %s", strerror(errno));
         goto done;
     }
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > MANIFEST_MAX_BYTES) {
-        format_text(why, why_size, "manifest is not a small regular file");
+        moegen_text_format(why, why_size, "manifest is not a small regular file");
         goto done;
     }
     for (;;) {
@@ -607,7 +596,7 @@ static int read_manifest(const char *entry, manifest_fields *m, char *why, size_
         if (got < 0 && errno == EINTR)
             continue;
         if (got < 0) {
-            format_text(why, why_size, "manifest unreadable: %s", strerror(errno));
+            moegen_text_format(why, why_size, "manifest unreadable: %s", strerror(errno));
             goto done;
         }
         if (got == 0 || length + (size_t)got == MANIFEST_MAX_BYTES) {
@@ -618,7 +607,7 @@ static int read_manifest(const char *entry, manifest_fields *m, char *why, size_
     }
     text[length] = '\0';
     if (memchr(text, '\0', length) != NULL || parse_manifest(text, m) != 0) {
-        format_text(why, why_size, "manifest malformed");
+        moegen_text_format(why, why_size, "manifest malformed");
         goto done;
     }
     result = 0;
@@ -637,42 +626,42 @@ static int check_artifact(const char *entry, const manifest_fields *m, char *why
     int result = -1;
     int fd = -1;
     if (moegen_path_format(path, sizeof path, "%s/%s", entry, m->artifact) != 0) {
-        format_text(why, why_size, "artifact path too long");
+        moegen_text_format(why, why_size, "artifact path too long");
         goto done;
     }
     fd = open(path, CACHE_OPEN_READ);
     if (fd < 0) {
         if (errno == ENOENT)
-            format_text(why, why_size, "artifact %s missing", m->artifact);
+            moegen_text_format(why, why_size, "artifact %s missing", m->artifact);
         else if (errno == ELOOP)
-            format_text(why, why_size, "artifact %s is a symbolic link", m->artifact);
+            moegen_text_format(why, why_size, "artifact %s is a symbolic link", m->artifact);
         else
-            format_text(why, why_size, "artifact %s unreadable: %s", m->artifact, strerror(errno));
+            moegen_text_format(why, why_size, "artifact %s unreadable: %s", m->artifact, strerror(errno));
         goto done;
     }
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        format_text(why, why_size, "artifact %s is not a regular file", m->artifact);
+        moegen_text_format(why, why_size, "artifact %s is not a regular file", m->artifact);
         goto done;
     }
     if (st.st_uid != geteuid() || (st.st_mode & (S_IWGRP | S_IWOTH))) {
-        format_text(why, why_size, "artifact %s is writable by another user", m->artifact);
+        moegen_text_format(why, why_size, "artifact %s is writable by another user", m->artifact);
         goto done;
     }
     if ((unsigned long long)st.st_size != m->size) {
-        format_text(why, why_size, "artifact is %llu bytes, manifest says %llu",
+        moegen_text_format(why, why_size, "artifact is %llu bytes, manifest says %llu",
                     (unsigned long long)st.st_size, m->size);
         goto done;
     }
     if (hash_file(fd, &size, hex) != 0) {
-        format_text(why, why_size, "artifact %s unreadable: %s", m->artifact, strerror(errno));
+        moegen_text_format(why, why_size, "artifact %s unreadable: %s", m->artifact, strerror(errno));
         goto done;
     }
     if (size != m->size) {
-        format_text(why, why_size, "artifact changed size while being read");
+        moegen_text_format(why, why_size, "artifact changed size while being read");
         goto done;
     }
     if (strcmp(hex, m->sha256) != 0) {
-        format_text(why, why_size,
+        moegen_text_format(why, why_size,
                     "artifact SHA-256 %.12s... does not match the manifest's %.12s...", hex,
                     m->sha256);
         goto done;
@@ -697,17 +686,17 @@ static entry_state validate_entry(const char *entry, const char *key, const char
         if (errno == ENOENT || errno == ENOTDIR) { /* ENOTDIR: a parent is a file */
             state = ENTRY_MISSING;
         } else {
-            format_text(why, why_size, "cannot stat it: %s", strerror(errno));
+            moegen_text_format(why, why_size, "cannot stat it: %s", strerror(errno));
             memset(seen, 0, sizeof *seen);
         }
     } else if (private_directory_problem(seen, problem, sizeof problem)) {
-        format_text(why, why_size, "entry is %s", problem);
+        moegen_text_format(why, why_size, "entry is %s", problem);
     } else if (read_manifest(entry, &m, why, why_size) != 0) {
         /* why filled */
     } else if (strcmp(m.key, key) != 0) {
-        format_text(why, why_size, "manifest is for key %.16s..., not this key", m.key);
+        moegen_text_format(why, why_size, "manifest is for key %.16s..., not this key", m.key);
     } else if (strcmp(m.artifact, name) != 0) {
-        format_text(why, why_size, "manifest names artifact '%s', expected '%s'", m.artifact, name);
+        moegen_text_format(why, why_size, "manifest names artifact '%s', expected '%s'", m.artifact, name);
     } else if (check_artifact(entry, &m, why, why_size) == 0) {
         state = ENTRY_VALID;
     }
@@ -767,13 +756,13 @@ static int ensure_trusted_directory(const char *path, char *why, size_t why_size
     if (mkdir(path, 0700) == 0) {
         (void)chmod(path, 0700); /* an odd umask may have removed owner bits */
     } else if (errno != EEXIST) {
-        format_text(why, why_size, "mkdir %s: %s", path, strerror(errno));
+        moegen_text_format(why, why_size, "mkdir %s: %s", path, strerror(errno));
         goto done;
     }
     if (lstat(path, &st) != 0)
-        format_text(why, why_size, "cannot stat %s: %s", path, strerror(errno));
+        moegen_text_format(why, why_size, "cannot stat %s: %s", path, strerror(errno));
     else if (private_directory_problem(&st, problem, sizeof problem))
-        format_text(why, why_size, "%s is %s", path, problem);
+        moegen_text_format(why, why_size, "%s is %s", path, problem);
     else
         result = 0;
 done:
@@ -844,13 +833,13 @@ static int prepare_cache_log(const char *failed_dir, const char *key, cache_log_
     int result = -1;
     int stat_result = -1;
     int fd = -1;
-    format_text(log->name, sizeof log->name, "%s%s", key, FAILED_LOG_SUFFIX);
+    moegen_text_format(log->name, sizeof log->name, "%s%s", key, FAILED_LOG_SUFFIX);
     if (moegen_path_format(log->path, sizeof log->path, "%s/%s", failed_dir, log->name) != 0) {
-        format_text(why, why_size, "the build log path in %s is too long", failed_dir);
+        moegen_text_format(why, why_size, "the build log path in %s is too long", failed_dir);
         goto done;
     }
     if (unlink(log->path) != 0 && errno != ENOENT) {
-        format_text(why, why_size, "cannot replace %s: %s", log->path, strerror(errno));
+        moegen_text_format(why, why_size, "cannot replace %s: %s", log->path, strerror(errno));
         goto done;
     }
     fd = open(log->path, CACHE_OPEN_CREATE, 0600);
@@ -861,11 +850,11 @@ static int prepare_cache_log(const char *failed_dir, const char *key, cache_log_
         stat_result = lstat(log->path, &st);
     }
     if (stat_result != 0) {
-        format_text(why, why_size, "cannot create %s: %s", log->path, strerror(errno));
+        moegen_text_format(why, why_size, "cannot create %s: %s", log->path, strerror(errno));
         goto done;
     }
     if (!S_ISREG(st.st_mode) || st.st_uid != geteuid()) {
-        format_text(why, why_size, "%s is not a regular file of this user", log->path);
+        moegen_text_format(why, why_size, "%s is not a regular file of this user", log->path);
         goto done;
     }
     log->dev = st.st_dev;
@@ -973,12 +962,12 @@ static int build_failed_for_space(const char *work, const moegen_error *e, char 
     struct statvfs fs;
     int full = 0;
     if (e->native_code == ENOSPC || e->native_code == EDQUOT) {
-        format_text(why, why_size, "the build failed: %s", strerror(e->native_code));
+        moegen_text_format(why, why_size, "the build failed: %s", strerror(e->native_code));
         full = 1;
     } else if (statvfs(work, &fs) == 0) {
         unsigned long long available = (unsigned long long)fs.f_bavail * fs.f_frsize;
         if (available < FULL_DISK_MIN_FREE_BYTES) {
-            format_text(why, why_size,
+            moegen_text_format(why, why_size,
                         "the build failed with %llu KiB available there, less than %llu MiB",
                         available / 1024, FULL_DISK_MIN_FREE_BYTES / (1024 * 1024));
             full = 1;
@@ -1105,7 +1094,7 @@ done:
 
 /* Hand our built work directory to the caller as an uncached result. */
 static void keep_work_as_result(const char *work, const char *name, moegen_cache_result *res) {
-    format_text(res->path, sizeof res->path, "%s/%s", work, name);
+    moegen_text_format(res->path, sizeof res->path, "%s/%s", work, name);
     copy_text(res->temp_dir, sizeof res->temp_dir, work);
 }
 
@@ -1131,7 +1120,7 @@ static void publish_work(moegen_cache *c, const publish_request *rq, const char 
         if (rename(work, rq->entry) == 0) {
             (void)moegen_fsync_directory(rq->entry_parent, 0);
             *work_owned = 0;
-            format_text(res->path, sizeof res->path, "%s/%s", rq->entry, rq->name);
+            moegen_text_format(res->path, sizeof res->path, "%s/%s", rq->entry, rq->name);
             finished = 1;
         } else if (errno != EEXIST && errno != ENOTEMPTY) {
             warn_cache_trouble_once(c, "could not write to cache directory %s (rename: %s)",
@@ -1142,7 +1131,7 @@ static void publish_work(moegen_cache *c, const publish_request *rq, const char 
         } else {
             state = validate_entry(rq->entry, rq->key, rq->name, &seen, why, sizeof why);
             if (state == ENTRY_VALID) { /* another process won; ours is discarded */
-                format_text(res->path, sizeof res->path, "%s/%s", rq->entry, rq->name);
+                moegen_text_format(res->path, sizeof res->path, "%s/%s", rq->entry, rq->name);
                 finished = 1;
             } else if (state == ENTRY_BAD) {
                 copy_text(rq->corrupt_why, REASON_BYTES, why);

@@ -14,6 +14,13 @@
 #define PATH_MAX 4096
 #endif
 
+void moegen_text_format(char *out, size_t size, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(out, size, fmt, ap);
+    va_end(ap);
+}
+
 int moegen_path_format(char *out, size_t size, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);

@@ -1,11 +1,15 @@
 /* fs_util.h — the few file-system steps the runtime's on-disk stores share (the compile
  * cache, runtime/cache.c; the tuning databases, runtime/tuning_db.c): bounded path
- * formatting, mkdir -p, and fsync of a directory after a rename into it. */
+ * formatting (and the truncating kind, for their messages), mkdir -p, and fsync of a directory
+ * after a rename into it. */
 #ifndef MOEGEN_RUNTIME_FS_UTIL_H
 #define MOEGEN_RUNTIME_FS_UTIL_H
 
 #include <stddef.h>
 #include <sys/types.h>
+
+/* snprintf that may truncate (messages, and paths whose length was checked). */
+void moegen_text_format(char *out, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 /* snprintf into a path buffer; -1 (errno ENAMETOOLONG) when it does not fit. */
 int moegen_path_format(char *out, size_t size, const char *fmt, ...) __attribute__((format(printf, 3, 4)));

@@ -95,16 +95,6 @@ static const char *const BUCKET_FIELD_NAMES[] = {"min_tokens",  "max_tokens", "t
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 
-static void format_text(char *out, size_t size, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void format_text(char *out, size_t size, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(out, size, fmt, ap);
-    va_end(ap);
-}
-
 static int is_blank(char c) {
     return c == ' ' || c == '\t';
 }
@@ -117,9 +107,9 @@ static int is_slug_char(char c) {
 /* "1-8" or "65-inf". */
 static void format_range(char *out, size_t size, const moegen_tuning_bucket *b) {
     if (b->max_tokens == INT64_MAX)
-        format_text(out, size, "%" PRId64 "-" INFINITE_TEXT, b->min_tokens);
+        moegen_text_format(out, size, "%" PRId64 "-" INFINITE_TEXT, b->min_tokens);
     else
-        format_text(out, size, "%" PRId64 "-%" PRId64, b->min_tokens, b->max_tokens);
+        moegen_text_format(out, size, "%" PRId64 "-%" PRId64, b->min_tokens, b->max_tokens);
 }
 
 /* fsync a directory so that a rename in it is durable. */
@@ -164,7 +154,7 @@ static const char *header_problem(const moegen_tuning_db *db, header_key key, ch
     switch (key) {
     case KEY_FORMAT:
         if (db->format != MOEGEN_TUNING_FORMAT) {
-            format_text(why, size, "is %d; this build writes format %d", db->format,
+            moegen_text_format(why, size, "is %d; this build writes format %d", db->format,
                         MOEGEN_TUNING_FORMAT);
             problem = why;
         }
@@ -185,7 +175,7 @@ static const char *header_problem(const moegen_tuning_db *db, header_key key, ch
         break;
     case KEY_BUCKETS:
         if (db->n_buckets < 1 || db->n_buckets > MOEGEN_TUNING_MAX_BUCKETS) {
-            format_text(why, size, "is %d; a file holds 1 to %d buckets", db->n_buckets,
+            moegen_text_format(why, size, "is %d; a file holds 1 to %d buckets", db->n_buckets,
                         MOEGEN_TUNING_MAX_BUCKETS);
             problem = why;
         }
@@ -211,39 +201,39 @@ static const char *bucket_problem(const moegen_tuning_bucket *b,
     format_range(range, sizeof range, b);
     if (b->min_tokens < 1) {
         *field = FIELD_MIN;
-        format_text(why, size, "min_tokens is %" PRId64 "; token counts start at 1", b->min_tokens);
+        moegen_text_format(why, size, "min_tokens is %" PRId64 "; token counts start at 1", b->min_tokens);
     } else if (b->max_tokens < b->min_tokens) {
         *field = FIELD_MAX;
-        format_text(why, size, "max_tokens %" PRId64 " is below min_tokens %" PRId64, b->max_tokens,
+        moegen_text_format(why, size, "max_tokens %" PRId64 " is below min_tokens %" PRId64, b->max_tokens,
                     b->min_tokens);
     } else if (previous && b->min_tokens <= previous->max_tokens) {
         *field = FIELD_MIN;
         format_range(previous_range, sizeof previous_range, previous);
-        format_text(why, size,
+        moegen_text_format(why, size,
                     "bucket %s overlaps or comes before the previous bucket %s (buckets are "
                     "sorted and do not overlap)",
                     range, previous_range);
     } else if (b->timed_tokens < b->min_tokens || b->timed_tokens > b->max_tokens) {
         *field = FIELD_TIMED;
-        format_text(why, size, "timed_tokens %" PRId64 " is outside the bucket %s", b->timed_tokens,
+        moegen_text_format(why, size, "timed_tokens %" PRId64 " is outside the bucket %s", b->timed_tokens,
                     range);
     } else if (!is_time(b->median_ms)) {
         *field = FIELD_MEDIAN;
-        format_text(why, size, "median_ms is not a finite number >= 0");
+        moegen_text_format(why, size, "median_ms is not a finite number >= 0");
     } else if (!is_time(b->default_ms)) {
         *field = FIELD_DEFAULT;
-        format_text(why, size, "default_ms is not a finite number >= 0");
+        moegen_text_format(why, size, "default_ms is not a finite number >= 0");
     } else if ((text = text_problem(b->variant, sizeof b->variant, 1, 0)) != NULL) {
         *field = FIELD_VARIANT;
-        format_text(why, size, "variant %s", text);
+        moegen_text_format(why, size, "variant %s", text);
     } else if (strcmp(b->variant, DEFAULT_VARIANT_TEXT) == 0) {
         *field = FIELD_VARIANT;
-        format_text(why, size,
+        moegen_text_format(why, size,
                     "variant \"" DEFAULT_VARIANT_TEXT "\" is how the empty override "
                     "list is written; give \"\"");
     } else if ((text = text_problem(b->variant_name, sizeof b->variant_name, 0, 0)) != NULL) {
         *field = FIELD_NAME;
-        format_text(why, size, "variant_name %s", text);
+        moegen_text_format(why, size, "variant_name %s", text);
     } else {
         problem = NULL;
     }
@@ -288,7 +278,7 @@ void moegen_tuning_db_init(moegen_tuning_db *db) {
     if (!db) return;
     memset(db, 0, sizeof *db);
     db->format = MOEGEN_TUNING_FORMAT;
-    format_text(db->moegen_version, sizeof db->moegen_version, "%s", MOEGEN_VERSION);
+    moegen_text_format(db->moegen_version, sizeof db->moegen_version, "%s", MOEGEN_VERSION);
 }
 
 int moegen_tuning_db_is_current(const moegen_tuning_db *db) {
@@ -387,7 +377,7 @@ moegen_status moegen_tuning_db_write(const char *path, const moegen_tuning_db *d
     slash = strrchr(directory, '/');
     base = strrchr(path, '/') ? strrchr(path, '/') + 1 : path; /* not in `directory`, cut below */
     if (!slash)
-        format_text(directory, sizeof directory, ".");
+        moegen_text_format(directory, sizeof directory, ".");
     else if (slash == directory)
         slash[1] = '\0'; /* a file in "/" */
     else
@@ -902,7 +892,7 @@ static void make_slug(const char *text, char out[SLUG_BYTES]) {
     if (length > SLUG_MAX_CHARS) {
         char hex[65];
         moegen_sha256_hex(text, strlen(text), hex);
-        format_text(out + SLUG_MAX_CHARS, SLUG_BYTES - SLUG_MAX_CHARS, "-%.*s", SLUG_HASH_HEX_CHARS,
+        moegen_text_format(out + SLUG_MAX_CHARS, SLUG_BYTES - SLUG_MAX_CHARS, "-%.*s", SLUG_HASH_HEX_CHARS,
                     hex);
     } else {
         out[length] = '\0';
@@ -1048,7 +1038,7 @@ static moegen_tuning_rung find_exact(const lookup *l, const char *const *dirs, i
         if (read_candidate(l, path, l->file_name) && strcmp(l->out->shape, l->shape) == 0 &&
             strcmp(l->out->device, l->device) == 0) {
             rung = MOEGEN_TUNING_EXACT;
-            if (source_path) format_text(source_path, source_size, "%s", path);
+            if (source_path) moegen_text_format(source_path, source_size, "%s", path);
         }
     }
     return rung;
@@ -1074,7 +1064,7 @@ static moegen_tuning_rung find_family(const lookup *l, const char *const *dirs, 
             if (read_candidate(l, path, name) && strcmp(l->out->family, l->family) == 0 &&
                 strcmp(l->out->shape, l->shape) == 0) {
                 rung = MOEGEN_TUNING_FAMILY;
-                if (source_path) format_text(source_path, source_size, "%s", path);
+                if (source_path) moegen_text_format(source_path, source_size, "%s", path);
             }
         }
         for (size_t j = 0; j < count; j++)
