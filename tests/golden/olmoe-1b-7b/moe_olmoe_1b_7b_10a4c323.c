@@ -1302,8 +1302,9 @@ int moe_olmoe_1b_7b_10a4c323_combine(const moegen_kernel_args *args) {
 /* ---- Training: the backward pass ------------------------------------------------------ */
 
 /* Outer-product micro-kernels: a BWD_MR x (NV * VEC_FLOATS) tile of
- * C[i][n] += sum_k a_i[k * a_step] * B[k][n] over an fp32 panel B (ldb floats a row), into the
- * accumulators `out` holds. a_step 1 reads A rows (C = A B); a_step = lda reads A columns
+ * C[i][n] += sum_k a_i[k * a_step] * B_k[n], B_k = row (b_index ? b_index[k] : k) of B (the
+ * layer dtype, or fp32: a packed panel), times b_scale[k] when given, into the accumulators
+ * `out` holds. a_step 1 reads A rows (C = A B); a_step = lda reads A columns
  * (C = A^T B, the weight gradients). One sum per element, k ascending (a sum split over
  * calls continues the same chain). */
 #define BWD_MR 4
@@ -1312,15 +1313,20 @@ int moe_olmoe_1b_7b_10a4c323_combine(const moegen_kernel_args *args) {
 #define BWD_KC 256                           /* k per packed B panel */
 
 static __attribute__((noinline, unused)) void outer_f_v2(const float *const a[BWD_MR], int64_t a_step,
-        int64_t n_k, const float *b, int64_t ldb, vfloat out[BWD_MR][2]) {
+        int64_t n_k, const float *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
+        vfloat out[BWD_MR][2]) {
     vfloat c00 = out[0][0], c01 = out[0][1];
     vfloat c10 = out[1][0], c11 = out[1][1];
     vfloat c20 = out[2][0], c21 = out[2][1];
     vfloat c30 = out[3][0], c31 = out[3][1];
     for (int64_t k = 0; k < n_k; k++) {
-        const float *row = b + k * ldb;
-        const vfloat w0 = load_f32(row + 0 * VEC_FLOATS);
-        const vfloat w1 = load_f32(row + 1 * VEC_FLOATS);
+        const float *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb;
+        vfloat w0 = load_f32(row + 0 * VEC_FLOATS);
+        vfloat w1 = load_f32(row + 1 * VEC_FLOATS);
+        if (b_scale) {
+            w0 = w0 * b_scale[k];
+            w1 = w1 * b_scale[k];
+        }
         {
             const float s = a[0][k * a_step];
             const vfloat x = {s, s, s, s, s, s, s, s};
@@ -1357,14 +1363,18 @@ static __attribute__((noinline, unused)) void outer_f_v2(const float *const a[BW
 }
 
 static __attribute__((noinline, unused)) void outer_f_v1(const float *const a[BWD_MR], int64_t a_step,
-        int64_t n_k, const float *b, int64_t ldb, vfloat out[BWD_MR][1]) {
+        int64_t n_k, const float *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
+        vfloat out[BWD_MR][1]) {
     vfloat c00 = out[0][0];
     vfloat c10 = out[1][0];
     vfloat c20 = out[2][0];
     vfloat c30 = out[3][0];
     for (int64_t k = 0; k < n_k; k++) {
-        const float *row = b + k * ldb;
-        const vfloat w0 = load_f32(row + 0 * VEC_FLOATS);
+        const float *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb;
+        vfloat w0 = load_f32(row + 0 * VEC_FLOATS);
+        if (b_scale) {
+            w0 = w0 * b_scale[k];
+        }
         {
             const float s = a[0][k * a_step];
             const vfloat x = {s, s, s, s, s, s, s, s};
@@ -1397,6 +1407,38 @@ typedef void (*tile_store_fn)(void *ctx, int64_t m, int64_t c, const float *valu
 
 static void store_plain(void *ctx, int64_t m, int64_t c, const float *values, int n);
 
+/* outer_block for at most BWD_MR rows of C: k outermost, B's row k read once, contiguously,
+ * across every column, the rows' accumulators (at most BWD_MR x BWD_TASK_COLS) in L1. The
+ * sum per element is the same k-ascending chain as the tiles'. */
+static __attribute__((unused)) void outer_rows_e(const float *a, int64_t a_row, int64_t a_step, int64_t m0,
+        int rows, int64_t c0, int64_t c1, int64_t n_k, const elem_t *b, int64_t ldb,
+        const int32_t *b_index, const float *b_scale, tile_store_fn store, void *ctx) {
+    vfloat acc[BWD_MR][BWD_TASK_COLS / VEC_FLOATS];
+    const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);
+    memset(acc, 0, sizeof acc);
+    for (int64_t k = 0; k < n_k; k++) {
+        const elem_t *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb + c0;
+        float scale[BWD_MR];
+        for (int i = 0; i < rows; i++) scale[i] = a[(m0 + i) * a_row + k * a_step];
+        for (int v = 0; v < n_vectors; v++) {
+            vfloat w = load_bf16(row + v * VEC_FLOATS);
+            if (b_scale) w = w * b_scale[k];
+            for (int i = 0; i < rows; i++) {
+                const float s = scale[i];
+                const vfloat x = {s, s, s, s, s, s, s, s};
+                acc[i][v] += x * w;
+            }
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        float values[BWD_TASK_COLS];
+        memcpy(values, acc[i], (size_t)n_vectors * sizeof(vfloat));
+        for (int v = 0; v < n_vectors; v += 2) /* in the tiles' column groups */
+            store(ctx, m0 + i, c0 + v * VEC_FLOATS, values + v * VEC_FLOATS,
+                  (v + 1 < n_vectors ? 2 : 1) * VEC_FLOATS);
+    }
+}
+
 /* C = sum over k of A's k-th values times B's row k, for rows [m0, m0 + rows) of C (at most
  * BWD_TASK_ROWS) and columns [c0, c1) (multiples of VEC_FLOATS); row i of C reads A at
  * a + (m0 + i) * a_row + k * a_step (C = A B: a_row = lda, a_step = 1; C = A^T B, the weight
@@ -1407,6 +1449,10 @@ static void store_plain(void *ctx, int64_t m, int64_t c, const float *values, in
 static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row, int64_t a_step,
         int64_t m0, int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const elem_t *b, int64_t ldb,
         const int32_t *b_index, const float *b_scale, tile_store_fn store, void *ctx) {
+    if (rows <= BWD_MR) { /* one row tile reads B once: stream B's rows, nothing to pack */
+        outer_rows_e(a, a_row, a_step, m0, (int)rows, c0, c1, n_k, b, ldb, b_index, b_scale, store, ctx);
+        return;
+    }
     float panel[BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     for (int64_t c = c0; c < c1;) {
         const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1, width = nv * VEC_FLOATS;
@@ -1429,9 +1475,9 @@ static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row,
                 const float *ap[BWD_MR];
                 for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row + k0 * a_step;
                 if (nv == 2)
-                    outer_f_v2(ap, a_step, kc, panel, width, tile[t]);
+                    outer_f_v2(ap, a_step, kc, panel, width, NULL, NULL, tile[t]);
                 else
-                    outer_f_v1(ap, a_step, kc, panel, width, (vfloat(*)[1])tile[t]);
+                    outer_f_v1(ap, a_step, kc, panel, width, NULL, NULL, (vfloat(*)[1])tile[t]);
             }
         }
         for (int t = 0; t < n_tiles; t++) {
@@ -1452,6 +1498,38 @@ static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row,
     }
 }
 
+/* outer_block for at most BWD_MR rows of C: k outermost, B's row k read once, contiguously,
+ * across every column, the rows' accumulators (at most BWD_MR x BWD_TASK_COLS) in L1. The
+ * sum per element is the same k-ascending chain as the tiles'. */
+static __attribute__((unused)) void outer_rows_f(const float *a, int64_t a_row, int64_t a_step, int64_t m0,
+        int rows, int64_t c0, int64_t c1, int64_t n_k, const float *b, int64_t ldb,
+        const int32_t *b_index, const float *b_scale, tile_store_fn store, void *ctx) {
+    vfloat acc[BWD_MR][BWD_TASK_COLS / VEC_FLOATS];
+    const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);
+    memset(acc, 0, sizeof acc);
+    for (int64_t k = 0; k < n_k; k++) {
+        const float *row = b + (b_index ? (int64_t)b_index[k] : k) * ldb + c0;
+        float scale[BWD_MR];
+        for (int i = 0; i < rows; i++) scale[i] = a[(m0 + i) * a_row + k * a_step];
+        for (int v = 0; v < n_vectors; v++) {
+            vfloat w = load_f32(row + v * VEC_FLOATS);
+            if (b_scale) w = w * b_scale[k];
+            for (int i = 0; i < rows; i++) {
+                const float s = scale[i];
+                const vfloat x = {s, s, s, s, s, s, s, s};
+                acc[i][v] += x * w;
+            }
+        }
+    }
+    for (int i = 0; i < rows; i++) {
+        float values[BWD_TASK_COLS];
+        memcpy(values, acc[i], (size_t)n_vectors * sizeof(vfloat));
+        for (int v = 0; v < n_vectors; v += 2) /* in the tiles' column groups */
+            store(ctx, m0 + i, c0 + v * VEC_FLOATS, values + v * VEC_FLOATS,
+                  (v + 1 < n_vectors ? 2 : 1) * VEC_FLOATS);
+    }
+}
+
 /* C = sum over k of A's k-th values times B's row k, for rows [m0, m0 + rows) of C (at most
  * BWD_TASK_ROWS) and columns [c0, c1) (multiples of VEC_FLOATS); row i of C reads A at
  * a + (m0 + i) * a_row + k * a_step (C = A B: a_row = lda, a_step = 1; C = A^T B, the weight
@@ -1462,6 +1540,10 @@ static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row,
 static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row, int64_t a_step,
         int64_t m0, int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const float *b, int64_t ldb,
         const int32_t *b_index, const float *b_scale, tile_store_fn store, void *ctx) {
+    if (rows <= BWD_MR) { /* one row tile reads B once: stream B's rows, nothing to pack */
+        outer_rows_f(a, a_row, a_step, m0, (int)rows, c0, c1, n_k, b, ldb, b_index, b_scale, store, ctx);
+        return;
+    }
     float panel[BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     for (int64_t c = c0; c < c1;) {
         const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1, width = nv * VEC_FLOATS;
@@ -1484,9 +1566,9 @@ static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row,
                 const float *ap[BWD_MR];
                 for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row + k0 * a_step;
                 if (nv == 2)
-                    outer_f_v2(ap, a_step, kc, panel, width, tile[t]);
+                    outer_f_v2(ap, a_step, kc, panel, width, NULL, NULL, tile[t]);
                 else
-                    outer_f_v1(ap, a_step, kc, panel, width, (vfloat(*)[1])tile[t]);
+                    outer_f_v1(ap, a_step, kc, panel, width, NULL, NULL, (vfloat(*)[1])tile[t]);
             }
         }
         for (int t = 0; t < n_tiles; t++) {
@@ -1716,8 +1798,16 @@ static void f1024_backward_weights(const bwd_problem *problems, int n_problems, 
     if (n_problems == 0) return;
     int64_t m_w2[n_problems], m_w1[n_problems], start_w2[n_problems + 1], start_w1[n_problems + 1];
     for (int p = 0; p < n_problems; p++) {
-        m_w2[p] = problems[p].g_w2 || problems[p].g_b2 ? HIDDEN : 0;
-        m_w1[p] = problems[p].g_w1 || problems[p].g_b1 ? 2048 : 0;
+        const bwd_problem *b = &problems[p];
+        const int has_rows = b->n_rows > 0; /* an expert no row reached: its gradients are 0 */
+        m_w2[p] = has_rows && (b->g_w2 || b->g_b2) ? HIDDEN : 0;
+        m_w1[p] = has_rows && (b->g_w1 || b->g_b1) ? 2048 : 0;
+        if (!has_rows && !accumulate) {
+            if (b->g_w2) memset(b->g_w2, 0, (size_t)HIDDEN * 1024 * sizeof(float));
+            if (b->g_b2) memset(b->g_b2, 0, (size_t)HIDDEN * sizeof(float));
+            if (b->g_w1) memset(b->g_w1, 0, (size_t)2048 * HIDDEN * sizeof(float));
+            if (b->g_b1) memset(b->g_b1, 0, (size_t)2048 * sizeof(float));
+        }
     }
     const int64_t n_w2 = task_grid(m_w2, n_problems, 1024, start_w2);
     const int64_t n_w1 = task_grid(m_w1, n_problems, HIDDEN, start_w1);
