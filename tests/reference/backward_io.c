@@ -4,8 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The gradient slot of tensor i in g, or NULL (x: dx is separate; score_bias: none). */
-static float **slot(moegen_grads *g, int i) {
+float **moe_grads_field(moegen_grads *g, int i) {
     switch (i) {
     case MOE_T_ROUTER_W: return &g->router_w;
     case MOE_T_ROUTER_B: return &g->router_b;
@@ -41,7 +40,7 @@ int moe_backward_alloc(moe_backward_buffers *b, const moegen_spec *spec, int64_t
     if (moe_tensors_alloc(spec, 0, &shapes) != 0) return -1;
     int ok = 1;
     for (int i = 0; i < MOE_T_COUNT; i++) {
-        float **s = slot(&b->grads, i);
+        float **s = moe_grads_field(&b->grads, i);
         if (!s || !shapes.t[i].data) continue;
         b->n[i] = shapes.t[i].n_elems;
         *s = calloc(b->n[i] ? b->n[i] : 1, sizeof(float));
@@ -69,7 +68,7 @@ int moe_backward_alloc(moe_backward_buffers *b, const moegen_spec *spec, int64_t
 void moe_backward_free(moe_backward_buffers *b) {
     if (!b) return;
     for (int i = 0; i < MOE_T_COUNT; i++) {
-        float **s = slot(&b->grads, i);
+        float **s = moe_grads_field(&b->grads, i);
         if (s) free(*s);
     }
     free(b->dy);
@@ -79,7 +78,7 @@ void moe_backward_free(moe_backward_buffers *b) {
 
 float *moe_backward_grad(const moe_backward_buffers *b, int i) {
     if (i == MOE_T_X) return b->dx;
-    float **s = slot((moegen_grads *)&b->grads, i);
+    float **s = moe_grads_field((moegen_grads *)&b->grads, i);
     return s ? *s : NULL;
 }
 

@@ -22,6 +22,10 @@ typedef struct moe_backward_buffers {
 int moe_backward_alloc(moe_backward_buffers *b, const moegen_spec *spec, int64_t S, uint64_t seed);
 void moe_backward_free(moe_backward_buffers *b);
 
+/* The moegen_grads field of moe_tensors index i, or NULL (MOE_T_X: dx is separate;
+ * MOE_T_SCORE_BIAS: it has no gradient). */
+float **moe_grads_field(moegen_grads *g, int i);
+
 /* The gradient buffer of moe_tensors index i (MOE_T_X: dx as bytes of the layer dtype;
  * MOE_T_SCORE_BIAS: NULL, it has no gradient). */
 float *moe_backward_grad(const moe_backward_buffers *b, int i);
