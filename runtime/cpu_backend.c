@@ -507,6 +507,21 @@ static moegen_kernel_grads kernel_grads(const moegen_grads *g) {
                                  g->residual_coef_b};
 }
 
+static moegen_kernel_backward_args backward_args(moegen_cpu_saved *s, int n_threads, const moegen_backward_io *bio) {
+    s->args.n_threads = n_threads;
+    return (moegen_kernel_backward_args){
+        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
+        .n_threads = n_threads,
+        .forward = &s->args,
+        .dy = bio ? bio->dy : NULL,
+        .dx = bio ? bio->dx : NULL,
+        .aux_coeff = bio ? bio->aux_coeff : 0.0,
+        .z_coeff = bio ? bio->z_coeff : 0.0,
+        .workspace = s->backward,
+        .workspace_bytes = s->backward_bytes,
+    };
+}
+
 moegen_status moegen_cpu_backend_backward(moegen_cpu_backend *b, moegen_cpu_saved *s, int n_threads,
                                           const moegen_backward_io *bio, const moegen_grads *grads,
                                           moegen_error *err) {
@@ -522,18 +537,7 @@ moegen_status moegen_cpu_backend_backward(moegen_cpu_backend *b, moegen_cpu_save
         moegen_status st = alloc_within_budget("backward workspace", n, bytes, &s->backward, &s->backward_bytes, err);
         if (st != MOEGEN_OK) return st;
     }
-    s->args.n_threads = n_threads;
-    moegen_kernel_backward_args args = {
-        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
-        .n_threads = n_threads,
-        .forward = &s->args,
-        .dy = bio->dy,
-        .dx = bio->dx,
-        .aux_coeff = bio->aux_coeff,
-        .z_coeff = bio->z_coeff,
-        .workspace = s->backward,
-        .workspace_bytes = s->backward_bytes,
-    };
+    moegen_kernel_backward_args args = backward_args(s, n_threads, bio);
     if (!s->kept) s->data_done = 0;
     int rc = s->module->backward_data(&args);
     if (rc == MOEGEN_KERNEL_ENOMEM)
@@ -550,16 +554,9 @@ moegen_status moegen_cpu_backend_backward_weights(moegen_cpu_backend *b, moegen_
     if (!s->data_done)
         return moegen_error_set(err, MOEGEN_ERR_STATE, 0,
                                 "backward_weights: moegen_layer_backward has not run on this saved forward");
-    s->args.n_threads = n_threads;
-    moegen_kernel_backward_args args = {
-        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
-        .n_threads = n_threads,
-        .forward = &s->args,
-        .workspace = s->backward,
-        .workspace_bytes = s->backward_bytes,
-        .grads = kernel_grads(grads),
-        .accumulate = grads->accumulate != 0,
-    };
+    moegen_kernel_backward_args args = backward_args(s, n_threads, NULL);
+    args.grads = kernel_grads(grads);
+    args.accumulate = grads->accumulate != 0;
     return kernel_status(s->module->backward_weights(&args), "backward_weights", err);
 }
 
@@ -688,20 +685,6 @@ static void ep_train_end(void *self, void *saved) {
     saved_seal(saved);
 }
 
-static moegen_kernel_backward_args backward_args(moegen_cpu_saved *s, int n_threads, const moegen_backward_io *bio) {
-    s->args.n_threads = n_threads;
-    return (moegen_kernel_backward_args){
-        .abi_version = MOEGEN_KERNEL_ABI_VERSION,
-        .n_threads = n_threads,
-        .forward = &s->args,
-        .dy = bio ? bio->dy : NULL,
-        .dx = bio ? bio->dx : NULL,
-        .aux_coeff = bio ? bio->aux_coeff : 0.0,
-        .z_coeff = bio ? bio->z_coeff : 0.0,
-        .workspace = s->backward,
-        .workspace_bytes = s->backward_bytes,
-    };
-}
 
 static moegen_status ep_backward_combine(void *self, void *saved, int n_threads, const moegen_backward_io *bio,
                                          moegen_kernel_backward_plan *plan, moegen_error *err) {

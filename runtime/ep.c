@@ -271,13 +271,17 @@ static moegen_status dispatch_rows(moegen_ep *ep, const moegen_forward_io *io, i
 
 /* The chunk (source s, local expert l) of the received rows: where it is in the received
  * order and where it goes in the expert-by-expert order. */
-static void chunk(const moegen_ep *ep, int s, int l, int64_t *received_at, int64_t *expert_at) {
-    const int L = ep->n_local;
+static void chunk_in(const int64_t *recv_counts_by_expert, const int64_t *recv_offsets, const int64_t *local_offset,
+                     int L, int s, int l, int64_t *received_at, int64_t *expert_at) {
     int64_t within_source = 0, before_in_expert = 0;
-    for (int m = 0; m < l; m++) within_source += ep->recv_counts_by_expert[s * L + m];
-    for (int q = 0; q < s; q++) before_in_expert += ep->recv_counts_by_expert[q * L + l];
-    *received_at = ep->recv_offsets[s] + within_source;
-    *expert_at = ep->local_offset[l] + before_in_expert;
+    for (int m = 0; m < l; m++) within_source += recv_counts_by_expert[s * L + m];
+    for (int q = 0; q < s; q++) before_in_expert += recv_counts_by_expert[q * L + l];
+    *received_at = recv_offsets[s] + within_source;
+    *expert_at = local_offset[l] + before_in_expert;
+}
+
+static void chunk(const moegen_ep *ep, int s, int l, int64_t *received_at, int64_t *expert_at) {
+    chunk_in(ep->recv_counts_by_expert, ep->recv_offsets, ep->local_offset, ep->n_local, s, l, received_at, expert_at);
 }
 
 /* Step 4: the received rows expert by expert (by source rank, then the source's order)
@@ -472,21 +476,17 @@ size_t moegen_ep_saved_bytes(const moegen_ep_saved *s) {
 
 /* The rows of every (source s, local expert l) chunk from one order to the other: `to_expert`
  * 1 moves the received order into the expert-by-expert order, 0 the reverse. */
-static void reorder_rows(const moegen_ep *ep, const moegen_ep_saved *s, const char *from, char *to, size_t row_bytes,
-                         int to_expert) {
-    const int P = s->ranks, L = s->n_local;
-    for (int q = 0; q < P; q++)
-        for (int l = 0; l < L; l++) {
-            const int64_t n = s->recv_counts_by_expert[q * L + l];
+static void reorder_rows(const moegen_ep_saved *s, const char *from, char *to, size_t row_bytes, int to_expert) {
+    for (int q = 0; q < s->ranks; q++)
+        for (int l = 0; l < s->n_local; l++) {
+            const int64_t n = s->recv_counts_by_expert[q * s->n_local + l];
             if (n == 0) continue;
-            int64_t within = 0, before = 0;
-            for (int m = 0; m < l; m++) within += s->recv_counts_by_expert[q * L + m];
-            for (int r = 0; r < q; r++) before += s->recv_counts_by_expert[r * L + l];
-            const int64_t received_at = s->recv_offsets[q] + within, expert_at = s->local_offset[l] + before;
+            int64_t received_at, expert_at; /* the forward's chunk, from the saved exchange */
+            chunk_in(s->recv_counts_by_expert, s->recv_offsets, s->local_offset, s->n_local, q, l, &received_at,
+                     &expert_at);
             const int64_t src = to_expert ? received_at : expert_at, dst = to_expert ? expert_at : received_at;
             memcpy(to + dst * row_bytes, from + src * row_bytes, (size_t)n * row_bytes);
         }
-    (void)ep;
 }
 
 /* The backward's exchange buffers (heap; the first backward allocates them). */
@@ -556,10 +556,10 @@ moegen_status moegen_ep_backward(moegen_ep *ep, moegen_ep_saved *s, int n_thread
     }
     /* 3. the local experts' backward over the rows they ran in the forward */
     if (st == MOEGEN_OK && s->rows_in > 0) {
-        reorder_rows(ep, s, (const char *)s->recv_grad, (char *)s->expert_do, grad_row, 1);
+        reorder_rows(s, (const char *)s->recv_grad, (char *)s->expert_do, grad_row, 1);
         moegen_kernel_expert_backward_args a = expert_backward_args(ep, s, w, n_threads, NULL);
         st = ep->backend.backward_experts(ep->backend.self, &a, 0, err);
-        if (st == MOEGEN_OK) reorder_rows(ep, s, (const char *)s->expert_du, (char *)s->recv_grad, grad_row, 0);
+        if (st == MOEGEN_OK) reorder_rows(s, (const char *)s->expert_du, (char *)s->recv_grad, grad_row, 0);
     }
     /* 4. d loss / d input back to the rows' ranks, into the permutation's rows */
     if (st == MOEGEN_OK)
