@@ -13,6 +13,7 @@
 #include "cli.h"
 #include "cuda_backend.h"
 #include "emit.h"
+#include "host_cc.h"
 #include "moegen.h"
 #include "spec.h"
 #include "variant.h"
@@ -41,23 +42,53 @@ static const char usage_check[] =
     "`file:line:col: message` and exit 1.\n";
 
 static const char usage_gen[] =
-    "usage: moegen gen SPEC -o DIR [--backend cpu|cuda] [--vector-floats N] [--arch sm_XX]\n"
-    "                  [--variant LIST]\n"
+    "usage: moegen gen SPEC -o DIR [--backend cpu|cuda] [--target T] [--arch sm_XX]\n"
+    "                  [--variant LIST] [--expect-prefix moe_NAME]\n"
     "\n"
-    "Write the generated C sources for SPEC into DIR (created if missing): the layer\n"
-    "source, its header and moegen_kernel_abi.h. Files whose content is unchanged are\n"
-    "not rewritten. Compile the source into your program (generate-and-link), e.g.\n"
-    "  cc -O3 -fopenmp -c DIR/moe_<name>_<hash>.c\n"
+    "Write the generated sources for SPEC into DIR (created if missing). Files whose content\n"
+    "is unchanged are not rewritten. Names are stable: they come from the layer's name, not\n"
+    "from the spec's hash, so a build can name them before they exist.\n"
+    "  cpu:  moe_<name>.c, moe_<name>.h, moegen_kernel_abi.h and moe_<name>.flags, the compile\n"
+    "        flags the runtime itself uses for this target (one line, for `cc @file`):\n"
+    "          cc @DIR/moe_<name>.flags -c DIR/moe_<name>.c      (link with -fopenmp -lm)\n"
+    "  cuda: moe_<name>.cu and moegen_cuda_abi.h (kernels for NVRTC or nvcc)\n"
+    "The header pins its source: an object from another generation does not link with code\n"
+    "compiled against it. CMake users: moegen_generate() (README: \"Generate and link\").\n"
     "\n"
     "options:\n"
     "  -o, --output DIR      output directory (required)\n"
     "  --backend B           cpu (C + OpenMP, default) or cuda (CUDA C++ for NVRTC / nvcc)\n"
-    "  --vector-floats N     cpu: SIMD width the code is tuned for: 4, 8 or 16 (default 8)\n"
+    "  --target T            cpu: the instruction sets the code is generated and compiled for:\n"
+    "                        native (default: this CPU, the variant `moegen run` uses here),\n"
+    "                        base, avx2, avx512, avx512-bf16, avx512-amx\n"
+    "  --vector-floats N     cpu: older spelling of --target: 4 base, 8 avx2, 16 avx512\n"
     "  --arch sm_XX          cuda: target architecture the tiles are chosen for (default sm_80):\n"
     "                        sm_70 .. sm_120, optionally with the suffix a or f (sm_90a, sm_100a,\n"
     "                        sm_120f); the CUDA backend needs sm_80 or newer\n"
     "  --variant LIST        kernel variant overrides, e.g. tile_rows=6,gemm=bfdot (README:\n"
-    "                        \"Kernel variants\")\n";
+    "                        \"Kernel variants\")\n"
+    "  --expect-prefix P     fail unless the files are named P (build systems that derived the\n"
+    "                        names from the spec before generating: moegen_generate)\n";
+
+/* The CPU targets `gen --target` names, widest last. */
+static const struct {
+    const char *name;
+    moegen_target target;
+} CPU_TARGETS[] = {
+    {"base", {.cpu_vector_floats = 4}},
+    {"avx2", {.cpu_vector_floats = 8}},
+    {"avx512", {.cpu_vector_floats = 16}},
+    {"avx512-bf16", {.cpu_vector_floats = 16, .cpu_bf16_dot = 1}},
+    {"avx512-amx", {.cpu_vector_floats = 16, .cpu_bf16_dot = 1, .cpu_amx = 1}},
+};
+
+static const char *cpu_target_name(const moegen_target *t) {
+    for (int i = (int)(sizeof CPU_TARGETS / sizeof CPU_TARGETS[0]) - 1; i >= 0; i--)
+        if (t->cpu_vector_floats >= CPU_TARGETS[i].target.cpu_vector_floats &&
+            t->cpu_bf16_dot >= CPU_TARGETS[i].target.cpu_bf16_dot && t->cpu_amx >= CPU_TARGETS[i].target.cpu_amx)
+            return CPU_TARGETS[i].name;
+    return "base";
+}
 
 int moegen_cli_error(const char *fmt, ...) {
     va_list ap;
@@ -99,15 +130,36 @@ static int command_check(int argc, char **argv) {
     return rc;
 }
 
+/* Add DIR/<prefix>.flags (the compile flags of `target`, one line) to the files to write. */
+static int add_flags_file(moegen_generated *generated, const moegen_target *target) {
+    if (generated->n_files >= MOEGEN_MAX_GENERATED_FILES) return moegen_cli_error("gen: too many files");
+    char flags[256];
+    if (moegen_host_target_compile_flags(target, flags, sizeof flags) != 0)
+        return moegen_cli_error("gen: compile flags do not fit");
+    moegen_generated_file *f = &generated->files[generated->n_files];
+    memset(f, 0, sizeof *f);
+    const size_t len = strlen(flags) + 1;
+    f->text = malloc(len + 1);
+    if (!f->text) return moegen_cli_error("out of memory");
+    snprintf(f->text, len + 1, "%s\n", flags);
+    f->len = len;
+    snprintf(f->name, sizeof f->name, "%s.flags", generated->symbol_prefix);
+    generated->n_files++;
+    return 0;
+}
+
 static int command_gen(int argc, char **argv) {
     if (moegen_cli_wants_help(argc, argv)) {
         fputs(usage_gen, stdout);
         return 0;
     }
     const char *spec_path = NULL, *out_dir = NULL, *arch = "sm_80", *variant_overrides = NULL;
-    int vector_floats = 8;
+    const char *expect_prefix = NULL;
     moegen_error err;
     moegen_backend backend = MOEGEN_BACKEND_CPU;
+    moegen_target target;
+    moegen_host_cpu_target(&target); /* native: what `moegen run` compiles for on this machine */
+    int native = 1;
     for (int i = 0; i < argc; i++) {
         if ((!strcmp(argv[i], "-o") || !strcmp(argv[i], "--output")) && i + 1 < argc) {
             out_dir = argv[++i];
@@ -116,7 +168,23 @@ static int command_gen(int argc, char **argv) {
             if (moegen_cli_parse_int(argv[++i], "--vector-floats", 4, 16, &width) != 0) return 1;
             if (width != 4 && width != 8 && width != 16)
                 return moegen_cli_error("gen: --vector-floats must be 4, 8 or 16");
-            vector_floats = (int)width;
+            target = (moegen_target){.cpu_vector_floats = (int)width};
+            native = 0;
+        } else if (!strcmp(argv[i], "--target") && i + 1 < argc) {
+            const char *name = argv[++i];
+            int found = !strcmp(name, "native");
+            if (!found) {
+                for (size_t t = 0; t < sizeof CPU_TARGETS / sizeof CPU_TARGETS[0]; t++)
+                    if (!strcmp(name, CPU_TARGETS[t].name)) {
+                        target = CPU_TARGETS[t].target;
+                        found = 1;
+                        native = 0;
+                    }
+            }
+            if (!found)
+                return moegen_cli_error("gen: --target must be native, base, avx2, avx512, avx512-bf16 or "
+                                        "avx512-amx (got '%s')",
+                                        name);
         } else if (!strcmp(argv[i], "--backend") && i + 1 < argc) {
             const char *name = argv[++i];
             if (!strcmp(name, "cpu")) backend = MOEGEN_BACKEND_CPU;
@@ -124,6 +192,8 @@ static int command_gen(int argc, char **argv) {
             else return moegen_cli_error("gen: --backend must be cpu or cuda (got '%s')", name);
         } else if (!strcmp(argv[i], "--variant") && i + 1 < argc) {
             variant_overrides = argv[++i];
+        } else if (!strcmp(argv[i], "--expect-prefix") && i + 1 < argc) {
+            expect_prefix = argv[++i];
         } else if (!strcmp(argv[i], "--arch") && i + 1 < argc) {
             arch = argv[++i]; /* checked here for an early message; used by moegen_cuda_generate */
             if (moegen_cuda_arch_parse(arch, NULL, &err) != MOEGEN_OK)
@@ -144,7 +214,6 @@ static int command_gen(int argc, char **argv) {
     if (backend == MOEGEN_BACKEND_CUDA) { /* exactly what the CUDA backend compiles for `arch` */
         st = moegen_cuda_generate(&spec, arch, variant_overrides, &generated, &err);
     } else {
-        moegen_target target = {.cpu_vector_floats = vector_floats};
         moegen_variant variant;
         moegen_variant_default(&spec, backend, &target, &variant);
         st = moegen_variant_apply_overrides(&variant, variant_overrides, &err);
@@ -153,15 +222,25 @@ static int command_gen(int argc, char **argv) {
     int rc = 0;
     if (st != MOEGEN_OK) {
         rc = moegen_cli_error("%s", err.message);
+    } else if (expect_prefix && strcmp(expect_prefix, generated.symbol_prefix) != 0) {
+        rc = moegen_cli_error("gen: %s: the layer's name gives the files and symbols %s, but the build expects %s "
+                              "(moegen_generate reads `name:` from the spec before generating; give it NAME if "
+                              "the name is written in a way it cannot read)",
+                              spec_path, generated.symbol_prefix, expect_prefix);
+        moegen_generated_free(&generated);
     } else {
         int written = 0;
-        if (moegen_generated_write(&generated, out_dir, &written, &err) != MOEGEN_OK) {
+        if (backend == MOEGEN_BACKEND_CPU && add_flags_file(&generated, &target) != 0) rc = 1;
+        else if (moegen_generated_write(&generated, out_dir, &written, &err) != MOEGEN_OK) {
             rc = moegen_cli_error("%s", err.message);
         } else {
             for (int i = 0; i < generated.n_files; i++)
                 printf("%s/%s\n", out_dir, generated.files[i].name);
-            printf("# %d of %d files written (the others were unchanged); variant %s\n", written,
-                   generated.n_files, generated.variant_name);
+            printf("# %d of %d files written (the others were unchanged); variant %s", written, generated.n_files,
+                   generated.variant_name);
+            if (backend == MOEGEN_BACKEND_CPU)
+                printf("; target %s%s", cpu_target_name(&target), native ? " (this CPU)" : "");
+            printf("; build %s\n", generated.build_id);
             if (spec.ep_size > 1 && backend == MOEGEN_BACKEND_CPU)
                 printf("# ep_size %d: every rank runs this module on its own tokens; rank r binds experts "
                        "[%d r, %d (r + 1)) and _route / _experts / _combine are the stages the runtime's "

@@ -11,6 +11,7 @@
 #include "c_locale.h"
 
 #include "capacity.h"
+#include "sha256.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -123,10 +124,11 @@ static int add_variant_params(moegen_params *root, const moegen_variant *v, cons
 }
 
 static int add_gen_params(moegen_params *root, const char *prefix, const char *source_name,
-                          const char *header_name) {
+                          const char *header_name, const char *build_id) {
     moegen_params *g = moegen_params_table(root, "gen");
     if (!g) return -1;
     int rc = 0;
+    rc |= moegen_params_str(g, "build_id", build_id);
     rc |= moegen_params_str(g, "version", MOEGEN_VERSION_STRING);
     rc |= moegen_params_int(g, "abi_version", 1);
     rc |= moegen_params_str(g, "prefix", prefix);
@@ -169,6 +171,25 @@ static moegen_status copy_into(const moegen_template_set *set, const char *path,
     return MOEGEN_OK;
 }
 
+/* What one generation is made of: the spec, the variant, the generator's version and every
+ * template file. Generated code carries the first 16 hex digits as its build pin (emit.h). */
+static void build_id(const moegen_template_set *templates, const char *spec_hash, const char *variant_name,
+                     char out[MOEGEN_BUILD_ID_CHARS + 1]) {
+    moegen_sha256 h;
+    moegen_sha256_init(&h);
+    moegen_sha256_update(&h, spec_hash, strlen(spec_hash) + 1);
+    moegen_sha256_update(&h, variant_name, strlen(variant_name) + 1);
+    moegen_sha256_update(&h, MOEGEN_VERSION_STRING, sizeof MOEGEN_VERSION_STRING);
+    for (size_t i = 0; i < templates->count; i++) {
+        moegen_sha256_update(&h, templates->files[i].path, strlen(templates->files[i].path) + 1);
+        moegen_sha256_update(&h, templates->files[i].text, templates->files[i].len);
+    }
+    char hex[65];
+    moegen_sha256_final_hex(&h, hex);
+    memcpy(out, hex, MOEGEN_BUILD_ID_CHARS);
+    out[MOEGEN_BUILD_ID_CHARS] = '\0';
+}
+
 static moegen_status generate(const moegen_spec *spec, const moegen_variant *variant,
                               const moegen_template_set *templates, moegen_generated *out,
                               moegen_error *err) {
@@ -180,8 +201,8 @@ static moegen_status generate(const moegen_spec *spec, const moegen_variant *var
     out->variant = *variant;
     moegen_spec_hash(spec, out->spec_hash);
     moegen_variant_name(spec, variant, out->variant_name, sizeof out->variant_name);
-    snprintf(out->symbol_prefix, sizeof out->symbol_prefix, "moe_%s_%.8s", spec->ident,
-             out->spec_hash);
+    snprintf(out->symbol_prefix, sizeof out->symbol_prefix, "moe_%s", spec->ident);
+    build_id(templates, out->spec_hash, out->variant_name, out->build_id);
     const int cuda = variant->backend == MOEGEN_BACKEND_CUDA;
     char source_name[128], header_name[128];
     snprintf(source_name, sizeof source_name, "%s.%s", out->symbol_prefix, cuda ? "cu" : "c");
@@ -190,7 +211,7 @@ static moegen_status generate(const moegen_spec *spec, const moegen_variant *var
     moegen_params *params = moegen_params_new();
     if (!params || add_spec_params(params, spec, out->spec_hash) ||
         add_variant_params(params, variant, out->variant_name) ||
-        add_gen_params(params, out->symbol_prefix, source_name, header_name)) {
+        add_gen_params(params, out->symbol_prefix, source_name, header_name, out->build_id)) {
         moegen_params_free(params);
         return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory building template parameters");
     }
@@ -312,10 +333,26 @@ static moegen_status write_atomically(const char *path, const char *text, size_t
     return MOEGEN_OK;
 }
 
+/* mkdir -p `dir` (0755 less the umask); 0, or -1 with errno. */
+static int make_directories(const char *dir) {
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s", dir) >= (int)sizeof path) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    for (char *p = path + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(path, 0755) != 0 && errno != EEXIST) return -1;
+        *p = '/';
+    }
+    return mkdir(path, 0755) != 0 && errno != EEXIST ? -1 : 0;
+}
+
 moegen_status moegen_generated_write(const moegen_generated *gen, const char *dir, int *n_written,
                                      moegen_error *err) {
     if (n_written) *n_written = 0;
-    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+    if (make_directories(dir) != 0)
         return moegen_error_set(err, MOEGEN_ERR_IO, errno, "%s: %s", dir, strerror(errno));
     for (int i = 0; i < gen->n_files; i++) {
         char path[4096];

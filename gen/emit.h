@@ -23,9 +23,10 @@
 #include "variant.h"
 
 #define MOEGEN_MAX_GENERATED_FILES 4
+#define MOEGEN_BUILD_ID_CHARS 16
 
 typedef struct moegen_generated_file {
-    char name[160]; /* file name, no directory: "moe_mixtral_8x7b_1a2b3c4d.c" (.cu for CUDA) */
+    char name[160]; /* file name, no directory: "moe_mixtral_8x7b.c" (.cu for CUDA) */
     char *text;
     size_t len;
     moegen_line_origin *origins; /* origins[i]: template line of output line i + 1 (rendered files) */
@@ -36,7 +37,12 @@ typedef struct moegen_generated {
     moegen_generated_file files[MOEGEN_MAX_GENERATED_FILES];
     int n_files;
     int main_file;          /* index of the translation unit to compile */
-    char symbol_prefix[96]; /* "moe_<ident>_<hash8>" */
+    char symbol_prefix[96]; /* "moe_<ident>": the file names' stem and every exported symbol's
+                               prefix, stable across spec edits (generate-and-link) */
+    char build_id[MOEGEN_BUILD_ID_CHARS + 1]; /* hex digest of (spec, variant, generator version,
+                               templates): the header's build pin refers to the symbol
+                               <prefix>_build_<build_id>, which only the matching source
+                               defines, so mixing generations is a link error */
     char variant_name[128];
     char spec_hash[65];
     moegen_variant variant; /* the variant the files were rendered with (a copy): a backend
@@ -61,7 +67,7 @@ void moegen_generated_annotate(const moegen_generated *gen, moegen_error *err);
  * or NULL when unknown. */
 const char *moegen_generated_origin(const moegen_generated_file *file, long line, char *buf, size_t size);
 
-/* Write the files into `dir` (created if missing), each only if its content
+/* Write the files into `dir` (created with its missing parents), each only if its content
  * differs from what is there (atomically: temp file + rename). *n_written (may be
  * NULL) receives the number of files actually written.
  * Returns MOEGEN_OK or MOEGEN_ERR_IO. */

@@ -12,6 +12,7 @@
 
 #include "cache.h"
 #include "cpu_module.h"
+#include "data_dir.h"
 #include "emit.h"
 #include "host_cc.h"
 #include "memory_limit.h"
@@ -153,11 +154,6 @@ static moegen_status load_module(const moegen_host_compiler *cc, const moegen_sp
 
 /* ---- Tuning databases (runtime/tuning_db.h) ------------------------------------------------ */
 
-/* The repository's databases; an installed moegen would point this at its data directory. */
-#ifndef MOEGEN_SHIPPED_TUNING_DIR
-#define MOEGEN_SHIPPED_TUNING_DIR NULL
-#endif
-
 static void warn_tuning(void *ctx, const char *message) {
     const moegen_open_options *o = ctx;
     if (o->log) o->log(o->log_user, MOEGEN_LOG_WARNING, message);
@@ -184,7 +180,9 @@ static int find_tuning(const moegen_spec *spec, const moegen_open_options *o, co
     const char *dirs[8];
     moegen_variant_shape_key(spec, MOEGEN_BACKEND_CPU, shape, sizeof shape);
     moegen_host_compiler_device(cc, device, sizeof device, family, sizeof family);
-    const int n_dirs = moegen_tuning_default_dirs(MOEGEN_SHIPPED_TUNING_DIR, dirs, 8, storage, sizeof storage);
+    char shipped[1024]; /* the databases shipped with moegen (runtime/data_dir.h) */
+    const int n_dirs = moegen_tuning_default_dirs(moegen_data_path("tuning", shipped, sizeof shipped) == 0 ? shipped : NULL,
+                                                  dirs, 8, storage, sizeof storage);
     moegen_tuning_rung rung = MOEGEN_TUNING_NONE;
     if (moegen_tuning_db_lookup(dirs, n_dirs, shape, device, family, db, &rung, source, sizeof source, warn_tuning,
                                 (void *)o) != MOEGEN_OK ||

@@ -59,7 +59,10 @@
 
 extern char **environ;
 
-#define BASE_FLAGS "-std=gnu11 -O3 -fPIC -shared -fopenmp -fno-math-errno"
+#define COMPILE_FLAGS "-std=gnu11 -O3 -fPIC -fopenmp -fno-math-errno"
+/* A module's own calls bind inside it (-Bsymbolic): a program that also links a generated
+ * layer of the same name (generate-and-link, stable names) cannot capture them. */
+#define MODULE_LINK_FLAGS "-shared -Wl,-Bsymbolic"
 #define AVX2_FLAGS "-mavx2 -mfma -mf16c"
 #define AVX512_FLAGS "-mavx512f -mavx512bw -mavx512vl -mavx2 -mfma -mf16c"
 #define AVX512_BF16_FLAGS "-mavx512bf16" /* vdpbf16ps: bf16 dot products (templates/cpu/gemm.c.tpl) */
@@ -334,26 +337,42 @@ static int cpu_has_amx_bf16(void) {
 #endif
 }
 
-static void choose_flags(moegen_host_compiler *hc) {
-    const char *extra = "";
-    hc->vector_floats = 4;
-    hc->bf16_dot = 0;
-    hc->amx = 0;
+void moegen_host_cpu_target(moegen_target *target) {
+    memset(target, 0, sizeof *target);
+    target->cpu_vector_floats = 4;
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
-        hc->bf16_dot = __builtin_cpu_supports("avx512bf16");
-        hc->amx = cpu_has_amx_bf16();
-        extra = hc->amx        ? " " AVX512_FLAGS " " AVX512_BF16_FLAGS " " AMX_FLAGS
-                : hc->bf16_dot ? " " AVX512_FLAGS " " AVX512_BF16_FLAGS
-                               : " " AVX512_FLAGS;
-        hc->vector_floats = 16;
+        target->cpu_vector_floats = 16;
+        target->cpu_bf16_dot = __builtin_cpu_supports("avx512bf16");
+        target->cpu_amx = cpu_has_amx_bf16();
     } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        extra = " " AVX2_FLAGS;
-        hc->vector_floats = 8;
+        target->cpu_vector_floats = 8;
     }
 #endif
-    snprintf(hc->flags, sizeof hc->flags, "%s%s", BASE_FLAGS, extra);
+}
+
+int moegen_host_target_compile_flags(const moegen_target *target, char *out, size_t size) {
+    const char *isa = "";
+    if (target->cpu_vector_floats >= 16)
+        isa = target->cpu_amx         ? " " AVX512_FLAGS " " AVX512_BF16_FLAGS " " AMX_FLAGS
+              : target->cpu_bf16_dot ? " " AVX512_FLAGS " " AVX512_BF16_FLAGS
+                                     : " " AVX512_FLAGS;
+    else if (target->cpu_vector_floats >= 8)
+        isa = " " AVX2_FLAGS;
+    const int n = snprintf(out, size, "%s%s", COMPILE_FLAGS, isa);
+    return n >= 0 && (size_t)n < size ? 0 : -1;
+}
+
+static void choose_flags(moegen_host_compiler *hc) {
+    moegen_target target;
+    moegen_host_cpu_target(&target);
+    hc->vector_floats = target.cpu_vector_floats;
+    hc->bf16_dot = target.cpu_bf16_dot;
+    hc->amx = target.cpu_amx;
+    char compile[sizeof hc->flags - sizeof MODULE_LINK_FLAGS - 1];
+    moegen_host_target_compile_flags(&target, compile, sizeof compile);
+    snprintf(hc->flags, sizeof hc->flags, "%s %s", compile, MODULE_LINK_FLAGS);
 }
 
 /* An error for a compiler that could not be run at all. */

@@ -37,6 +37,15 @@ typedef struct moegen_host_compiler {
  * compiler 'cc': '--version' did not answer within 30 s (killed; ...)"). */
 moegen_status moegen_host_compiler_probe(moegen_host_compiler *hc, moegen_error *err);
 
+/* What this CPU runs: its widest float vector, AVX-512 BF16, AMX-BF16 (gen/variant.h). */
+void moegen_host_cpu_target(moegen_target *target);
+
+/* The compile flags (no link flags) of generated C for `target`: "-std=gnu11 -O3 -fPIC
+ * -fopenmp -fno-math-errno" and the instruction-set flags. The one home of these flags: the
+ * runtime's modules add only "-shared -Wl,-Bsymbolic" to them, and `moegen gen` writes them
+ * beside the generated source (generate-and-link). 0, or -1 when `size` is too small. */
+int moegen_host_target_compile_flags(const moegen_target *target, char *out, size_t size);
+
 /* The variant target these flags give (gen/variant.h). */
 moegen_target moegen_host_compiler_target(const moegen_host_compiler *hc);
 

@@ -82,6 +82,18 @@ static workspace_layout layout_for(int64_t n_tokens) {
 
 /* ---- Exported functions ------------------------------------------------------------------ */
 
+/* The build pin's definition (${gen.header_name}). */
+const char ${P}_build_${gen.build_id}[] = "${gen.build_id}";
+
+const char *${P}_describe(void) {
+    return "${P}: spec sha256:${spec.hash}, variant ${variant.name}, moegen ${gen.version}, build ${gen.build_id}, "
+% if variant.cpu.gemm == "amx" then
+           "kernels " KERNEL_PATH_AMX " when the OS grants AMX, else " KERNEL_PATH;
+% else
+           "kernels " KERNEL_PATH;
+% end
+}
+
 const moegen_kernel_info *${P}_info(void) {
     static const moegen_kernel_info info = {
         MOEGEN_KERNEL_ABI_VERSION, "${spec.hash}", "${variant.name}",

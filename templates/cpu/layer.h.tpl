@@ -9,12 +9,27 @@
 
 #include "moegen_kernel_abi.h"
 
+/* What this header and its source were generated from. */
+#define ${gen.prefix:upper()}_SPEC_SHA256 "${spec.hash}"
+#define ${gen.prefix:upper()}_VARIANT "${variant.name}"
+#define ${gen.prefix:upper()}_MOEGEN_VERSION "${gen.version}"
+#define ${gen.prefix:upper()}_BUILD_ID "${gen.build_id}"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-/* What this module was generated for. */
+/* What this module was generated for, as a struct and as one line of text. */
 const moegen_kernel_info *${gen.prefix}_info(void);
+const char *${gen.prefix}_describe(void);
+
+/* The build pin: every file that includes this header refers to a symbol that only the
+ * source generated together with it defines. An object compiled from another generation
+ * of ${gen.source_name} (an edited spec, another variant or moegen version) does not
+ * link with code compiled against this header: the linker reports
+ * ${gen.prefix}_build_${gen.build_id} undefined. Regenerate and rebuild both. */
+extern const char ${gen.prefix}_build_${gen.build_id}[];
+static const char *const ${gen.prefix}_build_pin __attribute__((used, unused)) = ${gen.prefix}_build_${gen.build_id};
 
 /* Workspace bytes a forward over n_tokens tokens needs (64-byte aligned buffer). */
 size_t ${gen.prefix}_workspace_bytes(int64_t n_tokens);

@@ -5,7 +5,7 @@
  * variant:    cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a
  * regenerate: moegen gen <spec file> -o <dir>
  */
-#include "moe_demo_fc8b6e2a.h"
+#include "moe_demo.h"
 
 #include <float.h>
 #include <math.h>
@@ -1133,14 +1133,22 @@ static workspace_layout layout_for(int64_t n_tokens) {
 
 /* ---- Exported functions ------------------------------------------------------------------ */
 
-const moegen_kernel_info *moe_demo_fc8b6e2a_info(void) {
+/* The build pin's definition (moe_demo.h). */
+const char moe_demo_build_f2cf643c2ac34e73[] = "f2cf643c2ac34e73";
+
+const char *moe_demo_describe(void) {
+    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build f2cf643c2ac34e73, "
+           "kernels " KERNEL_PATH;
+}
+
+const moegen_kernel_info *moe_demo_info(void) {
     static const moegen_kernel_info info = {
         MOEGEN_KERNEL_ABI_VERSION, "fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437", "cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a",
         NUM_EXPERTS, TOP_K, HIDDEN, FFN, FFN_ROWS, 2 /* bf16 */, KERNEL_PATH};
     return &info;
 }
 
-size_t moe_demo_fc8b6e2a_workspace_bytes(int64_t n_tokens) {
+size_t moe_demo_workspace_bytes(int64_t n_tokens) {
     if (n_tokens < 0 || n_tokens > MAX_TOKENS) return 0;
     return layout_for(n_tokens).total;
 }
@@ -1243,7 +1251,7 @@ static void route_and_report(forward_state *st, moegen_kernel_outputs *out, int 
     out->z_loss = st->z_loss;
 }
 
-int moe_demo_fc8b6e2a_forward(const moegen_kernel_args *args) {
+int moe_demo_forward(const moegen_kernel_args *args) {
     forward_state st;
     int empty;
     int rc = begin_call(args, &st, &empty);
@@ -1255,7 +1263,7 @@ int moe_demo_fc8b6e2a_forward(const moegen_kernel_args *args) {
     return MOEGEN_KERNEL_OK;
 }
 
-int moe_demo_fc8b6e2a_route(const moegen_kernel_args *args, moegen_kernel_plan *plan) {
+int moe_demo_route(const moegen_kernel_args *args, moegen_kernel_plan *plan) {
     static const int64_t no_rows[NUM_EXPERTS + 1]; /* the plan of 0 tokens */
     if (!plan) return MOEGEN_KERNEL_EARG;
     memset(plan, 0, sizeof *plan);
@@ -1277,7 +1285,7 @@ int moe_demo_fc8b6e2a_route(const moegen_kernel_args *args, moegen_kernel_plan *
     return MOEGEN_KERNEL_OK;
 }
 
-int moe_demo_fc8b6e2a_experts(const moegen_kernel_expert_args *args) {
+int moe_demo_experts(const moegen_kernel_expert_args *args) {
     if (!args) return MOEGEN_KERNEL_EARG;
     if (args->abi_version != MOEGEN_KERNEL_ABI_VERSION) return MOEGEN_KERNEL_EABI;
     if (args->first_expert < 0 || args->n_experts < 0 || args->first_expert > NUM_EXPERTS - args->n_experts)
@@ -1290,7 +1298,7 @@ int moe_demo_fc8b6e2a_experts(const moegen_kernel_expert_args *args) {
     return run_routed_rows(args);
 }
 
-int moe_demo_fc8b6e2a_combine(const moegen_kernel_args *args) {
+int moe_demo_combine(const moegen_kernel_args *args) {
     forward_state st;
     int empty;
     int rc = begin_call(args, &st, &empty);
@@ -2002,7 +2010,7 @@ static void token_pass_b(const backward_state *bs, int64_t t, const float *aux_g
 
 /* ---- Entry points ------------------------------------------------------------------------ */
 
-size_t moe_demo_fc8b6e2a_backward_workspace_bytes(int64_t n_tokens) {
+size_t moe_demo_backward_workspace_bytes(int64_t n_tokens) {
     if (n_tokens < 0 || n_tokens > MAX_TOKENS) return 0;
     return backward_layout_for(n_tokens).total;
 }
@@ -2099,7 +2107,7 @@ static int backward_threads(const moegen_kernel_backward_args *args) {
     return args->n_threads > 0 ? args->n_threads : threads_for(args->forward);
 }
 
-int moe_demo_fc8b6e2a_backward_data(const moegen_kernel_backward_args *args) {
+int moe_demo_backward_data(const moegen_kernel_backward_args *args) {
     backward_state bs;
     int empty;
     int rc = begin_backward(args, &bs, &empty);
@@ -2117,7 +2125,7 @@ int moe_demo_fc8b6e2a_backward_data(const moegen_kernel_backward_args *args) {
 
 /* ---- The staged backward (expert parallelism, runtime/ep.c) ------------------------------ */
 
-int moe_demo_fc8b6e2a_backward_combine(const moegen_kernel_backward_args *args, moegen_kernel_backward_plan *plan) {
+int moe_demo_backward_combine(const moegen_kernel_backward_args *args, moegen_kernel_backward_plan *plan) {
     static const int64_t no_rows[NUM_EXPERTS + 1];
     if (!plan) return MOEGEN_KERNEL_EARG;
     memset(plan, 0, sizeof *plan);
@@ -2142,7 +2150,7 @@ int moe_demo_fc8b6e2a_backward_combine(const moegen_kernel_backward_args *args, 
     return MOEGEN_KERNEL_OK;
 }
 
-int moe_demo_fc8b6e2a_backward_route(const moegen_kernel_backward_args *args) {
+int moe_demo_backward_route(const moegen_kernel_backward_args *args) {
     backward_state bs;
     int empty;
     int rc = begin_backward(args, &bs, &empty);
@@ -2179,7 +2187,7 @@ static int expert_rows_problems(const moegen_kernel_expert_backward_args *a, bwd
     return a->n_experts;
 }
 
-int moe_demo_fc8b6e2a_backward_experts(const moegen_kernel_expert_backward_args *args) {
+int moe_demo_backward_experts(const moegen_kernel_expert_backward_args *args) {
     bwd_problem problems[NUM_EXPERTS];
     const int n = expert_rows_problems(args, problems);
     if (n < 0) return args && args->abi_version != MOEGEN_KERNEL_ABI_VERSION ? MOEGEN_KERNEL_EABI : MOEGEN_KERNEL_EARG;
@@ -2187,7 +2195,7 @@ int moe_demo_fc8b6e2a_backward_experts(const moegen_kernel_expert_backward_args 
     return MOEGEN_KERNEL_OK;
 }
 
-int moe_demo_fc8b6e2a_backward_experts_weights(const moegen_kernel_expert_backward_args *args) {
+int moe_demo_backward_experts_weights(const moegen_kernel_expert_backward_args *args) {
     bwd_problem problems[NUM_EXPERTS];
     const int n = expert_rows_problems(args, problems);
     if (n < 0) return args && args->abi_version != MOEGEN_KERNEL_ABI_VERSION ? MOEGEN_KERNEL_EABI : MOEGEN_KERNEL_EARG;
@@ -2221,7 +2229,7 @@ static void dense_weight_grad(const float *a, int64_t m_count, int64_t n_k, cons
     }
 }
 
-int moe_demo_fc8b6e2a_backward_weights(const moegen_kernel_backward_args *args) {
+int moe_demo_backward_weights(const moegen_kernel_backward_args *args) {
     backward_state bs;
     int empty;
     int rc = begin_backward(args, &bs, &empty);

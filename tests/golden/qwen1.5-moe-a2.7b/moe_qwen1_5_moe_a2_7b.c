@@ -5,7 +5,7 @@
  * variant:    cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a
  * regenerate: moegen gen <spec file> -o <dir>
  */
-#include "moe_qwen1_5_moe_a2_7b_499b563a.h"
+#include "moe_qwen1_5_moe_a2_7b.h"
 
 #include <float.h>
 #include <math.h>
@@ -1388,14 +1388,22 @@ static workspace_layout layout_for(int64_t n_tokens) {
 
 /* ---- Exported functions ------------------------------------------------------------------ */
 
-const moegen_kernel_info *moe_qwen1_5_moe_a2_7b_499b563a_info(void) {
+/* The build pin's definition (moe_qwen1_5_moe_a2_7b.h). */
+const char moe_qwen1_5_moe_a2_7b_build_585374ea832ea3ed[] = "585374ea832ea3ed";
+
+const char *moe_qwen1_5_moe_a2_7b_describe(void) {
+    return "moe_qwen1_5_moe_a2_7b: spec sha256:499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02, variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a, moegen 0.1.0, build 585374ea832ea3ed, "
+           "kernels " KERNEL_PATH;
+}
+
+const moegen_kernel_info *moe_qwen1_5_moe_a2_7b_info(void) {
     static const moegen_kernel_info info = {
         MOEGEN_KERNEL_ABI_VERSION, "499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02", "cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a",
         NUM_EXPERTS, TOP_K, HIDDEN, FFN, FFN_ROWS, 2 /* bf16 */, KERNEL_PATH};
     return &info;
 }
 
-size_t moe_qwen1_5_moe_a2_7b_499b563a_workspace_bytes(int64_t n_tokens) {
+size_t moe_qwen1_5_moe_a2_7b_workspace_bytes(int64_t n_tokens) {
     if (n_tokens < 0 || n_tokens > MAX_TOKENS) return 0;
     return layout_for(n_tokens).total;
 }
@@ -1502,7 +1510,7 @@ static void route_and_report(forward_state *st, moegen_kernel_outputs *out, int 
     out->z_loss = st->z_loss;
 }
 
-int moe_qwen1_5_moe_a2_7b_499b563a_forward(const moegen_kernel_args *args) {
+int moe_qwen1_5_moe_a2_7b_forward(const moegen_kernel_args *args) {
     forward_state st;
     int empty;
     int rc = begin_call(args, &st, &empty);
@@ -1514,7 +1522,7 @@ int moe_qwen1_5_moe_a2_7b_499b563a_forward(const moegen_kernel_args *args) {
     return MOEGEN_KERNEL_OK;
 }
 
-int moe_qwen1_5_moe_a2_7b_499b563a_route(const moegen_kernel_args *args, moegen_kernel_plan *plan) {
+int moe_qwen1_5_moe_a2_7b_route(const moegen_kernel_args *args, moegen_kernel_plan *plan) {
     static const int64_t no_rows[NUM_EXPERTS + 1]; /* the plan of 0 tokens */
     if (!plan) return MOEGEN_KERNEL_EARG;
     memset(plan, 0, sizeof *plan);
@@ -1536,7 +1544,7 @@ int moe_qwen1_5_moe_a2_7b_499b563a_route(const moegen_kernel_args *args, moegen_
     return MOEGEN_KERNEL_OK;
 }
 
-int moe_qwen1_5_moe_a2_7b_499b563a_experts(const moegen_kernel_expert_args *args) {
+int moe_qwen1_5_moe_a2_7b_experts(const moegen_kernel_expert_args *args) {
     if (!args) return MOEGEN_KERNEL_EARG;
     if (args->abi_version != MOEGEN_KERNEL_ABI_VERSION) return MOEGEN_KERNEL_EABI;
     if (args->first_expert < 0 || args->n_experts < 0 || args->first_expert > NUM_EXPERTS - args->n_experts)
@@ -1549,7 +1557,7 @@ int moe_qwen1_5_moe_a2_7b_499b563a_experts(const moegen_kernel_expert_args *args
     return run_routed_rows(args);
 }
 
-int moe_qwen1_5_moe_a2_7b_499b563a_combine(const moegen_kernel_args *args) {
+int moe_qwen1_5_moe_a2_7b_combine(const moegen_kernel_args *args) {
     forward_state st;
     int empty;
     int rc = begin_call(args, &st, &empty);
@@ -2412,7 +2420,7 @@ static void token_pass_b(const backward_state *bs, int64_t t, const float *aux_g
 
 /* ---- Entry points ------------------------------------------------------------------------ */
 
-size_t moe_qwen1_5_moe_a2_7b_499b563a_backward_workspace_bytes(int64_t n_tokens) {
+size_t moe_qwen1_5_moe_a2_7b_backward_workspace_bytes(int64_t n_tokens) {
     if (n_tokens < 0 || n_tokens > MAX_TOKENS) return 0;
     return backward_layout_for(n_tokens).total;
 }
@@ -2514,7 +2522,7 @@ static int backward_threads(const moegen_kernel_backward_args *args) {
     return args->n_threads > 0 ? args->n_threads : threads_for(args->forward);
 }
 
-int moe_qwen1_5_moe_a2_7b_499b563a_backward_data(const moegen_kernel_backward_args *args) {
+int moe_qwen1_5_moe_a2_7b_backward_data(const moegen_kernel_backward_args *args) {
     backward_state bs;
     int empty;
     int rc = begin_backward(args, &bs, &empty);
@@ -2532,7 +2540,7 @@ int moe_qwen1_5_moe_a2_7b_499b563a_backward_data(const moegen_kernel_backward_ar
 
 /* ---- The staged backward (expert parallelism, runtime/ep.c) ------------------------------ */
 
-int moe_qwen1_5_moe_a2_7b_499b563a_backward_combine(const moegen_kernel_backward_args *args, moegen_kernel_backward_plan *plan) {
+int moe_qwen1_5_moe_a2_7b_backward_combine(const moegen_kernel_backward_args *args, moegen_kernel_backward_plan *plan) {
     static const int64_t no_rows[NUM_EXPERTS + 1];
     if (!plan) return MOEGEN_KERNEL_EARG;
     memset(plan, 0, sizeof *plan);
@@ -2557,7 +2565,7 @@ int moe_qwen1_5_moe_a2_7b_499b563a_backward_combine(const moegen_kernel_backward
     return MOEGEN_KERNEL_OK;
 }
 
-int moe_qwen1_5_moe_a2_7b_499b563a_backward_route(const moegen_kernel_backward_args *args) {
+int moe_qwen1_5_moe_a2_7b_backward_route(const moegen_kernel_backward_args *args) {
     backward_state bs;
     int empty;
     int rc = begin_backward(args, &bs, &empty);
@@ -2594,7 +2602,7 @@ static int expert_rows_problems(const moegen_kernel_expert_backward_args *a, bwd
     return a->n_experts;
 }
 
-int moe_qwen1_5_moe_a2_7b_499b563a_backward_experts(const moegen_kernel_expert_backward_args *args) {
+int moe_qwen1_5_moe_a2_7b_backward_experts(const moegen_kernel_expert_backward_args *args) {
     bwd_problem problems[NUM_EXPERTS];
     const int n = expert_rows_problems(args, problems);
     if (n < 0) return args && args->abi_version != MOEGEN_KERNEL_ABI_VERSION ? MOEGEN_KERNEL_EABI : MOEGEN_KERNEL_EARG;
@@ -2602,7 +2610,7 @@ int moe_qwen1_5_moe_a2_7b_499b563a_backward_experts(const moegen_kernel_expert_b
     return MOEGEN_KERNEL_OK;
 }
 
-int moe_qwen1_5_moe_a2_7b_499b563a_backward_experts_weights(const moegen_kernel_expert_backward_args *args) {
+int moe_qwen1_5_moe_a2_7b_backward_experts_weights(const moegen_kernel_expert_backward_args *args) {
     bwd_problem problems[NUM_EXPERTS];
     const int n = expert_rows_problems(args, problems);
     if (n < 0) return args && args->abi_version != MOEGEN_KERNEL_ABI_VERSION ? MOEGEN_KERNEL_EABI : MOEGEN_KERNEL_EARG;
@@ -2636,7 +2644,7 @@ static void dense_weight_grad(const float *a, int64_t m_count, int64_t n_k, cons
     }
 }
 
-int moe_qwen1_5_moe_a2_7b_499b563a_backward_weights(const moegen_kernel_backward_args *args) {
+int moe_qwen1_5_moe_a2_7b_backward_weights(const moegen_kernel_backward_args *args) {
     backward_state bs;
     int empty;
     int rc = begin_backward(args, &bs, &empty);
