@@ -25,10 +25,10 @@ export MOEGEN_CACHE_DIR=$(mktemp -d /tmp/moegen-bench-cache-XXXXXX)
 for spec in $specs; do
     cmd="$moegen bench specs/$spec.yaml --device cuda --tokens 1 --repeat 1"
     echo "$cmd   # cold compile (empty cache)" >> "$out/commands.txt"
-    timeout 300 $cmd > "$out/$spec.cold.log" 2> "$out/$spec.cold.jsonl"
+    timeout 300 $cmd --json > "$out/$spec.cold.jsonl" 2> "$out/$spec.cold.log"
     cmd="$moegen bench specs/$spec.yaml --device cuda --tokens $tokens --repeat 20"
     echo "$cmd" >> "$out/commands.txt"
-    timeout 300 $cmd > "$out/$spec.moegen.log" 2> "$out/$spec.moegen.jsonl" || echo "moegen bench $spec failed (exit $?)" >> "$out/$spec.moegen.log"
+    timeout 300 $cmd --json > "$out/$spec.moegen.jsonl" 2> "$out/$spec.moegen.log" || echo "moegen bench $spec failed (exit $?)" >> "$out/$spec.moegen.log"
     cmd="python3 bench/anchors.py specs/$spec.yaml --tokens $tokens --repeat 10"
     echo "$cmd" >> "$out/commands.txt"
     timeout 300 $cmd > "$out/$spec.anchors.jsonl" 2> "$out/$spec.anchors.log" || echo "anchors $spec failed (exit $?)" >> "$out/$spec.anchors.log"

@@ -8,6 +8,10 @@
  *     the same ranks (the rows out in the layer dtype and back in fp32, split evenly
  *     over the other ranks), so the layer's own overhead around the transport shows.
  * "dispatch" is the counts exchange plus both row exchanges (ep.h, steps 2, 3 and 5).
+ * Output as `moegen bench` (moegen_cli_bench_output, cli.h): the table on stdout, or with
+ * --json one JSON object per token count and rank on stdout and the table on stderr; the
+ * notices on stderr; --plot: time per call and tokens/s of every rank against the tokens
+ * per rank.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +22,7 @@
 #include "cli.h"
 #include "comm.h"
 #include "forward_io.h"
+#include "plot_svg.h"
 #include "ranks.h"
 #include "tensors.h"
 
@@ -79,9 +84,54 @@ done:
     return result;
 }
 
-int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const long long *counts, int n_counts,
-                        long long repeat, long long seed, int threads, const char *cache_dir,
-                        const char *variant) {
+/* --plot FILE: the median time and tokens/s of every rank (all_rows: [n_counts][P]). */
+static int write_ep_plot(const char *path, const moegen_spec *spec, const moegen_layer_desc *desc, int P,
+                         long long repeat, const ep_row *all_rows, int n_counts) {
+    const size_t points = (size_t)n_counts * P;
+    double *values = calloc(points * 3 + 1, sizeof *values); /* tokens, ms, tokens/s by rank */
+    cli_plot_series *series = calloc((size_t)P * 2, sizeof *series);
+    char *labels = calloc((size_t)P, 16);
+    int rc = 0;
+    if (!values || !series || !labels) {
+        rc = moegen_cli_error("bench: --plot: out of memory");
+        goto done;
+    }
+    for (int r = 0; r < P; r++) {
+        double *x = values + (size_t)r * n_counts, *ms = x + points, *rate = ms + points;
+        for (int c = 0; c < n_counts; c++) {
+            const ep_row *row = &all_rows[(size_t)c * P + r];
+            x[c] = (double)row->tokens;
+            ms[c] = row->median_ms;
+            rate[c] = row->tokens / (row->median_ms / 1e3);
+        }
+        snprintf(labels + 16 * r, 16, "rank %d", r);
+        series[r] = (cli_plot_series){labels + 16 * r, x, ms, n_counts, 0};
+        series[P + r] = (cli_plot_series){labels + 16 * r, x, rate, n_counts, 0};
+    }
+    const cli_plot_panel panels[2] = {{"time per call (ms)", 1, series, P}, {"throughput (tokens/s)", 1, series + P, P}};
+    char title[512], subtitle[512];
+    snprintf(title, sizeof title, "moegen bench: %s (%s) on %d CPU ranks", spec->name, moegen_dtype_name(spec->dtype),
+             P);
+    snprintf(subtitle, sizeof subtitle, "median of %lld calls after a warm-up; threads per rank: %d; no floor on the CPU",
+             repeat, desc->n_threads);
+    const cli_plot_line_chart chart = {.title = title, .subtitle = subtitle, .x_label = "tokens per rank per call",
+                                       .log_x = 1, .panels = panels, .n_panels = 2};
+    char *svg = cli_plot_line_svg(&chart), why[512];
+    if (!svg) rc = moegen_cli_error("bench: --plot: out of memory");
+    else if (cli_plot_write(path, svg, why, sizeof why) != 0) rc = moegen_cli_error("bench: --plot: %s", why);
+    else fprintf(stderr, "plot written to %s\n", path);
+    free(svg);
+done:
+    free(values);
+    free(series);
+    free(labels);
+    return rc;
+}
+
+int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const long long *counts,
+                               int n_counts, long long repeat, long long seed, int threads, const char *cache_dir,
+                               const char *variant, const moegen_cli_bench_output *output) {
+    FILE *table = output->json ? stderr : stdout; /* stdout: the table, or the JSON lines alone */
     cli_ranks ranks;
     if (cli_ranks_start(&ranks, spec->ep_size)) return 1;
     long long max_tokens = 0;
@@ -94,7 +144,8 @@ int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const lo
     double *times = calloc((size_t)repeat, sizeof *times);
     double *stage[5] = {NULL};
     for (int i = 0; i < 5; i++) stage[i] = calloc((size_t)repeat, sizeof(double));
-    ep_row *rows = ranks.rank == 0 ? calloc((size_t)ranks.size, sizeof *rows) : NULL;
+    /* rank 0: every rank's row of every token count, [n_counts][P] */
+    ep_row *all_rows = ranks.rank == 0 ? calloc((size_t)n_counts * ranks.size, sizeof *all_rows) : NULL;
     void *y = calloc((size_t)max_tokens * spec->hidden_size + 1, moegen_dtype_size(spec->dtype));
     moegen_error err;
     moegen_open_options options;
@@ -104,7 +155,7 @@ int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const lo
     options.variant = variant;
     options.n_threads = threads;
     options.comm = ranks.comm;
-    if (!times || !stage[4] || !y || (ranks.rank == 0 && !rows)) goto done;
+    if (!times || !stage[4] || !y || (ranks.rank == 0 && !all_rows)) goto done;
     if (moegen_layer_open_file(spec_path, &options, &layer, &err) != MOEGEN_OK) {
         moegen_cli_error("rank %d: %s", ranks.rank, err.message);
         goto done;
@@ -122,12 +173,19 @@ int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const lo
         moegen_cli_error("rank %d: %s", ranks.rank, err.message);
         goto done;
     }
+    char name_json[160], transport_json[160], variant_json[320], kernels_json[240];
+    moegen_cli_json_text(spec->name, name_json, sizeof name_json);
+    moegen_cli_json_text(ranks.comm->transport, transport_json, sizeof transport_json);
+    moegen_cli_json_text(desc.variant, variant_json, sizeof variant_json);
+    moegen_cli_json_text(desc.kernel_path, kernels_json, sizeof kernels_json);
     if (ranks.rank == 0) {
-        printf("moegen bench: %s on %d CPU ranks (%s), variant %s, kernels %s, %d threads per rank\n", spec->name,
-               ranks.size, ranks.comm->transport, desc.variant, desc.kernel_path, desc.n_threads);
-        printf("| tokens/rank | rank | median | route | dispatch | experts | combine | sent | received | "
-               "exchange/compute | bare all-to-all-v | exchange/bare |\n");
-        printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        fprintf(stderr, "moegen bench: %s on %d CPU ranks (%s), variant %s, kernels %s, %d threads per rank "
+                "(module %s in %.0f ms)\n", spec->name, ranks.size, ranks.comm->transport, desc.variant,
+                desc.kernel_path, desc.n_threads, desc.cache_hit ? "loaded from the cache" : "compiled",
+                desc.compile_ms);
+        fprintf(table, "| tokens/rank | rank | median | route | dispatch | experts | combine | sent | received | "
+                "exchange/compute | bare all-to-all-v | exchange/bare |\n");
+        fprintf(table, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     }
     for (int c = 0; c < n_counts; c++) {
         const int64_t S = counts[c];
@@ -154,17 +212,33 @@ int moegen_cli_bench_ep(const moegen_spec *spec, const char *spec_path, const lo
         /* the same bytes: this rank's rows out in the layer dtype, the rows it received back in fp32 */
         mine.bare_ms = bare_exchange_ms(ranks.comm, (uint64_t)stats.rows_sent * row_out,
                                         (uint64_t)stats.rows_received * row_back, repeat, stage[4]);
+        ep_row *rows = all_rows ? all_rows + (size_t)c * ranks.size : NULL;
         if (cli_ranks_gather(&ranks, &mine, rows, sizeof mine) != 0) goto done;
         for (int r = 0; rows && r < ranks.size; r++) {
             const ep_row *x = &rows[r];
             const double compute = x->route_ms + x->experts_ms + x->combine_ms;
-            printf("| %lld | %d | %.3f ms | %.3f | %.3f | %.3f | %.3f | %llu B | %llu B | %.2f | %.3f ms | %.2f |\n",
-                   x->tokens, r, x->median_ms, x->route_ms, x->dispatch_ms, x->experts_ms, x->combine_ms, x->sent,
-                   x->received, compute > 0 ? x->dispatch_ms / compute : 0.0, x->bare_ms,
-                   x->bare_ms > 0 ? x->dispatch_ms / x->bare_ms : 0.0);
+            const double per_compute = compute > 0 ? x->dispatch_ms / compute : 0.0;
+            const double per_bare = x->bare_ms > 0 ? x->dispatch_ms / x->bare_ms : 0.0;
+            fprintf(table, "| %lld | %d | %.3f ms | %.3f | %.3f | %.3f | %.3f | %llu B | %llu B | %.2f | %.3f ms | %.2f |\n",
+                    x->tokens, r, x->median_ms, x->route_ms, x->dispatch_ms, x->experts_ms, x->combine_ms, x->sent,
+                    x->received, per_compute, x->bare_ms, per_bare);
+            if (output->json)
+                printf("{\"spec\": %s, \"dtype\": \"%s\", \"device\": \"cpu\", \"ranks\": %d, \"transport\": %s, "
+                       "\"variant\": %s, \"kernels\": %s, \"threads\": %d, \"tokens\": %lld, \"rank\": %d, "
+                       "\"median_ms\": %.6f, \"tokens_per_s\": %.6g, \"route_ms\": %.6f, \"dispatch_ms\": %.6f, "
+                       "\"experts_ms\": %.6f, \"combine_ms\": %.6f, \"bytes_sent\": %llu, \"bytes_received\": %llu, "
+                       "\"exchange_per_compute\": %.4f, \"bare_alltoallv_ms\": %.6f, \"exchange_per_bare\": %.4f, "
+                       "\"compile_ms\": %.3f, \"cache_hit\": %d}\n",
+                       name_json, moegen_dtype_name(spec->dtype), ranks.size, transport_json, variant_json,
+                       kernels_json, desc.n_threads, x->tokens, r, x->median_ms, x->tokens / (x->median_ms / 1e3),
+                       x->route_ms, x->dispatch_ms, x->experts_ms, x->combine_ms, x->sent, x->received, per_compute,
+                       x->bare_ms, per_bare, desc.compile_ms, desc.cache_hit);
         }
         fflush(stdout);
     }
+    if (all_rows && output->plot_path &&
+        write_ep_plot(output->plot_path, spec, &desc, ranks.size, repeat, all_rows, n_counts))
+        goto done;
     rc = 0;
 done:
     rc = cli_ranks_all_ok(&ranks, rc == 0) ? rc : 1;
@@ -173,7 +247,7 @@ done:
     moe_tensors_free(&own);
     free(times);
     for (int i = 0; i < 5; i++) free(stage[i]);
-    free(rows);
+    free(all_rows);
     free(y);
     cli_ranks_stop(&ranks);
     return rc;

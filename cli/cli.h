@@ -29,7 +29,22 @@ double moegen_cli_median(double *values, long long n);
 int moegen_cli_run(int argc, char **argv);
 int moegen_cli_bench(int argc, char **argv);
 
+/* `text` as a JSON string, quotes included, in buffer (cut short, still valid, when it does
+ * not fit); returns buffer (cli/run.c). */
+const char *moegen_cli_json_text(const char *text, char *buffer, int size);
+
+/* Where `moegen bench` writes its results. json = 0: the table on stdout; json = 1: stdout
+ * holds JSON lines only (one object per measurement) and the table goes to stderr. Notices
+ * go to stderr either way. plot_path, when not NULL: an SVG chart of the results. */
+typedef struct moegen_cli_bench_output {
+    int json;
+    const char *plot_path;
+} moegen_cli_bench_output;
+
 /* `moegen tune` (cli/tune.c). */
 int moegen_cli_tune(int argc, char **argv);
+
+/* `moegen import-hf` (cli/import_hf.c). */
+int moegen_cli_import_hf(int argc, char **argv);
 
 #endif

@@ -23,6 +23,7 @@
 #include "memory_limit.h"
 #include "moegen.h"
 #include "npy.h"
+#include "plot_svg.h"
 #include "ranks.h"
 #include "run_cuda.h"
 #include "spec.h"
@@ -35,7 +36,8 @@ static const char usage_run[] =
     "Compile SPEC (or take it from the cache), run the forward on random inputs and\n"
     "weights (or tensors loaded with --load), verify the result against the\n"
     "independent double-precision reference, and print time, tokens/s, GFLOP/s and\n"
-    "the load of every expert. Exits 1 if verification fails.\n"
+    "the load of every expert (on the GPU also TFLOP/s, TB/s and the % of the floor of\n"
+    "docs/performance.md). Exits 1 if verification fails.\n"
     "\n"
     "options:\n"
     "  --tokens N          tokens per forward (default 256; ignored with --load)\n"
@@ -44,7 +46,10 @@ static const char usage_run[] =
     "  --load DIR          read x and the weights from .npy files in DIR\n"
     "  --device D          cpu, cuda or auto (default auto: CUDA when a GPU is usable)\n"
     "  --arch sm_XX        cuda: compile for this architecture (default: the device's)\n"
-    "  --json              also print one JSON line with the measurements\n"
+    "  --json              also print one JSON line with the measurements, last on stdout\n"
+    "                      (floor_ms only on the GPU)\n"
+    "  --plot FILE         write an SVG bar chart of the routes of every expert before and\n"
+    "                      after capacity, with the capacity line unless dropless\n"
     "  --no-verify         skip the comparison with the reference (benchmarks)\n"
     "  --threads N         CPU threads (default: all)\n"
     "  --mode M            train or eval (default: the spec's)\n"
@@ -79,6 +84,28 @@ int moegen_cli_parse_int(const char *text, const char *option, long long min, lo
     return 0;
 }
 
+const char *moegen_cli_json_text(const char *text, char *buffer, int size) {
+    int n = 0;
+    buffer[n++] = '"';
+    for (const unsigned char *p = (const unsigned char *)(text ? text : ""); *p; p++) {
+        char item[8];
+        if (*p == '"' || *p == '\\') snprintf(item, sizeof item, "\\%c", *p);
+        else if (*p < 0x20) snprintf(item, sizeof item, "\\u%04x", *p);
+        else snprintf(item, sizeof item, "%c", *p);
+        const int length = (int)strlen(item);
+        if (n + length + 2 > size) { /* room for the closing quote and the NUL; no half character */
+            while (n > 1 && ((unsigned char)buffer[n - 1] & 0xC0) == 0x80) n--;
+            if (n > 1 && (unsigned char)buffer[n - 1] >= 0xC0) n--;
+            break;
+        }
+        memcpy(buffer + n, item, (size_t)length);
+        n += length;
+    }
+    buffer[n++] = '"';
+    buffer[n] = '\0';
+    return buffer;
+}
+
 int moegen_cli_parse_int_list(const char *text, const char *option, long long min, long long max, long long *out,
                               int capacity) {
     int n = 0;
@@ -102,7 +129,7 @@ int moegen_cli_parse_int_list(const char *text, const char *option, long long mi
 }
 
 typedef struct run_options {
-    const char *spec_path, *save_dir, *load_dir, *cache_dir, *arch, *variant;
+    const char *spec_path, *save_dir, *load_dir, *cache_dir, *arch, *variant, *plot_path;
     int no_tuning;
     long long tokens, seed, threads, repeat, verify_tokens, rng_offset;
     int device, mode, json, no_verify, backward;
@@ -169,6 +196,7 @@ static int parse_run_options(int argc, char **argv, run_options *o) {
         else if (!strcmp(a, "--cache-dir")) o->cache_dir = value;
         else if (!strcmp(a, "--arch")) o->arch = value;
         else if (!strcmp(a, "--variant")) o->variant = value;
+        else if (!strcmp(a, "--plot")) o->plot_path = value;
         else if (!strcmp(a, "--device")) {
             if (!strcmp(value, "cpu")) o->device = MOEGEN_DEVICE_CPU;
             else if (!strcmp(value, "cuda")) o->device = MOEGEN_DEVICE_CUDA;
@@ -186,6 +214,9 @@ static int parse_run_options(int argc, char **argv, run_options *o) {
     if (!o->spec_path) return moegen_cli_error("run: usage: moegen run SPEC [options] (see --help)");
     if ((o->aux_coeff != 0.0 || o->z_coeff != 0.0) && !o->backward)
         return moegen_cli_error("run: --aux-coeff and --z-coeff only mean something with --backward");
+    char why[512];
+    if (o->plot_path && cli_plot_check_path(o->plot_path, why, sizeof why) != 0) /* before the long work */
+        return moegen_cli_error("run: --plot: %s", why);
     return 0;
 }
 
@@ -421,6 +452,42 @@ static void print_load(const moegen_spec *spec, const int64_t *before, const int
            (long long)min, (double)total / E, (long long)max, (long long)idle);
 }
 
+/* --plot FILE of `moegen run`: the routes of every expert before and after capacity, and
+ * the capacity line unless the layer is dropless. Returns 0, or 1 after an error. */
+static int write_load_plot(const char *path, const moegen_spec *spec, const char *device, int64_t S,
+                           const run_outputs *out, int n_ranks) {
+    const int E = spec->num_experts;
+    double *values = calloc((size_t)E * 2, sizeof *values);
+    if (!values) return moegen_cli_error("run: --plot: out of memory");
+    for (int e = 0; e < E; e++) {
+        values[e] = (double)out->counts_before[e];
+        values[E + e] = (double)out->counts_after[e];
+    }
+    char title[512], subtitle[512], capacity[96], ranks[64] = "";
+    snprintf(title, sizeof title, "moegen run: %s (%s) on %s", spec->name, moegen_dtype_name(spec->dtype), device);
+    if (n_ranks > 1) snprintf(ranks, sizeof ranks, "; rank 0's tokens of %d ranks", n_ranks);
+    if (out->stats.capacity < 0) snprintf(capacity, sizeof capacity, "dropless");
+    else snprintf(capacity, sizeof capacity, "capacity %lld per expert", (long long)out->stats.capacity);
+    snprintf(subtitle, sizeof subtitle, "%lld tokens, top-%d of %d experts; %s, %lld routes dropped%s", (long long)S,
+             spec->top_k, E, capacity, (long long)out->stats.n_dropped, ranks);
+    const cli_plot_bars bars[2] = {{"routes before capacity", values}, {"routes after capacity", values + E}};
+    char line_label[96];
+    snprintf(line_label, sizeof line_label, "capacity (%lld)", (long long)out->stats.capacity);
+    const cli_plot_bar_chart chart = {
+        .title = title, .subtitle = subtitle, .x_label = "expert", .y_label = "routes",
+        .category_name = "expert", .n_categories = E, .series = bars, .n_series = 2,
+        .line_label = out->stats.capacity >= 0 ? line_label : NULL, .line_value = (double)out->stats.capacity,
+    };
+    char *svg = cli_plot_bar_svg(&chart), why[512];
+    free(values);
+    int rc = 0;
+    if (!svg) rc = moegen_cli_error("run: --plot: out of memory");
+    else if (cli_plot_write(path, svg, why, sizeof why) != 0) rc = moegen_cli_error("run: --plot: %s", why);
+    else printf("  plot of the expert load written to %s\n", path);
+    free(svg);
+    return rc;
+}
+
 /* Spread-out sample of `count` tokens among S (all when count >= S). */
 static uint8_t *token_sample(int64_t S, int64_t count) {
     uint8_t *mask = calloc((size_t)(S > 0 ? S : 1), 1);
@@ -471,6 +538,7 @@ int moegen_cli_run(int argc, char **argv) {
     double *times = NULL;
     cuda_run gpu;
     memset(&gpu, 0, sizeof gpu);
+    int plot_failed = 0;
 
     if (check_fits("run", &spec, S)) goto done;
 
@@ -593,6 +661,8 @@ int moegen_cli_run(int argc, char **argv) {
     printf("; %lld routes dropped; aux loss %.6g; z loss %.6g\n", (long long)out.stats.n_dropped,
            out.stats.aux_loss, out.stats.z_loss);
     print_load(&spec, out.counts_before, out.counts_after);
+    if (o.plot_path) /* a failure fails the run at the end; the other ranks go on meanwhile */
+        plot_failed = write_load_plot(o.plot_path, &spec, on_gpu ? gpu.info.name : "cpu", S, &out, ranks.size);
 report_done:;
 
     /* Verify: the reference's expert work grows with tokens; sample when it is big. */
@@ -654,15 +724,20 @@ report_done:;
                                    .verify = !o.no_verify};
         if (cli_train_step(layer, &spec, &ts, &train) != 0) rc = 1;
     }
-    if (o.json && chatty)
-        printf("{\"spec\": \"%s\", \"device\": \"%s\", \"variant\": \"%s\", \"kernels\": \"%s\", "
+    if (o.json && chatty) {
+        char name[160], device[320], variant[320], kernels[240], floor_field[48] = "";
+        if (on_gpu) snprintf(floor_field, sizeof floor_field, "\"floor_ms\": %.6f, ", floor_ms); /* a GPU floor */
+        printf("{\"spec\": %s, \"dtype\": \"%s\", \"device\": %s, \"variant\": %s, \"kernels\": %s, "
                "\"tokens\": %lld, \"median_ms\": %.6f, \"min_ms\": %.6f, \"flops\": %.6g, \"bytes\": %.6g, "
-               "\"floor_ms\": %.6f, \"compile_ms\": %.3f, \"cache_hit\": %d, \"verified\": %s, "
-               "\"max_scaled_error\": %.4g}\n",
-               spec.name, on_gpu ? gpu.info.name : "cpu", desc.variant, desc.kernel_path, (long long)S, median_ms,
-               times[0], flops,
-               bytes, floor_ms, desc.compile_ms, desc.cache_hit, o.no_verify ? "null" : (rc == 0 ? "true" : "false"),
-               report.max_scaled_error);
+               "%s\"compile_ms\": %.3f, \"cache_hit\": %d, \"verified\": %s, \"max_scaled_error\": %.4g}\n",
+               moegen_cli_json_text(spec.name, name, sizeof name), moegen_dtype_name(spec.dtype),
+               moegen_cli_json_text(on_gpu ? gpu.info.name : "cpu", device, sizeof device),
+               moegen_cli_json_text(desc.variant, variant, sizeof variant),
+               moegen_cli_json_text(desc.kernel_path, kernels, sizeof kernels), (long long)S, median_ms, times[0],
+               flops, bytes, floor_field, desc.compile_ms, desc.cache_hit,
+               o.no_verify ? "null" : (rc == 0 ? "true" : "false"), report.max_scaled_error);
+    }
+    if (plot_failed) rc = 1;
 
 done:
     if (ranks.size > 1 && !moegen_comm_broken(ranks.comm)) rc = cli_ranks_all_ok(&ranks, rc == 0) ? 0 : 1;
@@ -689,12 +764,21 @@ static const char usage_bench[] =
     "\n"
     "Time the forward of SPEC at several token counts in one process (weights are made\n"
     "once): median and min over --repeat runs after a warm-up (CUDA events on the GPU),\n"
-    "tokens/s, TFLOP/s, effective TB/s and, on the GPU, the percentage of the floor of\n"
-    "docs/performance.md. Prints a table and one JSON line per token count. It does\n"
-    "not verify: use `moegen run` for that.\n"
+    "tokens/s and GFLOP/s; on the GPU TFLOP/s, effective TB/s and the percentage of the\n"
+    "floor of docs/performance.md instead (the floor is a GPU one: not shown on the CPU).\n"
+    "It does not verify: use `moegen run` for that.\n"
+    "\n"
+    "output:\n"
+    "  stdout              the table (markdown), one row per token count\n"
+    "  stdout with --json  JSON lines only, one object per token count (per token count\n"
+    "                      and rank for ep_size > 1); the table goes to stderr\n"
+    "  stderr              always: the notices (module, cache, tuning) and errors\n"
     "\n"
     "options:\n"
     "  --tokens LIST       comma-separated token counts (required)\n"
+    "  --json              stdout: JSON lines only (see output)\n"
+    "  --plot FILE         write an SVG chart: time per call and tokens/s against the\n"
+    "                      token count (log scales), with the floor on the GPU\n"
     "  --device D          cpu, cuda or auto (default auto)\n"
     "  --arch sm_XX        cuda: compile for this architecture\n"
     "  --repeat N          timed forwards per token count (default 20)\n"
@@ -706,6 +790,39 @@ static const char usage_bench[] =
     "  --no-tuning         the default variant even where a tuning database exists\n"
     "                      (docs/tuning.md)\n";
 
+/* --plot FILE of `moegen bench`: time per call and tokens/s against the token count, with
+ * the floor (and the throughput it allows) when there is one (floor_ms NULL: none). */
+static int write_bench_plot(const char *path, const moegen_spec *spec, const char *device, int tuned,
+                            long long repeat, const double *tokens, const double *median_ms, const double *floor_ms,
+                            int n) {
+    double per_s[32], floor_per_s[32];
+    for (int i = 0; i < n; i++) {
+        per_s[i] = tokens[i] / (median_ms[i] / 1e3);
+        floor_per_s[i] = floor_ms ? tokens[i] / (floor_ms[i] / 1e3) : 0.0;
+    }
+    const cli_plot_series time_series[2] = {{"median", tokens, median_ms, n, 0},
+                                            {"floor (docs/performance.md)", tokens, floor_ms, n, 1}};
+    const cli_plot_series rate_series[2] = {{"median", tokens, per_s, n, 0},
+                                            {"at the floor", tokens, floor_per_s, n, 1}};
+    const int n_series = floor_ms ? 2 : 1;
+    const cli_plot_panel panels[2] = {{"time per call (ms)", 1, time_series, n_series},
+                                      {"throughput (tokens/s)", 1, rate_series, n_series}};
+    char title[512], subtitle[512];
+    snprintf(title, sizeof title, "moegen bench: %s (%s) on %s", spec->name, moegen_dtype_name(spec->dtype), device);
+    snprintf(subtitle, sizeof subtitle, "median of %lld calls after a warm-up; %s%s", repeat,
+             tuned ? "the tuned variant of each token count" : "one variant",
+             floor_ms ? "; dashed: the floor of docs/performance.md" : "; no floor on the CPU");
+    const cli_plot_line_chart chart = {.title = title, .subtitle = subtitle, .x_label = "tokens per call",
+                                       .log_x = 1, .panels = panels, .n_panels = 2};
+    char *svg = cli_plot_line_svg(&chart), why[512];
+    int rc = 0;
+    if (!svg) rc = moegen_cli_error("bench: --plot: out of memory");
+    else if (cli_plot_write(path, svg, why, sizeof why) != 0) rc = moegen_cli_error("bench: --plot: %s", why);
+    else fprintf(stderr, "plot written to %s\n", path);
+    free(svg);
+    return rc;
+}
+
 int moegen_cli_bench(int argc, char **argv) {
     if (moegen_cli_wants_help(argc, argv)) {
         fputs(usage_bench, stdout);
@@ -714,6 +831,7 @@ int moegen_cli_bench(int argc, char **argv) {
     const char *spec_path = NULL, *token_list = NULL, *arch = NULL, *cache_dir = NULL, *variant = NULL;
     long long repeat = 20, seed = 1, threads = 0;
     int device = MOEGEN_DEVICE_AUTO, no_tuning = 0;
+    moegen_cli_bench_output output = {0, NULL};
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
         if (a[0] != '-') {
@@ -721,8 +839,8 @@ int moegen_cli_bench(int argc, char **argv) {
             spec_path = a;
             continue;
         }
-        if (!strcmp(a, "--no-tuning")) {
-            no_tuning = 1;
+        if (!strcmp(a, "--no-tuning") || !strcmp(a, "--json")) {
+            *(a[2] == 'j' ? &output.json : &no_tuning) = 1;
             continue;
         }
         if (!value) return moegen_cli_error("bench: option %s needs a value", a);
@@ -731,6 +849,7 @@ int moegen_cli_bench(int argc, char **argv) {
         else if (!strcmp(a, "--arch")) arch = value;
         else if (!strcmp(a, "--cache-dir")) cache_dir = value;
         else if (!strcmp(a, "--variant")) variant = value;
+        else if (!strcmp(a, "--plot")) output.plot_path = value;
         else if (!strcmp(a, "--repeat")) { if (moegen_cli_parse_int(value, a, 1, 100000, &repeat)) return 1; }
         else if (!strcmp(a, "--seed")) { if (moegen_cli_parse_int(value, a, 0, LLONG_MAX, &seed)) return 1; }
         else if (!strcmp(a, "--threads")) { if (moegen_cli_parse_int(value, a, 1, 4096, &threads)) return 1; }
@@ -749,6 +868,9 @@ int moegen_cli_bench(int argc, char **argv) {
     if (n_counts < 0) return 1;
     for (int i = 0; i < n_counts; i++)
         if (counts[i] > max_tokens) max_tokens = counts[i];
+    char why[512];
+    if (output.plot_path && cli_plot_check_path(output.plot_path, why, sizeof why) != 0) /* before the long work */
+        return moegen_cli_error("bench: --plot: %s", why);
 
     moegen_error err;
     moegen_spec spec;
@@ -764,11 +886,12 @@ int moegen_cli_bench(int argc, char **argv) {
                                     "`mpirun ... moegen run --device cuda` runs the CUDA path",
                                     spec.ep_size);
         }
-        int status = moegen_cli_bench_ep(&spec, spec_path, counts, n_counts, repeat, seed, (int)threads, cache_dir,
-                                         variant);
+        int status = moegen_cli_bench_ep(&spec, spec_path, counts, n_counts, repeat, seed, (int)threads,
+                                                cache_dir, variant, &output);
         moegen_spec_free(&spec);
         return status;
     }
+    FILE *table = output.json ? stderr : stdout; /* stdout: the table, or the JSON lines alone */
     int rc = 1;
     moegen_layer *layer = NULL;
     moe_tensors ts;
@@ -777,6 +900,7 @@ int moegen_cli_bench(int argc, char **argv) {
     memset(&gpu, 0, sizeof gpu);
     double *times = calloc((size_t)repeat, sizeof *times);
     int64_t *counts_after = calloc((size_t)spec.num_experts, sizeof *counts_after);
+    double plot_tokens[32], plot_median[32], plot_floor[32]; /* for --plot */
     void *y = NULL;
     moegen_open_options options;
     moegen_open_options_init(&options);
@@ -813,17 +937,23 @@ int moegen_cli_bench(int argc, char **argv) {
         moegen_cli_error("%s", err.message);
         goto done;
     }
-    printf("moegen bench: %s on %s, variant %s, kernels %s (module %s in %.0f ms)\n", spec.name,
-           on_gpu ? gpu.info.name : "cpu", desc.n_variants > 1 ? "by token count (tuning, below)" : desc.variant,
-           desc.kernel_path, desc.cache_hit ? "loaded from the cache" : "compiled", desc.compile_ms);
-    printf("tuning: %s\n", desc.tuning);
+    const char *device_name = on_gpu ? gpu.info.name : "cpu";
+    fprintf(stderr, "moegen bench: %s on %s, variant %s, kernels %s (module %s in %.0f ms)\n", spec.name, device_name,
+            desc.n_variants > 1 ? "by token count (tuning, below)" : desc.variant, desc.kernel_path,
+            desc.cache_hit ? "loaded from the cache" : "compiled", desc.compile_ms);
+    fprintf(stderr, "tuning: %s\n", desc.tuning);
     if (on_gpu) { /* the floor of docs/performance.md is a GPU one */
-        printf("| tokens | median | min | tokens/s | TFLOP/s | TB/s | floor | %% of floor |\n");
-        printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        fprintf(table, "| tokens | median | min | tokens/s | TFLOP/s | TB/s | floor | %% of floor |\n");
+        fprintf(table, "|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     } else {
-        printf("| tokens | median | min | tokens/s | GFLOP/s | GB/s |\n");
-        printf("|---:|---:|---:|---:|---:|---:|\n");
+        fprintf(table, "| tokens | median | min | tokens/s | GFLOP/s | GB/s |\n");
+        fprintf(table, "|---:|---:|---:|---:|---:|---:|\n");
     }
+    char name_json[160], device_json[320], variant_json[320], kernels_json[240];
+    moegen_cli_json_text(spec.name, name_json, sizeof name_json);
+    moegen_cli_json_text(device_name, device_json, sizeof device_json);
+    moegen_cli_json_text(desc.variant, variant_json, sizeof variant_json);
+    moegen_cli_json_text(desc.kernel_path, kernels_json, sizeof kernels_json);
     for (int c = 0; c < n_counts; c++) {
         const int64_t S = counts[c];
         moegen_forward_io io;
@@ -854,22 +984,31 @@ int moegen_cli_bench(int argc, char **argv) {
         const double floor_ms = on_gpu ? 1e3 * (flops / 790e12 > bytes / bandwidth ? flops / 790e12 : bytes / bandwidth) : 0.0;
         const double seconds = median / 1e3;
         if (on_gpu)
-            printf("| %lld | %.4f ms | %.4f ms | %.0f | %.2f | %.3f | %.4f ms | %.1f%% |\n", (long long)S, median,
-                   times[0], S / seconds, flops / seconds / 1e12, bytes / seconds / 1e12, floor_ms,
-                   100.0 * floor_ms / median);
+            fprintf(table, "| %lld | %.4f ms | %.4f ms | %.0f | %.2f | %.3f | %.4f ms | %.1f%% |\n", (long long)S,
+                    median, times[0], S / seconds, flops / seconds / 1e12, bytes / seconds / 1e12, floor_ms,
+                    100.0 * floor_ms / median);
         else
-            printf("| %lld | %.4f ms | %.4f ms | %.0f | %.2f | %.2f |\n", (long long)S, median, times[0], S / seconds,
-                   flops / seconds / 1e9, bytes / seconds / 1e9);
-        char floor_json[32] = "null";
-        if (on_gpu) snprintf(floor_json, sizeof floor_json, "%.6f", floor_ms);
-        fprintf(stderr,
-                "{\"spec\": \"%s\", \"device\": \"%s\", \"variant\": \"%s\", \"kernels\": \"%s\", "
-                "\"tokens\": %lld, \"median_ms\": %.6f, \"min_ms\": %.6f, \"flops\": %.6g, \"bytes\": %.6g, "
-                "\"floor_ms\": %s, \"compile_ms\": %.3f, \"cache_hit\": %d}\n",
-                spec.name, on_gpu ? gpu.info.name : "cpu", desc.variant, desc.kernel_path, (long long)S, median,
-                times[0], flops, bytes,
-                floor_json, desc.compile_ms, desc.cache_hit);
+            fprintf(table, "| %lld | %.4f ms | %.4f ms | %.0f | %.2f | %.2f |\n", (long long)S, median, times[0],
+                    S / seconds, flops / seconds / 1e9, bytes / seconds / 1e9);
+        fflush(table);
+        if (output.json) {
+            char floor_field[48] = ""; /* the floor of docs/performance.md: a GPU one */
+            if (on_gpu) snprintf(floor_field, sizeof floor_field, ", \"floor_ms\": %.6f", floor_ms);
+            printf("{\"spec\": %s, \"dtype\": \"%s\", \"device\": %s, \"variant\": %s, \"kernels\": %s, "
+                   "\"tokens\": %lld, \"median_ms\": %.6f, \"min_ms\": %.6f, \"tokens_per_s\": %.6g, "
+                   "\"flops\": %.6g, \"bytes\": %.6g%s, \"compile_ms\": %.3f, \"cache_hit\": %d}\n",
+                   name_json, moegen_dtype_name(spec.dtype), device_json, variant_json, kernels_json, (long long)S,
+                   median, times[0], S / seconds, flops, bytes, floor_field, desc.compile_ms, desc.cache_hit);
+            fflush(stdout);
+        }
+        plot_tokens[c] = (double)S;
+        plot_median[c] = median;
+        plot_floor[c] = floor_ms;
     }
+    if (output.plot_path &&
+        write_bench_plot(output.plot_path, &spec, device_name, desc.n_variants > 1, repeat, plot_tokens, plot_median,
+                         on_gpu ? plot_floor : NULL, n_counts))
+        goto done;
     rc = 0;
 done:
     free(times);

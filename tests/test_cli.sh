@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test_cli.sh — the `moegen` command end to end: help and exit codes, check (canonical
 # form and hash), gen (write-if-changed; --backend cuda for every --arch form), run (verify,
-# --save / --load round trip), and one-line errors. Needs MOEGEN_BINARY and MOEGEN_SOURCE_DIR (set by CTest).
+# --save / --load round trip), bench's output rule (--json) and the --plot charts of bench
+# and run, and one-line errors. Needs MOEGEN_BINARY and MOEGEN_SOURCE_DIR (set by CTest).
 set -u
 moegen=${MOEGEN_BINARY:?}
 src=${MOEGEN_SOURCE_DIR:?}
@@ -11,7 +12,7 @@ trap 'rm -rf "$work"' EXIT
 
 expect "no arguments prints usage and fails" 1 "$moegen"
 contains "usage names the commands" "commands:"
-for cmd in check gen run; do
+for cmd in check gen run bench; do
     expect "$cmd --help succeeds" 0 "$moegen" "$cmd" --help
     contains "$cmd --help shows usage" "usage: moegen $cmd"
 done
@@ -35,9 +36,22 @@ expect "check of a missing file fails" 1 "$moegen" check "$work/missing.yaml"
 
 # gen: files, then nothing rewritten
 expect "gen writes the sources" 0 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen"
-contains "gen reports three files written" "# 3 of 3 files written"
+contains "gen reports four files written" "# 4 of 4 files written"
+for f in moe_demo.c moe_demo.h moegen_kernel_abi.h moe_demo.flags; do
+    if [ -f "$work/gen/$f" ]; then pass "gen wrote $f (stable name)"; else fail "gen did not write $f"; fi
+done
+contains "gen names the target it compiled for" "; target "
 expect "gen again rewrites nothing" 0 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen"
-contains "gen reports no files written" "# 0 of 3 files written"
+contains "gen reports no files written" "# 0 of 4 files written"
+expect "gen --target avx2" 0 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen-avx2" --target avx2
+contains "gen --target avx2 says so" "target avx2"
+if grep -q -- "-mavx2" "$work/gen-avx2/moe_demo.flags" && ! grep -q -- "-mavx512f" "$work/gen-avx2/moe_demo.flags"; then
+    pass "the avx2 flags file has AVX2 and no AVX-512"
+else fail "avx2 flags: $(cat "$work/gen-avx2/moe_demo.flags")"; fi
+expect "gen --target with a bad name" 1 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen-bad" --target avx9
+contains "gen --target lists the names" "native, base, avx2"
+expect "gen --expect-prefix that differs" 1 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen-x" --expect-prefix moe_other
+contains "gen --expect-prefix names both" "moe_demo, but the build expects moe_other"
 expect "gen without -o fails" 1 "$moegen" gen "$src/specs/demo.yaml"
 # gen --backend cuda: --arch goes through the one parser of sm_XX (moegen_cuda_arch_parse);
 # sm_100a used to be read as sm_10 and refused
@@ -146,5 +160,71 @@ else
 fi
 expect "bench checks memory like run" 1 timeout 20 "$moegen" bench "$src/specs/demo.yaml" --tokens 1,2000000000
 contains "bench names the limit" "limited by"
+
+# bench output: the table on stdout, or with --json JSON lines alone on stdout (the table on
+# stderr); notices always on stderr. --plot FILE: an SVG chart (bench: time and tokens/s
+# against the token count; run: the load of every expert before and after capacity).
+check_py() { # check_py NAME PYTHON ARGS...: pass when the Python code exits 0, else fail with its output
+    local name=$1 code=$2 result
+    shift 2
+    if ! command -v python3 > /dev/null; then echo "skip - $name (no python3)"; return; fi
+    if result=$(python3 -c "$code" "$@" 2>&1); then pass "$name"; else fail "$name: $result"; fi
+}
+json_lines='
+import json, sys
+lines = open(sys.argv[1]).read().splitlines()
+rows = [json.loads(line) for line in lines]
+assert all(isinstance(r, dict) for r in rows), "a line is not an object"
+assert [r["tokens"] for r in rows] == [int(t) for t in sys.argv[2].split(",")], rows
+assert all(r["median_ms"] > 0 and r["tokens_per_s"] > 0 and r["device"] == "cpu" for r in rows), rows
+assert not any("floor_ms" in r for r in rows), "a GPU floor in a CPU row"'
+svg_count='
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+assert root.tag == "{http://www.w3.org/2000/svg}svg", root.tag
+for spec in sys.argv[2:]:
+    tag, cls, want = spec.split(":")
+    got = sum(1 for e in root.iter("{http://www.w3.org/2000/svg}" + tag) if cls in (e.get("class") or "").split())
+    assert got == int(want), "%d %s.%s, wanted %s" % (got, tag, cls, want)'
+"$moegen" bench "$src/specs/demo.yaml" --device cpu --tokens 1,3 --repeat 1 --json --plot "$work/bench.svg" \
+    > "$work/bench.jsonl" 2> "$work/bench.err"
+if [ $? -eq 0 ]; then pass "bench --json --plot succeeds"; else fail "bench --json --plot: $(cat "$work/bench.err")"; fi
+check_py "bench --json: stdout is JSON lines only, one per token count, no floor on the CPU" "$json_lines" "$work/bench.jsonl" 1,3
+if grep -q '^| tokens |' "$work/bench.err" && grep -q '^tuning: ' "$work/bench.err"; then
+    pass "bench --json: the table and the notices go to stderr"
+else
+    fail "bench --json stderr: $(cat "$work/bench.err")"
+fi
+check_py "bench --plot: the SVG parses, 2 points per panel, no floor on the CPU" "$svg_count" "$work/bench.svg" \
+    circle:point:4 circle:bound:0
+"$moegen" bench "$src/specs/demo.yaml" --device cpu --tokens 2 --repeat 1 > "$work/bench.md" 2> "$work/bench.err"
+if [ $? -eq 0 ] && grep -q '^| tokens | median | min | tokens/s | GFLOP/s | GB/s |$' "$work/bench.md" &&
+    [ "$(grep -c '^|' "$work/bench.md")" -eq 3 ] && ! grep -q '[{]' "$work/bench.md"; then
+    pass "bench: stdout is the table alone, without the GPU floor columns"
+else
+    fail "bench stdout: $(cat "$work/bench.md" "$work/bench.err")"
+fi
+if grep -q '^tuning: ' "$work/bench.err" && ! grep -q '^tuning: ' "$work/bench.md"; then
+    pass "bench: the notices go to stderr"
+else
+    fail "bench notices: $(cat "$work/bench.err")"
+fi
+expect "run --plot writes the expert load" 0 "$moegen" run "$src/specs/demo.yaml" --tokens 16 --repeat 1 --plot "$work/load.svg"
+check_py "run --plot: 8 experts x (before, after) bars, no capacity line when dropless" "$svg_count" "$work/load.svg" \
+    rect:bar:16 line:reference:0
+expect "run --plot with capacity" 0 "$moegen" run "$src/specs/test-features.yaml" --device cpu --tokens 19 --repeat 1 \
+    --plot "$work/capacity.svg"
+check_py "run --plot: the capacity line" "$svg_count" "$work/capacity.svg" rect:bar:16 line:reference:1
+expect "run --plot again" 0 "$moegen" run "$src/specs/demo.yaml" --tokens 16 --repeat 1 --plot "$work/load2.svg"
+if cmp -s "$work/load.svg" "$work/load2.svg"; then pass "the same counts give the same SVG bytes"; else fail "run --plot is not deterministic"; fi
+for cmd in bench run; do
+    expect "$cmd --plot into a missing folder fails" 1 "$moegen" "$cmd" "$src/specs/demo.yaml" --tokens 1 \
+        --plot "$work/no-such-folder/plot.svg"
+    contains "$cmd --plot names the missing folder" "moegen: $cmd: --plot: cannot write $work/no-such-folder/plot.svg"
+    lines=$(printf '%s\n' "$out" | wc -l)
+    if [ "$lines" -eq 1 ]; then pass "$cmd --plot error is one line"; else fail "error has $lines lines: $out"; fi
+done
+expect "bench --plot onto a folder fails" 1 "$moegen" bench "$src/specs/demo.yaml" --tokens 1 --plot "$work"
+contains "the folder is named" "is a folder"
 
 finish
