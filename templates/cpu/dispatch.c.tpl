@@ -7,34 +7,7 @@
 % local pad = cap.pad_to_capacity and not dropless
 /* ---- Stage 2: capacity and permutation ---------------------------------------------- */
 
-/* Capacity per expert for n_tokens tokens (${cap.mode}${cap.mode == "factor" and (", " .. cap.formula .. " formula") or ""}). */
-static int64_t capacity_for(int64_t n_tokens) {
-% if dropless then
-    (void)n_tokens;
-    return -1; /* dropless: no capacity */
-% elseif cap.mode == "fixed" then
-    (void)n_tokens;
-    return EXPERT_CAPACITY;
-% elseif cap.formula == "deepspeed" then
-    /* DeepSpeed: ceil in fp32 of S / E (formed in double, rounded to fp32) times the
-     * fp32 scale f32(k * cf). */
-    float tokens_per_expert = (float)((double)n_tokens / (double)NUM_EXPERTS);
-    int64_t capacity = (int64_t)ceilf(tokens_per_expert * CAPACITY_SCALE);
-    return capacity > MIN_CAPACITY ? capacity : MIN_CAPACITY;
-% else
-    /* Megatron: ceil(S * k / E * cf) in double, no minimum. */
-    return (int64_t)ceil((double)(n_tokens * TOP_K) / NUM_EXPERTS * CAPACITY_FACTOR);
-% end
-}
-
-/* Rows the expert stage processes at most for n_tokens tokens. */
-static int64_t max_rows_for(int64_t n_tokens) {
-% if pad then
-    return NUM_EXPERTS * capacity_for(n_tokens); /* every expert has exactly C rows */
-% else
-    return n_tokens * TOP_K;
-% end
-}
+% include("templates/common/capacity.c.tpl")
 % if not dropless and (cap.priority == "probs" or cap.priority == "random") then
 
 static int compare_priority(const void *pa, const void *pb) {

@@ -34,25 +34,12 @@
 #define GROUP_TOPM ${spec.router.group_topm}
 #define EXPERTS_PER_GROUP ${moe.experts_per_group(spec)}
 % end
-% if spec.capacity.mode == "fixed" then
-#define EXPERT_CAPACITY ${spec.capacity.expert_capacity}
-% end
-% if spec.capacity.mode == "factor" and spec.capacity.formula == "deepspeed" then
-#define MIN_CAPACITY ${spec.capacity.min_capacity}
-% end
 % if moe.uses_rng(spec) then
 #define RNG_SEED ((uint64_t)${spec.router.seed_hi} << 32 | (uint64_t)${spec.router.seed_lo}u)
 % end
 static const float ROUTED_SCALING_FACTOR = ${f32(spec.router.routed_scaling_factor)};
 % if moe.uses_jitter(spec) then
 static const float INPUT_JITTER = ${f32(spec.router.input_jitter)};
-% end
-% if spec.capacity.mode == "factor" and spec.capacity.formula == "deepspeed" then
-/* f32(k * cf), the product formed in double and rounded once, as DeepSpeed's
- * torch.tensor(capacity_factor * k) (cf = ${f64(spec.capacity.factor)}, ${spec.mode} mode). */
-static const float CAPACITY_SCALE = ${f32(spec.capacity.deepspeed_scale)};
-% elseif spec.capacity.mode == "factor" then
-static const double CAPACITY_FACTOR = ${f64(spec.capacity.factor)}; /* ${spec.mode} mode */
 % end
 static const float WEIGHT_SUM_EPS = 1e-20f; /* clamp of weight sums before dividing */
 

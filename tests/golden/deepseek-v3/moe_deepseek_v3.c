@@ -839,6 +839,7 @@ static void run_router(forward_state *st, int n_threads) {
 
 /* ---- Stage 2: capacity and permutation ---------------------------------------------- */
 
+
 /* Capacity per expert for n_tokens tokens (dropless). */
 static int64_t capacity_for(int64_t n_tokens) {
     (void)n_tokens;
@@ -847,7 +848,7 @@ static int64_t capacity_for(int64_t n_tokens) {
 
 /* Rows the expert stage processes at most for n_tokens tokens. */
 static int64_t max_rows_for(int64_t n_tokens) {
-    return n_tokens * TOP_K;
+    return n_tokens * 8;
 }
 
 enum { ROUTE_DROPPED = -1, ROUTE_KEPT = -2 }; /* route_row before rows are assigned */
@@ -1198,10 +1199,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_deepseek_v3.h). */
-const char moe_deepseek_v3_build_323f564b6ad1622f[] = "323f564b6ad1622f";
+const char moe_deepseek_v3_build_a696289b6a471f40[] = "a696289b6a471f40";
 
 const char *moe_deepseek_v3_describe(void) {
-    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build 323f564b6ad1622f, "
+    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build a696289b6a471f40, "
            "kernels " KERNEL_PATH;
 }
 

@@ -796,6 +796,7 @@ static void run_router(forward_state *st, int n_threads) {
 
 /* ---- Stage 2: capacity and permutation ---------------------------------------------- */
 
+
 /* Capacity per expert for n_tokens tokens (dropless). */
 static int64_t capacity_for(int64_t n_tokens) {
     (void)n_tokens;
@@ -804,7 +805,7 @@ static int64_t capacity_for(int64_t n_tokens) {
 
 /* Rows the expert stage processes at most for n_tokens tokens. */
 static int64_t max_rows_for(int64_t n_tokens) {
-    return n_tokens * TOP_K;
+    return n_tokens * 2;
 }
 
 enum { ROUTE_DROPPED = -1, ROUTE_KEPT = -2 }; /* route_row before rows are assigned */
@@ -1134,10 +1135,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_demo.h). */
-const char moe_demo_build_f2cf643c2ac34e73[] = "f2cf643c2ac34e73";
+const char moe_demo_build_9f09044de3558c49[] = "9f09044de3558c49";
 
 const char *moe_demo_describe(void) {
-    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build f2cf643c2ac34e73, "
+    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build 9f09044de3558c49, "
            "kernels " KERNEL_PATH;
 }
 

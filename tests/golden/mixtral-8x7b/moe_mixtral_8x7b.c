@@ -792,6 +792,7 @@ static void run_router(forward_state *st, int n_threads) {
 
 /* ---- Stage 2: capacity and permutation ---------------------------------------------- */
 
+
 /* Capacity per expert for n_tokens tokens (dropless). */
 static int64_t capacity_for(int64_t n_tokens) {
     (void)n_tokens;
@@ -800,7 +801,7 @@ static int64_t capacity_for(int64_t n_tokens) {
 
 /* Rows the expert stage processes at most for n_tokens tokens. */
 static int64_t max_rows_for(int64_t n_tokens) {
-    return n_tokens * TOP_K;
+    return n_tokens * 2;
 }
 
 enum { ROUTE_DROPPED = -1, ROUTE_KEPT = -2 }; /* route_row before rows are assigned */
@@ -1130,10 +1131,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_mixtral_8x7b.h). */
-const char moe_mixtral_8x7b_build_d6f8e51735f3aede[] = "d6f8e51735f3aede";
+const char moe_mixtral_8x7b_build_84cd93b7d116908f[] = "84cd93b7d116908f";
 
 const char *moe_mixtral_8x7b_describe(void) {
-    return "moe_mixtral_8x7b: spec sha256:0060ababc5f27de5c061323c2e16ad034953b0f947bd5942de53d6989f6a82cc, variant cpu_bf16_e8k2_h4096f14336_v8r3c4b48x64q64fma_0060abab, moegen 0.1.0, build d6f8e51735f3aede, "
+    return "moe_mixtral_8x7b: spec sha256:0060ababc5f27de5c061323c2e16ad034953b0f947bd5942de53d6989f6a82cc, variant cpu_bf16_e8k2_h4096f14336_v8r3c4b48x64q64fma_0060abab, moegen 0.1.0, build 84cd93b7d116908f, "
            "kernels " KERNEL_PATH;
 }
 

@@ -788,6 +788,7 @@ static void run_router(forward_state *st, int n_threads) {
 
 /* ---- Stage 2: capacity and permutation ---------------------------------------------- */
 
+
 /* Capacity per expert for n_tokens tokens (dropless). */
 static int64_t capacity_for(int64_t n_tokens) {
     (void)n_tokens;
@@ -796,7 +797,7 @@ static int64_t capacity_for(int64_t n_tokens) {
 
 /* Rows the expert stage processes at most for n_tokens tokens. */
 static int64_t max_rows_for(int64_t n_tokens) {
-    return n_tokens * TOP_K;
+    return n_tokens * 8;
 }
 
 enum { ROUTE_DROPPED = -1, ROUTE_KEPT = -2 }; /* route_row before rows are assigned */
@@ -1126,10 +1127,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_olmoe_1b_7b.h). */
-const char moe_olmoe_1b_7b_build_c298c3e024c9958c[] = "c298c3e024c9958c";
+const char moe_olmoe_1b_7b_build_945ad7d38e3bd0bf[] = "945ad7d38e3bd0bf";
 
 const char *moe_olmoe_1b_7b_describe(void) {
-    return "moe_olmoe_1b_7b: spec sha256:10a4c323878756dcadadda0a4f0166ea7cb1be76451b8018ac8be2dc05b52337, variant cpu_bf16_e64k8_h2048f1024_v8r3c4b48x64q64fma_10a4c323, moegen 0.1.0, build c298c3e024c9958c, "
+    return "moe_olmoe_1b_7b: spec sha256:10a4c323878756dcadadda0a4f0166ea7cb1be76451b8018ac8be2dc05b52337, variant cpu_bf16_e64k8_h2048f1024_v8r3c4b48x64q64fma_10a4c323, moegen 0.1.0, build 945ad7d38e3bd0bf, "
            "kernels " KERNEL_PATH;
 }
 

@@ -929,6 +929,7 @@ static void run_router(forward_state *st, int n_threads) {
 
 /* ---- Stage 2: capacity and permutation ---------------------------------------------- */
 
+
 /* Capacity per expert for n_tokens tokens (dropless). */
 static int64_t capacity_for(int64_t n_tokens) {
     (void)n_tokens;
@@ -937,7 +938,7 @@ static int64_t capacity_for(int64_t n_tokens) {
 
 /* Rows the expert stage processes at most for n_tokens tokens. */
 static int64_t max_rows_for(int64_t n_tokens) {
-    return n_tokens * TOP_K;
+    return n_tokens * 4;
 }
 
 enum { ROUTE_DROPPED = -1, ROUTE_KEPT = -2 }; /* route_row before rows are assigned */
@@ -1389,10 +1390,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_qwen1_5_moe_a2_7b.h). */
-const char moe_qwen1_5_moe_a2_7b_build_585374ea832ea3ed[] = "585374ea832ea3ed";
+const char moe_qwen1_5_moe_a2_7b_build_330d92c333a78de1[] = "330d92c333a78de1";
 
 const char *moe_qwen1_5_moe_a2_7b_describe(void) {
-    return "moe_qwen1_5_moe_a2_7b: spec sha256:499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02, variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a, moegen 0.1.0, build 585374ea832ea3ed, "
+    return "moe_qwen1_5_moe_a2_7b: spec sha256:499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02, variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a, moegen 0.1.0, build 330d92c333a78de1, "
            "kernels " KERNEL_PATH;
 }
 

@@ -792,6 +792,7 @@ static void run_router(forward_state *st, int n_threads) {
 
 /* ---- Stage 2: capacity and permutation ---------------------------------------------- */
 
+
 /* Capacity per expert for n_tokens tokens (dropless). */
 static int64_t capacity_for(int64_t n_tokens) {
     (void)n_tokens;
@@ -800,7 +801,7 @@ static int64_t capacity_for(int64_t n_tokens) {
 
 /* Rows the expert stage processes at most for n_tokens tokens. */
 static int64_t max_rows_for(int64_t n_tokens) {
-    return n_tokens * TOP_K;
+    return n_tokens * 8;
 }
 
 enum { ROUTE_DROPPED = -1, ROUTE_KEPT = -2 }; /* route_row before rows are assigned */
@@ -1130,10 +1131,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_qwen3_30b_a3b.h). */
-const char moe_qwen3_30b_a3b_build_9108410a27608c2f[] = "9108410a27608c2f";
+const char moe_qwen3_30b_a3b_build_96ee3b354c2bb684[] = "96ee3b354c2bb684";
 
 const char *moe_qwen3_30b_a3b_describe(void) {
-    return "moe_qwen3_30b_a3b: spec sha256:20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425, variant cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6, moegen 0.1.0, build 9108410a27608c2f, "
+    return "moe_qwen3_30b_a3b: spec sha256:20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425, variant cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6, moegen 0.1.0, build 96ee3b354c2bb684, "
            "kernels " KERNEL_PATH;
 }
 

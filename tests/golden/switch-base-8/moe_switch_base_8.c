@@ -22,7 +22,6 @@
 #define HIDDEN 768
 #define FFN 3072
 #define FFN_ROWS 3072 /* rows of w1: no gate */
-#define EXPERT_CAPACITY 64
 static const float ROUTED_SCALING_FACTOR = 1.0f;
 static const float WEIGHT_SUM_EPS = 1e-20f; /* clamp of weight sums before dividing */
 
@@ -602,6 +601,8 @@ static void run_router(forward_state *st, int n_threads) {
 
 /* ---- Stage 2: capacity and permutation ---------------------------------------------- */
 
+#define EXPERT_CAPACITY 64
+
 /* Capacity per expert for n_tokens tokens (fixed). */
 static int64_t capacity_for(int64_t n_tokens) {
     (void)n_tokens;
@@ -610,7 +611,7 @@ static int64_t capacity_for(int64_t n_tokens) {
 
 /* Rows the expert stage processes at most for n_tokens tokens. */
 static int64_t max_rows_for(int64_t n_tokens) {
-    return n_tokens * TOP_K;
+    return n_tokens * 1;
 }
 
 enum { ROUTE_DROPPED = -1, ROUTE_KEPT = -2 }; /* route_row before rows are assigned */
@@ -942,10 +943,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_switch_base_8.h). */
-const char moe_switch_base_8_build_602b68996702e863[] = "602b68996702e863";
+const char moe_switch_base_8_build_2ab0f316c3690dfb[] = "2ab0f316c3690dfb";
 
 const char *moe_switch_base_8_describe(void) {
-    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build 602b68996702e863, "
+    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build 2ab0f316c3690dfb, "
            "kernels " KERNEL_PATH;
 }
 

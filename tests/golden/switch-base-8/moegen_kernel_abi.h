@@ -5,7 +5,7 @@
  * copied verbatim beside every generated source (moegen gen -o DIR writes it too),
  * so generated code never needs the moegen source tree to compile.
  *
- * A generated CPU module with symbol prefix P (e.g. "moe_mixtral_8x7b_1a2b3c4d") exports:
+ * A generated CPU module with symbol prefix P (e.g. "moe_mixtral_8x7b": "moe_" and the layer's ident) exports:
  *   const moegen_kernel_info *P_info(void);
  *   size_t P_workspace_bytes(int64_t n_tokens);
  *   int P_forward(const moegen_kernel_args *args);   0 = ok, <0 = MOEGEN_KERNEL_E*
