@@ -4,8 +4,13 @@
 
 #include <stdarg.h>
 
-/* Print "moegen: <message>" on stderr; returns 1 (the exit status). */
+/* Print "moegen: <message>" on stderr, one such line per line of the message (a spec's
+ * several errors); returns 1 (the exit status). */
 int moegen_cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Print a valid spec's warnings on stderr, "moegen: warning: file:line:col: ..." each. */
+struct moegen_spec;
+void moegen_cli_warnings(const struct moegen_spec *spec);
 
 /* 1 if --help or -h is among the arguments. */
 int moegen_cli_wants_help(int argc, char **argv);

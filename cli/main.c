@@ -4,7 +4,8 @@
  *   moegen check SPEC        spec -> validated spec, canonical form and hash
  *   moegen gen SPEC -o DIR   spec -> generated sources written to DIR
  *   moegen run SPEC ...      spec -> compile -> load -> run -> verify (cli/run.c)
- * Every failure prints one line "moegen: <message>" to stderr and exits non-zero.
+ * Every failure prints "moegen: <message>" to stderr (one such line per error when a spec
+ * has several) and exits non-zero; a valid spec's warnings print as "moegen: warning: ...".
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,6 +32,7 @@ static const char usage_main[] =
     "  bench SPEC --tokens N,N,...  time several token counts (no verification)\n"
     "  tune SPEC [options]   sweep kernel variants, verify and time each, and write the\n"
     "                        winners per token count into a tuning database\n"
+    "  import-hf CONFIG      write a spec from a Hugging Face config.json\n"
     "\n"
     "`moegen <command> --help` describes each command. Specs: specs/README.md.\n";
 
@@ -38,8 +40,13 @@ static const char usage_check[] =
     "usage: moegen check SPEC\n"
     "\n"
     "Validate SPEC. On success print its canonical form (every resolved field, fixed\n"
-    "order; comments and key order do not matter) and its SHA-256. On failure print\n"
-    "`file:line:col: message` and exit 1.\n";
+    "order; comments and key order do not matter) and its SHA-256, and exit 0. A valid\n"
+    "spec that is probably not what was meant also gets warnings on stderr, one a line:\n"
+    "  moegen: warning: file:line:col: message\n"
+    "On failure print every error to stderr, one a line (the first error found first,\n"
+    "the others in file order, then a count such as `moegen: 3 errors`), and exit 1:\n"
+    "  moegen: file:line:col: message\n"
+    "specs/README.md, \"Errors and warnings\", lists what is checked.\n";
 
 static const char usage_gen[] =
     "usage: moegen gen SPEC -o DIR [--backend cpu|cuda] [--target T] [--arch sm_XX]\n"
@@ -90,15 +97,26 @@ static const char *cpu_target_name(const moegen_target *t) {
     return "base";
 }
 
+/* Each line of `text` on stderr as "moegen: <prefix><line>". */
+static void print_lines(const char *prefix, const char *text) {
+    for (const char *line = text; *line;) {
+        const size_t length = strcspn(line, "\n");
+        fprintf(stderr, "moegen: %s%.*s\n", prefix, (int)length, line);
+        line += length + (line[length] == '\n');
+    }
+}
+
 int moegen_cli_error(const char *fmt, ...) {
+    char message[4096];
     va_list ap;
     va_start(ap, fmt);
-    fputs("moegen: ", stderr);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    vsnprintf(message, sizeof message, fmt, ap);
     va_end(ap);
+    print_lines("", message); /* a spec's several errors: one "moegen: file:line:col: ..." line each */
     return 1;
 }
+
+void moegen_cli_warnings(const moegen_spec *spec) { print_lines("warning: ", spec->warnings); }
 
 int moegen_cli_wants_help(int argc, char **argv) {
     for (int i = 0; i < argc; i++)
@@ -115,6 +133,7 @@ static int command_check(int argc, char **argv) {
     moegen_spec spec;
     moegen_error err;
     if (moegen_spec_load_file(argv[0], &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
+    moegen_cli_warnings(&spec);
     char *canonical = moegen_spec_canonical(&spec);
     char hash[65];
     moegen_spec_hash(&spec, hash);
@@ -209,6 +228,7 @@ static int command_gen(int argc, char **argv) {
     if (!spec_path || !out_dir) return moegen_cli_error("gen: usage: moegen gen SPEC -o DIR");
     moegen_spec spec;
     if (moegen_spec_load_file(spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
+    moegen_cli_warnings(&spec);
     moegen_generated generated;
     moegen_status st;
     if (backend == MOEGEN_BACKEND_CUDA) { /* exactly what the CUDA backend compiles for `arch` */
@@ -273,6 +293,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "run")) return moegen_cli_run(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench")) return moegen_cli_bench(argc - 2, argv + 2);
     if (!strcmp(argv[1], "tune")) return moegen_cli_tune(argc - 2, argv + 2);
-    return moegen_cli_error("unknown command '%s' (commands: check, gen, run, bench, tune; see moegen --help)",
+    if (!strcmp(argv[1], "import-hf")) return moegen_cli_import_hf(argc - 2, argv + 2);
+    return moegen_cli_error("unknown command '%s' (commands: check, gen, run, bench, tune, import-hf; see moegen --help)",
                             argv[1]);
 }

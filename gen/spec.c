@@ -3,19 +3,33 @@
  * Place in the pipeline: spec -> gen -> compile -> load -> launch. This is the first
  * stage; everything downstream trusts what it produces (see spec.h).
  *
- * A spec is read in four passes, each of which stops at the first problem:
+ * A spec is read in four passes. The first two stop at the first problem (nothing after
+ * a bad byte or a YAML syntax error can be trusted; a duplicate key is the exception);
+ * the last two report every problem:
  *  1. Byte pre-scan: size limit, UTF-8 validity, no NUL bytes, no control characters
  *     other than tab, LF and CR. libyaml never sees bytes that fail here.
  *  2. Events to tree: libyaml's event API (never its document loader) feeds a small
  *     node tree under our own limits on depth, node count and scalar size. Anchors,
  *     aliases and tags are refused at the first one; duplicate keys are refused at the
- *     second occurrence, at every level, before the schema is consulted.
+ *     second occurrence, at every level, before the schema is consulted (that key is
+ *     reported and left out, and the tree goes on being built).
  *  3. Schema walk: one table of field descriptors (field_table) says for every key its
  *     section, kind, storage, range and enum names. A single general mechanism parses
  *     a scalar by its kind under a strict grammar and stores it through the offset.
+ *     A key that is unknown or whose value is bad is reported and the walk goes on; a
+ *     bad value marks its field "unknown".
  *  4. Resolution: static defaults from the table, preset and derived defaults, then
  *     applicability (a field set explicitly where it has no effect is an error) and
- *     the cross-field rules.
+ *     the cross-field rules. A field whose value is unknown gets a safe placeholder, a
+ *     default derived from an unknown field is unknown too, and a check that reads an
+ *     unknown field (or needs a rule that failed, such as n_group dividing E before
+ *     E / n_group is used) is skipped, so one mistake gives one error.
+ * A spec that passes all four is then checked for warnings (check_warnings): valid
+ * layers that are probably not what was meant. They never fail a parse.
+ *
+ * Errors: the first one found is kept exactly as the loader has always reported it
+ * (first_error); the later ones are sorted into file order and appended as further
+ * lines, bounded by moegen_error's message size (join_diagnostics).
  *
  * The canonical form is written from the same table, in table order, listing only the
  * fields that apply (field_applies() decides both the error and the omission), so
@@ -24,7 +38,8 @@
  *
  * Invariants owned here:
  *  - On failure the caller's spec is all zero and owns nothing; the error message is
- *    "<display_path>:<line>:<col>: <message>" with 1-based line and column.
+ *    "<display_path>:<line>:<col>: <message>" with 1-based line and column, one line per
+ *    error, with a last line "<N> errors" when there is more than one.
  *  - On success every field is in range, every cross-field rule holds, every default
  *    is resolved, and every field that does not apply holds the value that resolution
  *    gives it when it is not written (so parse(canonical(s)) equals s field by field).
@@ -378,6 +393,7 @@ typedef struct spec_node {
     int line, column; /* 1-based */
     int quoted;       /* scalar: any style but plain */
     int block;        /* scalar: literal (|) or folded (>) style */
+    int ignored;      /* a mapping key already reported (duplicate, not a string): the walk skips it */
     char *text;       /* scalar: NUL-terminated copy */
     size_t text_bytes;
     int first_child, last_child, next_sibling; /* indices; -1 = none */
@@ -397,6 +413,21 @@ typedef struct field_given {
     int value_line, value_column;
 } field_given;
 
+/* One error or warning, as it will be printed: "<path>:<line>:<col>: <message>". */
+typedef struct spec_diagnostic {
+    int line, column;
+    int sequence; /* order of detection: breaks ties between equal positions */
+    char *text;   /* malloc'd */
+} spec_diagnostic;
+
+/* A growing list of diagnostics. Storing one never fails the parse: an entry that
+ * cannot be stored for want of memory is only counted (`lost`). */
+typedef struct diagnostic_list {
+    spec_diagnostic *items;
+    int count, capacity;
+    int lost;
+} diagnostic_list;
+
 typedef struct spec_reader {
     const char *path;
     const char *text;
@@ -404,7 +435,17 @@ typedef struct spec_reader {
     moegen_error *err;
     spec_tree tree;
     field_given given[FIELD_COUNT];
+    /* The field's value is not known: written with a bad value, required and missing, in
+     * a section that is not a mapping, or derived from such a field. Checks that read it
+     * are skipped. */
+    unsigned char unknown[FIELD_COUNT];
+    /* An unknown key was reported with this field as its "did you mean". */
+    unsigned char meant[FIELD_COUNT];
     moegen_spec spec;
+    int error_count;                               /* every error found */
+    char first_error[MOEGEN_ERROR_MESSAGE_BYTES];  /* the first, exactly as reported alone */
+    diagnostic_list later_errors;                  /* the others */
+    diagnostic_list warnings;
 } spec_reader;
 
 static const char *node_kind_noun(node_kind kind) {
@@ -418,21 +459,148 @@ static const char *node_kind_noun(node_kind kind) {
 
 /* ---- messages ---------------------------------------------------------------------- */
 
+static void diagnostics_add(diagnostic_list *list, int line, int column, int sequence, const char *text) {
+    size_t bytes = strlen(text) + 1;
+    char *copy;
+    if (list->count == list->capacity) {
+        int capacity = list->capacity ? list->capacity * 2 : 16;
+        spec_diagnostic *grown = realloc(list->items, (size_t)capacity * sizeof *grown);
+        if (!grown) {
+            list->lost++;
+            return;
+        }
+        list->items = grown;
+        list->capacity = capacity;
+    }
+    copy = malloc(bytes);
+    if (!copy) {
+        list->lost++;
+        return;
+    }
+    memcpy(copy, text, bytes);
+    list->items[list->count].line = line;
+    list->items[list->count].column = column;
+    list->items[list->count].sequence = sequence;
+    list->items[list->count].text = copy;
+    list->count++;
+}
+
+static void diagnostics_free(diagnostic_list *list) {
+    int index;
+    for (index = 0; index < list->count; index++)
+        free(list->items[index].text);
+    free(list->items);
+    memset(list, 0, sizeof *list);
+}
+
+static int compare_diagnostics(const void *left_pointer, const void *right_pointer) {
+    const spec_diagnostic *left = left_pointer, *right = right_pointer;
+    if (left->line != right->line)
+        return left->line < right->line ? -1 : 1;
+    if (left->column != right->column)
+        return left->column < right->column ? -1 : 1;
+    return (left->sequence > right->sequence) - (left->sequence < right->sequence);
+}
+
+/* "<path>:<line>:<col>: <message>", cut to fit moegen_error's message as a lone error
+ * always was. */
+static void format_diagnostic(const spec_reader *reader, int line, int column, const char *format, va_list args,
+                              char out[MOEGEN_ERROR_MESSAGE_BYTES]) {
+    char message[MOEGEN_ERROR_MESSAGE_BYTES];
+    vsnprintf(message, sizeof message, format, args);
+    /* cut like the message itself: a long path or message loses its end */
+    if (snprintf(out, MOEGEN_ERROR_MESSAGE_BYTES, "%s:%d:%d: %s", reader->path, line, column, message) < 0)
+        out[0] = '\0';
+}
+
+/* Record an error at line:column and return MOEGEN_ERR_SPEC. The caller decides whether
+ * to go on: the byte pre-scan and the tree builder stop, the schema walk and the rules
+ * go on. */
 static moegen_status reader_fail(spec_reader *reader, int line, int column, const char *format, ...)
     __attribute__((format(printf, 4, 5)));
 
 static moegen_status reader_fail(spec_reader *reader, int line, int column, const char *format, ...) {
-    char message[MOEGEN_ERROR_MESSAGE_BYTES];
+    char entry[MOEGEN_ERROR_MESSAGE_BYTES];
     va_list args;
-    if (!reader->err)
-        return MOEGEN_ERR_SPEC;
     va_start(args, format);
-    vsnprintf(message, sizeof message, format, args);
+    format_diagnostic(reader, line, column, format, args, entry);
     va_end(args);
-    return moegen_error_set(reader->err, MOEGEN_ERR_SPEC, 0, "%s:%d:%d: %s", reader->path, line, column,
-                            message);
+    if (reader->error_count == 0)
+        memcpy(reader->first_error, entry, sizeof entry);
+    else
+        diagnostics_add(&reader->later_errors, line, column, reader->error_count, entry);
+    reader->error_count++;
+    return MOEGEN_ERR_SPEC;
 }
 
+/* Record a warning at line:column (the spec is valid but probably not what was meant). */
+static void reader_warn(spec_reader *reader, int line, int column, const char *format, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void reader_warn(spec_reader *reader, int line, int column, const char *format, ...) {
+    char entry[MOEGEN_ERROR_MESSAGE_BYTES];
+    va_list args;
+    va_start(args, format);
+    format_diagnostic(reader, line, column, format, args, entry);
+    va_end(args);
+    diagnostics_add(&reader->warnings, line, column, reader->warnings.count + reader->warnings.lost, entry);
+}
+
+/* Append `text` as a line of out[size] if the whole line fits with `reserve` bytes to
+ * spare; returns 1 if it was appended. */
+static int append_line(char *out, size_t size, size_t *used, const char *text, size_t reserve) {
+    size_t bytes = strlen(text), separator = *used > 0 ? 1 : 0;
+    if (*used + separator + bytes + reserve >= size)
+        return 0;
+    if (separator)
+        out[(*used)++] = '\n';
+    memcpy(out + *used, text, bytes + 1);
+    *used += bytes;
+    return 1;
+}
+
+/* Bytes the line "... and <hidden> more" takes with its line break (0 when none hidden). */
+static size_t more_line_bytes(int hidden) {
+    return hidden > 0 ? (size_t)snprintf(NULL, 0, "\n... and %d more", hidden) : 0;
+}
+
+/* Join diagnostics into out[size] (at most size - 1 bytes and a NUL), one a line:
+ * `first` (if not NULL) exactly as it is, then the list in file order while whole lines
+ * fit, then "... and N more" for those that did not (or were lost), then, with
+ * `count_noun`, "<total> <count_noun>" when there is more than one. Room for the closing
+ * lines is kept while the list is written. */
+static void join_diagnostics(const char *first, diagnostic_list *list, int total, const char *count_noun,
+                             char *out, size_t size) {
+    char count_line[64] = "", more_line[64];
+    size_t used = 0, count_reserve = 0;
+    int shown = 0, index;
+    out[0] = '\0';
+    if (count_noun && total > 1) {
+        snprintf(count_line, sizeof count_line, "%d %s", total, count_noun);
+        count_reserve = strlen(count_line) + 1;
+    }
+    if (first) {
+        snprintf(out, size, "%s", first);
+        used = strlen(out);
+        shown = 1;
+    }
+    if (list->count > 1)
+        qsort(list->items, (size_t)list->count, sizeof list->items[0], compare_diagnostics);
+    for (index = 0; index < list->count; index++) {
+        if (!append_line(out, size, &used, list->items[index].text,
+                         count_reserve + more_line_bytes(total - shown - 1)))
+            break;
+        shown++;
+    }
+    if (total > shown) {
+        snprintf(more_line, sizeof more_line, "... and %d more", total - shown);
+        append_line(out, size, &used, more_line, count_reserve);
+    }
+    if (count_line[0])
+        append_line(out, size, &used, count_line, 0);
+}
+
+/* Out of memory stops the parse at once; the message replaces any errors found so far. */
 static moegen_status reader_out_of_memory(spec_reader *reader) {
     return moegen_error_set(reader->err, MOEGEN_ERR_NO_MEMORY, ENOMEM, "%s: out of memory reading the spec",
                             reader->path);
@@ -625,22 +793,18 @@ static moegen_status report_node_property(spec_reader *reader, const yaml_mark_t
                        what, quoted);
 }
 
-/* Append a node; returns its index or -1 (error already set). */
-static int tree_add_node(spec_reader *reader, node_kind kind, const yaml_mark_t *mark) {
+/* Append a node and set *index to it. */
+static moegen_status tree_add_node(spec_reader *reader, node_kind kind, const yaml_mark_t *mark, int *index) {
     spec_tree *tree = &reader->tree;
     spec_node *node;
-    if (tree->count >= MOEGEN_SPEC_MAX_NODES) {
-        reader_fail(reader, (int)mark->line + 1, (int)mark->column + 1,
-                    "more than %d YAML nodes (the limit for a spec)", MOEGEN_SPEC_MAX_NODES);
-        return -1;
-    }
+    if (tree->count >= MOEGEN_SPEC_MAX_NODES)
+        return reader_fail(reader, (int)mark->line + 1, (int)mark->column + 1,
+                           "more than %d YAML nodes (the limit for a spec)", MOEGEN_SPEC_MAX_NODES);
     if (tree->count == tree->capacity) {
         int capacity = tree->capacity ? tree->capacity * 2 : 64;
         spec_node *grown = realloc(tree->nodes, (size_t)capacity * sizeof *grown);
-        if (!grown) {
-            reader_out_of_memory(reader);
-            return -1;
-        }
+        if (!grown)
+            return reader_out_of_memory(reader);
         tree->nodes = grown;
         tree->capacity = capacity;
     }
@@ -650,7 +814,8 @@ static int tree_add_node(spec_reader *reader, node_kind kind, const yaml_mark_t 
     node->line = (int)mark->line + 1;
     node->column = (int)mark->column + 1;
     node->first_child = node->last_child = node->next_sibling = -1;
-    return tree->count++;
+    *index = tree->count++;
+    return MOEGEN_OK;
 }
 
 static void tree_free(spec_tree *tree) {
@@ -662,7 +827,9 @@ static void tree_free(spec_tree *tree) {
 }
 
 /* Link `child` under `parent` (-1: it is the root). A key of a mapping must be a
- * scalar that no earlier key of the same mapping spells. */
+ * scalar that no earlier key of the same mapping spells; one that is not is reported,
+ * linked all the same (with its value, so keys and values keep alternating) and marked
+ * `ignored`, and the tree goes on being built. */
 static moegen_status tree_attach(spec_reader *reader, int parent, int child) {
     spec_node *nodes = reader->tree.nodes;
     spec_node *container, *node = &nodes[child];
@@ -673,16 +840,20 @@ static moegen_status tree_attach(spec_reader *reader, int parent, int child) {
     container = &nodes[parent];
     if (container->kind == NODE_MAPPING && container->child_count % 2 == 0) {
         int key;
-        if (node->kind != NODE_SCALAR)
-            return reader_fail(reader, node->line, node->column, "a key must be a plain string, not %s",
-                               node_kind_noun(node->kind));
-        for (key = container->first_child; key >= 0; key = nodes[nodes[key].next_sibling].next_sibling) {
-            if (nodes[key].text_bytes == node->text_bytes &&
+        if (node->kind != NODE_SCALAR) {
+            reader_fail(reader, node->line, node->column, "a key must be a plain string, not %s",
+                        node_kind_noun(node->kind));
+            node->ignored = 1;
+        }
+        for (key = container->first_child; key >= 0 && !node->ignored;
+             key = nodes[nodes[key].next_sibling].next_sibling) {
+            if (!nodes[key].ignored && nodes[key].text_bytes == node->text_bytes &&
                 memcmp(nodes[key].text, node->text, node->text_bytes) == 0) {
                 char quoted[QUOTE_VISIBLE_BYTES * 4 + 8];
                 quote_for_message(node->text, node->text_bytes, quoted, sizeof quoted);
-                return reader_fail(reader, node->line, node->column, "duplicate key '%s' (first defined at line %d)",
-                                   quoted, nodes[key].line);
+                reader_fail(reader, node->line, node->column, "duplicate key '%s' (first defined at line %d)", quoted,
+                            nodes[key].line);
+                node->ignored = 1;
             }
         }
     }
@@ -699,13 +870,14 @@ static moegen_status tree_add_scalar(spec_reader *reader, const yaml_event_t *ev
     const yaml_mark_t *mark = &event->start_mark;
     size_t length = event->data.scalar.length;
     spec_node *node;
-    int index;
+    moegen_status status;
+    int index = -1;
     if (length > MOEGEN_SPEC_MAX_SCALAR)
         return reader_fail(reader, (int)mark->line + 1, (int)mark->column + 1,
                            "a value of %zu bytes (the limit is %d bytes)", length, MOEGEN_SPEC_MAX_SCALAR);
-    index = tree_add_node(reader, NODE_SCALAR, mark);
-    if (index < 0)
-        return reader->err ? reader->err->code : MOEGEN_ERR_SPEC;
+    status = tree_add_node(reader, NODE_SCALAR, mark, &index);
+    if (status != MOEGEN_OK)
+        return status;
     node = &reader->tree.nodes[index];
     node->quoted = event->data.scalar.style != YAML_PLAIN_SCALAR_STYLE;
     node->block = event->data.scalar.style == YAML_LITERAL_SCALAR_STYLE ||
@@ -777,7 +949,7 @@ static moegen_status read_tree(spec_reader *reader) {
             const yaml_char_t *anchor =
                 is_mapping ? event.data.mapping_start.anchor : event.data.sequence_start.anchor;
             const yaml_char_t *tag = is_mapping ? event.data.mapping_start.tag : event.data.sequence_start.tag;
-            int index;
+            int index = -1;
             if (anchor || tag) {
                 status = report_node_property(reader, mark, anchor, tag);
                 break;
@@ -787,11 +959,9 @@ static moegen_status read_tree(spec_reader *reader) {
                                      "nesting deeper than %d levels (the limit for a spec)", MOEGEN_SPEC_MAX_DEPTH);
                 break;
             }
-            index = tree_add_node(reader, is_mapping ? NODE_MAPPING : NODE_SEQUENCE, mark);
-            if (index < 0) {
-                status = reader->err ? reader->err->code : MOEGEN_ERR_SPEC;
+            status = tree_add_node(reader, is_mapping ? NODE_MAPPING : NODE_SEQUENCE, mark, &index);
+            if (status != MOEGEN_OK)
                 break;
-            }
             status = tree_attach(reader, parent, index);
             stack[depth++] = index;
             break;
@@ -1231,7 +1401,8 @@ static const char *section_key(spec_section section) {
 }
 
 /* Unknown key: a hint for another system's name, else the closest known key of any
- * section (qualified when it lives elsewhere). */
+ * section (qualified when it lives elsewhere). The key the hint names is marked as meant:
+ * if it is not written elsewhere, its value is unknown rather than missing. */
 static moegen_status report_unknown_key(spec_reader *reader, const spec_node *key, spec_section section) {
     char quoted[QUOTE_VISIBLE_BYTES * 4 + 8], where[64] = "", hint[160] = "";
     size_t index, best_distance = SIZE_MAX;
@@ -1240,10 +1411,12 @@ static moegen_status report_unknown_key(spec_reader *reader, const spec_node *ke
     if (section != SECTION_TOP)
         snprintf(where, sizeof where, " in %s", section_key(section));
     for (index = 0; index < COUNT_OF(key_aliases); index++) {
-        if (strcmp(key->text, key_aliases[index].alias) == 0)
+        if (strcmp(key->text, key_aliases[index].alias) == 0) {
+            reader->meant[key_aliases[index].target] = 1;
             return reader_fail(reader, key->line, key->column, "unknown key '%s'%s (%s; moegen calls it '%s')",
                                quoted, where, key_aliases[index].origin,
                                field_table[key_aliases[index].target].qualified);
+        }
     }
     for (id = 0; id < FIELD_COUNT; id++) {
         const field_descriptor *field = &field_table[id];
@@ -1258,6 +1431,7 @@ static moegen_status report_unknown_key(spec_reader *reader, const spec_node *ke
     }
     if (best >= 0) {
         const field_descriptor *field = &field_table[best];
+        reader->meant[best] = 1;
         if (field->section != SECTION_TOP && strcmp(key->text, field->qualified) == 0)
             snprintf(hint, sizeof hint, " (write it as '%s' under '%s:')", field->key, section_key(field->section));
         else if (field->section == section)
@@ -1273,35 +1447,58 @@ static moegen_status report_unknown_key(spec_reader *reader, const spec_node *ke
     return reader_fail(reader, key->line, key->column, "unknown key '%s'%s%s", quoted, where, hint);
 }
 
+/* A section that is not a mapping: every field in it is unknown. */
+static void mark_section_unknown(spec_reader *reader, spec_section section) {
+    int id;
+    for (id = 0; id < FIELD_COUNT; id++)
+        if (field_table[id].section == section && field_table[id].kind != KIND_SECTION)
+            reader->unknown[id] = 1;
+}
+
+/* Walk one mapping. A key or a value that is wrong is reported (its field becomes
+ * unknown) and the walk goes on with the next key. Returns MOEGEN_OK, or the status that
+ * stops everything (out of memory); the errors themselves are in the reader. */
 static moegen_status read_section(spec_reader *reader, int mapping, spec_section section) {
     const spec_node *nodes = reader->tree.nodes;
-    moegen_status status = MOEGEN_OK;
     int key_index;
-    for (key_index = nodes[mapping].first_child; key_index >= 0 && status == MOEGEN_OK;
+    for (key_index = nodes[mapping].first_child; key_index >= 0;
          key_index = nodes[nodes[key_index].next_sibling].next_sibling) {
         const spec_node *key = &nodes[key_index];
         const spec_node *value = &nodes[key->next_sibling];
-        int id = find_field(section, key->text);
+        moegen_status status;
         field_given *given;
-        if (id < 0 || strlen(key->text) != key->text_bytes)
-            return report_unknown_key(reader, key, section);
-        given = &reader->given[id];
-        given->is_set = 1;
-        given->key_line = key->line, given->key_column = key->column;
-        given->value_line = value->line, given->value_column = value->column;
-        if (field_table[id].kind != KIND_SECTION) {
-            status = read_value(reader, (field_id)id, key, value);
-        } else if (scalar_is_null(value)) {
-            status = reader_fail(reader, key->line, key->column, "%s: missing value (expected a mapping)",
-                                 field_table[id].qualified);
-        } else if (value->kind != NODE_MAPPING) {
-            status = reader_fail(reader, value->line, value->column, "%s: expected a mapping of %s settings, found %s",
-                                 field_table[id].qualified, field_table[id].key, node_kind_noun(value->kind));
+        int id;
+        if (key->ignored)
+            continue; /* reported while the tree was built */
+        id = find_field(section, key->text);
+        if (id < 0 || strlen(key->text) != key->text_bytes) {
+            status = report_unknown_key(reader, key, section);
         } else {
-            status = read_section(reader, key->next_sibling, field_table[id].opens);
+            given = &reader->given[id];
+            given->is_set = 1;
+            given->key_line = key->line, given->key_column = key->column;
+            given->value_line = value->line, given->value_column = value->column;
+            if (field_table[id].kind != KIND_SECTION) {
+                status = read_value(reader, (field_id)id, key, value);
+                if (status == MOEGEN_ERR_SPEC)
+                    reader->unknown[id] = 1;
+            } else if (scalar_is_null(value)) {
+                status = reader_fail(reader, key->line, key->column, "%s: missing value (expected a mapping)",
+                                     field_table[id].qualified);
+                mark_section_unknown(reader, field_table[id].opens);
+            } else if (value->kind != NODE_MAPPING) {
+                status = reader_fail(reader, value->line, value->column,
+                                     "%s: expected a mapping of %s settings, found %s", field_table[id].qualified,
+                                     field_table[id].key, node_kind_noun(value->kind));
+                mark_section_unknown(reader, field_table[id].opens);
+            } else {
+                status = read_section(reader, key->next_sibling, field_table[id].opens);
+            }
         }
+        if (status != MOEGEN_OK && status != MOEGEN_ERR_SPEC)
+            return status;
     }
-    return status;
+    return MOEGEN_OK;
 }
 
 /* ---- resolution ---------------------------------------------------------------------- */
@@ -1337,7 +1534,7 @@ static void rule_position(const spec_reader *reader, field_id id, int at_key, in
  * given, it receives the condition under which it would ("router.n_group > 1 (it is 1)").
  * The canonical form lists exactly the fields for which this returns 1. */
 static int field_applies(const moegen_spec *spec, field_id id, char *why, size_t why_size) {
-    char scratch[8];
+    char scratch[160];
     const char *mode = moegen_capacity_mode_name(spec->capacity.mode);
     if (!why) {
         why = scratch;
@@ -1409,159 +1606,377 @@ static int field_applies(const moegen_spec *spec, field_id id, char *why, size_t
     }
 }
 
-/* Presets and defaults that depend on other fields; only for fields not written. */
+/* The field's value may be used by a check: it is neither unknown nor missing. */
+static int is_known(const spec_reader *reader, field_id id) { return !reader->unknown[id]; }
+
+/* Written with a value that was read: a written field that failed its own check is not
+ * used as a value (its default or placeholder stands in for it). */
+static int has_written_value(const spec_reader *reader, field_id id) {
+    return is_given(reader, id) && !reader->unknown[id];
+}
+
+/* A derived field that was not written (or was written wrong) takes its value from
+ * others; when one of them is unknown, so is the derived value. */
+static void derive_known(spec_reader *reader, field_id id, field_id from, field_id also_from) {
+    if (!has_written_value(reader, id) && (reader->unknown[from] || reader->unknown[also_from]))
+        reader->unknown[id] = 1;
+}
+
+/* Presets and defaults that depend on other fields; only for fields not written (or
+ * written with a bad value: the default then stands in, and the field stays unknown). */
 static void resolve_derived_defaults(spec_reader *reader) {
     moegen_spec *spec = &reader->spec;
     int deepspeed = spec->semantics == MOEGEN_SEMANTICS_DEEPSPEED;
     int top_k = spec->top_k;
-    if (!is_given(reader, FIELD_ORDER))
+    if (!has_written_value(reader, FIELD_ORDER))
         spec->router.order = deepspeed ? MOEGEN_ORDER_SOFTMAX_THEN_TOPK : MOEGEN_ORDER_TOPK_THEN_SOFTMAX;
-    if (!is_given(reader, FIELD_TOPK_GROUP))
+    derive_known(reader, FIELD_ORDER, FIELD_SEMANTICS, FIELD_SEMANTICS);
+    if (!has_written_value(reader, FIELD_TOPK_GROUP))
         spec->router.topk_group = spec->router.n_group;
-    if (!is_given(reader, FIELD_GROUP_TOPM))
+    derive_known(reader, FIELD_TOPK_GROUP, FIELD_N_GROUP, FIELD_N_GROUP);
+    if (!has_written_value(reader, FIELD_GROUP_TOPM))
         spec->router.group_topm = top_k / spec->router.topk_group > 1 ? top_k / spec->router.topk_group : 1;
-    if (!is_given(reader, FIELD_AUX_LOSS))
+    derive_known(reader, FIELD_GROUP_TOPM, FIELD_TOP_K, FIELD_TOPK_GROUP);
+    if (!has_written_value(reader, FIELD_AUX_LOSS))
         spec->router.aux_loss = deepspeed ? MOEGEN_AUX_DEEPSPEED : MOEGEN_AUX_MEGATRON;
-    if (!is_given(reader, FIELD_CAPACITY_MODE)) {
-        if (is_given(reader, FIELD_EXPERT_CAPACITY))
+    derive_known(reader, FIELD_AUX_LOSS, FIELD_SEMANTICS, FIELD_SEMANTICS);
+    if (!has_written_value(reader, FIELD_CAPACITY_MODE)) {
+        /* What was written decides, even when its value is bad: it says which mode was
+         * meant. A field that is unknown without being written (misspelt, or in a capacity
+         * section that is not a mapping) might have decided it too. */
+        if (is_given(reader, FIELD_EXPERT_CAPACITY)) {
             spec->capacity.mode = MOEGEN_CAP_FIXED;
-        else if (is_given(reader, FIELD_CAPACITY_FACTOR) || is_given(reader, FIELD_EVAL_CAPACITY_FACTOR))
+        } else if (is_given(reader, FIELD_CAPACITY_FACTOR) || is_given(reader, FIELD_EVAL_CAPACITY_FACTOR)) {
             spec->capacity.mode = MOEGEN_CAP_FACTOR;
-        else
+            derive_known(reader, FIELD_CAPACITY_MODE, FIELD_EXPERT_CAPACITY, FIELD_EXPERT_CAPACITY);
+        } else {
             spec->capacity.mode = deepspeed ? MOEGEN_CAP_FACTOR : MOEGEN_CAP_DROPLESS;
+            derive_known(reader, FIELD_CAPACITY_MODE, FIELD_SEMANTICS, FIELD_EXPERT_CAPACITY);
+            derive_known(reader, FIELD_CAPACITY_MODE, FIELD_CAPACITY_FACTOR, FIELD_EVAL_CAPACITY_FACTOR);
+        }
     }
-    if (!is_given(reader, FIELD_EVAL_CAPACITY_FACTOR))
+    if (!has_written_value(reader, FIELD_EVAL_CAPACITY_FACTOR))
         spec->capacity.eval_capacity_factor = spec->capacity.capacity_factor;
-    if (!is_given(reader, FIELD_CAPACITY_FORMULA))
+    derive_known(reader, FIELD_EVAL_CAPACITY_FACTOR, FIELD_CAPACITY_FACTOR, FIELD_CAPACITY_FACTOR);
+    if (!has_written_value(reader, FIELD_CAPACITY_FORMULA))
         spec->capacity.formula = deepspeed ? MOEGEN_CAP_FORMULA_DEEPSPEED : MOEGEN_CAP_FORMULA_MEGATRON;
-    if (!is_given(reader, FIELD_MIN_CAPACITY))
+    derive_known(reader, FIELD_CAPACITY_FORMULA, FIELD_SEMANTICS, FIELD_SEMANTICS);
+    if (!has_written_value(reader, FIELD_MIN_CAPACITY))
         spec->capacity.min_capacity = deepspeed ? 4 : 0;
-    if (!is_given(reader, FIELD_PRIORITY)) {
+    derive_known(reader, FIELD_MIN_CAPACITY, FIELD_SEMANTICS, FIELD_SEMANTICS);
+    if (!has_written_value(reader, FIELD_PRIORITY)) {
         if (!deepspeed || top_k > 2)
             spec->capacity.priority = MOEGEN_PRIORITY_PROBS;
         else
             spec->capacity.priority = top_k == 1 ? MOEGEN_PRIORITY_POSITION : MOEGEN_PRIORITY_POSITION_CHOICE_MAJOR;
     }
-    if (!is_given(reader, FIELD_RENORMALIZE))
+    derive_known(reader, FIELD_PRIORITY, FIELD_SEMANTICS, FIELD_TOP_K);
+    if (!has_written_value(reader, FIELD_RENORMALIZE))
         spec->capacity.renormalize = deepspeed && top_k >= 2;
+    derive_known(reader, FIELD_RENORMALIZE, FIELD_SEMANTICS, FIELD_TOP_K);
 }
 
-/* Rules between fields, in a fixed order; the first broken one is reported. */
-static moegen_status check_cross_field_rules(spec_reader *reader) {
+/* Whether the fields field_applies() reads for `id` are known, so that its answer means
+ * something. */
+static int applicability_known(const spec_reader *reader, const moegen_spec *spec, field_id id) {
+    switch (id) {
+    case FIELD_ORDER:
+    case FIELD_SCORE_BIAS:
+        return is_known(reader, FIELD_SCORE_FUNCTION);
+    case FIELD_TOPK_GROUP:
+    case FIELD_GROUP_TOPM:
+    case FIELD_GROUP_SCORE:
+    case FIELD_GROUP_MASK:
+        return is_known(reader, FIELD_N_GROUP);
+    case FIELD_SEED:
+        return is_known(reader, FIELD_INPUT_JITTER) && is_known(reader, FIELD_NOISE) &&
+               is_known(reader, FIELD_PRIORITY) && is_known(reader, FIELD_CAPACITY_MODE);
+    case FIELD_CAPACITY_FACTOR:
+    case FIELD_EVAL_CAPACITY_FACTOR:
+    case FIELD_CAPACITY_FORMULA:
+    case FIELD_EXPERT_CAPACITY:
+    case FIELD_PRIORITY:
+    case FIELD_PAD_TO_CAPACITY:
+        return is_known(reader, FIELD_CAPACITY_MODE);
+    case FIELD_MIN_CAPACITY: /* the mode decides first; the formula only in factor mode */
+        return is_known(reader, FIELD_CAPACITY_MODE) &&
+               (spec->capacity.mode != MOEGEN_CAP_FACTOR || is_known(reader, FIELD_CAPACITY_FORMULA));
+    case FIELD_SHARED_INTERMEDIATE_SIZE:
+    case FIELD_SHARED_GATE:
+        return is_known(reader, FIELD_SHARED_COUNT);
+    default:
+        return 1;
+    }
+}
+
+/* Rules between fields, in a fixed order. Every broken rule is reported, except one that
+ * reads an unknown field or needs an earlier rule to hold (E / n_group means nothing
+ * when n_group does not divide E): that would only repeat an error in other words. */
+static void check_cross_field_rules(spec_reader *reader) {
     const moegen_spec *spec = &reader->spec;
     const moegen_router_spec *router = &spec->router;
+    const int experts = is_known(reader, FIELD_NUM_EXPERTS), top_k = is_known(reader, FIELD_TOP_K);
+    const int n_group = is_known(reader, FIELD_N_GROUP);
+    int top_k_fits = 0, groups_divide = 0, kept_groups_fit = 0, kept_groups_hold_k = 0;
     int line, column;
-    if (spec->top_k > spec->num_experts) {
-        rule_position(reader, FIELD_TOP_K, 0, &line, &column);
-        return reader_fail(reader, line, column, "num_experts_per_tok: %d exceeds num_experts (%d)", spec->top_k,
-                           spec->num_experts);
+    if (experts && top_k) {
+        if (spec->top_k > spec->num_experts) {
+            rule_position(reader, FIELD_TOP_K, 0, &line, &column);
+            reader_fail(reader, line, column, "num_experts_per_tok: %d exceeds num_experts (%d)", spec->top_k,
+                        spec->num_experts);
+        } else {
+            top_k_fits = 1;
+        }
     }
-    if (spec->num_experts % spec->ep_size != 0) {
+    if (experts && is_known(reader, FIELD_EP_SIZE) && spec->num_experts % spec->ep_size != 0) {
         rule_position(reader, FIELD_EP_SIZE, 0, &line, &column);
-        return reader_fail(reader, line, column,
-                           "ep_size: %d does not divide num_experts (%d); every rank owns the same number of experts",
-                           spec->ep_size, spec->num_experts);
+        reader_fail(reader, line, column,
+                    "ep_size: %d does not divide num_experts (%d); every rank owns the same number of experts",
+                    spec->ep_size, spec->num_experts);
     }
-    if (spec->weight_on_input && spec->top_k != 1) {
+    if (top_k && is_known(reader, FIELD_WEIGHT_ON_INPUT) && spec->weight_on_input && spec->top_k != 1) {
         rule_position(reader, FIELD_WEIGHT_ON_INPUT, 0, &line, &column);
-        return reader_fail(reader, line, column, "weight_on_input requires num_experts_per_tok 1 (it is %d)",
-                           spec->top_k);
+        reader_fail(reader, line, column, "weight_on_input requires num_experts_per_tok 1 (it is %d)", spec->top_k);
     }
-    if (spec->num_experts % router->n_group != 0) {
-        rule_position(reader, FIELD_N_GROUP, 0, &line, &column);
-        return reader_fail(reader, line, column, "router.n_group: %d does not divide num_experts (%d)",
-                           router->n_group, spec->num_experts);
+    if (experts && n_group) {
+        if (spec->num_experts % router->n_group != 0) {
+            rule_position(reader, FIELD_N_GROUP, 0, &line, &column);
+            reader_fail(reader, line, column, "router.n_group: %d does not divide num_experts (%d)", router->n_group,
+                        spec->num_experts);
+        } else {
+            groups_divide = 1;
+        }
     }
-    if (router->topk_group > router->n_group) {
-        rule_position(reader, FIELD_TOPK_GROUP, 0, &line, &column);
-        return reader_fail(reader, line, column, "router.topk_group: %d exceeds router.n_group (%d)",
-                           router->topk_group, router->n_group);
+    if (n_group && is_known(reader, FIELD_TOPK_GROUP)) {
+        if (router->topk_group > router->n_group) {
+            rule_position(reader, FIELD_TOPK_GROUP, 0, &line, &column);
+            reader_fail(reader, line, column, "router.topk_group: %d exceeds router.n_group (%d)", router->topk_group,
+                        router->n_group);
+        } else {
+            kept_groups_fit = 1;
+        }
     }
-    if ((int64_t)spec->top_k > (int64_t)router->topk_group * (spec->num_experts / router->n_group)) {
-        rule_position(reader, is_given(reader, FIELD_TOPK_GROUP) ? FIELD_TOPK_GROUP : FIELD_N_GROUP, 0, &line,
-                      &column);
-        return reader_fail(reader, line, column,
-                           "num_experts_per_tok (%d) exceeds the experts in the kept groups: router.topk_group (%d) "
-                           "x num_experts / router.n_group (%d) = %d",
-                           spec->top_k, router->topk_group, spec->num_experts / router->n_group,
-                           router->topk_group * (spec->num_experts / router->n_group));
+    if (top_k_fits && groups_divide && kept_groups_fit) {
+        if ((int64_t)spec->top_k > (int64_t)router->topk_group * (spec->num_experts / router->n_group)) {
+            rule_position(reader, is_given(reader, FIELD_TOPK_GROUP) ? FIELD_TOPK_GROUP : FIELD_N_GROUP, 0, &line,
+                          &column);
+            reader_fail(reader, line, column,
+                        "num_experts_per_tok (%d) exceeds the experts in the kept groups: router.topk_group (%d) "
+                        "x num_experts / router.n_group (%d) = %d",
+                        spec->top_k, router->topk_group, spec->num_experts / router->n_group,
+                        router->topk_group * (spec->num_experts / router->n_group));
+        } else {
+            kept_groups_hold_k = 1;
+        }
     }
-    if (router->group_topm > spec->num_experts / router->n_group) {
+    /* A group_topm derived from k / topk_group fits whenever the rule above holds. */
+    if (groups_divide && is_known(reader, FIELD_GROUP_TOPM) &&
+        (has_written_value(reader, FIELD_GROUP_TOPM) || kept_groups_hold_k) &&
+        router->group_topm > spec->num_experts / router->n_group) {
         rule_position(reader, FIELD_GROUP_TOPM, 0, &line, &column);
-        return reader_fail(reader, line, column,
-                           "router.group_topm: %d exceeds the experts in one group (num_experts / router.n_group = %d)",
-                           router->group_topm, spec->num_experts / router->n_group);
+        reader_fail(reader, line, column,
+                    "router.group_topm: %d exceeds the experts in one group (num_experts / router.n_group = %d)",
+                    router->group_topm, spec->num_experts / router->n_group);
     }
-    if (router->noise == MOEGEN_NOISE_RSAMPLE) {
+    if (is_known(reader, FIELD_NOISE) && router->noise == MOEGEN_NOISE_RSAMPLE) {
         const char *problem = NULL;
         char detail[96];
-        if (router->score_function != MOEGEN_SCORE_SOFTMAX) {
+        if (is_known(reader, FIELD_SCORE_FUNCTION) && router->score_function != MOEGEN_SCORE_SOFTMAX) {
             snprintf(detail, sizeof detail, "router.score_function softmax (it is %s)",
                      moegen_score_fn_name(router->score_function));
             problem = detail;
-        } else if (spec->top_k > 2) {
+        } else if (top_k && spec->top_k > 2) {
             snprintf(detail, sizeof detail, "num_experts_per_tok <= 2 (it is %d)", spec->top_k);
             problem = detail;
-        } else if (router->n_group != 1) {
+        } else if (n_group && router->n_group != 1) {
             snprintf(detail, sizeof detail, "router.n_group 1 (it is %d)", router->n_group);
             problem = detail;
         }
         if (problem) {
             rule_position(reader, FIELD_NOISE, 0, &line, &column);
-            return reader_fail(reader, line, column, "router.noise: rsample requires %s", problem);
+            reader_fail(reader, line, column, "router.noise: rsample requires %s", problem);
         }
     }
-    if (spec->capacity.mode == MOEGEN_CAP_FIXED && !is_given(reader, FIELD_EXPERT_CAPACITY)) {
+    /* "required" means neither written nor meant by a misspelt key (which makes it unknown) */
+    if (is_known(reader, FIELD_CAPACITY_MODE) && spec->capacity.mode == MOEGEN_CAP_FIXED &&
+        !is_given(reader, FIELD_EXPERT_CAPACITY) && is_known(reader, FIELD_EXPERT_CAPACITY)) {
         rule_position(reader, FIELD_CAPACITY_MODE, 0, &line, &column);
-        return reader_fail(reader, line, column, "capacity.expert_capacity is required when capacity.mode is fixed");
+        reader_fail(reader, line, column, "capacity.expert_capacity is required when capacity.mode is fixed");
     }
-    if (spec->capacity.mode == MOEGEN_CAP_FIXED && spec->capacity.pad_to_capacity) {
+    if (is_known(reader, FIELD_CAPACITY_MODE) && spec->capacity.mode == MOEGEN_CAP_FIXED &&
+        is_known(reader, FIELD_PAD_TO_CAPACITY) && spec->capacity.pad_to_capacity && experts &&
+        is_given(reader, FIELD_EXPERT_CAPACITY) && is_known(reader, FIELD_EXPERT_CAPACITY) &&
+        is_known(reader, FIELD_HIDDEN_SIZE) && is_known(reader, FIELD_MOE_INTERMEDIATE_SIZE) &&
+        is_known(reader, FIELD_DTYPE) && is_known(reader, FIELD_ACTIVATION)) {
         const long double rows = (long double)spec->num_experts * (long double)spec->capacity.expert_capacity;
         const long double row_bytes = 4.0L * (long double)spec->hidden_size +
                                       (long double)moegen_dtype_size(spec->dtype) * moegen_spec_ffn_rows(spec) + 8.0L;
         if (rows > (long double)MOEGEN_MAX_PADDED_ROWS || rows * row_bytes > (long double)MOEGEN_MAX_PADDED_BYTES) {
             rule_position(reader, FIELD_EXPERT_CAPACITY, 0, &line, &column);
-            return reader_fail(reader, line, column,
-                               "capacity.expert_capacity: %lld with pad_to_capacity makes every call process "
-                               "num_experts x capacity = %.0Lf rows (%.3Lg GiB of expert buffers); the limit is "
-                               "%lld rows and %llu GiB",
-                               (long long)spec->capacity.expert_capacity, rows, rows * row_bytes / 1073741824.0L,
-                               (long long)MOEGEN_MAX_PADDED_ROWS, (unsigned long long)(MOEGEN_MAX_PADDED_BYTES >> 30));
+            reader_fail(reader, line, column,
+                        "capacity.expert_capacity: %lld with pad_to_capacity makes every call process "
+                        "num_experts x capacity = %.0Lf rows (%.3Lg GiB of expert buffers); the limit is "
+                        "%lld rows and %llu GiB",
+                        (long long)spec->capacity.expert_capacity, rows, rows * row_bytes / 1073741824.0L,
+                        (long long)MOEGEN_MAX_PADDED_ROWS, (unsigned long long)(MOEGEN_MAX_PADDED_BYTES >> 30));
         }
     }
-    if (spec->shared.count > 0 && !is_given(reader, FIELD_SHARED_INTERMEDIATE_SIZE)) {
+    if (is_known(reader, FIELD_SHARED_COUNT) && spec->shared.count > 0 &&
+        !is_given(reader, FIELD_SHARED_INTERMEDIATE_SIZE) && is_known(reader, FIELD_SHARED_INTERMEDIATE_SIZE)) {
         rule_position(reader, FIELD_SHARED_COUNT, 0, &line, &column);
-        return reader_fail(reader, line, column,
-                           "shared_experts.intermediate_size is required when shared_experts.count > 0");
+        reader_fail(reader, line, column, "shared_experts.intermediate_size is required when shared_experts.count > 0");
     }
-    return MOEGEN_OK;
 }
 
-static moegen_status resolve_spec(spec_reader *reader) {
+/* Resolve defaults and check the rules, reporting every error into the reader. */
+static void resolve_spec(spec_reader *reader) {
     int id;
+    /* A field an unknown key was probably meant to be: its value is unknown, not missing
+     * (so a misspelt required key is one error, not two). */
     for (id = 0; id < FIELD_COUNT; id++) {
-        if ((field_table[id].flags & FLAG_REQUIRED) && !is_given(reader, (field_id)id)) {
+        if (!reader->meant[id] || is_given(reader, (field_id)id))
+            continue;
+        if (field_table[id].kind == KIND_SECTION)
+            mark_section_unknown(reader, field_table[id].opens);
+        else
+            reader->unknown[id] = 1;
+    }
+    for (id = 0; id < FIELD_COUNT; id++) {
+        if ((field_table[id].flags & FLAG_REQUIRED) && !is_given(reader, (field_id)id) && !reader->unknown[id]) {
             const spec_node *root = &reader->tree.nodes[reader->tree.root];
-            return reader_fail(reader, root->line, root->column, "missing required key '%s'",
-                               field_table[id].qualified);
+            reader_fail(reader, root->line, root->column, "missing required key '%s'", field_table[id].qualified);
+            reader->unknown[id] = 1;
         }
     }
-    for (id = 0; id < FIELD_COUNT; id++)
-        if (!is_given(reader, (field_id)id) && !(field_table[id].flags & (FLAG_REQUIRED | FLAG_DERIVED_DEFAULT)))
+    /* Static defaults; a required integer that is unknown gets the bottom of its range as
+     * a placeholder, so that no default derived from it divides by zero. */
+    for (id = 0; id < FIELD_COUNT; id++) {
+        const field_descriptor *field = &field_table[id];
+        if (has_written_value(reader, (field_id)id))
+            continue;
+        if ((field->flags & FLAG_REQUIRED) && field->kind == KIND_INTEGER)
+            field_store_integer(&reader->spec, (field_id)id, field->int_min);
+        else if (!(field->flags & (FLAG_REQUIRED | FLAG_DERIVED_DEFAULT)))
             field_store_default(&reader->spec, (field_id)id);
+    }
     resolve_derived_defaults(reader);
     for (id = 0; id < FIELD_COUNT; id++) {
         char why[160];
-        if (!is_given(reader, (field_id)id) || field_applies(&reader->spec, (field_id)id, why, sizeof why))
+        if (!is_given(reader, (field_id)id) || !applicability_known(reader, &reader->spec, (field_id)id) ||
+            field_applies(&reader->spec, (field_id)id, why, sizeof why))
             continue;
         if (field_table[id].flags & FLAG_SOFT) {
             field_store_default(&reader->spec, (field_id)id);
             continue;
         }
-        return reader_fail(reader, reader->given[id].key_line, reader->given[id].key_column, "%s applies only when %s",
-                           field_table[id].qualified, why);
+        reader_fail(reader, reader->given[id].key_line, reader->given[id].key_column, "%s applies only when %s",
+                    field_table[id].qualified, why);
     }
-    return check_cross_field_rules(reader);
+    check_cross_field_rules(reader);
+}
+
+/* ---- warnings ------------------------------------------------------------------------- */
+
+/* Model families whose MoE experts are gated (silu(gate) * up). Hugging Face configs of
+ * all of them say `hidden_act: silu`, which is easy to copy as `activation: silu`. */
+static const char *const gated_families[] = {"mixtral", "mistral", "qwen",    "deepseek", "olmoe",
+                                             "llama",   "glm",     "gpt-oss", "gpt_oss"};
+
+static int is_ascii_alnum(char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+}
+
+/* Whether `text` holds the lowercase `word` (ASCII case ignored) at the start of a word:
+ * "Qwen/Qwen3-30B" mentions qwen, "ollama" does not mention llama. */
+static int mentions_word(const char *text, const char *word) {
+    size_t word_bytes = strlen(word);
+    const char *at;
+    for (at = text; *at; at++) {
+        size_t index = 0;
+        if (at > text && is_ascii_alnum(at[-1]))
+            continue;
+        while (index < word_bytes && at[index] && lower_ascii(at[index]) == word[index])
+            index++;
+        if (index == word_bytes)
+            return 1;
+    }
+    return 0;
+}
+
+/* Valid specs that are probably not what was meant. Every check is a few comparisons
+ * (and one scan of the free text), and none fires on the shipped specs (test_spec loads
+ * them all). Called only on a spec that passed every rule. */
+static void check_warnings(spec_reader *reader) {
+    const moegen_spec *spec = &reader->spec;
+    const moegen_router_spec *router = &spec->router;
+    const char *const scaled = router->routed_scaling_factor != 1.0 ? " (times router.routed_scaling_factor)" : "";
+    int line, column;
+
+    /* A non-gated activation in a layer of a gated family. */
+    if (!moegen_activation_is_gated(spec->activation)) {
+        const char *const texts[] = {spec->name, spec->source, spec->description};
+        const char *const places[] = {"the name", "the source", "the description"};
+        const char *family = NULL, *place = NULL;
+        size_t text, word;
+        for (text = 0; text < COUNT_OF(texts) && !family; text++)
+            for (word = 0; word < COUNT_OF(gated_families) && !family; word++)
+                if (texts[text] && mentions_word(texts[text], gated_families[word]))
+                    family = gated_families[word], place = places[text];
+        if (family) {
+            rule_position(reader, FIELD_ACTIVATION, 0, &line, &column);
+            reader_warn(reader, line, column,
+                        "activation: %s is not gated, but %s mentions '%s', a model family whose experts are "
+                        "gated: if the checkpoint has gate and up projections, write activation: swiglu (a silu "
+                        "gate; Hugging Face's hidden_act: silu) or geglu (a gelu gate)",
+                        moegen_activation_name(spec->activation), place, family);
+        }
+    }
+
+    /* DeepSeek-V3-style routing (group-limited sigmoid or sqrt-softplus scores, or scaled
+     * sigmoid weights) without the selection bias it is trained with. */
+    if (router->score_function != MOEGEN_SCORE_SOFTMAX && !router->score_bias &&
+        (router->n_group > 1 ||
+         (router->score_function == MOEGEN_SCORE_SIGMOID && router->routed_scaling_factor != 1.0))) {
+        char cause[64];
+        if (router->n_group > 1)
+            snprintf(cause, sizeof cause, "router.n_group %d", router->n_group);
+        else
+            snprintf(cause, sizeof cause, "router.routed_scaling_factor %g", router->routed_scaling_factor);
+        rule_position(reader, FIELD_SCORE_FUNCTION, 0, &line, &column);
+        reader_warn(reader, line, column,
+                    "router.score_function: %s with %s is DeepSeek-V3-style routing, which chooses experts by "
+                    "score plus a per-expert bias (e_score_correction_bias), but router.score_bias is false; "
+                    "write router.score_bias: true if the checkpoint has that bias",
+                    moegen_score_fn_name(router->score_function), cause);
+    }
+
+    /* Top-1 routing whose one weight is always 1: the scores only choose the expert. */
+    if (spec->top_k == 1 && router->norm_topk_prob) {
+        rule_position(reader, FIELD_NORM_TOPK_PROB, 0, &line, &column);
+        reader_warn(reader, line, column,
+                    "router.norm_topk_prob: true with num_experts_per_tok 1 divides the one routing weight by "
+                    "itself, so every weight is 1%s and the scores only choose the expert; without it the "
+                    "expert is weighted by its score, as in Switch and Llama 4",
+                    scaled);
+    } else if (spec->top_k == 1 && router->score_function == MOEGEN_SCORE_SOFTMAX &&
+               router->order == MOEGEN_ORDER_TOPK_THEN_SOFTMAX) {
+        int written = is_given(reader, FIELD_ORDER);
+        rule_position(reader, written ? FIELD_ORDER : FIELD_TOP_K, 0, &line, &column);
+        reader_warn(reader, line, column,
+                    "router.order: topk_then_softmax%s with num_experts_per_tok 1 is a softmax over one logit, so "
+                    "every routing weight is 1%s and the scores only choose the expert; softmax_then_topk "
+                    "weights the expert by its probability, as Switch does",
+                    written ? "" : " (the megatron preset's default)", scaled);
+    }
+
+    /* The routing weight on the expert input comes from Llama 4, whose scores are sigmoids. */
+    if (spec->weight_on_input && router->score_function == MOEGEN_SCORE_SOFTMAX) {
+        rule_position(reader, FIELD_WEIGHT_ON_INPUT, 0, &line, &column);
+        reader_warn(reader, line, column,
+                    "weight_on_input: true with router.score_function softmax; Llama 4, the model that multiplies "
+                    "the expert's input by its routing weight, scores experts with a sigmoid (router.score_function: "
+                    "sigmoid)");
+    }
 }
 
 /* ---- public: parsing ------------------------------------------------------------------ */
@@ -1610,16 +2025,30 @@ static moegen_status spec_parse(const char *text, size_t len, const char *displa
     status = read_section(&reader, reader.tree.root, SECTION_TOP);
     if (status != MOEGEN_OK)
         goto cleanup;
-    status = resolve_spec(&reader);
-    if (status != MOEGEN_OK)
+    resolve_spec(&reader);
+    if (reader.error_count > 0) {
+        status = MOEGEN_ERR_SPEC;
         goto cleanup;
+    }
+    check_warnings(&reader);
+    reader.spec.warning_count = reader.warnings.count + reader.warnings.lost;
+    join_diagnostics(NULL, &reader.warnings, reader.spec.warning_count, NULL, reader.spec.warnings,
+                     sizeof reader.spec.warnings);
     *out = reader.spec;
     memset(&reader.spec, 0, sizeof reader.spec); /* ownership of the strings moved */
     moegen_error_clear(err);
 
 cleanup:
+    if (status == MOEGEN_ERR_SPEC && reader.error_count > 0) {
+        char joined[MOEGEN_ERROR_MESSAGE_BYTES];
+        join_diagnostics(reader.first_error, &reader.later_errors, reader.error_count, "errors", joined,
+                         sizeof joined);
+        moegen_error_set(err, MOEGEN_ERR_SPEC, 0, "%s", joined);
+    }
     moegen_spec_free(&reader.spec);
     tree_free(&reader.tree);
+    diagnostics_free(&reader.later_errors);
+    diagnostics_free(&reader.warnings);
     return status;
 }
 

@@ -7,7 +7,10 @@
  *
  * Invariants owned here:
  *  - A spec that fails validation never leaves this module: the caller gets a status
- *    and a `file:line:col: message` in the error struct, never a partial spec.
+ *    and `file:line:col: message` lines in the error struct (every independent error,
+ *    see moegen_spec_parse), never a partial spec.
+ *  - A spec that passes may carry warnings (`warnings`): it is valid, but probably not
+ *    what was meant. Warnings never change the spec, its canonical form or its hash.
  *  - `name` holds only [A-Za-z][A-Za-z0-9_.-]{0,63}; `ident` is its C-identifier
  *    form. Free text (`source`, `description`) is kept for display only and is
  *    never part of the canonical form or of generated code.
@@ -28,6 +31,7 @@
 #define MOEGEN_SPEC_MAX_NODES 4096       /* scalars + collections */
 #define MOEGEN_SPEC_MAX_SCALAR 4096      /* bytes in one scalar */
 #define MOEGEN_SPEC_MAX_NAME 64          /* bytes in `name` */
+#define MOEGEN_SPEC_WARNINGS_BYTES MOEGEN_ERROR_MESSAGE_BYTES /* `warnings`, NUL included */
 
 /* Limits on values. */
 #define MOEGEN_MAX_EXPERTS 1024
@@ -130,15 +134,31 @@ typedef struct moegen_spec {
     moegen_router_spec router;
     moegen_capacity_spec capacity;
     moegen_shared_spec shared;
+
+    /* Warnings: the spec is valid but probably not what was meant (specs/README.md,
+     * "Errors and warnings"). One "<display_path>:<line>:<col>: <message>" a line, in file
+     * order, no trailing newline; "" when there are none. Bounded like an error message:
+     * when they do not all fit, the last line is "... and N more". `warning_count` counts
+     * them all. Display only: not part of the canonical form or the hash. */
+    int warning_count;
+    char warnings[MOEGEN_SPEC_WARNINGS_BYTES];
 } moegen_spec;
 
 /* Where a spec came from, for error locations. `display_path` is printed in
  * messages (e.g. "specs/x.yaml" or "<string>"). */
 
 /* Parse and validate YAML text. On success *out is filled (free with
- * moegen_spec_free) and MOEGEN_OK is returned. On failure returns MOEGEN_ERR_SPEC
- * (or MOEGEN_ERR_NO_MEMORY) with err->message = "<display_path>:<line>:<col>: ...".
- * `text` need not be NUL-terminated. */
+ * moegen_spec_free), out->warnings lists any warnings, and MOEGEN_OK is returned.
+ * On failure returns MOEGEN_ERR_SPEC (or MOEGEN_ERR_NO_MEMORY) and err->message holds
+ * every independent error, one "<display_path>:<line>:<col>: <message>" a line:
+ *  - the first line is the first error found, the one this function has always
+ *    reported alone (values are checked before the rules between them);
+ *  - the other errors follow in file order, then a last line "<N> errors";
+ *  - lines that do not fit in the message become "... and <K> more" (before the count).
+ * A bad byte or YAML syntax error (and any error in the YAML structure but duplicate
+ * keys and non-string keys) stops the parse: it is the last error. An error that makes
+ * a later check meaningless (a bad num_experts, say) skips that check instead of adding
+ * a follow-on error. `text` need not be NUL-terminated. */
 moegen_status moegen_spec_parse(const char *text, size_t len, const char *display_path,
                                 moegen_spec *out, moegen_error *err);
 

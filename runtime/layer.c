@@ -217,6 +217,15 @@ static moegen_status finish_open(moegen_layer *layer, const moegen_open_options 
                                  moegen_layer **out, moegen_error *err) {
     if (opts) layer->options = *opts;
     else moegen_open_options_init(&layer->options);
+    /* A valid spec that is probably not what was meant (gen/spec.h): each warning to the log. */
+    for (const char *line = layer->spec.warnings; *line;) {
+        const size_t length = strcspn(line, "\n");
+        char message[MOEGEN_SPEC_WARNINGS_BYTES];
+        snprintf(message, sizeof message, "%.*s", (int)length, line);
+        if (layer->options.log) layer->options.log(layer->options.log_user, MOEGEN_LOG_WARNING, message);
+        else fprintf(stderr, "moegen: warning: %s\n", message);
+        line += length + (line[length] == '\n');
+    }
     moegen_status st = open_parsed(layer, err);
     if (st != MOEGEN_OK) {
         moegen_layer_close(layer);

@@ -12,7 +12,12 @@
  *  - presets (deepspeed top-1 / top-2 / top-k, megatron) and field-by-field overrides;
  *  - canonical form: exact text, float spelling, stability under reordering, comments,
  *    whitespace, quoting and irrelevant fields, hash = SHA-256 of the text, round trip;
- *  - file loading, argument checks and the small derived helpers.
+ *  - file loading, argument checks and the small derived helpers;
+ *  - every error at once: independent errors all reported (the first as before, the
+ *    others in file order, then a count), errors that follow from another skipped, the
+ *    list bounded with "... and N more";
+ *  - warnings: each fires on a minimal spec and not on its correction, they come in file
+ *    order and bounded, and no spec shipped in specs/ has one.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -21,6 +26,7 @@
 
 #include <cmocka.h>
 
+#include <dirent.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1052,6 +1058,342 @@ static void spec_canonical_form_parses_back_to_an_equal_spec(void **state) {
     }
 }
 
+/* ---- every error at once -------------------------------------------------------------------- */
+
+/* Parse `yaml` that must fail; returns the message (a static copy). */
+static const char *spec_errors(const char *yaml) {
+    static moegen_error err;
+    moegen_spec spec;
+    memset(&spec, 0x5a, sizeof spec);
+    if (moegen_spec_parse(yaml, strlen(yaml), "bad.yaml", &spec, &err) != MOEGEN_ERR_SPEC)
+        fail_msg("expected MOEGEN_ERR_SPEC for:\n%s", yaml);
+    assert_int_equal(err.code, MOEGEN_ERR_SPEC);
+    assert_true(spec_is_all_zero(&spec));
+    return err.message;
+}
+
+static int count_lines(const char *text) {
+    int lines = *text ? 1 : 0;
+    for (; *text; text++)
+        lines += *text == '\n';
+    return lines;
+}
+
+static void spec_reports_every_independent_error_in_file_order(void **state) {
+    (void)state;
+    /* a value error, an unknown key and a cross-field rule: three independent errors */
+    assert_string_equal(spec_errors("name: tiny\nnum_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 100\n"
+                                    "moe_intermediate_size: 128\nactivaton: relu\nep_size: 3\n"),
+                        "bad.yaml:4:14: hidden_size: 100 is not a multiple of 16 (the GPU kernels step through it "
+                        "in 16-element vectors)\n"
+                        "bad.yaml:6:1: unknown key 'activaton' (did you mean 'activation'?)\n"
+                        "bad.yaml:7:10: ep_size: 3 does not divide num_experts (8); every rank owns the same number "
+                        "of experts\n"
+                        "3 errors");
+    /* errors inside sections, a field that does not apply and a missing required key */
+    assert_string_equal(spec_errors("name: tiny\nnum_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\n"
+                                    "router:\n  score_function: sofmax\n  seed: -1\n"
+                                    "capacity:\n  mode: dropless\n  capacity_factor: 1.5\n"),
+                        "bad.yaml:6:19: router.score_function: unknown value 'sofmax' (did you mean 'softmax'? "
+                        "valid values: softmax, sigmoid, sqrtsoftplus)\n"
+                        "bad.yaml:1:1: missing required key 'moe_intermediate_size'\n"
+                        "bad.yaml:7:9: router.seed: -1 is out of range (0..9223372036854775807)\n"
+                        "bad.yaml:10:3: capacity.capacity_factor applies only when capacity.mode is factor (it is "
+                        "dropless)\n"
+                        "4 errors");
+}
+
+static void spec_keeps_the_first_error_first_and_sorts_the_others(void **state) {
+    (void)state;
+    /* values are checked before the rules between them: the bad dtype on line 7 is found
+     * first (and was the only error reported before), the rule on line 6 follows */
+    assert_string_equal(spec_errors(BASE "ep_size: 3\ndtype: fp64\n"),
+                        "bad.yaml:7:8: dtype: unknown value 'fp64' (did you mean 'fp32'? valid values: fp32, fp16, "
+                        "bf16)\n"
+                        "bad.yaml:6:10: ep_size: 3 does not divide num_experts (8); every rank owns the same number "
+                        "of experts\n"
+                        "2 errors");
+    /* duplicate keys are found while the tree is built and do not stop it */
+    assert_string_equal(spec_errors(BASE "dtype: fp16\ndtype: fp32\nzzqqxxyy: 1\n"),
+                        "bad.yaml:7:1: duplicate key 'dtype' (first defined at line 6)\n"
+                        "bad.yaml:8:1: unknown key 'zzqqxxyy' (specs/README.md lists the keys)\n"
+                        "2 errors");
+}
+
+static void spec_skips_errors_that_follow_from_another(void **state) {
+    static const struct {
+        const char *yaml, *message;
+    } cases[] = {
+        /* a bad num_experts: no rule that reads it (k <= E, ep_size and n_group divide E) */
+        {"name: tiny\nnum_experts: 0\nnum_experts_per_tok: 2\nhidden_size: 64\nmoe_intermediate_size: 128\n"
+         "ep_size: 3\nrouter:\n  n_group: 3\n",
+         "bad.yaml:2:14: num_experts: 0 is out of range (1..1024)"},
+        /* n_group does not divide E: nothing about E / n_group */
+        {BASE "router:\n  n_group: 3\n  group_topm: 3\n  topk_group: 1\n",
+         "bad.yaml:7:12: router.n_group: 3 does not divide num_experts (8)"},
+        /* k > E: not again as "k exceeds the experts in the kept groups" */
+        {"name: tiny\nnum_experts: 8\nnum_experts_per_tok: 9\nhidden_size: 64\nmoe_intermediate_size: 128\n"
+         "router:\n  n_group: 2\n  topk_group: 1\n",
+         "bad.yaml:3:22: num_experts_per_tok: 9 exceeds num_experts (8)"},
+        /* an unknown score function: score_bias may or may not apply */
+        {BASE "router:\n  score_function: sofmax\n  score_bias: true\n",
+         "bad.yaml:7:19: router.score_function: unknown value 'sofmax' (did you mean 'softmax'? valid values: "
+         "softmax, sigmoid, sqrtsoftplus)"},
+        /* an unknown preset: the capacity mode it would give is unknown */
+        {"semantics: fairseq\n" BASE "capacity:\n  min_capacity: 4\n",
+         "bad.yaml:1:12: semantics: unknown value 'fairseq' (valid values: megatron, deepspeed)"},
+        /* a misspelt required key is one error, not also "missing required key" */
+        {"name: tiny\nnum_expert: 8\nnum_experts_per_tok: 2\nhidden_size: 64\nmoe_intermediate_size: 128\n",
+         "bad.yaml:2:1: unknown key 'num_expert' (did you mean 'num_experts'?)"},
+        {"name: tiny\nnum_local_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\nmoe_intermediate_size: 128\n",
+         "bad.yaml:2:1: unknown key 'num_local_experts' (the Hugging Face name; moegen calls it 'num_experts')"},
+        /* a misspelt count: the shared fields may apply */
+        {BASE "shared_experts:\n  cuont: 1\n  intermediate_size: 64\n  gate: true\n",
+         "bad.yaml:7:3: unknown key 'cuont' in shared_experts (did you mean 'count'?)"},
+        /* a misspelt expert_capacity: not also "required", nor a mode guessed without it */
+        {BASE "capacity:\n  mode: fixed\n  expert_capacty: 64\n",
+         "bad.yaml:8:3: unknown key 'expert_capacty' in capacity (did you mean 'expert_capacity'?)"},
+        {BASE "capacity:\n  expert_capacty: 64\n  priority: random\n",
+         "bad.yaml:7:3: unknown key 'expert_capacty' in capacity (did you mean 'expert_capacity'?)"},
+        {BASE "shared_experts:\n  count: 1\n  intermediate_sise: 64\n",
+         "bad.yaml:8:3: unknown key 'intermediate_sise' in shared_experts (did you mean 'intermediate_size'?)"},
+        /* a section that is not a mapping: nothing about what it would hold */
+        {BASE "shared_experts: 2\n",
+         "bad.yaml:6:17: shared_experts: expected a mapping of shared_experts settings, found a scalar"},
+        /* a YAML syntax error stops everything: the bad dtype before it is not reported */
+        {BASE "dtype: fp64\nrouter: {n_group: 2\n", "bad.yaml:8:1: YAML syntax error"},
+    };
+    size_t index;
+    (void)state;
+    for (index = 0; index < sizeof cases / sizeof cases[0]; index++) {
+        const char *message = spec_errors(cases[index].yaml);
+        if (strncmp(message, cases[index].message, strlen(cases[index].message)) != 0 || strchr(message, '\n'))
+            fail_msg("case %zu: expected the one error '%s', got:\n%s", index, cases[index].message, message);
+    }
+}
+
+static void spec_bounds_the_error_list_and_says_how_many_more(void **state) {
+    char yaml[8192], expected_first[128], line[128];
+    const char *message, *more;
+    size_t used;
+    int index, shown = 0, hidden = -1, lines;
+    (void)state;
+    used = (size_t)snprintf(yaml, sizeof yaml, "%s", BASE);
+    for (index = 0; index < 60; index++)
+        used += (size_t)snprintf(yaml + used, sizeof yaml - used, "unrelated_setting_number_%02d: 1\n", index);
+    message = spec_errors(yaml);
+    assert_true(strlen(message) < MOEGEN_ERROR_MESSAGE_BYTES);
+    snprintf(expected_first, sizeof expected_first,
+             "bad.yaml:6:1: unknown key 'unrelated_setting_number_00' (specs/README.md lists the keys)\n");
+    assert_true(strncmp(message, expected_first, strlen(expected_first)) == 0);
+    /* whole lines in file order, then "... and N more", then the count */
+    lines = count_lines(message);
+    for (index = 0; index < lines - 2; index++) {
+        snprintf(line, sizeof line,
+                 "bad.yaml:%d:1: unknown key 'unrelated_setting_number_%02d' (specs/README.md lists the keys)\n",
+                 6 + index, index);
+        assert_non_null(strstr(message, line));
+        shown++;
+    }
+    more = strstr(message, "\n... and ");
+    assert_non_null(more);
+    assert_int_equal(sscanf(more, "\n... and %d more\n", &hidden), 1);
+    assert_int_equal(shown + hidden, 60);
+    assert_true(shown > 5);
+    assert_non_null(strstr(message, " more\n60 errors"));
+    assert_string_equal(message + strlen(message) - strlen("\n60 errors"), "\n60 errors");
+}
+
+static void spec_keeps_a_long_first_error_whole(void **state) {
+    char path[900], yaml[256], alone[MOEGEN_ERROR_MESSAGE_BYTES];
+    moegen_spec spec;
+    moegen_error err;
+    (void)state;
+    memset(path, 'p', sizeof path - 1);
+    path[sizeof path - 1] = '\0';
+    /* the error alone */
+    snprintf(yaml, sizeof yaml, "%s", BASE "dtype: fp64\n");
+    assert_int_equal(moegen_spec_parse(yaml, strlen(yaml), path, &spec, &err), MOEGEN_ERR_SPEC);
+    snprintf(alone, sizeof alone, "%s", err.message);
+    /* with two more: the first line is the same, the others do not fit */
+    snprintf(yaml, sizeof yaml, "%s", BASE "dtype: fp64\nep_size: 3\nmode: eval2\n");
+    assert_int_equal(moegen_spec_parse(yaml, strlen(yaml), path, &spec, &err), MOEGEN_ERR_SPEC);
+    assert_true(strncmp(err.message, alone, strlen(alone)) == 0);
+    assert_string_equal(err.message + strlen(alone), "\n... and 2 more\n3 errors");
+}
+
+/* ---- warnings ------------------------------------------------------------------------------- */
+
+/* Parse a valid spec and return its warnings (a static copy); *count gets warning_count. */
+static const char *spec_warnings(const char *yaml, int *count) {
+    static char warnings[MOEGEN_SPEC_WARNINGS_BYTES];
+    moegen_spec spec;
+    parse_ok(yaml, &spec);
+    memcpy(warnings, spec.warnings, sizeof warnings);
+    *count = spec.warning_count;
+    moegen_spec_free(&spec);
+    return warnings;
+}
+
+static void expect_one_warning(const char *yaml, const char *prefix, const char *needle) {
+    int count;
+    const char *warnings = spec_warnings(yaml, &count);
+    if (count != 1 || strncmp(warnings, prefix, strlen(prefix)) != 0 || !strstr(warnings, needle) ||
+        strchr(warnings, '\n'))
+        fail_msg("expected one warning '%s...%s...', got %d:\n%s\nfor:\n%s", prefix, needle, count, warnings, yaml);
+}
+
+static void expect_no_warning(const char *yaml) {
+    int count;
+    const char *warnings = spec_warnings(yaml, &count);
+    if (count != 0 || warnings[0] != '\0')
+        fail_msg("expected no warning, got %d:\n%s\nfor:\n%s", count, warnings, yaml);
+}
+
+#define TOP1                                                                                                 \
+    "name: top1\n"                                                                                           \
+    "num_experts: 8\n"                                                                                       \
+    "num_experts_per_tok: 1\n"                                                                               \
+    "hidden_size: 64\n"                                                                                      \
+    "moe_intermediate_size: 128\n"
+
+static void spec_warns_about_a_plain_activation_in_a_gated_family(void **state) {
+    (void)state;
+    expect_one_warning(BASE "activation: silu\nsource: https://huggingface.co/Qwen/Qwen3-30B-A3B/blob/main/config.json\n",
+                       "good.yaml:6:13: activation: silu is not gated, but the source mentions 'qwen', a model "
+                       "family whose experts are gated",
+                       "write activation: swiglu");
+    expect_one_warning("name: mixtral-copy\nnum_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\n"
+                       "moe_intermediate_size: 128\nactivation: gelu\n",
+                       "good.yaml:6:13: activation: gelu is not gated, but the name mentions 'mixtral'", "geglu");
+    expect_one_warning(BASE "description: >\n  a DeepSeek-style layer\nactivation: relu\n",
+                       "good.yaml:8:13: activation: relu is not gated, but the description mentions 'deepseek'", "");
+    /* gated: fine; no family named; a family only inside another word */
+    expect_no_warning(BASE "activation: swiglu\nsource: https://huggingface.co/Qwen/Qwen3-30B-A3B\n");
+    expect_no_warning(BASE "activation: silu\nsource: a dense FFN from somewhere\n");
+    expect_no_warning(BASE "activation: silu\ndescription: served with ollama\n");
+}
+
+static void spec_warns_about_deepseek_routing_without_a_score_bias(void **state) {
+    (void)state;
+    expect_one_warning(BASE "router:\n  score_function: sigmoid\n  n_group: 2\n",
+                       "good.yaml:7:19: router.score_function: sigmoid with router.n_group 2 is DeepSeek-V3-style "
+                       "routing",
+                       "router.score_bias is false");
+    expect_one_warning(BASE "router:\n  score_function: sqrtsoftplus\n  n_group: 4\n  topk_group: 2\n",
+                       "good.yaml:7:19: router.score_function: sqrtsoftplus with router.n_group 4", "score_bias");
+    expect_one_warning(BASE "router:\n  score_function: sigmoid\n  routed_scaling_factor: 2.5\n",
+                       "good.yaml:7:19: router.score_function: sigmoid with router.routed_scaling_factor 2.5", "");
+    expect_no_warning(BASE "router:\n  score_function: sigmoid\n  n_group: 2\n  score_bias: true\n");
+    expect_no_warning(BASE "router:\n  score_function: sigmoid\n  routed_scaling_factor: 2.5\n  score_bias: true\n");
+    expect_no_warning(BASE "router:\n  score_function: sigmoid\n");
+    expect_no_warning(BASE "router:\n  n_group: 2\n  routed_scaling_factor: 16.0\n"); /* DeepSeek-V2: softmax */
+}
+
+static void spec_warns_about_top_1_weights_that_are_always_one(void **state) {
+    (void)state;
+    expect_one_warning(TOP1 "router:\n  score_function: sigmoid\n  norm_topk_prob: true\n",
+                       "good.yaml:8:19: router.norm_topk_prob: true with num_experts_per_tok 1 divides the one "
+                       "routing weight by itself, so every weight is 1 and",
+                       "");
+    expect_one_warning(TOP1 "router:\n  order: softmax_then_topk\n  norm_topk_prob: true\n  routed_scaling_factor: 2.0\n",
+                       "good.yaml:8:19: router.norm_topk_prob: true",
+                       "every weight is 1 (times router.routed_scaling_factor)");
+    /* top-k then softmax over one logit: written, or the megatron preset's default */
+    expect_one_warning(TOP1 "router:\n  order: topk_then_softmax\n",
+                       "good.yaml:7:10: router.order: topk_then_softmax with num_experts_per_tok 1 is a softmax over "
+                       "one logit",
+                       "softmax_then_topk weights the expert by its probability");
+    expect_one_warning(TOP1, "good.yaml:3:22: router.order: topk_then_softmax (the megatron preset's default) with",
+                       "");
+    expect_no_warning(TOP1 "router:\n  order: softmax_then_topk\n");
+    expect_no_warning("semantics: deepspeed\n" TOP1);
+    expect_no_warning(TOP1 "router:\n  score_function: sigmoid\n");
+    expect_no_warning(BASE "router:\n  order: topk_then_softmax\n  norm_topk_prob: true\n");
+}
+
+static void spec_warns_about_weight_on_input_with_softmax(void **state) {
+    (void)state;
+    expect_one_warning(TOP1 "weight_on_input: true\nrouter:\n  order: softmax_then_topk\n",
+                       "good.yaml:6:18: weight_on_input: true with router.score_function softmax", "sigmoid");
+    expect_no_warning(TOP1 "weight_on_input: true\nrouter:\n  score_function: sigmoid\n");
+}
+
+static void spec_lists_warnings_in_file_order_and_bounds_them(void **state) {
+    char path[600], yaml[512];
+    moegen_spec spec;
+    moegen_error err;
+    int count;
+    const char *warnings;
+    (void)state;
+    snprintf(yaml, sizeof yaml, "%s",
+             "name: llama-top1\nweight_on_input: true\nnum_experts: 8\nnum_experts_per_tok: 1\nhidden_size: 64\n"
+             "moe_intermediate_size: 128\nactivation: silu\nrouter:\n  norm_topk_prob: true\n");
+    warnings = spec_warnings(yaml, &count);
+    assert_int_equal(count, 3);
+    assert_int_equal(count_lines(warnings), 3);
+    assert_true(strncmp(warnings, "good.yaml:2:18: weight_on_input", strlen("good.yaml:2:18: weight_on_input")) == 0);
+    assert_non_null(strstr(warnings, "\ngood.yaml:7:13: activation: silu is not gated, but the name mentions 'llama'"));
+    assert_non_null(strstr(warnings, "\ngood.yaml:9:19: router.norm_topk_prob: true"));
+    assert_true(strstr(warnings, "good.yaml:7:13") < strstr(warnings, "good.yaml:9:19"));
+    /* a long path: the first warning fits, the other two are counted */
+    memset(path, 'w', sizeof path - 1);
+    path[sizeof path - 1] = '\0';
+    assert_int_equal(moegen_spec_parse(yaml, strlen(yaml), path, &spec, &err), MOEGEN_OK);
+    assert_int_equal(spec.warning_count, 3);
+    assert_true(strlen(spec.warnings) < MOEGEN_SPEC_WARNINGS_BYTES);
+    assert_int_equal(count_lines(spec.warnings), 2);
+    assert_non_null(strstr(spec.warnings, ":2:18: weight_on_input"));
+    assert_string_equal(spec.warnings + strlen(spec.warnings) - strlen("\n... and 2 more"), "\n... and 2 more");
+    moegen_spec_free(&spec);
+}
+
+/* The repository root: $MOEGEN_SOURCE_DIR (CTest sets it), else the directory above
+ * this file's (CMake compiles it by its absolute path). */
+static void source_directory(char *out, size_t size) {
+    const char *from_environment = getenv("MOEGEN_SOURCE_DIR");
+    char *cut;
+    if (from_environment && *from_environment) {
+        snprintf(out, size, "%s", from_environment);
+        return;
+    }
+    snprintf(out, size, "%s", __FILE__);
+    cut = strstr(out, "/tests/test_spec.c");
+    if (cut)
+        *cut = '\0';
+    else
+        snprintf(out, size, ".");
+}
+
+static void spec_shipped_specs_load_without_warnings(void **state) {
+    char root[2048], directory[2100], path[4200];
+    struct dirent *entry;
+    DIR *listing;
+    int loaded = 0;
+    (void)state;
+    source_directory(root, sizeof root);
+    snprintf(directory, sizeof directory, "%s/specs", root);
+    listing = opendir(directory);
+    if (!listing)
+        fail_msg("cannot open %s (set MOEGEN_SOURCE_DIR to the repository)", directory);
+    while ((entry = readdir(listing)) != NULL) {
+        size_t length = strlen(entry->d_name);
+        moegen_spec spec;
+        moegen_error err;
+        if (length < 6 || strcmp(entry->d_name + length - 5, ".yaml") != 0)
+            continue;
+        snprintf(path, sizeof path, "%s/%s", directory, entry->d_name);
+        if (moegen_spec_load_file(path, &spec, &err) != MOEGEN_OK)
+            fail_msg("%s", err.message);
+        if (spec.warning_count != 0 || spec.warnings[0] != '\0')
+            fail_msg("%s warns:\n%s", path, spec.warnings);
+        moegen_spec_free(&spec);
+        loaded++;
+    }
+    closedir(listing);
+    assert_true(loaded >= 10);
+}
+
 /* ---- files, arguments, helpers ---------------------------------------------------------------- */
 
 static void spec_load_reports_a_missing_file_as_an_io_error(void **state) {
@@ -1208,6 +1550,17 @@ int main(void) {
         cmocka_unit_test(spec_rejects_null_arguments),
         cmocka_unit_test(spec_parses_text_that_is_not_nul_terminated),
         cmocka_unit_test(spec_helpers_report_sizes_and_names),
+        cmocka_unit_test(spec_reports_every_independent_error_in_file_order),
+        cmocka_unit_test(spec_keeps_the_first_error_first_and_sorts_the_others),
+        cmocka_unit_test(spec_skips_errors_that_follow_from_another),
+        cmocka_unit_test(spec_bounds_the_error_list_and_says_how_many_more),
+        cmocka_unit_test(spec_keeps_a_long_first_error_whole),
+        cmocka_unit_test(spec_warns_about_a_plain_activation_in_a_gated_family),
+        cmocka_unit_test(spec_warns_about_deepseek_routing_without_a_score_bias),
+        cmocka_unit_test(spec_warns_about_top_1_weights_that_are_always_one),
+        cmocka_unit_test(spec_warns_about_weight_on_input_with_softmax),
+        cmocka_unit_test(spec_lists_warnings_in_file_order_and_bounds_them),
+        cmocka_unit_test(spec_shipped_specs_load_without_warnings),
     };
     int failures = cmocka_run_group_tests_name("spec_bad_inputs", bad_spec_tests, NULL, NULL);
     failures += cmocka_run_group_tests_name("spec", tests, NULL, NULL);
