@@ -10,12 +10,14 @@
 #                                             # layer's files go to <dir>/moe_<ident>/
 #                   [OUT_VAR <var>])          # receives the generated sources and headers
 #
-# For each spec, `moegen gen` writes moe_<ident>.c (or .cu), moe_<ident>.h (cpu), the ABI
-# header and (cpu) moe_<ident>.flags into OUTPUT_DIR/moe_<ident> at build time; that directory
+# For each spec, `moegen gen` writes moe_<ident>.c (or .cu, with its host-side forward),
+# moe_<ident>.h, the ABI headers and (cpu) moe_<ident>.flags into OUTPUT_DIR/moe_<ident> at
+# build time; that directory
 # is added to the target's include path, so code includes "moe_<ident>.h". <ident> is the spec's `name` with
 # '-' and '.' made '_', read from the spec here at configure time (the spec is a configure
 # dependency, so a rename is seen); `moegen gen --expect-prefix` refuses to write other names.
-# The sources are added to <target> and compiled with the flags the runtime itself uses
+# A cuda .cu needs a target with the CUDA language enabled (nvcc compiles it; set
+# CUDA_ARCHITECTURES to match ARCH). The cpu sources are compiled with the flags the runtime itself uses
 # (@moe_<ident>.flags: -O3 -fopenmp, the instruction sets of CPU_TARGET); OpenMP and libm are
 # linked. The command re-runs when a spec, the moegen executable (whose templates are built
 # in) or this file changes. The headers pin their sources (README "Generate and link").
@@ -106,7 +108,8 @@ function(moegen_generate)
         list(APPEND args --arch ${G_ARCH})
       endif()
       set(source "${dir}/${stem}.cu")
-      set(outputs "${source}" "${dir}/moegen_cuda_abi.h" "${dir}/moegen_kernel_abi.h")
+      set(outputs "${source}" "${dir}/${stem}.h" "${dir}/moegen_cuda_abi.h" "${dir}/moegen_cuda_launch.h"
+                  "${dir}/moegen_kernel_abi.h")
     endif()
     if(G_VARIANT)
       list(APPEND args --variant "${G_VARIANT}")

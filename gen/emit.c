@@ -27,6 +27,7 @@
 
 #define ABI_HEADER_PATH "templates/common/moegen_kernel_abi.h"
 #define CUDA_ABI_HEADER_PATH "templates/common/moegen_cuda_abi.h"
+#define CUDA_LAUNCH_HEADER_PATH "templates/common/moegen_cuda_launch.h"
 
 /* Build spec.* params. Returns 0 or -1 on out of memory. */
 static int add_spec_params(moegen_params *root, const moegen_spec *spec, const char *hash) {
@@ -219,7 +220,11 @@ static moegen_status generate(const moegen_spec *spec, const moegen_variant *var
     if (cuda) {
         st = render_into(templates, "templates/cuda/layer.cu.tpl", params, source_name, out, err);
         if (st == MOEGEN_OK)
+            st = render_into(templates, "templates/cuda/layer.h.tpl", params, header_name, out, err);
+        if (st == MOEGEN_OK)
             st = copy_into(templates, CUDA_ABI_HEADER_PATH, "moegen_cuda_abi.h", out, err);
+        if (st == MOEGEN_OK)
+            st = copy_into(templates, CUDA_LAUNCH_HEADER_PATH, "moegen_cuda_launch.h", out, err);
     } else {
         st = render_into(templates, "templates/cpu/layer.c.tpl", params, source_name, out, err);
         if (st == MOEGEN_OK)

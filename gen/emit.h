@@ -22,7 +22,7 @@
 #include "template.h"
 #include "variant.h"
 
-#define MOEGEN_MAX_GENERATED_FILES 4
+#define MOEGEN_MAX_GENERATED_FILES 6
 #define MOEGEN_BUILD_ID_CHARS 16
 
 typedef struct moegen_generated_file {

@@ -19,6 +19,7 @@
 
 #include "capacity.h"
 #include "moegen_cuda_abi.h"
+#include "moegen_cuda_launch.h"
 #include "sha256.h"
 #include "variant.h"
 
@@ -118,6 +119,7 @@ struct moegen_cuda_backend {
     int n_shapes;
     int group_shape[3];   /* index in shapes of each problem group's pair (-1: no problems) */
     moegen_cuda_variant variant; /* from moegen_generated.variant: what the module was rendered with */
+    moegen_cuda_layer layer;     /* the layout and launch steps' view of the layer (moegen_cuda_launch.h) */
     moegen_cu_device_pointer workspace;
     size_t workspace_bytes;
     /* expert parallelism (host-staged): the arguments of the call in progress between its
@@ -280,20 +282,27 @@ static moegen_status get_function(moegen_cuda_backend *b, const char *prefix, co
     return moegen_cuda_check(&b->cu, r, name, err);
 }
 
-/* The problem groups of the grouped GEMM launches, in the layout of the problem table
- * (moegen_cuda_abi.h: routed [0, E), shared [E, E + Ns), residual E + Ns). A group with
- * count 0 is not launched. */
-typedef struct problem_group {
-    int group, first, count;
-    int64_t ffn; /* its GEMM kernels are P_f<ffn>_gemm1 / _gemm2 */
-} problem_group;
-
-static void problem_groups(const moegen_spec *spec, problem_group groups[3]) {
-    const int E = spec->num_experts, Ns = spec->shared.count;
-    groups[0] = (problem_group){MOEGEN_GROUP_ROUTED, 0, E, spec->moe_intermediate_size};
-    groups[1] = (problem_group){MOEGEN_GROUP_SHARED, E, Ns, Ns > 0 ? spec->shared.intermediate_size : 0};
-    groups[2] = (problem_group){MOEGEN_GROUP_RESIDUAL, E + Ns, spec->use_residual ? 1 : 0,
-                                spec->moe_intermediate_size};
+/* The layer as moegen_cuda_launch.h sees it: the spec's sizes, the variant's tiles, and
+ * whether the module has P_dispatch_rank (found by name). */
+static moegen_cuda_layer launch_layer(const moegen_spec *spec, const moegen_cuda_variant *v, int has_rank) {
+    moegen_cuda_layer l;
+    memset(&l, 0, sizeof l);
+    l.num_experts = spec->num_experts;
+    l.top_k = spec->top_k;
+    l.hidden = spec->hidden_size;
+    l.ffn = spec->moe_intermediate_size;
+    l.shared_count = spec->shared.count;
+    l.shared_ffn = spec->shared.count > 0 ? spec->shared.intermediate_size : 0;
+    l.residual = spec->use_residual;
+    l.aux_loss = spec->router.aux_loss != MOEGEN_AUX_NONE;
+    l.elem_bytes = (int)moegen_dtype_size(spec->dtype);
+    l.tile_m = v->tile_m;
+    l.tile_n = v->tile_n;
+    l.warps_m = v->warps_m;
+    l.warps_n = v->warps_n;
+    l.router_tokens = v->router_tokens;
+    l.has_rank = has_rank;
+    return l;
 }
 
 /* Index in b->shapes of the GEMM pair for `ffn`, looking it up in the module the first
@@ -378,13 +387,14 @@ moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, con
     if (st == MOEGEN_OK) st = get_function(b, prefix, "losses", KERNEL_REQUIRED, &b->losses, err);
     if (st == MOEGEN_OK) st = get_function(b, prefix, "ep_pack", KERNEL_REQUIRED, &b->ep_pack, err);
     if (st == MOEGEN_OK) {
-        problem_group groups[3];
-        problem_groups(spec, groups);
+        b->variant = generated.variant.cuda;
+        b->layer = launch_layer(spec, &b->variant, b->dispatch_rank != NULL);
+        moegen_cuda_group groups[3];
+        moegen_cuda_groups(&b->layer, groups);
         for (int g = 0; g < 3 && st == MOEGEN_OK; g++)
             b->group_shape[g] = groups[g].count > 0 ? find_shape(b, prefix, groups[g].ffn, &st, err) : -1;
     }
     if (st == MOEGEN_OK) {
-        b->variant = generated.variant.cuda;
         snprintf(desc->variant, sizeof desc->variant, "%s", generated.variant_name);
         snprintf(desc->kernel_path, sizeof desc->kernel_path, "cuda sm_%d, %s", b->variant.sm,
                  spec->dtype == MOEGEN_DTYPE_FP32 ? "fp32 FMA" : "mma.sync m16n8k16 tensor cores");
@@ -419,56 +429,6 @@ void moegen_cuda_backend_close(moegen_cuda_backend *b) {
 
 /* ---- Workspace ---------------------------------------------------------------------------- */
 
-typedef struct device_layout {
-    size_t logits, aux_probs, aux_counts, lse_squared, route_expert, route_weight, route_valid;
-    size_t route_kept, route_bucket, expert_count, expert_kept, bucket_offset, expert_offset;
-    size_t row_token, row_scale, route_row, route_final, problems, group_tiles;
-    size_t hidden, expert_out, shared_hidden, shared_out, residual_hidden, residual_out, stats;
-    size_t total;
-} device_layout;
-
-static device_layout layout_for(const moegen_spec *spec, int64_t S, int64_t max_rows) {
-    device_layout L;
-    memset(&L, 0, sizeof L);
-    const size_t E = (size_t)spec->num_experts, routes = (size_t)S * spec->top_k;
-    const size_t elem = moegen_dtype_size(spec->dtype);
-    const size_t H = (size_t)spec->hidden_size, F = (size_t)spec->moe_intermediate_size;
-    const size_t Ns = (size_t)spec->shared.count, Fs = Ns ? (size_t)spec->shared.intermediate_size : 0;
-    const size_t rows = (size_t)max_rows, tokens = (size_t)S;
-    const size_t residual = spec->use_residual ? 1 : 0;
-    size_t offset = 0;
-#define CARVE(field, bytes) (L.field = offset, offset += ((size_t)(bytes) + 255) & ~(size_t)255)
-    CARVE(logits, tokens * E * 4);
-    CARVE(aux_probs, spec->router.aux_loss != MOEGEN_AUX_NONE ? tokens * E * 4 : 4);
-    CARVE(aux_counts, E * 4);
-    CARVE(lse_squared, tokens * 8);
-    CARVE(route_expert, routes * 4);
-    CARVE(route_weight, routes * 4);
-    CARVE(route_valid, routes);
-    CARVE(route_kept, routes);
-    CARVE(route_bucket, routes * 4);
-    CARVE(expert_count, E * 8);
-    CARVE(expert_kept, E * 8);
-    CARVE(bucket_offset, (E + 1) * 8);
-    CARVE(expert_offset, (E + 1) * 8);
-    CARVE(row_token, rows * 4);
-    CARVE(row_scale, rows * 4);
-    CARVE(route_row, routes * 4);
-    CARVE(route_final, routes * 4);
-    CARVE(problems, (E + Ns + 1) * sizeof(moegen_cuda_problem));
-    CARVE(group_tiles, 3 * 4);
-    CARVE(hidden, rows * F * elem);
-    CARVE(expert_out, rows * H * 4);
-    CARVE(shared_hidden, Ns * tokens * Fs * elem);
-    CARVE(shared_out, Ns * tokens * H * 4);
-    CARVE(residual_hidden, residual * tokens * F * elem);
-    CARVE(residual_out, residual * tokens * H * 4);
-    CARVE(stats, 3 * 8);
-#undef CARVE
-    L.total = offset;
-    return L;
-}
-
 static moegen_status ensure_workspace(moegen_cuda_backend *b, size_t bytes, moegen_error *err) {
     if (bytes <= b->workspace_bytes) return MOEGEN_OK;
     moegen_status st = MOEGEN_OK;
@@ -501,7 +461,6 @@ static moegen_status launch(moegen_cuda_backend *b, moegen_cu_function f, const 
     return moegen_cuda_check(&b->cu, r, what, err);
 }
 
-static unsigned ceil_div(int64_t a, int64_t b) { return (unsigned)((a + b - 1) / b); }
 
 /* The arguments of one call: capacity, workspace carved for S tokens, device pointers.
  * S = 0 is handled by the callers (nothing is launched). */
@@ -514,7 +473,7 @@ static moegen_status prepare_args(moegen_cuda_backend *b, const moegen_kernel_we
     if (S > INT32_MAX / spec->top_k || max_rows > INT32_MAX)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "forward: %lld tokens exceed the int32 row indices of this layer", (long long)S);
-    const device_layout L = layout_for(spec, S, max_rows);
+    const moegen_cuda_layout L = moegen_cuda_layout_for(&b->layer, S, max_rows);
     moegen_status st = ensure_workspace(b, L.total, err);
     if (st != MOEGEN_OK) return st;
     char *base = (char *)(uintptr_t)b->workspace;
@@ -531,87 +490,60 @@ static moegen_status prepare_args(moegen_cuda_backend *b, const moegen_kernel_we
     a->router_weights = io->router_weights;
     a->counts_before = (long long *)io->counts_before;
     a->counts_after = (long long *)io->counts_after;
-    a->stat_dropped = (long long *)(base + L.stats);
-    a->stat_aux_loss = (double *)(base + L.stats + 8);
-    a->stat_z_loss = (double *)(base + L.stats + 16);
-    a->logits = (float *)(base + L.logits);
-    a->aux_probs = (float *)(base + L.aux_probs);
-    a->aux_counts = (int *)(base + L.aux_counts);
-    a->lse_squared = (double *)(base + L.lse_squared);
-    a->route_expert = (int *)(base + L.route_expert);
-    a->route_weight = (float *)(base + L.route_weight);
-    a->route_valid = (unsigned char *)(base + L.route_valid);
-    a->route_kept = (unsigned char *)(base + L.route_kept);
-    a->route_bucket = (int *)(base + L.route_bucket);
-    a->expert_count = (long long *)(base + L.expert_count);
-    a->expert_kept = (long long *)(base + L.expert_kept);
-    a->bucket_offset = (long long *)(base + L.bucket_offset);
-    a->expert_offset = (long long *)(base + L.expert_offset);
-    a->row_token = (int *)(base + L.row_token);
-    a->row_scale = (float *)(base + L.row_scale);
-    a->route_row = (int *)(base + L.route_row);
-    a->route_final = (float *)(base + L.route_final);
-    a->problems = (moegen_cuda_problem *)(base + L.problems);
-    a->group_tiles = (int *)(base + L.group_tiles);
-    a->hidden = base + L.hidden;
-    a->expert_out = (float *)(base + L.expert_out);
-    a->shared_hidden = base + L.shared_hidden;
-    a->shared_out = (float *)(base + L.shared_out);
-    a->residual_hidden = base + L.residual_hidden;
-    a->residual_out = (float *)(base + L.residual_out);
+    moegen_cuda_carve(&L, base, a);
     return MOEGEN_OK;
 }
 
-/* Stages 1 and 2: router, dispatch (counts, ranks, rows, problem table). */
-static moegen_status launch_route(moegen_cuda_backend *b, moegen_cuda_args *a, moegen_cu_stream stream,
-                                  moegen_error *err) {
+/* The steps of `stages` (moegen_cuda_launch.h: the one home of the order and the grids; GEMM
+ * steps only for the groups in groups_mask, bit g for routed, shared, residual), on `stream`. */
+static moegen_status run_steps(moegen_cuda_backend *b, moegen_cuda_args *a, moegen_cu_stream stream, unsigned stages,
+                               unsigned groups_mask, moegen_error *err) {
+    moegen_cuda_step steps[MOEGEN_CUDA_MAX_STEPS];
+    const int n = moegen_cuda_forward_steps(&b->layer, a->n_tokens, a->max_rows, stages, groups_mask, steps);
     moegen_status st = MOEGEN_OK;
-    const int64_t S = a->n_tokens, E = b->spec->num_experts, K = b->spec->top_k;
-    void *args_only[] = {a};
-    const moegen_cuda_variant *v = &b->variant;
-    CHECK(b->cu.cuMemsetD32Async((moegen_cu_device_pointer)(uintptr_t)a->aux_counts, 0, (size_t)E, stream),
-          "cuMemsetD32Async");
-    /* Threads per block: moegen_cuda_abi.h, the one home of each number (the kernels'
-     * __launch_bounds__ use the same macros); tiles: the variant the module was rendered with. */
-    if (st == MOEGEN_OK)
-        st = launch(b, b->router, "router", ceil_div(S, v->router_tokens), 1, MOEGEN_CUDA_ROUTER_THREADS, stream,
-                    args_only, err);
-    if (st == MOEGEN_OK)
-        st = launch(b, b->dispatch_count, "dispatch_count", 1, 1, MOEGEN_CUDA_DISPATCH_THREADS, stream, args_only, err);
-    if (st == MOEGEN_OK && b->dispatch_rank) /* only modules whose priority ranks routes have it */
-        st = launch(b, b->dispatch_rank, "dispatch_rank", ceil_div(S * K, MOEGEN_CUDA_RANK_THREADS), 1,
-                    MOEGEN_CUDA_RANK_THREADS, stream, args_only, err);
-    if (st == MOEGEN_OK)
-        st = launch(b, b->dispatch_place, "dispatch_place", 1, 1, MOEGEN_CUDA_DISPATCH_THREADS, stream, args_only, err);
-    return st;
-}
-
-/* Stage 3: the grouped GEMMs of the groups whose bit is set in `groups_mask` (bit g for
- * routed, shared, residual). m-tile bounds: a group never uses more than these (routed:
- * the sum of ceil(rows_e / TILE_M) <= rows / TILE_M + E). */
-static moegen_status launch_groups(moegen_cuda_backend *b, moegen_cuda_args *a, moegen_cu_stream stream,
-                                   unsigned groups_mask, moegen_error *err) {
-    moegen_status st = MOEGEN_OK;
-    const moegen_spec *spec = b->spec;
-    const moegen_cuda_variant *v = &b->variant;
-    const int64_t S = a->n_tokens;
-    const unsigned threads = MOEGEN_CUDA_GEMM_THREADS((unsigned)v->warps_m, (unsigned)v->warps_n);
-    problem_group groups[3];
-    problem_groups(spec, groups);
-    const unsigned m_tiles[3] = {
-        ceil_div(a->max_rows, v->tile_m) + (unsigned)spec->num_experts,
-        (unsigned)spec->shared.count * ceil_div(S, v->tile_m),
-        spec->use_residual ? ceil_div(S, v->tile_m) : 0,
-    };
-    for (int g = 0; g < 3 && st == MOEGEN_OK; g++) {
-        if (b->group_shape[g] < 0 || !(groups_mask & (1u << g))) continue; /* no problems, or not now */
-        const int shape = b->group_shape[g];
-        void *params[] = {a, &groups[g].group, &groups[g].first, &groups[g].count};
-        st = launch(b, b->shapes[shape].gemm1, "gemm1", m_tiles[g], ceil_div(groups[g].ffn, v->tile_n), threads,
-                    stream, params, err);
-        if (st == MOEGEN_OK)
-            st = launch(b, b->shapes[shape].gemm2, "gemm2", m_tiles[g], ceil_div(spec->hidden_size, v->tile_n),
-                        threads, stream, params, err);
+    for (int i = 0; i < n && st == MOEGEN_OK; i++) {
+        moegen_cuda_step *step = &steps[i];
+        void *args_only[] = {a};
+        void *gemm_args[] = {a, &step->group.group, &step->group.first, &step->group.count};
+        const int shape = b->group_shape[step->group.group];
+        switch (step->kind) {
+        case MOEGEN_CUDA_ZERO_AUX_COUNTS:
+            CHECK(b->cu.cuMemsetD32Async((moegen_cu_device_pointer)(uintptr_t)a->aux_counts, 0,
+                                         (size_t)b->layer.num_experts, stream),
+                  "cuMemsetD32Async");
+            break;
+        case MOEGEN_CUDA_ROUTER:
+            st = launch(b, b->router, "router", step->grid_x, step->grid_y, step->threads, stream, args_only, err);
+            break;
+        case MOEGEN_CUDA_DISPATCH_COUNT:
+            st = launch(b, b->dispatch_count, "dispatch_count", step->grid_x, step->grid_y, step->threads, stream,
+                        args_only, err);
+            break;
+        case MOEGEN_CUDA_DISPATCH_RANK:
+            st = launch(b, b->dispatch_rank, "dispatch_rank", step->grid_x, step->grid_y, step->threads, stream,
+                        args_only, err);
+            break;
+        case MOEGEN_CUDA_DISPATCH_PLACE:
+            st = launch(b, b->dispatch_place, "dispatch_place", step->grid_x, step->grid_y, step->threads, stream,
+                        args_only, err);
+            break;
+        case MOEGEN_CUDA_GEMM1:
+            st = launch(b, b->shapes[shape].gemm1, "gemm1", step->grid_x, step->grid_y, step->threads, stream,
+                        gemm_args, err);
+            break;
+        case MOEGEN_CUDA_GEMM2:
+            st = launch(b, b->shapes[shape].gemm2, "gemm2", step->grid_x, step->grid_y, step->threads, stream,
+                        gemm_args, err);
+            break;
+        case MOEGEN_CUDA_COMBINE:
+            st = launch(b, b->combine, "combine", step->grid_x, step->grid_y, step->threads, stream, args_only, err);
+            break;
+        case MOEGEN_CUDA_LOSSES:
+            st = launch(b, b->losses, "losses", step->grid_x, step->grid_y, step->threads, stream, args_only, err);
+            break;
+        default:
+            st = moegen_error_set(err, MOEGEN_ERR_LOAD, 0, "unknown CUDA launch step %d", step->kind);
+        }
     }
     return st;
 }
@@ -619,12 +551,7 @@ static moegen_status launch_groups(moegen_cuda_backend *b, moegen_cuda_args *a, 
 /* Stage 4 and the losses; with `stats`, wait for them and read them back. */
 static moegen_status launch_finish(moegen_cuda_backend *b, moegen_cuda_args *a, moegen_cu_stream stream,
                                    moegen_forward_stats *stats, moegen_error *err) {
-    moegen_status st = MOEGEN_OK;
-    void *args_only[] = {a};
-    st = launch(b, b->combine, "combine", (unsigned)a->n_tokens, 1, MOEGEN_CUDA_COMBINE_THREADS, stream, args_only,
-                err);
-    if (st == MOEGEN_OK)
-        st = launch(b, b->losses, "losses", 1, 1, MOEGEN_CUDA_LOSS_THREADS, stream, args_only, err);
+    moegen_status st = run_steps(b, a, stream, MOEGEN_CUDA_STAGE_FINISH, 0u, err);
     if (st == MOEGEN_OK && stats) {
         long long dropped = 0;
         CHECK(b->cu.cuMemcpyDtoHAsync(&dropped, (moegen_cu_device_pointer)(uintptr_t)a->stat_dropped, 8, stream),
@@ -672,8 +599,8 @@ moegen_status moegen_cuda_backend_forward(moegen_cuda_backend *b, const moegen_k
     if (io->n_tokens == 0) return empty_call(b, io, stream, stats, err);
     moegen_cuda_args a;
     st = prepare_args(b, w, io, &a, err);
-    if (st == MOEGEN_OK) st = launch_route(b, &a, stream, err);
-    if (st == MOEGEN_OK) st = launch_groups(b, &a, stream, 7u, err); /* routed, shared, residual */
+    if (st == MOEGEN_OK) /* router, dispatch, the GEMMs of every group (routed, shared, residual) */
+        st = run_steps(b, &a, stream, MOEGEN_CUDA_STAGE_ROUTE | MOEGEN_CUDA_STAGE_GEMMS, 7u, err);
     if (st == MOEGEN_OK) st = launch_finish(b, &a, stream, stats, err);
     return st;
 }
@@ -739,7 +666,7 @@ static moegen_status cuda_ep_route(void *self, const moegen_kernel_weights *w, i
         st = empty_call(b, io, b->ep_stream, stats, err);
     } else {
         st = prepare_args(b, w, io, &b->ep_args, err);
-        if (st == MOEGEN_OK) st = launch_route(b, &b->ep_args, b->ep_stream, err);
+        if (st == MOEGEN_OK) st = run_steps(b, &b->ep_args, b->ep_stream, MOEGEN_CUDA_STAGE_ROUTE, 0u, err);
         CHECK(b->cu.cuMemcpyDtoHAsync(b->ep_counts, DEVICE(b->ep_args.expert_kept), (size_t)E * 8, b->ep_stream),
               "cuMemcpyDtoHAsync");
         CHECK(b->cu.cuMemcpyDtoHAsync(b->ep_offsets, DEVICE(b->ep_args.expert_offset), ((size_t)E + 1) * 8,
@@ -812,7 +739,7 @@ static moegen_status cuda_ep_experts(void *self, const moegen_kernel_weights *w,
     for (int l = 0; l < n; l++) {
         const int64_t rows_l = local_offset[l + 1] - local_offset[l];
         problems[l] = (moegen_cuda_problem){local_offset[l], rows_l, tiles, l};
-        tiles += (int)ceil_div(rows_l, v->tile_m);
+        tiles += (int)moegen_cuda_ceil_div(rows_l, v->tile_m);
     }
     for (size_t r = 0; r < rows_n; r++) identity[r] = (int32_t)r;
     const int group_tiles[3] = {tiles, 0, 0};
@@ -848,10 +775,10 @@ static moegen_status cuda_ep_experts(void *self, const moegen_kernel_weights *w,
     void *params[] = {&e, &group, &first_problem, &count};
     const unsigned threads = MOEGEN_CUDA_GEMM_THREADS((unsigned)v->warps_m, (unsigned)v->warps_n);
     if (st == MOEGEN_OK)
-        st = launch(b, b->shapes[shape].gemm1, "gemm1", (unsigned)tiles, ceil_div((int64_t)F, v->tile_n), threads,
+        st = launch(b, b->shapes[shape].gemm1, "gemm1", (unsigned)tiles, moegen_cuda_ceil_div((int64_t)F, v->tile_n), threads,
                     b->ep_stream, params, err);
     if (st == MOEGEN_OK)
-        st = launch(b, b->shapes[shape].gemm2, "gemm2", (unsigned)tiles, ceil_div((int64_t)H, v->tile_n), threads,
+        st = launch(b, b->shapes[shape].gemm2, "gemm2", (unsigned)tiles, moegen_cuda_ceil_div((int64_t)H, v->tile_n), threads,
                     b->ep_stream, params, err);
     CHECK(b->cu.cuMemcpyDtoHAsync(out, base + out_at, rows_n * H * 4, b->ep_stream), "cuMemcpyDtoHAsync");
     CHECK(b->cu.cuStreamSynchronize(b->ep_stream), "cuStreamSynchronize");
@@ -885,7 +812,7 @@ static moegen_status cuda_ep_combine(void *self, const moegen_kernel_weights *w,
     (void)io;
     moegen_cuda_backend *b = self;
     if (b->ep_args.n_tokens == 0) return MOEGEN_OK; /* route reported the empty call */
-    moegen_status st = launch_groups(b, &b->ep_args, b->ep_stream, 6u, err); /* shared, residual */
+    moegen_status st = run_steps(b, &b->ep_args, b->ep_stream, MOEGEN_CUDA_STAGE_GEMMS, 6u, err); /* shared, residual */
     if (st == MOEGEN_OK) {
         moegen_forward_stats mine;
         memset(&mine, 0, sizeof mine);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test_consumer.sh — moegen used from another project, built three ways (tests/consumer):
 #   package       `cmake --install` of this build, then find_package(moegen CONFIG) and
-#                 moegen_generate(); moegen::moegen (shared) and moegen::moegen_static
+#                 moegen_generate(); moegen::moegen (shared) and moegen::moegen_static, and
+#                 (where nvcc is) a CUDA layer, BACKEND cuda, whose host side runs without a GPU
 #   subdirectory  add_subdirectory of this source tree, moegen_generate()
 #   pkg-config    `moegen gen` by hand, `cc @moe_consumer.flags`, `pkg-config --cflags --libs moegen`
 # Each way generates the layer at build time, runs it and the JIT against the consumer's own
@@ -52,16 +53,27 @@ cmake_way() { # cmake_way WAY BUILD_DIR CMAKE_ARGS...
     expect "$way: build" 0 cmake --build "$dir" -j 2
     check_run "$way" "$dir/consumer" 4 2
     [ -x "$dir/consumer_static" ] && check_run "$way" "$dir/consumer_static" 4 2
+    [ -x "$dir/consumer_cuda" ] && check_run "$way" "$dir/consumer_cuda" 4 2
     sleep 1 # a new mtime on file systems with one-second timestamps
     set_shape 6 3
     expect "$way: rebuild after the spec edit" 0 cmake --build "$dir" -j 2
     check_run "$way" "$dir/consumer" 6 3
     [ -x "$dir/consumer_static" ] && check_run "$way" "$dir/consumer_static" 6 3
+    [ -x "$dir/consumer_cuda" ] && check_run "$way" "$dir/consumer_cuda" 6 3
     expect "$way: a build with nothing changed" 0 cmake --build "$dir" -j 2
     lacks "$way: nothing is generated again" "moegen: generating"
 }
 
-cmake_way package "$work/package" -DCMAKE_PREFIX_PATH="$work/prefix" -DCONSUMER_STATIC=ON
+cuda_args=()
+nvcc=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
+if [ "${MOEGEN_SANITIZE:-OFF}" = ON ]; then
+    echo "note: sanitizer build; the CUDA layer of the package way is built in the plain build only"
+elif [ -x "$nvcc" ]; then
+    cuda_args=(-DCONSUMER_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc")
+else
+    echo "note: no nvcc; the CUDA layer of the package way is not built"
+fi
+cmake_way package "$work/package" -DCMAKE_PREFIX_PATH="$work/prefix" -DCONSUMER_STATIC=ON "${cuda_args[@]}"
 cmake_way subdirectory "$work/subdirectory" -DMOEGEN_CONSUMER_MODE=subdirectory -DMOEGEN_SOURCE="$src" \
     -DMOEGEN_SANITIZE="${MOEGEN_SANITIZE:-OFF}"
 

@@ -59,3 +59,4 @@ static_assert(TILE_M % (16 * WARPS_M) == 0 && TILE_N % (16 * WARPS_N) == 0, "war
 % include("templates/cuda/gemm.cu.tpl")
 % include("templates/cuda/combine.cu.tpl")
 % include("templates/cuda/ep.cu.tpl")
+% include("templates/cuda/host.cu.tpl")

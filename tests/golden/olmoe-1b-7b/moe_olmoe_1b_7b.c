@@ -1127,10 +1127,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_olmoe_1b_7b.h). */
-const char moe_olmoe_1b_7b_build_945ad7d38e3bd0bf[] = "945ad7d38e3bd0bf";
+const char moe_olmoe_1b_7b_build_896c66a8f2cb28dd[] = "896c66a8f2cb28dd";
 
 const char *moe_olmoe_1b_7b_describe(void) {
-    return "moe_olmoe_1b_7b: spec sha256:10a4c323878756dcadadda0a4f0166ea7cb1be76451b8018ac8be2dc05b52337, variant cpu_bf16_e64k8_h2048f1024_v8r3c4b48x64q64fma_10a4c323, moegen 0.1.0, build 945ad7d38e3bd0bf, "
+    return "moe_olmoe_1b_7b: spec sha256:10a4c323878756dcadadda0a4f0166ea7cb1be76451b8018ac8be2dc05b52337, variant cpu_bf16_e64k8_h2048f1024_v8r3c4b48x64q64fma_10a4c323, moegen 0.1.0, build 896c66a8f2cb28dd, "
            "kernels " KERNEL_PATH;
 }
 

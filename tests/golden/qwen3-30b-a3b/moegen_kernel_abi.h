@@ -94,6 +94,8 @@ typedef unsigned long size_t;
 #define MOEGEN_KERNEL_EWORKSPACE (-2) /* workspace smaller than P_workspace_bytes(n_tokens) */
 #define MOEGEN_KERNEL_EABI (-3)       /* args->abi_version differs from MOEGEN_KERNEL_ABI_VERSION */
 #define MOEGEN_KERNEL_ENOMEM (-4)     /* a per-thread scratch buffer could not be allocated */
+#define MOEGEN_KERNEL_ECUDA (-5)      /* CUDA host forward: a CUDA runtime call or launch failed
+                                         (cudaGetLastError says which) */
 
 typedef struct moegen_kernel_weights {
     const float *router_w;
