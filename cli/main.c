@@ -14,6 +14,7 @@
 #include "cli.h"
 #include "cuda_backend.h"
 #include "emit.h"
+#include "data_dir.h"
 #include "host_cc.h"
 #include "moegen.h"
 #include "spec.h"
@@ -50,7 +51,7 @@ static const char usage_check[] =
 
 static const char usage_gen[] =
     "usage: moegen gen SPEC -o DIR [--backend cpu|cuda] [--target T] [--arch sm_XX]\n"
-    "                  [--variant LIST] [--expect-prefix moe_NAME]\n"
+    "                  [--variant LIST] [--templates DIR] [--expect-prefix moe_NAME]\n"
     "\n"
     "Write the generated sources for SPEC into DIR (created if missing). Files whose content\n"
     "is unchanged are not rewritten. Names are stable: they come from the layer's name, not\n"
@@ -74,6 +75,9 @@ static const char usage_gen[] =
     "                        sm_120f); the CUDA backend needs sm_80 or newer\n"
     "  --variant LIST        kernel variant overrides, e.g. tile_rows=6,gemm=bfdot (README:\n"
     "                        \"Kernel variants\")\n"
+    "  --templates DIR       generate from the templates in DIR (laid out like the source tree's\n"
+    "                        templates/; an installation's copy: <prefix>/share/moegen/templates)\n"
+    "                        instead of the built-in ones; default: $MOEGEN_TEMPLATE_DIR if set\n"
     "  --expect-prefix P     fail unless the files are named P (build systems that derived the\n"
     "                        names from the spec before generating: moegen_generate)\n";
 
@@ -173,7 +177,7 @@ static int command_gen(int argc, char **argv) {
         return 0;
     }
     const char *spec_path = NULL, *out_dir = NULL, *arch = "sm_80", *variant_overrides = NULL;
-    const char *expect_prefix = NULL;
+    const char *expect_prefix = NULL, *templates_option = NULL;
     moegen_error err;
     moegen_backend backend = MOEGEN_BACKEND_CPU;
     moegen_target target;
@@ -211,6 +215,8 @@ static int command_gen(int argc, char **argv) {
             else return moegen_cli_error("gen: --backend must be cpu or cuda (got '%s')", name);
         } else if (!strcmp(argv[i], "--variant") && i + 1 < argc) {
             variant_overrides = argv[++i];
+        } else if (!strcmp(argv[i], "--templates") && i + 1 < argc) {
+            templates_option = argv[++i];
         } else if (!strcmp(argv[i], "--expect-prefix") && i + 1 < argc) {
             expect_prefix = argv[++i];
         } else if (!strcmp(argv[i], "--arch") && i + 1 < argc) {
@@ -226,18 +232,26 @@ static int command_gen(int argc, char **argv) {
         }
     }
     if (!spec_path || !out_dir) return moegen_cli_error("gen: usage: moegen gen SPEC -o DIR");
+    char template_dir[1024];
+    moegen_template_set *templates = NULL;
+    if (moegen_template_dir(templates_option, template_dir, sizeof template_dir, &err) != MOEGEN_OK ||
+        (template_dir[0] && moegen_template_set_load(template_dir, &templates, &err) != MOEGEN_OK))
+        return moegen_cli_error("gen: %s", err.message);
     moegen_spec spec;
-    if (moegen_spec_load_file(spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
+    if (moegen_spec_load_file(spec_path, &spec, &err) != MOEGEN_OK) {
+        moegen_template_set_free(templates);
+        return moegen_cli_error("%s", err.message);
+    }
     moegen_cli_warnings(&spec);
     moegen_generated generated;
     moegen_status st;
     if (backend == MOEGEN_BACKEND_CUDA) { /* exactly what the CUDA backend compiles for `arch` */
-        st = moegen_cuda_generate(&spec, arch, variant_overrides, &generated, &err);
+        st = moegen_cuda_generate(&spec, arch, variant_overrides, templates, &generated, &err);
     } else {
         moegen_variant variant;
         moegen_variant_default(&spec, backend, &target, &variant);
         st = moegen_variant_apply_overrides(&variant, variant_overrides, &err);
-        if (st == MOEGEN_OK) st = moegen_generate(&spec, &variant, NULL, &generated, &err);
+        if (st == MOEGEN_OK) st = moegen_generate(&spec, &variant, templates, &generated, &err);
     }
     int rc = 0;
     if (st != MOEGEN_OK) {
@@ -260,7 +274,8 @@ static int command_gen(int argc, char **argv) {
                    generated.variant_name);
             if (backend == MOEGEN_BACKEND_CPU)
                 printf("; target %s%s", cpu_target_name(&target), native ? " (this CPU)" : "");
-            printf("; build %s\n", generated.build_id);
+            printf("; build %s%s%s\n", generated.build_id, templates ? "; templates " : "",
+                   templates ? template_dir : "");
             if (spec.ep_size > 1 && backend == MOEGEN_BACKEND_CPU)
                 printf("# ep_size %d: every rank runs this module on its own tokens; rank r binds experts "
                        "[%d r, %d (r + 1)) and _route / _experts / _combine are the stages the runtime's "
@@ -276,6 +291,7 @@ static int command_gen(int argc, char **argv) {
         moegen_generated_free(&generated);
     }
     moegen_spec_free(&spec);
+    moegen_template_set_free(templates);
     return rc;
 }
 

@@ -639,6 +639,7 @@ int moegen_cli_run(int argc, char **argv) {
     printf("moegen run: %s (spec sha256:%.16s)\n", spec.name, desc.spec_hash);
     printf("  variant %s\n  kernels: %s\n  tuning: %s\n",
            desc.n_variants > 1 ? "by token count (the ranges below)" : desc.variant, desc.kernel_path, desc.tuning);
+    if (strcmp(desc.templates, "built-in") != 0) printf("  templates: %s\n", desc.templates);
     printf("  device %s; module %s in %.0f ms; tensors %s in %.0f ms\n", on_gpu ? gpu.info.name : "cpu",
            desc.cache_hit ? "loaded from the cache" : "generated and compiled", desc.compile_ms,
            o.load_dir ? "loaded" : "generated", fill_ms);

@@ -45,6 +45,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <errno.h>
+#include <sys/stat.h>
 
 /* ---- Limits and constants ---------------------------------------------------------- */
 
@@ -367,6 +370,121 @@ const moegen_template_file *moegen_template_set_find(const moegen_template_set *
     for (size_t i = 0; i < set->count; i++)
         if (set->files[i].path && strcmp(set->files[i].path, path) == 0) return &set->files[i];
     return NULL;
+}
+
+/* ---- Template sets read from a directory ------------------------------------------------ */
+
+#define SET_MAX_FILES 512
+#define SET_MAX_FILE_BYTES (4u << 20)
+#define SET_MAX_DEPTH 8
+
+typedef struct set_builder {
+    moegen_template_file *files;
+    size_t count;
+    moegen_error *err;
+} set_builder;
+
+/* Read one file into the builder as "templates/<relative>". */
+static moegen_status set_add_file(set_builder *b, const char *path, const char *relative) {
+    if (b->count == SET_MAX_FILES)
+        return moegen_error_set(b->err, MOEGEN_ERR_TEMPLATE, 0, "%s: more than %d template files", path,
+                                SET_MAX_FILES);
+    FILE *f = fopen(path, "rb");
+    if (!f) return moegen_error_set(b->err, MOEGEN_ERR_IO, errno, "%s: %s", path, strerror(errno));
+    char *text = malloc(SET_MAX_FILE_BYTES + 1);
+    const size_t n = text ? fread(text, 1, SET_MAX_FILE_BYTES + 1, f) : 0;
+    const int failed = text && ferror(f);
+    fclose(f);
+    if (!text) return moegen_error_set(b->err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    if (failed || n > SET_MAX_FILE_BYTES) {
+        free(text);
+        return moegen_error_set(b->err, failed ? MOEGEN_ERR_IO : MOEGEN_ERR_TEMPLATE, 0,
+                                failed ? "%s: read error" : "%s: larger than 4 MiB", path);
+    }
+    text[n] = '\0';
+    const size_t path_len = strlen("templates/") + strlen(relative) + 1;
+    char *name = malloc(path_len);
+    if (!name) {
+        free(text);
+        return moegen_error_set(b->err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    }
+    snprintf(name, path_len, "templates/%s", relative);
+    b->files[b->count++] = (moegen_template_file){name, text, n};
+    return MOEGEN_OK;
+}
+
+/* Walk `dir` (relative path `relative` under the set's root), adding every .tpl, .lua, .h. */
+static moegen_status set_add_dir(set_builder *b, const char *dir, const char *relative, int depth) {
+    if (depth > SET_MAX_DEPTH)
+        return moegen_error_set(b->err, MOEGEN_ERR_TEMPLATE, 0, "%s: directories nested deeper than %d", dir,
+                                SET_MAX_DEPTH);
+    DIR *d = opendir(dir);
+    if (!d) return moegen_error_set(b->err, MOEGEN_ERR_IO, errno, "template directory %s: %s", dir, strerror(errno));
+    moegen_status st = MOEGEN_OK;
+    struct dirent *entry;
+    while (st == MOEGEN_OK && (entry = readdir(d)) != NULL) {
+        const char *name = entry->d_name;
+        if (name[0] == '.') continue; /* ., .., hidden files */
+        char path[4096], child[4096];
+        if (snprintf(path, sizeof path, "%s/%s", dir, name) >= (int)sizeof path ||
+            snprintf(child, sizeof child, "%s%s%s", relative, relative[0] ? "/" : "", name) >= (int)sizeof child) {
+            st = moegen_error_set(b->err, MOEGEN_ERR_TEMPLATE, 0, "%s/%s: path too long", dir, name);
+            break;
+        }
+        struct stat info;
+        if (stat(path, &info) != 0) {
+            st = moegen_error_set(b->err, MOEGEN_ERR_IO, errno, "%s: %s", path, strerror(errno));
+        } else if (S_ISDIR(info.st_mode)) {
+            st = set_add_dir(b, path, child, depth + 1);
+        } else if (S_ISREG(info.st_mode) &&
+                   (has_suffix(name, ".tpl") || has_suffix(name, ".lua") || has_suffix(name, ".h"))) {
+            st = set_add_file(b, path, child);
+        }
+    }
+    closedir(d);
+    return st;
+}
+
+static int compare_files(const void *a, const void *b) {
+    return strcmp(((const moegen_template_file *)a)->path, ((const moegen_template_file *)b)->path);
+}
+
+moegen_status moegen_template_set_load(const char *dir, moegen_template_set **out, moegen_error *err) {
+    if (!dir || !dir[0] || !out)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "template set: a directory is required");
+    *out = NULL;
+    moegen_template_set *set = calloc(1, sizeof *set);
+    set_builder b = {calloc(SET_MAX_FILES, sizeof(moegen_template_file)), 0, err};
+    if (!set || !b.files) {
+        free(set);
+        free(b.files);
+        return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
+    }
+    set->files = b.files;
+    moegen_status st = set_add_dir(&b, dir, "", 0);
+    set->count = b.count;
+    if (st == MOEGEN_OK && b.count == 0)
+        st = moegen_error_set(err, MOEGEN_ERR_TEMPLATE, 0,
+                              "template directory %s holds no .tpl, .lua or .h files (it should look like the "
+                              "source tree's templates/: cpu/, cuda/, common/, lib/)",
+                              dir);
+    if (st != MOEGEN_OK) {
+        moegen_template_set_free(set);
+        return st;
+    }
+    qsort(b.files, b.count, sizeof *b.files, compare_files); /* a fixed order: the build id hashes it */
+    *out = set;
+    return MOEGEN_OK;
+}
+
+void moegen_template_set_free(moegen_template_set *set) {
+    if (!set) return;
+    for (size_t i = 0; i < set->count; i++) {
+        free((char *)set->files[i].path);
+        free((char *)set->files[i].text);
+    }
+    free((moegen_template_file *)set->files);
+    free(set);
 }
 
 /* ---- Parameter tree ----------------------------------------------------------------- */

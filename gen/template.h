@@ -74,6 +74,14 @@ typedef struct moegen_template_set {
 /* The templates built into this binary (generated from templates/ at build time). */
 const moegen_template_set *moegen_builtin_templates(void);
 
+/* Read a template set from a directory laid out like the source tree's templates/ (cpu/,
+ * cuda/, common/, lib/): every .tpl, .lua and .h below it, addressed as "templates/<path
+ * below dir>", in sorted order. Returns MOEGEN_OK, MOEGEN_ERR_IO (a directory or file that
+ * cannot be read, named), MOEGEN_ERR_TEMPLATE (no template files, more than 512, one over
+ * 4 MiB) or MOEGEN_ERR_NO_MEMORY. Free with moegen_template_set_free. */
+moegen_status moegen_template_set_load(const char *dir, moegen_template_set **out, moegen_error *err);
+void moegen_template_set_free(moegen_template_set *set);
+
 /* Look up a file by path; NULL if absent. */
 const moegen_template_file *moegen_template_set_find(const moegen_template_set *set,
                                                      const char *path);

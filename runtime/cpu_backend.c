@@ -102,7 +102,8 @@ static void module_cache_key(const moegen_generated *gen, const moegen_host_comp
 /* Generate, compile (or fetch from the cache) and load the module of the default variant
  * with `overrides` applied into *module; desc gets its variant, kernel path and cache hit. */
 static moegen_status load_module(const moegen_host_compiler *cc, const moegen_spec *spec,
-                                 const moegen_open_options *o, const char *overrides, moegen_cpu_module *module,
+                                 const moegen_open_options *o, const moegen_template_set *templates,
+                                 const char *overrides, moegen_cpu_module *module,
                                  moegen_layer_desc *desc, moegen_error *caller_err) {
     moegen_error local;
     moegen_error *err = caller_err ? caller_err : &local; /* its message is reused below */
@@ -119,7 +120,7 @@ static moegen_status load_module(const moegen_host_compiler *cc, const moegen_sp
     moegen_variant_default(spec, MOEGEN_BACKEND_CPU, &target, &variant);
     st = moegen_variant_apply_overrides(&variant, overrides, err);
     if (st == MOEGEN_OK) st = moegen_variant_check(spec, &variant, err);
-    if (st == MOEGEN_OK) st = moegen_generate(spec, &variant, NULL, &generated, err);
+    if (st == MOEGEN_OK) st = moegen_generate(spec, &variant, templates, &generated, err);
     if (st != MOEGEN_OK) return st;
     snprintf(desc->variant, sizeof desc->variant, "%s", generated.variant_name);
 
@@ -206,7 +207,8 @@ static int find_tuning(const moegen_spec *spec, const moegen_open_options *o, co
 }
 
 moegen_status moegen_cpu_backend_open(const moegen_spec *spec, const moegen_open_options *options,
-                                      moegen_cpu_backend **out, moegen_layer_desc *desc, moegen_error *err) {
+                                      const moegen_template_set *templates, moegen_cpu_backend **out,
+                                      moegen_layer_desc *desc, moegen_error *err) {
     *out = NULL;
     moegen_cpu_backend *b = calloc(1, sizeof *b);
     moegen_tuning_db *db = calloc(1, sizeof *db);
@@ -227,7 +229,8 @@ moegen_status moegen_cpu_backend_open(const moegen_spec *spec, const moegen_open
         for (int i = 0; i < db->n_buckets && st == MOEGEN_OK; i++) {
             moegen_layer_desc one = *desc;
             moegen_error why;
-            st = load_module(&compiler, spec, options, db->buckets[i].variant, &b->modules[i], &one, &why);
+            st = load_module(&compiler, spec, options, templates, db->buckets[i].variant, &b->modules[i], &one,
+                             &why);
             if (st == MOEGEN_ERR_INVALID_ARGUMENT) {
                 char message[1400];
                 snprintf(message, sizeof message, "tuning database variant '%s' for %lld+ tokens is not usable (%s); "
@@ -261,7 +264,7 @@ moegen_status moegen_cpu_backend_open(const moegen_spec *spec, const moegen_open
     }
     b->keep_activations = options->activations == MOEGEN_ACTIVATIONS_KEEP;
     if (st == MOEGEN_OK && b->n_modules == 0) {
-        st = load_module(&compiler, spec, options, options->variant, &b->modules[0], desc, err);
+        st = load_module(&compiler, spec, options, templates, options->variant, &b->modules[0], desc, err);
         if (st == MOEGEN_OK) {
             b->max_tokens[0] = INT64_MAX;
             b->n_modules = 1;

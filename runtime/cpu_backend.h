@@ -21,6 +21,7 @@
 #include "moegen.h"
 #include "moegen_kernel_abi.h"
 #include "spec.h"
+#include "template.h"
 
 typedef struct moegen_cpu_backend moegen_cpu_backend;
 
@@ -29,7 +30,8 @@ typedef struct moegen_cpu_backend moegen_cpu_backend;
  * Returns MOEGEN_OK, or the statuses of the generator, the compiler, the cache and the
  * loader (MOEGEN_ERR_COMPILE, MOEGEN_ERR_LOAD, ...). */
 moegen_status moegen_cpu_backend_open(const moegen_spec *spec, const moegen_open_options *options,
-                                      moegen_cpu_backend **out, moegen_layer_desc *desc, moegen_error *err);
+                                      const moegen_template_set *templates, moegen_cpu_backend **out,
+                                      moegen_layer_desc *desc, moegen_error *err);
 
 /* The whole forward on `n_threads` threads. */
 moegen_status moegen_cpu_backend_forward(moegen_cpu_backend *b, const moegen_kernel_weights *w, int n_threads,

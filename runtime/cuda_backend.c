@@ -136,7 +136,8 @@ struct moegen_cuda_backend {
 /* ---- Generation and compilation ---------------------------------------------------------- */
 
 moegen_status moegen_cuda_generate(const moegen_spec *spec, const char *arch, const char *overrides,
-                                   moegen_generated *out, moegen_error *err) {
+                                   const moegen_template_set *templates, moegen_generated *out,
+                                   moegen_error *err) {
     memset(out, 0, sizeof *out); /* nothing to free on failure */
     moegen_cuda_arch parsed;
     moegen_status st = moegen_cuda_arch_parse(arch, &parsed, err);
@@ -149,7 +150,7 @@ moegen_status moegen_cuda_generate(const moegen_spec *spec, const char *arch, co
         st = moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                               "variant override sm=%d: the architecture is %s (set it with the arch option)",
                               variant.cuda.sm, arch);
-    return st == MOEGEN_OK ? moegen_generate(spec, &variant, NULL, out, err) : st;
+    return st == MOEGEN_OK ? moegen_generate(spec, &variant, templates, out, err) : st;
 }
 
 moegen_status moegen_cuda_compile_generated(const moegen_nvrtc *nv, const moegen_generated *gen,
@@ -328,8 +329,9 @@ static int find_shape(moegen_cuda_backend *b, const char *prefix, int64_t ffn, m
 }
 
 moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, const char *arch,
-                                       const char *variant, moegen_cache *cache, moegen_cuda_backend **out,
-                                       moegen_layer_desc *desc, moegen_error *err) {
+                                       const char *variant, const moegen_template_set *templates,
+                                       moegen_cache *cache, moegen_cuda_backend **out, moegen_layer_desc *desc,
+                                       moegen_error *err) {
     *out = NULL;
     moegen_cuda_backend *b = calloc(1, sizeof *b);
     if (!b) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "out of memory");
@@ -351,7 +353,7 @@ moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, con
         st = moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
                               "%s is compute capability %d.%d; the CUDA backend needs 8.0 or newer",
                               b->info.name, b->info.major, b->info.minor);
-    if (st == MOEGEN_OK) st = moegen_cuda_generate(spec, arch, variant, &generated, err);
+    if (st == MOEGEN_OK) st = moegen_cuda_generate(spec, arch, variant, templates, &generated, err);
 
     moegen_nvrtc nv;
     memset(&nv, 0, sizeof nv);

@@ -36,7 +36,8 @@ extern const char *const moegen_cuda_compile_options[];
  * MOEGEN_ERR_INVALID_ARGUMENT with the parser's message for an `arch` or override it
  * refuses (then `out` holds nothing to free). */
 moegen_status moegen_cuda_generate(const moegen_spec *spec, const char *arch, const char *overrides,
-                                   moegen_generated *out, moegen_error *err);
+                                   const moegen_template_set *templates, moegen_generated *out,
+                                   moegen_error *err);
 
 /* Compile generated CUDA files with NVRTC for `arch` (no driver needed). The main file
  * is the source; the others are offered as in-memory headers. */
@@ -56,7 +57,8 @@ moegen_status moegen_cuda_compile_generated(const moegen_nvrtc *nv, const moegen
  * failures. `variant`: overrides of the default variant (moegen_variant_apply_overrides),
  * NULL for none. `desc` gets variant, kernel_path, cache_hit. */
 moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, const char *arch,
-                                       const char *variant, moegen_cache *cache, moegen_cuda_backend **out,
+                                       const char *variant, const moegen_template_set *templates,
+                                       moegen_cache *cache, moegen_cuda_backend **out,
                                        moegen_layer_desc *desc, moegen_error *err);
 
 /* Probe only: is a driver with at least one device present? (MOEGEN_OK or

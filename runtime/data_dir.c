@@ -49,3 +49,21 @@ int moegen_data_path(const char *what, char *out, size_t size) {
     out[0] = '\0';
     return -1;
 }
+
+moegen_status moegen_template_dir(const char *explicit_dir, char *out, size_t size, moegen_error *err) {
+    out[0] = '\0';
+    const char *from_env = getenv("MOEGEN_TEMPLATE_DIR");
+    const char *dir = explicit_dir && explicit_dir[0] ? explicit_dir : from_env && from_env[0] ? from_env : NULL;
+    if (!dir) return MOEGEN_OK;
+    const char *source = dir == explicit_dir ? "the template_dir option" : "$MOEGEN_TEMPLATE_DIR";
+    if (moegen_path_format(out, size, "%s", dir) != 0) {
+        out[0] = '\0';
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "%s: the path is too long", source);
+    }
+    if (!is_directory(out)) {
+        out[0] = '\0';
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "%s names %s, which is not a directory", source,
+                                dir);
+    }
+    return MOEGEN_OK;
+}

@@ -1,5 +1,6 @@
 /* data_dir.h — where moegen's read-only data lives: the tuning databases shipped with it
- * (docs/tuning.md) and the copy of the templates an installation carries.
+ * (docs/tuning.md), the copy of the templates an installation carries, and which template
+ * directory overrides the built-in templates.
  *
  * Place in the pipeline: a helper of the runtime (the CPU backend asks it where the shipped
  * tuning databases are). One rule, in this order:
@@ -14,9 +15,17 @@
 
 #include <stddef.h>
 
+#include "moegen_status.h"
+
 /* The directory of `what` ("tuning" or "templates") under the data directory, written into
  * `out`. Returns 0, or -1 when no rung gives an existing directory or the path does not fit
  * (out is then ""). */
 int moegen_data_path(const char *what, char *out, size_t size);
+
+/* The template directory a layer or `moegen gen` generates from: `explicit_dir` when given,
+ * else $MOEGEN_TEMPLATE_DIR when set and non-empty, else none (out = "": the templates built
+ * into the library). Returns MOEGEN_OK, or MOEGEN_ERR_INVALID_ARGUMENT when the path does
+ * not fit or is not a directory (the message names it and where it came from). */
+moegen_status moegen_template_dir(const char *explicit_dir, char *out, size_t size, moegen_error *err);
 
 #endif

@@ -28,7 +28,9 @@
 #include "cache.h"
 #include "cpu_backend.h"
 #include "cuda_backend.h"
+#include "data_dir.h"
 #include "ep.h"
+#include "fs_util.h"
 #include "moegen_kernel_abi.h"
 #include "spec.h"
 
@@ -39,6 +41,7 @@ struct moegen_layer {
     moegen_cpu_backend *cpu;       /* CPU layers */
     moegen_ep *ep;                 /* ep_size > 1: this rank's share, above the CPU backend */
     moegen_cuda_backend *cuda;     /* CUDA layers */
+    moegen_template_set *templates; /* from opts.template_dir / $MOEGEN_TEMPLATE_DIR; NULL: built-in */
     moegen_kernel_weights weights;
     int bound;
     int n_threads;                 /* CPU threads per forward, after the cap */
@@ -137,7 +140,15 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
                                 "%s: expert parallelism moves rows through host memory (MPI or your callbacks); "
                                 "a device-memory communicator (%s) has no expert-parallel path yet",
                                 spec->name, layer->options.comm->transport);
-    moegen_status st;
+    char template_dir[1024];
+    moegen_status st = moegen_template_dir(layer->options.template_dir, template_dir, sizeof template_dir, err);
+    if (st != MOEGEN_OK) return st;
+    if (template_dir[0]) {
+        st = moegen_template_set_load(template_dir, &layer->templates, err);
+        if (st != MOEGEN_OK) return st;
+    }
+    moegen_text_format(layer->desc.templates, sizeof layer->desc.templates, "%s",
+                       template_dir[0] ? template_dir : "built-in");
     switch (layer->options.device) {
     case MOEGEN_DEVICE_AUTO: {
         moegen_error why;
@@ -170,10 +181,10 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
         st = moegen_cache_open(&cache, layer->options.cache_dir, layer->options.log, layer->options.log_user, err);
         if (st == MOEGEN_OK)
             st = moegen_cuda_backend_open(spec, layer->options.cuda_device, layer->options.arch,
-                                          layer->options.variant, &cache,
+                                          layer->options.variant, layer->templates, &cache,
                                           &layer->cuda, &layer->desc, err);
     } else {
-        st = moegen_cpu_backend_open(spec, &layer->options, &layer->cpu, &layer->desc, err);
+        st = moegen_cpu_backend_open(spec, &layer->options, layer->templates, &layer->cpu, &layer->desc, err);
     }
     if (st != MOEGEN_OK) return st;
 
@@ -272,6 +283,7 @@ void moegen_layer_close(moegen_layer *layer) {
     moegen_ep_close(layer->ep);
     moegen_cuda_backend_close(layer->cuda);
     moegen_cpu_backend_close(layer->cpu);
+    moegen_template_set_free(layer->templates);
     moegen_spec_free(&layer->spec);
     free(layer);
 }

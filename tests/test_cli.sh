@@ -227,4 +227,20 @@ done
 expect "bench --plot onto a folder fails" 1 "$moegen" bench "$src/specs/demo.yaml" --tokens 1 --plot "$work"
 contains "the folder is named" "is a folder"
 
+
+# Templates from a directory instead of the built-in ones (gen --templates, $MOEGEN_TEMPLATE_DIR)
+cp -r "$src/templates" "$work/tpl"
+sed -i '1a /* a-custom-template-line */' "$work/tpl/cpu/layer.c.tpl"
+expect "gen --templates DIR" 0 "$moegen" gen "$src/specs/test-fp32.yaml" -o "$work/gen-tpl" --templates "$work/tpl"
+contains "gen names the template directory" "templates $work/tpl"
+if grep -q "a-custom-template-line" "$work/gen-tpl/moe_test_fp32.c"; then pass "the generated source comes from DIR"
+else fail "the custom template line is not in the generated source"; fi
+expect "run under \$MOEGEN_TEMPLATE_DIR" 0 env MOEGEN_TEMPLATE_DIR="$work/tpl" "$moegen" run "$src/specs/test-fp32.yaml" --tokens 8
+contains "run names the template directory" "templates: $work/tpl"
+contains "run from DIR verifies" "verify against the double-precision reference"
+expect "a template directory that does not exist" 1 env MOEGEN_TEMPLATE_DIR="$work/none" "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen-none"
+contains "the error names the variable and the path" "\$MOEGEN_TEMPLATE_DIR names $work/none, which is not a directory"
+rm "$work/tpl/cpu/entry.c.tpl"
+expect "a template directory missing a partial" 1 "$moegen" gen "$src/specs/demo.yaml" -o "$work/gen-part" --templates "$work/tpl"
+contains "the error names the missing template" "no template 'templates/cpu/entry.c.tpl'"
 finish

@@ -45,7 +45,7 @@ static int close_nvrtc(void **state) {
 static void compile_and_check(const moegen_spec *spec, const char *arch, const char *label) {
     moegen_generated gen;
     moegen_error err;
-    if (moegen_cuda_generate(spec, arch, NULL, &gen, &err) != MOEGEN_OK) fail_msg("%s: %s", label, err.message);
+    if (moegen_cuda_generate(spec, arch, NULL, NULL, &gen, &err) != MOEGEN_OK) fail_msg("%s: %s", label, err.message);
     moegen_nvrtc_header headers[MOEGEN_MAX_GENERATED_FILES];
     int n_headers = 0;
     for (int i = 0; i < gen.n_files; i++)

@@ -150,6 +150,11 @@ typedef struct moegen_open_options {
                               docs/training.md "Memory") */
     moegen_comm *comm;     /* expert parallelism: required when the spec's ep_size > 1, and its
                               size must equal ep_size; borrowed, not owned (NULL otherwise) */
+    const char *template_dir; /* templates to generate from instead of the ones built into the
+                              library: a directory laid out like the source tree's templates/
+                              (an installation's copy is <prefix>/share/moegen/templates).
+                              NULL: $MOEGEN_TEMPLATE_DIR when set, else the built-in ones. The
+                              compile cache keys on the generated code, so edits take effect. */
     moegen_log_fn log;     /* NULL: print to stderr as "moegen: warning: ..." */
     void *log_user;
 } moegen_open_options;
@@ -192,6 +197,7 @@ typedef struct moegen_layer_desc {
     char tuning[512];                        /* where the variants came from: "default heuristic
                                                 (...)", or "exact: FILE", "family: FILE" and the
                                                 token ranges with their variants (docs/tuning.md) */
+    char templates[256];                     /* "built-in", or the template directory used */
     int cache_hit;                           /* the module came from the on-disk cache */
     int n_threads;                           /* CPU threads forward uses (0 on CUDA) */
     int rank, ep_size;                       /* expert parallelism: this rank of ep_size (0 of 1) */
