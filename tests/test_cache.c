@@ -2,7 +2,7 @@
  * compiler driver (runtime/host_cc.c).
  *
  * Place in the pipeline: spec -> gen -> [compile -> cache] -> load -> launch.
- * Covers reliability.md "Compile cache": miss then hit, key separation, every
+ * Covers README.md "Compile cache": miss then hit, key separation, every
  * kind of bad entry evicted + rebuilt + warned once, a cold start raced by eight
  * processes, unusable roots (read-only, under a file, a file, group/world-
  * writable, foreign-owned) and failed writes falling back to a temporary build,

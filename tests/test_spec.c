@@ -4,7 +4,7 @@
  * first stage only and need no GPU, no compiler and no files outside a temp directory.
  *
  * What is covered:
- *  - a corpus of bad specs (bad_spec_tests): every bullet of reliability.md "Spec files"
+ *  - a corpus of bad specs (bad_spec_tests): every rule of docs/limits.md "Spec files"
  *    and every cross-field rule of specs/README.md, each asserting the status, the exact
  *    "bad.yaml:<line>:<col>: " prefix and a message substring, and that nothing leaks out;
  *  - limits that need generated input (size, depth, node count, scalar size, name length),

@@ -20,8 +20,8 @@
  *   moegen_layer_forward(layer, &io, &stats, &err);
  *   moegen_layer_close(layer);
  *
- * Tensor shapes and layouts are listed in templates/common/moegen_kernel_abi.h and
- * in README.md ("Weights and tensors").
+ * Tensor shapes and layouts: moegen_weights and moegen_forward_io below, and the table at
+ * the top of moegen_kernel_abi.h (installed beside this header).
  *
  * Threads: different layers may be used from different threads at once. One layer
  * runs one call at a time: a bind or forward that starts while another is running on
