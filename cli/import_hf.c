@@ -29,6 +29,7 @@
 #include "cli.h"
 #include "json.h"
 #include "spec.h"
+#include "text.h"
 
 static const char usage_import_hf[] =
     "usage: moegen import-hf CONFIG [-o SPEC] [-n NAME] [--dtype D] [--approximate]\n"
@@ -50,61 +51,16 @@ static const char usage_import_hf[] =
 
 /* ---- growable text ------------------------------------------------------------------------ */
 
-typedef struct text {
-    char *data;
-    size_t length, capacity;
-    int failed; /* an allocation failed: the text is incomplete */
-} text;
-
-static void text_addv(text *t, const char *fmt, va_list ap) {
-    va_list copy;
-    va_copy(copy, ap);
-    int needed = vsnprintf(NULL, 0, fmt, copy);
-    va_end(copy);
-    if (needed < 0 || t->failed) {
-        t->failed = 1;
-        return;
-    }
-    if (t->length + (size_t)needed + 1 > t->capacity) {
-        size_t capacity = t->capacity ? t->capacity : 256;
-        while (t->length + (size_t)needed + 1 > capacity) capacity *= 2;
-        char *grown = realloc(t->data, capacity);
-        if (!grown) {
-            t->failed = 1;
-            return;
-        }
-        t->data = grown;
-        t->capacity = capacity;
-    }
-    vsnprintf(t->data + t->length, t->capacity - t->length, fmt, ap);
-    t->length += (size_t)needed;
-}
-
-static void text_add(text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void text_add(text *t, const char *fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    text_addv(t, fmt, ap);
-    va_end(ap);
-}
+typedef moegen_cli_text text; /* cli/text.h */
 
 /* Append one item of a list: `separator` before every item but the first. */
 static void text_item(text *t, const char *separator, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void text_item(text *t, const char *separator, const char *fmt, ...) {
     va_list ap;
-    if (t->length) text_add(t, "%s", separator);
+    if (t->length) moegen_cli_text_add(t, "%s", separator);
     va_start(ap, fmt);
-    text_addv(t, fmt, ap);
+    moegen_cli_text_addv(t, fmt, ap);
     va_end(ap);
-}
-
-static const char *text_str(const text *t) {
-    return t->data ? t->data : "";
-}
-
-static void text_free(text *t) {
-    free(t->data);
-    memset(t, 0, sizeof *t);
 }
 
 /* `in` made safe for a YAML comment or a double-quoted scalar: valid UTF-8 kept, control
@@ -114,7 +70,7 @@ static void clean_text(const char *in, text *out, size_t max_chars) {
     size_t chars = 0;
     while (*s) {
         if (chars == max_chars) {
-            text_add(out, "...");
+            moegen_cli_text_add(out, "...");
             return;
         }
         size_t n = 1;
@@ -136,10 +92,10 @@ static void clean_text(const char *in, text *out, size_t max_chars) {
             n = 0;
         }
         if (n == 0) {
-            text_add(out, "?");
+            moegen_cli_text_add(out, "?");
             s++;
         } else {
-            text_add(out, "%.*s", (int)n, (const char *)s);
+            moegen_cli_text_add(out, "%.*s", (int)n, (const char *)s);
             s += n;
         }
         chars++;
@@ -150,14 +106,14 @@ static void clean_text(const char *in, text *out, size_t max_chars) {
 static void add_yaml_quoted(text *out, const char *in, size_t max_chars) {
     text clean = {0};
     clean_text(in, &clean, max_chars);
-    text_add(out, "\"");
-    for (const char *s = text_str(&clean); *s; s++) {
-        if (*s == '"' || *s == '\\') text_add(out, "\\%c", *s);
-        else text_add(out, "%c", *s);
+    moegen_cli_text_add(out, "\"");
+    for (const char *s = moegen_cli_text_str(&clean); *s; s++) {
+        if (*s == '"' || *s == '\\') moegen_cli_text_add(out, "\\%c", *s);
+        else moegen_cli_text_add(out, "%c", *s);
     }
-    text_add(out, "\"");
+    moegen_cli_text_add(out, "\"");
     if (clean.failed) out->failed = 1;
-    text_free(&clean);
+    moegen_cli_text_free(&clean);
 }
 
 /* A paragraph as "# "-comment lines of at most 96 columns: `first` starts the first line,
@@ -180,7 +136,7 @@ static void add_comment(text *out, const char *first, const char *next, const ch
         if (take == 0) take = end;
         if (s[take] != '\0' && !last_space) /* a long word: to the next space */
             while (s[take] && s[take] != ' ') take++;
-        text_add(out, "# %s%.*s\n", prefix, (int)take, s);
+        moegen_cli_text_add(out, "# %s%.*s\n", prefix, (int)take, s);
         s += take;
         while (*s == ' ') s++;
         prefix = next;
@@ -242,8 +198,8 @@ static void add_missing(reader *r, const char *const *names, int null_seen) {
     text alternatives = {0};
     for (int i = 1; names[i]; i++) text_item(&alternatives, ", ", "%s%s", r->prefix, names[i]);
     text_item(&r->missing, ", ", "%s%s%s%s%s%s", r->prefix, names[0], alternatives.length ? " (or " : "",
-              text_str(&alternatives), alternatives.length ? ")" : "", null_seen ? " (null)" : "");
-    text_free(&alternatives);
+              moegen_cli_text_str(&alternatives), alternatives.length ? ")" : "", null_seen ? " (null)" : "");
+    moegen_cli_text_free(&alternatives);
 }
 
 static void add_problem(reader *r, const moegen_json *value, const char *name, const char *what) {
@@ -255,10 +211,10 @@ static void add_key(reader *r, const char *name, const moegen_json *value) {
     text shown = {0};
     if (value->type == MOEGEN_JSON_STRING) clean_text(value->text, &shown, 48);
     else if (value->type == MOEGEN_JSON_NUMBER) clean_text(value->text, &shown, 32);
-    else if (value->type == MOEGEN_JSON_BOOL) text_add(&shown, "%s", value->boolean ? "true" : "false");
-    else text_add(&shown, "%s", moegen_json_type_name(value->type));
-    text_item(&r->keys, ", ", "%s%s %s", r->prefix, name, text_str(&shown));
-    text_free(&shown);
+    else if (value->type == MOEGEN_JSON_BOOL) moegen_cli_text_add(&shown, "%s", value->boolean ? "true" : "false");
+    else moegen_cli_text_add(&shown, "%s", moegen_json_type_name(value->type));
+    text_item(&r->keys, ", ", "%s%s %s", r->prefix, name, moegen_cli_text_str(&shown));
+    moegen_cli_text_free(&shown);
 }
 
 static void add_default_key(reader *r, const char *name, const char *shown) {
@@ -379,12 +335,12 @@ typedef struct layer {
 } layer;
 
 static void layer_free(layer *L) {
-    text_free(&L->routing);
-    text_free(&L->notes);
-    text_free(&L->features);
-    text_free(&L->differences);
-    text_free(&L->unsupported);
-    text_free(&L->weights);
+    moegen_cli_text_free(&L->routing);
+    moegen_cli_text_free(&L->notes);
+    moegen_cli_text_free(&L->features);
+    moegen_cli_text_free(&L->differences);
+    moegen_cli_text_free(&L->unsupported);
+    moegen_cli_text_free(&L->weights);
 }
 
 static void inexact(layer *L, const char *feature, const char *difference) {
@@ -416,20 +372,20 @@ static void gated_activation(reader *r, layer *L, const char *const *names) {
         char feature[160], difference[240];
         snprintf(feature, sizeof feature,
                  "hidden_act %s (tanh-approximated GELU) on gated experts: moegen's geglu uses the exact erf GELU",
-                 text_str(&clean));
+                 moegen_cli_text_str(&clean));
         snprintf(difference, sizeof difference,
                  "activation geglu uses the exact erf GELU; the checkpoint's experts use %s, its tanh approximation "
                  "(they differ by up to about 1e-3 of the value)",
-                 text_str(&clean));
+                 moegen_cli_text_str(&clean));
         L->activation = "geglu";
         inexact(L, feature, difference);
     } else {
         text_item(&L->unsupported, "; ",
                   "hidden_act %s on gated experts: moegen's gated activations are swiglu (silu) and geglu (gelu), "
                   "and no other is close enough to stand in for it",
-                  text_str(&clean));
+                  moegen_cli_text_str(&clean));
     }
-    text_free(&clean);
+    moegen_cli_text_free(&clean);
 }
 
 static void shared_from(layer *L, int64_t count_in_config, int64_t size_each) {
@@ -510,7 +466,7 @@ static void family_mixtral(reader *r, layer *L) {
                NAMES("intermediate_size"));
     gated_activation(r, L, NAMES("hidden_act"));
     set_softmax(L, "softmax_then_topk", 1);
-    text_add(&L->routing, "softmax over all experts in fp32, the top k, divided by their sum (always).");
+    moegen_cli_text_add(&L->routing, "softmax over all experts in fp32, the top k, divided by their sum (always).");
     train_jitter_note(r, L, "router_jitter_noise");
     weights_separate(L, "model.layers.{L}.block_sparse_moe", "gate.weight", "w1.weight", "w3.weight", "w2.weight");
     weights_fused_v5(L, "model.layers.{L}.mlp");
@@ -532,7 +488,7 @@ static void family_qwen_like(reader *r, layer *L, const char *block, const char 
     int norm;
     read_bool(r, NAMES("norm_topk_prob"), norm_default, &norm);
     set_softmax(L, "softmax_then_topk", norm);
-    text_add(&L->routing, "softmax over all experts in fp32, the top k%s.",
+    moegen_cli_text_add(&L->routing, "softmax over all experts in fp32, the top k%s.",
              norm ? ", divided by their sum (norm_topk_prob)" : ", not renormalized (norm_topk_prob false)");
     if (shared) {
         int64_t shared_F;
@@ -540,7 +496,7 @@ static void family_qwen_like(reader *r, layer *L, const char *block, const char 
             L->shared_count = 1;
             L->shared_F = shared_F;
             L->shared_gate = 1;
-            text_add(&L->routing, " One shared expert on every token, scaled by sigmoid(x . shared_expert_gate).");
+            moegen_cli_text_add(&L->routing, " One shared expert on every token, scaled by sigmoid(x . shared_expert_gate).");
         }
     }
     qwen_moe_layers_note(r, L);
@@ -574,7 +530,7 @@ static void family_olmoe(reader *r, layer *L) {
     int norm;
     read_bool(r, NAMES("norm_topk_prob"), 0, &norm);
     set_softmax(L, "softmax_then_topk", norm);
-    text_add(&L->routing, "softmax over all experts in fp32, the top k%s.",
+    moegen_cli_text_add(&L->routing, "softmax over all experts in fp32, the top k%s.",
              norm ? ", divided by their sum (norm_topk_prob)" : ", not renormalized (norm_topk_prob false)");
     text_item(&L->notes, "\n", "MoE layers: every layer.");
     weights_separate(L, "model.layers.{L}.mlp", "gate.weight", "gate_proj.weight", "up_proj.weight",
@@ -602,8 +558,8 @@ static void quantization_note(reader *r, layer *L) {
         text_item(&L->notes, "\n",
                   "The checkpoint is quantized (quantization_config.quant_method %s): dequantize its weights to "
                   "the layer dtype before binding them.",
-                  text_str(&clean));
-    text_free(&clean);
+                  moegen_cli_text_str(&clean));
+    moegen_cli_text_free(&clean);
 }
 
 static void deepseek_tensors(layer *L, int score_bias) {
@@ -619,9 +575,9 @@ static void deepseek_tensors(layer *L, int score_bias) {
 
 static void shared_sentence(layer *L, const char *key, int64_t count) {
     if (L->shared_count && count == 1)
-        text_add(&L->routing, " %s 1: one shared MLP of moe_intermediate_size on every token.", key);
+        moegen_cli_text_add(&L->routing, " %s 1: one shared MLP of moe_intermediate_size on every token.", key);
     else if (L->shared_count)
-        text_add(&L->routing,
+        moegen_cli_text_add(&L->routing,
                  " %s %lld: one shared MLP of %lld x moe_intermediate_size = %lld on every token (as the checkpoint "
                  "stores it; the same as %lld experts of moe_intermediate_size summed).",
                  key, (long long)count, (long long)count, (long long)L->shared_F, (long long)count);
@@ -642,14 +598,14 @@ static void family_deepseek_v2(reader *r, layer *L) {
     int norm_written = read_bool(r, NAMES("norm_topk_prob"), 0, &norm);
     read_string(r, NAMES("scoring_func"), NULL, &scoring);
     set_softmax(L, "softmax_then_topk", 0);
-    text_add(&L->routing, "softmax over all experts in fp32, ");
+    moegen_cli_text_add(&L->routing, "softmax over all experts in fp32, ");
     if (method && !strcmp(method, "group_limited_greedy")) {
         read_int(r, NAMES("n_group"), 1, 1, &L->n_group);
         read_int(r, NAMES("topk_group"), 1, 1, &L->topk_group);
         if (L->n_group > 1) {
             L->group_score = "max";
             L->group_mask = "neg_inf";
-            text_add(&L->routing,
+            moegen_cli_text_add(&L->routing,
                      "topk_method group_limited_greedy: the topk_group (%lld) groups of n_group (%lld) with the best "
                      "single score kept and the other groups' experts left out (transformers sets their scores to "
                      "0, below every softmax score), then ",
@@ -660,10 +616,10 @@ static void family_deepseek_v2(reader *r, layer *L) {
         clean_text(method, &clean, 48);
         text_item(&L->unsupported, "; ",
                   "topk_method %s: transformers' DeepseekV2 implements greedy and group_limited_greedy only",
-                  text_str(&clean));
-        text_free(&clean);
+                  moegen_cli_text_str(&clean));
+        moegen_cli_text_free(&clean);
     }
-    text_add(&L->routing, "the top k, times routed_scaling_factor (%g); never renormalized.", L->rsf);
+    moegen_cli_text_add(&L->routing, "the top k, times routed_scaling_factor (%g); never renormalized.", L->rsf);
     shared_sentence(L, "n_shared_experts", n_shared);
     if (norm_written && norm)
         text_item(&L->notes, "\n",
@@ -701,18 +657,18 @@ static void family_noaux(reader *r, layer *L, const char *block, int64_t shared_
     read_string(r, NAMES("scoring_func"), NULL, &scoring);
     L->score = "sigmoid";
     L->score_bias = 1;
-    text_add(&L->routing, "sigmoid scores in fp32; selection on score + e_score_correction_bias (topk_method "
+    moegen_cli_text_add(&L->routing, "sigmoid scores in fp32; selection on score + e_score_correction_bias (topk_method "
                           "noaux_tc), ");
     if (L->n_group > 1) {
         L->group_topm = 2;
         L->group_score = "topm_sum";
         L->group_mask = "neg_inf";
-        text_add(&L->routing,
+        moegen_cli_text_add(&L->routing,
                  "first the topk_group (%lld) best of n_group (%lld) groups by the sum of their two best biased "
                  "scores, the other groups masked with -inf, then ",
                  (long long)L->topk_group, (long long)L->n_group);
     }
-    text_add(&L->routing, "the top k; weights are the unbiased scores%s, times routed_scaling_factor (%g).",
+    moegen_cli_text_add(&L->routing, "the top k; weights are the unbiased scores%s, times routed_scaling_factor (%g).",
              L->norm ? " divided by their sum (norm_topk_prob)" : "", L->rsf);
     shared_sentence(L, "n_shared_experts", n_shared);
     if ((method && strcmp(method, "noaux_tc")) || (scoring && strcmp(scoring, "sigmoid")))
@@ -746,7 +702,7 @@ static void family_gpt_oss(reader *r, layer *L) {
     L->expert_bias = 1;
     L->router_bias = 1;
     set_softmax(L, "topk_then_softmax", 0);
-    text_add(&L->routing,
+    moegen_cli_text_add(&L->routing,
              "logits with a bias (router.bias), the top k logits, softmax over those k. Experts: gate_up = "
              "x W + b (gate and up interleaved), gate clamped to <= swiglu_limit, up to [-swiglu_limit, "
              "swiglu_limit], out = (up + 1) * gate * sigmoid(swiglu_alpha * gate), then the down projection plus "
@@ -790,7 +746,7 @@ static void family_llama4(reader *r, layer *L) {
     L->weight_on_input = 1;
     L->shared_count = L->F > 0 ? 1 : 0;
     L->shared_F = L->F;
-    text_add(&L->routing,
+    moegen_cli_text_add(&L->routing,
              "the top k logits, weights w = sigmoid(logit); the expert sees w * x and its output is added "
              "unweighted (weight_on_input); one shared expert of intermediate_size on every token.");
     if (L->k > 1) {
@@ -830,14 +786,14 @@ static void family_granite(reader *r, layer *L, const char *block, int shared, i
                NAMES("intermediate_size"));
     gated_activation(r, L, NAMES("hidden_act"));
     set_softmax(L, "topk_then_softmax", 0);
-    text_add(&L->routing, "the top k logits, softmax over those k.");
+    moegen_cli_text_add(&L->routing, "the top k logits, softmax over those k.");
     if (shared) {
         int64_t shared_F;
         read_int(r, NAMES("shared_intermediate_size"), 0, shared_default, &shared_F);
         if (shared_F > 0) {
             L->shared_count = 1;
             L->shared_F = shared_F;
-            text_add(&L->routing, " One shared MLP of shared_intermediate_size on every token.");
+            moegen_cli_text_add(&L->routing, " One shared MLP of shared_intermediate_size on every token.");
         }
     }
     text_item(&L->notes, "\n",
@@ -885,7 +841,7 @@ static void family_phimoe(reader *r, layer *L) {
     double jitter;
     read_float(r, NAMES("router_jitter_noise"), 0.01, &jitter);
     set_softmax(L, "topk_then_softmax", 0);
-    text_add(&L->routing,
+    moegen_cli_text_add(&L->routing,
              "sparsemixer: the two best logits in turn; each chosen expert's weight is the softmax over the logits "
              "within a relative 2 x router_jitter_noise of it (the first choice excluded for the second).");
     char feature[200], difference[400];
@@ -926,13 +882,13 @@ static void family_dbrx(reader *r, layer *L) {
         add_default_key(r, "ffn_config.moe_normalize_expert_weights", "1.0");
     }
     set_softmax(L, "softmax_then_topk", norm_p != 0);
-    text_add(&L->routing, "softmax over all experts (in the model dtype), the top k");
+    moegen_cli_text_add(&L->routing, "softmax over all experts (in the model dtype), the top k");
     if (norm_p == 1.0) {
-        text_add(&L->routing, ", divided by their sum (moe_normalize_expert_weights 1: the L1 norm).");
+        moegen_cli_text_add(&L->routing, ", divided by their sum (moe_normalize_expert_weights 1: the L1 norm).");
     } else if (norm_p == 0) {
-        text_add(&L->routing, ", not renormalized (moe_normalize_expert_weights null).");
+        moegen_cli_text_add(&L->routing, ", not renormalized (moe_normalize_expert_weights null).");
     } else {
-        text_add(&L->routing, ", divided by their L%g norm (moe_normalize_expert_weights).", norm_p);
+        moegen_cli_text_add(&L->routing, ", divided by their L%g norm (moe_normalize_expert_weights).", norm_p);
         char feature[128], difference[200];
         snprintf(feature, sizeof feature, "top-k weights divided by their L%g norm (moe_normalize_expert_weights %g)",
                  norm_p, norm_p);
@@ -959,7 +915,7 @@ static void family_jamba(reader *r, layer *L) {
                NAMES("intermediate_size"));
     gated_activation(r, L, NAMES("hidden_act"));
     set_softmax(L, "softmax_then_topk", 0);
-    text_add(&L->routing, "softmax over all experts in fp32, the top k, not renormalized.");
+    moegen_cli_text_add(&L->routing, "softmax over all experts in fp32, the top k, not renormalized.");
     int64_t period, offset;
     read_int(r, NAMES("expert_layer_period"), 0, 2, &period);
     read_int(r, NAMES("expert_layer_offset"), 0, 1, &offset);
@@ -983,7 +939,7 @@ static void family_ernie(reader *r, layer *L) {
     int use_bias;
     read_bool(r, NAMES("use_bias"), 0, &use_bias);
     set_softmax(L, "softmax_then_topk", 1);
-    text_add(&L->routing,
+    moegen_cli_text_add(&L->routing,
              "softmax over all experts in fp32; selection on softmax + moe_statics.e_score_correction_bias; "
              "weights are the unbiased softmax scores divided by their sum.");
     shared_sentence(L, "moe_num_shared_experts", n_shared);
@@ -1119,62 +1075,62 @@ static void emit_paragraphs(text *out, const char *paragraphs, const char *first
 static void emit_spec(text *out, const layer *L, const family *fam, const reader *r, const char *name,
                       int approximate, const char *model_type) {
     text head = {0};
-    text_add(&head, "%s layer imported by `moegen import-hf` from ", fam->title);
+    moegen_cli_text_add(&head, "%s layer imported by `moegen import-hf` from ", fam->title);
     clean_text(r->path, &head, 200);
-    text_add(&head, " (model_type ");
+    moegen_cli_text_add(&head, " (model_type ");
     clean_text(model_type, &head, 48);
-    text_add(&head, "): one MoE layer of the model. Routing as transformers' %s computes it: %s", L->hf_block,
-             text_str(&L->routing));
-    add_comment(out, "", "", text_str(&head));
-    text_free(&head);
-    emit_paragraphs(out, text_str(&L->notes), "", "");
+    moegen_cli_text_add(&head, "): one MoE layer of the model. Routing as transformers' %s computes it: %s", L->hf_block,
+             moegen_cli_text_str(&L->routing));
+    add_comment(out, "", "", moegen_cli_text_str(&head));
+    moegen_cli_text_free(&head);
+    emit_paragraphs(out, moegen_cli_text_str(&L->notes), "", "");
     if (approximate && L->differences.length) {
-        text_add(out, "#\n");
+        moegen_cli_text_add(out, "#\n");
         add_comment(out, "", "",
                     "APPROXIMATE (written with --approximate): this spec is not exactly the checkpoint's layer. "
                     "What differs:");
-        emit_paragraphs(out, text_str(&L->differences), "  - ", "    ");
+        emit_paragraphs(out, moegen_cli_text_str(&L->differences), "  - ", "    ");
     }
-    text_add(out, "#\n");
-    emit_paragraphs(out, text_str(&L->weights), "", "  ");
+    moegen_cli_text_add(out, "#\n");
+    emit_paragraphs(out, moegen_cli_text_str(&L->weights), "", "  ");
 
-    text_add(out, "name: %s\n", name);
-    text_add(out, "source: ");
+    moegen_cli_text_add(out, "name: %s\n", name);
+    moegen_cli_text_add(out, "source: ");
     add_yaml_quoted(out, r->path, 1000);
-    text_add(out, "\ndescription: ");
+    moegen_cli_text_add(out, "\ndescription: ");
     text desc = {0};
-    text_add(&desc, "Imported from a Hugging Face config.json (model_type %s%s). Keys used: %s.", model_type,
-             approximate && L->differences.length ? "; approximate, see the comments" : "", text_str(&r->keys));
-    add_yaml_quoted(out, text_str(&desc), 3000);
+    moegen_cli_text_add(&desc, "Imported from a Hugging Face config.json (model_type %s%s). Keys used: %s.", model_type,
+             approximate && L->differences.length ? "; approximate, see the comments" : "", moegen_cli_text_str(&r->keys));
+    add_yaml_quoted(out, moegen_cli_text_str(&desc), 3000);
     if (desc.failed) out->failed = 1;
-    text_free(&desc);
-    text_add(out, "\nsemantics: megatron\n");
-    text_add(out, "num_experts: %lld\n", (long long)L->E);
-    text_add(out, "num_experts_per_tok: %lld\n", (long long)L->k);
-    text_add(out, "hidden_size: %lld\n", (long long)L->H);
-    text_add(out, "moe_intermediate_size: %lld\n", (long long)L->F);
-    text_add(out, "activation: %s\n", L->activation);
-    text_add(out, "dtype: %s\n", L->dtype);
-    if (L->expert_bias) text_add(out, "expert_bias: true\n");
-    if (L->weight_on_input) text_add(out, "weight_on_input: true\n");
-    text_add(out, "router:\n  score_function: %s\n", L->score);
-    if (L->order) text_add(out, "  order: %s\n", L->order);
-    text_add(out, "  norm_topk_prob: %s\n", L->norm ? "true" : "false");
+    moegen_cli_text_free(&desc);
+    moegen_cli_text_add(out, "\nsemantics: megatron\n");
+    moegen_cli_text_add(out, "num_experts: %lld\n", (long long)L->E);
+    moegen_cli_text_add(out, "num_experts_per_tok: %lld\n", (long long)L->k);
+    moegen_cli_text_add(out, "hidden_size: %lld\n", (long long)L->H);
+    moegen_cli_text_add(out, "moe_intermediate_size: %lld\n", (long long)L->F);
+    moegen_cli_text_add(out, "activation: %s\n", L->activation);
+    moegen_cli_text_add(out, "dtype: %s\n", L->dtype);
+    if (L->expert_bias) moegen_cli_text_add(out, "expert_bias: true\n");
+    if (L->weight_on_input) moegen_cli_text_add(out, "weight_on_input: true\n");
+    moegen_cli_text_add(out, "router:\n  score_function: %s\n", L->score);
+    if (L->order) moegen_cli_text_add(out, "  order: %s\n", L->order);
+    moegen_cli_text_add(out, "  norm_topk_prob: %s\n", L->norm ? "true" : "false");
     if (L->rsf != 1.0) {
         char number[40];
         format_float(L->rsf, number, sizeof number);
-        text_add(out, "  routed_scaling_factor: %s\n", number);
+        moegen_cli_text_add(out, "  routed_scaling_factor: %s\n", number);
     }
     if (L->n_group > 1) {
-        text_add(out, "  n_group: %lld\n  topk_group: %lld\n", (long long)L->n_group, (long long)L->topk_group);
-        if (L->group_topm) text_add(out, "  group_topm: %lld\n", (long long)L->group_topm);
-        text_add(out, "  group_score: %s\n  group_mask: %s\n", L->group_score, L->group_mask);
+        moegen_cli_text_add(out, "  n_group: %lld\n  topk_group: %lld\n", (long long)L->n_group, (long long)L->topk_group);
+        if (L->group_topm) moegen_cli_text_add(out, "  group_topm: %lld\n", (long long)L->group_topm);
+        moegen_cli_text_add(out, "  group_score: %s\n  group_mask: %s\n", L->group_score, L->group_mask);
     }
-    if (L->score_bias) text_add(out, "  score_bias: true\n");
-    if (L->router_bias) text_add(out, "  router_bias: true\n");
-    text_add(out, "capacity:\n  mode: dropless\n");
+    if (L->score_bias) moegen_cli_text_add(out, "  score_bias: true\n");
+    if (L->router_bias) moegen_cli_text_add(out, "  router_bias: true\n");
+    moegen_cli_text_add(out, "capacity:\n  mode: dropless\n");
     if (L->shared_count)
-        text_add(out, "shared_experts:\n  count: %lld\n  intermediate_size: %lld\n  gate: %s\n",
+        moegen_cli_text_add(out, "shared_experts:\n  count: %lld\n  intermediate_size: %lld\n  gate: %s\n",
                  (long long)L->shared_count, (long long)L->shared_F, L->shared_gate ? "true" : "false");
 }
 
@@ -1276,7 +1232,7 @@ int moegen_cli_import_hf(int argc, char **argv) {
                              model_type->line, model_type->col, moegen_json_type_name(model_type->type));
         else
             moegen_cli_error("import-hf: %s: no model_type key: not a Hugging Face config.json? (known families: %s)",
-                             config_path, text_str(&family_list));
+                             config_path, moegen_cli_text_str(&family_list));
         goto done;
     }
     for (size_t i = 0; i < FAMILY_COUNT; i++)
@@ -1286,12 +1242,12 @@ int moegen_cli_import_hf(int argc, char **argv) {
         clean_text(model_type->text, &clean, 64);
         moegen_cli_error("import-hf: %s: unknown model_type '%s': not a Mixture-of-Experts family this import knows "
                          "(known: %s)",
-                         config_path, text_str(&clean), text_str(&family_list));
-        text_free(&clean);
+                         config_path, moegen_cli_text_str(&clean), moegen_cli_text_str(&family_list));
+        moegen_cli_text_free(&clean);
         goto done;
     }
     L.family = fam->title;
-    text_add(&r.keys, "model_type %s", fam->model_type);
+    moegen_cli_text_add(&r.keys, "model_type %s", fam->model_type);
     const moegen_json *text_config = moegen_json_get(root, "text_config");
     if (fam->read == family_llama4 && text_config && text_config->type == MOEGEN_JSON_OBJECT) {
         r.section = text_config;
@@ -1327,8 +1283,8 @@ int moegen_cli_import_hf(int argc, char **argv) {
             clean_text(t, &clean, 48);
             text_item(&r.problems, "; ",
                       "%s:%d:%d: %s '%s' has no moegen dtype (bfloat16, float16, float32); choose one with --dtype",
-                      config_path, dtype_value->line, dtype_value->col, dtype_key, text_str(&clean));
-            text_free(&clean);
+                      config_path, dtype_value->line, dtype_value->col, dtype_key, moegen_cli_text_str(&clean));
+            moegen_cli_text_free(&clean);
         } else {
             text_item(&r.keys, ", ", "%s %s", dtype_key, t);
         }
@@ -1341,23 +1297,23 @@ int moegen_cli_import_hf(int argc, char **argv) {
     if (r.missing.length || r.problems.length) { /* every missing key and bad value, in one line */
         text message = {0};
         if (r.missing.length)
-            text_add(&message, "%s: missing keys for %s: %s", config_path, fam->model_type, text_str(&r.missing));
-        else if (strstr(text_str(&r.problems), "; "))
-            text_add(&message, "%s: bad values", config_path);
-        if (r.problems.length) text_item(&message, "; ", "%s", text_str(&r.problems));
-        moegen_cli_error("import-hf: %s", text_str(&message));
-        text_free(&message);
+            moegen_cli_text_add(&message, "%s: missing keys for %s: %s", config_path, fam->model_type, moegen_cli_text_str(&r.missing));
+        else if (strstr(moegen_cli_text_str(&r.problems), "; "))
+            moegen_cli_text_add(&message, "%s: bad values", config_path);
+        if (r.problems.length) text_item(&message, "; ", "%s", moegen_cli_text_str(&r.problems));
+        moegen_cli_error("import-hf: %s", moegen_cli_text_str(&message));
+        moegen_cli_text_free(&message);
         goto done;
     }
     if (L.unsupported.length) {
         moegen_cli_error("import-hf: %s: %s (model_type %s): the spec language cannot express %s", config_path,
-                         fam->title, fam->model_type, text_str(&L.unsupported));
+                         fam->title, fam->model_type, moegen_cli_text_str(&L.unsupported));
         goto done;
     }
     if (L.features.length && !approximate) {
         moegen_cli_error("import-hf: %s: %s (model_type %s): the spec language cannot express %s; --approximate "
                          "writes the closest spec and says what differs",
-                         config_path, fam->title, fam->model_type, text_str(&L.features));
+                         config_path, fam->title, fam->model_type, moegen_cli_text_str(&L.features));
         goto done;
     }
 
@@ -1390,7 +1346,7 @@ int moegen_cli_import_hf(int argc, char **argv) {
         fprintf(stderr, "moegen: import-hf: warning: %s: no torch_dtype or dtype in the config: dtype bf16 (choose "
                         "with --dtype)\n", config_path);
     if (approximate && L.differences.length) {
-        const char *s = text_str(&L.differences);
+        const char *s = moegen_cli_text_str(&L.differences);
         while (*s) {
             const char *end = strchr(s, '\n');
             int n = end ? (int)(end - s) : (int)strlen(s);
@@ -1409,11 +1365,11 @@ int moegen_cli_import_hf(int argc, char **argv) {
 
 done:
     moegen_c_locale_leave(&locale);
-    text_free(&spec_text);
-    text_free(&family_list);
-    text_free(&r.missing);
-    text_free(&r.problems);
-    text_free(&r.keys);
+    moegen_cli_text_free(&spec_text);
+    moegen_cli_text_free(&family_list);
+    moegen_cli_text_free(&r.missing);
+    moegen_cli_text_free(&r.problems);
+    moegen_cli_text_free(&r.keys);
     layer_free(&L);
     moegen_json_free(root);
     return rc;

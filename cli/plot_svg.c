@@ -13,45 +13,11 @@
 #include <unistd.h>
 
 #include "plot_svg.h"
+#include "text.h"
 
 /* ---- Text ---------------------------------------------------------------------------------- */
 
-typedef struct svg_text {
-    char *data;
-    size_t length, capacity;
-    int failed; /* out of memory: every later append is ignored */
-} svg_text;
-
-static void put(svg_text *t, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void put(svg_text *t, const char *fmt, ...) {
-    if (t->failed) return;
-    for (;;) {
-        va_list ap;
-        va_start(ap, fmt);
-        const size_t room = t->capacity - t->length;
-        const int n = t->data ? vsnprintf(t->data + t->length, room, fmt, ap) : -2;
-        va_end(ap);
-        if (n == -1) {
-            t->failed = 1;
-            return;
-        }
-        if (n >= 0 && (size_t)n < room) {
-            t->length += (size_t)n;
-            return;
-        }
-        const size_t want = t->length + (n > 0 ? (size_t)n : 0) + 1;
-        size_t capacity = t->capacity ? t->capacity : 8192;
-        while (capacity < want) capacity *= 2;
-        char *data = realloc(t->data, capacity);
-        if (!data) {
-            t->failed = 1;
-            return;
-        }
-        t->data = data;
-        t->capacity = capacity;
-    }
-}
+typedef moegen_cli_text svg_text; /* cli/text.h */
 
 /* Length of the well-formed UTF-8 sequence (of a character XML allows) at s, or 0. */
 static int utf8_length(const unsigned char *s) {
@@ -72,19 +38,19 @@ static void put_escaped(svg_text *t, const char *text) {
     const unsigned char *s = (const unsigned char *)(text ? text : "");
     while (*s) {
         const unsigned char c = *s;
-        if (c == '&') put(t, "&amp;");
-        else if (c == '<') put(t, "&lt;");
-        else if (c == '>') put(t, "&gt;");
-        else if (c == '"') put(t, "&quot;");
-        else if (c == '\'') put(t, "&#39;");
-        else if (c < 0x20 || c == 0x7F) put(t, "?");
-        else if (c < 0x80) put(t, "%c", c);
+        if (c == '&') moegen_cli_text_add(t, "&amp;");
+        else if (c == '<') moegen_cli_text_add(t, "&lt;");
+        else if (c == '>') moegen_cli_text_add(t, "&gt;");
+        else if (c == '"') moegen_cli_text_add(t, "&quot;");
+        else if (c == '\'') moegen_cli_text_add(t, "&#39;");
+        else if (c < 0x20 || c == 0x7F) moegen_cli_text_add(t, "?");
+        else if (c < 0x80) moegen_cli_text_add(t, "%c", c);
         else {
             const int n = utf8_length(s);
             if (n == 0) {
-                put(t, "?");
+                moegen_cli_text_add(t, "?");
             } else {
-                put(t, "%.*s", n, (const char *)s);
+                moegen_cli_text_add(t, "%.*s", n, (const char *)s);
                 s += n - 1;
             }
         }
@@ -197,69 +163,69 @@ static void axis_fit(plot_axis *a, int log, int whole, double min, double max) {
 /* Grid lines, the frame, tick marks and labels of a plot area. */
 static void put_frame(svg_text *t, const plot_axis *x, const plot_axis *y, int x_labels) {
     const double left = x->p0, right = x->p1, bottom = y->p0, top = y->p1;
-    put(t, "<g class=\"grid\" stroke=\"#e6e6e6\" stroke-width=\"1\">\n");
+    moegen_cli_text_add(t, "<g class=\"grid\" stroke=\"#e6e6e6\" stroke-width=\"1\">\n");
     for (int i = 0; i < y->n_ticks; i++) {
         const double py = axis_pixel(y, y->ticks[i]);
-        put(t, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\"/>\n", left, py, right, py);
+        moegen_cli_text_add(t, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\"/>\n", left, py, right, py);
     }
     for (int i = 0; x_labels && i < x->n_ticks; i++) {
         const double px = axis_pixel(x, x->ticks[i]);
-        put(t, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\"/>\n", px, top, px, bottom);
+        moegen_cli_text_add(t, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\"/>\n", px, top, px, bottom);
     }
-    put(t, "</g>\n");
-    put(t, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#333\"/>\n", left, top,
+    moegen_cli_text_add(t, "</g>\n");
+    moegen_cli_text_add(t, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#333\"/>\n", left, top,
         right - left, bottom - top);
     char label[32];
-    put(t, "<g class=\"y-ticks\" text-anchor=\"end\">\n");
+    moegen_cli_text_add(t, "<g class=\"y-ticks\" text-anchor=\"end\">\n");
     for (int i = 0; i < y->n_ticks; i++) {
         const double py = axis_pixel(y, y->ticks[i]);
         format_number(y->ticks[i], label, sizeof label);
-        put(t, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#333\"/>", left - 5, py, left, py);
-        put(t, "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", left - 8, py + 4, label);
+        moegen_cli_text_add(t, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#333\"/>", left - 5, py, left, py);
+        moegen_cli_text_add(t, "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", left - 8, py + 4, label);
     }
-    put(t, "</g>\n");
+    moegen_cli_text_add(t, "</g>\n");
     if (!x_labels) return;
-    put(t, "<g class=\"x-ticks\" text-anchor=\"middle\">\n");
+    moegen_cli_text_add(t, "<g class=\"x-ticks\" text-anchor=\"middle\">\n");
     for (int i = 0; i < x->n_ticks; i++) {
         const double px = axis_pixel(x, x->ticks[i]);
         format_number(x->ticks[i], label, sizeof label);
-        put(t, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#333\"/>", px, bottom, px, bottom + 5);
-        put(t, "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", px, bottom + 19, label);
+        moegen_cli_text_add(t, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#333\"/>", px, bottom, px, bottom + 5);
+        moegen_cli_text_add(t, "<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", px, bottom + 19, label);
     }
-    put(t, "</g>\n");
+    moegen_cli_text_add(t, "</g>\n");
 }
 
 static void put_axis_labels(svg_text *t, const plot_axis *x, const plot_axis *y, const char *x_label,
                             const char *y_label) {
     const double cx = (x->p0 + x->p1) / 2, cy = (y->p0 + y->p1) / 2, lx = x->p0 - 62;
-    put(t, "<text class=\"x-label\" x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">", cx, y->p0 + 40);
+    moegen_cli_text_add(t, "<text class=\"x-label\" x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">", cx, y->p0 + 40);
     put_escaped(t, x_label);
-    put(t, "</text>\n<text class=\"y-label\" x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" "
+    moegen_cli_text_add(t, "</text>\n<text class=\"y-label\" x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\" "
            "transform=\"rotate(-90 %.1f %.1f)\">", lx, cy, lx, cy);
     put_escaped(t, y_label);
-    put(t, "</text>\n");
+    moegen_cli_text_add(t, "</text>\n");
 }
 
 static void put_head(svg_text *t, double width, double height, const char *title, const char *subtitle) {
-    put(t, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+    moegen_cli_text_add(t, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f %.0f\" "
            "font-family=\"sans-serif\" font-size=\"12\">\n",
         width, height, width, height);
-    put(t, "<title>");
+    moegen_cli_text_add(t, "<title>");
     put_escaped(t, title);
-    put(t, "</title>\n<rect width=\"%.0f\" height=\"%.0f\" fill=\"white\"/>\n", width, height);
-    put(t, "<text class=\"title\" x=\"20\" y=\"28\" font-size=\"16\" font-weight=\"bold\">");
+    moegen_cli_text_add(t, "</title>\n<rect width=\"%.0f\" height=\"%.0f\" fill=\"white\"/>\n", width, height);
+    moegen_cli_text_add(t, "<text class=\"title\" x=\"20\" y=\"28\" font-size=\"16\" font-weight=\"bold\">");
     put_escaped(t, title);
-    put(t, "</text>\n");
+    moegen_cli_text_add(t, "</text>\n");
     if (subtitle) {
-        put(t, "<text class=\"subtitle\" x=\"20\" y=\"48\" fill=\"#444\">");
+        moegen_cli_text_add(t, "<text class=\"subtitle\" x=\"20\" y=\"48\" fill=\"#444\">");
         put_escaped(t, subtitle);
-        put(t, "</text>\n");
+        moegen_cli_text_add(t, "</text>\n");
     }
 }
 
 static char *finish(svg_text *t) {
-    put(t, "</svg>\n");
+    moegen_cli_text_add(t, "</svg>\n");
     if (t->failed) {
         free(t->data);
         return NULL;
@@ -272,11 +238,11 @@ static char *finish(svg_text *t) {
 enum { LEFT = 90, LEGEND = 250, TOP = 72, PANEL_HEIGHT = 250, PANEL_GAP = 72, LINE_PLOT_WIDTH = 520 };
 
 static void put_legend_line(svg_text *t, double x, double y, const char *color, int dashed, const char *label) {
-    put(t, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"2\"%s/>", x, y, x + 24,
+    moegen_cli_text_add(t, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"2\"%s/>", x, y, x + 24,
         y, color, dashed ? " stroke-dasharray=\"6 4\"" : "");
-    put(t, "<text x=\"%.1f\" y=\"%.1f\">", x + 30, y + 4);
+    moegen_cli_text_add(t, "<text x=\"%.1f\" y=\"%.1f\">", x + 30, y + 4);
     put_escaped(t, label);
-    put(t, "</text>\n");
+    moegen_cli_text_add(t, "</text>\n");
 }
 
 char *cli_plot_line_svg(const cli_plot_line_chart *chart) {
@@ -314,7 +280,7 @@ char *cli_plot_line_svg(const cli_plot_line_chart *chart) {
         axis_fit(&y, panel->log_y, 0, y_min, y_max);
         y.p1 = TOP + p * (PANEL_HEIGHT + PANEL_GAP);
         y.p0 = y.p1 + PANEL_HEIGHT;
-        put(&t, "<g class=\"panel\">\n");
+        moegen_cli_text_add(&t, "<g class=\"panel\">\n");
         put_frame(&t, &x, &y, 1);
         put_axis_labels(&t, &x, &y, chart->x_label, panel->y_label);
         for (int s = 0; s < panel->n_series; s++) {
@@ -333,34 +299,34 @@ char *cli_plot_line_svg(const cli_plot_line_chart *chart) {
                 for (; j > 0 && series->x[order[j - 1]] > series->x[i]; j--) order[j] = order[j - 1];
                 order[j] = i;
             }
-            put(&t, "<g class=\"series\">\n<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"2\"%s points=\"", color,
+            moegen_cli_text_add(&t, "<g class=\"series\">\n<polyline fill=\"none\" stroke=\"%s\" stroke-width=\"2\"%s points=\"", color,
                 series->dashed ? " stroke-dasharray=\"6 4\"" : "");
             for (int j = 0; j < n; j++)
-                put(&t, "%s%.1f,%.1f", j ? " " : "", axis_pixel(&x, series->x[order[j]]),
+                moegen_cli_text_add(&t, "%s%.1f,%.1f", j ? " " : "", axis_pixel(&x, series->x[order[j]]),
                     axis_pixel(&y, series->y[order[j]]));
-            put(&t, "\"/>\n");
+            moegen_cli_text_add(&t, "\"/>\n");
             for (int j = 0; j < n; j++) {
                 char xv[32], yv[32];
                 snprintf(xv, sizeof xv, "%.6g", series->x[order[j]]);
                 snprintf(yv, sizeof yv, "%.6g", series->y[order[j]]);
-                put(&t, "<circle class=\"%s\" cx=\"%.1f\" cy=\"%.1f\" r=\"%s\" fill=\"%s\"><title>",
+                moegen_cli_text_add(&t, "<circle class=\"%s\" cx=\"%.1f\" cy=\"%.1f\" r=\"%s\" fill=\"%s\"><title>",
                     series->dashed ? "bound" : "point", axis_pixel(&x, series->x[order[j]]),
                     axis_pixel(&y, series->y[order[j]]), series->dashed ? "2.5" : "3.5", color);
                 put_escaped(&t, series->label);
-                put(&t, ": ");
+                moegen_cli_text_add(&t, ": ");
                 put_escaped(&t, chart->x_label);
-                put(&t, " = %s, ", xv);
+                moegen_cli_text_add(&t, " = %s, ", xv);
                 put_escaped(&t, panel->y_label);
-                put(&t, " = %s</title></circle>\n", yv);
+                moegen_cli_text_add(&t, " = %s</title></circle>\n", yv);
             }
-            put(&t, "</g>\n");
+            moegen_cli_text_add(&t, "</g>\n");
             free(order);
         }
-        put(&t, "<g class=\"legend\">\n");
+        moegen_cli_text_add(&t, "<g class=\"legend\">\n");
         for (int s = 0; s < panel->n_series; s++)
             put_legend_line(&t, x.p1 + 20, y.p1 + 14 + 20 * s, palette[s % PALETTE_SIZE], panel->series[s].dashed,
                             panel->series[s].label);
-        put(&t, "</g>\n</g>\n");
+        moegen_cli_text_add(&t, "</g>\n</g>\n");
     }
     return finish(&t);
 }
@@ -393,54 +359,54 @@ char *cli_plot_bar_svg(const cli_plot_bar_chart *chart) {
     x.p0 = LEFT;
     x.p1 = LEFT + plot_width;
     const double step = nice_step(fmax(1.0, ceil(n_cat / (plot_width / 32.0))));
-    put(&t, "<g class=\"panel\">\n");
+    moegen_cli_text_add(&t, "<g class=\"panel\">\n");
     put_frame(&t, &x, &y, 0);
-    put(&t, "<g class=\"x-ticks\" text-anchor=\"middle\">\n");
+    moegen_cli_text_add(&t, "<g class=\"x-ticks\" text-anchor=\"middle\">\n");
     for (double c = 0; c < n_cat; c += step) {
         const double px = axis_pixel(&x, c + 0.5);
-        put(&t, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#333\"/>", px, y.p0, px, y.p0 + 5);
-        put(&t, "<text x=\"%.1f\" y=\"%.1f\">%.0f</text>\n", px, y.p0 + 19, c);
+        moegen_cli_text_add(&t, "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#333\"/>", px, y.p0, px, y.p0 + 5);
+        moegen_cli_text_add(&t, "<text x=\"%.1f\" y=\"%.1f\">%.0f</text>\n", px, y.p0 + 19, c);
     }
-    put(&t, "</g>\n");
+    moegen_cli_text_add(&t, "</g>\n");
     put_axis_labels(&t, &x, &y, chart->x_label, chart->y_label);
     const double group = (x.p1 - x.p0) / (n_cat > 0 ? n_cat : 1), bar = group * 0.8 / (n_series > 0 ? n_series : 1);
     for (int s = 0; s < n_series; s++) {
-        put(&t, "<g class=\"series\" fill=\"%s\">\n", palette[s % PALETTE_SIZE]);
+        moegen_cli_text_add(&t, "<g class=\"series\" fill=\"%s\">\n", palette[s % PALETTE_SIZE]);
         for (int c = 0; c < n_cat; c++) {
             const double v = chart->series[s].values[c], shown = isfinite(v) && v > 0 ? v : 0.0;
             const double top = axis_pixel(&y, shown), px = x.p0 + group * (c + 0.1) + bar * s;
             char value[32];
             snprintf(value, sizeof value, "%.6g", v);
-            put(&t, "<rect class=\"bar\" x=\"%.2f\" y=\"%.2f\" width=\"%.2f\" height=\"%.2f\"><title>", px, top, bar,
+            moegen_cli_text_add(&t, "<rect class=\"bar\" x=\"%.2f\" y=\"%.2f\" width=\"%.2f\" height=\"%.2f\"><title>", px, top, bar,
                 y.p0 - top);
             put_escaped(&t, chart->category_name);
-            put(&t, " %d, ", c);
+            moegen_cli_text_add(&t, " %d, ", c);
             put_escaped(&t, chart->series[s].label);
-            put(&t, ": %s</title></rect>\n", value);
+            moegen_cli_text_add(&t, ": %s</title></rect>\n", value);
         }
-        put(&t, "</g>\n");
+        moegen_cli_text_add(&t, "</g>\n");
     }
     if (chart->line_label && isfinite(chart->line_value)) {
         const double py = axis_pixel(&y, chart->line_value);
         char value[32];
         snprintf(value, sizeof value, "%.6g", chart->line_value);
-        put(&t, "<line class=\"reference\" x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" "
+        moegen_cli_text_add(&t, "<line class=\"reference\" x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" "
                 "stroke-width=\"2\" stroke-dasharray=\"6 4\"><title>", x.p0, py, x.p1, py, palette[3]);
         put_escaped(&t, chart->line_label);
-        put(&t, ": %s</title></line>\n", value);
+        moegen_cli_text_add(&t, ": %s</title></line>\n", value);
     }
-    put(&t, "<g class=\"legend\">\n");
+    moegen_cli_text_add(&t, "<g class=\"legend\">\n");
     for (int s = 0; s < n_series; s++) {
         const double lx = x.p1 + 20, ly = y.p1 + 14 + 20 * s;
-        put(&t, "<rect class=\"swatch\" x=\"%.1f\" y=\"%.1f\" width=\"24\" height=\"10\" fill=\"%s\"/>", lx, ly - 5,
+        moegen_cli_text_add(&t, "<rect class=\"swatch\" x=\"%.1f\" y=\"%.1f\" width=\"24\" height=\"10\" fill=\"%s\"/>", lx, ly - 5,
             palette[s % PALETTE_SIZE]);
-        put(&t, "<text x=\"%.1f\" y=\"%.1f\">", lx + 30, ly + 4);
+        moegen_cli_text_add(&t, "<text x=\"%.1f\" y=\"%.1f\">", lx + 30, ly + 4);
         put_escaped(&t, chart->series[s].label);
-        put(&t, "</text>\n");
+        moegen_cli_text_add(&t, "</text>\n");
     }
     if (chart->line_label && isfinite(chart->line_value))
         put_legend_line(&t, x.p1 + 20, y.p1 + 14 + 20 * n_series, palette[3], 1, chart->line_label);
-    put(&t, "</g>\n</g>\n");
+    moegen_cli_text_add(&t, "</g>\n</g>\n");
     return finish(&t);
 }
 
