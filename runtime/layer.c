@@ -105,6 +105,8 @@ static double now_ms(void) {
 
 /* ---- Open / close ------------------------------------------------------------------------ */
 
+static void describe_weights(const moegen_spec *spec, char *out, size_t size);
+
 static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
     double start = now_ms();
     moegen_spec *spec = &layer->spec;
@@ -208,6 +210,7 @@ static moegen_status open_parsed(moegen_layer *layer, moegen_error *err) {
                              ? (moegen_activation_is_gated(spec->activation) ? 2 : 1) * d->shared_ffn_size
                              : 0;
     moegen_spec_hash(spec, d->spec_hash);
+    describe_weights(spec, d->weights, sizeof d->weights);
     d->rank = 0;
     d->ep_size = 1;
     d->first_expert = 0;
@@ -320,42 +323,74 @@ moegen_status moegen_layer_bind(moegen_layer *layer, const moegen_weights *w, mo
     return st;
 }
 
+/* The weight tensors of moegen_weights in the order bind checks them: whether the spec reads each, its
+ * pointer in `w` and its element size. The one home of "which tensors a layer needs": bind
+ * checks against it and desc.weights lists it. */
+typedef struct weight_entry {
+    const void *pointer;
+    int needed;
+    const char *field, *because; /* the moegen_weights field; the spec key that asks for it */
+    size_t align;                /* bytes of one element: the pointer must be a multiple */
+} weight_entry;
+#define WEIGHT_FIELDS 18
+
+static void weight_table(const moegen_spec *spec, const moegen_weights *w, weight_entry out[WEIGHT_FIELDS]) {
+    const size_t elem = moegen_dtype_size(spec->dtype), f32 = sizeof(float);
+    const int shared = spec->shared.count > 0, bias = spec->expert_bias, residual = spec->use_residual;
+    const weight_entry table[WEIGHT_FIELDS] = {
+        {w->router_w, 1, "router_w", "", f32},
+        {w->router_b, spec->router.router_bias, "router_b", "router.router_bias", f32},
+        {w->score_bias, spec->router.score_bias, "score_bias", "router.score_bias", f32},
+        {w->w1, 1, "w1", "", elem},
+        {w->w2, 1, "w2", "", elem},
+        {w->b1, bias, "b1", "expert_bias", elem},
+        {w->b2, bias, "b2", "expert_bias", elem},
+        {w->shared_w1, shared, "shared_w1", "shared_experts", elem},
+        {w->shared_w2, shared, "shared_w2", "shared_experts", elem},
+        {w->shared_b1, shared && bias, "shared_b1", "expert_bias", elem},
+        {w->shared_b2, shared && bias, "shared_b2", "expert_bias", elem},
+        {w->shared_gate, shared && spec->shared.gate, "shared_gate", "shared_experts.gate", f32},
+        {w->residual_w1, residual, "residual_w1", "use_residual", elem},
+        {w->residual_w2, residual, "residual_w2", "use_residual", elem},
+        {w->residual_b1, residual && bias, "residual_b1", "expert_bias", elem},
+        {w->residual_b2, residual && bias, "residual_b2", "expert_bias", elem},
+        {w->residual_coef_w, residual, "residual_coef_w", "use_residual", f32},
+        {w->residual_coef_b, residual, "residual_coef_b", "use_residual", f32},
+    };
+    memcpy(out, table, sizeof table);
+}
+
+/* desc.weights: the fields the layer reads, space-separated, in the order bind checks them. */
+static void describe_weights(const moegen_spec *spec, char *out, size_t size) {
+    const moegen_weights none = {0};
+    weight_entry table[WEIGHT_FIELDS];
+    weight_table(spec, &none, table);
+    size_t used = 0;
+    out[0] = '\0';
+    for (int i = 0; i < WEIGHT_FIELDS; i++) {
+        if (!table[i].needed) continue;
+        const int n = snprintf(out + used, size - used, "%s%s", used ? " " : "", table[i].field);
+        if (n < 0 || (size_t)n >= size - used) break;
+        used += (size_t)n;
+    }
+}
+
 static moegen_status bind_weights(moegen_layer *layer, const moegen_weights *w, moegen_error *err) {
     const moegen_spec *spec = &layer->spec;
-    const size_t elem = moegen_dtype_size(spec->dtype), f32 = sizeof(float);
-    struct {
-        const void *pointer;
-        int needed;
-        const char *name;
-        size_t align; /* bytes of one element: the pointer must be a multiple */
-    } tensors[] = {
-        {w->router_w, 1, "router_w", f32},
-        {w->router_b, spec->router.router_bias, "router_b (router.router_bias)", f32},
-        {w->score_bias, spec->router.score_bias, "score_bias (router.score_bias)", f32},
-        {w->w1, 1, "w1", elem},
-        {w->w2, 1, "w2", elem},
-        {w->b1, spec->expert_bias, "b1 (expert_bias)", elem},
-        {w->b2, spec->expert_bias, "b2 (expert_bias)", elem},
-        {w->shared_w1, spec->shared.count > 0, "shared_w1 (shared_experts)", elem},
-        {w->shared_w2, spec->shared.count > 0, "shared_w2 (shared_experts)", elem},
-        {w->shared_b1, spec->shared.count > 0 && spec->expert_bias, "shared_b1 (expert_bias)", elem},
-        {w->shared_b2, spec->shared.count > 0 && spec->expert_bias, "shared_b2 (expert_bias)", elem},
-        {w->shared_gate, spec->shared.count > 0 && spec->shared.gate, "shared_gate (shared_experts.gate)", f32},
-        {w->residual_w1, spec->use_residual, "residual_w1 (use_residual)", elem},
-        {w->residual_w2, spec->use_residual, "residual_w2 (use_residual)", elem},
-        {w->residual_b1, spec->use_residual && spec->expert_bias, "residual_b1 (expert_bias)", elem},
-        {w->residual_b2, spec->use_residual && spec->expert_bias, "residual_b2 (expert_bias)", elem},
-        {w->residual_coef_w, spec->use_residual, "residual_coef_w (use_residual)", f32},
-        {w->residual_coef_b, spec->use_residual, "residual_coef_b (use_residual)", f32},
-    };
-    for (size_t i = 0; i < sizeof tensors / sizeof tensors[0]; i++) {
-        if (tensors[i].needed && !tensors[i].pointer)
+    weight_entry tensors[WEIGHT_FIELDS];
+    weight_table(spec, w, tensors);
+    for (int i = 0; i < WEIGHT_FIELDS; i++) {
+        if (!tensors[i].needed) continue;
+        char name[64];
+        snprintf(name, sizeof name, "%s%s%s%s", tensors[i].field, tensors[i].because[0] ? " (" : "",
+                 tensors[i].because, tensors[i].because[0] ? ")" : "");
+        if (!tensors[i].pointer)
+            return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "bind: layer %s needs weight tensor %s",
+                                    spec->name, name);
+        if ((uintptr_t)tensors[i].pointer % tensors[i].align != 0)
             return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
-                                    "bind: layer %s needs weight tensor %s", spec->name, tensors[i].name);
-        if (tensors[i].needed && (uintptr_t)tensors[i].pointer % tensors[i].align != 0)
-            return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
-                                    "bind: weight tensor %s at %p is not aligned to its %zu-byte elements",
-                                    tensors[i].name, tensors[i].pointer, tensors[i].align);
+                                    "bind: weight tensor %s at %p is not aligned to its %zu-byte elements", name,
+                                    tensors[i].pointer, tensors[i].align);
     }
     /* Keep only what the spec uses, so a stray pointer can never be read. */
     moegen_kernel_weights *k = &layer->weights;

@@ -198,6 +198,10 @@ typedef struct moegen_layer_desc {
                                                 (...)", or "exact: FILE", "family: FILE" and the
                                                 token ranges with their variants (docs/tuning.md) */
     char templates[256];                     /* "built-in", or the template directory used */
+    char weights[256];                       /* the moegen_weights fields this layer reads (bind
+                                                needs them), space-separated, in the order
+                                                bind checks them:
+                                                "router_w w1 w2" and what the spec adds */
     int cache_hit;                           /* the module came from the on-disk cache */
     int n_threads;                           /* CPU threads forward uses (0 on CUDA) */
     int rank, ep_size;                       /* expert parallelism: this rank of ep_size (0 of 1) */
