@@ -2,6 +2,8 @@
 # setup.sh — install what moegen needs (Debian packages) and build it.
 #   scripts/setup.sh              optimized build in build/
 #   scripts/setup.sh sanitize     ASan + UBSan build in build-sanitize/
+#   scripts/setup.sh python       PyTorch (the CPU wheel, once per machine) for the Python
+#                                 package's tests (scripts/python_test.sh)
 # Idempotent: installs only missing packages, rebuilds only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +26,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 jobs=$(nproc 2> /dev/null || echo 2)
+if [ "${1:-}" = python ]; then
+    python3 -m venv --help > /dev/null 2>&1 || { echo "setup: python3 with venv is needed" >&2; exit 1; }
+    if ! python3 -c "import torch" > /dev/null 2>&1; then
+        echo "setup: installing PyTorch (CPU wheel) for python3"
+        python3 -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    fi
+    exit 0
+fi
 if [ "${1:-}" = sanitize ]; then
     cmake -S . -B build-sanitize -DCMAKE_BUILD_TYPE=Debug -DMOEGEN_SANITIZE=ON > /dev/null
     cmake --build build-sanitize -j "$jobs" > /dev/null

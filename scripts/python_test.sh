@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# python_test.sh — the Python package's tests (python/tests): builds and installs ./python
+# (libmoegen with it) into a virtual environment that sees this machine's PyTorch
+# ($MOEGEN_PYENV, default build/pyenv), then runs pytest there. Arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh python
+env=${MOEGEN_PYENV:-build/pyenv}
+[ -x "$env/bin/python" ] || python3 -m venv --system-site-packages "$env"
+"$env/bin/python" -m pip install -q --disable-pip-version-check pytest pyyaml
+"$env/bin/python" -m pip install -q --disable-pip-version-check ./python
+env_abs=$(cd "$env" && pwd)
+cd python
+exec "$env_abs/bin/pytest" -q -p no:cacheprovider tests "$@" # not `python -m pytest`: python/ must not shadow the installed moegen
