@@ -170,6 +170,21 @@ class _Group(nn.Module):
     """A named group of parameters (gate, experts, shared_experts, ...)."""
 
 
+class AuxLossScaler(torch.autograd.Function):
+    """Megatron's way of adding the router losses to the training loss without returning them:
+    the output passes through unchanged, and the backward gives `loss` the gradient 1 (the
+    losses arrive already multiplied by their coefficients)."""
+
+    @staticmethod
+    def forward(ctx, output, loss):
+        ctx.loss_shape, ctx.loss_dtype = loss.shape, loss.dtype
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return grad_output, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype)
+
+
 def _init_uniform(t, fan_in):
     bound = 1.0 / math.sqrt(fan_in)
     with torch.no_grad():
@@ -258,6 +273,16 @@ class MoE(nn.Module):
         self.last_topk_ids = topk_ids
         return y.view(hidden_states.shape), aux, counts_before
 
+    def megatron_forward(self, hidden_states: Tensor, aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0):
+        """(output, mlp_bias) as Megatron-Core's MoELayer.forward (mlp_bias is None): the losses,
+        times moe_aux_loss_coeff and moe_z_loss_coeff, reach the backward through the output
+        (AuxLossScaler) instead of being returned."""
+        output, aux, _ = self.forward(hidden_states)
+        loss = aux * aux_loss_coeff + self.z_loss * z_loss_coeff
+        if torch.is_grad_enabled() and loss.requires_grad:
+            output = AuxLossScaler.apply(output, loss)
+        return output, None
+
     def extra_repr(self):
         d = self.layer.describe()
         return (f"experts={d['num_experts']}, top_k={d['top_k']}, hidden={d['hidden_size']}, ffn={d['ffn_size']}, "
@@ -328,9 +353,10 @@ class MoE(nn.Module):
         else:
             gate = per_expert(("gate_proj", "w1"), E)
             up = per_expert(("up_proj", "w3"), E)
-            values["w1"] = gate if up is None or gate is None else torch.cat([gate, up], dim=1)
-            if up is None and "w1" in self._fields and self.get_parameter("experts.gate_up_proj").shape[1] == gate.shape[1]:
-                values["w1"] = gate  # a non-gated expert: one up projection
+            if gate is not None and up is not None:
+                values["w1"] = torch.cat([gate, up], dim=1)  # gate rows first, then up
+            elif gate is not None and self.get_parameter("experts.gate_up_proj").shape[1] == gate.shape[1]:
+                values["w1"] = gate  # a non-gated expert: its one up projection
             values["w2"] = per_expert(("down_proj", "w2"), E)
         for shared in ("shared_expert", "shared_experts"):
             g = take(f"{shared}.gate_proj.weight")
