@@ -10,5 +10,5 @@ env=${MOEGEN_PYENV:-build/pyenv}
 "$env/bin/python" -m pip install -q --disable-pip-version-check pytest pyyaml
 "$env/bin/python" -m pip install -q --disable-pip-version-check ./python
 env_abs=$(cd "$env" && pwd)
-cd python
-exec "$env_abs/bin/pytest" -q -p no:cacheprovider tests "$@" # not `python -m pytest`: python/ must not shadow the installed moegen
+cd python/tests # not python/: its moegen/ sources must not shadow the installed package
+exec "$env_abs/bin/python" -m pytest -q -p no:cacheprovider . "$@"

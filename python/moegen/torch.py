@@ -201,6 +201,7 @@ class MoE(nn.Module):
 
     def __init__(self, spec, *, threads=0, activations="recompute", **layer_options):
         super().__init__()
+        self._open = dict(spec=spec, threads=threads, activations=activations, **layer_options)
         self.layer = Layer(spec, threads=threads, activations=activations, **layer_options)
         d = self.layer.describe()
         self.hidden_size = d["hidden_size"]
@@ -272,6 +273,21 @@ class MoE(nn.Module):
         self.last_counts_after = counts_after
         self.last_topk_ids = topk_ids
         return y.view(hidden_states.shape), aux, counts_before
+
+    def set_mode(self, mode):
+        """Reopen the layer in "train" or "eval" mode (the capacity factor of that mode; jitter and
+        noise only in train), keeping the parameters. Not tied to nn.Module.train()/eval(), which
+        would reopen on every call: a mode's first open compiles (later ones hit the cache)."""
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', not {mode!r}")
+        options = dict(self._open, mode=mode)
+        spec = options.pop("spec")
+        layer = Layer(spec, **options)
+        if layer.weight_names != self._fields:
+            raise RuntimeError("set_mode: the layer reopened with other weights")
+        self._open["mode"] = mode
+        self.layer = layer
+        _LAYERS[self._layer_id] = (layer, list(self._fields))
 
     def megatron_forward(self, hidden_states: Tensor, aux_loss_coeff: float = 0.0, z_loss_coeff: float = 0.0):
         """(output, mlp_bias) as Megatron-Core's MoELayer.forward (mlp_bias is None): the losses,
