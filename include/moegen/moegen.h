@@ -302,7 +302,8 @@ typedef struct moegen_backward_io {
 } moegen_backward_io;
 
 /* A forward (exactly moegen_layer_forward's outputs) that also returns, in *saved, what
- * the backward needs. CPU layers with ep_size 1; other layers return MOEGEN_ERR_UNSUPPORTED.
+ * the backward needs. CPU layers, expert-parallel ones included (the backward retraces the
+ * exchange: docs/training.md); CUDA layers return MOEGEN_ERR_UNSUPPORTED.
  * Same errors as moegen_layer_forward, plus MOEGEN_ERR_NO_MEMORY for the saved state. */
 moegen_status moegen_layer_forward_train(moegen_layer *layer, const moegen_forward_io *io, moegen_saved **saved,
                                          moegen_forward_stats *stats, moegen_error *err);
