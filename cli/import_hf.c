@@ -397,7 +397,7 @@ static void shared_from(layer *L, int64_t count_in_config, int64_t size_each) {
 /* The tensor-mapping paragraphs every family starts with. */
 static void weights_legend(layer *L) {
     text_item(&L->weights, "\n",
-              "Weights: moegen tensor (moegen_weights in runtime/moegen.h; the file names of `moegen run "
+              "Weights: moegen tensor (moegen_weights in include/moegen/moegen.h; the file names of `moegen run "
               "--load`) <- the checkpoint's tensors. {L} is a MoE layer, {e} an expert (0..E-1); E=%lld, "
               "H=%lld, F=%lld%s. Layouts are [out, in] (nn.Linear's weight) in the layer dtype unless marked "
               "fp32; moegen's w1 holds the gate projection in rows [0, F) and the up projection in rows [F, 2F) "

@@ -6,7 +6,7 @@
  * "specs/x.yaml:12:7: ...", "templates/y.c.tpl:40: ...", a cache entry path.
  * There is no process-wide "last error".
  *
- * This header is part of the public API (runtime/moegen.h includes it).
+ * This header is part of the public API (moegen.h includes it).
  */
 #ifndef MOEGEN_STATUS_H
 #define MOEGEN_STATUS_H
