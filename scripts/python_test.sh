@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # python_test.sh — the Python package's tests (python/tests): builds and installs ./python
-# (libmoegen with it) into a virtual environment that sees this machine's PyTorch
-# ($MOEGEN_PYENV, default build/pyenv), then runs pytest there. Arguments go to pytest.
+# (libmoegen with it) into the machine's virtual environment for them (scripts/setup.sh python:
+# $MOEGEN_PYENV, default ~/.cache/moegen/pyenv, with PyTorch), then runs pytest there.
+# Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh python
-env=${MOEGEN_PYENV:-build/pyenv}
-[ -x "$env/bin/python" ] || python3 -m venv --system-site-packages "$env"
+env=${MOEGEN_PYENV:-${XDG_CACHE_HOME:-$HOME/.cache}/moegen/pyenv}
 "$env/bin/python" -m pip install -q --disable-pip-version-check pytest pyyaml
 "$env/bin/python" -m pip install -q --disable-pip-version-check ./python
 env_abs=$(cd "$env" && pwd)

@@ -2,8 +2,10 @@
 # setup.sh — install what moegen needs (Debian packages) and build it.
 #   scripts/setup.sh              optimized build in build/
 #   scripts/setup.sh sanitize     ASan + UBSan build in build-sanitize/
-#   scripts/setup.sh python       PyTorch (the CPU wheel, once per machine) for the Python
-#                                 package's tests (scripts/python_test.sh)
+#   scripts/setup.sh python       the Python environment of the package's tests: a virtual
+#                                 environment per machine ($MOEGEN_PYENV, default
+#                                 ~/.cache/moegen/pyenv) that sees the system's packages and gets
+#                                 PyTorch's CPU wheel once, when it cannot import torch
 # Idempotent: installs only missing packages, rebuilds only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,8 +13,9 @@ cd "$(dirname "$0")/.."
 # clang and libomp: the sweep and test_compiler also compile generated code with clang;
 # locales: the locale test builds de_DE.UTF-8 with localedef; Open MPI: expert-parallel
 # runs across processes (mpirun) and their tests.
+# python3-venv, python3-dev: the Python package's environment and its extension (scripts/python_test.sh).
 packages=(build-essential cmake pkg-config liblua5.4-dev libyaml-dev libcmocka-dev clang libomp-dev locales
-          openmpi-bin libopenmpi-dev)
+          openmpi-bin libopenmpi-dev python3-venv python3-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" > /dev/null 2>&1 || missing+=("$p")
@@ -27,10 +30,15 @@ fi
 
 jobs=$(nproc 2> /dev/null || echo 2)
 if [ "${1:-}" = python ]; then
-    python3 -m venv --help > /dev/null 2>&1 || { echo "setup: python3 with venv is needed" >&2; exit 1; }
-    if ! python3 -c "import torch" > /dev/null 2>&1; then
-        echo "setup: installing PyTorch (CPU wheel) for python3"
-        python3 -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    env=${MOEGEN_PYENV:-${XDG_CACHE_HOME:-$HOME/.cache}/moegen/pyenv}
+    if [ ! -x "$env/bin/python" ]; then
+        mkdir -p "$(dirname "$env")"
+        python3 -m venv --system-site-packages "$env"
+    fi
+    if ! "$env/bin/python" -c "import torch" > /dev/null 2>&1; then # once per machine
+        echo "setup: installing PyTorch (CPU wheel) into $env"
+        "$env/bin/python" -m pip install -q --disable-pip-version-check torch \
+            --index-url https://download.pytorch.org/whl/cpu
     fi
     exit 0
 fi
