@@ -81,26 +81,6 @@ static const char usage_gen[] =
     "  --expect-prefix P     fail unless the files are named P (build systems that derived the\n"
     "                        names from the spec before generating: moegen_generate)\n";
 
-/* The CPU targets `gen --target` names, widest last. */
-static const struct {
-    const char *name;
-    moegen_target target;
-} CPU_TARGETS[] = {
-    {"base", {.cpu_vector_floats = 4}},
-    {"avx2", {.cpu_vector_floats = 8}},
-    {"avx512", {.cpu_vector_floats = 16}},
-    {"avx512-bf16", {.cpu_vector_floats = 16, .cpu_bf16_dot = 1}},
-    {"avx512-amx", {.cpu_vector_floats = 16, .cpu_bf16_dot = 1, .cpu_amx = 1}},
-};
-
-static const char *cpu_target_name(const moegen_target *t) {
-    for (int i = (int)(sizeof CPU_TARGETS / sizeof CPU_TARGETS[0]) - 1; i >= 0; i--)
-        if (t->cpu_vector_floats >= CPU_TARGETS[i].target.cpu_vector_floats &&
-            t->cpu_bf16_dot >= CPU_TARGETS[i].target.cpu_bf16_dot && t->cpu_amx >= CPU_TARGETS[i].target.cpu_amx)
-            return CPU_TARGETS[i].name;
-    return "base";
-}
-
 /* Each line of `text` on stderr as "moegen: <prefix><line>". */
 static void print_lines(const char *prefix, const char *text) {
     for (const char *line = text; *line;) {
@@ -195,16 +175,8 @@ static int command_gen(int argc, char **argv) {
             native = 0;
         } else if (!strcmp(argv[i], "--target") && i + 1 < argc) {
             const char *name = argv[++i];
-            int found = !strcmp(name, "native");
-            if (!found) {
-                for (size_t t = 0; t < sizeof CPU_TARGETS / sizeof CPU_TARGETS[0]; t++)
-                    if (!strcmp(name, CPU_TARGETS[t].name)) {
-                        target = CPU_TARGETS[t].target;
-                        found = 1;
-                        native = 0;
-                    }
-            }
-            if (!found)
+            if (strcmp(name, "native") != 0 && moegen_host_target_parse(name, &target) == 0) native = 0;
+            else if (strcmp(name, "native") != 0)
                 return moegen_cli_error("gen: --target must be native, base, avx2, avx512, avx512-bf16 or "
                                         "avx512-amx (got '%s')",
                                         name);
@@ -273,7 +245,7 @@ static int command_gen(int argc, char **argv) {
             printf("# %d of %d files written (the others were unchanged); variant %s", written, generated.n_files,
                    generated.variant_name);
             if (backend == MOEGEN_BACKEND_CPU)
-                printf("; target %s%s", cpu_target_name(&target), native ? " (this CPU)" : "");
+                printf("; target %s%s", moegen_host_target_name(&target), native ? " (this CPU)" : "");
             printf("; build %s%s%s\n", generated.build_id, templates ? "; templates " : "",
                    templates ? template_dir : "");
             if (spec.ep_size > 1 && backend == MOEGEN_BACKEND_CPU)

@@ -337,6 +337,37 @@ static int cpu_has_amx_bf16(void) {
 #endif
 }
 
+/* The CPU targets by name, widest last: the one home of these names (`gen --target`, the
+ * tuning databases' family, moegen_host_compiler_device). */
+static const struct {
+    const char *name;
+    moegen_target target;
+} CPU_TARGETS[] = {
+    {"base", {.cpu_vector_floats = 4}},
+    {"avx2", {.cpu_vector_floats = 8}},
+    {"avx512", {.cpu_vector_floats = 16}},
+    {"avx512-bf16", {.cpu_vector_floats = 16, .cpu_bf16_dot = 1}},
+    {"avx512-amx", {.cpu_vector_floats = 16, .cpu_bf16_dot = 1, .cpu_amx = 1}},
+};
+#define N_CPU_TARGETS (sizeof CPU_TARGETS / sizeof CPU_TARGETS[0])
+
+const char *moegen_host_target_name(const moegen_target *t) {
+    for (int i = (int)N_CPU_TARGETS - 1; i >= 0; i--)
+        if (t->cpu_vector_floats >= CPU_TARGETS[i].target.cpu_vector_floats &&
+            t->cpu_bf16_dot >= CPU_TARGETS[i].target.cpu_bf16_dot && t->cpu_amx >= CPU_TARGETS[i].target.cpu_amx)
+            return CPU_TARGETS[i].name;
+    return CPU_TARGETS[0].name;
+}
+
+int moegen_host_target_parse(const char *name, moegen_target *target) {
+    for (size_t i = 0; name && i < N_CPU_TARGETS; i++)
+        if (!strcmp(name, CPU_TARGETS[i].name)) {
+            *target = CPU_TARGETS[i].target;
+            return 0;
+        }
+    return -1;
+}
+
 void moegen_host_cpu_target(moegen_target *target) {
     memset(target, 0, sizeof *target);
     target->cpu_vector_floats = 4;
@@ -611,11 +642,8 @@ moegen_target moegen_host_compiler_target(const moegen_host_compiler *hc) {
 
 void moegen_host_compiler_device(const moegen_host_compiler *hc, char *device, size_t device_size, char *family,
                                  size_t family_size) {
-    const char *isa = hc->amx             ? "avx512-amx"
-                      : hc->bf16_dot      ? "avx512-bf16"
-                      : hc->vector_floats == 16 ? "avx512"
-                      : hc->vector_floats == 8  ? "avx2"
-                                                : "base";
+    const moegen_target target = moegen_host_compiler_target(hc);
+    const char *isa = moegen_host_target_name(&target);
 #if defined(__x86_64__)
     const char *arch = "x86_64";
 #elif defined(__aarch64__)

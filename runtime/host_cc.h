@@ -46,6 +46,11 @@ void moegen_host_cpu_target(moegen_target *target);
  * beside the generated source (generate-and-link). 0, or -1 when `size` is too small. */
 int moegen_host_target_compile_flags(const moegen_target *target, char *out, size_t size);
 
+/* A CPU target's name ("base", "avx2", "avx512", "avx512-bf16", "avx512-amx": the widest one
+ * `target` has), and the target of a name (0, or -1 for an unknown name). */
+const char *moegen_host_target_name(const moegen_target *target);
+int moegen_host_target_parse(const char *name, moegen_target *target);
+
 /* The variant target these flags give (gen/variant.h). */
 moegen_target moegen_host_compiler_target(const moegen_host_compiler *hc);
 
