@@ -94,6 +94,7 @@ typedef struct worker {
     char *canonical;          /* the spec with the dtype asked for */
     char display[512];
     int64_t max_S;
+    const char *variant;      /* kernel variant overrides for moegen (--variant), or NULL */
     moe_tensors ts;           /* data pointers into the memfd */
     unsigned char *shm;
     size_t shm_bytes;
@@ -264,6 +265,7 @@ static moegen_layer *layer_for(worker *w, int n_threads, char *why, size_t why_s
     moegen_open_options_init(&opts);
     opts.device = MOEGEN_DEVICE_CPU;
     opts.n_threads = n_threads;
+    opts.variant = w->variant;
     moegen_error err;
     moegen_layer *layer = NULL;
     if (moegen_layer_open_string(w->canonical, strlen(w->canonical), w->display, &opts, &layer, &err) != MOEGEN_OK ||
@@ -456,16 +458,18 @@ static void cmd_check(worker *w) {
     fflush(stdout);
 }
 
-static const char usage[] = "usage: moegen_cpu_bench SPEC --dtype fp32|bf16 --max-tokens N [--seed S]\n"
+static const char usage[] = "usage: moegen_cpu_bench SPEC --dtype fp32|bf16 --max-tokens N [--seed S] [--variant LIST]\n"
                             "  (driven by bench/cpu_bench.py; see bench/cpu.sh)\n";
 
 int main(int argc, char **argv) {
     const char *spec_path = NULL, *dtype = NULL;
+    const char *variant = NULL;
     long long max_S = 0, seed = 1;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--dtype") && i + 1 < argc) dtype = argv[++i];
         else if (!strcmp(argv[i], "--max-tokens") && i + 1 < argc) max_S = atoll(argv[++i]);
         else if (!strcmp(argv[i], "--seed") && i + 1 < argc) seed = atoll(argv[++i]);
+        else if (!strcmp(argv[i], "--variant") && i + 1 < argc) variant = argv[++i];
         else if (argv[i][0] != '-' && !spec_path) spec_path = argv[i];
         else {
             fputs(usage, stderr);
@@ -478,6 +482,7 @@ int main(int argc, char **argv) {
     }
     static worker w;
     w.max_S = max_S;
+    w.variant = variant;
     w.shm_fd = -1;
     moegen_error err;
     if (moegen_spec_load_file(spec_path, &w.spec, &err) != MOEGEN_OK) {

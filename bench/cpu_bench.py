@@ -65,8 +65,10 @@ def parse_list(text, cast=str):
 class Worker:
     """moegen_cpu_bench for one spec and dtype, spoken to one JSON line at a time."""
 
-    def __init__(self, exe, spec_path, dtype, max_tokens, stderr, transcript):
+    def __init__(self, exe, spec_path, dtype, max_tokens, stderr, transcript, variant=None):
         self.cmd = [exe, spec_path, "--dtype", dtype, "--max-tokens", str(max_tokens)]
+        if variant:
+            self.cmd += ["--variant", variant]
         self.transcript = transcript
         self.proc = subprocess.Popen(self.cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
                                      text=True, bufsize=1)
@@ -435,6 +437,10 @@ def main():
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--specs", help="comma-separated spec names (specs/NAME.yaml) or paths; default: all but test-*")
     ap.add_argument("--dtypes", default="fp32,bf16", help="layer dtypes (the spec's dtype is overridden)")
+    ap.add_argument("--variant", action="append", default=[], metavar="DTYPE:LIST",
+                    help="moegen's kernel variant overrides for the layers of one dtype, e.g. "
+                         "fp32:gemm=outer,tile_cols=6,tile_rows=4,block_rows=128,block_cols=96 (repeatable; "
+                         "default: the layer's own choice, tuning databases included)")
     ap.add_argument("--tokens", default="1,16,128,1024,4096", help="token counts S")
     ap.add_argument("--threads", default="1,2", help="thread counts (every implementation gets the same)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of every implementation (3 for calls over 2 s)")
@@ -466,6 +472,12 @@ def main():
     tokens = parse_list(args.tokens, int)
     threads = parse_list(args.threads, int)
     dtypes = parse_list(args.dtypes)
+    variants = {}
+    for item in args.variant:
+        dtype, sep, overrides = item.partition(":")
+        if not sep or dtype not in ("fp32", "bf16") or not overrides:
+            ap.error(f"--variant {item!r}: expected DTYPE:LIST, e.g. fp32:gemm=outer")
+        variants[dtype] = overrides
     specs = spec_list(args)
 
     out = args.out
@@ -502,10 +514,9 @@ def main():
             tag = f"{spec_name}-{dtype}"
             err_log = open(os.path.join(out, "raw", tag + ".worker.log") if out else os.devnull, "w")
             transcript = open(os.path.join(out, "raw", tag + ".jsonl"), "w") if out else None
-            log(f"== {spec_name} {dtype}: " + " ".join(shlex.quote(c) for c in
-                                                     [args.worker, spec_path, "--dtype", dtype, "--max-tokens",
-                                                      str(max(tokens))]))
-            worker = Worker(args.worker, spec_path, dtype, max(tokens), err_log, transcript)
+            variant = variants.get(dtype)
+            worker = Worker(args.worker, spec_path, dtype, max(tokens), err_log, transcript, variant)
+            log(f"== {spec_name} {dtype}: " + " ".join(shlex.quote(c) for c in worker.cmd))
             tensors = None
             try:
                 ready = worker.read()

@@ -150,6 +150,7 @@ const char *moegen_cpu_gemm_name(moegen_cpu_gemm gemm) {
     case MOEGEN_CPU_GEMM_FMA: return "fma";
     case MOEGEN_CPU_GEMM_BF16_DOT: return "bfdot";
     case MOEGEN_CPU_GEMM_AMX: return "amx";
+    case MOEGEN_CPU_GEMM_OUTER: return "outer";
     }
     return NULL;
 }
@@ -212,6 +213,28 @@ void moegen_variant_default(const moegen_spec *spec, moegen_backend backend,
     cuda->router_tokens = 32;
 }
 
+int moegen_variant_default_ranges(const moegen_spec *spec, const moegen_target *target, moegen_variant_range *out,
+                                  int max) {
+    const int outer = spec->dtype == MOEGEN_DTYPE_FP32 && target && target->cpu_vector_floats == 16 &&
+                      spec->ep_size == 1;
+    if (max >= 1) out[0] = (moegen_variant_range){.min_tokens = 1, .overrides = ""};
+    if (!outer) return 1;
+    /* From S k / E >= 16 rows per expert on average (one token vector), outer products of
+     * 6 weight rows x 4 token vectors (29 of the 32 registers). Measured here on
+     * qwen3-30b-a3b in fp32, 1 thread (medians of 5, two alternating runs): outer / dot
+     * product time 1.4-1.9 at S = 64 (4 rows per expert), 1.3-1.5 at 128, 0.83-0.89 at 256,
+     * 0.66-0.73 at 512, 0.6-0.8 at 1024; 1.2-1.8 at S = 1 and 16. */
+    const int64_t rows_per_expert = 16;
+    int64_t first = (rows_per_expert * spec->num_experts + spec->top_k - 1) / spec->top_k;
+    if (first < 2) first = 2;
+    if (max >= 2) {
+        out[1].min_tokens = first;
+        snprintf(out[1].overrides, sizeof out[1].overrides,
+                 "gemm=outer,tile_cols=6,tile_rows=4,block_rows=128,block_cols=96");
+    }
+    return 2;
+}
+
 /* Static shared memory of one GEMM1 CTA (the larger of the two GEMMs): tensor-core
  * tiles are swizzled without padding; fp32 tiles pad each row by 4 floats. */
 static long cuda_gemm_shared_bytes(const moegen_spec *spec, const moegen_cuda_variant *v) {
@@ -265,7 +288,11 @@ moegen_status moegen_variant_check(const moegen_spec *spec, const moegen_variant
     if (!moegen_cpu_gemm_name(cpu->gemm))
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "variant: cpu.gemm %d is not a GEMM kind",
                                 (int)cpu->gemm);
-    if (cpu->gemm != MOEGEN_CPU_GEMM_FMA && (spec->dtype != MOEGEN_DTYPE_BF16 || cpu->vector_floats != 16))
+    const int outer = cpu->gemm == MOEGEN_CPU_GEMM_OUTER;
+    if (outer && spec->dtype != MOEGEN_DTYPE_FP32)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cpu.gemm outer needs an fp32 layer (got %s)", moegen_dtype_name(spec->dtype));
+    if (cpu->gemm != MOEGEN_CPU_GEMM_FMA && !outer && (spec->dtype != MOEGEN_DTYPE_BF16 || cpu->vector_floats != 16))
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "variant: cpu.gemm %s needs a bf16 layer and cpu.vector_floats 16 (got %s, %d)",
                                 moegen_cpu_gemm_name(cpu->gemm), moegen_dtype_name(spec->dtype), cpu->vector_floats);
@@ -287,10 +314,28 @@ moegen_status moegen_variant_check(const moegen_spec *spec, const moegen_variant
     if (cpu->tile_rows < 1 || cpu->tile_rows > 8)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "variant: cpu.tile_rows must be in 1..8 (got %d)", cpu->tile_rows);
-    if (cpu->tile_cols != 1 && cpu->tile_cols != 2 && cpu->tile_cols != 4 && cpu->tile_cols != 8)
+    if (!outer && cpu->tile_cols != 1 && cpu->tile_cols != 2 && cpu->tile_cols != 4 && cpu->tile_cols != 8)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "variant: cpu.tile_cols must be 1, 2, 4 or 8 (got %d)",
                                 cpu->tile_cols);
+    if (outer && (cpu->tile_cols < 1 || cpu->tile_cols > 16))
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cpu.tile_cols must be in 1..16 with cpu.gemm outer (got %d)",
+                                cpu->tile_cols);
+    /* outer: tile_cols x tile_rows accumulators, tile_rows token vectors and one broadcast
+     * weight must fit the register file, or the micro-kernel spills */
+    const int registers = cpu->vector_floats == 16 ? 32 : 16;
+    if (outer && cpu->tile_cols * cpu->tile_rows + cpu->tile_rows + 1 > registers)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cpu.gemm outer: a %d x %d tile needs %d vector registers; "
+                                "vector_floats %d has %d",
+                                cpu->tile_cols, cpu->tile_rows, cpu->tile_cols * cpu->tile_rows + cpu->tile_rows + 1,
+                                cpu->vector_floats, registers);
+    if (outer && cpu->block_rows % (cpu->tile_rows * cpu->vector_floats) != 0)
+        return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
+                                "variant: cpu.gemm outer needs cpu.block_rows (%d) to be a multiple of "
+                                "tile_rows x vector_floats (%d)",
+                                cpu->block_rows, cpu->tile_rows * cpu->vector_floats);
     if (moegen_activation_is_gated(spec->activation) && cpu->tile_cols % 2 != 0)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "variant: cpu.tile_cols must be even for the gated activation %s",

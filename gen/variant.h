@@ -23,18 +23,23 @@ typedef enum moegen_cpu_gemm {
     MOEGEN_CPU_GEMM_AMX = 2,      /* bf16 layers: AMX tiles (tdpbf16ps) for the expert GEMMs; needs
                                      vector_floats 16 and H, F multiples of 32; falls back to
                                      widen + FMA where the OS does not grant AMX */
+    MOEGEN_CPU_GEMM_OUTER = 3,    /* fp32 layers: outer products over packed token panels (a weight
+                                     value broadcast against a vector of tokens); tile_rows counts
+                                     token vectors of vector_floats rows */
 } moegen_cpu_gemm;
 
 /* The name of a moegen_cpu_gemm as templates and variant names spell it ("fma",
- * "bfdot", "amx"), NULL for a value that is not one. */
+ * "bfdot", "amx", "outer"), NULL for a value that is not one. */
 const char *moegen_cpu_gemm_name(moegen_cpu_gemm gemm);
 
 typedef struct moegen_cpu_variant {
     moegen_cpu_gemm gemm;
     int vector_floats; /* floats per SIMD vector in the micro-kernel: 4, 8 or 16 */
-    int tile_rows;     /* token rows per micro-kernel tile: 1..8 */
-    int tile_cols;     /* weight rows per micro-kernel tile: 1, 2, 4 or 8 (even when gated) */
-    int block_rows;    /* token rows per parallel task: a multiple of tile_rows */
+    int tile_rows;     /* token rows per micro-kernel tile: 1..8 (gemm outer: token vectors) */
+    int tile_cols;     /* weight rows per micro-kernel tile: 1, 2, 4 or 8 (gemm outer: 1..16);
+                          even when gated */
+    int block_rows;    /* token rows per parallel task: a multiple of tile_rows (gemm outer: of
+                          tile_rows x vector_floats) */
     int block_cols;    /* weight rows per parallel task: a multiple of tile_cols */
     int router_block;  /* tokens per router task (also the loss-reduction block) */
 } moegen_cpu_variant;
@@ -120,6 +125,20 @@ moegen_status moegen_variant_apply_overrides(moegen_variant *v, const char *text
  * blocking heuristics live. `target` may be NULL (portable defaults). */
 void moegen_variant_default(const moegen_spec *spec, moegen_backend backend,
                             const moegen_target *target, moegen_variant *out);
+
+/* The default heuristic by token count: where no one variant suits every token count, the
+ * default is a list of ranges, each a first token count (the first is 1) and the overrides
+ * to apply to moegen_variant_default() from there on ("" for none). Today: fp32 layers
+ * with 16-float vectors run the FMA dot products while the experts get few rows and outer
+ * products (gemm=outer) from one token vector (16 rows) per expert on average. Expert-parallel
+ * layers get one range: bit-identity with ep_size 1 needs one variant for every count.
+ * Writes at most `max` ranges; returns how many there are (1 or more). */
+typedef struct moegen_variant_range {
+    int64_t min_tokens;
+    char overrides[128];
+} moegen_variant_range;
+int moegen_variant_default_ranges(const moegen_spec *spec, const moegen_target *target, moegen_variant_range *out,
+                                  int max);
 
 /* Check a variant against a spec (sweeps produce candidates that may not fit).
  * Returns MOEGEN_OK or MOEGEN_ERR_INVALID_ARGUMENT naming the offending field. */

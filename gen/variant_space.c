@@ -58,6 +58,8 @@ int moegen_variant_space(const moegen_spec *spec, const moegen_target *target, c
          * tiles from one row (decode) to eight (prefill), narrow and wide. AMX ignores the
          * micro-kernel tile (it is the fallback's), so it gets its blockings instead. */
         static const int TILES[][2] = {{1, 4}, {2, 4}, {3, 4}, {4, 4}, {6, 4}, {8, 2}, {2, 8}, {4, 2}, {8, 4}};
+        /* outer: weight rows x token vectors; the register file decides which fit */
+        static const int OUTER_TILES[][2] = {{6, 4}, {4, 6}, {8, 3}, {12, 2}, {4, 2}, {2, 4}};
         static const int AMX_BLOCKS[][2] = {{16, 32}, {32, 64}, {64, 64}, {128, 64}, {64, 128}, {128, 128}};
         add(spec, &base, out, max, &n, n_invalid);
         for (int gemm = 0; moegen_cpu_gemm_name((moegen_cpu_gemm)gemm); gemm++) {
@@ -75,6 +77,16 @@ int moegen_variant_space(const moegen_spec *spec, const moegen_target *target, c
                 }
                 continue;
             }
+            if (gemm == MOEGEN_CPU_GEMM_OUTER) { /* fp32 only (the check refuses other layers) */
+                for (size_t i = 0; i < sizeof OUTER_TILES / sizeof OUTER_TILES[0]; i++) {
+                    v.cpu.tile_cols = OUTER_TILES[i][0];
+                    v.cpu.tile_rows = OUTER_TILES[i][1];
+                    v.cpu.block_rows = v.cpu.tile_rows * v.cpu.vector_floats * 2;
+                    v.cpu.block_cols = v.cpu.tile_cols * 8;
+                    add(spec, &v, out, max, &n, n_invalid);
+                }
+                continue;
+            }
             for (size_t i = 0; i < sizeof TILES / sizeof TILES[0]; i++) {
                 v.cpu.tile_rows = TILES[i][0];
                 v.cpu.tile_cols = TILES[i][1];
@@ -85,14 +97,20 @@ int moegen_variant_space(const moegen_spec *spec, const moegen_target *target, c
         }
         return n;
     }
-    /* Fine: the task blocking and the router block around `around`. */
+    /* Fine: the task blocking and the router block around `around` (outer: 1 to 8 token-vector
+     * tiles per block, and whole weight tiles). */
     static const int ROW_TILES[] = {4, 8, 16, 32}, COLS[] = {16, 32, 64, 128, 256}, ROUTER[] = {16, 64, 256};
     add(spec, around, out, max, &n, n_invalid);
     for (size_t r = 0; r < sizeof ROW_TILES / sizeof ROW_TILES[0]; r++)
         for (size_t c = 0; c < sizeof COLS / sizeof COLS[0]; c++) {
             moegen_variant v = *around;
-            v.cpu.block_rows = ROW_TILES[r] * v.cpu.tile_rows;
-            v.cpu.block_cols = COLS[c];
+            if (v.cpu.gemm == MOEGEN_CPU_GEMM_OUTER) {
+                v.cpu.block_rows = ROW_TILES[r] / 4 * v.cpu.tile_rows * v.cpu.vector_floats;
+                v.cpu.block_cols = (COLS[c] + v.cpu.tile_cols - 1) / v.cpu.tile_cols * v.cpu.tile_cols;
+            } else {
+                v.cpu.block_rows = ROW_TILES[r] * v.cpu.tile_rows;
+                v.cpu.block_cols = COLS[c];
+            }
             add(spec, &v, out, max, &n, n_invalid);
         }
     for (size_t q = 0; q < sizeof ROUTER / sizeof ROUTER[0]; q++) {

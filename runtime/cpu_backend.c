@@ -161,6 +161,34 @@ static void warn_tuning(void *ctx, const char *message) {
     else fprintf(stderr, "moegen: warning: %s\n", message);
 }
 
+/* No database: the default heuristic, which may itself split the token counts into ranges
+ * with a variant each (moegen_variant_default_ranges). Returns 1 with *db holding them as
+ * buckets when there is more than one, else 0; desc->tuning says so either way. */
+static int default_ranges(const moegen_spec *spec, const moegen_host_compiler *cc, const char *family,
+                          moegen_tuning_db *db, moegen_layer_desc *desc) {
+    const moegen_target target = moegen_host_compiler_target(cc);
+    moegen_variant_range ranges[MOEGEN_TUNING_MAX_BUCKETS];
+    const int n = moegen_variant_default_ranges(spec, &target, ranges, MOEGEN_TUNING_MAX_BUCKETS);
+    int at = snprintf(desc->tuning, sizeof desc->tuning, "default heuristic (no tuning database for this shape on %s)",
+                      family);
+    if (n < 2) return 0;
+    memset(db, 0, sizeof *db);
+    db->n_buckets = n;
+    for (int i = 0; i < n; i++) {
+        moegen_tuning_bucket *bk = &db->buckets[i];
+        bk->min_tokens = ranges[i].min_tokens;
+        bk->max_tokens = i + 1 < n ? ranges[i + 1].min_tokens - 1 : INT64_MAX;
+        snprintf(bk->variant, sizeof bk->variant, "%s", ranges[i].overrides);
+        char upper[24];
+        if (bk->max_tokens == INT64_MAX) snprintf(upper, sizeof upper, "inf");
+        else snprintf(upper, sizeof upper, "%lld", (long long)bk->max_tokens);
+        if (at > 0 && (size_t)at < sizeof desc->tuning)
+            at += snprintf(desc->tuning + at, sizeof desc->tuning - (size_t)at, "%s%lld-%s %s", i ? "; " : " by token count: ",
+                           (long long)bk->min_tokens, upper, bk->variant[0] ? bk->variant : "default");
+    }
+    return 1;
+}
+
 /* The database for this spec on this CPU, if there is one and the layer may use it;
  * desc->tuning says which rung of the ladder was used. Returns 1 with *db filled, else 0. */
 static int find_tuning(const moegen_spec *spec, const moegen_open_options *o, const moegen_host_compiler *cc,
@@ -187,11 +215,8 @@ static int find_tuning(const moegen_spec *spec, const moegen_open_options *o, co
     moegen_tuning_rung rung = MOEGEN_TUNING_NONE;
     if (moegen_tuning_db_lookup(dirs, n_dirs, shape, device, family, db, &rung, source, sizeof source, warn_tuning,
                                 (void *)o) != MOEGEN_OK ||
-        rung == MOEGEN_TUNING_NONE || db->n_buckets < 1) {
-        snprintf(desc->tuning, sizeof desc->tuning, "default heuristic (no tuning database for this shape on %s)",
-                 family);
-        return 0;
-    }
+        rung == MOEGEN_TUNING_NONE || db->n_buckets < 1)
+        return default_ranges(spec, cc, family, db, desc);
     int at = snprintf(desc->tuning, sizeof desc->tuning, "%s: %.300s", rung == MOEGEN_TUNING_EXACT ? "exact" : "family",
                       source);
     for (int i = 0; i < db->n_buckets && at > 0 && (size_t)at < sizeof desc->tuning; i++) {

@@ -297,7 +297,7 @@ static void variant_overrides_set_named_fields_and_refuse_bad_items(void **state
         const char *text, *expect;
     } BAD[] = {
         {"tile_rows=x", "tile_rows='x'"}, {"nope=1", "tile_rows"}, {"tile_rows", "'tile_rows'"},
-        {"gemm=tf32", "one of fma, bfdot, amx"}, {"tile_m=64", "tile_m=64"}, {"tile_rows=-1", "tile_rows='-1'"},
+        {"gemm=tf32", "one of fma, bfdot, amx, outer"}, {"tile_m=64", "tile_m=64"}, {"tile_rows=-1", "tile_rows='-1'"},
         {"tile_cols=2,tile_rows=", "tile_rows=''"},
     };
     for (size_t i = 0; i < sizeof BAD / sizeof BAD[0]; i++) {
@@ -374,6 +374,77 @@ static void amx_variant_is_chosen_where_it_fits_and_compiles_without_warnings(vo
     assert_int_equal(moegen_variant_check(&spec, &variant, &err), MOEGEN_ERR_INVALID_ARGUMENT);
     assert_non_null(strstr(err.message, "needs a bf16 layer"));
     moegen_spec_free(&spec);
+}
+
+/* The outer-product kernels (gemm=outer): compiled without warnings at every vector width,
+ * gated and not, with shared experts and the residual MLP; refused for other dtypes and for
+ * tiles that do not fit the register file or the blocking. */
+static void outer_variant_compiles_without_warnings_and_refuses_what_it_cannot_run(void **state) {
+    (void)state;
+    static const struct {
+        const char *yaml, *variant;
+        int width;
+    } FITS[] = {
+        {"name: outer_gated\nnum_experts: 5\nnum_experts_per_tok: 3\nhidden_size: 96\nmoe_intermediate_size: 64\n"
+         "dtype: fp32\nexpert_bias: true\nshared_experts: {count: 2, intermediate_size: 48, gate: true}\n",
+         "gemm=outer,tile_cols=6,tile_rows=4,block_rows=128,block_cols=96", 16},
+        {"name: outer_residual\nsemantics: deepspeed\nnum_experts: 4\nnum_experts_per_tok: 1\nhidden_size: 48\n"
+         "moe_intermediate_size: 80\ndtype: fp32\nactivation: gelu\nuse_residual: true\n",
+         "gemm=outer,tile_cols=5,tile_rows=2,block_rows=32,block_cols=5", 16},
+        {"name: outer_avx2\nnum_experts: 4\nnum_experts_per_tok: 2\nhidden_size: 64\nmoe_intermediate_size: 32\n"
+         "dtype: fp32\n",
+         "gemm=outer,vector_floats=8,tile_cols=4,tile_rows=2,block_rows=16,block_cols=8", 8},
+        {"name: outer_plain\nnum_experts: 4\nnum_experts_per_tok: 2\nhidden_size: 64\nmoe_intermediate_size: 32\n"
+         "dtype: fp32\nactivation: relu\n",
+         "gemm=outer,vector_floats=4,tile_cols=3,tile_rows=3,block_rows=24,block_cols=9", 4},
+    };
+    for (size_t i = 0; i < sizeof FITS / sizeof FITS[0]; i++) {
+        moegen_spec spec;
+        parse_spec(FITS[i].yaml, &spec);
+        const moegen_target target = {.cpu_vector_floats = FITS[i].width};
+        moegen_variant variant;
+        moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, &target, &variant);
+        moegen_error err;
+        assert_int_equal(moegen_variant_apply_overrides(&variant, FITS[i].variant, &err), MOEGEN_OK);
+        if (moegen_variant_check(&spec, &variant, &err) != MOEGEN_OK) fail_msg("%s: %s", FITS[i].variant, err.message);
+        moegen_generated gen;
+        if (moegen_generate(&spec, &variant, NULL, &gen, &err) != MOEGEN_OK) fail_msg("%s", err.message);
+        assert_non_null(strstr(gen.files[gen.main_file].text, "_run_outer("));
+        compile_strictly(&gen, isa_flags(FITS[i].width), FITS[i].yaml);
+        moegen_generated_free(&gen);
+        moegen_spec_free(&spec);
+    }
+    static const struct {
+        const char *yaml, *variant, *message;
+    } REFUSED[] = {
+        {"dtype: bf16\n", "gemm=outer", "needs an fp32 layer"},
+        {"dtype: fp32\n", "gemm=outer,tile_cols=8,tile_rows=4,block_rows=64", "needs 37 vector registers"},
+        {"dtype: fp32\n", "gemm=outer,tile_cols=4,tile_rows=4,block_rows=96", "multiple of tile_rows x vector_floats"},
+        {"dtype: fp32\n", "gemm=outer,tile_cols=18,tile_rows=1,block_rows=16,block_cols=18", "1..16"},
+        {"dtype: fp32\n", "gemm=outer,tile_cols=5,tile_rows=2,block_rows=32,block_cols=5", "even"},
+        {"dtype: fp32\nactivation: relu\n", "gemm=outer,tile_cols=5,tile_rows=2,block_rows=32,block_cols=5", NULL},
+    };
+    for (size_t i = 0; i < sizeof REFUSED / sizeof REFUSED[0]; i++) {
+        char yaml[512];
+        snprintf(yaml, sizeof yaml, "name: outer_refused\nnum_experts: 4\nnum_experts_per_tok: 2\nhidden_size: 64\n"
+                 "moe_intermediate_size: 32\n%s", REFUSED[i].yaml);
+        moegen_spec spec;
+        parse_spec(yaml, &spec);
+        const moegen_target target = {.cpu_vector_floats = 16};
+        moegen_variant variant;
+        moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, &target, &variant);
+        moegen_error err;
+        assert_int_equal(moegen_variant_apply_overrides(&variant, REFUSED[i].variant, &err), MOEGEN_OK);
+        const moegen_status st = moegen_variant_check(&spec, &variant, &err);
+        if (REFUSED[i].message) { /* refused, saying why */
+            assert_int_equal(st, MOEGEN_ERR_INVALID_ARGUMENT);
+            if (!strstr(err.message, REFUSED[i].message))
+                fail_msg("%s: '%s' does not say '%s'", REFUSED[i].variant, err.message, REFUSED[i].message);
+        } else { /* the control: the same tile without a gated activation is fine */
+            assert_int_equal(st, MOEGEN_OK);
+        }
+        moegen_spec_free(&spec);
+    }
 }
 
 /* The vdpbf16ps kernels compile without warnings, for every row count of a tile. */
@@ -482,6 +553,7 @@ int main(void) {
         cmocka_unit_test(variant_overrides_set_named_fields_and_refuse_bad_items),
         cmocka_unit_test(bf16_dot_variant_compiles_without_warnings),
         cmocka_unit_test(amx_variant_is_chosen_where_it_fits_and_compiles_without_warnings),
+        cmocka_unit_test(outer_variant_compiles_without_warnings_and_refuses_what_it_cannot_run),
         cmocka_unit_test(template_errors_surface_with_the_template_line),
         cmocka_unit_test(compiler_errors_are_traced_back_to_the_template_line),
         cmocka_unit_test(write_skips_unchanged_files),

@@ -39,10 +39,13 @@ typedef struct forward_case {
     moe_data_pattern data;
     int64_t tokens[6];
     int n_tokens;
+    const char *variant; /* kernel variant overrides, or NULL for the default */
 } forward_case;
 
-#define TOKENS_DEFAULT {0, 1, 2, 33, 300}, 5
-#define TOKENS_LARGE {1, 17, 2049}, 3
+#define TOKENS_DEFAULT {0, 1, 2, 33, 300}, 5, NULL /* the default variant */
+#define TOKENS_LARGE {1, 17, 2049}, 3, NULL
+#define TOKENS_DEFAULT_WITH(variant) {0, 1, 2, 33, 300}, 5, variant
+#define TOKENS_LARGE_WITH(variant) {1, 17, 2049}, 3, variant
 
 static const char *BASE = "num_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\n"
                           "moe_intermediate_size: 32\n";
@@ -110,7 +113,7 @@ static const forward_case CASES[] = {
                                        "  renormalize: true\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
     /* the DeepSpeed formula with k = 3: f32(k * cf) rounded once gives C = 99 (not 100) */
     {"deepspeed_k3_cf055_480_tokens", "semantics: deepspeed\nnum_experts_per_tok: 3\n"
-                                      "capacity:\n  eval_capacity_factor: 0.55\n", MOE_DATA_HOT_EXPERT, {480, 479}, 2},
+                                      "capacity:\n  eval_capacity_factor: 0.55\n", MOE_DATA_HOT_EXPERT, {480, 479}, 2, NULL},
     {"dropless_renormalize", "capacity:\n  mode: dropless\n  renormalize: true\n", MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT},
 
     /* ---- activations, dtypes, biases ---- */
@@ -156,6 +159,23 @@ static const forward_case CASES[] = {
                                  "  norm_topk_prob: true\n", MOE_DATA_NONFINITE, TOKENS_DEFAULT},
     {"identity_experts", "activation: relu\ndtype: fp32\nhidden_size: 32\nmoe_intermediate_size: 64\n"
                          "router:\n  norm_topk_prob: true\n", MOE_DATA_IDENTITY, TOKENS_DEFAULT},
+
+    /* ---- fp32 outer-product GEMMs (gemm=outer): short row and column tiles, every vector
+     * width, gated and not, biases, shared experts, the residual MLP, weight on input ---- */
+    {"outer_swiglu_bias_6x4", "activation: swiglu\ndtype: fp32\nexpert_bias: true\n", MOE_DATA_RANDOM, 
+     TOKENS_DEFAULT_WITH("gemm=outer,tile_cols=6,tile_rows=4,block_rows=128,block_cols=30")},
+    {"outer_gelu_odd_tile_5x3", "num_experts: 7\nnum_experts_per_tok: 3\nhidden_size: 48\nmoe_intermediate_size: 80\n"
+                                "activation: gelu\ndtype: fp32\n", MOE_DATA_RANDOM, 
+     TOKENS_LARGE_WITH("gemm=outer,tile_cols=5,tile_rows=3,block_rows=48,block_cols=15")},
+    {"outer_shared_residual_v8", "semantics: deepspeed\nnum_experts_per_tok: 1\nuse_residual: true\nactivation: relu\n"
+                                 "dtype: fp32\nshared_experts:\n  count: 2\n  intermediate_size: 48\n  gate: true\n",
+     MOE_DATA_HOT_EXPERT, TOKENS_DEFAULT_WITH("gemm=outer,vector_floats=8,tile_cols=2,tile_rows=3,block_rows=24,block_cols=6")},
+    {"outer_weight_on_input_v4", "num_experts_per_tok: 1\nweight_on_input: true\ndtype: fp32\n"
+                                 "router:\n  score_function: sigmoid\n", MOE_DATA_RANDOM, 
+     TOKENS_DEFAULT_WITH("gemm=outer,vector_floats=4,tile_cols=4,tile_rows=3,block_rows=12,block_cols=8")},
+    {"outer_capacity_drops_16x1", "dtype: fp32\nactivation: silu\ncapacity:\n  mode: factor\n  capacity_factor: 0.5\n"
+                                  "  priority: probs\n", MOE_DATA_HOT_EXPERT, 
+     TOKENS_DEFAULT_WITH("gemm=outer,tile_cols=16,tile_rows=1,block_rows=16,block_cols=16")},
 };
 
 /* Compose the YAML of a case: BASE, then the case's lines (later keys of the same
@@ -370,6 +390,7 @@ static void test_case(void **state) {
     moegen_open_options_init(&options);
     options.device = on_gpu() ? MOEGEN_DEVICE_CUDA : MOEGEN_DEVICE_CPU;
     options.n_threads = 2;
+    if (c->variant && !on_gpu()) options.variant = c->variant; /* CPU variants */
     moegen_layer *layer = NULL;
     if (moegen_layer_open_string(yaml, strlen(yaml), c->name, &options, &layer, &err) != MOEGEN_OK)
         fail_msg("open: %s", err.message);
@@ -445,13 +466,9 @@ static void test_case_or_skip(void **state) {
     test_case(state);
 }
 
-/* Same inputs, two runs, 1 and 2 threads: bitwise identical outputs. */
-static void forward_is_bitwise_reproducible_across_runs_and_thread_counts(void **state) {
-    (void)state;
-    if (on_gpu() && !gpu_usable()) skip(); /* before anything is allocated */
-    const char *yaml = "name: determinism\nnum_experts: 16\nnum_experts_per_tok: 4\nhidden_size: 64\n"
-                       "moe_intermediate_size: 48\nshared_experts:\n  count: 1\n  intermediate_size: 32\n"
-                       "capacity:\n  mode: factor\n  priority: random\n";
+/* One run of `yaml` per variants[r] (NULL: the default) and threads[r] on the same
+ * inputs: bitwise identical outputs. */
+static void check_bitwise_equal_runs(const char *yaml, const char *const *variants, const int *threads, int n_runs) {
     moegen_spec spec;
     moegen_error err;
     assert_int_equal(moegen_spec_parse(yaml, strlen(yaml), "determinism", &spec, &err), MOEGEN_OK);
@@ -459,12 +476,14 @@ static void forward_is_bitwise_reproducible_across_runs_and_thread_counts(void *
     moe_tensors ts;
     assert_int_equal(moe_tensors_alloc(&spec, S, &ts), 0);
     moe_tensors_fill(&ts, 42);
-    kernel_outputs runs[3];
-    for (int r = 0; r < 3; r++) {
+    kernel_outputs runs[8];
+    assert_true(n_runs <= 8);
+    for (int r = 0; r < n_runs; r++) {
         moegen_open_options options;
         moegen_open_options_init(&options);
         options.device = on_gpu() ? MOEGEN_DEVICE_CUDA : MOEGEN_DEVICE_CPU;
-        options.n_threads = r == 2 ? 1 : 2;
+        options.n_threads = threads[r];
+        options.variant = variants[r];
         moegen_layer *layer;
         if (moegen_layer_open_string(yaml, strlen(yaml), NULL, &options, &layer, &err) != MOEGEN_OK)
             fail_msg("open: %s", err.message);
@@ -483,16 +502,46 @@ static void forward_is_bitwise_reproducible_across_runs_and_thread_counts(void *
         moegen_layer_close(layer);
     }
     const size_t y_bytes = (size_t)S * spec.hidden_size * moegen_dtype_size(spec.dtype);
-    for (int r = 1; r < 3; r++) {
+    for (int r = 1; r < n_runs; r++) {
         assert_memory_equal(runs[0].y, runs[r].y, y_bytes);
         assert_memory_equal(runs[0].ids, runs[r].ids, (size_t)S * spec.top_k * sizeof(int32_t));
         assert_memory_equal(runs[0].topk_weights, runs[r].topk_weights, (size_t)S * spec.top_k * sizeof(float));
         assert_true(runs[0].stats.aux_loss == runs[r].stats.aux_loss);
         assert_true(runs[0].stats.z_loss == runs[r].stats.z_loss);
     }
-    for (int r = 0; r < 3; r++) outputs_free(&runs[r]);
+    for (int r = 0; r < n_runs; r++) outputs_free(&runs[r]);
     moe_tensors_free(&ts);
     moegen_spec_free(&spec);
+}
+
+/* Same inputs, three runs, 2, 2 and 1 threads: bitwise identical outputs. */
+static void forward_is_bitwise_reproducible_across_runs_and_thread_counts(void **state) {
+    (void)state;
+    if (on_gpu() && !gpu_usable()) skip(); /* before anything is allocated */
+    const char *yaml = "name: determinism\nnum_experts: 16\nnum_experts_per_tok: 4\nhidden_size: 64\n"
+                       "moe_intermediate_size: 48\nshared_experts:\n  count: 1\n  intermediate_size: 32\n"
+                       "capacity:\n  mode: factor\n  priority: random\n";
+    const char *variants[] = {NULL, NULL, NULL};
+    const int threads[] = {2, 2, 1};
+    check_bitwise_equal_runs(yaml, variants, threads, 3);
+}
+
+/* gemm=outer: every output is one k-ascending chain in one vector lane, so the micro-kernel
+ * tile, the task blocking and the thread count leave the bits unchanged. */
+static void outer_products_give_the_same_bits_for_every_tile_blocking_and_thread_count(void **state) {
+    (void)state;
+    if (on_gpu()) skip(); /* a CPU variant */
+    const char *yaml = "name: outer_bits\nnum_experts: 16\nnum_experts_per_tok: 4\nhidden_size: 64\n"
+                       "moe_intermediate_size: 48\ndtype: fp32\nexpert_bias: true\n"
+                       "shared_experts:\n  count: 1\n  intermediate_size: 32\n";
+    const char *variants[] = {
+        "gemm=outer,tile_cols=6,tile_rows=4,block_rows=64,block_cols=96",
+        "gemm=outer,tile_cols=6,tile_rows=4,block_rows=64,block_cols=96",
+        "gemm=outer,tile_cols=2,tile_rows=1,block_rows=16,block_cols=2",
+        "gemm=outer,tile_cols=10,tile_rows=2,block_rows=160,block_cols=10",
+    };
+    const int threads[] = {2, 1, 2, 1};
+    check_bitwise_equal_runs(yaml, variants, threads, 4);
 }
 
 /* GPU only: a second layer of the same spec in the process reuses the loaded module
@@ -541,12 +590,13 @@ static void two_cuda_layers_of_one_spec_share_the_module(void **state) {
 
 int main(void) {
     enum { N = sizeof CASES / sizeof CASES[0] };
-    struct CMUnitTest tests[N + 2];
+    struct CMUnitTest tests[N + 3];
     for (int i = 0; i < N; i++) {
         tests[i] = (struct CMUnitTest){CASES[i].name, test_case_or_skip, NULL, NULL, (void *)&CASES[i]};
     }
     tests[N] = (struct CMUnitTest)cmocka_unit_test(forward_is_bitwise_reproducible_across_runs_and_thread_counts);
     tests[N + 1] = (struct CMUnitTest)cmocka_unit_test(two_cuda_layers_of_one_spec_share_the_module);
+    tests[N + 2] = (struct CMUnitTest)cmocka_unit_test(outer_products_give_the_same_bits_for_every_tile_blocking_and_thread_count);
     return cmocka_run_group_tests_name(on_gpu() ? "forward matrix (cuda)" : "forward matrix (cpu)", tests,
                                        gpu_setup, NULL);
 }

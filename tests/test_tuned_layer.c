@@ -2,7 +2,8 @@
  * module per token range and picks by the call's token count: its outputs at every count
  * are bitwise those of a layer opened on that range's variant alone, and they verify
  * against the reference. Also: a database whose variant this build refuses is a warning
- * and the default variant, never a failed open. */
+ * and the default variant, never a failed open; and without a database, the default
+ * heuristic's own token ranges work the same way. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -77,19 +78,25 @@ static void write_db(const moegen_spec *spec, const char *bad_variant) {
     if (moegen_tuning_db_write(path, &db, &err) != MOEGEN_OK) fail_msg("%s", err.message);
 }
 
-static moegen_layer *open_layer(const char *variant, moegen_layer_desc *desc) {
+static moegen_layer *open_yaml(const char *yaml, const char *variant, int tuning,
+                               moegen_layer_desc *desc) {
     moegen_open_options o;
     moegen_open_options_init(&o);
     o.device = MOEGEN_DEVICE_CPU;
     o.variant = variant;
+    o.tuning = tuning;
     o.n_threads = 2;
     o.log = count_warning;
     moegen_layer *layer = NULL;
     moegen_error err;
-    if (moegen_layer_open_string(YAML, strlen(YAML), "tuned_layer", &o, &layer, &err) != MOEGEN_OK)
+    if (moegen_layer_open_string(yaml, strlen(yaml), "tuned_layer", &o, &layer, &err) != MOEGEN_OK)
         fail_msg("%s", err.message);
     moegen_layer_describe(layer, desc);
     return layer;
+}
+
+static moegen_layer *open_layer(const char *variant, moegen_layer_desc *desc) {
+    return open_yaml(YAML, variant, MOEGEN_TUNING_AUTO, desc);
 }
 
 static void run(moegen_layer *layer, const moegen_spec *spec, const moe_tensors *ts, int64_t S, moe_outputs *out) {
@@ -163,12 +170,74 @@ static void a_variant_this_build_refuses_is_a_warning_and_the_default(void **sta
     moegen_spec_free(&spec);
 }
 
+/* No database: the default heuristic's own token ranges (moegen_variant_default_ranges).
+ * An fp32 layer on a CPU with 16-float vectors holds the dot-product default for few rows
+ * per expert and outer products from 16 rows per expert on; each count's outputs are
+ * bitwise its range's variant alone, and verify. Elsewhere it is one range. */
+static void the_default_splits_fp32_layers_by_rows_per_expert(void **state) {
+    (void)state;
+    static const char *FP32 = "name: tuned_layer\nnum_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\n"
+                              "moe_intermediate_size: 96\ndtype: fp32\nactivation: swiglu\n";
+    moegen_spec spec;
+    moegen_error err;
+    assert_int_equal(moegen_spec_parse(FP32, strlen(FP32), "tuned_layer", &spec, &err), MOEGEN_OK);
+    moegen_host_compiler cc;
+    assert_int_equal(moegen_host_compiler_probe(&cc, &err), MOEGEN_OK);
+    const moegen_target target = moegen_host_compiler_target(&cc);
+    moegen_variant_range ranges[4];
+    const int n = moegen_variant_default_ranges(&spec, &target, ranges, 4);
+    assert_int_equal(n, target.cpu_vector_floats == 16 ? 2 : 1);
+    moegen_layer_desc desc;
+    moegen_layer *layer = open_yaml(FP32, NULL, MOEGEN_TUNING_AUTO, &desc);
+    assert_int_equal(desc.n_variants, n);
+    assert_non_null(strstr(desc.tuning, "default heuristic"));
+    if (n == 2) {
+        assert_int_equal(ranges[1].min_tokens, 64); /* 16 rows x 8 experts / top-2 */
+        assert_non_null(strstr(desc.tuning, "64-inf gemm=outer"));
+    }
+    moe_tensors ts;
+    assert_int_equal(moe_tensors_alloc(&spec, 150, &ts), 0);
+    moe_tensors_fill(&ts, 11);
+    static const int64_t COUNTS[] = {1, 63, 64, 150};
+    for (size_t c = 0; c < sizeof COUNTS / sizeof COUNTS[0]; c++) {
+        const int64_t S = COUNTS[c];
+        const int r = n == 2 && S >= ranges[1].min_tokens;
+        moegen_layer_desc alone_desc;
+        moegen_layer *alone = open_yaml(FP32, ranges[r].overrides[0] ? ranges[r].overrides : NULL, MOEGEN_TUNING_OFF,
+                                        &alone_desc);
+        assert_int_equal(alone_desc.n_variants, 1);
+        moe_outputs a, b;
+        run(layer, &spec, &ts, S, &a);
+        run(alone, &spec, &ts, S, &b);
+        assert_memory_equal(a.y, b.y, (size_t)S * 64 * sizeof(float));
+        assert_memory_equal(a.ids, b.ids, (size_t)S * 2 * sizeof(int32_t));
+        moegen_kernel_weights kw;
+        moe_tensors_weights(&ts, &kw);
+        const moe_kernel_result result = moe_outputs_result(&a);
+        moe_verify_report report;
+        assert_int_equal(moe_verify(&spec, S, ts.t[MOE_T_X].data, &kw, 0, NULL, &result, &report), 0);
+        if (!report.ok) fail_msg("S = %lld: %s", (long long)S, report.message);
+        print_message("  S = %3lld: %s (%s); %s\n", (long long)S, alone_desc.variant,
+                      ranges[r].overrides[0] ? ranges[r].overrides : "default", report.message);
+        moe_outputs_free(&a);
+        moe_outputs_free(&b);
+        moegen_layer_close(alone);
+    }
+    moe_tensors_free(&ts);
+    moegen_layer_close(layer);
+    /* expert-parallel layers keep one variant for every count */
+    spec.ep_size = 2;
+    assert_int_equal(moegen_variant_default_ranges(&spec, &target, ranges, 4), 1);
+    moegen_spec_free(&spec);
+}
+
 int main(void) {
     if (!mkdtemp(db_dir)) return 1;
     setenv("MOEGEN_TUNING_DIR", db_dir, 1);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(each_token_count_runs_its_ranges_variant_bit_for_bit),
         cmocka_unit_test(a_variant_this_build_refuses_is_a_warning_and_the_default),
+        cmocka_unit_test(the_default_splits_fp32_layers_by_rows_per_expert),
     };
     const int failed = cmocka_run_group_tests(tests, NULL, NULL);
     char cleanup[256];

@@ -13,7 +13,7 @@ typedef struct workspace_layout {
     size_t router_input, logits, route_expert, route_weight, route_valid;
     size_t block_prob_sums, block_counts, block_z_sums;
     size_t counts_before, counts_after, expert_offset, row_token, row_scale, route_row;
-    size_t route_final, scratch, hidden, expert_out, amx_scratch;
+    size_t route_final, scratch, hidden, expert_out, pack_scratch;
     size_t shared_hidden, shared_out, residual_hidden, residual_out;
     size_t summary;
     size_t total;
@@ -46,8 +46,9 @@ static workspace_layout layout_for(int64_t n_tokens) {
     CARVE(scratch, routes * sizeof(struct priority_entry));
     CARVE(hidden, rows * FFN * sizeof(elem_t));
     CARVE(expert_out, rows * HIDDEN * sizeof(float));
-% if variant.cpu.gemm == "amx" then
-    { /* AMX: the x packs and h packs of the largest FFN shape, rows rounded up to 16 (amx.c.tpl) */
+% if moe.packs_rows(variant) then
+    { /* the x packs and h packs of the largest FFN shape, each problem's rows rounded up to
+       * 16 (AMX tiles: amx.c.tpl; token panels of VEC_FLOATS <= 16 rows: outer.c.tpl) */
         size_t most = 0, elems;
 %   for _, shape in ipairs(moe.ffn_shapes(spec)) do
         elems = (0
@@ -63,7 +64,7 @@ static workspace_layout layout_for(int64_t n_tokens) {
                  ) * (size_t)(HIDDEN + ${shape.ffn});
         if (elems > most) most = elems;
 %   end
-        CARVE(amx_scratch, most * sizeof(elem_t));
+        CARVE(pack_scratch, most * sizeof(elem_t));
     }
 % end
 % if spec.shared.count > 0 then
@@ -177,8 +178,8 @@ static void carve_state(const moegen_kernel_args *args, forward_state *st) {
     st->scratch = (struct priority_entry *)(base + layout.scratch);
     st->hidden = (elem_t *)(base + layout.hidden);
     st->expert_out = (float *)(base + layout.expert_out);
-% if variant.cpu.gemm == "amx" then
-    st->amx_scratch = (uint32_t *)(base + layout.amx_scratch);
+% if moe.packs_rows(variant) then
+    st->pack_scratch = base + layout.pack_scratch;
 % end
 % if spec.shared.count > 0 then
     st->shared_hidden = (elem_t *)(base + layout.shared_hidden);

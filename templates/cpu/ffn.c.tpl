@@ -8,7 +8,8 @@
 % local elem = moe.elem_type(spec.dtype)
 % local gated = spec.gated
 % local hcols = gated and "(TILE_COLS / 2)" or "TILE_COLS"
-% local amx_arg = variant.cpu.gemm == "amx" and ", st->amx_scratch" or ""
+% local gemm = variant.cpu.gemm
+% local pack_arg = moe.packs_rows(variant) and ", st->pack_scratch" or ""
 /* ---- Stage 3: expert FFNs ------------------------------------------------------------ */
 
 /* One expert applied to n_rows rows. Row r reads row row_token[r] of x (a zero row
@@ -23,8 +24,10 @@ typedef struct ffn_problem {
     elem_t *hidden;         /* [n_rows][ffn] */
     float *out;             /* [n_rows][HIDDEN] */
     float *pre;             /* [n_rows][ffn_rows] the pre-activations, kept for the backward; or NULL */
-% if variant.cpu.gemm == "amx" then
+% if gemm == "amx" then
     uint32_t *xpack, *hpack; /* the rows' inputs and activations as AMX tiles (amx.c.tpl) */
+% elseif gemm == "outer" then
+    float *xpack, *hpack;    /* the rows' inputs and activations as token panels (outer.c.tpl) */
 % end
 } ffn_problem;
 
@@ -45,9 +48,12 @@ static int problem_of_task(const int64_t *task_start, int n_problems, int64_t ta
     }
     return low;
 }
-% if variant.cpu.gemm == "amx" then
+% if gemm == "amx" then
 
 % include("templates/cpu/amx.c.tpl")
+% elseif gemm == "outer" then
+
+% include("templates/cpu/outer.c.tpl")
 % end
 % for _, shape in ipairs(moe.ffn_shapes(spec)) do
 %   local n = shape.name
@@ -63,11 +69,14 @@ static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, ${F});
     for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
+        /* a tile wider than what is left (gemm=outer's tiles need not divide F; this GEMM1
+         * recomputes its activations for the backward) repeats its last row */
+        const int cols = (int)min_i64(TILE_HIDDEN_COLS, col_end - f);
         const elem_t *b[TILE_COLS];
         for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
-            b[j] = p->w1 + (f + j) * HIDDEN;
+            b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
 %   if gated then
-            b[TILE_HIDDEN_COLS + j] = p->w1 + (${F} + f + j) * HIDDEN; /* up row */
+            b[TILE_HIDDEN_COLS + j] = p->w1 + (${F} + f + (j < cols ? j : cols - 1)) * HIDDEN; /* up row */
 %   end
         }
         /* the tile's weight rows stay in L1 while the block's rows stream past them */
@@ -83,7 +92,7 @@ static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
             ${dot1}(rows, a, b, acc);
             for (int i = 0; i < rows; i++) {
                 const float scale = p->row_scale ? p->row_scale[r + i] : 1.0f;
-                for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
+                for (int j = 0; j < cols; j++) {
                     float gate = scale * acc[i][j];
 %   if gated then
                     float up = scale * acc[i][TILE_HIDDEN_COLS + j];
@@ -111,13 +120,20 @@ static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     }
 }
 
+%   if gemm == "outer" then
+/* GEMM2 for rows [row0, row0 + BLOCK_ROWS) and output columns [col0, col0 + BLOCK_COLS).
+ * Unused with gemm=outer (its GEMM2 is ${n}_outer_gemm2_task); GEMM1 stays for the backward. */
+static __attribute__((unused)) void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
+%   else
 /* GEMM2 for rows [row0, row0 + BLOCK_ROWS) and output columns [col0, col0 + BLOCK_COLS). */
 static void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
+%   end
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
     for (int64_t c = col0; c < col_end; c += TILE_COLS) {
+        const int cols = (int)min_i64(TILE_COLS, col_end - c); /* as in GEMM1 */
         const elem_t *b[TILE_COLS];
-        for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + j) * ${F};
+        for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + (j < cols ? j : cols - 1)) * ${F};
         for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
             const int rows = (int)min_i64(TILE_ROWS, row_end - r);
             const elem_t *a[TILE_ROWS];
@@ -125,13 +141,20 @@ static void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
             float acc[TILE_ROWS][TILE_COLS];
             ${dot2}(rows, a, b, acc);
             for (int i = 0; i < rows; i++)
-                for (int j = 0; j < TILE_COLS; j++)
+                for (int j = 0; j < cols; j++)
                     p->out[(r + i) * HIDDEN + c + j] = acc[i][j] + (p->b2 ? elem_to_float(p->b2[c + j]) : 0.0f);
         }
     }
 }
 
-%   if variant.cpu.gemm == "amx" then
+%   if gemm == "outer" then
+/* Run every problem of shape ${n} on outer products (`scratch` holds their token panels). */
+static void ${n}_run(const ffn_problem *problems, int n_problems, int n_threads, float *scratch) {
+    if (n_problems == 0) return;
+    ${n}_run_outer(problems, n_problems, n_threads, scratch);
+}
+%   else
+%   if gemm == "amx" then
 /* Run every problem of shape ${n}: on AMX tiles where the process may use them (`scratch`
  * holds their packs), else all GEMM1 tasks, a barrier, all GEMM2 tasks. */
 static void ${n}_run(const ffn_problem *problems, int n_problems, int n_threads, uint32_t *scratch) {
@@ -177,6 +200,7 @@ static void ${n}_run(const ffn_problem *problems, int n_problems, int n_threads)
         }
     }
 }
+%   end
 % end
 
 /* Stage 3 entry: build the problem lists and run each FFN shape. `routed`: the routed
@@ -251,7 +275,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->pre = st->keep_shared ? st->keep_shared + (int64_t)i * st->n_tokens * ${rows} : NULL;
     }
 %   end
-    ${shape.name}_run(problems, n_problems, n_threads${amx_arg});
+    ${shape.name}_run(problems, n_problems, n_threads${pack_arg});
 % end
 }
 
@@ -277,10 +301,10 @@ static int run_routed_rows(const moegen_kernel_expert_args *a) {
         p->out = a->out + first_row * HIDDEN;
         p->pre = NULL;
     }
-% if variant.cpu.gemm == "amx" then
-    /* a->hidden: MOEGEN_KERNEL_EXPERT_SCRATCH_ELEMS elements, room for the AMX packs */
+% if moe.packs_rows(variant) then
+    /* a->hidden: MOEGEN_KERNEL_EXPERT_SCRATCH_ELEMS elements, room for the packed rows */
     ${moe.shape_name(spec.ffn_size)}_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1,
-                                       (uint32_t *)a->hidden);
+                                       a->hidden);
 % else
     ${moe.shape_name(spec.ffn_size)}_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1);
 % end

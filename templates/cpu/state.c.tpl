@@ -41,8 +41,8 @@ typedef struct forward_state {
     /* Stage 3, experts */
     elem_t *hidden;                   /* [rows][FFN] activations, rounded to the layer dtype */
     float *expert_out;                /* [rows][HIDDEN] */
-% if variant.cpu.gemm == "amx" then
-    uint32_t *amx_scratch;            /* the AMX tiles' packs (amx.c.tpl) */
+% if moe.packs_rows(variant) then
+    void *pack_scratch;               /* the packed token rows (amx.c.tpl, outer.c.tpl) */
 % end
 % if spec.shared.count > 0 then
     elem_t *shared_hidden;            /* [SHARED_EXPERTS][S][SHARED_FFN] */

@@ -47,6 +47,12 @@ end
 
 -- The distinct dot-product kernels (A storage, B storage, K) a layer needs,
 -- deduplicated and sorted so the output is deterministic.
+-- Whether the variant's expert GEMMs pack each problem's token rows into a scratch buffer
+-- (rows rounded up to 16: MOEGEN_KERNEL_EXPERT_SCRATCH_ELEMS): AMX tiles and outer products.
+function M.packs_rows(variant)
+  return variant.cpu.gemm == "amx" or variant.cpu.gemm == "outer"
+end
+
 function M.dot_kernels(spec)
   local elem = M.elem_type(spec.dtype)
   local list, seen = {}, {}

@@ -15,38 +15,43 @@
 #define BASE "num_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\nmoe_intermediate_size: 32\n"
 
 const ep_case EP_CASES[] = {
-    {"ep_dropless_k2", BASE "dtype: fp32\n", {40, 23, 0, 57}, MOE_DATA_RANDOM},
-    {"ep_bf16_k2_hot_expert", BASE, {64, 64, 64, 64}, MOE_DATA_HOT_EXPERT},
+    {"ep_dropless_k2", BASE "dtype: fp32\n", {40, 23, 0, 57}, MOE_DATA_RANDOM, NULL},
+    {"ep_bf16_k2_hot_expert", BASE, {64, 64, 64, 64}, MOE_DATA_HOT_EXPERT, NULL},
     {"ep_k4_e16_uneven", "num_experts: 16\nnum_experts_per_tok: 4\nhidden_size: 48\nmoe_intermediate_size: 80\n",
-     {100, 1, 33, 0}, MOE_DATA_RANDOM},
+     {100, 1, 33, 0}, MOE_DATA_RANDOM, NULL},
     {"ep_megatron_capacity_drops", BASE "capacity:\n  mode: factor\n  capacity_factor: 0.5\n  priority: probs\n",
-     {96, 40, 17, 128}, MOE_DATA_HOT_EXPERT},
+     {96, 40, 17, 128}, MOE_DATA_HOT_EXPERT, NULL},
     {"ep_deepspeed_top2_capacity", "semantics: deepspeed\n" BASE "capacity:\n  capacity_factor: 1.0\n",
-     {80, 0, 45, 31}, MOE_DATA_HOT_EXPERT},
+     {80, 0, 45, 31}, MOE_DATA_HOT_EXPERT, NULL},
     {"ep_fixed_capacity_pad_renorm", BASE "capacity:\n  mode: fixed\n  expert_capacity: 5\n  pad_to_capacity: true\n"
-                                     "  renormalize: true\n", {50, 12, 0, 77}, MOE_DATA_RANDOM},
+                                     "  renormalize: true\n", {50, 12, 0, 77}, MOE_DATA_RANDOM, NULL},
     {"ep_random_priority_k3", "num_experts: 12\nnum_experts_per_tok: 3\nhidden_size: 32\nmoe_intermediate_size: 48\n"
                               "capacity:\n  mode: factor\n  capacity_factor: 0.75\n  priority: random\n",
-     {70, 9, 30, 2}, MOE_DATA_HOT_EXPERT},
+     {70, 9, 30, 2}, MOE_DATA_HOT_EXPERT, NULL},
     {"ep_shared_experts_gated", BASE "shared_experts:\n  count: 2\n  intermediate_size: 48\n  gate: true\n",
-     {33, 66, 5, 0}, MOE_DATA_RANDOM},
+     {33, 66, 5, 0}, MOE_DATA_RANDOM, NULL},
     {"ep_residual_deepspeed_top1", "semantics: deepspeed\nnum_experts: 8\nnum_experts_per_tok: 1\nhidden_size: 64\n"
                                    "moe_intermediate_size: 32\nuse_residual: true\nactivation: gelu\n",
-     {48, 7, 0, 19}, MOE_DATA_HOT_EXPERT},
+     {48, 7, 0, 19}, MOE_DATA_HOT_EXPERT, NULL},
     {"ep_weight_on_input_sigmoid", "num_experts: 8\nnum_experts_per_tok: 1\nhidden_size: 64\n"
                                    "moe_intermediate_size: 32\nweight_on_input: true\nexpert_bias: true\n"
-                                   "router:\n  score_function: sigmoid\n", {25, 50, 75, 3}, MOE_DATA_RANDOM},
+                                   "router:\n  score_function: sigmoid\n", {25, 50, 75, 3}, MOE_DATA_RANDOM, NULL},
     {"ep_groups_sigmoid_bias", "num_experts: 16\nnum_experts_per_tok: 4\nhidden_size: 64\nmoe_intermediate_size: 32\n"
                                "router:\n  score_function: sigmoid\n  score_bias: true\n  norm_topk_prob: true\n"
                                "  n_group: 4\n  topk_group: 2\n  routed_scaling_factor: 2.5\n",
-     {60, 30, 90, 1}, MOE_DATA_TIES},
+     {60, 30, 90, 1}, MOE_DATA_TIES, NULL},
     {"ep_train_jitter_fp16", BASE "dtype: fp16\nmode: train\nrouter:\n  input_jitter: 0.01\n  seed: 9\n",
-     {32, 16, 8, 4}, MOE_DATA_RANDOM},
-    {"ep_no_tokens_anywhere", BASE, {0, 0, 0, 0}, MOE_DATA_RANDOM},
+     {32, 16, 8, 4}, MOE_DATA_RANDOM, NULL},
+    {"ep_no_tokens_anywhere", BASE, {0, 0, 0, 0}, MOE_DATA_RANDOM, NULL},
+    /* outer products: an expert's rows differ between the two sides (every rank's rows
+     * against this rank's), and each output is still one chain per lane */
+    {"ep_fp32_outer_swiglu_bias", "num_experts: 8\nnum_experts_per_tok: 3\nhidden_size: 64\nmoe_intermediate_size: 48\n"
+                                  "dtype: fp32\nexpert_bias: true\nactivation: swiglu\n",
+     {70, 19, 0, 41}, MOE_DATA_RANDOM, "gemm=outer,tile_cols=6,tile_rows=2,block_rows=32,block_cols=12"},
 };
 const int EP_CASE_COUNT = (int)(sizeof EP_CASES / sizeof EP_CASES[0]);
 
-static int run_layer(const char *yaml, const char *name, moegen_comm *comm, const moegen_weights *w,
+static int run_layer(const char *yaml, const char *name, const char *variant, moegen_comm *comm, const moegen_weights *w,
                      const moe_tensors *ts, uint64_t rng_offset, moe_outputs *o, moegen_layer_desc *desc, char *why,
                      size_t why_size) {
     moegen_open_options options;
@@ -54,6 +59,7 @@ static int run_layer(const char *yaml, const char *name, moegen_comm *comm, cons
     options.device = MOEGEN_DEVICE_CPU;
     options.n_threads = 2;
     options.tuning = MOEGEN_TUNING_OFF; /* the contract compares one variant on both sides */
+    options.variant = variant;
     options.comm = comm;
     moegen_layer *layer = NULL;
     moegen_error err;
@@ -271,8 +277,8 @@ int ep_check_case(const ep_case *c, moegen_comm *comm, char *why, size_t why_siz
     moe_tensors_bind_weights(&spec, &ts, first, &local_w);
     moe_tensors_bind_weights(&spec, &ts, 0, &all_w);
     const uint64_t rng_offset = 17;
-    if (run_layer(yaml_ep, name_ep, comm, &local_w, &ts, rng_offset, &a, &desc_ep, why, why_size) != 0) goto done;
-    if (run_layer(yaml_one, name_one, NULL, &all_w, &ts, rng_offset, &b, &desc_one, why, why_size) != 0) goto done;
+    if (run_layer(yaml_ep, name_ep, c->variant, comm, &local_w, &ts, rng_offset, &a, &desc_ep, why, why_size) != 0) goto done;
+    if (run_layer(yaml_one, name_one, c->variant, NULL, &all_w, &ts, rng_offset, &b, &desc_one, why, why_size) != 0) goto done;
     if (desc_ep.rank != rank || desc_ep.ep_size != ranks || desc_ep.first_expert != first ||
         desc_ep.n_local_experts != local) {
         snprintf(why, why_size, "describe: rank %d of %d, experts %d+%d; expected %d of %d, %d+%d", desc_ep.rank,

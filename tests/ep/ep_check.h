@@ -21,6 +21,7 @@ typedef struct ep_case {
     const char *yaml;             /* the spec body, without name and ep_size lines */
     int64_t tokens[4];            /* per rank (ranks beyond 4 reuse tokens[r % 4]) */
     moe_data_pattern pattern;
+    const char *variant;          /* kernel variant overrides for both sides, or NULL */
 } ep_case;
 
 /* Run `c` on this rank (rank and size from `comm`): open the ep_size = size layer with

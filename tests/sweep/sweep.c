@@ -118,11 +118,11 @@ static void plan_case(moe_choices *c, const moegen_spec *spec, int backward, cas
     /* Half the cases run a random valid kernel variant instead of the default one: every
      * row tile (and so every short-tile kernel), column tile, blocking, vector width, and
      * for bf16 vdpbf16ps or AMX tiles (where the CPU lacks them the module falls back to
-     * widen + FMA). */
+     * widen + FMA), and for fp32 outer products. */
     plan->variant[0] = '\0';
     if (moe_choose(c, 2)) {
         static const int COLS[] = {1, 2, 4, 8}, WIDTHS[] = {4, 8, 16};
-        const int rows = 1 + (int)moe_choose(c, 8);
+        int rows = 1 + (int)moe_choose(c, 8);
         int cols = COLS[moe_choose(c, 4)];
         if (cols == 1 && moegen_activation_is_gated(spec->activation)) cols = 2;
         const int width = WIDTHS[moe_choose(c, 3)];
@@ -139,6 +139,20 @@ static void plan_case(moe_choices *c, const moegen_spec *spec, int backward, cas
                 block_rows = 16 * rows * (1 + (int)moe_choose(c, 4)); /* a multiple of tile_rows too */
                 block_cols = 16 * (1 + (int)moe_choose(c, 8));
             }
+        }
+        if (spec->dtype == MOEGEN_DTYPE_FP32 && moe_choose(c, 2)) {
+            /* outer products: any tile that fits the register file, rows in whole token vectors */
+            gemm = "outer";
+            const int registers = width == 16 ? 32 : 16;
+            do {
+                cols = 1 + (int)moe_choose(c, 16);
+                if (moegen_activation_is_gated(spec->activation) && cols % 2) cols = cols == 16 ? 16 : cols + 1;
+            } while (cols + 2 > registers);
+            int vectors = 1 + (int)moe_choose(c, 8);
+            while (cols * vectors + vectors + 1 > registers) vectors--;
+            rows = vectors;
+            block_rows = vectors * width * (1 + (int)moe_choose(c, 4));
+            block_cols = cols * (1 + (int)moe_choose(c, 16));
         }
         snprintf(plan->variant, sizeof plan->variant,
                  "tile_rows=%d,tile_cols=%d,block_rows=%d,block_cols=%d,router_block=%d,vector_floats=%d,gemm=%s", rows,

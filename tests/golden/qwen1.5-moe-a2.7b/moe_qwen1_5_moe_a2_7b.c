@@ -1040,10 +1040,13 @@ static void f1408_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, 1408);
     for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
+        /* a tile wider than what is left (gemm=outer's tiles need not divide F; this GEMM1
+         * recomputes its activations for the backward) repeats its last row */
+        const int cols = (int)min_i64(TILE_HIDDEN_COLS, col_end - f);
         const elem_t *b[TILE_COLS];
         for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
-            b[j] = p->w1 + (f + j) * HIDDEN;
-            b[TILE_HIDDEN_COLS + j] = p->w1 + (1408 + f + j) * HIDDEN; /* up row */
+            b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
+            b[TILE_HIDDEN_COLS + j] = p->w1 + (1408 + f + (j < cols ? j : cols - 1)) * HIDDEN; /* up row */
         }
         /* the tile's weight rows stay in L1 while the block's rows stream past them */
         for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
@@ -1058,7 +1061,7 @@ static void f1408_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
             dot_tile_u16_u16_k2048(rows, a, b, acc);
             for (int i = 0; i < rows; i++) {
                 const float scale = p->row_scale ? p->row_scale[r + i] : 1.0f;
-                for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
+                for (int j = 0; j < cols; j++) {
                     float gate = scale * acc[i][j];
                     float up = scale * acc[i][TILE_HIDDEN_COLS + j];
                     if (p->b1) {
@@ -1081,8 +1084,9 @@ static void f1408_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
     for (int64_t c = col0; c < col_end; c += TILE_COLS) {
+        const int cols = (int)min_i64(TILE_COLS, col_end - c); /* as in GEMM1 */
         const elem_t *b[TILE_COLS];
-        for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + j) * 1408;
+        for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + (j < cols ? j : cols - 1)) * 1408;
         for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
             const int rows = (int)min_i64(TILE_ROWS, row_end - r);
             const elem_t *a[TILE_ROWS];
@@ -1090,7 +1094,7 @@ static void f1408_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
             float acc[TILE_ROWS][TILE_COLS];
             dot_tile_u16_u16_k1408(rows, a, b, acc);
             for (int i = 0; i < rows; i++)
-                for (int j = 0; j < TILE_COLS; j++)
+                for (int j = 0; j < cols; j++)
                     p->out[(r + i) * HIDDEN + c + j] = acc[i][j] + (p->b2 ? elem_to_float(p->b2[c + j]) : 0.0f);
         }
     }
@@ -1136,10 +1140,13 @@ static void f5632_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, 5632);
     for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
+        /* a tile wider than what is left (gemm=outer's tiles need not divide F; this GEMM1
+         * recomputes its activations for the backward) repeats its last row */
+        const int cols = (int)min_i64(TILE_HIDDEN_COLS, col_end - f);
         const elem_t *b[TILE_COLS];
         for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
-            b[j] = p->w1 + (f + j) * HIDDEN;
-            b[TILE_HIDDEN_COLS + j] = p->w1 + (5632 + f + j) * HIDDEN; /* up row */
+            b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
+            b[TILE_HIDDEN_COLS + j] = p->w1 + (5632 + f + (j < cols ? j : cols - 1)) * HIDDEN; /* up row */
         }
         /* the tile's weight rows stay in L1 while the block's rows stream past them */
         for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
@@ -1154,7 +1161,7 @@ static void f5632_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
             dot_tile_u16_u16_k2048(rows, a, b, acc);
             for (int i = 0; i < rows; i++) {
                 const float scale = p->row_scale ? p->row_scale[r + i] : 1.0f;
-                for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
+                for (int j = 0; j < cols; j++) {
                     float gate = scale * acc[i][j];
                     float up = scale * acc[i][TILE_HIDDEN_COLS + j];
                     if (p->b1) {
@@ -1177,8 +1184,9 @@ static void f5632_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
     for (int64_t c = col0; c < col_end; c += TILE_COLS) {
+        const int cols = (int)min_i64(TILE_COLS, col_end - c); /* as in GEMM1 */
         const elem_t *b[TILE_COLS];
-        for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + j) * 5632;
+        for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + (j < cols ? j : cols - 1)) * 5632;
         for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
             const int rows = (int)min_i64(TILE_ROWS, row_end - r);
             const elem_t *a[TILE_ROWS];
@@ -1186,7 +1194,7 @@ static void f5632_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
             float acc[TILE_ROWS][TILE_COLS];
             dot_tile_u16_u16_k5632(rows, a, b, acc);
             for (int i = 0; i < rows; i++)
-                for (int j = 0; j < TILE_COLS; j++)
+                for (int j = 0; j < cols; j++)
                     p->out[(r + i) * HIDDEN + c + j] = acc[i][j] + (p->b2 ? elem_to_float(p->b2[c + j]) : 0.0f);
         }
     }
@@ -1346,7 +1354,7 @@ typedef struct workspace_layout {
     size_t router_input, logits, route_expert, route_weight, route_valid;
     size_t block_prob_sums, block_counts, block_z_sums;
     size_t counts_before, counts_after, expert_offset, row_token, row_scale, route_row;
-    size_t route_final, scratch, hidden, expert_out, amx_scratch;
+    size_t route_final, scratch, hidden, expert_out, pack_scratch;
     size_t shared_hidden, shared_out, residual_hidden, residual_out;
     size_t summary;
     size_t total;
@@ -1390,10 +1398,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_qwen1_5_moe_a2_7b.h). */
-const char moe_qwen1_5_moe_a2_7b_build_b151d327e989b5dd[] = "b151d327e989b5dd";
+const char moe_qwen1_5_moe_a2_7b_build_c64e244faf173330[] = "c64e244faf173330";
 
 const char *moe_qwen1_5_moe_a2_7b_describe(void) {
-    return "moe_qwen1_5_moe_a2_7b: spec sha256:499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02, variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a, moegen 0.1.0, build b151d327e989b5dd, "
+    return "moe_qwen1_5_moe_a2_7b: spec sha256:499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02, variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a, moegen 0.1.0, build c64e244faf173330, "
            "kernels " KERNEL_PATH;
 }
 

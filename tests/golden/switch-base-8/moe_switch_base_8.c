@@ -719,9 +719,12 @@ static void f3072_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, 3072);
     for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
+        /* a tile wider than what is left (gemm=outer's tiles need not divide F; this GEMM1
+         * recomputes its activations for the backward) repeats its last row */
+        const int cols = (int)min_i64(TILE_HIDDEN_COLS, col_end - f);
         const elem_t *b[TILE_COLS];
         for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
-            b[j] = p->w1 + (f + j) * HIDDEN;
+            b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
         }
         /* the tile's weight rows stay in L1 while the block's rows stream past them */
         for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
@@ -736,7 +739,7 @@ static void f3072_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
             dot_tile_f32_f32_k768(rows, a, b, acc);
             for (int i = 0; i < rows; i++) {
                 const float scale = p->row_scale ? p->row_scale[r + i] : 1.0f;
-                for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
+                for (int j = 0; j < cols; j++) {
                     float gate = scale * acc[i][j];
                     if (p->b1) {
                         gate += elem_to_float(p->b1[f + j]);
@@ -756,8 +759,9 @@ static void f3072_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
     for (int64_t c = col0; c < col_end; c += TILE_COLS) {
+        const int cols = (int)min_i64(TILE_COLS, col_end - c); /* as in GEMM1 */
         const elem_t *b[TILE_COLS];
-        for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + j) * 3072;
+        for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + (j < cols ? j : cols - 1)) * 3072;
         for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
             const int rows = (int)min_i64(TILE_ROWS, row_end - r);
             const elem_t *a[TILE_ROWS];
@@ -765,7 +769,7 @@ static void f3072_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
             float acc[TILE_ROWS][TILE_COLS];
             dot_tile_f32_f32_k3072(rows, a, b, acc);
             for (int i = 0; i < rows; i++)
-                for (int j = 0; j < TILE_COLS; j++)
+                for (int j = 0; j < cols; j++)
                     p->out[(r + i) * HIDDEN + c + j] = acc[i][j] + (p->b2 ? elem_to_float(p->b2[c + j]) : 0.0f);
         }
     }
@@ -901,7 +905,7 @@ typedef struct workspace_layout {
     size_t router_input, logits, route_expert, route_weight, route_valid;
     size_t block_prob_sums, block_counts, block_z_sums;
     size_t counts_before, counts_after, expert_offset, row_token, row_scale, route_row;
-    size_t route_final, scratch, hidden, expert_out, amx_scratch;
+    size_t route_final, scratch, hidden, expert_out, pack_scratch;
     size_t shared_hidden, shared_out, residual_hidden, residual_out;
     size_t summary;
     size_t total;
@@ -943,10 +947,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_switch_base_8.h). */
-const char moe_switch_base_8_build_27afc85bb4971ce2[] = "27afc85bb4971ce2";
+const char moe_switch_base_8_build_937aeb2863d86866[] = "937aeb2863d86866";
 
 const char *moe_switch_base_8_describe(void) {
-    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build 27afc85bb4971ce2, "
+    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build 937aeb2863d86866, "
            "kernels " KERNEL_PATH;
 }
 

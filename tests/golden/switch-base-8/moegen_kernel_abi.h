@@ -234,8 +234,8 @@ typedef struct moegen_kernel_expert_args {
 } moegen_kernel_expert_args;
 
 /* Elements of scratch P_experts needs for `rows` rows over `n_experts` experts: each
- * expert's rows rounded up to a block of 16 (AMX tiles), and room for the rows' inputs
- * and activations in tile layout. */
+ * expert's rows rounded up to a block of 16 (AMX tiles; the token panels of gemm=outer, at
+ * most 16 rows each), and room for the rows' inputs and activations in that layout. */
 #define MOEGEN_KERNEL_EXPERT_SCRATCH_ELEMS(rows, n_experts, hidden_size, ffn_size) \
     (((size_t)(rows) + 16u * (size_t)(n_experts)) * ((size_t)(hidden_size) + (size_t)(ffn_size)))
 
