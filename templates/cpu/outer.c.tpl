@@ -3,7 +3,8 @@
 % -- ([k][lane]: one vector holds one k of VEC_FLOATS tokens); a micro-kernel broadcasts one
 % -- weight value at a time against TILE_ROWS such vectors and keeps a TILE_COLS x TILE_ROWS
 % -- block of accumulators. The weights are read in place ([out][in], each weight row a
-% -- sequential stream), so nothing is packed at bind time. GEMM1 writes its activations
+% -- sequential stream), so nothing is packed at bind time; k runs in chunks that keep a row
+% -- tile's panels in L1 while several weight tiles pass. GEMM1 writes its activations
 % -- straight into GEMM2's panel layout. Each output element is one k-ascending fp32 chain
 % -- in one vector lane, so results do not depend on the tiling, the thread count or how
 % -- many rows an expert has. Included by ffn.c.tpl inside its FFN shape loop's scope.
@@ -13,8 +14,15 @@
 % local splat = "{" .. string.rep("s, ", variant.cpu.vector_floats - 1) .. "s}"
 /* ---- Outer-product micro-kernels ----------------------------------------------------- */
 
-#define OUTER_KC 256     /* k per pass: a weight tile's chunk stays in L1 while the row tiles reuse it */
-#define OUTER_GROUP 8    /* row tiles that share one pass over a weight tile */
+/* The loop over k runs in chunks of OUTER_KC: a chunk of one row tile's panels (OUTER_KC x
+ * TILE_ROWS vectors: 32 KiB for 4 vectors of 16 floats) stays in L1 while up to OUTER_WTILES
+ * weight tiles pass over it, their accumulators kept in memory between chunks (the same
+ * chain per lane). Measured here on qwen3-30b-a3b fp32, S = 1024, 1 and 2 threads (noisy VM,
+ * four alternating rounds): 128 x 1 x 8 took 0.75-1.0 of the layer time of 256-k chunks over
+ * one weight tile and 8 row tiles, and as long as or less than 64 x 2 x 8 and 64 x 2 x 16. */
+#define OUTER_KC 128     /* k per chunk */
+#define OUTER_GROUP 1    /* row tiles that share a pass over the weight tiles */
+#define OUTER_WTILES 8   /* weight tiles that share a pass over a row tile's panel chunk */
 #define OUTER_PREFETCH 64 /* weights prefetched this many k ahead (4 cache lines per weight row) */
 _Static_assert(BLOCK_ROWS % (TILE_ROWS * VEC_FLOATS) == 0, "a row block must hold whole token-vector tiles");
 _Static_assert(VEC_FLOATS <= 16, "panels of VEC_FLOATS rows fit the 16-row rounding of the pack scratch");
@@ -80,24 +88,28 @@ static inline int outer_vectors(int64_t r, int64_t row_end) {
     return (int)((min_i64(r + TILE_ROWS * VEC_FLOATS, row_end) - r + VEC_FLOATS - 1) / VEC_FLOATS);
 }
 
-/* The accumulators of the n_tiles (<= OUTER_GROUP) row tiles from row r0 (a multiple of
- * TILE_ROWS * VEC_FLOATS; rows < row_end) against the weight rows w, over k < n_k: one
- * pass over the weight rows in chunks of OUTER_KC, each chunk reused by every tile.
- * `panels`: the problem's packed rows, [block][n_k][VEC_FLOATS]. */
-static void outer_group(const float *const w[TILE_COLS], const float *panels, int64_t n_k, int64_t r0,
-                        int64_t row_end, int n_tiles, vfloat acc[OUTER_GROUP][TILE_COLS][TILE_ROWS]) {
-    memset(acc, 0, (size_t)n_tiles * sizeof acc[0]);
+/* The accumulators of n_w (<= OUTER_WTILES) weight tiles w[i] against the n_tiles
+ * (<= OUTER_GROUP) row tiles from row r0 (a multiple of TILE_ROWS * VEC_FLOATS; rows <
+ * row_end), over k < n_k, in chunks of OUTER_KC: each chunk of the rows' panels is reused by
+ * every weight tile, and each weight tile's chunk by every row tile. `panels`: the problem's
+ * packed rows, [block][n_k][VEC_FLOATS]. */
+static void outer_group(const float *const w[OUTER_WTILES][TILE_COLS], int n_w, const float *panels, int64_t n_k,
+                        int64_t r0, int64_t row_end, int n_tiles,
+                        vfloat acc[OUTER_WTILES][OUTER_GROUP][TILE_COLS][TILE_ROWS]) {
+    for (int i = 0; i < n_w; i++) memset(acc[i], 0, (size_t)n_tiles * sizeof acc[i][0]);
     for (int64_t k0 = 0; k0 < n_k; k0 += OUTER_KC) {
         const int64_t kn = min_i64(OUTER_KC, n_k - k0);
-        const float *wk[TILE_COLS];
-        for (int i = 0; i < TILE_COLS; i++) wk[i] = w[i] + k0;
         for (int t = 0; t < n_tiles; t++) {
             const int64_t r = r0 + (int64_t)t * TILE_ROWS * VEC_FLOATS;
             const int nv = outer_vectors(r, row_end);
             const float *x[TILE_ROWS];
             for (int v = 0; v < TILE_ROWS; v++)
                 x[v] = panels + ((r / VEC_FLOATS + (v < nv ? v : 0)) * n_k + k0) * VEC_FLOATS;
-            outer_tile(nv, wk, x, kn, acc[t]);
+            for (int i = 0; i < n_w; i++) {
+                const float *wk[TILE_COLS];
+                for (int j = 0; j < TILE_COLS; j++) wk[j] = w[i][j] + k0;
+                outer_tile(nv, wk, x, kn, acc[i][t]);
+            }
         }
     }
 }
@@ -132,31 +144,36 @@ static void outer_pack_rows(const ffn_problem *p, int64_t b) {
 static void ${n}_outer_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, ${F});
-    for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
-        const int cols = (int)min_i64(TILE_HIDDEN_COLS, col_end - f); /* the last tile may be short */
-        const float *w[TILE_COLS];
-        for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
-            const int64_t col = f + (j < cols ? j : cols - 1); /* a short tile repeats its last row */
-            w[j] = p->w1 + col * HIDDEN;
+    for (int64_t f0 = col0; f0 < col_end; f0 += OUTER_WTILES * TILE_HIDDEN_COLS) {
+        const float *w[OUTER_WTILES][TILE_COLS];
+        int n_w = 0;
+        for (int64_t f = f0; f < col_end && n_w < OUTER_WTILES; f += TILE_HIDDEN_COLS, n_w++) {
+            const int cols = (int)min_i64(TILE_HIDDEN_COLS, col_end - f); /* the last tile may be short */
+            for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
+                const int64_t col = f + (j < cols ? j : cols - 1); /* a short tile repeats its last row */
+                w[n_w][j] = p->w1 + col * HIDDEN;
 %   if gated then
-            w[TILE_HIDDEN_COLS + j] = p->w1 + (${F} + col) * HIDDEN; /* up row */
+                w[n_w][TILE_HIDDEN_COLS + j] = p->w1 + (${F} + col) * HIDDEN; /* up row */
 %   end
+            }
         }
         for (int64_t g = row0; g < row_end; g += OUTER_GROUP * TILE_ROWS * VEC_FLOATS) {
             const int n_tiles = outer_group_tiles(g, row_end);
-            vfloat acc[OUTER_GROUP][TILE_COLS][TILE_ROWS];
-            outer_group(w, p->xpack, HIDDEN, g, row_end, n_tiles, acc);
-            for (int tv = 0; tv < n_tiles * TILE_ROWS; tv++) {
-                const int t = tv / TILE_ROWS, v = tv % TILE_ROWS;
+            vfloat acc[OUTER_WTILES][OUTER_GROUP][TILE_COLS][TILE_ROWS];
+            outer_group(w, n_w, p->xpack, HIDDEN, g, row_end, n_tiles, acc);
+            for (int wtv = 0; wtv < n_w * n_tiles * TILE_ROWS; wtv++) {
+                const int i = wtv / (n_tiles * TILE_ROWS), t = wtv / TILE_ROWS % n_tiles, v = wtv % TILE_ROWS;
+                const int64_t f = f0 + (int64_t)i * TILE_HIDDEN_COLS;
+                const int cols = (int)min_i64(TILE_HIDDEN_COLS, col_end - f);
                 const int64_t r = g + (int64_t)t * TILE_ROWS * VEC_FLOATS;
                 if (v >= outer_vectors(r, row_end)) continue;
                 float *h = p->hpack + (r / VEC_FLOATS + v) * ${F} * VEC_FLOATS;
                 for (int j = 0; j < cols; j++) {
                     float gates[VEC_FLOATS];
-                    memcpy(gates, &acc[t][j][v], sizeof gates);
+                    memcpy(gates, &acc[i][t][j][v], sizeof gates);
 %   if gated then
                     float ups[VEC_FLOATS];
-                    memcpy(ups, &acc[t][TILE_HIDDEN_COLS + j][v], sizeof ups);
+                    memcpy(ups, &acc[i][t][TILE_HIDDEN_COLS + j][v], sizeof ups);
 %   end
                     for (int lane = 0; lane < VEC_FLOATS; lane++) {
                         const int64_t row = r + v * VEC_FLOATS + lane;
@@ -198,22 +215,28 @@ static void ${n}_outer_gemm1_task(const ffn_problem *p, int64_t row0, int64_t co
 static void ${n}_outer_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
-    for (int64_t c = col0; c < col_end; c += TILE_COLS) {
-        const int cols = (int)min_i64(TILE_COLS, col_end - c);
-        const float *w[TILE_COLS];
-        for (int j = 0; j < TILE_COLS; j++) w[j] = p->w2 + (c + (j < cols ? j : cols - 1)) * ${F};
+    for (int64_t c0 = col0; c0 < col_end; c0 += OUTER_WTILES * TILE_COLS) {
+        const float *w[OUTER_WTILES][TILE_COLS];
+        int n_w = 0;
+        for (int64_t c = c0; c < col_end && n_w < OUTER_WTILES; c += TILE_COLS, n_w++) {
+            const int cols = (int)min_i64(TILE_COLS, col_end - c);
+            for (int j = 0; j < TILE_COLS; j++) w[n_w][j] = p->w2 + (c + (j < cols ? j : cols - 1)) * ${F};
+        }
         for (int64_t g = row0; g < row_end; g += OUTER_GROUP * TILE_ROWS * VEC_FLOATS) {
             const int n_tiles = outer_group_tiles(g, row_end);
-            vfloat acc[OUTER_GROUP][TILE_COLS][TILE_ROWS];
-            outer_group(w, p->hpack, ${F}, g, row_end, n_tiles, acc);
-            float bias[TILE_COLS];
-            for (int j = 0; j < cols; j++) bias[j] = p->b2 ? elem_to_float(p->b2[c + j]) : 0.0f;
-            for (int tv = 0; tv < n_tiles * TILE_ROWS; tv++) {
-                const int t = tv / TILE_ROWS, v = tv % TILE_ROWS;
+            vfloat acc[OUTER_WTILES][OUTER_GROUP][TILE_COLS][TILE_ROWS];
+            outer_group(w, n_w, p->hpack, ${F}, g, row_end, n_tiles, acc);
+            for (int wtv = 0; wtv < n_w * n_tiles * TILE_ROWS; wtv++) {
+                const int i = wtv / (n_tiles * TILE_ROWS), t = wtv / TILE_ROWS % n_tiles, v = wtv % TILE_ROWS;
+                const int64_t c = c0 + (int64_t)i * TILE_COLS;
+                const int cols = (int)min_i64(TILE_COLS, col_end - c);
                 const int64_t r = g + (int64_t)t * TILE_ROWS * VEC_FLOATS;
                 if (v >= outer_vectors(r, row_end)) continue;
-                float values[TILE_COLS][VEC_FLOATS];
-                for (int j = 0; j < cols; j++) memcpy(values[j], &acc[t][j][v], sizeof values[j]);
+                float bias[TILE_COLS], values[TILE_COLS][VEC_FLOATS];
+                for (int j = 0; j < cols; j++) {
+                    bias[j] = p->b2 ? elem_to_float(p->b2[c + j]) : 0.0f;
+                    memcpy(values[j], &acc[i][t][j][v], sizeof values[j]);
+                }
                 const int64_t first = r + v * VEC_FLOATS;
                 const int lanes = (int)min_i64(VEC_FLOATS, p->n_rows - first);
                 for (int lane = 0; lane < lanes; lane++) { /* the row's `cols` outputs are contiguous */

@@ -1139,10 +1139,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_demo.h). */
-const char moe_demo_build_e3d40b0d0fbd407b[] = "e3d40b0d0fbd407b";
+const char moe_demo_build_1bc5e629bfaefa9f[] = "1bc5e629bfaefa9f";
 
 const char *moe_demo_describe(void) {
-    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build e3d40b0d0fbd407b, "
+    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build 1bc5e629bfaefa9f, "
            "kernels " KERNEL_PATH;
 }
 
