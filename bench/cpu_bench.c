@@ -371,6 +371,8 @@ static void cmd_prepare(worker *w, long long S, int T) {
     printf("{\"event\": \"prepared\", \"tokens\": %lld, \"threads\": %d, \"moegen_threads\": %d, \"variant\": ", S, T,
            desc.n_threads);
     json_string(stdout, desc.variant);
+    printf(", \"n_variants\": %d, \"tuning\": ", desc.n_variants); /* several: one per token range */
+    json_string(stdout, desc.tuning);
     printf(", \"cache_hit\": %d, \"compile_ms\": %.1f, \"kept_routes\": %lld, \"touched_experts\": %lld",
            desc.cache_hit, desc.compile_ms, kept, touched);
     printf(", \"expert_flops\": %.6g, \"expert_bytes\": %.6g, \"first_ms\": {\"moegen\": %.4f", flops, bytes,

@@ -334,7 +334,9 @@ def run_shape(args, worker, info, tensors, torch, S, T, raw):
             row["openblas_schedule_ms"] = prep.get("openblas_schedule_ms")
         row.update({"tokens": S, "threads": T, "expert_flops": prep["expert_flops"],
                     "expert_bytes": prep["expert_bytes"], "kept_routes": prep["kept_routes"],
-                    "touched_experts": prep["touched_experts"], "variant": prep["variant"]})
+                    "touched_experts": prep["touched_experts"],
+                    # a layer with several variants (tuning ranges) names them all in `tuning`
+                    "variant": prep["variant"] if prep.get("n_variants", 1) == 1 else prep["tuning"]})
         if "median_ms" in row and moegen_median:
             row["ratio"] = row["median_ms"] / moegen_median
     return rows
@@ -472,12 +474,12 @@ def main():
     tokens = parse_list(args.tokens, int)
     threads = parse_list(args.threads, int)
     dtypes = parse_list(args.dtypes)
-    variants = {}
+    variant_overrides = {}
     for item in args.variant:
         dtype, sep, overrides = item.partition(":")
         if not sep or dtype not in ("fp32", "bf16") or not overrides:
             ap.error(f"--variant {item!r}: expected DTYPE:LIST, e.g. fp32:gemm=outer")
-        variants[dtype] = overrides
+        variant_overrides[dtype] = overrides
     specs = spec_list(args)
 
     out = args.out
@@ -514,7 +516,7 @@ def main():
             tag = f"{spec_name}-{dtype}"
             err_log = open(os.path.join(out, "raw", tag + ".worker.log") if out else os.devnull, "w")
             transcript = open(os.path.join(out, "raw", tag + ".jsonl"), "w") if out else None
-            variant = variants.get(dtype)
+            variant = variant_overrides.get(dtype)
             worker = Worker(args.worker, spec_path, dtype, max(tokens), err_log, transcript, variant)
             log(f"== {spec_name} {dtype}: " + " ".join(shlex.quote(c) for c in worker.cmd))
             tensors = None
