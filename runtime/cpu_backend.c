@@ -161,6 +161,23 @@ static void warn_tuning(void *ctx, const char *message) {
     else fprintf(stderr, "moegen: warning: %s\n", message);
 }
 
+/* Append db's buckets to desc->tuning from offset `at`: `open`, then "lo-hi label" for each,
+ * separated by "; ", then `close` where it fits. A bucket's label is its variant's name, else
+ * its overrides ("default" for none). */
+static void describe_buckets(const moegen_tuning_db *db, moegen_layer_desc *desc, int at, const char *open,
+                             const char *close) {
+    for (int i = 0; i < db->n_buckets && at > 0 && (size_t)at < sizeof desc->tuning; i++) {
+        const moegen_tuning_bucket *bk = &db->buckets[i];
+        char upper[24];
+        if (bk->max_tokens == INT64_MAX) snprintf(upper, sizeof upper, "inf");
+        else snprintf(upper, sizeof upper, "%lld", (long long)bk->max_tokens);
+        const char *label = bk->variant_name[0] ? bk->variant_name : bk->variant[0] ? bk->variant : "default";
+        at += snprintf(desc->tuning + at, sizeof desc->tuning - (size_t)at, "%s%lld-%s %s", i ? "; " : open,
+                       (long long)bk->min_tokens, upper, label);
+    }
+    if (at > 0 && (size_t)at + strlen(close) < sizeof desc->tuning) strcat(desc->tuning, close);
+}
+
 /* No database: the default heuristic, which may itself split the token counts into ranges
  * with a variant each (moegen_variant_default_ranges). Returns 1 with *db holding them as
  * buckets when there is more than one, else 0; desc->tuning says so either way. */
@@ -169,23 +186,18 @@ static int default_ranges(const moegen_spec *spec, const moegen_host_compiler *c
     const moegen_target target = moegen_host_compiler_target(cc);
     moegen_variant_range ranges[MOEGEN_TUNING_MAX_BUCKETS];
     const int n = moegen_variant_default_ranges(spec, &target, ranges, MOEGEN_TUNING_MAX_BUCKETS);
-    int at = snprintf(desc->tuning, sizeof desc->tuning, "default heuristic (no tuning database for this shape on %s)",
-                      family);
+    const int at = snprintf(desc->tuning, sizeof desc->tuning,
+                            "default heuristic (no tuning database for this shape on %s)", family);
     if (n < 2) return 0;
-    memset(db, 0, sizeof *db);
+    memset(db, 0, sizeof *db); /* no variant names: the buckets are labelled by their overrides */
     db->n_buckets = n;
     for (int i = 0; i < n; i++) {
         moegen_tuning_bucket *bk = &db->buckets[i];
         bk->min_tokens = ranges[i].min_tokens;
         bk->max_tokens = i + 1 < n ? ranges[i + 1].min_tokens - 1 : INT64_MAX;
         snprintf(bk->variant, sizeof bk->variant, "%s", ranges[i].overrides);
-        char upper[24];
-        if (bk->max_tokens == INT64_MAX) snprintf(upper, sizeof upper, "inf");
-        else snprintf(upper, sizeof upper, "%lld", (long long)bk->max_tokens);
-        if (at > 0 && (size_t)at < sizeof desc->tuning)
-            at += snprintf(desc->tuning + at, sizeof desc->tuning - (size_t)at, "%s%lld-%s %s", i ? "; " : " by token count: ",
-                           (long long)bk->min_tokens, upper, bk->variant[0] ? bk->variant : "default");
     }
+    describe_buckets(db, desc, at, " by token count: ", "");
     return 1;
 }
 
@@ -217,17 +229,9 @@ static int find_tuning(const moegen_spec *spec, const moegen_open_options *o, co
                                 (void *)o) != MOEGEN_OK ||
         rung == MOEGEN_TUNING_NONE || db->n_buckets < 1)
         return default_ranges(spec, cc, family, db, desc);
-    int at = snprintf(desc->tuning, sizeof desc->tuning, "%s: %.300s", rung == MOEGEN_TUNING_EXACT ? "exact" : "family",
-                      source);
-    for (int i = 0; i < db->n_buckets && at > 0 && (size_t)at < sizeof desc->tuning; i++) {
-        const moegen_tuning_bucket *bk = &db->buckets[i];
-        char upper[24];
-        if (bk->max_tokens == INT64_MAX) snprintf(upper, sizeof upper, "inf");
-        else snprintf(upper, sizeof upper, "%lld", (long long)bk->max_tokens);
-        at += snprintf(desc->tuning + at, sizeof desc->tuning - (size_t)at, "%s%lld-%s %s", i ? "; " : " (",
-                       (long long)bk->min_tokens, upper, bk->variant_name);
-    }
-    if (at > 0 && (size_t)at + 2 < sizeof desc->tuning) strcat(desc->tuning, ")");
+    const int at = snprintf(desc->tuning, sizeof desc->tuning, "%s: %.300s",
+                            rung == MOEGEN_TUNING_EXACT ? "exact" : "family", source);
+    describe_buckets(db, desc, at, " (", ")");
     return 1;
 }
 

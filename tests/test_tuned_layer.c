@@ -110,6 +110,26 @@ static void run(moegen_layer *layer, const moegen_spec *spec, const moe_tensors 
     if (moegen_layer_forward(layer, &io, &out->stats, &err) != MOEGEN_OK) fail_msg("%s", err.message);
 }
 
+/* S tokens through `layer` and through `alone` (one variant): bitwise the same outputs, and
+ * they verify against the reference; `report` gets the verifier's message. */
+static void check_same_bits_and_verify(moegen_layer *layer, moegen_layer *alone, const moegen_spec *spec,
+                                       const moe_tensors *ts, int64_t S, moe_verify_report *report) {
+    moe_outputs a, b;
+    run(layer, spec, ts, S, &a);
+    run(alone, spec, ts, S, &b);
+    const size_t routes = (size_t)S * (size_t)spec->top_k;
+    assert_memory_equal(a.y, b.y, (size_t)S * (size_t)spec->hidden_size * moegen_dtype_size(spec->dtype));
+    assert_memory_equal(a.ids, b.ids, routes * sizeof(int32_t));
+    assert_memory_equal(a.topk_weights, b.topk_weights, routes * sizeof(float));
+    moegen_kernel_weights kw;
+    moe_tensors_weights(ts, &kw);
+    const moe_kernel_result result = moe_outputs_result(&a);
+    assert_int_equal(moe_verify(spec, S, ts->t[MOE_T_X].data, &kw, 0, NULL, &result, report), 0);
+    if (!report->ok) fail_msg("S = %lld: %s", (long long)S, report->message);
+    moe_outputs_free(&a);
+    moe_outputs_free(&b);
+}
+
 static void each_token_count_runs_its_ranges_variant_bit_for_bit(void **state) {
     (void)state;
     moegen_spec spec;
@@ -131,22 +151,10 @@ static void each_token_count_runs_its_ranges_variant_bit_for_bit(void **state) {
         moegen_layer_desc alone_desc;
         moegen_layer *alone = open_layer(RANGES[r].variant, &alone_desc);
         assert_int_equal(alone_desc.n_variants, 1);
-        moe_outputs a, b;
-        run(tuned, &spec, &ts, S, &a);
-        run(alone, &spec, &ts, S, &b);
-        assert_memory_equal(a.y, b.y, (size_t)S * 64 * 2);
-        assert_memory_equal(a.ids, b.ids, (size_t)S * 3 * sizeof(int32_t));
-        assert_memory_equal(a.topk_weights, b.topk_weights, (size_t)S * 3 * sizeof(float));
-        moegen_kernel_weights kw;
-        moe_tensors_weights(&ts, &kw);
-        const moe_kernel_result result = moe_outputs_result(&a);
         moe_verify_report report;
-        assert_int_equal(moe_verify(&spec, S, ts.t[MOE_T_X].data, &kw, 0, NULL, &result, &report), 0);
-        if (!report.ok) fail_msg("S = %lld: %s", (long long)S, report.message);
+        check_same_bits_and_verify(tuned, alone, &spec, &ts, S, &report);
         print_message("  S = %3lld: range %zu (%s), bitwise equal to that variant alone; %s\n", (long long)S, r,
                       RANGES[r].variant, report.message);
-        moe_outputs_free(&a);
-        moe_outputs_free(&b);
         moegen_layer_close(alone);
     }
     moe_tensors_free(&ts);
@@ -206,21 +214,10 @@ static void the_default_splits_fp32_layers_by_rows_per_expert(void **state) {
         moegen_layer *alone = open_yaml(FP32, ranges[r].overrides[0] ? ranges[r].overrides : NULL, MOEGEN_TUNING_OFF,
                                         &alone_desc);
         assert_int_equal(alone_desc.n_variants, 1);
-        moe_outputs a, b;
-        run(layer, &spec, &ts, S, &a);
-        run(alone, &spec, &ts, S, &b);
-        assert_memory_equal(a.y, b.y, (size_t)S * 64 * sizeof(float));
-        assert_memory_equal(a.ids, b.ids, (size_t)S * 2 * sizeof(int32_t));
-        moegen_kernel_weights kw;
-        moe_tensors_weights(&ts, &kw);
-        const moe_kernel_result result = moe_outputs_result(&a);
         moe_verify_report report;
-        assert_int_equal(moe_verify(&spec, S, ts.t[MOE_T_X].data, &kw, 0, NULL, &result, &report), 0);
-        if (!report.ok) fail_msg("S = %lld: %s", (long long)S, report.message);
+        check_same_bits_and_verify(layer, alone, &spec, &ts, S, &report);
         print_message("  S = %3lld: %s (%s); %s\n", (long long)S, alone_desc.variant,
                       ranges[r].overrides[0] ? ranges[r].overrides : "default", report.message);
-        moe_outputs_free(&a);
-        moe_outputs_free(&b);
         moegen_layer_close(alone);
     }
     moe_tensors_free(&ts);
