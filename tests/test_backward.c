@@ -8,6 +8,7 @@
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,7 +67,8 @@ static char *spec_text(const matrix_spec *m, const char *dtype) {
     return text;
 }
 
-static int keep_activations; /* the next open_cpu's opts.activations */
+static int keep_activations;     /* the next open_cpu's opts.activations */
+static const char *open_variant; /* the next open_cpu's opts.variant (NULL: the default); reset by it */
 
 static moegen_layer *open_cpu(const char *yaml, int threads, moegen_spec *spec) {
     moegen_error err;
@@ -78,6 +80,8 @@ static moegen_layer *open_cpu(const char *yaml, int threads, moegen_spec *spec) 
     opts.n_threads = threads;
     opts.tuning = MOEGEN_TUNING_OFF;
     opts.activations = keep_activations ? MOEGEN_ACTIVATIONS_KEEP : MOEGEN_ACTIVATIONS_RECOMPUTE;
+    opts.variant = open_variant;
+    open_variant = NULL;
     moegen_layer *layer = NULL;
     if (moegen_layer_open_string(yaml, strlen(yaml), "matrix.yaml", &opts, &layer, &err) != MOEGEN_OK)
         fail_msg("open: %s\n%s", err.message, yaml);
@@ -355,33 +359,66 @@ static void test_two_saved_forwards(void **state) {
     moegen_spec_free(&spec);
 }
 
-/* Kept activations: the same bits as recomputed ones where the forward's GEMM1 is the FMA
- * path the backward recomputes with (fp32), verified where it is not (bf16: AMX or vdpbf16ps
- * where the CPU has them); a second backward of a kept forward is refused. */
+/* Tensor i refilled with full-mantissa values in [-scale, scale): moe_tensors_fill's values
+ * (multiples of scale / 64) make short sums exact in any order, which would hide a GEMM that
+ * sums in another order than the forward's. */
+static void fill_full_mantissa(moe_tensors *ts, int i, uint64_t seed, double scale) {
+    uint64_t state = seed * 0x9e3779b97f4a7c15ull + 1;
+    for (size_t n = 0; n < ts->t[i].n_elems; n++) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        moe_tensor_set(ts, i, n, ((double)(state >> 11) / 9007199254740992.0 * 2.0 - 1.0) * scale);
+    }
+}
+
+/* Kept activations give the same gradients, bit for bit, as recomputed ones: the backward
+ * recomputes GEMM1 on the forward's own kernels, whichever they are (FMA or vdpbf16ps dot
+ * products, AMX tiles where the CPU has them, outer products), so h and the pre-activations
+ * are the forward's either way. Both verify; a second backward of a kept forward is refused. */
 static void test_kept_activations(void **state) {
     (void)state;
-    static const char *const DTYPES[] = {"fp32", "bf16"};
-    for (int d = 0; d < 2; d++) {
-        const matrix_spec *m = &MATRIX[d == 0 ? 5 : 0]; /* shared + residual; plain swiglu */
+    /* AMX tiles need H and every intermediate size a multiple of 32 */
+    static const char *const AMX_SPEC =
+        "name: amx-shared-residual\ndtype: bf16\nnum_experts: 8\nhidden_size: 64\nmoe_intermediate_size: 32\n"
+        "semantics: deepspeed\nmode: train\nnum_experts_per_tok: 2\nactivation: geglu\nexpert_bias: true\n"
+        "use_residual: true\nshared_experts:\n  count: 2\n  intermediate_size: 64\n  gate: true\n";
+    static const struct {
+        const char *dtype, *variant;
+        int matrix; /* 5: shared + residual; 0: plain swiglu; -1: AMX_SPEC */
+    } CASES[] = {
+        {"fp32", NULL, 5},
+        {"fp32", "gemm=outer,vector_floats=8,tile_cols=4,tile_rows=2,block_rows=16,block_cols=8", 5},
+        {"bf16", NULL, 0},
+        {"bf16", "gemm=amx,tile_rows=4,block_rows=32,block_cols=32", -1},
+        {"fp16", NULL, 0},
+    };
+    for (size_t d = 0; d < sizeof CASES / sizeof CASES[0]; d++) {
         moegen_spec spec;
-        const char *yaml = spec_text(m, DTYPES[d]);
+        const char *yaml = CASES[d].matrix < 0 ? AMX_SPEC : spec_text(&MATRIX[CASES[d].matrix], CASES[d].dtype);
+        open_variant = CASES[d].variant;
         moegen_layer *recompute = open_cpu(yaml, 2, &spec);
         keep_activations = 1;
+        open_variant = CASES[d].variant;
         moegen_layer *keep = open_cpu(yaml, 2, NULL);
         keep_activations = 0;
+        { moegen_layer_desc dd; moegen_layer_describe(keep, &dd); fprintf(stderr, "DEBUG %s | %s\n", dd.variant, dd.kernel_path); }
         const int64_t S = 45;
         moe_tensors ts;
         moe_outputs o1, o2;
         moe_backward_buffers b1, b2;
         assert_int_equal(moe_tensors_alloc(&spec, S, &ts), 0);
         moe_tensors_fill(&ts, 31);
+        const int GEMM1_INPUTS[] = {MOE_T_X, MOE_T_W1, MOE_T_SHARED_W1, MOE_T_RESIDUAL_W1};
+        for (int i = 0; i < 4; i++)
+            fill_full_mantissa(&ts, GEMM1_INPUTS[i], 5 + (uint64_t)i, i == 0 ? 1.0 : 1.0 / sqrt((double)spec.hidden_size));
         assert_int_equal(moe_outputs_alloc(&o1, &spec, S), 0);
         assert_int_equal(moe_outputs_alloc(&o2, &spec, S), 0);
         assert_int_equal(moe_backward_alloc(&b1, &spec, S, 8), 0);
         assert_int_equal(moe_backward_alloc(&b2, &spec, S, 8), 0);
         train_step(recompute, &spec, &ts, NULL, &o1, &b1, 0.2, 0.1, 0);
         train_step(keep, &spec, &ts, NULL, &o2, &b2, 0.2, 0.1, 1);
-        if (d == 0) assert_true(moe_backward_same_bits(&spec, &b1, &b2));
+        if (!moe_backward_same_bits(&spec, &b1, &b2))
+            fail_msg("%s, variant %s: kept and recomputed activations give different gradients", CASES[d].dtype,
+                     CASES[d].variant ? CASES[d].variant : "default");
         moegen_kernel_weights kw;
         moe_tensors_weights(&ts, &kw);
         moe_backward_case c = {.n_tokens = S, .x = ts.t[MOE_T_X].data, .w = &kw, .rng_offset = 11, .ids = o2.ids,
@@ -389,7 +426,7 @@ static void test_kept_activations(void **state) {
                                .aux_coeff = 0.2, .z_coeff = 0.1};
         moe_backward_report report;
         assert_int_equal(moe_verify_backward(&spec, &c, b2.dx, &b2.grads, &report), 0);
-        if (!report.ok) fail_msg("kept activations (%s): %s", DTYPES[d], report.message);
+        if (!report.ok) fail_msg("kept activations (%s): %s", CASES[d].dtype, report.message);
 
         /* the kept pre-activations become their gradients: one backward per saved forward */
         moegen_error err;

@@ -281,9 +281,10 @@ static void ${n}_amx_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0
     }
 }
 
-/* Every problem of shape ${n} on AMX tiles: the x packs, all GEMM1 tasks, all GEMM2 tasks.
+/* Every problem of shape ${n} on AMX tiles: the x packs, all GEMM1 tasks, all GEMM2 tasks
+ * (none when `gemm2` is 0).
  * `scratch` holds each problem's x pack and h pack (rows rounded up to blocks of 16). */
-static void ${n}_run_amx(const ffn_problem *given, int n_problems, int n_threads,
+static void ${n}_run_amx(const ffn_problem *given, int n_problems, int n_threads, int gemm2,
                          uint32_t *scratch) {
     ffn_problem problems[n_problems];
     int64_t start0[n_problems + 1], start1[n_problems + 1], start2[n_problems + 1];
@@ -300,7 +301,7 @@ static void ${n}_run_amx(const ffn_problem *given, int n_problems, int n_threads
         const int64_t row_blocks = (problems[i].n_rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
         start0[i + 1] = start0[i] + blocks;
         start1[i + 1] = start1[i] + row_blocks * col_blocks1;
-        start2[i + 1] = start2[i] + row_blocks * col_blocks2;
+        start2[i + 1] = start2[i] + (gemm2 ? row_blocks * col_blocks2 : 0);
     }
 #pragma omp parallel num_threads(n_threads)
     {

@@ -350,8 +350,14 @@ static int64_t task_grid(const int64_t *rows_of, int n, int64_t cols, int64_t *s
 
 /* P_backward_data for the problems of this shape: GEMM1 again with its pre-activations kept
  * (or, when the forward kept them, the activations from them), then da = (do W2) * act'(pre),
- * then du = da W1. */
-static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int n_threads, int kept) {
+ * then du = da W1.
+%   if moe.packs_rows(variant) then
+ * GEMM1 runs again on the forward's own kernels (`pack`: room for their packed rows, as the
+ * forward's), so the pre-activations are the forward's bits, and h is made from them as the
+ * forward's epilogue made it.
+%   end
+ */
+static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int n_threads, int kept, void *pack) {
     if (n_problems == 0) return;
     ffn_problem fwd[n_problems];
     int64_t rows_of[n_problems], start1[n_problems + 1], start_dh[n_problems + 1], start_du[n_problems + 1];
@@ -365,10 +371,18 @@ static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int 
         rows_of[p] = b->n_rows;
         start1[p + 1] = start1[p] + (b->n_rows + BLOCK_ROWS - 1) / BLOCK_ROWS * col_blocks1;
     }
+%   if moe.packs_rows(variant) then
+    if (!kept) ${n}_run(fwd, n_problems, n_threads, 0, pack);
+    const int64_t n_tasks1 = 0;
+    const int h_from_pre = 1;
+%   else
+    (void)pack;
     const int64_t n_tasks1 = kept ? 0 : start1[n_problems];
+    const int h_from_pre = kept;
+%   end
     int64_t start_h[n_problems + 1];
     start_h[0] = 0;
-    for (int p = 0; p < n_problems; p++) start_h[p + 1] = start_h[p] + (kept ? problems[p].n_rows : 0);
+    for (int p = 0; p < n_problems; p++) start_h[p + 1] = start_h[p] + (h_from_pre ? problems[p].n_rows : 0);
     const int64_t n_rows_h = start_h[n_problems];
     const int64_t n_dh = task_grid(rows_of, n_problems, ${F}, start_dh);
     const int64_t n_du = task_grid(rows_of, n_problems, HIDDEN, start_du);
@@ -383,7 +397,7 @@ static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int 
             ${n}_gemm1_task(&fwd[p], (local / col_blocks1) * BLOCK_ROWS, (local % col_blocks1) * BLOCK_COLS);
         }
 #pragma omp for schedule(static)
-        for (int64_t row = 0; row < n_rows_h; row++) { /* kept: h from the forward's pre-activations */
+        for (int64_t row = 0; row < n_rows_h; row++) { /* h from the forward's pre-activations */
             int p = problem_of_task(start_h, n_problems, row);
             const int64_t r = row - start_h[p];
             const float *pre = problems[p].pre + r * ${F1};
@@ -925,7 +939,8 @@ static int run_pass_a(const backward_state *bs, int n_threads) {
 static void run_ffn_data(const backward_state *bs, int routed, int dense, int kept, int n_threads) {
     bwd_problem problems[NUM_EXPERTS + 1${spec.shared.count > 0 and " + SHARED_EXPERTS" or ""}];
 % for _, shape in ipairs(moe.ffn_shapes(spec)) do
-    ${shape.name}_backward_data(problems, backward_problems(bs, NULL, ${shape.ffn}, routed, dense, problems), n_threads, kept);
+    ${shape.name}_backward_data(problems, backward_problems(bs, NULL, ${shape.ffn}, routed, dense, problems), n_threads, kept,
+                                ${moe.packs_rows(variant) and "bs->f.pack_scratch" or "NULL"});
 % end
 }
 
@@ -1036,7 +1051,18 @@ int ${P}_backward_experts(const moegen_kernel_expert_backward_args *args) {
     bwd_problem problems[NUM_EXPERTS];
     const int n = expert_rows_problems(args, problems);
     if (n < 0) return args && args->abi_version != MOEGEN_KERNEL_ABI_VERSION ? MOEGEN_KERNEL_EABI : MOEGEN_KERNEL_EARG;
-    ${moe.shape_name(spec.ffn_size)}_backward_data(problems, n, args->n_threads > 0 ? args->n_threads : 1, 0);
+% if moe.packs_rows(variant) then
+    /* room for the forward kernels' packed rows, as P_experts has in its scratch */
+    void *pack = NULL;
+    if (n > 0) {
+        pack = malloc(MOEGEN_KERNEL_EXPERT_SCRATCH_ELEMS(args->expert_offset[n], n, HIDDEN, FFN) * sizeof(elem_t));
+        if (!pack) return MOEGEN_KERNEL_ENOMEM;
+    }
+% else
+    void *pack = NULL;
+% end
+    ${moe.shape_name(spec.ffn_size)}_backward_data(problems, n, args->n_threads > 0 ? args->n_threads : 1, 0, pack);
+    free(pack);
     return MOEGEN_KERNEL_OK;
 }
 

@@ -148,28 +148,31 @@ static void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
 }
 
 %   if gemm == "outer" then
-/* Run every problem of shape ${n} on outer products (`scratch` holds their token panels). */
-static void ${n}_run(const ffn_problem *problems, int n_problems, int n_threads, float *scratch) {
+/* Run every problem of shape ${n} on outer products (`scratch` holds their token panels);
+ * GEMM1 and its epilogue only when `gemm2` is 0 (the backward's recompute). */
+static void ${n}_run(const ffn_problem *problems, int n_problems, int n_threads, int gemm2, float *scratch) {
     if (n_problems == 0) return;
-    ${n}_run_outer(problems, n_problems, n_threads, scratch);
+    ${n}_run_outer(problems, n_problems, n_threads, gemm2, scratch);
 }
 %   else
 %   if gemm == "amx" then
 /* Run every problem of shape ${n}: on AMX tiles where the process may use them (`scratch`
- * holds their packs), else all GEMM1 tasks, a barrier, all GEMM2 tasks. */
-static void ${n}_run(const ffn_problem *problems, int n_problems, int n_threads, uint32_t *scratch) {
+ * holds their packs), else all GEMM1 tasks, a barrier, all GEMM2 tasks. GEMM1 and its
+ * epilogue only when `gemm2` is 0 (the backward's recompute). */
+static void ${n}_run(const ffn_problem *problems, int n_problems, int n_threads, int gemm2, uint32_t *scratch) {
     if (n_problems == 0) return;
 #if AMX_COMPILED
     if (amx_usable()) {
-        ${n}_run_amx(problems, n_problems, n_threads, scratch);
+        ${n}_run_amx(problems, n_problems, n_threads, gemm2, scratch);
         return;
     }
 #else
     (void)scratch;
 #endif
 %   else
-/* Run every problem of shape ${n}: all GEMM1 tasks, a barrier, all GEMM2 tasks. */
-static void ${n}_run(const ffn_problem *problems, int n_problems, int n_threads) {
+/* Run every problem of shape ${n}: all GEMM1 tasks, a barrier, all GEMM2 tasks (none when
+ * `gemm2` is 0: the backward's recompute). */
+static void ${n}_run(const ffn_problem *problems, int n_problems, int n_threads, int gemm2) {
     if (n_problems == 0) return;
 %   end
     const int64_t col_blocks1 = (${F} + BLOCK_COLS - 1) / BLOCK_COLS;
@@ -181,7 +184,7 @@ static void ${n}_run(const ffn_problem *problems, int n_problems, int n_threads)
         start1[p + 1] = start1[p] + row_blocks * col_blocks1;
         start2[p + 1] = start2[p] + row_blocks * col_blocks2;
     }
-    const int64_t n_tasks1 = start1[n_problems], n_tasks2 = start2[n_problems];
+    const int64_t n_tasks1 = start1[n_problems], n_tasks2 = gemm2 ? start2[n_problems] : 0;
 #pragma omp parallel num_threads(n_threads)
     {
 #pragma omp for schedule(dynamic, 1)
@@ -275,7 +278,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->pre = st->keep_shared ? st->keep_shared + (int64_t)i * st->n_tokens * ${rows} : NULL;
     }
 %   end
-    ${shape.name}_run(problems, n_problems, n_threads${pack_arg});
+    ${shape.name}_run(problems, n_problems, n_threads, 1${pack_arg});
 % end
 }
 
@@ -303,10 +306,10 @@ static int run_routed_rows(const moegen_kernel_expert_args *a) {
     }
 % if moe.packs_rows(variant) then
     /* a->hidden: MOEGEN_KERNEL_EXPERT_SCRATCH_ELEMS elements, room for the packed rows */
-    ${moe.shape_name(spec.ffn_size)}_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1,
+    ${moe.shape_name(spec.ffn_size)}_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1, 1,
                                        a->hidden);
 % else
-    ${moe.shape_name(spec.ffn_size)}_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1);
+    ${moe.shape_name(spec.ffn_size)}_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1, 1);
 % end
     return MOEGEN_KERNEL_OK;
 }

@@ -249,8 +249,8 @@ static void ${n}_outer_gemm2_task(const ffn_problem *p, int64_t row0, int64_t co
 }
 
 /* Every problem of shape ${n} on outer products: the x panels, all GEMM1 tasks, all GEMM2
- * tasks. `scratch` holds each problem's x and h panels (rows rounded up to VEC_FLOATS). */
-static void ${n}_run_outer(const ffn_problem *given, int n_problems, int n_threads, float *scratch) {
+ * tasks (none when `gemm2` is 0). `scratch` holds each problem's x and h panels (rows rounded up to VEC_FLOATS). */
+static void ${n}_run_outer(const ffn_problem *given, int n_problems, int n_threads, int gemm2, float *scratch) {
     ffn_problem problems[n_problems];
     int64_t start0[n_problems + 1], start1[n_problems + 1], start2[n_problems + 1];
     const int64_t col_blocks1 = (${F} + BLOCK_COLS - 1) / BLOCK_COLS;
@@ -266,7 +266,7 @@ static void ${n}_run_outer(const ffn_problem *given, int n_problems, int n_threa
         const int64_t row_blocks = (problems[i].n_rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
         start0[i + 1] = start0[i] + blocks;
         start1[i + 1] = start1[i] + row_blocks * col_blocks1;
-        start2[i + 1] = start2[i] + row_blocks * col_blocks2;
+        start2[i + 1] = start2[i] + (gemm2 ? row_blocks * col_blocks2 : 0);
     }
 #pragma omp parallel num_threads(n_threads)
     {

@@ -1010,8 +1010,9 @@ static void f2048_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     }
 }
 
-/* Run every problem of shape f2048: all GEMM1 tasks, a barrier, all GEMM2 tasks. */
-static void f2048_run(const ffn_problem *problems, int n_problems, int n_threads) {
+/* Run every problem of shape f2048: all GEMM1 tasks, a barrier, all GEMM2 tasks (none when
+ * `gemm2` is 0: the backward's recompute). */
+static void f2048_run(const ffn_problem *problems, int n_problems, int n_threads, int gemm2) {
     if (n_problems == 0) return;
     const int64_t col_blocks1 = (2048 + BLOCK_COLS - 1) / BLOCK_COLS;
     const int64_t col_blocks2 = (HIDDEN + BLOCK_COLS - 1) / BLOCK_COLS;
@@ -1022,7 +1023,7 @@ static void f2048_run(const ffn_problem *problems, int n_problems, int n_threads
         start1[p + 1] = start1[p] + row_blocks * col_blocks1;
         start2[p + 1] = start2[p] + row_blocks * col_blocks2;
     }
-    const int64_t n_tasks1 = start1[n_problems], n_tasks2 = start2[n_problems];
+    const int64_t n_tasks1 = start1[n_problems], n_tasks2 = gemm2 ? start2[n_problems] : 0;
 #pragma omp parallel num_threads(n_threads)
     {
 #pragma omp for schedule(dynamic, 1)
@@ -1083,7 +1084,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->out = st->shared_out + (int64_t)i * st->n_tokens * HIDDEN;
         p->pre = st->keep_shared ? st->keep_shared + (int64_t)i * st->n_tokens * 4096 : NULL;
     }
-    f2048_run(problems, n_problems, n_threads);
+    f2048_run(problems, n_problems, n_threads, 1);
 }
 
 /* P_experts: the routed experts [first, first + n) over the caller's rows, in one
@@ -1108,7 +1109,7 @@ static int run_routed_rows(const moegen_kernel_expert_args *a) {
         p->out = a->out + first_row * HIDDEN;
         p->pre = NULL;
     }
-    f2048_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1);
+    f2048_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1, 1);
     return MOEGEN_KERNEL_OK;
 }
 /* ---- Stage 4: combine ------------------------------------------------------------------ */
@@ -1203,10 +1204,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_deepseek_v3.h). */
-const char moe_deepseek_v3_build_bfbe422671614c27[] = "bfbe422671614c27";
+const char moe_deepseek_v3_build_4ad935ed736afe4d[] = "4ad935ed736afe4d";
 
 const char *moe_deepseek_v3_describe(void) {
-    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build bfbe422671614c27, "
+    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build 4ad935ed736afe4d, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1823,8 +1824,9 @@ static int64_t task_grid(const int64_t *rows_of, int n, int64_t cols, int64_t *s
 
 /* P_backward_data for the problems of this shape: GEMM1 again with its pre-activations kept
  * (or, when the forward kept them, the activations from them), then da = (do W2) * act'(pre),
- * then du = da W1. */
-static void f2048_backward_data(const bwd_problem *problems, int n_problems, int n_threads, int kept) {
+ * then du = da W1.
+ */
+static void f2048_backward_data(const bwd_problem *problems, int n_problems, int n_threads, int kept, void *pack) {
     if (n_problems == 0) return;
     ffn_problem fwd[n_problems];
     int64_t rows_of[n_problems], start1[n_problems + 1], start_dh[n_problems + 1], start_du[n_problems + 1];
@@ -1838,10 +1840,12 @@ static void f2048_backward_data(const bwd_problem *problems, int n_problems, int
         rows_of[p] = b->n_rows;
         start1[p + 1] = start1[p] + (b->n_rows + BLOCK_ROWS - 1) / BLOCK_ROWS * col_blocks1;
     }
+    (void)pack;
     const int64_t n_tasks1 = kept ? 0 : start1[n_problems];
+    const int h_from_pre = kept;
     int64_t start_h[n_problems + 1];
     start_h[0] = 0;
-    for (int p = 0; p < n_problems; p++) start_h[p + 1] = start_h[p] + (kept ? problems[p].n_rows : 0);
+    for (int p = 0; p < n_problems; p++) start_h[p + 1] = start_h[p] + (h_from_pre ? problems[p].n_rows : 0);
     const int64_t n_rows_h = start_h[n_problems];
     const int64_t n_dh = task_grid(rows_of, n_problems, 2048, start_dh);
     const int64_t n_du = task_grid(rows_of, n_problems, HIDDEN, start_du);
@@ -1856,7 +1860,7 @@ static void f2048_backward_data(const bwd_problem *problems, int n_problems, int
             f2048_gemm1_task(&fwd[p], (local / col_blocks1) * BLOCK_ROWS, (local % col_blocks1) * BLOCK_COLS);
         }
 #pragma omp for schedule(static)
-        for (int64_t row = 0; row < n_rows_h; row++) { /* kept: h from the forward's pre-activations */
+        for (int64_t row = 0; row < n_rows_h; row++) { /* h from the forward's pre-activations */
             int p = problem_of_task(start_h, n_problems, row);
             const int64_t r = row - start_h[p];
             const float *pre = problems[p].pre + r * 4096;
@@ -2199,7 +2203,8 @@ static int run_pass_a(const backward_state *bs, int n_threads) {
  * shared experts and the residual MLP (`dense`). */
 static void run_ffn_data(const backward_state *bs, int routed, int dense, int kept, int n_threads) {
     bwd_problem problems[NUM_EXPERTS + 1 + SHARED_EXPERTS];
-    f2048_backward_data(problems, backward_problems(bs, NULL, 2048, routed, dense, problems), n_threads, kept);
+    f2048_backward_data(problems, backward_problems(bs, NULL, 2048, routed, dense, problems), n_threads, kept,
+                                NULL);
 }
 
 /* Token pass B over every token, then the mark P_backward_weights checks. */
@@ -2299,7 +2304,9 @@ int moe_deepseek_v3_backward_experts(const moegen_kernel_expert_backward_args *a
     bwd_problem problems[NUM_EXPERTS];
     const int n = expert_rows_problems(args, problems);
     if (n < 0) return args && args->abi_version != MOEGEN_KERNEL_ABI_VERSION ? MOEGEN_KERNEL_EABI : MOEGEN_KERNEL_EARG;
-    f2048_backward_data(problems, n, args->n_threads > 0 ? args->n_threads : 1, 0);
+    void *pack = NULL;
+    f2048_backward_data(problems, n, args->n_threads > 0 ? args->n_threads : 1, 0, pack);
+    free(pack);
     return MOEGEN_KERNEL_OK;
 }
 

@@ -959,8 +959,9 @@ static void f1024_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     }
 }
 
-/* Run every problem of shape f1024: all GEMM1 tasks, a barrier, all GEMM2 tasks. */
-static void f1024_run(const ffn_problem *problems, int n_problems, int n_threads) {
+/* Run every problem of shape f1024: all GEMM1 tasks, a barrier, all GEMM2 tasks (none when
+ * `gemm2` is 0: the backward's recompute). */
+static void f1024_run(const ffn_problem *problems, int n_problems, int n_threads, int gemm2) {
     if (n_problems == 0) return;
     const int64_t col_blocks1 = (1024 + BLOCK_COLS - 1) / BLOCK_COLS;
     const int64_t col_blocks2 = (HIDDEN + BLOCK_COLS - 1) / BLOCK_COLS;
@@ -971,7 +972,7 @@ static void f1024_run(const ffn_problem *problems, int n_problems, int n_threads
         start1[p + 1] = start1[p] + row_blocks * col_blocks1;
         start2[p + 1] = start2[p] + row_blocks * col_blocks2;
     }
-    const int64_t n_tasks1 = start1[n_problems], n_tasks2 = start2[n_problems];
+    const int64_t n_tasks1 = start1[n_problems], n_tasks2 = gemm2 ? start2[n_problems] : 0;
 #pragma omp parallel num_threads(n_threads)
     {
 #pragma omp for schedule(dynamic, 1)
@@ -1019,7 +1020,7 @@ static void run_experts(forward_state *st, int n_threads, int routed, int dense)
         p->out = st->expert_out + first_row * HIDDEN;
         p->pre = st->keep_routed ? st->keep_routed + first_row * 2048 : NULL;
     }
-    f1024_run(problems, n_problems, n_threads);
+    f1024_run(problems, n_problems, n_threads, 1);
 }
 
 /* P_experts: the routed experts [first, first + n) over the caller's rows, in one
@@ -1044,7 +1045,7 @@ static int run_routed_rows(const moegen_kernel_expert_args *a) {
         p->out = a->out + first_row * HIDDEN;
         p->pre = NULL;
     }
-    f1024_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1);
+    f1024_run(problems, a->n_experts, a->n_threads > 0 ? a->n_threads : 1, 1);
     return MOEGEN_KERNEL_OK;
 }
 /* ---- Stage 4: combine ------------------------------------------------------------------ */
@@ -1131,10 +1132,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_olmoe_1b_7b.h). */
-const char moe_olmoe_1b_7b_build_dcbe231ca6c7726b[] = "dcbe231ca6c7726b";
+const char moe_olmoe_1b_7b_build_e40ba72be8320971[] = "e40ba72be8320971";
 
 const char *moe_olmoe_1b_7b_describe(void) {
-    return "moe_olmoe_1b_7b: spec sha256:10a4c323878756dcadadda0a4f0166ea7cb1be76451b8018ac8be2dc05b52337, variant cpu_bf16_e64k8_h2048f1024_v8r3c4b48x64q64fma_10a4c323, moegen 0.1.0, build dcbe231ca6c7726b, "
+    return "moe_olmoe_1b_7b: spec sha256:10a4c323878756dcadadda0a4f0166ea7cb1be76451b8018ac8be2dc05b52337, variant cpu_bf16_e64k8_h2048f1024_v8r3c4b48x64q64fma_10a4c323, moegen 0.1.0, build e40ba72be8320971, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1740,8 +1741,9 @@ static int64_t task_grid(const int64_t *rows_of, int n, int64_t cols, int64_t *s
 
 /* P_backward_data for the problems of this shape: GEMM1 again with its pre-activations kept
  * (or, when the forward kept them, the activations from them), then da = (do W2) * act'(pre),
- * then du = da W1. */
-static void f1024_backward_data(const bwd_problem *problems, int n_problems, int n_threads, int kept) {
+ * then du = da W1.
+ */
+static void f1024_backward_data(const bwd_problem *problems, int n_problems, int n_threads, int kept, void *pack) {
     if (n_problems == 0) return;
     ffn_problem fwd[n_problems];
     int64_t rows_of[n_problems], start1[n_problems + 1], start_dh[n_problems + 1], start_du[n_problems + 1];
@@ -1755,10 +1757,12 @@ static void f1024_backward_data(const bwd_problem *problems, int n_problems, int
         rows_of[p] = b->n_rows;
         start1[p + 1] = start1[p] + (b->n_rows + BLOCK_ROWS - 1) / BLOCK_ROWS * col_blocks1;
     }
+    (void)pack;
     const int64_t n_tasks1 = kept ? 0 : start1[n_problems];
+    const int h_from_pre = kept;
     int64_t start_h[n_problems + 1];
     start_h[0] = 0;
-    for (int p = 0; p < n_problems; p++) start_h[p + 1] = start_h[p] + (kept ? problems[p].n_rows : 0);
+    for (int p = 0; p < n_problems; p++) start_h[p + 1] = start_h[p] + (h_from_pre ? problems[p].n_rows : 0);
     const int64_t n_rows_h = start_h[n_problems];
     const int64_t n_dh = task_grid(rows_of, n_problems, 1024, start_dh);
     const int64_t n_du = task_grid(rows_of, n_problems, HIDDEN, start_du);
@@ -1773,7 +1777,7 @@ static void f1024_backward_data(const bwd_problem *problems, int n_problems, int
             f1024_gemm1_task(&fwd[p], (local / col_blocks1) * BLOCK_ROWS, (local % col_blocks1) * BLOCK_COLS);
         }
 #pragma omp for schedule(static)
-        for (int64_t row = 0; row < n_rows_h; row++) { /* kept: h from the forward's pre-activations */
+        for (int64_t row = 0; row < n_rows_h; row++) { /* h from the forward's pre-activations */
             int p = problem_of_task(start_h, n_problems, row);
             const int64_t r = row - start_h[p];
             const float *pre = problems[p].pre + r * 2048;
@@ -2077,7 +2081,8 @@ static int run_pass_a(const backward_state *bs, int n_threads) {
  * shared experts and the residual MLP (`dense`). */
 static void run_ffn_data(const backward_state *bs, int routed, int dense, int kept, int n_threads) {
     bwd_problem problems[NUM_EXPERTS + 1];
-    f1024_backward_data(problems, backward_problems(bs, NULL, 1024, routed, dense, problems), n_threads, kept);
+    f1024_backward_data(problems, backward_problems(bs, NULL, 1024, routed, dense, problems), n_threads, kept,
+                                NULL);
 }
 
 /* Token pass B over every token, then the mark P_backward_weights checks. */
@@ -2177,7 +2182,9 @@ int moe_olmoe_1b_7b_backward_experts(const moegen_kernel_expert_backward_args *a
     bwd_problem problems[NUM_EXPERTS];
     const int n = expert_rows_problems(args, problems);
     if (n < 0) return args && args->abi_version != MOEGEN_KERNEL_ABI_VERSION ? MOEGEN_KERNEL_EABI : MOEGEN_KERNEL_EARG;
-    f1024_backward_data(problems, n, args->n_threads > 0 ? args->n_threads : 1, 0);
+    void *pack = NULL;
+    f1024_backward_data(problems, n, args->n_threads > 0 ? args->n_threads : 1, 0, pack);
+    free(pack);
     return MOEGEN_KERNEL_OK;
 }
 
