@@ -1136,10 +1136,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_qwen3_30b_a3b.h). */
-const char moe_qwen3_30b_a3b_build_bed76ced404b6e91[] = "bed76ced404b6e91";
+const char moe_qwen3_30b_a3b_build_10158197f22fb74a[] = "10158197f22fb74a";
 
 const char *moe_qwen3_30b_a3b_describe(void) {
-    return "moe_qwen3_30b_a3b: spec sha256:20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425, variant cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6, moegen 0.1.0, build bed76ced404b6e91, "
+    return "moe_qwen3_30b_a3b: spec sha256:20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425, variant cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6, moegen 0.1.0, build 10158197f22fb74a, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1328,7 +1328,7 @@ int moe_qwen3_30b_a3b_combine(const moegen_kernel_args *args) {
 #define BWD_MR 4
 #define BWD_TASK_ROWS (4 * BWD_MR)           /* rows of C per parallel task */
 #define BWD_TASK_COLS (16 * VEC_FLOATS)      /* columns of C per parallel task */
-#define BWD_KC 256                           /* k per packed B panel */
+#define BWD_KC 128                           /* k per packed B panel */
 
 static __attribute__((noinline, unused)) void outer_f_v2(const float *const a[BWD_MR], int64_t a_step,
         int64_t n_k, const float *b, int64_t ldb, const int32_t *b_index, const float *b_scale,
@@ -1461,9 +1461,11 @@ static __attribute__((unused)) void outer_rows_e(const float *a, int64_t a_row, 
  * BWD_TASK_ROWS) and columns [c0, c1) (multiples of VEC_FLOATS); row i of C reads A at
  * a + (m0 + i) * a_row + k * a_step (C = A B: a_row = lda, a_step = 1; C = A^T B, the weight
  * gradients: a_row = 1, a_step = lda). B's row k is row b_index[k] (or k) of b, times
- * b_scale[k] when given. For each column tile, B's rows k0 .. k0 + BWD_KC are packed into a
- * contiguous fp32 panel (L1-sized, widened once) that every row tile then streams; the
- * accumulators carry over from panel to panel. `store` receives each finished row. */
+ * b_scale[k] when given. B's rows k0 .. k0 + BWD_KC are packed, each read front to back across
+ * [c0, c1), into fp32 panels of two vectors' columns (one L1-sized panel per column tile,
+ * widened once); every row tile then streams each panel, and the accumulators carry over
+ * from chunk to chunk. (Packing one column tile at a time read 128 bytes of each of 256 rows
+ * far apart, and waited on memory.) `store` receives each finished row. */
 static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row, int64_t a_step,
         int64_t m0, int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const elem_t *b, int64_t ldb,
         const int32_t *b_index, const float *b_scale, tile_store_fn store, void *ctx) {
@@ -1471,48 +1473,52 @@ static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row,
         outer_rows_e(a, a_row, a_step, m0, (int)rows, c0, c1, n_k, b, ldb, b_index, b_scale, store, ctx);
         return;
     }
-    float panel[BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
-    for (int64_t c = c0; c < c1;) {
-        const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1, width = nv * VEC_FLOATS;
-        const int n_tiles = (int)((rows + BWD_MR - 1) / BWD_MR);
-        vfloat tile[BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
-        memset(tile, 0, sizeof tile);
-        for (int64_t k0 = 0; k0 < n_k; k0 += BWD_KC) {
-            const int64_t kc = min_i64(BWD_KC, n_k - k0);
-            for (int64_t k = 0; k < kc; k++) {
-                const elem_t *row = b + (b_index ? (int64_t)b_index[k0 + k] : k0 + k) * ldb + c;
-                for (int v = 0; v < nv; v++) {
-                    vfloat w = load_bf16(row + v * VEC_FLOATS);
-                    if (b_scale) w = w * b_scale[k0 + k];
-                    memcpy(panel + k * width + v * VEC_FLOATS, &w, sizeof w);
-                }
+    enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
+    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
+    vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
+    const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);
+    const int n_col_tiles = (n_vectors + 1) / 2;
+    const int n_tiles = (int)((rows + BWD_MR - 1) / BWD_MR);
+    for (int64_t k0 = 0; k0 == 0 || k0 < n_k; k0 += BWD_KC) { /* once when n_k is 0: C = 0 */
+        const int64_t kc = min_i64(BWD_KC, n_k - k0);
+        const int last = k0 + kc == n_k;
+        for (int64_t k = 0; k < kc; k++) {
+            const elem_t *row = b + (b_index ? (int64_t)b_index[k0 + k] : k0 + k) * ldb + c0;
+            for (int v = 0; v < n_vectors; v++) {
+                vfloat w = load_bf16(row + v * VEC_FLOATS);
+                if (b_scale) w = w * b_scale[k0 + k];
+                const int width = (v | 1) < n_vectors ? 2 * VEC_FLOATS : VEC_FLOATS; /* its tile's */
+                memcpy(panel[v / 2] + k * width + (v % 2) * VEC_FLOATS, &w, sizeof w);
             }
+        }
+        /* a column tile's accumulators are zeroed at the first chunk and stored after the
+         * last, so with one chunk only one column tile's are live at a time */
+        for (int j = 0; j < n_col_tiles; j++) {
+            const int nv = 2 * j + 1 < n_vectors ? 2 : 1, width = nv * VEC_FLOATS;
+            if (k0 == 0) memset(tile[j], 0, sizeof tile[j]);
             for (int t = 0; t < n_tiles; t++) {
                 const int64_t m = m0 + (int64_t)t * BWD_MR;
                 const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
                 const float *ap[BWD_MR];
                 for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row + k0 * a_step;
                 if (nv == 2)
-                    outer_f_v2(ap, a_step, kc, panel, width, NULL, NULL, tile[t]);
+                    outer_f_v2(ap, a_step, kc, panel[j], width, NULL, NULL, tile[j][t]);
                 else
-                    outer_f_v1(ap, a_step, kc, panel, width, NULL, NULL, (vfloat(*)[1])tile[t]);
-            }
-        }
-        for (int t = 0; t < n_tiles; t++) {
-            const int64_t m = m0 + (int64_t)t * BWD_MR;
-            const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
-            for (int i = 0; i < valid; i++) {
-                float values[2 * VEC_FLOATS];
-                if (nv == 2) {
-                    memcpy(values, &tile[t][i][0], sizeof(vfloat));
-                    memcpy(values + VEC_FLOATS, &tile[t][i][1], sizeof(vfloat));
-                } else {
-                    memcpy(values, (char *)tile[t] + (size_t)i * sizeof(vfloat), sizeof(vfloat));
+                    outer_f_v1(ap, a_step, kc, panel[j], width, NULL, NULL, (vfloat(*)[1])tile[j][t]);
+                if (!last) continue;
+                for (int i = 0; i < valid; i++) {
+                    float values[2 * VEC_FLOATS];
+                    if (nv == 2) {
+                        memcpy(values, &tile[j][t][i][0], sizeof(vfloat));
+                        memcpy(values + VEC_FLOATS, &tile[j][t][i][1], sizeof(vfloat));
+                    } else {
+                        memcpy(values, (char *)tile[j][t] + (size_t)i * sizeof(vfloat), sizeof(vfloat));
+                    }
+                    store(ctx, m + i, c0 + 2 * VEC_FLOATS * j, values, width);
                 }
-                store(ctx, m + i, c, values, width);
             }
         }
-        c += width;
     }
 }
 
@@ -1552,9 +1558,11 @@ static __attribute__((unused)) void outer_rows_f(const float *a, int64_t a_row, 
  * BWD_TASK_ROWS) and columns [c0, c1) (multiples of VEC_FLOATS); row i of C reads A at
  * a + (m0 + i) * a_row + k * a_step (C = A B: a_row = lda, a_step = 1; C = A^T B, the weight
  * gradients: a_row = 1, a_step = lda). B's row k is row b_index[k] (or k) of b, times
- * b_scale[k] when given. For each column tile, B's rows k0 .. k0 + BWD_KC are packed into a
- * contiguous fp32 panel (L1-sized, widened once) that every row tile then streams; the
- * accumulators carry over from panel to panel. `store` receives each finished row. */
+ * b_scale[k] when given. B's rows k0 .. k0 + BWD_KC are packed, each read front to back across
+ * [c0, c1), into fp32 panels of two vectors' columns (one L1-sized panel per column tile,
+ * widened once); every row tile then streams each panel, and the accumulators carry over
+ * from chunk to chunk. (Packing one column tile at a time read 128 bytes of each of 256 rows
+ * far apart, and waited on memory.) `store` receives each finished row. */
 static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row, int64_t a_step,
         int64_t m0, int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const float *b, int64_t ldb,
         const int32_t *b_index, const float *b_scale, tile_store_fn store, void *ctx) {
@@ -1562,48 +1570,52 @@ static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row,
         outer_rows_f(a, a_row, a_step, m0, (int)rows, c0, c1, n_k, b, ldb, b_index, b_scale, store, ctx);
         return;
     }
-    float panel[BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
-    for (int64_t c = c0; c < c1;) {
-        const int nv = c1 - c >= 2 * VEC_FLOATS ? 2 : 1, width = nv * VEC_FLOATS;
-        const int n_tiles = (int)((rows + BWD_MR - 1) / BWD_MR);
-        vfloat tile[BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
-        memset(tile, 0, sizeof tile);
-        for (int64_t k0 = 0; k0 < n_k; k0 += BWD_KC) {
-            const int64_t kc = min_i64(BWD_KC, n_k - k0);
-            for (int64_t k = 0; k < kc; k++) {
-                const float *row = b + (b_index ? (int64_t)b_index[k0 + k] : k0 + k) * ldb + c;
-                for (int v = 0; v < nv; v++) {
-                    vfloat w = load_f32(row + v * VEC_FLOATS);
-                    if (b_scale) w = w * b_scale[k0 + k];
-                    memcpy(panel + k * width + v * VEC_FLOATS, &w, sizeof w);
-                }
+    enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
+    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
+    vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
+    const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);
+    const int n_col_tiles = (n_vectors + 1) / 2;
+    const int n_tiles = (int)((rows + BWD_MR - 1) / BWD_MR);
+    for (int64_t k0 = 0; k0 == 0 || k0 < n_k; k0 += BWD_KC) { /* once when n_k is 0: C = 0 */
+        const int64_t kc = min_i64(BWD_KC, n_k - k0);
+        const int last = k0 + kc == n_k;
+        for (int64_t k = 0; k < kc; k++) {
+            const float *row = b + (b_index ? (int64_t)b_index[k0 + k] : k0 + k) * ldb + c0;
+            for (int v = 0; v < n_vectors; v++) {
+                vfloat w = load_f32(row + v * VEC_FLOATS);
+                if (b_scale) w = w * b_scale[k0 + k];
+                const int width = (v | 1) < n_vectors ? 2 * VEC_FLOATS : VEC_FLOATS; /* its tile's */
+                memcpy(panel[v / 2] + k * width + (v % 2) * VEC_FLOATS, &w, sizeof w);
             }
+        }
+        /* a column tile's accumulators are zeroed at the first chunk and stored after the
+         * last, so with one chunk only one column tile's are live at a time */
+        for (int j = 0; j < n_col_tiles; j++) {
+            const int nv = 2 * j + 1 < n_vectors ? 2 : 1, width = nv * VEC_FLOATS;
+            if (k0 == 0) memset(tile[j], 0, sizeof tile[j]);
             for (int t = 0; t < n_tiles; t++) {
                 const int64_t m = m0 + (int64_t)t * BWD_MR;
                 const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
                 const float *ap[BWD_MR];
                 for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row + k0 * a_step;
                 if (nv == 2)
-                    outer_f_v2(ap, a_step, kc, panel, width, NULL, NULL, tile[t]);
+                    outer_f_v2(ap, a_step, kc, panel[j], width, NULL, NULL, tile[j][t]);
                 else
-                    outer_f_v1(ap, a_step, kc, panel, width, NULL, NULL, (vfloat(*)[1])tile[t]);
-            }
-        }
-        for (int t = 0; t < n_tiles; t++) {
-            const int64_t m = m0 + (int64_t)t * BWD_MR;
-            const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
-            for (int i = 0; i < valid; i++) {
-                float values[2 * VEC_FLOATS];
-                if (nv == 2) {
-                    memcpy(values, &tile[t][i][0], sizeof(vfloat));
-                    memcpy(values + VEC_FLOATS, &tile[t][i][1], sizeof(vfloat));
-                } else {
-                    memcpy(values, (char *)tile[t] + (size_t)i * sizeof(vfloat), sizeof(vfloat));
+                    outer_f_v1(ap, a_step, kc, panel[j], width, NULL, NULL, (vfloat(*)[1])tile[j][t]);
+                if (!last) continue;
+                for (int i = 0; i < valid; i++) {
+                    float values[2 * VEC_FLOATS];
+                    if (nv == 2) {
+                        memcpy(values, &tile[j][t][i][0], sizeof(vfloat));
+                        memcpy(values + VEC_FLOATS, &tile[j][t][i][1], sizeof(vfloat));
+                    } else {
+                        memcpy(values, (char *)tile[j][t] + (size_t)i * sizeof(vfloat), sizeof(vfloat));
+                    }
+                    store(ctx, m + i, c0 + 2 * VEC_FLOATS * j, values, width);
                 }
-                store(ctx, m + i, c, values, width);
             }
         }
-        c += width;
     }
 }
 
