@@ -125,7 +125,8 @@ static __attribute__((unused)) void outer_block_${bt.tag}(const float *a, int64_
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);

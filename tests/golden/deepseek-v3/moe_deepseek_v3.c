@@ -1204,10 +1204,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_deepseek_v3.h). */
-const char moe_deepseek_v3_build_75730c44f7ad56ee[] = "75730c44f7ad56ee";
+const char moe_deepseek_v3_build_80d716d9358ee8cb[] = "80d716d9358ee8cb";
 
 const char *moe_deepseek_v3_describe(void) {
-    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build 75730c44f7ad56ee, "
+    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build 80d716d9358ee8cb, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1546,7 +1546,8 @@ static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);
@@ -1643,7 +1644,8 @@ static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);

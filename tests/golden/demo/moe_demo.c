@@ -1140,10 +1140,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_demo.h). */
-const char moe_demo_build_d91832e999257e29[] = "d91832e999257e29";
+const char moe_demo_build_61887fa18e9c39b3[] = "61887fa18e9c39b3";
 
 const char *moe_demo_describe(void) {
-    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build d91832e999257e29, "
+    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build 61887fa18e9c39b3, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1478,7 +1478,8 @@ static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);
@@ -1575,7 +1576,8 @@ static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);

@@ -1136,10 +1136,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_mixtral_8x7b.h). */
-const char moe_mixtral_8x7b_build_3c2bfc25993865d1[] = "3c2bfc25993865d1";
+const char moe_mixtral_8x7b_build_f7ae863632fb1957[] = "f7ae863632fb1957";
 
 const char *moe_mixtral_8x7b_describe(void) {
-    return "moe_mixtral_8x7b: spec sha256:0060ababc5f27de5c061323c2e16ad034953b0f947bd5942de53d6989f6a82cc, variant cpu_bf16_e8k2_h4096f14336_v8r3c4b48x64q64fma_0060abab, moegen 0.1.0, build 3c2bfc25993865d1, "
+    return "moe_mixtral_8x7b: spec sha256:0060ababc5f27de5c061323c2e16ad034953b0f947bd5942de53d6989f6a82cc, variant cpu_bf16_e8k2_h4096f14336_v8r3c4b48x64q64fma_0060abab, moegen 0.1.0, build f7ae863632fb1957, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1474,7 +1474,8 @@ static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);
@@ -1571,7 +1572,8 @@ static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);

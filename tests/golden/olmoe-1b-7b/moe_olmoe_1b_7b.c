@@ -1132,10 +1132,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_olmoe_1b_7b.h). */
-const char moe_olmoe_1b_7b_build_b1362e186d568116[] = "b1362e186d568116";
+const char moe_olmoe_1b_7b_build_e3a19e62341fbab7[] = "e3a19e62341fbab7";
 
 const char *moe_olmoe_1b_7b_describe(void) {
-    return "moe_olmoe_1b_7b: spec sha256:10a4c323878756dcadadda0a4f0166ea7cb1be76451b8018ac8be2dc05b52337, variant cpu_bf16_e64k8_h2048f1024_v8r3c4b48x64q64fma_10a4c323, moegen 0.1.0, build b1362e186d568116, "
+    return "moe_olmoe_1b_7b: spec sha256:10a4c323878756dcadadda0a4f0166ea7cb1be76451b8018ac8be2dc05b52337, variant cpu_bf16_e64k8_h2048f1024_v8r3c4b48x64q64fma_10a4c323, moegen 0.1.0, build e3a19e62341fbab7, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1470,7 +1470,8 @@ static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);
@@ -1567,7 +1568,8 @@ static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);

@@ -1400,10 +1400,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_qwen1_5_moe_a2_7b.h). */
-const char moe_qwen1_5_moe_a2_7b_build_b1983246c31d241f[] = "b1983246c31d241f";
+const char moe_qwen1_5_moe_a2_7b_build_ef0a3e561ed9d510[] = "ef0a3e561ed9d510";
 
 const char *moe_qwen1_5_moe_a2_7b_describe(void) {
-    return "moe_qwen1_5_moe_a2_7b: spec sha256:499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02, variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a, moegen 0.1.0, build b1983246c31d241f, "
+    return "moe_qwen1_5_moe_a2_7b: spec sha256:499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02, variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a, moegen 0.1.0, build ef0a3e561ed9d510, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1742,7 +1742,8 @@ static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);
@@ -1839,7 +1840,8 @@ static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);

@@ -1136,10 +1136,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_qwen3_30b_a3b.h). */
-const char moe_qwen3_30b_a3b_build_10158197f22fb74a[] = "10158197f22fb74a";
+const char moe_qwen3_30b_a3b_build_bbad7ba28224af41[] = "bbad7ba28224af41";
 
 const char *moe_qwen3_30b_a3b_describe(void) {
-    return "moe_qwen3_30b_a3b: spec sha256:20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425, variant cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6, moegen 0.1.0, build 10158197f22fb74a, "
+    return "moe_qwen3_30b_a3b: spec sha256:20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425, variant cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6, moegen 0.1.0, build bbad7ba28224af41, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1474,7 +1474,8 @@ static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);
@@ -1571,7 +1572,8 @@ static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);

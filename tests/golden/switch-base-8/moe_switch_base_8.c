@@ -948,10 +948,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_switch_base_8.h). */
-const char moe_switch_base_8_build_4e41f004c92c4f2f[] = "4e41f004c92c4f2f";
+const char moe_switch_base_8_build_7d33e77bf993a6da[] = "7d33e77bf993a6da";
 
 const char *moe_switch_base_8_describe(void) {
-    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build 4e41f004c92c4f2f, "
+    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build 7d33e77bf993a6da, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1286,7 +1286,8 @@ static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);
@@ -1383,7 +1384,8 @@ static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row,
         return;
     }
     enum { MAX_COL_TILES = BWD_TASK_COLS / (2 * VEC_FLOATS) };
-    /* column tile j: columns c0 + 2 * VEC_FLOATS * j, width[j] of them; its panel [kc][width[j]] */
+    /* column tile j: the two vectors of columns from c0 + 2 * VEC_FLOATS * j (one vector for an
+     * odd last); its panel [kc][its width] */
     float panel[MAX_COL_TILES][BWD_KC * 2 * VEC_FLOATS] __attribute__((aligned(64)));
     vfloat tile[MAX_COL_TILES][BWD_TASK_ROWS / BWD_MR][BWD_MR][2];
     const int n_vectors = (int)((c1 - c0) / VEC_FLOATS);
