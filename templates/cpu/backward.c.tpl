@@ -649,132 +649,14 @@ static void token_pass_a(const backward_state *bs, int64_t t, float *g, float *y
 
 /* ---- Token pass B: the router's backward and dx ---------------------------------------- */
 
-/* Token t: d loss / d logits (numerics §8.2 steps 5-9), from d loss / d combine weights.
- * aux_grad[e] = aux_coeff * d aux / d p[t][e] (the same for every token). */
+% include("templates/common/router_backward.c.tpl")
+
+/* Token t: d loss / d logits, from d loss / d combine weights (router_backward.c.tpl). */
 static void router_backward(const backward_state *bs, int64_t t, const float *aux_grad, float *dz) {
     const forward_state *st = &bs->f;
-    const float *z = st->logits + t * NUM_EXPERTS;
-    const int32_t *ids = st->route_expert + t * TOP_K;
-    const uint8_t *valid = st->route_valid + t * TOP_K;
-    const int32_t *row = st->route_row + t * TOP_K;
-    const float *dw_final = bs->dw_final + t * TOP_K;
-    float s[NUM_EXPERTS], ds[NUM_EXPERTS];
-    router_scores(z, s);
-    for (int e = 0; e < NUM_EXPERTS; e++) ds[e] = dz[e] = 0.0f;
-
-    /* Capacity: the final weights from the router weights (§8.2.5). */
-    float dw[TOP_K];
-% if spec.capacity.renormalize then
-    const float *weight = st->route_weight + t * TOP_K; /* after norm and scaling, before capacity */
-    float kept_sum = 0.0f, kept_dot = 0.0f;
-    for (int j = 0; j < TOP_K; j++)
-        if (row[j] >= 0) {
-            kept_sum += weight[j];
-            kept_dot += dw_final[j] * weight[j];
-        }
-    const float kept_norm = kept_sum > WEIGHT_SUM_EPS ? kept_sum : WEIGHT_SUM_EPS;
-    const float kept_mean = kept_sum > WEIGHT_SUM_EPS ? kept_dot / kept_norm : 0.0f;
-    for (int j = 0; j < TOP_K; j++)
-        dw[j] = row[j] >= 0 ? ROUTED_SCALING_FACTOR / kept_norm * (dw_final[j] - kept_mean) : 0.0f;
-% else
-    for (int j = 0; j < TOP_K; j++) dw[j] = row[j] >= 0 ? dw_final[j] : 0.0f;
-% end
-% if r.routed_scaling_factor ~= 1 then
-    for (int j = 0; j < TOP_K; j++) dw[j] *= ROUTED_SCALING_FACTOR; /* routed_scaling_factor */
-% end
-
-    /* The router weights from the scores (§8.2.6). */
-% local need_v = r.norm_topk_prob or (softmax and r.order == "topk_then_softmax")
-% if need_v then
-    float v[TOP_K]; /* the weights before norm_topk_prob */
-% if softmax and r.order == "topk_then_softmax" then
-    float v_max = -INFINITY, v_sum = 0.0f;
-    for (int j = 0; j < TOP_K; j++)
-        if (valid[j] && z[ids[j]] > v_max) v_max = z[ids[j]];
-    for (int j = 0; j < TOP_K; j++) {
-        v[j] = valid[j] ? expf(z[ids[j]] - v_max) : 0.0f;
-        v_sum += v[j];
-    }
-    for (int j = 0; j < TOP_K; j++) v[j] = valid[j] ? v[j] / v_sum : 0.0f;
-% else
-    for (int j = 0; j < TOP_K; j++) v[j] = valid[j] ? s[ids[j]] : 0.0f;
-% end
-% end
-    float dv[TOP_K];
-% if r.norm_topk_prob then
-    float v_total = 0.0f;
-    for (int j = 0; j < TOP_K; j++) v_total += v[j];
-    const float v_norm = v_total > WEIGHT_SUM_EPS ? v_total : WEIGHT_SUM_EPS;
-    float w_dot = 0.0f;
-    for (int j = 0; j < TOP_K; j++) w_dot += dw[j] * (v[j] / v_norm);
-    if (!(v_total > WEIGHT_SUM_EPS)) w_dot = 0.0f;
-    for (int j = 0; j < TOP_K; j++) dv[j] = valid[j] ? (dw[j] - w_dot) / v_norm : 0.0f;
-% else
-    for (int j = 0; j < TOP_K; j++) dv[j] = valid[j] ? dw[j] : 0.0f;
-% end
-% if softmax and r.order == "topk_then_softmax" then
-    float v_dot = 0.0f;
-    for (int j = 0; j < TOP_K; j++) v_dot += v[j] * dv[j];
-    for (int j = 0; j < TOP_K; j++)
-        if (valid[j]) dz[ids[j]] += v[j] * (dv[j] - v_dot);
-% else
-    for (int j = 0; j < TOP_K; j++)
-        if (valid[j]) ds[ids[j]] += dv[j];
-% end
-% if aux ~= "none" then
-
-    /* Load-balancing loss (§8.2.7). */
-%   if softmax or aux == "ds_first_choice" then
-%     if softmax then
-    const float *p = s; /* softmax over all experts */
-%     else
-    float p[NUM_EXPERTS];
-    router_softmax(z, p);
-%     end
-    float p_dot = 0.0f;
-    for (int e = 0; e < NUM_EXPERTS; e++) p_dot += p[e] * aux_grad[e];
-    for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += p[e] * (aux_grad[e] - p_dot);
-%   else
-    float s_total = 0.0f; /* p = s / max(sum s, 1e-20) */
-    for (int e = 0; e < NUM_EXPERTS; e++) s_total += z[e] > -INFINITY ? s[e] : 0.0f;
-    const float s_norm = s_total > WEIGHT_SUM_EPS ? s_total : WEIGHT_SUM_EPS;
-    float p_dot = 0.0f;
-    for (int e = 0; e < NUM_EXPERTS; e++) p_dot += z[e] > -INFINITY ? aux_grad[e] * (s[e] / s_norm) : 0.0f;
-    if (!(s_total > WEIGHT_SUM_EPS)) p_dot = 0.0f;
-    for (int e = 0; e < NUM_EXPERTS; e++)
-        if (z[e] > -INFINITY) ds[e] += (aux_grad[e] - p_dot) / s_norm;
-%   end
-% else
-    (void)aux_grad;
-% end
-
-    /* z-loss (§8.2.8): z_coeff * 2 lse softmax / S. */
-    if (bs->z_coeff != 0.0f) {
-        float z_max = -INFINITY;
-        for (int e = 0; e < NUM_EXPERTS; e++)
-            if (z[e] > z_max) z_max = z[e];
-        if (z_max > -INFINITY) {
-            float exp_sum = 0.0f;
-            for (int e = 0; e < NUM_EXPERTS; e++) exp_sum += expf(z[e] - z_max);
-            const float lse = (float)((double)z_max + log((double)exp_sum));
-            const float scale = bs->z_coeff * 2.0f * lse / (float)st->n_tokens;
-            for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += scale * (expf(z[e] - z_max) / exp_sum);
-        }
-    }
-
-    /* Scores to logits (§8.2.9); logits that were not finite pass nothing. */
-% if softmax then
-    float s_dot = 0.0f;
-    for (int e = 0; e < NUM_EXPERTS; e++) s_dot += s[e] * ds[e];
-    for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += s[e] * (ds[e] - s_dot);
-% elseif r.score_function == "sigmoid" then
-    for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += ds[e] * s[e] * (1.0f - s[e]);
-% else
-    for (int e = 0; e < NUM_EXPERTS; e++)
-        if (s[e] > 0.0f) dz[e] += ds[e] * sigmoid(z[e]) / (2.0f * s[e]);
-% end
-    for (int e = 0; e < NUM_EXPERTS; e++)
-        if (!(z[e] > -INFINITY && z[e] < FLT_MAX)) dz[e] = 0.0f;
+    router_backward_token(st->logits + t * NUM_EXPERTS, st->route_expert + t * TOP_K, st->route_valid + t * TOP_K,
+                          st->route_row + t * TOP_K, st->route_weight + t * TOP_K, bs->dw_final + t * TOP_K,
+                          aux_grad, bs->z_coeff, st->n_tokens, dz);
 }
 
 /* Token t: the router's backward, then dx[t] as the sum of its routed rows' du (slot

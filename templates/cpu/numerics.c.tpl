@@ -4,6 +4,9 @@
 % local elem = moe.elem_type(spec.dtype)
 /* ---- Numerics -------------------------------------------------------------------- */
 
+/* The qualifier of the per-token functions both backends share (templates/common/). */
+#define TOKEN_FN static
+
 /* Storage type of layer-dtype tensors (${spec.dtype}). */
 typedef ${elem} elem_t;
 

@@ -8,46 +8,7 @@
 % local aux = moe.aux_kind(spec)
 /* ---- Stage 1: router ------------------------------------------------------------------ */
 
-/* Scores of one token from its sanitized logits (${r.score_function}). */
-static void router_scores(const float *z, float score[NUM_EXPERTS]) {
-% if softmax then
-    float max = -INFINITY;
-    for (int e = 0; e < NUM_EXPERTS; e++)
-        if (z[e] > max) max = z[e];
-    if (max == -INFINITY) {
-        for (int e = 0; e < NUM_EXPERTS; e++) score[e] = 0.0f;
-        return;
-    }
-    float sum = 0.0f;
-    for (int e = 0; e < NUM_EXPERTS; e++) {
-        score[e] = expf(z[e] - max);
-        sum += score[e];
-    }
-    for (int e = 0; e < NUM_EXPERTS; e++) score[e] /= sum;
-% elseif r.score_function == "sigmoid" then
-    for (int e = 0; e < NUM_EXPERTS; e++) score[e] = sigmoid(z[e]);
-% else
-    for (int e = 0; e < NUM_EXPERTS; e++) { /* sqrt(softplus(z)), stable for large |z| */
-        float softplus = z[e] > 20.0f ? z[e] + log1pf(expf(-z[e])) : log1pf(expf(z[e]));
-        score[e] = sqrtf(softplus);
-    }
-% end
-}
-% if aux ~= "none" and not softmax then
-
-/* Softmax over all experts of one token's sanitized logits (aux loss of a non-softmax router). */
-static void router_softmax(const float *z, float prob[NUM_EXPERTS]) {
-    float max = -INFINITY;
-    for (int e = 0; e < NUM_EXPERTS; e++)
-        if (z[e] > max) max = z[e];
-    float sum = 0.0f;
-    for (int e = 0; e < NUM_EXPERTS; e++) {
-        prob[e] = max == -INFINITY ? 0.0f : expf(z[e] - max);
-        sum += prob[e];
-    }
-    for (int e = 0; e < NUM_EXPERTS; e++) prob[e] = sum > 0.0f ? prob[e] / sum : 0.0f;
-}
-% end
+% include("templates/common/router_scores.c.tpl")
 
 /* Index of the largest candidate score not yet taken, or -1 if every candidate left is
  * -inf (invalid). Strict '>' makes the lower index win ties. */

@@ -53,6 +53,9 @@ _Static_assert(BLOCK_COLS % TILE_COLS == 0, "a column block must hold whole colu
 
 /* ---- Numerics -------------------------------------------------------------------- */
 
+/* The qualifier of the per-token functions both backends share (templates/common/). */
+#define TOKEN_FN static
+
 /* Storage type of layer-dtype tensors (bf16). */
 typedef uint16_t elem_t;
 
@@ -636,7 +639,7 @@ static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 /* ---- Stage 1: router ------------------------------------------------------------------ */
 
 /* Scores of one token from its sanitized logits (softmax). */
-static void router_scores(const float *z, float score[NUM_EXPERTS]) {
+TOKEN_FN void router_scores(const float *z, float score[NUM_EXPERTS]) {
     float max = -INFINITY;
     for (int e = 0; e < NUM_EXPERTS; e++)
         if (z[e] > max) max = z[e];
@@ -1136,10 +1139,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_qwen3_30b_a3b.h). */
-const char moe_qwen3_30b_a3b_build_bbad7ba28224af41[] = "bbad7ba28224af41";
+const char moe_qwen3_30b_a3b_build_feb20148b1360c45[] = "feb20148b1360c45";
 
 const char *moe_qwen3_30b_a3b_describe(void) {
-    return "moe_qwen3_30b_a3b: spec sha256:20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425, variant cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6, moegen 0.1.0, build bbad7ba28224af41, "
+    return "moe_qwen3_30b_a3b: spec sha256:20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425, variant cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6, moegen 0.1.0, build feb20148b1360c45, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1938,21 +1941,23 @@ static void token_pass_a(const backward_state *bs, int64_t t, float *g, float *y
 
 /* ---- Token pass B: the router's backward and dx ---------------------------------------- */
 
-/* Token t: d loss / d logits (numerics §8.2 steps 5-9), from d loss / d combine weights.
- * aux_grad[e] = aux_coeff * d aux / d p[t][e] (the same for every token). */
-static void router_backward(const backward_state *bs, int64_t t, const float *aux_grad, float *dz) {
-    const forward_state *st = &bs->f;
-    const float *z = st->logits + t * NUM_EXPERTS;
-    const int32_t *ids = st->route_expert + t * TOP_K;
-    const uint8_t *valid = st->route_valid + t * TOP_K;
-    const int32_t *row = st->route_row + t * TOP_K;
-    const float *dw_final = bs->dw_final + t * TOP_K;
+/* One token's d loss / d logits (numerics §8.2 steps 5-9) into dz[NUM_EXPERTS], from:
+ *   z         its sanitized logits [NUM_EXPERTS];
+ *   ids, valid, row, weight  its routes [TOP_K]: expert, valid, row (-1: dropped, invalid or
+ *             a padding token) and router weight (after norm and scaling, before capacity);
+ *   dw_final  d loss / d combine weight [TOP_K];
+ *   aux_grad  aux_coeff * d aux / d p[t][e] (the same for every token);
+ *   z_coeff, n_tokens  the z-loss coefficient and the token count it averages over. */
+TOKEN_FN void router_backward_token(const float *z, const int *ids, const unsigned char *valid, const int *row,
+                                    const float *weight, const float *dw_final, const float *aux_grad,
+                                    float z_coeff, long long n_tokens, float *dz) {
     float s[NUM_EXPERTS], ds[NUM_EXPERTS];
     router_scores(z, s);
     for (int e = 0; e < NUM_EXPERTS; e++) ds[e] = dz[e] = 0.0f;
 
     /* Capacity: the final weights from the router weights (§8.2.5). */
     float dw[TOP_K];
+    (void)weight; /* no renormalization after drops */
     for (int j = 0; j < TOP_K; j++) dw[j] = row[j] >= 0 ? dw_final[j] : 0.0f;
 
     /* The router weights from the scores (§8.2.6). */
@@ -1976,7 +1981,7 @@ static void router_backward(const backward_state *bs, int64_t t, const float *au
     for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += p[e] * (aux_grad[e] - p_dot);
 
     /* z-loss (§8.2.8): z_coeff * 2 lse softmax / S. */
-    if (bs->z_coeff != 0.0f) {
+    if (z_coeff != 0.0f) {
         float z_max = -INFINITY;
         for (int e = 0; e < NUM_EXPERTS; e++)
             if (z[e] > z_max) z_max = z[e];
@@ -1984,7 +1989,7 @@ static void router_backward(const backward_state *bs, int64_t t, const float *au
             float exp_sum = 0.0f;
             for (int e = 0; e < NUM_EXPERTS; e++) exp_sum += expf(z[e] - z_max);
             const float lse = (float)((double)z_max + log((double)exp_sum));
-            const float scale = bs->z_coeff * 2.0f * lse / (float)st->n_tokens;
+            const float scale = z_coeff * 2.0f * lse / (float)n_tokens;
             for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += scale * (expf(z[e] - z_max) / exp_sum);
         }
     }
@@ -1995,6 +2000,14 @@ static void router_backward(const backward_state *bs, int64_t t, const float *au
     for (int e = 0; e < NUM_EXPERTS; e++) dz[e] += s[e] * (ds[e] - s_dot);
     for (int e = 0; e < NUM_EXPERTS; e++)
         if (!(z[e] > -INFINITY && z[e] < FLT_MAX)) dz[e] = 0.0f;
+}
+
+/* Token t: d loss / d logits, from d loss / d combine weights (router_backward.c.tpl). */
+static void router_backward(const backward_state *bs, int64_t t, const float *aux_grad, float *dz) {
+    const forward_state *st = &bs->f;
+    router_backward_token(st->logits + t * NUM_EXPERTS, st->route_expert + t * TOP_K, st->route_valid + t * TOP_K,
+                          st->route_row + t * TOP_K, st->route_weight + t * TOP_K, bs->dw_final + t * TOP_K,
+                          aux_grad, bs->z_coeff, st->n_tokens, dz);
 }
 
 /* Token t: the router's backward, then dx[t] as the sum of its routed rows' du (slot
