@@ -63,7 +63,7 @@ static const char usage_run[] =
     "                      \"Kernel variants\")\n"
     "  --no-tuning         the default variant even where a tuning database exists\n"
     "                      (docs/tuning.md)\n"
-    "  --backward          also run training steps (CPU, ep_size 1): the forward that keeps\n"
+    "  --backward          also run training steps (ep_size 1; CPU or CUDA): the forward that keeps\n"
     "                      its state and the backward (docs/numerics.md §8), timed against\n"
     "                      the forward, the gradients verified against the reference backward\n"
     "                      (dy random from --seed, or DIR/dy.npy with --load); with --save,\n"
@@ -713,16 +713,15 @@ report_done:;
     if (o.save_dir && save_all(o.save_dir, &ts, &spec, &out)) goto done;
     rc = (verify_rc == 0 && report.ok) ? 0 : 1;
     if (o.backward) {
-        if (on_gpu || desc.ep_size > 1) {
-            moegen_cli_error("run --backward: the training backward runs on CPU layers with ep_size 1 so far "
-                             "(use --device cpu)");
+        if (desc.ep_size > 1) {
+            moegen_cli_error("run --backward: the training backward runs on layers with ep_size 1 so far");
             rc = 1;
             goto done;
         }
         cli_train_options train = {.seed = (uint64_t)o.seed, .rng_offset = (uint64_t)o.rng_offset,
                                    .repeat = o.repeat, .aux_coeff = o.aux_coeff, .z_coeff = o.z_coeff,
                                    .forward_ms = median_ms, .load_dir = o.load_dir, .save_dir = o.save_dir,
-                                   .verify = !o.no_verify};
+                                   .verify = !o.no_verify, .gpu = on_gpu ? &gpu : NULL};
         if (cli_train_step(layer, &spec, &ts, &train) != 0) rc = 1;
     }
     if (o.json && chatty) {

@@ -127,9 +127,49 @@ int cuda_run_download(cuda_run *r, const moegen_spec *spec, int64_t n_tokens, vo
                   check(r, r->cu.cuMemcpyDtoH(topk_weights, r->topk_weights, S * K * 4), "cuMemcpyDtoH") ||
                   check(r, r->cu.cuMemcpyDtoH(router_weights, r->router_weights, S * K * 4), "cuMemcpyDtoH")))
         return 1;
-    return check(r, r->cu.cuMemcpyDtoH(counts_before, r->counts_before, E * 8), "cuMemcpyDtoH") ||
-           check(r, r->cu.cuMemcpyDtoH(counts_after, r->counts_after, E * 8), "cuMemcpyDtoH");
+    return (counts_before && check(r, r->cu.cuMemcpyDtoH(counts_before, r->counts_before, E * 8), "cuMemcpyDtoH")) ||
+           (counts_after && check(r, r->cu.cuMemcpyDtoH(counts_after, r->counts_after, E * 8), "cuMemcpyDtoH"));
 }
+
+int cuda_run_train_alloc(cuda_run *r, const moegen_spec *spec, const moe_backward_buffers *b, cuda_train_buffers *d, moegen_backward_io *bio,
+                         moegen_grads *g) {
+    memset(d, 0, sizeof *d);
+    const size_t x_bytes = b->n[MOE_T_X] * moegen_dtype_size(spec->dtype);
+    if (device_alloc(r, x_bytes, &d->dy) || device_alloc(r, x_bytes, &d->dx) ||
+        (x_bytes > 0 && check(r, r->cu.cuMemcpyHtoD(d->dy, b->dy, x_bytes), "cuMemcpyHtoD")))
+        return 1;
+    bio->dy = DEVICE_POINTER(d->dy);
+    bio->dx = DEVICE_POINTER(d->dx);
+    for (int i = 0; i < MOE_T_COUNT; i++) {
+        float **field = moe_grads_field(g, i);
+        if (!field || !*field) continue;
+        if (device_alloc(r, b->n[i] * sizeof(float), &d->grads[i])) return 1;
+        *field = DEVICE_POINTER(d->grads[i]);
+    }
+    return 0;
+}
+
+int cuda_run_train_download(cuda_run *r, const moegen_spec *spec, const cuda_train_buffers *d, moe_backward_buffers *b) {
+    if (cuda_run_sync(r)) return 1;
+    const size_t x_bytes = b->n[MOE_T_X] * moegen_dtype_size(spec->dtype);
+    if (x_bytes > 0 && check(r, r->cu.cuMemcpyDtoH(b->dx, d->dx, x_bytes), "cuMemcpyDtoH")) return 1;
+    for (int i = 0; i < MOE_T_COUNT; i++)
+        if (d->grads[i] && check(r, r->cu.cuMemcpyDtoH(moe_backward_grad(b, i), d->grads[i], b->n[i] * sizeof(float)),
+                                 "cuMemcpyDtoH"))
+            return 1;
+    return 0;
+}
+
+void cuda_run_train_free(cuda_run *r, cuda_train_buffers *d) {
+    if (!r->cu.library) return;
+    if (d->dy) r->cu.cuMemFree(d->dy);
+    if (d->dx) r->cu.cuMemFree(d->dx);
+    for (int i = 0; i < MOE_T_COUNT; i++)
+        if (d->grads[i]) r->cu.cuMemFree(d->grads[i]);
+    memset(d, 0, sizeof *d);
+}
+
+int cuda_run_sync(cuda_run *r) { return check(r, r->cu.cuCtxSynchronize(), "cuCtxSynchronize (a kernel failed?)"); }
 
 void cuda_run_close(cuda_run *r) {
     if (!r->cu.library) return;

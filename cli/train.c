@@ -90,6 +90,8 @@ int cli_train_step(moegen_layer *layer, const moegen_spec *spec, const moe_tenso
     int32_t *ids = calloc(routes + 1, sizeof *ids);
     float *topk = calloc(routes + 1, sizeof *topk), *router = calloc(routes + 1, sizeof *router);
     moegen_saved *saved = NULL;
+    cuda_train_buffers device;
+    memset(&device, 0, sizeof device);
     const char *dy_from = "random (--seed)";
     if (!forward_times || !backward_times || !y || !ids || !topk || !router) {
         moegen_cli_error("run --backward: out of memory");
@@ -103,6 +105,11 @@ int cli_train_step(moegen_layer *layer, const moegen_spec *spec, const moe_tenso
     moegen_forward_io io = {.n_tokens = S, .x = ts->t[MOE_T_X].data, .y = y, .topk_ids = ids,
                             .topk_weights = topk, .router_weights = router, .rng_offset = o->rng_offset};
     moegen_backward_io bio = {.dy = b.dy, .dx = b.dx, .aux_coeff = o->aux_coeff, .z_coeff = o->z_coeff};
+    moegen_grads grads = b.grads; /* on a GPU: device buffers, copied back after the steps */
+    if (o->gpu) {
+        cuda_run_io(o->gpu, S, o->rng_offset, &io);
+        if (cuda_run_train_alloc(o->gpu, spec, &b, &device, &bio, &grads)) goto done;
+    }
     moegen_error err;
     size_t saved_bytes = 0;
     for (long long i = -1; i < o->repeat; i++) { /* a warm-up, then the timed steps */
@@ -111,11 +118,13 @@ int cli_train_step(moegen_layer *layer, const moegen_spec *spec, const moe_tenso
             moegen_cli_error("%s", err.message);
             goto done;
         }
+        if (o->gpu && cuda_run_sync(o->gpu)) goto done; /* the calls return once queued */
         double mid = moegen_cli_now_ms();
-        if (moegen_layer_backward(layer, saved, &bio, &b.grads, &err) != MOEGEN_OK) {
+        if (moegen_layer_backward(layer, saved, &bio, &grads, &err) != MOEGEN_OK) {
             moegen_cli_error("%s", err.message);
             goto done;
         }
+        if (o->gpu && cuda_run_sync(o->gpu)) goto done;
         double end = moegen_cli_now_ms();
         saved_bytes = moegen_saved_bytes(saved);
         if (i >= 0) {
@@ -127,6 +136,9 @@ int cli_train_step(moegen_layer *layer, const moegen_spec *spec, const moe_tenso
             saved = NULL;
         }
     }
+    if (o->gpu && (cuda_run_train_download(o->gpu, spec, &device, &b) ||
+                   cuda_run_download(o->gpu, spec, S, y, ids, topk, router, NULL, NULL)))
+        goto done;
     const double fwd = moegen_cli_median(forward_times, o->repeat), bwd = moegen_cli_median(backward_times, o->repeat);
     printf("  training step (--backward; dy %s, aux_coeff %g, z_coeff %g):\n", dy_from, o->aux_coeff, o->z_coeff);
     printf("    forward_train median %.3f ms, backward median %.3f ms over %lld runs: backward = %.2fx the forward "
@@ -164,6 +176,7 @@ int cli_train_step(moegen_layer *layer, const moegen_spec *spec, const moe_tenso
     rc = ok ? 0 : 1;
 done:
     moegen_saved_free(saved);
+    if (o->gpu) cuda_run_train_free(o->gpu, &device);
     free(forward_times);
     free(backward_times);
     free(y);

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "moegen.h"
+#include "run_cuda.h"
 #include "spec.h"
 #include "tensors.h"
 
@@ -19,6 +20,7 @@ typedef struct cli_train_options {
     const char *load_dir;     /* dy.npy from here when present */
     const char *save_dir;     /* dy, dx and grad_<tensor>.npy go here */
     int verify;               /* 0: --no-verify */
+    cuda_run *gpu;            /* a CUDA layer: its tensors on the device (NULL: a CPU layer) */
 } cli_train_options;
 
 /* Run, time, verify and save one training step of S tokens on `layer` (bound to ts's

@@ -112,10 +112,12 @@ struct moegen_cuda_backend {
     moegen_cuda_device info;
     moegen_cu_module module;
     moegen_cu_function router, dispatch_count, dispatch_rank, dispatch_place, combine, losses, ep_pack;
+    moegen_cu_function bwd_combine, bwd_tokens, bwd_dense; /* the training backward */
     struct {
         int64_t ffn;
         moegen_cu_function gemm1, gemm2;
-    } shapes[MAX_SHAPES]; /* the GEMM pair of each ffn size a problem group uses */
+        moegen_cu_function bwd[4]; /* bwd_pre, bwd_dh, bwd_du, bwd_weights */
+    } shapes[MAX_SHAPES]; /* the kernels of each ffn size a problem group uses */
     int n_shapes;
     int group_shape[3];   /* index in shapes of each problem group's pair (-1: no problems) */
     moegen_cuda_variant variant; /* from moegen_generated.variant: what the module was rendered with */
@@ -303,6 +305,11 @@ static moegen_cuda_layer launch_layer(const moegen_spec *spec, const moegen_cuda
     l.warps_n = v->warps_n;
     l.router_tokens = v->router_tokens;
     l.has_rank = has_rank;
+    l.ffn_rows = moegen_spec_ffn_rows(spec);
+    l.shared_ffn_rows = spec->shared.count > 0 ? (moegen_activation_is_gated(spec->activation) ? 2 : 1) *
+                                                     spec->shared.intermediate_size
+                                               : 0;
+    l.shared_gate = spec->shared.count > 0 && spec->shared.gate;
     return l;
 }
 
@@ -322,6 +329,11 @@ static int find_shape(moegen_cuda_backend *b, const char *prefix, int64_t ffn, m
     *st = get_function(b, prefix, suffix, KERNEL_REQUIRED, &b->shapes[i].gemm1, err);
     snprintf(suffix, sizeof suffix, "f%lld_gemm2", (long long)ffn);
     if (*st == MOEGEN_OK) *st = get_function(b, prefix, suffix, KERNEL_REQUIRED, &b->shapes[i].gemm2, err);
+    static const char *const backward[4] = {"bwd_pre", "bwd_dh", "bwd_du", "bwd_weights"};
+    for (int k = 0; k < 4 && *st == MOEGEN_OK; k++) {
+        snprintf(suffix, sizeof suffix, "f%lld_%s", (long long)ffn, backward[k]);
+        *st = get_function(b, prefix, suffix, KERNEL_REQUIRED, &b->shapes[i].bwd[k], err);
+    }
     if (*st != MOEGEN_OK) return -1;
     b->shapes[i].ffn = ffn;
     b->n_shapes++;
@@ -388,6 +400,9 @@ moegen_status moegen_cuda_backend_open(const moegen_spec *spec, int ordinal, con
     if (st == MOEGEN_OK) st = get_function(b, prefix, "combine", KERNEL_REQUIRED, &b->combine, err);
     if (st == MOEGEN_OK) st = get_function(b, prefix, "losses", KERNEL_REQUIRED, &b->losses, err);
     if (st == MOEGEN_OK) st = get_function(b, prefix, "ep_pack", KERNEL_REQUIRED, &b->ep_pack, err);
+    if (st == MOEGEN_OK) st = get_function(b, prefix, "bwd_combine", KERNEL_REQUIRED, &b->bwd_combine, err);
+    if (st == MOEGEN_OK) st = get_function(b, prefix, "bwd_tokens", KERNEL_REQUIRED, &b->bwd_tokens, err);
+    if (st == MOEGEN_OK) st = get_function(b, prefix, "bwd_dense_weights", KERNEL_REQUIRED, &b->bwd_dense, err);
     if (st == MOEGEN_OK) {
         b->variant = generated.variant.cuda;
         b->layer = launch_layer(spec, &b->variant, b->dispatch_rank != NULL);
@@ -466,23 +481,26 @@ static moegen_status launch(moegen_cuda_backend *b, moegen_cu_function f, const 
 
 /* The arguments of one call: capacity, workspace carved for S tokens, device pointers.
  * S = 0 is handled by the callers (nothing is launched). */
-static moegen_status prepare_args(moegen_cuda_backend *b, const moegen_kernel_weights *w,
-                                  const moegen_forward_io *io, moegen_cuda_args *a, moegen_error *err) {
-    const moegen_spec *spec = b->spec;
-    const int64_t S = io->n_tokens;
-    const int64_t capacity = moegen_spec_capacity(spec, S);
-    const int64_t max_rows = moegen_spec_max_rows(spec, S);
-    if (S > INT32_MAX / spec->top_k || max_rows > INT32_MAX)
+static moegen_status check_tokens(const moegen_cuda_backend *b, int64_t S, moegen_error *err) {
+    if (S > INT32_MAX / b->spec->top_k || moegen_spec_max_rows(b->spec, S) > INT32_MAX)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
                                 "forward: %lld tokens exceed the int32 row indices of this layer", (long long)S);
-    const moegen_cuda_layout L = moegen_cuda_layout_for(&b->layer, S, max_rows);
-    moegen_status st = ensure_workspace(b, L.total, err);
-    if (st != MOEGEN_OK) return st;
-    char *base = (char *)(uintptr_t)b->workspace;
+    return MOEGEN_OK;
+}
+
+static moegen_cuda_layout forward_layout(const moegen_cuda_backend *b, int64_t S) {
+    return moegen_cuda_layout_for(&b->layer, S, moegen_spec_max_rows(b->spec, S));
+}
+
+/* The arguments of a call over the workspace at `base` (forward_layout(S).total bytes). */
+static void fill_args(const moegen_cuda_backend *b, const moegen_kernel_weights *w, const moegen_forward_io *io,
+                      char *base, moegen_cuda_args *a) {
+    const int64_t S = io->n_tokens;
+    const moegen_cuda_layout L = forward_layout(b, S);
     memset(a, 0, sizeof *a);
     a->n_tokens = S;
-    a->capacity = capacity;
-    a->max_rows = max_rows;
+    a->capacity = moegen_spec_capacity(b->spec, S);
+    a->max_rows = moegen_spec_max_rows(b->spec, S);
     a->rng_offset = io->rng_offset;
     a->x = io->x;
     a->w = *w;
@@ -493,7 +511,14 @@ static moegen_status prepare_args(moegen_cuda_backend *b, const moegen_kernel_we
     a->counts_before = (long long *)io->counts_before;
     a->counts_after = (long long *)io->counts_after;
     moegen_cuda_carve(&L, base, a);
-    return MOEGEN_OK;
+}
+
+static moegen_status prepare_args(moegen_cuda_backend *b, const moegen_kernel_weights *w,
+                                  const moegen_forward_io *io, moegen_cuda_args *a, moegen_error *err) {
+    moegen_status st = check_tokens(b, io->n_tokens, err);
+    if (st == MOEGEN_OK) st = ensure_workspace(b, forward_layout(b, io->n_tokens).total, err);
+    if (st == MOEGEN_OK) fill_args(b, w, io, (char *)(uintptr_t)b->workspace, a);
+    return st;
 }
 
 /* The steps of `stages` (moegen_cuda_launch.h: the one home of the order and the grids; GEMM
@@ -607,11 +632,186 @@ moegen_status moegen_cuda_backend_forward(moegen_cuda_backend *b, const moegen_k
     return st;
 }
 
+#define DEVICE(p) ((moegen_cu_device_pointer)(uintptr_t)(p))
+
+/* ---- Training -------------------------------------------------------------------------------
+ * Compiled by NVRTC and checked against a fake driver (test_cuda_backend); not yet run on a GPU. */
+
+struct moegen_cuda_saved {
+    int64_t n_tokens;
+    moegen_cu_stream stream;         /* the training forward's; the backward runs on it */
+    moegen_cu_device_pointer memory; /* the forward's workspace | a copy of x | the backward's buffers */
+    size_t bytes;
+    moegen_cuda_backward_args b;     /* b.f: the forward's arguments, x pointing at the copy */
+    int data_done;                   /* the data phase has run */
+};
+
+static size_t round256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
+
+moegen_status moegen_cuda_backend_forward_train(moegen_cuda_backend *b, const moegen_kernel_weights *w,
+                                                const moegen_forward_io *io, moegen_cuda_saved **out,
+                                                moegen_forward_stats *stats, moegen_error *err) {
+    *out = NULL;
+    moegen_status st = MOEGEN_OK;
+    CHECK(b->cu.cuCtxSetCurrent(b->context), "cuCtxSetCurrent");
+    if (st == MOEGEN_OK) st = check_tokens(b, io->n_tokens, err);
+    if (st != MOEGEN_OK) return st;
+    moegen_cuda_saved *s = calloc(1, sizeof *s);
+    if (!s) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "forward_train: out of memory");
+    const int64_t S = io->n_tokens;
+    s->n_tokens = S;
+    s->stream = (moegen_cu_stream)io->stream;
+    if (S == 0) {
+        st = empty_call(b, io, s->stream, stats, err);
+    } else {
+        const int64_t max_rows = moegen_spec_max_rows(b->spec, S);
+        const size_t forward_bytes = round256(forward_layout(b, S).total);
+        const size_t x_bytes = round256((size_t)S * (size_t)b->spec->hidden_size * moegen_dtype_size(b->spec->dtype));
+        const moegen_cuda_backward_layout BL = moegen_cuda_backward_layout_for(&b->layer, S, max_rows);
+        s->bytes = forward_bytes + x_bytes + BL.total;
+        moegen_cu_result r = b->cu.cuMemAlloc(&s->memory, s->bytes);
+        if (r != 0) {
+            char text[256];
+            s->memory = 0;
+            st = moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, r,
+                                  "forward_train: cannot allocate %zu bytes of device memory for the saved forward: %s",
+                                  s->bytes, moegen_cuda_error_text(&b->cu, r, text, sizeof text));
+        }
+        if (st == MOEGEN_OK) {
+            char *base = (char *)(uintptr_t)s->memory;
+            moegen_forward_io copy = *io; /* the backward reads x after the caller may have reused it */
+            copy.x = base + forward_bytes;
+            CHECK(b->cu.cuMemcpyDtoDAsync(DEVICE(copy.x), DEVICE(io->x), x_bytes, s->stream), "cuMemcpyDtoDAsync");
+            fill_args(b, w, &copy, base, &s->b.f);
+            moegen_cuda_backward_carve(&BL, base + forward_bytes + x_bytes, &s->b);
+        }
+        if (st == MOEGEN_OK)
+            st = run_steps(b, &s->b.f, s->stream, MOEGEN_CUDA_STAGE_ROUTE | MOEGEN_CUDA_STAGE_GEMMS, 7u, err);
+        if (st == MOEGEN_OK) st = launch_finish(b, &s->b.f, s->stream, stats, err);
+    }
+    if (st != MOEGEN_OK) {
+        moegen_cuda_saved_free(b, s);
+        return st;
+    }
+    *out = s;
+    return MOEGEN_OK;
+}
+
+/* The backward's steps of `phases` (moegen_cuda_launch.h) on the saved forward's stream. */
+static moegen_status run_backward_steps(moegen_cuda_backend *b, moegen_cuda_saved *s, unsigned phases,
+                                        moegen_error *err) {
+    moegen_cuda_step steps[MOEGEN_CUDA_MAX_BACKWARD_STEPS];
+    const int n = moegen_cuda_backward_steps(&b->layer, s->n_tokens, s->b.f.max_rows, phases, steps);
+    static const char *const names[4] = {"bwd_pre", "bwd_dh", "bwd_du", "bwd_weights"};
+    moegen_status st = MOEGEN_OK;
+    for (int i = 0; i < n && st == MOEGEN_OK; i++) {
+        moegen_cuda_step *step = &steps[i];
+        void *args_only[] = {&s->b};
+        void *group_args[] = {&s->b, &step->group.group, &step->group.first, &step->group.count};
+        void *dense_args[] = {&s->b, &step->group.group};
+        moegen_cu_function f = NULL;
+        const char *name = NULL;
+        void **params = group_args;
+        switch (step->kind) {
+        case MOEGEN_CUDA_BWD_COMBINE: f = b->bwd_combine, name = "bwd_combine", params = args_only; break;
+        case MOEGEN_CUDA_BWD_TOKENS: f = b->bwd_tokens, name = "bwd_tokens", params = args_only; break;
+        case MOEGEN_CUDA_BWD_DENSE: f = b->bwd_dense, name = "bwd_dense_weights", params = dense_args; break;
+        case MOEGEN_CUDA_BWD_PRE:
+        case MOEGEN_CUDA_BWD_DH:
+        case MOEGEN_CUDA_BWD_DU:
+        case MOEGEN_CUDA_BWD_WEIGHTS: {
+            const int k = step->kind - MOEGEN_CUDA_BWD_PRE; /* the order of bwd[] and names[] */
+            f = b->shapes[b->group_shape[step->group.group]].bwd[k];
+            name = names[k];
+            break;
+        }
+        default:
+            return moegen_error_set(err, MOEGEN_ERR_LOAD, 0, "unknown CUDA backward step %d", step->kind);
+        }
+        st = launch(b, f, name, step->grid_x, step->grid_y, step->threads, s->stream, params, err);
+    }
+    return st;
+}
+
+static moegen_kernel_grads kernel_grads(const moegen_grads *g) {
+    return (moegen_kernel_grads){g->router_w,      g->router_b,        g->w1,          g->b1,
+                                 g->w2,            g->b2,              g->shared_w1,   g->shared_b1,
+                                 g->shared_w2,     g->shared_b2,       g->shared_gate, g->residual_w1,
+                                 g->residual_b1,   g->residual_w2,     g->residual_b2, g->residual_coef_w,
+                                 g->residual_coef_b};
+}
+
+/* No tokens: every weight gradient is 0 (nothing to add when accumulating). */
+static moegen_status zero_grads(moegen_cuda_backend *b, moegen_cuda_saved *s, const moegen_grads *g,
+                                moegen_error *err) {
+    if (g->accumulate) return MOEGEN_OK;
+    const moegen_spec *spec = b->spec;
+    const size_t E = (size_t)spec->num_experts, H = (size_t)spec->hidden_size, F = (size_t)b->layer.ffn;
+    const size_t F1 = (size_t)b->layer.ffn_rows, Ns = (size_t)b->layer.shared_count;
+    const size_t Fs = (size_t)b->layer.shared_ffn, Fs1 = (size_t)b->layer.shared_ffn_rows;
+    const struct {
+        float *p;
+        size_t n;
+    } all[] = {{g->router_w, E * H},       {g->router_b, E},          {g->w1, E * F1 * H},
+               {g->b1, E * F1},            {g->w2, E * H * F},        {g->b2, E * H},
+               {g->shared_w1, Ns * Fs1 * H}, {g->shared_b1, Ns * Fs1}, {g->shared_w2, Ns * H * Fs},
+               {g->shared_b2, Ns * H},     {g->shared_gate, H},       {g->residual_w1, F1 * H},
+               {g->residual_b1, F1},       {g->residual_w2, H * F},   {g->residual_b2, H},
+               {g->residual_coef_w, 2 * H}, {g->residual_coef_b, 2}};
+    moegen_status st = MOEGEN_OK;
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if (all[i].p && all[i].n > 0) CHECK(b->cu.cuMemsetD32Async(DEVICE(all[i].p), 0, all[i].n, s->stream), "cuMemsetD32Async");
+    return st;
+}
+
+moegen_status moegen_cuda_backend_backward_weights(moegen_cuda_backend *b, moegen_cuda_saved *s,
+                                                   const moegen_grads *grads, moegen_error *err) {
+    moegen_status st = MOEGEN_OK;
+    CHECK(b->cu.cuCtxSetCurrent(b->context), "cuCtxSetCurrent");
+    if (st != MOEGEN_OK) return st;
+    if (!s->data_done)
+        return moegen_error_set(err, MOEGEN_ERR_STATE, 0,
+                                "backward_weights: moegen_layer_backward has not run on this saved forward");
+    if (s->n_tokens == 0) return zero_grads(b, s, grads, err);
+    s->b.grads = kernel_grads(grads);
+    s->b.accumulate = grads->accumulate;
+    return run_backward_steps(b, s, MOEGEN_CUDA_PHASE_WEIGHTS, err);
+}
+
+moegen_status moegen_cuda_backend_backward(moegen_cuda_backend *b, moegen_cuda_saved *s, const moegen_backward_io *bio,
+                                           const moegen_grads *grads, moegen_error *err) {
+    moegen_status st = MOEGEN_OK;
+    CHECK(b->cu.cuCtxSetCurrent(b->context), "cuCtxSetCurrent");
+    if (st != MOEGEN_OK) return st;
+    if (s->n_tokens > 0) {
+        s->b.dy = bio->dy;
+        s->b.dx = bio->dx;
+        s->b.aux_coeff = bio->aux_coeff;
+        s->b.z_coeff = (float)bio->z_coeff;
+        st = run_backward_steps(b, s, MOEGEN_CUDA_PHASE_DATA, err);
+    }
+    if (st != MOEGEN_OK) return st;
+    s->data_done = 1;
+    return grads ? moegen_cuda_backend_backward_weights(b, s, grads, err) : MOEGEN_OK;
+}
+
+int64_t moegen_cuda_saved_tokens(const moegen_cuda_saved *s) { return s ? s->n_tokens : 0; }
+
+size_t moegen_cuda_saved_bytes(const moegen_cuda_saved *s) { return s ? sizeof *s + s->bytes : 0; }
+
+void moegen_cuda_saved_free(moegen_cuda_backend *b, moegen_cuda_saved *s) {
+    if (!s) return;
+    if (s->memory) {
+        b->cu.cuCtxSetCurrent(b->context);
+        b->cu.cuStreamSynchronize(s->stream); /* its kernels may still read the memory */
+        b->cu.cuMemFree(s->memory);
+    }
+    free(s);
+}
+
 /* ---- Expert parallelism, staged through host memory (runtime/ep.h) ---------------------------
  * Compiled here, never run: no GPU was available (see README). Each stage runs on the
  * forward's stream and waits for it before returning, since its results cross to the host. */
-
-#define DEVICE(p) ((moegen_cu_device_pointer)(uintptr_t)(p))
 
 /* Device scratch of at least `bytes` (contents need not survive). */
 static moegen_status ensure_ep_scratch(moegen_cuda_backend *b, size_t bytes, moegen_error *err) {
@@ -643,8 +843,6 @@ static int32_t *ep_list(moegen_cuda_backend *b, size_t n) {
     }
     return b->ep_list;
 }
-
-static size_t round256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
 
 static moegen_status cuda_ep_route(void *self, const moegen_kernel_weights *w, int n_threads,
                                    const moegen_forward_io *io, int64_t *counts_after, int64_t *expert_offset,

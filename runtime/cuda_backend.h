@@ -74,6 +74,29 @@ moegen_status moegen_cuda_backend_forward(moegen_cuda_backend *backend, const mo
 
 void moegen_cuda_backend_close(moegen_cuda_backend *backend);
 
+/* ---- Training (ep_size 1) ------------------------------------------------------------------
+ * A training forward runs into device memory of its own (the forward's workspace, a copy of
+ * x and the backward's buffers: moegen_cuda_saved_bytes), on io->stream; the backward and the
+ * weight gradients run later on that same stream, and return once their kernels are queued.
+ * dy, dx and every gradient buffer are device pointers. Compiled by NVRTC and checked
+ * against a fake driver; not yet run on a GPU. */
+typedef struct moegen_cuda_saved moegen_cuda_saved;
+
+moegen_status moegen_cuda_backend_forward_train(moegen_cuda_backend *backend, const moegen_kernel_weights *w,
+                                                const moegen_forward_io *io, moegen_cuda_saved **saved,
+                                                moegen_forward_stats *stats, moegen_error *err);
+/* dx and the per-row gradients; with `grads`, the weight gradients after them. */
+moegen_status moegen_cuda_backend_backward(moegen_cuda_backend *backend, moegen_cuda_saved *saved,
+                                           const moegen_backward_io *bio, const moegen_grads *grads,
+                                           moegen_error *err);
+/* The weight gradients (again, or for the first time after a backward without grads). */
+moegen_status moegen_cuda_backend_backward_weights(moegen_cuda_backend *backend, moegen_cuda_saved *saved,
+                                                   const moegen_grads *grads, moegen_error *err);
+int64_t moegen_cuda_saved_tokens(const moegen_cuda_saved *saved);
+size_t moegen_cuda_saved_bytes(const moegen_cuda_saved *saved);
+/* Waits for the saved forward's stream, then frees its device memory. */
+void moegen_cuda_saved_free(moegen_cuda_backend *backend, moegen_cuda_saved *saved);
+
 /* The stages the expert-parallel layer drives (runtime/ep.h), staged through page-locked
  * host memory (cuMemAllocHost): route and the permutation's counts to the host, the kept
  * rows gathered on the device (P_ep_pack) and copied out, the received rows copied in and

@@ -489,6 +489,7 @@ struct moegen_saved {
     const moegen_layer *layer; /* the layer whose forward this is */
     moegen_cpu_saved *cpu;     /* ep_size 1 */
     moegen_ep_saved *ep;       /* ep_size > 1 */
+    moegen_cuda_saved *cuda;   /* CUDA, ep_size 1 */
 };
 
 moegen_status moegen_layer_forward_train(moegen_layer *layer, const moegen_forward_io *io, moegen_saved **saved,
@@ -496,11 +497,14 @@ moegen_status moegen_layer_forward_train(moegen_layer *layer, const moegen_forwa
     if (!layer || !io || !saved)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "forward_train: layer, io and saved are required");
     *saved = NULL;
-    if (layer->cuda)
+    if (layer->cuda && layer->ep)
         return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
-                                "forward_train: the training backward runs on CPU layers so far (this is a CUDA "
-                                "layer%s)",
-                                layer->ep ? ", expert-parallel" : "");
+                                "forward_train: the training backward of expert-parallel CUDA layers is not "
+                                "implemented yet (CPU layers, or a CUDA layer with ep_size 1)");
+    if (layer->cuda && io->used_token)
+        return moegen_error_set(err, MOEGEN_ERR_UNSUPPORTED, 0,
+                                "forward_train: used_token is not implemented on the CUDA backend yet (CPU layers "
+                                "only)");
     moegen_saved *s = calloc(1, sizeof *s);
     if (!s) return moegen_error_set(err, MOEGEN_ERR_NO_MEMORY, 0, "forward_train: out of memory");
     s->layer = layer;
@@ -511,6 +515,8 @@ moegen_status moegen_layer_forward_train(moegen_layer *layer, const moegen_forwa
             if (stats) memset(stats, 0, sizeof *stats);
             if (layer->ep)
                 st = moegen_ep_forward_train(layer->ep, &layer->weights, layer->n_threads, io, &s->ep, stats, err);
+            else if (layer->cuda)
+                st = moegen_cuda_backend_forward_train(layer->cuda, &layer->weights, io, &s->cuda, stats, err);
             else
                 st = moegen_cpu_backend_forward_train(layer->cpu, &layer->weights, layer->n_threads, io, &s->cpu,
                                                       stats, err);
@@ -555,7 +561,10 @@ moegen_status moegen_layer_backward(moegen_layer *layer, moegen_saved *saved, co
     if (st != MOEGEN_OK) return st;
     if (!bio) return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "backward: bio is required");
     const size_t elem = moegen_dtype_size(layer->spec.dtype);
-    if (!bio->dy && (saved->ep ? moegen_ep_saved_tokens(saved->ep) : moegen_cpu_saved_tokens(saved->cpu)) > 0)
+    const int64_t n_tokens = saved->ep     ? moegen_ep_saved_tokens(saved->ep)
+                             : saved->cuda ? moegen_cuda_saved_tokens(saved->cuda)
+                                           : moegen_cpu_saved_tokens(saved->cpu);
+    if (!bio->dy && n_tokens > 0)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0, "backward: dy is required");
     if ((uintptr_t)bio->dy % elem != 0 || (uintptr_t)bio->dx % elem != 0)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
@@ -567,6 +576,7 @@ moegen_status moegen_layer_backward(moegen_layer *layer, moegen_saved *saved, co
     if (grads && (st = check_grads(grads, "backward", err)) != MOEGEN_OK) return st;
     if ((st = claim(layer, "backward", err)) != MOEGEN_OK) return st;
     if (saved->ep) st = moegen_ep_backward(layer->ep, saved->ep, layer->n_threads, bio, grads, err);
+    else if (saved->cuda) st = moegen_cuda_backend_backward(layer->cuda, saved->cuda, bio, grads, err);
     else st = moegen_cpu_backend_backward(layer->cpu, saved->cpu, layer->n_threads, bio, grads, err);
     release(layer);
     return st;
@@ -580,18 +590,22 @@ moegen_status moegen_layer_backward_weights(moegen_layer *layer, moegen_saved *s
     if ((st = check_grads(grads, "backward_weights", err)) != MOEGEN_OK) return st;
     if ((st = claim(layer, "backward_weights", err)) != MOEGEN_OK) return st;
     if (saved->ep) st = moegen_ep_backward_weights(layer->ep, saved->ep, layer->n_threads, grads, err);
+    else if (saved->cuda) st = moegen_cuda_backend_backward_weights(layer->cuda, saved->cuda, grads, err);
     else st = moegen_cpu_backend_backward_weights(layer->cpu, saved->cpu, layer->n_threads, grads, err);
     release(layer);
     return st;
 }
 
 size_t moegen_saved_bytes(const moegen_saved *saved) {
-    return saved ? sizeof *saved + moegen_cpu_saved_bytes(saved->cpu) + moegen_ep_saved_bytes(saved->ep) : 0;
+    return saved ? sizeof *saved + moegen_cpu_saved_bytes(saved->cpu) + moegen_ep_saved_bytes(saved->ep) +
+                       moegen_cuda_saved_bytes(saved->cuda)
+                 : 0;
 }
 
 void moegen_saved_free(moegen_saved *saved) {
     if (!saved) return;
     moegen_cpu_saved_free(saved->cpu);
     moegen_ep_saved_free(saved->ep);
+    if (saved->cuda) moegen_cuda_saved_free(saved->layer->cuda, saved->cuda);
     free(saved);
 }

@@ -323,6 +323,7 @@ int cuMemsetD8Async(unsigned long long destination, unsigned char value, size_t 
 int cuMemsetD32Async(unsigned long long destination, unsigned value, size_t count, void *stream);
 int cuMemcpyDtoHAsync_v2(void *destination, unsigned long long source, size_t bytes, void *stream);
 int cuStreamSynchronize(void *stream);
+int cuMemcpyDtoDAsync_v2(unsigned long long destination, unsigned long long source, size_t bytes, void *stream);
 
 int cuLaunchKernel(fake_function *function, unsigned grid_x, unsigned grid_y, unsigned grid_z,
                    unsigned block_x, unsigned block_y, unsigned block_z, unsigned shared_bytes,
@@ -341,10 +342,15 @@ int cuLaunchKernel(fake_function *function, unsigned grid_x, unsigned grid_y, un
         record->shared_bytes = shared_bytes;
         record->max_threads = function->max_threads;
         record->gemm_group = record->gemm_first = record->gemm_count = -1;
-        if (ends_with(function->name, "_gemm1") || ends_with(function->name, "_gemm2")) {
+        if (ends_with(function->name, "_gemm1") || ends_with(function->name, "_gemm2") ||
+            ends_with(function->name, "_bwd_pre") || ends_with(function->name, "_bwd_dh") ||
+            ends_with(function->name, "_bwd_du") || (ends_with(function->name, "_bwd_weights") &&
+                                                      !ends_with(function->name, "_bwd_dense_weights"))) {
             record->gemm_group = *(const int *)parameters[1];
             record->gemm_first = *(const int *)parameters[2];
             record->gemm_count = *(const int *)parameters[3];
+        } else if (ends_with(function->name, "_bwd_dense_weights")) {
+            record->gemm_group = *(const int *)parameters[1]; /* which dense tensor */
         }
     }
     launch_count++;
@@ -376,6 +382,11 @@ int cuMemcpyDtoHAsync_v2(void *destination, unsigned long long source, size_t by
     return CUDA_SUCCESS;
 }
 
+int cuMemcpyDtoDAsync_v2(unsigned long long destination, unsigned long long source, size_t bytes, void *stream) {
+    (void)bytes, (void)stream;
+    return destination && source ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
 int cuStreamSynchronize(void *stream) {
     (void)stream;
     return CUDA_SUCCESS;
@@ -399,7 +410,6 @@ UNUSED_SYMBOL(cuMemFreeHost)
 UNUSED_SYMBOL(cuMemcpyHtoD_v2)
 UNUSED_SYMBOL(cuMemcpyDtoH_v2)
 UNUSED_SYMBOL(cuMemcpyHtoDAsync_v2)
-UNUSED_SYMBOL(cuMemcpyDtoDAsync_v2)
 UNUSED_SYMBOL(cuMemsetD8_v2)
 UNUSED_SYMBOL(cuStreamCreate)
 UNUSED_SYMBOL(cuStreamDestroy_v2)

@@ -13,6 +13,9 @@
  *    hides it); a missing required kernel fails open with MOEGEN_ERR_LOAD naming it;
  *    shared experts of another width get their own GEMM pair, the residual MLP reuses
  *    the routed experts' pair;
+ *  - a training step: the forward's launches, then the backward's (token passes, the three
+ *    GEMMs of each problem group, the weight gradients per group and dense tensor), the
+ *    weight phase alone, no launches for no tokens, used_token refused;
  *  - an architecture the one parser refuses fails open with its message.
  *
  * Invariants: the fake is chosen with $MOEGEN_CUDA_DRIVER_LIB for the whole run and
@@ -328,11 +331,106 @@ static void the_devices_own_architecture_is_used_and_the_residual_mlp_reuses_the
     restore_variable(&cc);
 }
 
+/* The training forward, then the backward with weight gradients, then the weight gradients
+ * again: the forward's steps, then the backward's (moegen_cuda_launch.h), per problem group
+ * and dense tensor, with the ABI's threads and grids. */
+static void a_training_step_launches_the_forward_then_the_backward_kernels_of_every_group(void **state) {
+    const group_state *group = require_nvrtc(state);
+    saved_variable cc = set_variable("FAKE_CUDA_CC", "12.0");
+    static const char yaml[] =
+        "name: contract_train\nnum_experts: 8\nnum_experts_per_tok: 2\nhidden_size: 64\n"
+        "moe_intermediate_size: 48\nactivation: swiglu\ndtype: bf16\n"
+        "shared_experts:\n  count: 2\n  intermediate_size: 32\n  gate: true\n";
+    moegen_spec spec;
+    parse_spec(yaml, &spec);
+    const moegen_cuda_variant v = variant_for(&spec, 120);
+    moegen_layer *layer = NULL;
+    moegen_error err;
+    if (open_layer(group, yaml, NULL, &layer, &err) != MOEGEN_OK) fail_msg("open: %s", err.message);
+    const int64_t S = 70, E = spec.num_experts, Ns = spec.shared.count, H = 64;
+    bind_and_forward(group, layer, S); /* binds the weights */
+    moegen_forward_io io = {.n_tokens = S, .x = FAKE_POINTER(20), .y = FAKE_POINTER(21)};
+    moegen_saved *saved = NULL;
+    group->reset();
+    if (moegen_layer_forward_train(layer, &io, &saved, NULL, &err) != MOEGEN_OK) fail_msg("forward_train: %s", err.message);
+    assert_true(moegen_saved_bytes(saved) > (size_t)(S * H * 2)); /* device memory of its own, x's copy included */
+    const unsigned gemm_threads = MOEGEN_CUDA_GEMM_THREADS(v.warps_m, v.warps_n);
+    const unsigned routed_tiles = ceil_div(moegen_spec_max_rows(&spec, S), v.tile_m) + (unsigned)E;
+    const unsigned shared_tiles = (unsigned)Ns * ceil_div(S, v.tile_m);
+    const unsigned T = MOEGEN_CUDA_BWD_TILE, G = MOEGEN_CUDA_BWD_GEMM_THREADS, TT = MOEGEN_CUDA_BWD_TOKEN_THREADS;
+    const expected_launch forward[] = {
+        {"_router", ceil_div(S, v.router_tokens), 1, MOEGEN_CUDA_ROUTER_THREADS, NO_GEMM},
+        {"_dispatch_count", 1, 1, MOEGEN_CUDA_DISPATCH_THREADS, NO_GEMM},
+        {"_dispatch_place", 1, 1, MOEGEN_CUDA_DISPATCH_THREADS, NO_GEMM},
+        {"_f48_gemm1", routed_tiles, ceil_div(48, v.tile_n), gemm_threads, MOEGEN_GROUP_ROUTED, 0, (int)E},
+        {"_f48_gemm2", routed_tiles, ceil_div(64, v.tile_n), gemm_threads, MOEGEN_GROUP_ROUTED, 0, (int)E},
+        {"_f32_gemm1", shared_tiles, ceil_div(32, v.tile_n), gemm_threads, MOEGEN_GROUP_SHARED, (int)E, (int)Ns},
+        {"_f32_gemm2", shared_tiles, ceil_div(64, v.tile_n), gemm_threads, MOEGEN_GROUP_SHARED, (int)E, (int)Ns},
+        {"_combine", (unsigned)S, 1, MOEGEN_CUDA_COMBINE_THREADS, NO_GEMM},
+        {"_losses", 1, 1, MOEGEN_CUDA_LOSS_THREADS, NO_GEMM},
+    };
+    check_launches(group, forward, (int)(sizeof forward / sizeof forward[0]));
+
+    /* weight gradients before any backward: refused */
+    moegen_grads grads = {.router_w = FAKE_POINTER(30), .w1 = FAKE_POINTER(31), .w2 = FAKE_POINTER(32),
+                          .shared_w1 = FAKE_POINTER(33), .shared_w2 = FAKE_POINTER(34),
+                          .shared_gate = FAKE_POINTER(35)};
+    assert_int_equal(moegen_layer_backward_weights(layer, saved, &grads, &err), MOEGEN_ERR_STATE);
+
+    moegen_backward_io bio = {.dy = FAKE_POINTER(40), .dx = FAKE_POINTER(41), .aux_coeff = 0.01};
+    group->reset();
+    if (moegen_layer_backward(layer, saved, &bio, &grads, &err) != MOEGEN_OK) fail_msg("backward: %s", err.message);
+    const unsigned w_routed = MOEGEN_CUDA_BWD_WEIGHT_BLOCKS(64, 48, 96), w_shared = MOEGEN_CUDA_BWD_WEIGHT_BLOCKS(64, 32, 64);
+    const expected_launch backward[] = {
+        {"_bwd_combine", (unsigned)S, 1, TT, NO_GEMM},
+        {"_f48_bwd_pre", routed_tiles, ceil_div(96, T), G, MOEGEN_GROUP_ROUTED, 0, (int)E},
+        {"_f48_bwd_dh", routed_tiles, ceil_div(48, T), G, MOEGEN_GROUP_ROUTED, 0, (int)E},
+        {"_f48_bwd_du", routed_tiles, ceil_div(64, T), G, MOEGEN_GROUP_ROUTED, 0, (int)E},
+        {"_f32_bwd_pre", shared_tiles, ceil_div(64, T), G, MOEGEN_GROUP_SHARED, (int)E, (int)Ns},
+        {"_f32_bwd_dh", shared_tiles, ceil_div(32, T), G, MOEGEN_GROUP_SHARED, (int)E, (int)Ns},
+        {"_f32_bwd_du", shared_tiles, ceil_div(64, T), G, MOEGEN_GROUP_SHARED, (int)E, (int)Ns},
+        {"_bwd_tokens", (unsigned)S, 1, TT, NO_GEMM},
+        {"_f48_bwd_weights", w_routed, (unsigned)E, G, MOEGEN_GROUP_ROUTED, 0, (int)E},
+        {"_f32_bwd_weights", w_shared, (unsigned)Ns, G, MOEGEN_GROUP_SHARED, (int)E, (int)Ns},
+        {"_bwd_dense_weights", MOEGEN_CUDA_BWD_DENSE_BLOCKS(64, 8), 1, G, MOEGEN_CUDA_DENSE_ROUTER, -1, -1},
+        {"_bwd_dense_weights", MOEGEN_CUDA_BWD_DENSE_BLOCKS(64, 1), 1, G, MOEGEN_CUDA_DENSE_GATE, -1, -1},
+    };
+    check_launches(group, backward, (int)(sizeof backward / sizeof backward[0]));
+
+    /* the weight phase again (accumulating): its launches only */
+    grads.accumulate = 1;
+    group->reset();
+    if (moegen_layer_backward_weights(layer, saved, &grads, &err) != MOEGEN_OK) fail_msg("weights: %s", err.message);
+    check_launches(group, backward + 8, 4);
+    moegen_saved_free(saved);
+
+    /* no tokens: nothing launched, the gradients zeroed on the stream */
+    io.n_tokens = 0;
+    group->reset();
+    if (moegen_layer_forward_train(layer, &io, &saved, NULL, &err) != MOEGEN_OK) fail_msg("forward_train: %s", err.message);
+    grads.accumulate = 0;
+    bio.dy = bio.dx = NULL;
+    if (moegen_layer_backward(layer, saved, &bio, &grads, &err) != MOEGEN_OK) fail_msg("backward: %s", err.message);
+    assert_int_equal(group->launch_count(), 0);
+    moegen_saved_free(saved);
+
+    /* used_token is refused on the GPU, with a message that says so */
+    uint8_t used[4] = {1, 1, 1, 1};
+    io.n_tokens = 4;
+    io.used_token = used;
+    assert_int_equal(moegen_layer_forward_train(layer, &io, &saved, NULL, &err), MOEGEN_ERR_UNSUPPORTED);
+    assert_non_null(strstr(err.message, "used_token"));
+    moegen_layer_close(layer);
+    moegen_spec_free(&spec);
+    restore_variable(&cc);
+}
+
 static void a_module_missing_a_required_kernel_fails_open_naming_it(void **state) {
     const group_state *group = require_nvrtc(state);
     saved_variable cc = set_variable("FAKE_CUDA_CC", "10.0");
-    static const char *const required[] = {"_router", "_dispatch_count", "_dispatch_place", "_f48_gemm1",
-                                           "_f48_gemm2", "_combine", "_losses"};
+    static const char *const required[] = {"_router",     "_dispatch_count", "_dispatch_place", "_f48_gemm1",
+                                           "_f48_gemm2",  "_combine",        "_losses",         "_bwd_combine",
+                                           "_bwd_tokens", "_f48_bwd_dh",     "_f48_bwd_weights"};
     for (size_t index = 0; index < sizeof required / sizeof required[0]; index++) {
         saved_variable hide = set_variable("FAKE_CUDA_HIDE", required[index]);
         moegen_layer *layer = NULL;
@@ -418,6 +516,7 @@ int main(void) {
         cmocka_unit_test(sm_100a_position_priority_launches_the_abi_sequence_without_a_rank_kernel),
         cmocka_unit_test(a_module_with_a_rank_kernel_gets_it_launched_and_shared_experts_their_own_gemms),
         cmocka_unit_test(the_devices_own_architecture_is_used_and_the_residual_mlp_reuses_the_expert_gemms),
+        cmocka_unit_test(a_training_step_launches_the_forward_then_the_backward_kernels_of_every_group),
         cmocka_unit_test(a_module_missing_a_required_kernel_fails_open_naming_it),
         cmocka_unit_test(an_architecture_the_parser_refuses_fails_open_with_its_message),
     };

@@ -2,7 +2,8 @@
  * a GPU, for sm_80 and sm_90a: the shipped specs and a matrix of small specs (every
  * activation x dtype, with the routing, capacity, shared-expert, residual and train-mode
  * features spread over them). The NVRTC log must hold no warning, and the ptxas report
- * (--ptxas-options=-v) must show, for every GEMM kernel, no spill stores or loads, no
+ * (--ptxas-options=-v) must show, for every GEMM kernel (the forward's and the training
+ * backward's), no spill stores or loads, no
  * stack frame (local memory), at most 255 registers and static shared memory within
  * the 48 KiB a CTA gets without opting in. Other kernels' spills are printed.
  */
@@ -72,12 +73,16 @@ static void compile_and_check(const moegen_spec *spec, const char *arch, const c
     moegen_kernel_resources resources[64];
     int n = moegen_nvrtc_parse_resources(out.log, resources, 64);
     assert_true(n > 0);
-    int gemm_kernels = 0;
+    int gemm_kernels = 0, backward_gemm_kernels = 0;
     for (int i = 0; i < n && i < 64; i++) {
         const moegen_kernel_resources *r = &resources[i];
         if (!r->is_entry) continue;
         const int spills = r->spill_store_bytes > 0 || r->spill_load_bytes > 0 || r->stack_frame_bytes > 0;
-        if (strstr(r->name, "_gemm")) {
+        /* the backward's GEMMs: P_<shape>_bwd_{pre,dh,du,weights} and P_bwd_dense_weights */
+        const int backward_gemm = strstr(r->name, "_bwd_pre") || strstr(r->name, "_bwd_dh") ||
+                                  strstr(r->name, "_bwd_du") || strstr(r->name, "_weights");
+        backward_gemm_kernels += backward_gemm;
+        if (strstr(r->name, "_gemm") || backward_gemm) {
             gemm_kernels++;
             if (spills)
                 fail_msg("%s %s: %s spills (%d bytes stack, %d stores, %d loads)", label, arch, r->name,
@@ -89,7 +94,8 @@ static void compile_and_check(const moegen_spec *spec, const char *arch, const c
                           r->stack_frame_bytes, r->spill_store_bytes);
         }
     }
-    assert_true(gemm_kernels >= 2);
+    assert_true(gemm_kernels >= 2 + 5);
+    assert_true(backward_gemm_kernels >= 5);
     moegen_nvrtc_output_free(&out);
     moegen_generated_free(&gen);
 }

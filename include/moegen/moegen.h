@@ -303,8 +303,12 @@ typedef struct moegen_backward_io {
 
 /* A forward (exactly moegen_layer_forward's outputs) that also returns, in *saved, what
  * the backward needs. CPU layers, expert-parallel ones included (the backward retraces the
- * exchange: docs/training.md); CUDA layers return MOEGEN_ERR_UNSUPPORTED.
- * Same errors as moegen_layer_forward, plus MOEGEN_ERR_NO_MEMORY for the saved state. */
+ * exchange: docs/training.md), and CUDA layers with ep_size 1: there the saved state is device
+ * memory, the forward, backward and weight gradients run on io->stream and return once queued,
+ * and dy, dx and the gradients are device pointers (compiled and run on the host emulator, not
+ * yet on a GPU: docs/training.md). Expert-parallel CUDA layers and used_token on CUDA return
+ * MOEGEN_ERR_UNSUPPORTED. Same errors as moegen_layer_forward, plus MOEGEN_ERR_NO_MEMORY for
+ * the saved state. */
 moegen_status moegen_layer_forward_train(moegen_layer *layer, const moegen_forward_io *io, moegen_saved **saved,
                                          moegen_forward_stats *stats, moegen_error *err);
 
@@ -324,7 +328,8 @@ moegen_status moegen_layer_backward_weights(moegen_layer *layer, moegen_saved *s
  * the per-row gradients). NULL: 0. */
 size_t moegen_saved_bytes(const moegen_saved *saved);
 
-/* Free a saved forward (NULL is a no-op). */
+/* Free a saved forward (NULL is a no-op), before closing its layer. A CUDA one waits for its
+ * stream first. */
 void moegen_saved_free(moegen_saved *saved);
 
 /* Close a layer (NULL is a no-op). */

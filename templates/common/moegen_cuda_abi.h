@@ -27,6 +27,20 @@
  *                     expert parallelism only (runtime/ep.c): the kept rows a rank
  *                     sends, gathered from x in the permutation's order
  *
+ * The training backward (moegen_cuda_backward_args; the forward ran into the same workspace):
+ *
+ *   P_bwd_combine           S                          MOEGEN_CUDA_BWD_TOKEN_THREADS
+ *                           d loss / d expert outputs, combine weights, coefficients
+ *   P_<shape>_bwd_pre       (m tiles bound, ceil(F1 / BWD_TILE))   MOEGEN_CUDA_BWD_GEMM_THREADS
+ *   P_<shape>_bwd_dh        (m tiles bound, ceil(F / BWD_TILE))    per problem group, as the
+ *   P_<shape>_bwd_du        (m tiles bound, ceil(H / BWD_TILE))    forward's GEMMs
+ *   P_bwd_tokens            S                          MOEGEN_CUDA_BWD_TOKEN_THREADS
+ *                           the router's backward, dx
+ *   ---- weight gradients (moegen_layer_backward with grads, or backward_weights later) ----
+ *   P_<shape>_bwd_weights   (MOEGEN_CUDA_BWD_WEIGHT_BLOCKS(H, F, F1), problems)
+ *   P_bwd_dense_weights     (MOEGEN_CUDA_BWD_DENSE_BLOCKS(H, M), 1), once per dense tensor
+ *                           (router: M = E; residual coefficient: 2; shared gate: 1)
+ *
  * <shape> is "f<ffn size>": the routed experts and the residual MLP use f<F>, shared
  * experts f<Fs> (one pair of kernels when Fs == F). ROUTER_TOKENS, the GEMM tiles and the
  * GEMM warps come from the variant (gen/variant.h), which the runtime reads from the
@@ -66,11 +80,30 @@
 #define MOEGEN_CUDA_COMBINE_THREADS 128  /* P_combine: one block per token */
 #define MOEGEN_CUDA_LOSS_THREADS 256     /* P_losses: a power of two (fixed reduction tree) */
 #define MOEGEN_CUDA_EP_PACK_THREADS 128  /* P_ep_pack: one block per row */
+#define MOEGEN_CUDA_BWD_TOKEN_THREADS 128 /* P_bwd_combine, P_bwd_tokens: one block per token,
+                                              a power of two (fixed reduction tree) */
+#define MOEGEN_CUDA_BWD_GEMM_THREADS 256  /* the backward's GEMM kernels: 16 x 16 threads */
+#define MOEGEN_CUDA_BWD_TILE 64           /* rows and columns of C per backward GEMM block */
 /* P_<shape>_gemm1 / _gemm2: one warp per warp tile of the variant (warps_m x warps_n). */
 #define MOEGEN_CUDA_GEMM_THREADS(warps_m, warps_n) (MOEGEN_CUDA_WARP_THREADS * (warps_m) * (warps_n))
 
 /* Dynamic shared memory of every launch, in bytes (all shared memory is static). */
 #define MOEGEN_CUDA_DYNAMIC_SHARED_BYTES 0
+
+#define MOEGEN_CUDA_CEIL_DIV(a, b) (((a) + (b) - 1) / (b))
+/* Blocks of BWD_TILE x BWD_TILE covering an m x n matrix. */
+#define MOEGEN_CUDA_BWD_TILES(m, n) (MOEGEN_CUDA_CEIL_DIV(m, MOEGEN_CUDA_BWD_TILE) * MOEGEN_CUDA_CEIL_DIV(n, MOEGEN_CUDA_BWD_TILE))
+/* P_<shape>_bwd_weights blocks per problem: dW1 [F1][H] tiles, dW2 [H][F] tiles, then one
+ * thread per bias column (F1 + H). */
+#define MOEGEN_CUDA_BWD_WEIGHT_BLOCKS(h, f, f1)                                              \
+    (MOEGEN_CUDA_BWD_TILES(f1, h) + MOEGEN_CUDA_BWD_TILES(h, f) +                           \
+     MOEGEN_CUDA_CEIL_DIV((f1) + (h), MOEGEN_CUDA_BWD_GEMM_THREADS))
+/* P_bwd_dense_weights blocks for a tensor of m rows: tiles of [m][H], then its bias columns. */
+#define MOEGEN_CUDA_BWD_DENSE_BLOCKS(h, m) (MOEGEN_CUDA_BWD_TILES(m, h) + MOEGEN_CUDA_CEIL_DIV(m, MOEGEN_CUDA_BWD_GEMM_THREADS))
+/* P_bwd_dense_weights `which` */
+#define MOEGEN_CUDA_DENSE_ROUTER 0
+#define MOEGEN_CUDA_DENSE_COEF 1
+#define MOEGEN_CUDA_DENSE_GATE 2
 
 /* Problem groups of the grouped GEMM launches. */
 #define MOEGEN_GROUP_ROUTED 0
@@ -132,5 +165,25 @@ typedef struct moegen_cuda_args {
     void *residual_hidden;         /* [S][F] */
     float *residual_out;           /* [S][H] */
 } moegen_cuda_args;
+
+/* The training backward's arguments: the training forward's (its workspace holds the
+ * routing, the rows, the activations and the expert outputs) and the backward's own device
+ * buffers (fp32), carved by moegen_cuda_backward_layout_for. */
+typedef struct moegen_cuda_backward_args {
+    moegen_cuda_args f;
+    const void *dy;                /* [S][H] layer dtype */
+    void *dx;                      /* [S][H] layer dtype, or NULL */
+    double aux_coeff;              /* the loss is sum(dy . y) + aux_coeff aux_loss + z_coeff z_loss */
+    float z_coeff;
+    int accumulate;                /* weight gradients: 1 adds into grads, 0 overwrites */
+    moegen_kernel_grads grads;     /* device, fp32; NULL = not wanted */
+    float *dw_final;               /* [S][k] d loss / d combine weight */
+    float *dz;                     /* [S][E] d loss / d logit */
+    float *coef_dq;                /* [S][2] residual coefficient logits */
+    float *gate_dnu;               /* [S] shared gate logit */
+    float *row_do, *row_pre, *row_du;                /* [max_rows][H], [max_rows][F1], [max_rows][H] */
+    float *shared_do, *shared_pre, *shared_du;       /* [Ns][S][H], [Ns][S][Fs1], [Ns][S][H] */
+    float *residual_do, *residual_pre, *residual_du; /* [S][H], [S][F1], [S][H] */
+} moegen_cuda_backward_args;
 
 #endif

@@ -30,6 +30,8 @@ typedef struct moegen_cuda_layer {
     int elem_bytes;                 /* bytes of one element of the layer dtype: 4, 2 */
     int tile_m, tile_n, warps_m, warps_n, router_tokens; /* the variant */
     int has_rank;                   /* the module has P_dispatch_rank (a ranking drop priority) */
+    long long ffn_rows, shared_ffn_rows; /* F1, Fs1: rows of w1 (2F when gated) */
+    int shared_gate;                /* the shared experts have a sigmoid gate */
 } moegen_cuda_layer;
 
 /* Byte offsets of every workspace buffer for one token count, each 256-byte aligned. */
@@ -159,10 +161,18 @@ typedef struct moegen_cuda_step {
 
 static inline unsigned moegen_cuda_ceil_div(long long a, long long b) { return (unsigned)((a + b - 1) / b); }
 
-/* The steps of the forward over S > 0 tokens, in launch order, into steps[MOEGEN_CUDA_MAX_STEPS];
- * returns their count. Groups without problems and grids of zero blocks are left out.
- * m-tile bounds: a group never uses more (routed: the sum of ceil(rows_e / TILE_M) is at most
+/* The m-tile bound of each problem group's GEMM launches (the grids' x), in TILE_M rows: a
+ * group never uses more (routed: the sum of ceil(rows_e / TILE_M) is at most
  * rows / TILE_M + E); CTAs beyond the work dispatch wrote return at once. */
+static inline void moegen_cuda_group_m_tiles(const moegen_cuda_layer *l, long long S, long long max_rows,
+                                             unsigned m_tiles[3]) {
+    m_tiles[0] = moegen_cuda_ceil_div(max_rows, l->tile_m) + (unsigned)l->num_experts;
+    m_tiles[1] = (unsigned)l->shared_count * moegen_cuda_ceil_div(S, l->tile_m);
+    m_tiles[2] = l->residual ? moegen_cuda_ceil_div(S, l->tile_m) : 0u;
+}
+
+/* The steps of the forward over S > 0 tokens, in launch order, into steps[MOEGEN_CUDA_MAX_STEPS];
+ * returns their count. Groups without problems and grids of zero blocks are left out. */
 static inline int moegen_cuda_forward_steps(const moegen_cuda_layer *l, long long S, long long max_rows,
                                             unsigned stages, unsigned groups_mask, moegen_cuda_step *steps) {
     int n = 0;
@@ -182,11 +192,8 @@ static inline int moegen_cuda_forward_steps(const moegen_cuda_layer *l, long lon
     if (stages & MOEGEN_CUDA_STAGE_GEMMS) {
         moegen_cuda_group groups[3];
         moegen_cuda_groups(l, groups);
-        const unsigned m_tiles[3] = {
-            moegen_cuda_ceil_div(max_rows, l->tile_m) + (unsigned)l->num_experts,
-            (unsigned)l->shared_count * moegen_cuda_ceil_div(S, l->tile_m),
-            l->residual ? moegen_cuda_ceil_div(S, l->tile_m) : 0u,
-        };
+        unsigned m_tiles[3];
+        moegen_cuda_group_m_tiles(l, S, max_rows, m_tiles);
         const unsigned threads = MOEGEN_CUDA_GEMM_THREADS((unsigned)l->warps_m, (unsigned)l->warps_n);
         for (int g = 0; g < 3; g++) {
             if (groups[g].count == 0 || !(groups_mask & (1u << g))) continue;
@@ -199,6 +206,123 @@ static inline int moegen_cuda_forward_steps(const moegen_cuda_layer *l, long lon
     if (stages & MOEGEN_CUDA_STAGE_FINISH) {
         MOEGEN_STEP(MOEGEN_CUDA_COMBINE, (unsigned)S, 1, MOEGEN_CUDA_COMBINE_THREADS);
         MOEGEN_STEP(MOEGEN_CUDA_LOSSES, 1, 1, MOEGEN_CUDA_LOSS_THREADS);
+    }
+#undef MOEGEN_STEP
+    return n;
+}
+
+/* ---- The training backward ------------------------------------------------------------------ */
+
+/* Byte offsets of the backward's own device buffers (fp32) for S tokens, each 256-byte
+ * aligned; the forward's workspace stays as the training forward left it. */
+typedef struct moegen_cuda_backward_layout {
+    size_t dw_final, dz, coef_dq, gate_dnu, row_do, row_pre, row_du;
+    size_t shared_do, shared_pre, shared_du, residual_do, residual_pre, residual_du;
+    size_t total;
+} moegen_cuda_backward_layout;
+
+static inline moegen_cuda_backward_layout moegen_cuda_backward_layout_for(const moegen_cuda_layer *l, long long S,
+                                                                          long long max_rows) {
+    moegen_cuda_backward_layout L;
+    memset(&L, 0, sizeof L);
+    const size_t E = (size_t)l->num_experts, tokens = (size_t)S, rows = (size_t)max_rows;
+    const size_t H = (size_t)l->hidden, F1 = (size_t)l->ffn_rows, Ns = (size_t)l->shared_count;
+    const size_t Fs1 = (size_t)l->shared_ffn_rows, residual = l->residual ? 1 : 0;
+    size_t offset = 0;
+#define MOEGEN_CARVE(field, bytes) (L.field = offset, offset += ((size_t)(bytes) + 255) & ~(size_t)255)
+    MOEGEN_CARVE(dw_final, tokens * (size_t)l->top_k * 4);
+    MOEGEN_CARVE(dz, tokens * E * 4);
+    MOEGEN_CARVE(coef_dq, tokens * 2 * 4);
+    MOEGEN_CARVE(gate_dnu, tokens * 4);
+    MOEGEN_CARVE(row_do, rows * H * 4);
+    MOEGEN_CARVE(row_pre, rows * F1 * 4);
+    MOEGEN_CARVE(row_du, rows * H * 4);
+    MOEGEN_CARVE(shared_do, Ns * tokens * H * 4);
+    MOEGEN_CARVE(shared_pre, Ns * tokens * Fs1 * 4);
+    MOEGEN_CARVE(shared_du, Ns * tokens * H * 4);
+    MOEGEN_CARVE(residual_do, residual * tokens * H * 4);
+    MOEGEN_CARVE(residual_pre, residual * tokens * F1 * 4);
+    MOEGEN_CARVE(residual_du, residual * tokens * H * 4);
+#undef MOEGEN_CARVE
+    L.total = offset;
+    return L;
+}
+
+/* Point b's buffers into the backward's device memory at `base`. */
+static inline void moegen_cuda_backward_carve(const moegen_cuda_backward_layout *L, char *base,
+                                              moegen_cuda_backward_args *b) {
+    b->dw_final = (float *)(base + L->dw_final);
+    b->dz = (float *)(base + L->dz);
+    b->coef_dq = (float *)(base + L->coef_dq);
+    b->gate_dnu = (float *)(base + L->gate_dnu);
+    b->row_do = (float *)(base + L->row_do);
+    b->row_pre = (float *)(base + L->row_pre);
+    b->row_du = (float *)(base + L->row_du);
+    b->shared_do = (float *)(base + L->shared_do);
+    b->shared_pre = (float *)(base + L->shared_pre);
+    b->shared_du = (float *)(base + L->shared_du);
+    b->residual_do = (float *)(base + L->residual_do);
+    b->residual_pre = (float *)(base + L->residual_pre);
+    b->residual_du = (float *)(base + L->residual_du);
+}
+
+/* Steps of the backward (after the forward's, in the same enum). */
+enum moegen_cuda_backward_step_kind {
+    MOEGEN_CUDA_BWD_COMBINE = 100,
+    MOEGEN_CUDA_BWD_PRE,     /* the four per-shape kernels, in this order: P_f<ffn>_bwd_pre, */
+    MOEGEN_CUDA_BWD_DH,      /* _bwd_dh, _bwd_du and _bwd_weights (b, group, first, count) */
+    MOEGEN_CUDA_BWD_DU,
+    MOEGEN_CUDA_BWD_WEIGHTS,
+    MOEGEN_CUDA_BWD_TOKENS,
+    MOEGEN_CUDA_BWD_DENSE    /* P_bwd_dense_weights(b, which): which in group.group */
+};
+
+#define MOEGEN_CUDA_PHASE_DATA 1u    /* dx and the per-row gradients (moegen_layer_backward) */
+#define MOEGEN_CUDA_PHASE_WEIGHTS 2u /* the weight gradients, from what the data phase left */
+#define MOEGEN_CUDA_MAX_BACKWARD_STEPS 20
+
+/* The steps of the backward phases over S > 0 tokens, in launch order; returns their count. */
+static inline int moegen_cuda_backward_steps(const moegen_cuda_layer *l, long long S, long long max_rows,
+                                             unsigned phases, moegen_cuda_step *steps) {
+    int n = 0;
+    moegen_cuda_step *s;
+    moegen_cuda_group groups[3];
+    moegen_cuda_groups(l, groups);
+    unsigned m_tiles[3];
+    moegen_cuda_group_m_tiles(l, S, max_rows, m_tiles);
+#define MOEGEN_STEP(k, gx, gy, t)                                                                        \
+    (s = &steps[n], memset(s, 0, sizeof *s), s->kind = (k), s->grid_x = (gx), s->grid_y = (gy), s->threads = (t), \
+     n += (s->grid_x > 0 && s->grid_y > 0) ? 1 : 0)
+    if (phases & MOEGEN_CUDA_PHASE_DATA) {
+        MOEGEN_STEP(MOEGEN_CUDA_BWD_COMBINE, (unsigned)S, 1, MOEGEN_CUDA_BWD_TOKEN_THREADS);
+        for (int g = 0; g < 3; g++) {
+            if (groups[g].count == 0) continue;
+            const long long f = groups[g].ffn, f1 = g == MOEGEN_GROUP_SHARED ? l->shared_ffn_rows : l->ffn_rows;
+            const long long widths[3] = {f1, f, l->hidden};
+            for (int i = 0; i < 3; i++) {
+                MOEGEN_STEP(MOEGEN_CUDA_BWD_PRE + i, m_tiles[g], (unsigned)MOEGEN_CUDA_CEIL_DIV(widths[i], MOEGEN_CUDA_BWD_TILE),
+                            MOEGEN_CUDA_BWD_GEMM_THREADS);
+                s->group = groups[g];
+            }
+        }
+        MOEGEN_STEP(MOEGEN_CUDA_BWD_TOKENS, (unsigned)S, 1, MOEGEN_CUDA_BWD_TOKEN_THREADS);
+    }
+    if (phases & MOEGEN_CUDA_PHASE_WEIGHTS) {
+        for (int g = 0; g < 3; g++) {
+            if (groups[g].count == 0) continue;
+            const long long f = groups[g].ffn, f1 = g == MOEGEN_GROUP_SHARED ? l->shared_ffn_rows : l->ffn_rows;
+            MOEGEN_STEP(MOEGEN_CUDA_BWD_WEIGHTS, (unsigned)MOEGEN_CUDA_BWD_WEIGHT_BLOCKS(l->hidden, f, f1),
+                        (unsigned)groups[g].count, MOEGEN_CUDA_BWD_GEMM_THREADS);
+            s->group = groups[g];
+        }
+        const int dense[3] = {MOEGEN_CUDA_DENSE_ROUTER, MOEGEN_CUDA_DENSE_COEF, MOEGEN_CUDA_DENSE_GATE};
+        const long long rows[3] = {l->num_experts, l->residual ? 2 : 0, l->shared_count > 0 && l->shared_gate ? 1 : 0};
+        for (int i = 0; i < 3; i++) {
+            if (rows[i] == 0) continue;
+            MOEGEN_STEP(MOEGEN_CUDA_BWD_DENSE, (unsigned)MOEGEN_CUDA_BWD_DENSE_BLOCKS(l->hidden, rows[i]), 1,
+                        MOEGEN_CUDA_BWD_GEMM_THREADS);
+            s->group.group = dense[i];
+        }
     }
 #undef MOEGEN_STEP
     return n;

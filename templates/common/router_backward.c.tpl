@@ -136,3 +136,21 @@ TOKEN_FN void router_backward_token(const float *z, const int *ids, const unsign
     for (int e = 0; e < NUM_EXPERTS; e++)
         if (!(z[e] > -INFINITY && z[e] < FLT_MAX)) dz[e] = 0.0f;
 }
+
+/* aux_coeff * d aux / d p[t][e] for an expert the loss counted `count` routes of (the same
+ * for every token; numerics §8.2.7). */
+TOKEN_FN float aux_gradient_of(double aux_coeff, long long count, long long n_tokens) {
+% if aux == "none" then
+    (void)aux_coeff;
+    (void)count;
+    (void)n_tokens;
+    return 0.0f;
+% else
+    const double n = (double)n_tokens;
+%   if aux == "ds_first_choice" then
+    return (float)(aux_coeff * NUM_EXPERTS * (double)count / (n * n));
+%   else
+    return (float)(aux_coeff * NUM_EXPERTS * (double)count / ((double)TOP_K * n * n));
+%   end
+% end
+}

@@ -278,21 +278,7 @@ typedef struct bwd_problem {
     float *g_w1, *g_b1, *g_w2, *g_b2; /* fp32 weight gradients, or NULL */
 } bwd_problem;
 
-/* Derivative of the activation (numerics §8.2.4). */
-static inline float activation_grad(float z) {
-% if spec.activation == "relu" then
-    return z > 0.0f ? 1.0f : 0.0f;
-% elseif spec.activation == "gelu" or spec.activation == "geglu" then
-    return 0.5f * (1.0f + erff(z * 0.70710678118654752f)) + z * 0.39894228040143268f * expf(-0.5f * z * z);
-% elseif spec.activation == "gelu_tanh" then
-    const float k = 0.79788456080286536f;
-    const float t = tanhf(k * (z + 0.044715f * z * z * z));
-    return 0.5f * (1.0f + t) + 0.5f * z * (1.0f - t * t) * k * (1.0f + 3.0f * 0.044715f * z * z);
-% else
-    const float s = sigmoid(z);
-    return s * (1.0f + z * (1.0f - s));
-% end
-}
+% include("templates/common/activation_grad.c.tpl")
 
 /* ---- Stores of the tiles --------------------------------------------------------------- */
 
@@ -786,22 +772,13 @@ static int begin_backward(const moegen_kernel_backward_args *args, backward_stat
 /* aux_coeff * d aux / d p[t][e] (the same for every token); the counts are the forward's,
  * summed in block order. */
 static void aux_gradient(const forward_state *st, double aux_coeff, float aux_grad[NUM_EXPERTS]) {
-% if aux == "none" then
-    (void)st;
-    (void)aux_coeff;
-    for (int e = 0; e < NUM_EXPERTS; e++) aux_grad[e] = 0.0f;
-% else
-    const double n = (double)st->n_tokens;
     for (int e = 0; e < NUM_EXPERTS; e++) {
         int64_t count = 0;
+% if aux ~= "none" then
         for (int64_t block = 0; block < st->n_router_blocks; block++) count += st->block_counts[block * NUM_EXPERTS + e];
-%   if aux == "ds_first_choice" then
-        aux_grad[e] = (float)(aux_coeff * NUM_EXPERTS * (double)count / (n * n));
-%   else
-        aux_grad[e] = (float)(aux_coeff * NUM_EXPERTS * (double)count / ((double)TOP_K * n * n));
-%   end
-    }
 % end
+        aux_grad[e] = aux_gradient_of(aux_coeff, count, st->n_tokens);
+    }
 }
 
 /* Token pass A over every token, in parallel; MOEGEN_KERNEL_ENOMEM if a thread's scratch

@@ -75,16 +75,6 @@ __device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
 }
 % end
 
-/* The problem of m tile `tile` among problems[first, first + count). */
-__device__ __forceinline__ int find_problem(const moegen_cuda_problem *problems, int first, int count, int tile) {
-    int low = 0, high = count - 1;
-    while (low < high) {
-        const int mid = (low + high + 1) / 2;
-        if (problems[first + mid].tile_start <= tile) low = mid;
-        else high = mid - 1;
-    }
-    return first + low;
-}
 
 /* Where one problem's operands live. */
 struct gemm_problem {

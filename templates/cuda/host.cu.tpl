@@ -30,7 +30,8 @@
 static const moegen_cuda_layer LAYER = {
     NUM_EXPERTS, TOP_K, HIDDEN, FFN, SHARED_EXPERTS, ${spec.shared.count > 0 and spec.shared.ffn_size or 0},
     ${spec.use_residual and 1 or 0} /* residual */, ${moe.aux_kind(spec) ~= "none" and 1 or 0} /* aux loss */,
-    (int)sizeof(elem_t), TILE_M, TILE_N, WARPS_M, WARPS_N, ROUTER_TOKENS, ${ranked and 1 or 0} /* dispatch_rank */};
+    (int)sizeof(elem_t), TILE_M, TILE_N, WARPS_M, WARPS_N, ROUTER_TOKENS, ${ranked and 1 or 0} /* dispatch_rank */,
+    FFN_ROWS, ${spec.shared.count > 0 and spec.shared.ffn_rows or 0}, ${spec.shared.count > 0 and spec.shared.gate and 1 or 0} /* shared gate */};
 
 /* The build pin's definition (${gen.header_name}). */
 extern "C" const char ${P}_build_${gen.build_id}[] = "${gen.build_id}";

@@ -5,7 +5,8 @@
 % --   -> router (fp32 logit GEMM, scores, group-limited top-k, loss terms)
 % --   -> dispatch (capacity, drop priority, expert-contiguous rows, GEMM problem table)
 % --   -> gemm (grouped expert GEMMs: tensor cores for fp16/bf16, FMA for fp32)
-% --   -> combine (weighted sum in slot order, residual, shared) -> losses.
+% --   -> combine (weighted sum in slot order, residual, shared) -> losses;
+% --   and the training backward (backward: the same phases as the CPU backward's).
 % -- The launch order, the threads per block of every kernel and the argument struct are
 % -- in templates/common/moegen_cuda_abi.h (shared with the runtime, which launches them).
 % local moe = import("templates/lib/moe.lua")
@@ -54,9 +55,15 @@ static_assert(HIDDEN % 16 == 0 && FFN % 16 == 0, "sizes are multiples of 16 (val
 static_assert(TILE_M % (16 * WARPS_M) == 0 && TILE_N % (16 * WARPS_N) == 0, "warp tiles are multiples of 16");
 
 % include("templates/cuda/numerics.cu.tpl")
+% include("templates/cuda/problems.cu.tpl")
+#if !defined(MOEGEN_CUDA_BACKWARD_ONLY) /* defined only by tests/cuda_emulator.h, which runs the
+                                           backward's kernels on the host (no warp intrinsics or
+                                           PTX there) */
 % include("templates/cuda/router.cu.tpl")
 % include("templates/cuda/dispatch.cu.tpl")
 % include("templates/cuda/gemm.cu.tpl")
 % include("templates/cuda/combine.cu.tpl")
 % include("templates/cuda/ep.cu.tpl")
 % include("templates/cuda/host.cu.tpl")
+#endif
+% include("templates/cuda/backward.cu.tpl")

@@ -7,6 +7,15 @@
 #define FULL_MASK 0xffffffffu
 #define INF __int_as_float(0x7f800000)
 #define FLOAT_MAX 3.402823466e38f
+#ifndef INFINITY /* the names templates/common/ uses (NVRTC has no math.h or float.h) */
+#define INFINITY INF
+#endif
+#ifndef FLT_MAX
+#define FLT_MAX FLOAT_MAX
+#endif
+
+/* The qualifier of the per-token functions both backends share (templates/common/). */
+#define TOKEN_FN __device__
 
 % if spec.dtype == "fp32" then
 typedef float elem_t;

@@ -1207,10 +1207,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_deepseek_v3.h). */
-const char moe_deepseek_v3_build_e950d79d43b8c912[] = "e950d79d43b8c912";
+const char moe_deepseek_v3_build_908cd3ce9b65bda2[] = "908cd3ce9b65bda2";
 
 const char *moe_deepseek_v3_describe(void) {
-    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build e950d79d43b8c912, "
+    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build 908cd3ce9b65bda2, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1780,8 +1780,8 @@ typedef struct bwd_problem {
     float *g_w1, *g_b1, *g_w2, *g_b2; /* fp32 weight gradients, or NULL */
 } bwd_problem;
 
-/* Derivative of the activation (numerics §8.2.4). */
-static inline float activation_grad(float z) {
+/* Derivative of the activation swiglu (numerics §8.2.4). */
+TOKEN_FN float activation_grad(float z) {
     const float s = sigmoid(z);
     return s * (1.0f + z * (1.0f - s));
 }
@@ -2104,6 +2104,13 @@ TOKEN_FN void router_backward_token(const float *z, const int *ids, const unsign
         if (!(z[e] > -INFINITY && z[e] < FLT_MAX)) dz[e] = 0.0f;
 }
 
+/* aux_coeff * d aux / d p[t][e] for an expert the loss counted `count` routes of (the same
+ * for every token; numerics §8.2.7). */
+TOKEN_FN float aux_gradient_of(double aux_coeff, long long count, long long n_tokens) {
+    const double n = (double)n_tokens;
+    return (float)(aux_coeff * NUM_EXPERTS * (double)count / ((double)TOP_K * n * n));
+}
+
 /* Token t: d loss / d logits, from d loss / d combine weights (router_backward.c.tpl). */
 static void router_backward(const backward_state *bs, int64_t t, const float *aux_grad, float *dz) {
     const forward_state *st = &bs->f;
@@ -2199,11 +2206,10 @@ static int begin_backward(const moegen_kernel_backward_args *args, backward_stat
 /* aux_coeff * d aux / d p[t][e] (the same for every token); the counts are the forward's,
  * summed in block order. */
 static void aux_gradient(const forward_state *st, double aux_coeff, float aux_grad[NUM_EXPERTS]) {
-    const double n = (double)st->n_tokens;
     for (int e = 0; e < NUM_EXPERTS; e++) {
         int64_t count = 0;
         for (int64_t block = 0; block < st->n_router_blocks; block++) count += st->block_counts[block * NUM_EXPERTS + e];
-        aux_grad[e] = (float)(aux_coeff * NUM_EXPERTS * (double)count / ((double)TOP_K * n * n));
+        aux_grad[e] = aux_gradient_of(aux_coeff, count, st->n_tokens);
     }
 }
 

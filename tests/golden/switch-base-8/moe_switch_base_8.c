@@ -951,10 +951,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_switch_base_8.h). */
-const char moe_switch_base_8_build_f87bf775e80d439c[] = "f87bf775e80d439c";
+const char moe_switch_base_8_build_f94b107f83f1b44c[] = "f94b107f83f1b44c";
 
 const char *moe_switch_base_8_describe(void) {
-    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build f87bf775e80d439c, "
+    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build f94b107f83f1b44c, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1513,8 +1513,8 @@ typedef struct bwd_problem {
     float *g_w1, *g_b1, *g_w2, *g_b2; /* fp32 weight gradients, or NULL */
 } bwd_problem;
 
-/* Derivative of the activation (numerics §8.2.4). */
-static inline float activation_grad(float z) {
+/* Derivative of the activation relu (numerics §8.2.4). */
+TOKEN_FN float activation_grad(float z) {
     return z > 0.0f ? 1.0f : 0.0f;
 }
 
@@ -1803,6 +1803,13 @@ TOKEN_FN void router_backward_token(const float *z, const int *ids, const unsign
         if (!(z[e] > -INFINITY && z[e] < FLT_MAX)) dz[e] = 0.0f;
 }
 
+/* aux_coeff * d aux / d p[t][e] for an expert the loss counted `count` routes of (the same
+ * for every token; numerics §8.2.7). */
+TOKEN_FN float aux_gradient_of(double aux_coeff, long long count, long long n_tokens) {
+    const double n = (double)n_tokens;
+    return (float)(aux_coeff * NUM_EXPERTS * (double)count / (n * n));
+}
+
 /* Token t: d loss / d logits, from d loss / d combine weights (router_backward.c.tpl). */
 static void router_backward(const backward_state *bs, int64_t t, const float *aux_grad, float *dz) {
     const forward_state *st = &bs->f;
@@ -1890,11 +1897,10 @@ static int begin_backward(const moegen_kernel_backward_args *args, backward_stat
 /* aux_coeff * d aux / d p[t][e] (the same for every token); the counts are the forward's,
  * summed in block order. */
 static void aux_gradient(const forward_state *st, double aux_coeff, float aux_grad[NUM_EXPERTS]) {
-    const double n = (double)st->n_tokens;
     for (int e = 0; e < NUM_EXPERTS; e++) {
         int64_t count = 0;
         for (int64_t block = 0; block < st->n_router_blocks; block++) count += st->block_counts[block * NUM_EXPERTS + e];
-        aux_grad[e] = (float)(aux_coeff * NUM_EXPERTS * (double)count / (n * n));
+        aux_grad[e] = aux_gradient_of(aux_coeff, count, st->n_tokens);
     }
 }
 
