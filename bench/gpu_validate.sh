@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bench/gpu_validate.sh — the GPU correctness run: CUDA API tests, the forward matrix on
 # the GPU, the layer tests (fallback path included), compute-sanitizer memcheck /
-# racecheck / initcheck on the small specs, and `moegen run --device cuda` (verified
-# against the reference) on every shipped spec. Logs to OUT_DIR (default $OUT or ./gpu-logs).
+# racecheck / initcheck on the small specs (forward, and a training step with the backward),
+# the training backward verified against the reference backward on the small specs, and
+# `moegen run --device cuda` (verified against the reference) on every shipped spec. Logs to OUT_DIR (default $OUT or ./gpu-logs).
 #   MOEGEN_BUILD=build bench/gpu_validate.sh [OUT_DIR]
 set -u
 cd "$(dirname "$0")/.."
@@ -30,7 +31,12 @@ for spec in demo test-capacity test-features test-fp32; do
     for tool in memcheck racecheck initcheck; do
         step "sanitizer-$tool-$spec" 150 "$sanitizer" --tool "$tool" --error-exitcode 9 \
             "$build/moegen" run "specs/$spec.yaml" --device cuda --tokens 67 --repeat 1
+        step "sanitizer-$tool-backward-$spec" 240 "$sanitizer" --tool "$tool" --error-exitcode 9 \
+            "$build/moegen" run "specs/$spec.yaml" --device cuda --tokens 67 --repeat 1 --backward \
+            --aux-coeff 0.01 --z-coeff 0.001
     done
+    step "backward-$spec" 240 "$build/moegen" run "specs/$spec.yaml" --device cuda --tokens 130 --repeat 3 \
+        --backward --aux-coeff 0.01 --z-coeff 0.001
 done
 if [ "${MOEGEN_SKIP_RUNS:-0}" != 1 ]; then
     for spec in specs/*.yaml; do

@@ -3,6 +3,8 @@
 #define _GNU_SOURCE
 #include "cpu_backend.h"
 
+#include "kernel_grads.h"
+
 #include "ep.h"
 
 #include <limits.h>
@@ -529,14 +531,6 @@ moegen_status moegen_cpu_backend_forward_train(moegen_cpu_backend *b, const moeg
     return MOEGEN_OK;
 }
 
-static moegen_kernel_grads kernel_grads(const moegen_grads *g) {
-    return (moegen_kernel_grads){g->router_w,        g->router_b,        g->w1,          g->b1,
-                                 g->w2,              g->b2,              g->shared_w1,   g->shared_b1,
-                                 g->shared_w2,       g->shared_b2,       g->shared_gate, g->residual_w1,
-                                 g->residual_b1,     g->residual_w2,     g->residual_b2, g->residual_coef_w,
-                                 g->residual_coef_b};
-}
-
 static moegen_kernel_backward_args backward_args(moegen_cpu_saved *s, int n_threads, const moegen_backward_io *bio) {
     s->args.n_threads = n_threads;
     return (moegen_kernel_backward_args){
@@ -585,7 +579,7 @@ moegen_status moegen_cpu_backend_backward_weights(moegen_cpu_backend *b, moegen_
         return moegen_error_set(err, MOEGEN_ERR_STATE, 0,
                                 "backward_weights: moegen_layer_backward has not run on this saved forward");
     moegen_kernel_backward_args args = backward_args(s, n_threads, NULL);
-    args.grads = kernel_grads(grads);
+    args.grads = moegen_kernel_grads_of(grads);
     args.accumulate = grads->accumulate != 0;
     return kernel_status(s->module->backward_weights(&args), "backward_weights", err);
 }

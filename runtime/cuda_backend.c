@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "capacity.h"
+#include "kernel_grads.h"
 #include "moegen_cuda_abi.h"
 #include "moegen_cuda_launch.h"
 #include "sha256.h"
@@ -733,14 +734,6 @@ static moegen_status run_backward_steps(moegen_cuda_backend *b, moegen_cuda_save
     return st;
 }
 
-static moegen_kernel_grads kernel_grads(const moegen_grads *g) {
-    return (moegen_kernel_grads){g->router_w,      g->router_b,        g->w1,          g->b1,
-                                 g->w2,            g->b2,              g->shared_w1,   g->shared_b1,
-                                 g->shared_w2,     g->shared_b2,       g->shared_gate, g->residual_w1,
-                                 g->residual_b1,   g->residual_w2,     g->residual_b2, g->residual_coef_w,
-                                 g->residual_coef_b};
-}
-
 /* No tokens: every weight gradient is 0 (nothing to add when accumulating). */
 static moegen_status zero_grads(moegen_cuda_backend *b, moegen_cuda_saved *s, const moegen_grads *g,
                                 moegen_error *err) {
@@ -773,7 +766,7 @@ moegen_status moegen_cuda_backend_backward_weights(moegen_cuda_backend *b, moege
         return moegen_error_set(err, MOEGEN_ERR_STATE, 0,
                                 "backward_weights: moegen_layer_backward has not run on this saved forward");
     if (s->n_tokens == 0) return zero_grads(b, s, grads, err);
-    s->b.grads = kernel_grads(grads);
+    s->b.grads = moegen_kernel_grads_of(grads);
     s->b.accumulate = grads->accumulate;
     return run_backward_steps(b, s, MOEGEN_CUDA_PHASE_WEIGHTS, err);
 }

@@ -39,6 +39,7 @@
 #include "capacity.h"
 #include "cuda_backend.h"
 #include "emit.h"
+#include "kernel_grads.h"
 #include "moegen_cuda_launch.h"
 #include "reference.h"
 #include "reference_internal.h"
@@ -302,13 +303,6 @@ static void run_backward(const emulated_module *m, const forward_state *fs, moeg
     }
 }
 
-static moegen_kernel_grads kernel_grads(const moegen_grads *g) {
-    return (moegen_kernel_grads){g->router_w,  g->router_b,    g->w1,          g->b1,          g->w2,
-                                 g->b2,        g->shared_w1,   g->shared_b1,   g->shared_w2,   g->shared_b2,
-                                 g->shared_gate, g->residual_w1, g->residual_b1, g->residual_w2, g->residual_b2,
-                                 g->residual_coef_w, g->residual_coef_b};
-}
-
 /* One spec at S tokens: the data phase with dx, the weight phase, then the weight phase
  * again accumulating (every gradient must double). */
 static void check_tokens(const matrix_spec *entry, const moegen_spec *spec_in, const emulated_module *mp, int64_t S) {
@@ -342,7 +336,7 @@ static void check_tokens(const matrix_spec *entry, const moegen_spec *spec_in, c
     b.aux_coeff = 0.37;
     b.z_coeff = 0.11f;
     moegen_cuda_backward_carve(&BL, backward, &b);
-    b.grads = kernel_grads(&bb.grads);
+    b.grads = moegen_kernel_grads_of(&bb.grads);
     for (int i = 1; i < MOE_T_COUNT; i++) { /* garbage in every gradient: overwritten, not added to */
         float *g = moe_backward_grad(&bb, i);
         for (size_t j = 0; g && j < bb.n[i]; j++) g[j] = 1e30f;

@@ -15,7 +15,7 @@ weights.
 
 The forward and backward are the custom ops moegen::moe and moegen::moe_backward (torch.library)
 with fake implementations, so torch.compile traces through them without a graph break. Training
-(gradients) needs a CPU layer; a CUDA layer runs the forward on the current stream.
+(gradients) runs on CPU layers, and on CUDA layers on the current stream (not yet run on a GPU).
 """
 import itertools
 import json
