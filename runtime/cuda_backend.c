@@ -480,8 +480,7 @@ static moegen_status launch(moegen_cuda_backend *b, moegen_cu_function f, const 
 }
 
 
-/* The arguments of one call: capacity, workspace carved for S tokens, device pointers.
- * S = 0 is handled by the callers (nothing is launched). */
+/* Route and row indices are int32 in the kernels. */
 static moegen_status check_tokens(const moegen_cuda_backend *b, int64_t S, moegen_error *err) {
     if (S > INT32_MAX / b->spec->top_k || moegen_spec_max_rows(b->spec, S) > INT32_MAX)
         return moegen_error_set(err, MOEGEN_ERR_INVALID_ARGUMENT, 0,
@@ -493,7 +492,9 @@ static moegen_cuda_layout forward_layout(const moegen_cuda_backend *b, int64_t S
     return moegen_cuda_layout_for(&b->layer, S, moegen_spec_max_rows(b->spec, S));
 }
 
-/* The arguments of a call over the workspace at `base` (forward_layout(S).total bytes). */
+/* The arguments of one call over the workspace at `base` (forward_layout(S).total bytes):
+ * capacity, the workspace carved for S tokens, device pointers. S = 0 is handled by the
+ * callers (nothing is launched). */
 static void fill_args(const moegen_cuda_backend *b, const moegen_kernel_weights *w, const moegen_forward_io *io,
                       char *base, moegen_cuda_args *a) {
     const int64_t S = io->n_tokens;

@@ -147,7 +147,8 @@ typedef struct moegen_open_options {
                               (0): the backward runs the expert GEMM1 again for the
                               pre-activations; MOEGEN_ACTIVATIONS_KEEP: the forward keeps them
                               (more memory per saved forward, one GEMM1 less per step;
-                              docs/training.md "Memory") */
+                              docs/training.md "Memory"). CPU layers; CUDA layers always
+                              recompute (KEEP has no effect there) */
     moegen_comm *comm;     /* expert parallelism: required when the spec's ep_size > 1, and its
                               size must equal ep_size; borrowed, not owned (NULL otherwise) */
     const char *template_dir; /* templates to generate from instead of the ones built into the
