@@ -2,7 +2,9 @@
  * CPU backward's tests (test_backward) and the CUDA backward's emulated run
  * (test_cuda_backward_emulated): every score function and order, groups, capacity modes with
  * drops and padding, shared experts (gated or not), the residual MLP, biases, jitter, noise,
- * weight_on_input, and every activation. Sizes are multiples of 16, as CUDA layers need. */
+ * weight_on_input, and every activation. Sizes are multiples of 16, as CUDA layers need; the
+ * shared experts' 96 is also a multiple of 32, as AMX tiles need (test_backward runs the
+ * matrix on them). */
 #ifndef MOEGEN_TESTS_BACKWARD_MATRIX_H
 #define MOEGEN_TESTS_BACKWARD_MATRIX_H
 
@@ -32,7 +34,7 @@ static const matrix_spec MATRIX[] __attribute__((unused)) = {
     {"shared-residual-bias",
      "semantics: deepspeed\nmode: train\nnum_experts_per_tok: 2\nactivation: geglu\nexpert_bias: true\n"
      "use_residual: true\nrouter:\n  noise: rsample\n  seed: 3\nshared_experts:\n  count: 2\n"
-     "  intermediate_size: 48\n  gate: true\n"},
+     "  intermediate_size: 96\n  gate: true\n"},
     {"groups-zero-max",
      "num_experts_per_tok: 2\nactivation: silu\nrouter:\n  score_function: sigmoid\n  n_group: 4\n"
      "  topk_group: 2\n  group_score: max\n  group_mask: zero\n  aux_loss: deepspeed\n"},

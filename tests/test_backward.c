@@ -24,10 +24,14 @@
 
 #include "backward_matrix.h"
 
-static char *spec_text(const matrix_spec *m, const char *dtype) {
+static char *spec_text_on(const matrix_spec *m, const char *dtype, const char *base) {
     static char text[2048];
-    snprintf(text, sizeof text, "name: %s\ndtype: %s\n%s%s", m->name, dtype, BASE, m->yaml);
+    snprintf(text, sizeof text, "name: %s\ndtype: %s\n%s%s", m->name, dtype, base, m->yaml);
     return text;
+}
+
+static char *spec_text(const matrix_spec *m, const char *dtype) {
+    return spec_text_on(m, dtype, BASE);
 }
 
 static int keep_activations;     /* the next open_cpu's opts.activations */
@@ -125,18 +129,24 @@ static void check_case(moegen_layer *layer, const moegen_spec *spec, int64_t S, 
     moe_tensors_free(&ts);
 }
 
-/* Every matrix spec in one dtype, at 0, 1, 7 and 64 tokens, and once with a token mask. */
-static void run_matrix(const char *dtype) {
+/* Every matrix spec in one dtype on the shapes `base` gives, at 0, 1, 7 and `most` tokens,
+ * and once with a token mask; `variant` as opts.variant (NULL: the default). */
+static void run_matrix_on(const char *dtype, const char *base, const char *variant, int64_t most) {
     for (size_t i = 0; i < N_MATRIX; i++) {
         moegen_spec spec;
-        const char *yaml = spec_text(&MATRIX[i], dtype);
+        const char *yaml = spec_text_on(&MATRIX[i], dtype, base);
+        open_variant = variant;
         moegen_layer *layer = open_cpu(yaml, 2, &spec);
-        static const int64_t TOKENS[] = {0, 1, 7, 64};
-        for (size_t s = 0; s < sizeof TOKENS / sizeof TOKENS[0]; s++) check_case(layer, &spec, TOKENS[s], 100 + i, 0);
+        const int64_t tokens[] = {0, 1, 7, most};
+        for (size_t s = 0; s < sizeof tokens / sizeof tokens[0]; s++) check_case(layer, &spec, tokens[s], 100 + i, 0);
         check_case(layer, &spec, 9, 200 + i, 1);
         moegen_layer_close(layer);
         moegen_spec_free(&spec);
     }
+}
+
+static void run_matrix(const char *dtype) {
+    run_matrix_on(dtype, BASE, NULL, 64);
 }
 
 static void test_matrix_fp32(void **state) {
@@ -152,6 +162,15 @@ static void test_matrix_bf16(void **state) {
 static void test_matrix_fp16(void **state) {
     (void)state;
     run_matrix("fp16");
+}
+
+/* bf16 on AMX tiles, where this CPU has them (else the variant runs the FMA kernels: the
+ * layer's kernel path says which): shapes AMX takes (every k a multiple of 32), k over more
+ * than one packed chunk of the backward's weights (128) with a partial last one (hidden 160,
+ * gated 2 x 96), and more rows per expert than one task of the backward holds (32). */
+static void test_matrix_bf16_amx(void **state) {
+    (void)state;
+    run_matrix_on("bf16", "num_experts: 8\nhidden_size: 160\nmoe_intermediate_size: 96\n", "gemm=amx", 150);
 }
 
 /* A larger call: more rows per expert than one task of the kernels holds. */
@@ -363,7 +382,6 @@ static void test_kept_activations(void **state) {
         open_variant = CASES[d].variant;
         moegen_layer *keep = open_cpu(yaml, 2, NULL);
         keep_activations = 0;
-        { moegen_layer_desc dd; moegen_layer_describe(keep, &dd); fprintf(stderr, "DEBUG %s | %s\n", dd.variant, dd.kernel_path); }
         const int64_t S = 45;
         moe_tensors ts;
         moe_outputs o1, o2;
@@ -423,6 +441,7 @@ int main(void) {
         cmocka_unit_test(test_many_tokens),
         cmocka_unit_test(test_matrix_fp32),
         cmocka_unit_test(test_matrix_bf16),
+        cmocka_unit_test(test_matrix_bf16_amx),
         cmocka_unit_test(test_matrix_fp16),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -286,15 +286,55 @@ typedef struct store_ctx {
     float *c;        /* C, row-major */
     int64_t ldc;
     int accumulate;  /* add to C (the caller's gradient buffer) instead of writing it */
+    int stream;      /* writing C: past the caches (STREAM_GRADIENTS) */
     const float *pre; /* dh -> da: the pre-activations ([.][ldp]), overwritten by their gradients */
     int64_t ldp, ffn;
 } store_ctx;
+
+/* Overwritten weight gradients are written past the caches (non-temporal stores) when the
+ * routed experts' fp32 gradients exceed STREAM_GRADIENT_BYTES: each element is written once,
+ * and an ordinary store would first read its line (twice the memory traffic, on the
+ * largest buffers of the step), which the caches could not keep anyway. Below it, they stay
+ * cached for whatever reads them next (the optimizer). */
+#define STREAM_GRADIENT_BYTES ((int64_t)64 << 20)
+#define STREAM_GRADIENTS ((int64_t)NUM_EXPERTS * (FFN_ROWS + FFN) * HIDDEN * 4 > STREAM_GRADIENT_BYTES)
+#if defined(__AVX512F__)
+#define STREAM_FLOATS 16
+#define stream_floats(dst, src) _mm512_stream_ps((dst), _mm512_loadu_ps(src))
+#elif defined(__AVX__)
+#define STREAM_FLOATS 8
+#define stream_floats(dst, src) _mm256_stream_ps((dst), _mm256_loadu_ps(src))
+#elif defined(__SSE2__)
+#define STREAM_FLOATS 4
+#define stream_floats(dst, src) _mm_stream_ps((dst), _mm_loadu_ps(src))
+#else
+#define STREAM_FLOATS 0
+#endif
+#if STREAM_FLOATS
+#include <immintrin.h>
+/* Orders this thread's non-temporal stores before what it does next (a barrier). */
+#define stream_fence() _mm_sfence()
+#else
+#define stream_fence() ((void)0)
+#endif
+
+/* n floats to dst: non-temporal where dst is aligned to whole vectors, else stored. */
+static inline void store_streaming(float *dst, const float *values, int n) {
+    int i = 0;
+#if STREAM_FLOATS
+    if ((uintptr_t)dst % (STREAM_FLOATS * sizeof(float)) == 0)
+        for (; i + STREAM_FLOATS <= n; i += STREAM_FLOATS) stream_floats(dst + i, values + i);
+#endif
+    memcpy(dst + i, values + i, (size_t)(n - i) * sizeof(float));
+}
 
 static void store_plain(void *ctx, int64_t m, int64_t c, const float *values, int n) {
     const store_ctx *s = ctx;
     float *dst = s->c + m * s->ldc + c;
     if (s->accumulate)
         for (int i = 0; i < n; i++) dst[i] += values[i];
+    else if (s->stream)
+        store_streaming(dst, values, n);
     else
         memcpy(dst, values, (size_t)n * sizeof(float));
 }
@@ -324,6 +364,10 @@ static void column_sums(const float *a, int64_t lda, int64_t n_k, int64_t m0, in
     }
 }
 
+% if variant.cpu.gemm == "amx" then
+% include("templates/cpu/amx_backward.c.tpl")
+
+% end
 /* Work split of a list of problems into tasks of BWD_TASK_ROWS x BWD_TASK_COLS of C. */
 static int64_t task_grid(const int64_t *rows_of, int n, int64_t cols, int64_t *start) {
     const int64_t col_blocks = (cols + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
@@ -381,8 +425,18 @@ static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int 
     const int64_t n_du = task_grid(rows_of, n_problems, HIDDEN, start_du);
     const int64_t dh_col_blocks = (${F} + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
     const int64_t du_col_blocks = (HIDDEN + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+%   if variant.cpu.gemm == "amx" then
+#if AMX_BACKWARD
+    const int amx = amx_usable(); /* dh and du on AMX tiles where granted, else as below */
+#endif
+%   end
 #pragma omp parallel num_threads(n_threads)
     {
+%   if variant.cpu.gemm == "amx" then
+#if AMX_BACKWARD
+        if (amx) amx_configure();
+#endif
+%   end
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < n_tasks1; task++) { /* GEMM1 as the forward's FMA path */
             int p = problem_of_task(start1, n_problems, task);
@@ -409,6 +463,15 @@ static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int 
             const bwd_problem *b = &problems[p];
             const int64_t m0 = (local / dh_col_blocks) * BWD_TASK_ROWS, c0 = (local % dh_col_blocks) * BWD_TASK_COLS;
             store_ctx ctx = {.c = b->pre, .ldp = ${F1}, .ffn = ${F}};
+%   if variant.cpu.gemm == "amx" then
+#if AMX_BACKWARD
+            if (amx) {
+                amx_bwd_product(b->d_out, HIDDEN, 1, NULL, m0, min_i64(BWD_TASK_ROWS, b->n_rows - m0), c0,
+                                min_i64(c0 + BWD_TASK_COLS, ${F}), HIDDEN, b->w2, ${F}, NULL, store_activation_grad, &ctx);
+                continue;
+            }
+#endif
+%   end
             outer_block_e(b->d_out, HIDDEN, 1, m0, min_i64(BWD_TASK_ROWS, b->n_rows - m0), c0,
                           min_i64(c0 + BWD_TASK_COLS, ${F}), HIDDEN, b->w2, ${F}, NULL, NULL,
                           store_activation_grad, &ctx);
@@ -420,9 +483,23 @@ static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int 
             const bwd_problem *b = &problems[p];
             const int64_t m0 = (local / du_col_blocks) * BWD_TASK_ROWS, c0 = (local % du_col_blocks) * BWD_TASK_COLS;
             store_ctx ctx = {.c = b->du, .ldc = HIDDEN};
+%   if variant.cpu.gemm == "amx" then
+#if AMX_BACKWARD
+            if (amx) {
+                amx_bwd_product(b->pre, ${F1}, 1, NULL, m0, min_i64(BWD_TASK_ROWS, b->n_rows - m0), c0,
+                                min_i64(c0 + BWD_TASK_COLS, HIDDEN), ${F1}, b->w1, HIDDEN, NULL, store_plain, &ctx);
+                continue;
+            }
+#endif
+%   end
             outer_block_e(b->pre, ${F1}, 1, m0, min_i64(BWD_TASK_ROWS, b->n_rows - m0), c0,
                           min_i64(c0 + BWD_TASK_COLS, HIDDEN), ${F1}, b->w1, HIDDEN, NULL, NULL, store_plain, &ctx);
         }
+%   if variant.cpu.gemm == "amx" then
+#if AMX_BACKWARD
+        if (amx) _tile_release();
+#endif
+%   end
     }
 }
 
@@ -447,8 +524,18 @@ static void ${n}_backward_weights(const bwd_problem *problems, int n_problems, i
     const int64_t n_w1 = task_grid(m_w1, n_problems, HIDDEN, start_w1);
     const int64_t w2_col_blocks = (${F} + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
     const int64_t w1_col_blocks = (HIDDEN + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
+%   if variant.cpu.gemm == "amx" then
+#if AMX_BACKWARD
+    const int amx = amx_usable(); /* on AMX tiles where granted, else as below */
+#endif
+%   end
 #pragma omp parallel num_threads(n_threads)
     {
+%   if variant.cpu.gemm == "amx" then
+#if AMX_BACKWARD
+        if (amx) amx_configure();
+#endif
+%   end
 #pragma omp for schedule(dynamic, 1) nowait
         for (int64_t task = 0; task < n_w2; task++) {
             int p = problem_of_task(start_w2, n_problems, task);
@@ -457,7 +544,15 @@ static void ${n}_backward_weights(const bwd_problem *problems, int n_problems, i
             const int64_t m0 = (local / w2_col_blocks) * BWD_TASK_ROWS, c0 = (local % w2_col_blocks) * BWD_TASK_COLS;
             const int64_t rows = min_i64(BWD_TASK_ROWS, HIDDEN - m0);
             if (b->g_w2) {
-                store_ctx ctx = {.c = b->g_w2, .ldc = ${F}, .accumulate = accumulate};
+                store_ctx ctx = {.c = b->g_w2, .ldc = ${F}, .accumulate = accumulate, .stream = STREAM_GRADIENTS};
+%   if variant.cpu.gemm == "amx" then
+#if AMX_BACKWARD
+                if (amx)
+                    amx_bwd_product(b->d_out, 1, HIDDEN, NULL, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, ${F}), b->n_rows,
+                                    b->h, ${F}, NULL, store_plain, &ctx);
+                else
+#endif
+%   end
                 outer_block_e(b->d_out, 1, HIDDEN, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, ${F}), b->n_rows,
                               b->h, ${F}, NULL, NULL, store_plain, &ctx);
             }
@@ -471,12 +566,26 @@ static void ${n}_backward_weights(const bwd_problem *problems, int n_problems, i
             const int64_t m0 = (local / w1_col_blocks) * BWD_TASK_ROWS, c0 = (local % w1_col_blocks) * BWD_TASK_COLS;
             const int64_t rows = min_i64(BWD_TASK_ROWS, ${F1} - m0);
             if (b->g_w1) {
-                store_ctx ctx = {.c = b->g_w1, .ldc = HIDDEN, .accumulate = accumulate};
+                store_ctx ctx = {.c = b->g_w1, .ldc = HIDDEN, .accumulate = accumulate, .stream = STREAM_GRADIENTS};
+%   if variant.cpu.gemm == "amx" then
+#if AMX_BACKWARD
+                if (amx)
+                    amx_bwd_product(b->pre, 1, ${F1}, b->row_scale, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, HIDDEN),
+                                    b->n_rows, b->x, HIDDEN, b->row_token, store_plain, &ctx);
+                else
+#endif
+%   end
                 outer_block_e(b->pre, 1, ${F1}, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, HIDDEN), b->n_rows,
                               b->x, HIDDEN, b->row_token, b->row_scale, store_plain, &ctx);
             }
             if (b->g_b1 && c0 == 0) column_sums(b->pre, ${F1}, b->n_rows, m0, rows, b->g_b1, accumulate);
         }
+        stream_fence();
+%   if variant.cpu.gemm == "amx" then
+#if AMX_BACKWARD
+        if (amx) _tile_release();
+#endif
+%   end
     }
 }
 % end

@@ -1143,10 +1143,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_demo.h). */
-const char moe_demo_build_b28c6e28467837f3[] = "b28c6e28467837f3";
+const char moe_demo_build_f56dd34792d3b205[] = "f56dd34792d3b205";
 
 const char *moe_demo_describe(void) {
-    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build b28c6e28467837f3, "
+    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build f56dd34792d3b205, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1717,15 +1717,55 @@ typedef struct store_ctx {
     float *c;        /* C, row-major */
     int64_t ldc;
     int accumulate;  /* add to C (the caller's gradient buffer) instead of writing it */
+    int stream;      /* writing C: past the caches (STREAM_GRADIENTS) */
     const float *pre; /* dh -> da: the pre-activations ([.][ldp]), overwritten by their gradients */
     int64_t ldp, ffn;
 } store_ctx;
+
+/* Overwritten weight gradients are written past the caches (non-temporal stores) when the
+ * routed experts' fp32 gradients exceed STREAM_GRADIENT_BYTES: each element is written once,
+ * and an ordinary store would first read its line (twice the memory traffic, on the
+ * largest buffers of the step), which the caches could not keep anyway. Below it, they stay
+ * cached for whatever reads them next (the optimizer). */
+#define STREAM_GRADIENT_BYTES ((int64_t)64 << 20)
+#define STREAM_GRADIENTS ((int64_t)NUM_EXPERTS * (FFN_ROWS + FFN) * HIDDEN * 4 > STREAM_GRADIENT_BYTES)
+#if defined(__AVX512F__)
+#define STREAM_FLOATS 16
+#define stream_floats(dst, src) _mm512_stream_ps((dst), _mm512_loadu_ps(src))
+#elif defined(__AVX__)
+#define STREAM_FLOATS 8
+#define stream_floats(dst, src) _mm256_stream_ps((dst), _mm256_loadu_ps(src))
+#elif defined(__SSE2__)
+#define STREAM_FLOATS 4
+#define stream_floats(dst, src) _mm_stream_ps((dst), _mm_loadu_ps(src))
+#else
+#define STREAM_FLOATS 0
+#endif
+#if STREAM_FLOATS
+#include <immintrin.h>
+/* Orders this thread's non-temporal stores before what it does next (a barrier). */
+#define stream_fence() _mm_sfence()
+#else
+#define stream_fence() ((void)0)
+#endif
+
+/* n floats to dst: non-temporal where dst is aligned to whole vectors, else stored. */
+static inline void store_streaming(float *dst, const float *values, int n) {
+    int i = 0;
+#if STREAM_FLOATS
+    if ((uintptr_t)dst % (STREAM_FLOATS * sizeof(float)) == 0)
+        for (; i + STREAM_FLOATS <= n; i += STREAM_FLOATS) stream_floats(dst + i, values + i);
+#endif
+    memcpy(dst + i, values + i, (size_t)(n - i) * sizeof(float));
+}
 
 static void store_plain(void *ctx, int64_t m, int64_t c, const float *values, int n) {
     const store_ctx *s = ctx;
     float *dst = s->c + m * s->ldc + c;
     if (s->accumulate)
         for (int i = 0; i < n; i++) dst[i] += values[i];
+    else if (s->stream)
+        store_streaming(dst, values, n);
     else
         memcpy(dst, values, (size_t)n * sizeof(float));
 }
@@ -1865,7 +1905,7 @@ static void f512_backward_weights(const bwd_problem *problems, int n_problems, i
             const int64_t m0 = (local / w2_col_blocks) * BWD_TASK_ROWS, c0 = (local % w2_col_blocks) * BWD_TASK_COLS;
             const int64_t rows = min_i64(BWD_TASK_ROWS, HIDDEN - m0);
             if (b->g_w2) {
-                store_ctx ctx = {.c = b->g_w2, .ldc = 512, .accumulate = accumulate};
+                store_ctx ctx = {.c = b->g_w2, .ldc = 512, .accumulate = accumulate, .stream = STREAM_GRADIENTS};
                 outer_block_e(b->d_out, 1, HIDDEN, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, 512), b->n_rows,
                               b->h, 512, NULL, NULL, store_plain, &ctx);
             }
@@ -1879,12 +1919,13 @@ static void f512_backward_weights(const bwd_problem *problems, int n_problems, i
             const int64_t m0 = (local / w1_col_blocks) * BWD_TASK_ROWS, c0 = (local % w1_col_blocks) * BWD_TASK_COLS;
             const int64_t rows = min_i64(BWD_TASK_ROWS, 1024 - m0);
             if (b->g_w1) {
-                store_ctx ctx = {.c = b->g_w1, .ldc = HIDDEN, .accumulate = accumulate};
+                store_ctx ctx = {.c = b->g_w1, .ldc = HIDDEN, .accumulate = accumulate, .stream = STREAM_GRADIENTS};
                 outer_block_e(b->pre, 1, 1024, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, HIDDEN), b->n_rows,
                               b->x, HIDDEN, b->row_token, b->row_scale, store_plain, &ctx);
             }
             if (b->g_b1 && c0 == 0) column_sums(b->pre, 1024, b->n_rows, m0, rows, b->g_b1, accumulate);
         }
+        stream_fence();
     }
 }
 

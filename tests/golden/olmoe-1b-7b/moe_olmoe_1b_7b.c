@@ -1135,10 +1135,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_olmoe_1b_7b.h). */
-const char moe_olmoe_1b_7b_build_260ccc74d228ce8e[] = "260ccc74d228ce8e";
+const char moe_olmoe_1b_7b_build_2546fd4c0988eab1[] = "2546fd4c0988eab1";
 
 const char *moe_olmoe_1b_7b_describe(void) {
-    return "moe_olmoe_1b_7b: spec sha256:10a4c323878756dcadadda0a4f0166ea7cb1be76451b8018ac8be2dc05b52337, variant cpu_bf16_e64k8_h2048f1024_v8r3c4b48x64q64fma_10a4c323, moegen 0.1.0, build 260ccc74d228ce8e, "
+    return "moe_olmoe_1b_7b: spec sha256:10a4c323878756dcadadda0a4f0166ea7cb1be76451b8018ac8be2dc05b52337, variant cpu_bf16_e64k8_h2048f1024_v8r3c4b48x64q64fma_10a4c323, moegen 0.1.0, build 2546fd4c0988eab1, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1709,15 +1709,55 @@ typedef struct store_ctx {
     float *c;        /* C, row-major */
     int64_t ldc;
     int accumulate;  /* add to C (the caller's gradient buffer) instead of writing it */
+    int stream;      /* writing C: past the caches (STREAM_GRADIENTS) */
     const float *pre; /* dh -> da: the pre-activations ([.][ldp]), overwritten by their gradients */
     int64_t ldp, ffn;
 } store_ctx;
+
+/* Overwritten weight gradients are written past the caches (non-temporal stores) when the
+ * routed experts' fp32 gradients exceed STREAM_GRADIENT_BYTES: each element is written once,
+ * and an ordinary store would first read its line (twice the memory traffic, on the
+ * largest buffers of the step), which the caches could not keep anyway. Below it, they stay
+ * cached for whatever reads them next (the optimizer). */
+#define STREAM_GRADIENT_BYTES ((int64_t)64 << 20)
+#define STREAM_GRADIENTS ((int64_t)NUM_EXPERTS * (FFN_ROWS + FFN) * HIDDEN * 4 > STREAM_GRADIENT_BYTES)
+#if defined(__AVX512F__)
+#define STREAM_FLOATS 16
+#define stream_floats(dst, src) _mm512_stream_ps((dst), _mm512_loadu_ps(src))
+#elif defined(__AVX__)
+#define STREAM_FLOATS 8
+#define stream_floats(dst, src) _mm256_stream_ps((dst), _mm256_loadu_ps(src))
+#elif defined(__SSE2__)
+#define STREAM_FLOATS 4
+#define stream_floats(dst, src) _mm_stream_ps((dst), _mm_loadu_ps(src))
+#else
+#define STREAM_FLOATS 0
+#endif
+#if STREAM_FLOATS
+#include <immintrin.h>
+/* Orders this thread's non-temporal stores before what it does next (a barrier). */
+#define stream_fence() _mm_sfence()
+#else
+#define stream_fence() ((void)0)
+#endif
+
+/* n floats to dst: non-temporal where dst is aligned to whole vectors, else stored. */
+static inline void store_streaming(float *dst, const float *values, int n) {
+    int i = 0;
+#if STREAM_FLOATS
+    if ((uintptr_t)dst % (STREAM_FLOATS * sizeof(float)) == 0)
+        for (; i + STREAM_FLOATS <= n; i += STREAM_FLOATS) stream_floats(dst + i, values + i);
+#endif
+    memcpy(dst + i, values + i, (size_t)(n - i) * sizeof(float));
+}
 
 static void store_plain(void *ctx, int64_t m, int64_t c, const float *values, int n) {
     const store_ctx *s = ctx;
     float *dst = s->c + m * s->ldc + c;
     if (s->accumulate)
         for (int i = 0; i < n; i++) dst[i] += values[i];
+    else if (s->stream)
+        store_streaming(dst, values, n);
     else
         memcpy(dst, values, (size_t)n * sizeof(float));
 }
@@ -1857,7 +1897,7 @@ static void f1024_backward_weights(const bwd_problem *problems, int n_problems, 
             const int64_t m0 = (local / w2_col_blocks) * BWD_TASK_ROWS, c0 = (local % w2_col_blocks) * BWD_TASK_COLS;
             const int64_t rows = min_i64(BWD_TASK_ROWS, HIDDEN - m0);
             if (b->g_w2) {
-                store_ctx ctx = {.c = b->g_w2, .ldc = 1024, .accumulate = accumulate};
+                store_ctx ctx = {.c = b->g_w2, .ldc = 1024, .accumulate = accumulate, .stream = STREAM_GRADIENTS};
                 outer_block_e(b->d_out, 1, HIDDEN, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, 1024), b->n_rows,
                               b->h, 1024, NULL, NULL, store_plain, &ctx);
             }
@@ -1871,12 +1911,13 @@ static void f1024_backward_weights(const bwd_problem *problems, int n_problems, 
             const int64_t m0 = (local / w1_col_blocks) * BWD_TASK_ROWS, c0 = (local % w1_col_blocks) * BWD_TASK_COLS;
             const int64_t rows = min_i64(BWD_TASK_ROWS, 2048 - m0);
             if (b->g_w1) {
-                store_ctx ctx = {.c = b->g_w1, .ldc = HIDDEN, .accumulate = accumulate};
+                store_ctx ctx = {.c = b->g_w1, .ldc = HIDDEN, .accumulate = accumulate, .stream = STREAM_GRADIENTS};
                 outer_block_e(b->pre, 1, 2048, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, HIDDEN), b->n_rows,
                               b->x, HIDDEN, b->row_token, b->row_scale, store_plain, &ctx);
             }
             if (b->g_b1 && c0 == 0) column_sums(b->pre, 2048, b->n_rows, m0, rows, b->g_b1, accumulate);
         }
+        stream_fence();
     }
 }
 
