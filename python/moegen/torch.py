@@ -58,6 +58,7 @@ PARAMETER_NAMES = {
 _NO_GRAD = ("score_bias",)  # selection only: no gradient (docs/numerics.md §8.1)
 
 _LAYERS = {}  # layer id -> (Layer, [field names in the ops' weight order])
+_FUSED = set()  # layer ids whose weight gradients go into the parameters' .main_grad (Megatron style)
 _SAVED = {}   # saved id -> moegen.layer.Saved, until its handle tensor is collected
 _layer_ids = itertools.count(1)
 _saved_ids = itertools.count(1)
@@ -110,16 +111,24 @@ def _moe_fake(layer_id, x, used_token, weights, rng_offset, train):
             torch.empty((1,), dtype=torch.int64))
 
 
+def _saved_of(handle):
+    saved = _SAVED.get(int(handle.item()))
+    if saved is None:
+        raise RuntimeError("moegen: backward of a forward whose saved state is gone (backward run twice after "
+                           "the graph was freed, or a forward without gradients)")
+    return saved
+
+
+def _as_layer_grad(name, t):
+    return t.view(-1) if name == "shared_gate" else t  # the module's [1, H] is the layer's [H]
+
+
 @torch.library.custom_op("moegen::moe_backward", mutates_args=())
 def moe_backward_op(layer_id: int, handle: Tensor, dy: Tensor, aux_coeff: Tensor, z_coeff: Tensor,
                     weights: List[Tensor]) -> List[Tensor]:
     """[dx, then the fp32 gradient of every weight but score_bias, in the ops' weight order]."""
     layer, fields = _registered(layer_id)
-    key = int(handle.item())
-    saved = _SAVED.get(key)
-    if saved is None:
-        raise RuntimeError("moegen: backward of a forward whose saved state is gone (backward run twice after "
-                           "the graph was freed, or a forward without gradients)")
+    saved = _saved_of(handle)
     _bind(layer, fields, weights)
     dx, grads = layer.backward(saved, dy.contiguous(), aux_coeff=float(aux_coeff.item()),
                                z_coeff=float(z_coeff.item()))
@@ -131,6 +140,67 @@ def _moe_backward_fake(layer_id, handle, dy, aux_coeff, z_coeff, weights):
     _, fields = _registered(layer_id)
     return [torch.empty_like(dy)] + [torch.empty(w.shape, dtype=torch.float32, device=w.device)
                                      for name, w in zip(fields, weights) if name not in _NO_GRAD]
+
+
+@torch.library.custom_op("moegen::moe_backward_main_grad", mutates_args=("main_grads",))
+def moe_backward_main_grad_op(layer_id: int, handle: Tensor, dy: Tensor, aux_coeff: Tensor, z_coeff: Tensor,
+                              weights: List[Tensor], main_grads: List[Tensor], fused: List[int]) -> List[Tensor]:
+    """moegen::moe_backward with gradient accumulation fusion: the gradients of weights[i] for i in
+    `fused` are added to main_grads (fp32, in that order) by the weight phase itself (no gradient
+    tensor, no separate add). [dx, then the fp32 gradient of every other weight but score_bias,
+    in the ops' weight order]."""
+    layer, fields = _registered(layer_id)
+    saved = _saved_of(handle)
+    _bind(layer, fields, weights)
+    dx, _ = layer.backward(saved, dy.contiguous(), aux_coeff=float(aux_coeff.item()),
+                           z_coeff=float(z_coeff.item()), grads=None)  # dx; the weight phase follows
+    names = [fields[i] for i in fused]
+    layer.backward_weights(saved, {n: _as_layer_grad(n, g) for n, g in zip(names, main_grads)}, accumulate=True)
+    rest = [n for n in fields if n not in _NO_GRAD and n not in names]
+    grads = {}
+    if rest:
+        shapes = layer.weight_shapes()
+        grads = {n: torch.empty(shapes[n][0], dtype=torch.float32, device=dy.device) for n in rest}
+        layer.backward_weights(saved, grads, accumulate=False)
+    return [dx] + [grads[n] for n in rest]
+
+
+@moe_backward_main_grad_op.register_fake
+def _moe_backward_main_grad_fake(layer_id, handle, dy, aux_coeff, z_coeff, weights, main_grads, fused):
+    _, fields = _registered(layer_id)
+    return [torch.empty_like(dy)] + [torch.empty(w.shape, dtype=torch.float32, device=w.device)
+                                     for i, (name, w) in enumerate(zip(fields, weights))
+                                     if name not in _NO_GRAD and i not in fused]
+
+
+def _main_grads(fields, weights):
+    """[(index, main_grad)] of the trainable weights that carry a .main_grad, each checked."""
+    found = []
+    for i, (name, w) in enumerate(zip(fields, weights)):
+        main = getattr(w, "main_grad", None)
+        if name in _NO_GRAD or main is None:
+            continue
+        where = f"moegen: {PARAMETER_NAMES[name]}.main_grad"
+        if not isinstance(main, Tensor):
+            raise TypeError(f"{where}: expected a torch.Tensor, got {type(main).__name__}")
+        if main.dtype != torch.float32 or tuple(main.shape) != tuple(w.shape) or main.device != w.device:
+            raise ValueError(f"{where}: expected float32 {list(w.shape)} on {w.device}, got {main.dtype} "
+                             f"{list(main.shape)} on {main.device}")
+        if not main.is_contiguous():
+            raise ValueError(f"{where}: must be contiguous")
+        found.append((i, main))
+    return found
+
+
+def _main_grad_placeholder(w):
+    """What autograd gets for a weight whose gradient went into its main_grad: as Megatron's fused
+    layers do, a placeholder when the parameter has grad_added_to_main_grad (set to True, so
+    Megatron's DDP does not add it again; zeros when zero_out_wgrad), else None."""
+    if not hasattr(w, "grad_added_to_main_grad"):
+        return None
+    w.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(w, "zero_out_wgrad", False) else torch.empty
+    return make(w.shape, dtype=w.dtype, device=w.device)
 
 
 def _setup_context(ctx, inputs, output):
@@ -153,11 +223,24 @@ def _moe_backward(ctx, grad_y, grad_aux, grad_z, *unused):
     z = zero if grad_z is None else grad_z.detach().to(torch.float32).cpu()
     if grad_y is None:  # only the losses were used
         grad_y = torch.zeros(ctx.y_shape, dtype=ctx.y_dtype)
-    outs = moe_backward_op(ctx.layer_id, handle, grad_y, aux, z, list(weights))
+    fused = []
+    if ctx.layer_id in _FUSED and not torch.compiler.is_compiling():
+        fused = _main_grads(fields, weights)
+    if fused:
+        outs = moe_backward_main_grad_op(ctx.layer_id, handle, grad_y, aux, z, list(weights),
+                                         [main for _, main in fused], [i for i, _ in fused])
+    else:
+        outs = moe_backward_op(ctx.layer_id, handle, grad_y, aux, z, list(weights))
     dx, rest = outs[0], iter(outs[1:])
+    fused_ids = {i for i, _ in fused}
     weight_grads = []
-    for name, w in zip(fields, weights):
-        weight_grads.append(None if name in _NO_GRAD else next(rest).to(w.dtype).view(w.shape))
+    for i, (name, w) in enumerate(zip(fields, weights)):
+        if name in _NO_GRAD:
+            weight_grads.append(None)
+        elif i in fused_ids:
+            weight_grads.append(_main_grad_placeholder(w))
+        else:
+            weight_grads.append(next(rest).to(w.dtype).view(w.shape))
     return None, dx, None, weight_grads, None, None
 
 
@@ -196,10 +279,13 @@ class MoE(nn.Module):
 
     spec: a path, YAML text or a dict. threads: CPU threads (0: the library's default).
     activations: "recompute" (the backward runs GEMM1 again) or "keep" (the forward keeps the
-    pre-activations). Other keywords go to moegen.Layer (device, mode, variant, cache_dir, ...).
+    pre-activations). gradient_accumulation_fusion: weight gradients added into each parameter's
+    fp32 `main_grad` by the backward itself (Megatron's fusion; the property of that name). Other
+    keywords go to moegen.Layer (device, mode, variant, cache_dir, ...).
     """
 
-    def __init__(self, spec, *, threads=0, activations="recompute", **layer_options):
+    def __init__(self, spec, *, threads=0, activations="recompute", gradient_accumulation_fusion=False,
+                 **layer_options):
         super().__init__()
         self._open = dict(spec=spec, threads=threads, activations=activations, **layer_options)
         self.layer = Layer(spec, threads=threads, activations=activations, **layer_options)
@@ -236,9 +322,27 @@ class MoE(nn.Module):
         self._layer_id = next(_layer_ids)
         _LAYERS[self._layer_id] = (self.layer, list(self._fields))
         weakref.finalize(self, _LAYERS.pop, self._layer_id, None)
+        weakref.finalize(self, _FUSED.discard, self._layer_id)
+        self.gradient_accumulation_fusion = gradient_accumulation_fusion
         self.z_loss = None
         self.last_counts_after = None
         self.last_topk_ids = None
+
+    @property
+    def gradient_accumulation_fusion(self):
+        """Megatron's gradient accumulation fusion: when True, the backward adds the fp32 gradient
+        of every parameter that has a `main_grad` (an fp32 tensor of the parameter's shape, as
+        Megatron's DDP gives each parameter) straight into it, inside the weight phase, instead of
+        returning it (see _main_grad_placeholder for what .grad gets). Parameters without one get
+        their gradient as usual. Eager mode: under torch.compile the plain backward runs."""
+        return self._layer_id in _FUSED
+
+    @gradient_accumulation_fusion.setter
+    def gradient_accumulation_fusion(self, value):
+        if value:
+            _FUSED.add(self._layer_id)
+        else:
+            _FUSED.discard(self._layer_id)
 
     def _weights(self):
         return [self.get_parameter(PARAMETER_NAMES[f]) if f not in _NO_GRAD else self.get_buffer(PARAMETER_NAMES[f])

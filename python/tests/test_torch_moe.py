@@ -295,6 +295,62 @@ def test_only_losses_gradients():
         assert g is None or float(g.abs().max()) == 0.0, key
 
 
+def test_gradient_accumulation_fusion():
+    """Megatron's gradient accumulation fusion: the backward adds each parameter's fp32 gradient
+    straight into its main_grad (twice over two steps: exactly twice the plain gradient), hands
+    autograd a placeholder where the parameter has grad_added_to_main_grad (and sets it), nothing
+    where it has not, and the ordinary gradient to a parameter without main_grad."""
+    case = get_case("shared_gate")  # fp32; the shared gate's [1, H] weight is the layer's [H]
+    x, _ = pick_input(case, TOKENS, False)
+    R = torch.randn(TOKENS, int(case.spec["hidden_size"]), generator=torch.Generator().manual_seed(7))
+
+    def step(moe):
+        xm = x.clone().requires_grad_()
+        out, l_aux, _ = moe(xm)
+        ((out * R).sum() + AUX_COEF * l_aux + Z_COEF * moe.z_loss).backward()
+        return xm.grad
+
+    case.moe.zero_grad(set_to_none=True)
+    dx_plain = step(case.moe)
+    plain = {n: p.grad.clone() for n, p in case.moe.named_parameters()}
+    fused = MoE(copy.deepcopy(case.spec_d), gradient_accumulation_fusion=True)
+    fused.load_state_dict(case.moe.state_dict())
+    assert fused.gradient_accumulation_fusion
+    params = dict(fused.named_parameters())
+    assert {"gate.weight", "experts.down_proj", "shared_expert_gate.weight"} <= set(params)
+    for n, p in params.items():
+        if n != "gate.weight":  # the router keeps its ordinary gradient
+            p.main_grad = torch.zeros(p.shape, dtype=torch.float32)
+    params["experts.down_proj"].grad_added_to_main_grad = False
+    params["shared_expert_gate.weight"].grad_added_to_main_grad = False
+    params["shared_expert_gate.weight"].zero_out_wgrad = True
+    assert torch.equal(step(fused), dx_plain)
+    step(fused)
+    for n, p in params.items():
+        if n == "gate.weight":
+            assert not hasattr(p, "main_grad")
+            assert torch.equal(p.grad, 2 * plain[n]), n
+            continue
+        assert torch.equal(p.main_grad, 2 * plain[n]), n
+        if hasattr(p, "grad_added_to_main_grad"):
+            assert p.grad_added_to_main_grad is True and p.grad is not None and p.grad.shape == p.shape, n
+        else:
+            assert p.grad is None, n
+    assert float(params["shared_expert_gate.weight"].grad.abs().max()) == 0.0  # zero_out_wgrad
+
+    # a main_grad moegen cannot add into is refused with the parameter's name, before any change
+    before = params["experts.gate_up_proj"].main_grad.clone()
+    params["experts.down_proj"].main_grad = torch.zeros(params["experts.down_proj"].shape, dtype=torch.bfloat16)
+    with pytest.raises((ValueError, RuntimeError), match=r"experts\.down_proj\.main_grad: expected float32"):
+        step(fused)
+    assert torch.equal(params["experts.gate_up_proj"].main_grad, before)
+    fused.gradient_accumulation_fusion = False  # the plain backward again: every .grad is a gradient
+    fused.zero_grad(set_to_none=True)
+    step(fused)
+    for n, p in params.items():
+        assert torch.equal(p.grad, plain[n]), n
+
+
 def test_leading_dims_and_determinism():
     case = get_case("top2_dropless")
     x, _ = pick_input(case, TOKENS, False)
