@@ -167,10 +167,11 @@ static void test_matrix_fp16(void **state) {
 /* bf16 on AMX tiles, where this CPU has them (else the variant runs the FMA kernels: the
  * layer's kernel path says which): shapes AMX takes (every k a multiple of 32), k over more
  * than one packed chunk of the backward's weights (128) with a partial last one (hidden 160,
- * gated 2 x 96), and more rows per expert than one task of the backward holds (32). */
+ * gated 2 x 96), and more rows per expert than one task of the backward holds (64 on AMX,
+ * 32 on the FMA kernels). */
 static void test_matrix_bf16_amx(void **state) {
     (void)state;
-    run_matrix_on("bf16", "num_experts: 8\nhidden_size: 160\nmoe_intermediate_size: 96\n", "gemm=amx", 150);
+    run_matrix_on("bf16", "num_experts: 8\nhidden_size: 160\nmoe_intermediate_size: 96\n", "gemm=amx", 320);
 }
 
 /* A larger call: more rows per expert than one task of the kernels holds. */

@@ -17,7 +17,8 @@
 #if AMX_COMPILED && defined(__AVX512BW__)
 #define AMX_BACKWARD 1
 #define AMX_BWD_KC 128 /* k per packed chunk of W (4 tiles of 32) */
-_Static_assert(BWD_TASK_ROWS % 16 == 0 && BWD_TASK_ROWS <= 64, "a task's rows: whole A tiles, at most 4");
+#define AMX_BWD_AHEAD 64 /* rows of B prefetched ahead of the packing */
+_Static_assert(AMX_BWD_ROWS % 16 == 0, "a task's rows: whole A tiles");
 _Static_assert(BWD_TASK_COLS % 32 == 0, "a task's columns: whole pairs of B tiles");
 
 static const elem_t amx_bwd_zero_cols[BWD_TASK_COLS]; /* B's rows past n_k */
@@ -33,8 +34,8 @@ static void amx_bwd_pack_b(const elem_t *b, int64_t ldb, const int32_t *b_index,
     for (int64_t p = 0; p < kc / 2; p++) {
         const int64_t k = k0 + 2 * p;
         const elem_t *r0 = AMX_BWD_ROW(k), *r1 = AMX_BWD_ROW(k + 1);
-        if (k + 17 < n_k) { /* the rows 8 pairs ahead: far apart, past the prefetchers */
-            const elem_t *ahead0 = AMX_BWD_ROW(k + 16), *ahead1 = AMX_BWD_ROW(k + 17);
+        if (k + AMX_BWD_AHEAD + 1 < n_k) { /* rows AMX_BWD_AHEAD ahead: far apart, past the prefetchers */
+            const elem_t *ahead0 = AMX_BWD_ROW(k + AMX_BWD_AHEAD), *ahead1 = AMX_BWD_ROW(k + AMX_BWD_AHEAD + 1);
             for (int64_t c = 0; c < n; c += 32) {
                 _mm_prefetch((const char *)(ahead0 + c), _MM_HINT_T0);
                 _mm_prefetch((const char *)(ahead1 + c), _MM_HINT_T0);
@@ -106,17 +107,17 @@ static void amx_bwd_pack_a(const float *a, int64_t a_row, int64_t a_step, const 
     for (int i = rows; i < row_tiles * 16; i++) memset(apanel[i], 0, sizeof apanel[i]);
 }
 
-/* C = A B for rows [m0, m0 + rows) of C (at most BWD_TASK_ROWS) and columns [c0, c1)
+/* C = A B for rows [m0, m0 + rows) of C (at most AMX_BWD_ROWS) and columns [c0, c1)
  * (multiples of 32), summed over k < n_k in chunks of AMX_BWD_KC:
  * A[m][k] = a[m * a_row + k * a_step] (times a_scale[k] when given), rounded to bf16;
  * B's row k = row b_index[k] (or k) of b ([.][ldb], the layer dtype). C = G W (the data
  * GEMMs): a_row = ldg, a_step = 1. C = P^T Q (the weight gradients, k over the rows):
- * a_row = 1, a_step = ldp, and m0 + 32 within P's columns. `store` receives each finished row
+ * a_row = 1, a_step = ldp, and m0 + 16 * ceil(rows / 16) within P's columns. `store` receives each finished row
  * of C. The caller's thread has configured the tiles (amx_configure). */
 static void amx_bwd_product(const float *a, int64_t a_row, int64_t a_step, const float *a_scale, int64_t m0,
                             int64_t rows, int64_t c0, int64_t c1, int64_t n_k, const elem_t *b, int64_t ldb,
                             const int32_t *b_index, tile_store_fn store, void *ctx) {
-    enum { RB = BWD_TASK_ROWS, CB = BWD_TASK_COLS, KC = AMX_BWD_KC };
+    enum { RB = AMX_BWD_ROWS, CB = BWD_TASK_COLS, KC = AMX_BWD_KC };
     float acc[RB][CB] __attribute__((aligned(64)));
     uint32_t bpanel[CB / 16][KC / 2][16] __attribute__((aligned(64)));
     elem_t apanel[RB][KC] __attribute__((aligned(64)));

@@ -28,6 +28,7 @@
  * calls continues the same chain). */
 #define BWD_MR ${mr}
 #define BWD_TASK_ROWS (4 * BWD_MR)           /* rows of C per parallel task */
+#define AMX_BWD_ROWS 64                      /* ... on AMX tiles (amx_backward.c.tpl) */
 #define BWD_TASK_COLS (16 * VEC_FLOATS)      /* columns of C per parallel task */
 #define BWD_KC 128                           /* k per packed B panel */
 % for _, bt in ipairs({{ tag = "f", ctype = "float", load = "load_f32" }}) do
@@ -368,12 +369,25 @@ static void column_sums(const float *a, int64_t lda, int64_t n_k, int64_t m0, in
 % include("templates/cpu/amx_backward.c.tpl")
 
 % end
-/* Work split of a list of problems into tasks of BWD_TASK_ROWS x BWD_TASK_COLS of C. */
-static int64_t task_grid(const int64_t *rows_of, int n, int64_t cols, int64_t *start) {
+#ifndef AMX_BACKWARD
+#define AMX_BACKWARD 0 /* variant gemm ${variant.cpu.gemm}: no AMX kernels in the backward */
+#endif
+
+/* 1 when this call's expert GEMMs run on AMX tiles: compiled in and granted, as the forward's. */
+static int backward_on_amx(void) {
+#if AMX_BACKWARD
+    return amx_usable();
+#else
+    return 0;
+#endif
+}
+
+/* Work split of a list of problems into tasks of task_rows x BWD_TASK_COLS of C. */
+static int64_t task_grid(const int64_t *rows_of, int n, int64_t cols, int64_t task_rows, int64_t *start) {
     const int64_t col_blocks = (cols + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
     start[0] = 0;
     for (int p = 0; p < n; p++) {
-        int64_t row_blocks = (rows_of[p] + BWD_TASK_ROWS - 1) / BWD_TASK_ROWS;
+        int64_t row_blocks = (rows_of[p] + task_rows - 1) / task_rows;
         start[p + 1] = start[p] + row_blocks * col_blocks;
     }
     return start[n];
@@ -421,15 +435,12 @@ static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int 
     start_h[0] = 0;
     for (int p = 0; p < n_problems; p++) start_h[p + 1] = start_h[p] + (h_from_pre ? problems[p].n_rows : 0);
     const int64_t n_rows_h = start_h[n_problems];
-    const int64_t n_dh = task_grid(rows_of, n_problems, ${F}, start_dh);
-    const int64_t n_du = task_grid(rows_of, n_problems, HIDDEN, start_du);
+    const int amx = backward_on_amx();
+    const int64_t task_rows = amx ? AMX_BWD_ROWS : BWD_TASK_ROWS;
+    const int64_t n_dh = task_grid(rows_of, n_problems, ${F}, task_rows, start_dh);
+    const int64_t n_du = task_grid(rows_of, n_problems, HIDDEN, task_rows, start_du);
     const int64_t dh_col_blocks = (${F} + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
     const int64_t du_col_blocks = (HIDDEN + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
-%   if variant.cpu.gemm == "amx" then
-#if AMX_BACKWARD
-    const int amx = amx_usable(); /* dh and du on AMX tiles where granted, else as below */
-#endif
-%   end
 #pragma omp parallel num_threads(n_threads)
     {
 %   if variant.cpu.gemm == "amx" then
@@ -461,12 +472,12 @@ static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int 
             int p = problem_of_task(start_dh, n_problems, task);
             int64_t local = task - start_dh[p];
             const bwd_problem *b = &problems[p];
-            const int64_t m0 = (local / dh_col_blocks) * BWD_TASK_ROWS, c0 = (local % dh_col_blocks) * BWD_TASK_COLS;
+            const int64_t m0 = (local / dh_col_blocks) * task_rows, c0 = (local % dh_col_blocks) * BWD_TASK_COLS;
             store_ctx ctx = {.c = b->pre, .ldp = ${F1}, .ffn = ${F}};
 %   if variant.cpu.gemm == "amx" then
 #if AMX_BACKWARD
             if (amx) {
-                amx_bwd_product(b->d_out, HIDDEN, 1, NULL, m0, min_i64(BWD_TASK_ROWS, b->n_rows - m0), c0,
+                amx_bwd_product(b->d_out, HIDDEN, 1, NULL, m0, min_i64(AMX_BWD_ROWS, b->n_rows - m0), c0,
                                 min_i64(c0 + BWD_TASK_COLS, ${F}), HIDDEN, b->w2, ${F}, NULL, store_activation_grad, &ctx);
                 continue;
             }
@@ -481,12 +492,12 @@ static void ${n}_backward_data(const bwd_problem *problems, int n_problems, int 
             int p = problem_of_task(start_du, n_problems, task);
             int64_t local = task - start_du[p];
             const bwd_problem *b = &problems[p];
-            const int64_t m0 = (local / du_col_blocks) * BWD_TASK_ROWS, c0 = (local % du_col_blocks) * BWD_TASK_COLS;
+            const int64_t m0 = (local / du_col_blocks) * task_rows, c0 = (local % du_col_blocks) * BWD_TASK_COLS;
             store_ctx ctx = {.c = b->du, .ldc = HIDDEN};
 %   if variant.cpu.gemm == "amx" then
 #if AMX_BACKWARD
             if (amx) {
-                amx_bwd_product(b->pre, ${F1}, 1, NULL, m0, min_i64(BWD_TASK_ROWS, b->n_rows - m0), c0,
+                amx_bwd_product(b->pre, ${F1}, 1, NULL, m0, min_i64(AMX_BWD_ROWS, b->n_rows - m0), c0,
                                 min_i64(c0 + BWD_TASK_COLS, HIDDEN), ${F1}, b->w1, HIDDEN, NULL, store_plain, &ctx);
                 continue;
             }
@@ -520,15 +531,12 @@ static void ${n}_backward_weights(const bwd_problem *problems, int n_problems, i
             if (b->g_b1) memset(b->g_b1, 0, (size_t)${F1} * sizeof(float));
         }
     }
-    const int64_t n_w2 = task_grid(m_w2, n_problems, ${F}, start_w2);
-    const int64_t n_w1 = task_grid(m_w1, n_problems, HIDDEN, start_w1);
+    const int amx = backward_on_amx();
+    const int64_t task_rows = amx ? AMX_BWD_ROWS : BWD_TASK_ROWS;
+    const int64_t n_w2 = task_grid(m_w2, n_problems, ${F}, task_rows, start_w2);
+    const int64_t n_w1 = task_grid(m_w1, n_problems, HIDDEN, task_rows, start_w1);
     const int64_t w2_col_blocks = (${F} + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
     const int64_t w1_col_blocks = (HIDDEN + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
-%   if variant.cpu.gemm == "amx" then
-#if AMX_BACKWARD
-    const int amx = amx_usable(); /* on AMX tiles where granted, else as below */
-#endif
-%   end
 #pragma omp parallel num_threads(n_threads)
     {
 %   if variant.cpu.gemm == "amx" then
@@ -541,8 +549,8 @@ static void ${n}_backward_weights(const bwd_problem *problems, int n_problems, i
             int p = problem_of_task(start_w2, n_problems, task);
             int64_t local = task - start_w2[p];
             const bwd_problem *b = &problems[p];
-            const int64_t m0 = (local / w2_col_blocks) * BWD_TASK_ROWS, c0 = (local % w2_col_blocks) * BWD_TASK_COLS;
-            const int64_t rows = min_i64(BWD_TASK_ROWS, HIDDEN - m0);
+            const int64_t m0 = (local / w2_col_blocks) * task_rows, c0 = (local % w2_col_blocks) * BWD_TASK_COLS;
+            const int64_t rows = min_i64(task_rows, HIDDEN - m0);
             if (b->g_w2) {
                 store_ctx ctx = {.c = b->g_w2, .ldc = ${F}, .accumulate = accumulate, .stream = STREAM_GRADIENTS};
 %   if variant.cpu.gemm == "amx" then
@@ -563,8 +571,8 @@ static void ${n}_backward_weights(const bwd_problem *problems, int n_problems, i
             int p = problem_of_task(start_w1, n_problems, task);
             int64_t local = task - start_w1[p];
             const bwd_problem *b = &problems[p];
-            const int64_t m0 = (local / w1_col_blocks) * BWD_TASK_ROWS, c0 = (local % w1_col_blocks) * BWD_TASK_COLS;
-            const int64_t rows = min_i64(BWD_TASK_ROWS, ${F1} - m0);
+            const int64_t m0 = (local / w1_col_blocks) * task_rows, c0 = (local % w1_col_blocks) * BWD_TASK_COLS;
+            const int64_t rows = min_i64(task_rows, ${F1} - m0);
             if (b->g_w1) {
                 store_ctx ctx = {.c = b->g_w1, .ldc = HIDDEN, .accumulate = accumulate, .stream = STREAM_GRADIENTS};
 %   if variant.cpu.gemm == "amx" then

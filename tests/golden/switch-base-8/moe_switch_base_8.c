@@ -951,10 +951,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_switch_base_8.h). */
-const char moe_switch_base_8_build_d2be83d16c59cb60[] = "d2be83d16c59cb60";
+const char moe_switch_base_8_build_35a8652b63d41c7a[] = "35a8652b63d41c7a";
 
 const char *moe_switch_base_8_describe(void) {
-    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build d2be83d16c59cb60, "
+    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build 35a8652b63d41c7a, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1142,6 +1142,7 @@ int moe_switch_base_8_combine(const moegen_kernel_args *args) {
  * calls continues the same chain). */
 #define BWD_MR 4
 #define BWD_TASK_ROWS (4 * BWD_MR)           /* rows of C per parallel task */
+#define AMX_BWD_ROWS 64                      /* ... on AMX tiles (amx_backward.c.tpl) */
 #define BWD_TASK_COLS (16 * VEC_FLOATS)      /* columns of C per parallel task */
 #define BWD_KC 128                           /* k per packed B panel */
 
@@ -1596,12 +1597,25 @@ static void column_sums(const float *a, int64_t lda, int64_t n_k, int64_t m0, in
     }
 }
 
-/* Work split of a list of problems into tasks of BWD_TASK_ROWS x BWD_TASK_COLS of C. */
-static int64_t task_grid(const int64_t *rows_of, int n, int64_t cols, int64_t *start) {
+#ifndef AMX_BACKWARD
+#define AMX_BACKWARD 0 /* variant gemm fma: no AMX kernels in the backward */
+#endif
+
+/* 1 when this call's expert GEMMs run on AMX tiles: compiled in and granted, as the forward's. */
+static int backward_on_amx(void) {
+#if AMX_BACKWARD
+    return amx_usable();
+#else
+    return 0;
+#endif
+}
+
+/* Work split of a list of problems into tasks of task_rows x BWD_TASK_COLS of C. */
+static int64_t task_grid(const int64_t *rows_of, int n, int64_t cols, int64_t task_rows, int64_t *start) {
     const int64_t col_blocks = (cols + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
     start[0] = 0;
     for (int p = 0; p < n; p++) {
-        int64_t row_blocks = (rows_of[p] + BWD_TASK_ROWS - 1) / BWD_TASK_ROWS;
+        int64_t row_blocks = (rows_of[p] + task_rows - 1) / task_rows;
         start[p + 1] = start[p] + row_blocks * col_blocks;
     }
     return start[n];
@@ -1634,8 +1648,10 @@ static void f3072_backward_data(const bwd_problem *problems, int n_problems, int
     start_h[0] = 0;
     for (int p = 0; p < n_problems; p++) start_h[p + 1] = start_h[p] + (h_from_pre ? problems[p].n_rows : 0);
     const int64_t n_rows_h = start_h[n_problems];
-    const int64_t n_dh = task_grid(rows_of, n_problems, 3072, start_dh);
-    const int64_t n_du = task_grid(rows_of, n_problems, HIDDEN, start_du);
+    const int amx = backward_on_amx();
+    const int64_t task_rows = amx ? AMX_BWD_ROWS : BWD_TASK_ROWS;
+    const int64_t n_dh = task_grid(rows_of, n_problems, 3072, task_rows, start_dh);
+    const int64_t n_du = task_grid(rows_of, n_problems, HIDDEN, task_rows, start_du);
     const int64_t dh_col_blocks = (3072 + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
     const int64_t du_col_blocks = (HIDDEN + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
 #pragma omp parallel num_threads(n_threads)
@@ -1660,7 +1676,7 @@ static void f3072_backward_data(const bwd_problem *problems, int n_problems, int
             int p = problem_of_task(start_dh, n_problems, task);
             int64_t local = task - start_dh[p];
             const bwd_problem *b = &problems[p];
-            const int64_t m0 = (local / dh_col_blocks) * BWD_TASK_ROWS, c0 = (local % dh_col_blocks) * BWD_TASK_COLS;
+            const int64_t m0 = (local / dh_col_blocks) * task_rows, c0 = (local % dh_col_blocks) * BWD_TASK_COLS;
             store_ctx ctx = {.c = b->pre, .ldp = 3072, .ffn = 3072};
             outer_block_e(b->d_out, HIDDEN, 1, m0, min_i64(BWD_TASK_ROWS, b->n_rows - m0), c0,
                           min_i64(c0 + BWD_TASK_COLS, 3072), HIDDEN, b->w2, 3072, NULL, NULL,
@@ -1671,7 +1687,7 @@ static void f3072_backward_data(const bwd_problem *problems, int n_problems, int
             int p = problem_of_task(start_du, n_problems, task);
             int64_t local = task - start_du[p];
             const bwd_problem *b = &problems[p];
-            const int64_t m0 = (local / du_col_blocks) * BWD_TASK_ROWS, c0 = (local % du_col_blocks) * BWD_TASK_COLS;
+            const int64_t m0 = (local / du_col_blocks) * task_rows, c0 = (local % du_col_blocks) * BWD_TASK_COLS;
             store_ctx ctx = {.c = b->du, .ldc = HIDDEN};
             outer_block_e(b->pre, 3072, 1, m0, min_i64(BWD_TASK_ROWS, b->n_rows - m0), c0,
                           min_i64(c0 + BWD_TASK_COLS, HIDDEN), 3072, b->w1, HIDDEN, NULL, NULL, store_plain, &ctx);
@@ -1696,8 +1712,10 @@ static void f3072_backward_weights(const bwd_problem *problems, int n_problems, 
             if (b->g_b1) memset(b->g_b1, 0, (size_t)3072 * sizeof(float));
         }
     }
-    const int64_t n_w2 = task_grid(m_w2, n_problems, 3072, start_w2);
-    const int64_t n_w1 = task_grid(m_w1, n_problems, HIDDEN, start_w1);
+    const int amx = backward_on_amx();
+    const int64_t task_rows = amx ? AMX_BWD_ROWS : BWD_TASK_ROWS;
+    const int64_t n_w2 = task_grid(m_w2, n_problems, 3072, task_rows, start_w2);
+    const int64_t n_w1 = task_grid(m_w1, n_problems, HIDDEN, task_rows, start_w1);
     const int64_t w2_col_blocks = (3072 + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
     const int64_t w1_col_blocks = (HIDDEN + BWD_TASK_COLS - 1) / BWD_TASK_COLS;
 #pragma omp parallel num_threads(n_threads)
@@ -1707,8 +1725,8 @@ static void f3072_backward_weights(const bwd_problem *problems, int n_problems, 
             int p = problem_of_task(start_w2, n_problems, task);
             int64_t local = task - start_w2[p];
             const bwd_problem *b = &problems[p];
-            const int64_t m0 = (local / w2_col_blocks) * BWD_TASK_ROWS, c0 = (local % w2_col_blocks) * BWD_TASK_COLS;
-            const int64_t rows = min_i64(BWD_TASK_ROWS, HIDDEN - m0);
+            const int64_t m0 = (local / w2_col_blocks) * task_rows, c0 = (local % w2_col_blocks) * BWD_TASK_COLS;
+            const int64_t rows = min_i64(task_rows, HIDDEN - m0);
             if (b->g_w2) {
                 store_ctx ctx = {.c = b->g_w2, .ldc = 3072, .accumulate = accumulate, .stream = STREAM_GRADIENTS};
                 outer_block_e(b->d_out, 1, HIDDEN, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, 3072), b->n_rows,
@@ -1721,8 +1739,8 @@ static void f3072_backward_weights(const bwd_problem *problems, int n_problems, 
             int p = problem_of_task(start_w1, n_problems, task);
             int64_t local = task - start_w1[p];
             const bwd_problem *b = &problems[p];
-            const int64_t m0 = (local / w1_col_blocks) * BWD_TASK_ROWS, c0 = (local % w1_col_blocks) * BWD_TASK_COLS;
-            const int64_t rows = min_i64(BWD_TASK_ROWS, 3072 - m0);
+            const int64_t m0 = (local / w1_col_blocks) * task_rows, c0 = (local % w1_col_blocks) * BWD_TASK_COLS;
+            const int64_t rows = min_i64(task_rows, 3072 - m0);
             if (b->g_w1) {
                 store_ctx ctx = {.c = b->g_w1, .ldc = HIDDEN, .accumulate = accumulate, .stream = STREAM_GRADIENTS};
                 outer_block_e(b->pre, 1, 3072, m0, rows, c0, min_i64(c0 + BWD_TASK_COLS, HIDDEN), b->n_rows,
