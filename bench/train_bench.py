@@ -614,8 +614,9 @@ def render(all_rows, notes, args, when, torch):
                    "activations were kept; dh, du, the router); "
                    "weights phase = moegen_layer_backward_weights with accumulate 1 (dW1, dW2 and the rest, no "
                    "clearing); acc 0 − acc 1 = the same call with accumulate 0 minus with accumulate 1: what overwriting "
-                   "costs over adding, mostly the memset of every gradient buffer (all experts, hit or not) that "
-                   "accumulate = 0 does first (adding reads the buffers, overwriting does not). GFLOP/s count the expert GEMMs "
+                   "costs over adding (clamped at 0): overwriting zeroes the gradients of experts no row reached, which "
+                   "adding leaves alone, and writes the others without reading them (non-temporal stores on "
+                   "layers whose expert gradients exceed 64 MiB), where adding reads them. GFLOP/s count the expert GEMMs "
                    "(routed rows kept and shared experts): forward F, backward 2F (recomputation not counted).", "",
                    split_table(all_rows), ""]
     report += ["Notes:", ""] + [f"- {n}" for n in notes]

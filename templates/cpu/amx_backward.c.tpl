@@ -12,7 +12,7 @@
 % --
 % -- Each element of C is the same chain of tile products (k chunks ascending) whatever the
 % -- other rows of its tile hold, so results do not depend on the task grid or the threads.
-/* ---- The backward's data GEMMs on AMX tiles -------------------------------------------- */
+/* ---- The backward's expert GEMMs on AMX tiles ------------------------------------------ */
 
 #if AMX_COMPILED && defined(__AVX512BW__)
 #define AMX_BACKWARD 1
