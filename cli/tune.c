@@ -3,7 +3,8 @@
  * docs/tuning.md) that layers then use at open.
  *
  *   spec -> candidates (gen/variant_space.c: coarse, then fine around each bucket's best)
- *        -> compile, --jobs at a time, each in a child process (the on-disk cache keeps the
+ *        -> in rounds of --jobs candidates, in sweep order, until the budget is spent:
+ *        -> compile the round at once, each in a child process (the on-disk cache keeps the
  *           modules)
  *        -> one child per candidate, one at a time: open (cache hit), bind the weights the
  *           parent made before forking, verify against the double-precision reference,
@@ -635,41 +636,46 @@ static void measured(void *ctx, int index, const char *report, const char *why) 
     print_progress(t, index);
 }
 
-/* Compile then measure candidates [first, last) that are still pending, within the budget. */
+/* True (and the candidate marked SKIPPED) when the budget is spent; the default (index 0) always runs. */
+static int budget_spent(tune_state *t, int index) {
+    if (index == 0 || now_s() - t->started <= (double)t->o->budget_s) return 0;
+    t->cands[index].state = CAND_SKIPPED;
+    snprintf(t->cands[index].why, sizeof t->cands[index].why, "budget of %lld s spent", t->o->budget_s);
+    return 1;
+}
+
+/* Compile then measure candidates [first, last) that are still pending, within the budget: in
+   rounds of --jobs candidates (compiled at once, then timed one at a time, since timings must not
+   share the CPUs with compiles or with each other), in candidate order, so that a budget cut drops
+   the last candidates, never compiled ones waiting to be timed. */
 static void run_stage(tune_state *t, int first, int last) {
-    int indices[MAX_CANDIDATES] = {0}, n = 0;
-    for (int i = first; i < last; i++)
-        if (t->cands[i].state == CAND_PENDING) {
-            if (now_s() - t->started > (double)t->o->budget_s && i > 0) {
-                t->cands[i].state = CAND_SKIPPED;
-                snprintf(t->cands[i].why, sizeof t->cands[i].why, "budget of %lld s spent", t->o->budget_s);
+    const int jobs = t->o->jobs > 0 ? (int)t->o->jobs : 1;
+    int next = first;
+    while (next < last) {
+        int round[MAX_CANDIDATES], n = 0;
+        for (; next < last && n < jobs; next++)
+            if (t->cands[next].state == CAND_PENDING && !budget_spent(t, next)) round[n++] = next;
+        t->total += n;
+        /* The compiler's own time limit applies inside; this one only catches a child stuck elsewhere. */
+        run_children(round, n, jobs, 900.0, compile_body, t, compiled, t);
+        for (int i = 0; i < n; i++) {
+            const int c = round[i];
+            if (t->cands[c].state != CAND_PENDING) continue; /* failed to compile */
+            if (budget_spent(t, c)) {
+                t->total--;
                 continue;
             }
-            indices[n++] = i;
+            double limit = t->o->timeout_s > 0 ? (double)t->o->timeout_s : 30.0;
+            if (t->o->timeout_s == 0 && t->cands[0].state == CAND_PASS) {
+                double total_ms = 0;
+                for (int k = 0; k < t->o->n_counts; k++)
+                    total_ms += t->cands[0].median_ms[k] * (double)(t->o->repeat + 2);
+                limit += 20.0 * total_ms / 1e3;
+            } else if (t->o->timeout_s == 0) {
+                limit = 600.0; /* the default variant itself: no reference time yet */
+            }
+            run_children(&round[i], 1, 1, limit, measure_body, t, measured, t);
         }
-    t->total += n;
-    /* Compiles: the compiler's own time limit applies inside; this one only catches a child stuck elsewhere. */
-    run_children(indices, n, (int)t->o->jobs, 900.0, compile_body, t, compiled, t);
-    int to_measure[MAX_CANDIDATES], m = 0;
-    for (int i = 0; i < n; i++)
-        if (t->cands[indices[i]].state == CAND_PENDING) to_measure[m++] = indices[i];
-    for (int i = 0; i < m; i++) { /* one at a time: timings must not share the CPUs */
-        if (now_s() - t->started > (double)t->o->budget_s && to_measure[i] > 0) {
-            t->cands[to_measure[i]].state = CAND_SKIPPED;
-            snprintf(t->cands[to_measure[i]].why, sizeof t->cands[to_measure[i]].why, "budget of %lld s spent",
-                     t->o->budget_s);
-            t->total--;
-            continue;
-        }
-        double limit = t->o->timeout_s > 0 ? (double)t->o->timeout_s : 30.0;
-        if (t->o->timeout_s == 0 && t->cands[0].state == CAND_PASS) {
-            double total_ms = 0;
-            for (int k = 0; k < t->o->n_counts; k++) total_ms += t->cands[0].median_ms[k] * (double)(t->o->repeat + 2);
-            limit += 20.0 * total_ms / 1e3;
-        } else if (t->o->timeout_s == 0) {
-            limit = 600.0; /* the default variant itself: no reference time yet */
-        }
-        run_children(&to_measure[i], 1, 1, limit, measure_body, t, measured, t);
     }
 }
 

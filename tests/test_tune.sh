@@ -16,8 +16,9 @@ printf 'name: tiny_tune\nnum_experts: 6\nnum_experts_per_tok: 2\nhidden_size: 32
 db=$work/db
 common=(--cache-dir "$work/cache")
 
-# The budget leaves room for the coarse stage on a loaded CI machine: candidates 1-4 (the faults)
-# must all be timed before it runs out; the hang, which takes its whole time limit, comes last.
+# Candidates run in rounds of --jobs in sweep order, so candidates 0-4 (the default and the faults)
+# are compiled and timed in the first three rounds; the budget leaves room for those on a loaded CI
+# machine under the sanitizers (the hang takes its whole time limit, 8 s).
 expect "tune: a tiny spec with faults injected into candidates 1-4" 0 \
     env MOEGEN_TUNE_INJECT="compile:1,crash:2,wrong:3,hang:4" \
     "$moegen" tune "$spec" --tokens 1,8,64 --budget 45 --timeout 8 --repeat 3 --jobs 2 --out "$db" "${common[@]}"
