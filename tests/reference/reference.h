@@ -105,6 +105,11 @@ typedef struct moe_ref_grads {
     double *shared_w1, *shared_b1, *shared_w2, *shared_b2, *shared_gate; /* [Ns][F1s][H] ... [H] */
     double *residual_w1, *residual_b1, *residual_w2, *residual_b2;
     double *residual_coef_w, *residual_coef_b;    /* [2][H], [2] */
+    /* The same sums over |terms| for the gradients that come from one dot product over H per
+     * token (the residual coefficients', the shared gate's): the size of the rounding a kernel
+     * may make there, which the difference of two large dot products can leave far above the
+     * gradient itself (verify_backward.c scales those tolerances by these). */
+    double *residual_coef_w_scale, *residual_coef_b_scale, *shared_gate_scale;
 } moe_ref_grads;
 
 /* The exact gradients of the reference forward's L, in double, by the chain of §8.2.

@@ -245,7 +245,9 @@ void moe_ref_grads_free(moe_ref_grads *grads) {
                         grads->w2, grads->b2, grads->shared_w1, grads->shared_b1,
                         grads->shared_w2, grads->shared_b2, grads->shared_gate,
                         grads->residual_w1, grads->residual_b1, grads->residual_w2,
-                        grads->residual_b2, grads->residual_coef_w, grads->residual_coef_b};
+                        grads->residual_b2, grads->residual_coef_w, grads->residual_coef_b,
+                        grads->residual_coef_w_scale, grads->residual_coef_b_scale,
+                        grads->shared_gate_scale};
     for (size_t i = 0; i < sizeof(arrays) / sizeof(arrays[0]); i++)
         free(arrays[i]);
     memset(grads, 0, sizeof(*grads));
@@ -281,8 +283,10 @@ static int allocate_grads(const moegen_spec *spec, int64_t n_tokens, moe_ref_gra
             ALLOCATE(shared_b1, Ns * F1s);
             ALLOCATE(shared_b2, Ns * H);
         }
-        if (spec->shared.gate)
+        if (spec->shared.gate) {
             ALLOCATE(shared_gate, H);
+            ALLOCATE(shared_gate_scale, H);
+        }
     }
     if (spec->use_residual) {
         ALLOCATE(residual_w1, F1 * H);
@@ -293,6 +297,8 @@ static int allocate_grads(const moegen_spec *spec, int64_t n_tokens, moe_ref_gra
         }
         ALLOCATE(residual_coef_w, 2 * H);
         ALLOCATE(residual_coef_b, 2);
+        ALLOCATE(residual_coef_w_scale, 2 * H);
+        ALLOCATE(residual_coef_b_scale, 2);
     }
 #undef ALLOCATE
     return failed ? -1 : 0;
@@ -702,12 +708,15 @@ static void token_backward(const backward_context *c, int64_t t, token_work *tw)
                 dx[h] += tw->du[h];
         }
         if (spec->shared.gate) {
-            double d_gamma = 0.0;
-            for (int64_t h = 0; h < H; h++)
+            double d_gamma = 0.0, d_gamma_abs = 0.0;
+            for (int64_t h = 0; h < H; h++) {
                 d_gamma += tw->dy_row[h] * tw->shared_sum[h];
+                d_gamma_abs += fabs(tw->dy_row[h] * tw->shared_sum[h]);
+            }
             double d_nu = d_gamma * gamma * (1.0 - gamma);
             for (int64_t h = 0; h < H; h++) {
                 c->grads->shared_gate[h] += d_nu * tw->x_row[h];
+                c->grads->shared_gate_scale[h] += d_gamma_abs * gamma * (1.0 - gamma) * fabs(tw->x_row[h]);
                 dx[h] += d_nu * (double)c->w->shared_gate[h];
             }
         }
@@ -732,10 +741,13 @@ static void token_backward(const backward_context *c, int64_t t, token_work *tw)
         ffn_grad g = {c->grads->residual_w1, c->grads->residual_b1, c->grads->residual_w2,
                       c->grads->residual_b2};
         ffn_forward(c->reader, &p, act, H, tw->x_row, &tw->ffn, tw->mlp_out);
+        double dc_abs[2] = {0.0, 0.0};
         dc[0] = dc[1] = 0.0;
         for (int64_t h = 0; h < H; h++) {
             dc[0] += tw->dy_row[h] * tw->y_moe[h];
             dc[1] += tw->dy_row[h] * tw->mlp_out[h];
+            dc_abs[0] += fabs(tw->dy_row[h] * tw->y_moe[h]);
+            dc_abs[1] += fabs(tw->dy_row[h] * tw->mlp_out[h]);
             tw->upstream[h] = coef[0] * tw->dy_row[h];
             tw->d_out[h] = coef[1] * tw->dy_row[h];
         }
@@ -743,11 +755,15 @@ static void token_backward(const backward_context *c, int64_t t, token_work *tw)
         for (int64_t h = 0; h < H; h++)
             dx[h] += tw->du[h];
         double mean = coef[0] * dc[0] + coef[1] * dc[1];
+        double mean_abs = coef[0] * dc_abs[0] + coef[1] * dc_abs[1];
         for (int i = 0; i < 2; i++) {
             dq[i] = coef[i] * (dc[i] - mean);
+            double dq_abs = coef[i] * (dc_abs[i] + mean_abs);
             c->grads->residual_coef_b[i] += dq[i];
+            c->grads->residual_coef_b_scale[i] += dq_abs;
             for (int64_t h = 0; h < H; h++) {
                 c->grads->residual_coef_w[i * H + h] += dq[i] * tw->x_row[h];
+                c->grads->residual_coef_w_scale[i * H + h] += dq_abs * fabs(tw->x_row[h]);
                 dx[h] += dq[i] * (double)c->w->residual_coef_w[i * H + h];
             }
         }

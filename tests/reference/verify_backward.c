@@ -28,9 +28,11 @@ static double stored_value(moegen_dtype dtype, const void *data, size_t i) {
     }
 }
 
-/* One tensor: n values of the kernel (fp32, or the layer dtype when `stored`) against ref. */
-static void compare(moe_backward_report *r, const char *name, const moegen_spec *spec, const void *got, int stored,
-                    const double *want, size_t n) {
+/* One tensor: n values of the kernel (fp32, or the layer dtype when `stored`) against ref.
+ * scale (or NULL): per element, the reference's sum over |terms| where the gradient is a
+ * difference of dot products; the absolute tolerance is at least atol_rel times it there. */
+static void compare_scaled(moe_backward_report *r, const char *name, const moegen_spec *spec, const void *got,
+                           int stored, const double *want, const double *scale, size_t n) {
     if (!got || !want || n == 0) return;
     double rtol, atol_rel;
     moe_verify_tolerance(spec->dtype, &rtol, &atol_rel);
@@ -58,10 +60,11 @@ static void compare(moe_backward_report *r, const char *name, const moegen_spec 
         }
         if (isinf(g) && (g > 0) == (w > 0) && fabs(w) * (1.0 + rtol) >= overflow)
             continue; /* at or past the largest value of the stored type: it rounds to Inf */
-        const double scaled = fabs(g - w) / (atol + rtol * fabs(w));
+        const double atol_i = scale && atol_rel * scale[i] > atol ? atol_rel * scale[i] : atol;
+        const double scaled = fabs(g - w) / (atol_i + rtol * fabs(w));
         if (!(scaled <= 1.0)) {
             fail(r, "%s[%zu]: kernel %.9g, reference %.9g (tolerance %.3g + %.3g*|ref|, max |ref| %.3g)", name, i, g,
-                 w, atol, rtol, max_ref);
+                 w, atol_i, rtol, max_ref);
             if (!isfinite(scaled)) continue;
         }
         if (scaled > r->max_scaled_error) {
@@ -69,6 +72,11 @@ static void compare(moe_backward_report *r, const char *name, const moegen_spec 
             snprintf(r->worst, sizeof r->worst, "%s", name);
         }
     }
+}
+
+static void compare(moe_backward_report *r, const char *name, const moegen_spec *spec, const void *got, int stored,
+                    const double *want, size_t n) {
+    compare_scaled(r, name, spec, got, stored, want, NULL, n);
 }
 
 int moe_verify_backward(const moegen_spec *spec, const moe_backward_case *c, const void *dx,
@@ -113,13 +121,15 @@ int moe_verify_backward(const moegen_spec *spec, const moe_backward_case *c, con
     compare(report, "shared_b1", spec, g->shared_b1, 0, ref.shared_b1, Ns * F1s);
     compare(report, "shared_w2", spec, g->shared_w2, 0, ref.shared_w2, Ns * H * Fs);
     compare(report, "shared_b2", spec, g->shared_b2, 0, ref.shared_b2, Ns * H);
-    compare(report, "shared_gate", spec, g->shared_gate, 0, ref.shared_gate, H);
+    compare_scaled(report, "shared_gate", spec, g->shared_gate, 0, ref.shared_gate, ref.shared_gate_scale, H);
     compare(report, "residual_w1", spec, g->residual_w1, 0, ref.residual_w1, F1 * H);
     compare(report, "residual_b1", spec, g->residual_b1, 0, ref.residual_b1, F1);
     compare(report, "residual_w2", spec, g->residual_w2, 0, ref.residual_w2, H * F);
     compare(report, "residual_b2", spec, g->residual_b2, 0, ref.residual_b2, H);
-    compare(report, "residual_coef_w", spec, g->residual_coef_w, 0, ref.residual_coef_w, 2 * H);
-    compare(report, "residual_coef_b", spec, g->residual_coef_b, 0, ref.residual_coef_b, 2);
+    compare_scaled(report, "residual_coef_w", spec, g->residual_coef_w, 0, ref.residual_coef_w,
+                   ref.residual_coef_w_scale, 2 * H);
+    compare_scaled(report, "residual_coef_b", spec, g->residual_coef_b, 0, ref.residual_coef_b,
+                   ref.residual_coef_b_scale, 2);
     moe_ref_grads_free(&ref);
     free(kept);
     if (report->ok)
