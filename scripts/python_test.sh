@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh python
 env=${MOEGEN_PYENV:-${XDG_CACHE_HOME:-$HOME/.cache}/moegen/pyenv}
-"$env/bin/python" -m pip install -q --disable-pip-version-check pytest pyyaml
+"$env/bin/python" -m pip install -q --disable-pip-version-check pytest pyyaml numpy
 "$env/bin/python" -m pip install -q --disable-pip-version-check ./python
 env_abs=$(cd "$env" && pwd)
 cd python/tests # not python/: its moegen/ sources must not shadow the installed package

@@ -37,8 +37,13 @@ if [ "${1:-}" = python ]; then
     fi
     if ! "$env/bin/python" -c "import torch" > /dev/null 2>&1; then # once per machine
         echo "setup: installing PyTorch (CPU wheel) into $env"
-        "$env/bin/python" -m pip install -q --disable-pip-version-check torch \
-            --index-url https://download.pytorch.org/whl/cpu
+        # PyTorch's CPU-only index first (a smaller wheel); where that host cannot be reached,
+        # the default index (PyPI: the same torch, with its CUDA libraries).
+        if ! "$env/bin/python" -m pip install -q --disable-pip-version-check --retries 1 --timeout 20 torch \
+            --index-url https://download.pytorch.org/whl/cpu; then
+            echo "setup: PyTorch's CPU index failed; installing torch from the default index"
+            "$env/bin/python" -m pip install -q --disable-pip-version-check torch
+        fi
     fi
     exit 0
 fi
