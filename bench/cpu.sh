@@ -102,8 +102,10 @@ fi
 torch_args=()
 if ! python3 -c 'import torch' > /dev/null 2>&1; then
     note "installing PyTorch's CPU wheel"
-    if ! run python3 -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu ||
-        ! python3 -c 'import torch' > /dev/null 2>&1; then
+    # PyTorch's CPU-only index first; the default index (PyPI) where that host cannot be reached
+    run python3 -m pip install --quiet --retries 1 --timeout 20 torch --index-url https://download.pytorch.org/whl/cpu ||
+        run python3 -m pip install --quiet torch || true
+    if ! python3 -c 'import torch' > /dev/null 2>&1; then
         note "PyTorch could not be installed; the pytorch rows are skipped"
         torch_args=(--no-torch)
     fi

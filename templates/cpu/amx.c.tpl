@@ -1,11 +1,9 @@
 % -- amx.c.tpl — the expert GEMMs on AMX tiles (variant gemm = amx; bf16 layers).
 % --
 % -- TDPBF16PS multiplies a 16 x 32 bf16 tile A by a 32 x 16 bf16 tile B (stored as 16 rows
-% -- of 16 pairs) into a 16 x 16 fp32 tile C. Here A is always a block of weight rows of the
-% -- caller's [out][in] tensors: where a task's tile serves more than two blocks of rows, its
-% -- 16 rows are first copied into a per-thread pack in tile order (read once, in address
-% -- order, the next step's rows prefetched into L2 while this one computes); otherwise the
-% -- tiles are read in place (16 rows, 64 bytes each, the row stride apart). B holds 16 rows of the expert (tokens) in
+% -- of 16 pairs) into a 16 x 16 fp32 tile C. Here A is always a block of weight rows, read
+% -- straight from the caller's [out][in] tensors (16 rows, 64 bytes each, the row stride
+% -- apart): weights are never copied or packed. B holds 16 rows of the expert (tokens) in
 % -- the pair layout: the rows' inputs are packed once per call ("x packs"), and GEMM1
 % -- writes its activations straight into that layout ("h packs"), which GEMM2 reads as its
 % -- B. So C is [weight row][token]: GEMM1's epilogue works on 16 tokens per vector, and
@@ -57,32 +55,6 @@ static inline void amx_prefetch_rows(const elem_t *tile, int64_t k_ahead, int64_
     const uintptr_t first = (uintptr_t)tile + (uintptr_t)k_ahead * sizeof(elem_t);
     for (int r = 0; r < AMX_BLOCK; r++)
         _mm_prefetch((const char *)(first + (uintptr_t)(r * stride) * sizeof(elem_t)), _MM_HINT_T0);
-}
-
-/* Weight packs: the 16 rows of an A tile block (`k` elements each, consecutive in the
- * [out][in] tensor) copied into tile order, [k / 32][16 rows][32], so each A tile is 1 KiB
- * contiguous. Unpacked, a tile's 16 lines lie a row stride apart (4 KiB for H = 2048: one L1
- * set for all of them) and are read straight from memory 16 streams at once; packed, the
- * weights are read once in address order and every tile load hits L2 without conflicts. */
-/* A task packs its weights only when each weight tile serves more than this many row
- * blocks (more than one pair): with fewer the copy costs more than the conflicts it saves
- * (qwen3-30b-a3b bf16, 2 threads: S = 128, ~8 rows per expert, 69 ms unpacked, 80 packed;
- * S = 1024, ~64 rows, 231 ms unpacked, 200 packed). */
-#define AMX_PACK_MIN_BLOCKS 2
-static inline void amx_pack_weights(const elem_t *a, int64_t k, elem_t *out) {
-    for (int r = 0; r < AMX_BLOCK; r++)
-        for (int64_t kb = 0; kb < k / 32; kb++)
-            _mm512_store_si512((void *)(out + (kb * AMX_BLOCK + r) * 32),
-                               _mm512_loadu_si512((const void *)(a + r * k + kb * 32)));
-}
-
-/* While a packed step computes, its first pair of row blocks asks, at k block kb of `steps`,
- * for its share of the next step's weight rows (`bytes` from `next`, contiguous) into L2, in
- * address order: the next pack then reads L2, and DRAM streams under the tile products. */
-static inline void amx_prefetch_next(const elem_t *next, int64_t bytes, int64_t kb, int64_t steps) {
-    const int64_t lines = bytes / 64, per = (lines + steps - 1) / steps;
-    for (int64_t l = kb * per; l < lines && l < (kb + 1) * per; l++)
-        _mm_prefetch((const char *)((uintptr_t)next + (uintptr_t)l * 64), _MM_HINT_T1);
 }
 
 /* Every tile 16 rows of 64 bytes: C tiles 0-3, B tiles 4-5, A tiles 6-7. Tile state is per
@@ -156,38 +128,20 @@ static void amx_pack_rows(const ffn_problem *p, int64_t b) {
 /* ---- FFN shape ${n} on AMX tiles ---- */
 
 /* GEMM1 + activation for rows [row0, row0 + BLOCK_ROWS) and activation columns
- * [col0, col0 + BLOCK_COLS) of one problem, into its h pack. apack: room for two weight
- * packs of HIDDEN columns (NULL: the tiles are read unpacked). */
-static void ${n}_amx_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0, elem_t *apack) {
+ * [col0, col0 + BLOCK_COLS) of one problem, into its h pack. */
+static void ${n}_amx_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t b_first = row0 / AMX_BLOCK;
     const int64_t b_end = (min_i64(row0 + BLOCK_ROWS, p->n_rows) + AMX_BLOCK - 1) / AMX_BLOCK;
-    if (b_end - b_first <= AMX_PACK_MIN_BLOCKS) apack = NULL;
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, ${F});
 %   if gated then
     for (int64_t f = col0; f < col_end; f += AMX_BLOCK) { /* gate rows f.., up rows ${F} + f.. */
         const elem_t *a0 = p->w1 + f * HIDDEN, *a1 = p->w1 + (${F} + f) * HIDDEN;
         const int second = 1;
-        /* the next step's gate and up rows (none after the task's last step) */
-        const int64_t next_bytes = f + AMX_BLOCK < col_end ? AMX_BLOCK * HIDDEN * (int64_t)sizeof(elem_t) : 0;
-        const elem_t *next0 = next_bytes ? a0 + AMX_BLOCK * HIDDEN : NULL, *next1 = next_bytes ? a1 + AMX_BLOCK * HIDDEN : NULL;
 %   else
     for (int64_t f = col0; f < col_end; f += 2 * AMX_BLOCK) { /* rows f.. and f + 16.. */
         const elem_t *a0 = p->w1 + f * HIDDEN, *a1 = p->w1 + (f + AMX_BLOCK) * HIDDEN;
         const int second = f + AMX_BLOCK < col_end;
-        /* the next step's rows: up to 32, contiguous (none after the task's last step) */
-        const int64_t next_bytes = f + 2 * AMX_BLOCK < col_end
-                                       ? min_i64(2 * AMX_BLOCK, col_end - f - 2 * AMX_BLOCK) * HIDDEN * (int64_t)sizeof(elem_t) : 0;
-        const elem_t *next0 = next_bytes ? a0 + 2 * AMX_BLOCK * HIDDEN : NULL, *next1 = NULL;
 %   end
-        int64_t a_step = 32, a_stride = HIDDEN * 2; /* elements from one k block to the next; row bytes */
-        if (apack) {
-            amx_pack_weights(a0, HIDDEN, apack);
-            if (second) amx_pack_weights(a1, HIDDEN, apack + AMX_BLOCK * HIDDEN);
-            a0 = apack;
-            a1 = apack + AMX_BLOCK * HIDDEN;
-            a_step = AMX_BLOCK * 32;
-            a_stride = 64;
-        }
         for (int64_t b = b_first; b < b_end; b += 2) {
             const int two = b + 1 < b_end; /* two blocks of rows share each weight tile */
             const uint32_t *x0 = p->xpack + b * (HIDDEN / 2) * AMX_BLOCK, *x1 = x0 + (HIDDEN / 2) * AMX_BLOCK;
@@ -196,23 +150,13 @@ static void ${n}_amx_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0
             _tile_zero(2);
             _tile_zero(3);
             for (int64_t kb = 0; kb < HIDDEN / 32; kb++) {
-                if (!apack) {
-                    amx_prefetch_rows(a0, (kb + AMX_PREFETCH) * 32, HIDDEN);
-                    if (second) amx_prefetch_rows(a1, (kb + AMX_PREFETCH) * 32, HIDDEN);
-                } else if (b == b_first && next0) {
-%   if gated then
-                    amx_prefetch_next(next0, next_bytes, kb, HIDDEN / 32);
-                    amx_prefetch_next(next1, next_bytes, kb, HIDDEN / 32);
-%   else
-                    (void)next1;
-                    amx_prefetch_next(next0, next_bytes, kb, HIDDEN / 32);
-%   end
-                }
+                amx_prefetch_rows(a0, (kb + AMX_PREFETCH) * 32, HIDDEN);
+                if (second) amx_prefetch_rows(a1, (kb + AMX_PREFETCH) * 32, HIDDEN);
                 _tile_loadd(4, x0 + kb * 16 * AMX_BLOCK, 64);
-                _tile_loadd(6, a0 + kb * a_step, a_stride);
+                _tile_loadd(6, a0 + kb * 32, HIDDEN * 2);
                 _tile_dpbf16ps(0, 6, 4);
                 if (second) {
-                    _tile_loadd(7, a1 + kb * a_step, a_stride);
+                    _tile_loadd(7, a1 + kb * 32, HIDDEN * 2);
                     _tile_dpbf16ps(1, 7, 4);
                 }
                 if (two) {
@@ -281,28 +225,14 @@ static void ${n}_amx_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0
     }
 }
 
-/* GEMM2 for rows [row0, row0 + BLOCK_ROWS) and output columns [col0, col0 + BLOCK_COLS).
- * apack: room for two weight packs of ${F} columns, or NULL (as for GEMM1). */
-static void ${n}_amx_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0, elem_t *apack) {
+/* GEMM2 for rows [row0, row0 + BLOCK_ROWS) and output columns [col0, col0 + BLOCK_COLS). */
+static void ${n}_amx_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t b_first = row0 / AMX_BLOCK;
     const int64_t b_end = (min_i64(row0 + BLOCK_ROWS, p->n_rows) + AMX_BLOCK - 1) / AMX_BLOCK;
-    if (b_end - b_first <= AMX_PACK_MIN_BLOCKS) apack = NULL;
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
     for (int64_t o = col0; o < col_end; o += 2 * AMX_BLOCK) { /* output rows o.. and o + 16.. */
         const elem_t *a0 = p->w2 + o * ${F}, *a1 = p->w2 + (o + AMX_BLOCK) * ${F};
         const int second = o + AMX_BLOCK < col_end;
-        const int64_t next_bytes = o + 2 * AMX_BLOCK < col_end
-                                       ? min_i64(2 * AMX_BLOCK, col_end - o - 2 * AMX_BLOCK) * ${F} * (int64_t)sizeof(elem_t) : 0;
-        const elem_t *next = next_bytes ? a0 + 2 * AMX_BLOCK * ${F} : NULL;
-        int64_t a_step = 32, a_stride = ${F} * 2;
-        if (apack) {
-            amx_pack_weights(a0, ${F}, apack);
-            if (second) amx_pack_weights(a1, ${F}, apack + AMX_BLOCK * ${F});
-            a0 = apack;
-            a1 = apack + AMX_BLOCK * ${F};
-            a_step = AMX_BLOCK * 32;
-            a_stride = 64;
-        }
         for (int64_t b = b_first; b < b_end; b += 2) {
             const int two = b + 1 < b_end;
             const uint32_t *h0 = p->hpack + b * (${F} / 2) * AMX_BLOCK, *h1 = h0 + (${F} / 2) * AMX_BLOCK;
@@ -311,17 +241,13 @@ static void ${n}_amx_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0
             _tile_zero(2);
             _tile_zero(3);
             for (int64_t kb = 0; kb < ${F} / 32; kb++) {
-                if (!apack) {
-                    amx_prefetch_rows(a0, (kb + AMX_PREFETCH) * 32, ${F});
-                    if (second) amx_prefetch_rows(a1, (kb + AMX_PREFETCH) * 32, ${F});
-                } else if (b == b_first && next) {
-                    amx_prefetch_next(next, next_bytes, kb, ${F} / 32);
-                }
+                amx_prefetch_rows(a0, (kb + AMX_PREFETCH) * 32, ${F});
+                if (second) amx_prefetch_rows(a1, (kb + AMX_PREFETCH) * 32, ${F});
                 _tile_loadd(4, h0 + kb * 16 * AMX_BLOCK, 64);
-                _tile_loadd(6, a0 + kb * a_step, a_stride);
+                _tile_loadd(6, a0 + kb * 32, ${F} * 2);
                 _tile_dpbf16ps(0, 6, 4);
                 if (second) {
-                    _tile_loadd(7, a1 + kb * a_step, a_stride);
+                    _tile_loadd(7, a1 + kb * 32, ${F} * 2);
                     _tile_dpbf16ps(1, 7, 4);
                 }
                 if (two) {
@@ -380,8 +306,6 @@ static void ${n}_run_amx(const ffn_problem *given, int n_problems, int n_threads
 #pragma omp parallel num_threads(n_threads)
     {
         amx_configure();
-        /* this thread's weight packs (NULL if memory is short: the tiles are then read unpacked) */
-        elem_t *apack = aligned_alloc(64, 2 * AMX_BLOCK * (HIDDEN > ${F} ? HIDDEN : ${F}) * sizeof(elem_t));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < start0[n_problems]; task++) {
             const int p = problem_of_task(start0, n_problems, task);
@@ -391,17 +315,14 @@ static void ${n}_run_amx(const ffn_problem *given, int n_problems, int n_threads
         for (int64_t task = 0; task < start1[n_problems]; task++) {
             const int p = problem_of_task(start1, n_problems, task);
             const int64_t local = task - start1[p];
-            ${n}_amx_gemm1_task(&problems[p], (local / col_blocks1) * BLOCK_ROWS, (local % col_blocks1) * BLOCK_COLS,
-                                apack);
+            ${n}_amx_gemm1_task(&problems[p], (local / col_blocks1) * BLOCK_ROWS, (local % col_blocks1) * BLOCK_COLS);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < start2[n_problems]; task++) {
             const int p = problem_of_task(start2, n_problems, task);
             const int64_t local = task - start2[p];
-            ${n}_amx_gemm2_task(&problems[p], (local / col_blocks2) * BLOCK_ROWS, (local % col_blocks2) * BLOCK_COLS,
-                                apack);
+            ${n}_amx_gemm2_task(&problems[p], (local / col_blocks2) * BLOCK_ROWS, (local % col_blocks2) * BLOCK_COLS);
         }
-        free(apack);
         _tile_release();
     }
 }
