@@ -57,6 +57,51 @@ static inline void amx_prefetch_rows(const elem_t *tile, int64_t k_ahead, int64_
         _mm_prefetch((const char *)(first + (uintptr_t)(r * stride) * sizeof(elem_t)), _MM_HINT_T0);
 }
 
+/* float_to_elem of 16 values, in the low half of each 32-bit lane. */
+static inline __m512i amx_round16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_and_si512(_mm512_mask_blend_epi32(nan, rounded, quiet), _mm512_set1_epi32(0xffff));
+}
+
+/* The activation epilogue of one h pack pair row: rows (weight rows) i and i + 1 of C for the
+ * block's 16 tokens, as 16 lanes: value = act(scale * c + bias) (gated: times the up row's;
+ * bias: the two rows' biases, then the two up rows', or NULL),
+ * rounded to bf16, the two rows' values paired into `pair` ([token] 32-bit pairs); lanes from
+ * `valid` on (padding rows) are 0. With `pre` (training), the pre-activations of the valid
+ * tokens go to pre[t * pre_row + pre_col + s] (gated: the up row's at + F). */
+static inline void amx_epilogue_pair(const float *c0, const float *c1, const float *u0, const float *u1,
+                                     __m512 scale, const float *bias, int valid, float *pre, int64_t pre_row,
+                                     int64_t pre_col, int64_t up_col, uint32_t *pair) {
+    const float *c[2] = {c0, c1}, *u[2] = {u0, u1};
+    __m512i half[2];
+    for (int s = 0; s < 2; s++) {
+        __m512 g = _mm512_mul_ps(scale, _mm512_loadu_ps(c[s])), up = _mm512_setzero_ps();
+        if (u[s]) up = _mm512_mul_ps(scale, _mm512_loadu_ps(u[s]));
+        if (bias) {
+            g = _mm512_add_ps(g, _mm512_set1_ps(bias[s]));
+            up = _mm512_add_ps(up, _mm512_set1_ps(bias[2 + s]));
+        }
+        if (pre) {
+            float lanes[2][16];
+            _mm512_storeu_ps(lanes[0], g);
+            _mm512_storeu_ps(lanes[1], up);
+            for (int t = 0; t < valid; t++) {
+                pre[t * pre_row + pre_col + s] = lanes[0][t];
+                if (u[s]) pre[t * pre_row + up_col + s] = lanes[1][t];
+            }
+        }
+        const __m512 value = u[s] ? _mm512_mul_ps(activation16(g), up) : activation16(g);
+        half[s] = amx_round16(value);
+    }
+    const __m512i packed = _mm512_or_si512(half[0], _mm512_slli_epi32(half[1], 16));
+    _mm512_storeu_si512(pair, _mm512_maskz_mov_epi32((__mmask16)((1u << valid) - 1u), packed));
+}
+
 /* Every tile 16 rows of 64 bytes: C tiles 0-3, B tiles 4-5, A tiles 6-7. Tile state is per
  * thread: each thread of a parallel region configures it and releases it. */
 static void amx_configure(void) {
@@ -174,49 +219,35 @@ static void ${n}_amx_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0
                 const int64_t block = b + half;
                 /* the activation for the block's real rows only; its padding rows get 0 */
                 const int valid = (int)min_i64(AMX_BLOCK, p->n_rows - block * AMX_BLOCK);
-                float scale[AMX_BLOCK];
-                for (int t = 0; t < valid; t++)
-                    scale[t] = p->row_scale ? p->row_scale[block * AMX_BLOCK + t] : 1.0f;
+                float scale_lanes[AMX_BLOCK];
+                for (int t = 0; t < AMX_BLOCK; t++)
+                    scale_lanes[t] = t >= valid ? 0.0f : p->row_scale ? p->row_scale[block * AMX_BLOCK + t] : 1.0f;
+                const __m512 scale = _mm512_loadu_ps(scale_lanes);
                 uint32_t *h = p->hpack + block * (${F} / 2) * AMX_BLOCK;
 %   if gated then
+                float *pre = p->pre ? p->pre + block * AMX_BLOCK * (2 * ${F}) : NULL;
                 const float (*gate)[AMX_BLOCK] = c[2 * half], (*up)[AMX_BLOCK] = c[2 * half + 1];
                 for (int i = 0; i < AMX_BLOCK; i += 2) {
-                    uint32_t *pair = h + ((f + i) / 2) * AMX_BLOCK;
-                    for (int t = valid; t < AMX_BLOCK; t++) pair[t] = 0;
-                    for (int t = 0; t < valid; t++) {
-                        float value[2];
+                    float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* gate i, i + 1; up i, i + 1 */
+                    if (p->b1)
                         for (int s = 0; s < 2; s++) {
-                            float g = scale[t] * gate[i + s][t], u = scale[t] * up[i + s][t];
-                            if (p->b1) {
-                                g += elem_to_float(p->b1[f + i + s]);
-                                u += elem_to_float(p->b1[${F} + f + i + s]);
-                            }
-                            if (p->pre) { /* training: kept for the backward */
-                                p->pre[(block * AMX_BLOCK + t) * (2 * ${F}) + f + i + s] = g;
-                                p->pre[(block * AMX_BLOCK + t) * (2 * ${F}) + ${F} + f + i + s] = u;
-                            }
-                            value[s] = activation(g) * u;
+                            bias[s] = elem_to_float(p->b1[f + i + s]);
+                            bias[2 + s] = elem_to_float(p->b1[${F} + f + i + s]);
                         }
-                        pair[t] = (uint32_t)float_to_elem(value[0]) | (uint32_t)float_to_elem(value[1]) << 16;
-                    }
+                    amx_epilogue_pair(gate[i], gate[i + 1], up[i], up[i + 1], scale, p->b1 ? bias : NULL, valid, pre, 2 * ${F},
+                                      f + i, ${F} + f + i, h + ((f + i) / 2) * AMX_BLOCK);
                 }
 %   else
+                float *pre = p->pre ? p->pre + block * AMX_BLOCK * ${F} : NULL;
                 for (int tile = 0; tile < 1 + second; tile++) {
                     const float (*acc)[AMX_BLOCK] = c[2 * half + tile];
                     const int64_t f0 = f + tile * AMX_BLOCK;
                     for (int i = 0; i < AMX_BLOCK; i += 2) {
-                        uint32_t *pair = h + ((f0 + i) / 2) * AMX_BLOCK;
-                        for (int t = valid; t < AMX_BLOCK; t++) pair[t] = 0;
-                        for (int t = 0; t < valid; t++) {
-                            float value[2];
-                            for (int s = 0; s < 2; s++) {
-                                float g = scale[t] * acc[i + s][t];
-                                if (p->b1) g += elem_to_float(p->b1[f0 + i + s]);
-                                if (p->pre) p->pre[(block * AMX_BLOCK + t) * ${F} + f0 + i + s] = g;
-                                value[s] = activation(g);
-                            }
-                            pair[t] = (uint32_t)float_to_elem(value[0]) | (uint32_t)float_to_elem(value[1]) << 16;
-                        }
+                        float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                        if (p->b1)
+                            for (int s = 0; s < 2; s++) bias[s] = elem_to_float(p->b1[f0 + i + s]);
+                        amx_epilogue_pair(acc[i], acc[i + 1], NULL, NULL, scale, p->b1 ? bias : NULL, valid, pre, ${F}, f0 + i, 0,
+                                          h + ((f0 + i) / 2) * AMX_BLOCK);
                     }
                 }
 %   end

@@ -53,17 +53,6 @@ static void amx_bwd_pack_b(const elem_t *b, int64_t ldb, const int32_t *b_index,
 #undef AMX_BWD_ROW
 }
 
-/* float_to_elem of 16 values, in the low half of each 32-bit lane. */
-static inline __m512i amx_bwd_round16(__m512 v) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
-                                                  _mm512_set1_epi32(0x7f800000));
-    return _mm512_and_si512(_mm512_mask_blend_epi32(nan, rounded, quiet), _mm512_set1_epi32(0xffff));
-}
-
 /* A's rows [m0, m0 + 16 * row_tiles) x k in [k0, k0 + kc) (kc a multiple of 32), A[m][k] =
  * a[m * a_row + k * a_step] (times a_scale[k] when given; 0 from n_k on), rounded to bf16,
  * into apanel ([row][AMX_BWD_KC] bf16, A tiles with a stride of AMX_BWD_KC values). Rows past
@@ -90,7 +79,7 @@ static void amx_bwd_pack_a(const float *a, int64_t a_row, int64_t a_step, const 
                         }
                         __m512 v = _mm512_loadu_ps(a + k * a_step + m0 + 16 * t);
                         if (a_scale) v = _mm512_mul_ps(v, _mm512_set1_ps(a_scale[k]));
-                        half[s] = amx_bwd_round16(v);
+                        half[s] = amx_round16(v);
                     }
                     _mm512_store_si512(pairs[q], _mm512_or_si512(half[0], _mm512_slli_epi32(half[1], 16)));
                 }

@@ -108,8 +108,69 @@ static inline float vector_sum(vfloat v) {
 /* One step of a dot product in every lane: c + a * b (contracted to an FMA). */
 static inline vfloat dot_step(vfloat c, vfloat a, vfloat b) { return c + a * b; }
 
+/* e^x for the activations (docs/numerics.md §3), without libm: n = rint(x log2 e), r = x - n ln 2
+ * (two-part ln 2), e^r by a degree-7 polynomial, times 2^n as two powers of two (n up to 128).
+ * Within 2 ulp of e^x; 0 below -87.33 (where e^x is subnormal), Inf above 88.72, NaN stays NaN.
+ * exp16 below does the same operations on 16 lanes (every multiply-add an explicit fused one,
+ * and the result a fused product, so no compiler contracts differently), so a kernel's vector epilogue and scalar code that
+ * makes the same activation (the backward's kept activations) agree to the bit. */
+#define EXP_OVER 88.72283935546875f
+#define EXP_UNDER -87.33654022216797f
+static inline float exp_fp32(float x) {
+    if (x != x) return x;
+    if (x > EXP_OVER) return INFINITY;
+    if (x < EXP_UNDER) return 0.0f;
+    const float n = nearbyintf(x * 1.44269502162933349609f);
+    float r = fmaf(-n, 0.693145751953125f, x);
+    r = fmaf(-n, 1.42860682030941723212e-6f, r);
+    float q = 1.9875691500e-4f;
+    q = fmaf(q, r, 1.3981999507e-3f);
+    q = fmaf(q, r, 8.3334519073e-3f);
+    q = fmaf(q, r, 4.1665795894e-2f);
+    q = fmaf(q, r, 1.6666665459e-1f);
+    q = fmaf(q, r, 5.0000001201e-1f);
+    q = fmaf(q, r * r, r) + 1.0f;
+    const int k = (int)n, k1 = k >> 1, k2 = k - k1; /* arithmetic shift: floor(k / 2) */
+    /* the last product as a fused one with 0: a caller's `1 + e^x` cannot be contracted into it */
+    return fmaf(q * bits_to_float((uint32_t)(k1 + 127) << 23), bits_to_float((uint32_t)(k2 + 127) << 23), 0.0f);
+}
+
 /* Activations (docs/numerics.md §3). */
 static inline float activation(float z) { return z < 0.0f ? 0.0f : z; } /* NaN stays NaN */
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* exp_fp32 and activation on 16 lanes: the same operations, the same bits. */
+static inline __m512 exp16(__m512 x) {
+    const __mmask16 over = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_OVER), _CMP_GT_OQ);
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_UNDER), _CMP_LT_OQ);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    const __m512 xc = _mm512_mask_blend_ps(over | under | nan, x, _mm512_setzero_ps());
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269502162933349609f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+    __m512 q = _mm512_set1_ps(1.9875691500e-4f);
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.3981999507e-3f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(8.3334519073e-3f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.1665795894e-2f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.6666665459e-1f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(5.0000001201e-1f));
+    q = _mm512_add_ps(_mm512_fmadd_ps(q, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    const __m512i k = _mm512_cvtps_epi32(n), k1 = _mm512_srai_epi32(k, 1), k2 = _mm512_sub_epi32(k, k1);
+    const __m512i bias = _mm512_set1_epi32(127);
+    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k1, bias), 23));
+    const __m512 s2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k2, bias), 23));
+    __m512 e = _mm512_fmadd_ps(_mm512_mul_ps(q, s1), s2, _mm512_setzero_ps());
+    e = _mm512_mask_blend_ps(over, e, _mm512_set1_ps(INFINITY));
+    e = _mm512_mask_blend_ps(under, e, _mm512_setzero_ps());
+    return _mm512_mask_blend_ps(nan, e, x);
+}
+
+static inline __m512 activation16(__m512 z) { /* z < 0 ? 0 : z; NaN stays NaN */
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ), z, _mm512_setzero_ps());
+}
+#endif
 
 static inline float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
@@ -951,10 +1012,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_switch_base_8.h). */
-const char moe_switch_base_8_build_bc4da9f6cd2c4882[] = "bc4da9f6cd2c4882";
+const char moe_switch_base_8_build_6c29f302a24d612c[] = "6c29f302a24d612c";
 
 const char *moe_switch_base_8_describe(void) {
-    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build bc4da9f6cd2c4882, "
+    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build 6c29f302a24d612c, "
            "kernels " KERNEL_PATH;
 }
 
