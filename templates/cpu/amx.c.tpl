@@ -69,23 +69,20 @@ static inline __m512i amx_round16(__m512 v) {
 }
 
 /* The activation epilogue of one h pack pair row: rows (weight rows) i and i + 1 of C for the
- * block's 16 tokens, as 16 lanes: value = act(scale * c + bias) (gated: times the up row's;
- * bias: the two rows' biases, then the two up rows', or NULL),
- * rounded to bf16, the two rows' values paired into `pair` ([token] 32-bit pairs); lanes from
+ * block's 16 tokens, as 16 lanes: value = act(scale * c + b1[0..1]) (gated: times the up rows',
+ * with b1_up[0..1]; the biases NULL where the layer has none), rounded to bf16, the two rows' values paired into `pair` ([token] 32-bit pairs); lanes from
  * `valid` on (padding rows) are 0. With `pre` (training), the pre-activations of the valid
  * tokens go to pre[t * pre_row + pre_col + s] (gated: the up row's at + F). */
 static inline void amx_epilogue_pair(const float *c0, const float *c1, const float *u0, const float *u1,
-                                     __m512 scale, const float *bias, int valid, float *pre, int64_t pre_row,
-                                     int64_t pre_col, int64_t up_col, uint32_t *pair) {
+                                     __m512 scale, const elem_t *b1, const elem_t *b1_up, int valid, float *pre,
+                                     int64_t pre_row, int64_t pre_col, int64_t up_col, uint32_t *pair) {
     const float *c[2] = {c0, c1}, *u[2] = {u0, u1};
     __m512i half[2];
     for (int s = 0; s < 2; s++) {
         __m512 g = _mm512_mul_ps(scale, _mm512_loadu_ps(c[s])), up = _mm512_setzero_ps();
         if (u[s]) up = _mm512_mul_ps(scale, _mm512_loadu_ps(u[s]));
-        if (bias) {
-            g = _mm512_add_ps(g, _mm512_set1_ps(bias[s]));
-            up = _mm512_add_ps(up, _mm512_set1_ps(bias[2 + s]));
-        }
+        if (b1) g = _mm512_add_ps(g, _mm512_set1_ps(elem_to_float(b1[s])));
+        if (b1_up) up = _mm512_add_ps(up, _mm512_set1_ps(elem_to_float(b1_up[s])));
         if (pre) {
             float lanes[2][16];
             _mm512_storeu_ps(lanes[0], g);
@@ -227,28 +224,18 @@ static void ${n}_amx_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0
 %   if gated then
                 float *pre = p->pre ? p->pre + block * AMX_BLOCK * (2 * ${F}) : NULL;
                 const float (*gate)[AMX_BLOCK] = c[2 * half], (*up)[AMX_BLOCK] = c[2 * half + 1];
-                for (int i = 0; i < AMX_BLOCK; i += 2) {
-                    float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f}; /* gate i, i + 1; up i, i + 1 */
-                    if (p->b1)
-                        for (int s = 0; s < 2; s++) {
-                            bias[s] = elem_to_float(p->b1[f + i + s]);
-                            bias[2 + s] = elem_to_float(p->b1[${F} + f + i + s]);
-                        }
-                    amx_epilogue_pair(gate[i], gate[i + 1], up[i], up[i + 1], scale, p->b1 ? bias : NULL, valid, pre, 2 * ${F},
-                                      f + i, ${F} + f + i, h + ((f + i) / 2) * AMX_BLOCK);
-                }
+                for (int i = 0; i < AMX_BLOCK; i += 2)
+                    amx_epilogue_pair(gate[i], gate[i + 1], up[i], up[i + 1], scale, p->b1 ? p->b1 + f + i : NULL,
+                                      p->b1 ? p->b1 + ${F} + f + i : NULL, valid, pre, 2 * ${F}, f + i, ${F} + f + i,
+                                      h + ((f + i) / 2) * AMX_BLOCK);
 %   else
                 float *pre = p->pre ? p->pre + block * AMX_BLOCK * ${F} : NULL;
                 for (int tile = 0; tile < 1 + second; tile++) {
                     const float (*acc)[AMX_BLOCK] = c[2 * half + tile];
                     const int64_t f0 = f + tile * AMX_BLOCK;
-                    for (int i = 0; i < AMX_BLOCK; i += 2) {
-                        float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                        if (p->b1)
-                            for (int s = 0; s < 2; s++) bias[s] = elem_to_float(p->b1[f0 + i + s]);
-                        amx_epilogue_pair(acc[i], acc[i + 1], NULL, NULL, scale, p->b1 ? bias : NULL, valid, pre, ${F}, f0 + i, 0,
-                                          h + ((f0 + i) / 2) * AMX_BLOCK);
-                    }
+                    for (int i = 0; i < AMX_BLOCK; i += 2)
+                        amx_epilogue_pair(acc[i], acc[i + 1], NULL, NULL, scale, p->b1 ? p->b1 + f0 + i : NULL, NULL,
+                                          valid, pre, ${F}, f0 + i, 0, h + ((f0 + i) / 2) * AMX_BLOCK);
                 }
 %   end
             }

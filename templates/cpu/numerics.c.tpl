@@ -163,8 +163,9 @@ static inline vfloat dot_step_bf16(vfloat c, bf16_operand a, bf16_operand b) {
  * (two-part ln 2), e^r by a degree-7 polynomial, times 2^n as two powers of two (n up to 128).
  * Within 2 ulp of e^x; 0 below -87.33 (where e^x is subnormal), Inf above 88.72, NaN stays NaN.
  * exp16 below does the same operations on 16 lanes (every multiply-add an explicit fused one,
- * and the result a fused product, so no compiler contracts differently), so a kernel's vector epilogue and scalar code that
- * makes the same activation (the backward's kept activations) agree to the bit. */
+ * and the result a fused product, so no compiler contracts differently), so a kernel's vector
+ * epilogue and scalar code that makes the same activation (the backward's kept activations)
+ * agree to the bit. */
 #define EXP_OVER 88.72283935546875f
 #define EXP_UNDER -87.33654022216797f
 static inline float exp_fp32(float x) {

@@ -162,8 +162,9 @@ static inline vfloat dot_step_bf16(vfloat c, bf16_operand a, bf16_operand b) {
  * (two-part ln 2), e^r by a degree-7 polynomial, times 2^n as two powers of two (n up to 128).
  * Within 2 ulp of e^x; 0 below -87.33 (where e^x is subnormal), Inf above 88.72, NaN stays NaN.
  * exp16 below does the same operations on 16 lanes (every multiply-add an explicit fused one,
- * and the result a fused product, so no compiler contracts differently), so a kernel's vector epilogue and scalar code that
- * makes the same activation (the backward's kept activations) agree to the bit. */
+ * and the result a fused product, so no compiler contracts differently), so a kernel's vector
+ * epilogue and scalar code that makes the same activation (the backward's kept activations)
+ * agree to the bit. */
 #define EXP_OVER 88.72283935546875f
 #define EXP_UNDER -87.33654022216797f
 static inline float exp_fp32(float x) {
@@ -1269,10 +1270,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_deepseek_v3.h). */
-const char moe_deepseek_v3_build_22b303cc45dbca67[] = "22b303cc45dbca67";
+const char moe_deepseek_v3_build_60c04821b869c2cd[] = "60c04821b869c2cd";
 
 const char *moe_deepseek_v3_describe(void) {
-    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build 22b303cc45dbca67, "
+    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build 60c04821b869c2cd, "
            "kernels " KERNEL_PATH;
 }
 

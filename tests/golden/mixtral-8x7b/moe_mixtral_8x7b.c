@@ -155,8 +155,9 @@ static inline vfloat dot_step_bf16(vfloat c, bf16_operand a, bf16_operand b) {
  * (two-part ln 2), e^r by a degree-7 polynomial, times 2^n as two powers of two (n up to 128).
  * Within 2 ulp of e^x; 0 below -87.33 (where e^x is subnormal), Inf above 88.72, NaN stays NaN.
  * exp16 below does the same operations on 16 lanes (every multiply-add an explicit fused one,
- * and the result a fused product, so no compiler contracts differently), so a kernel's vector epilogue and scalar code that
- * makes the same activation (the backward's kept activations) agree to the bit. */
+ * and the result a fused product, so no compiler contracts differently), so a kernel's vector
+ * epilogue and scalar code that makes the same activation (the backward's kept activations)
+ * agree to the bit. */
 #define EXP_OVER 88.72283935546875f
 #define EXP_UNDER -87.33654022216797f
 static inline float exp_fp32(float x) {
@@ -1201,10 +1202,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_mixtral_8x7b.h). */
-const char moe_mixtral_8x7b_build_a5403107ca12eaa7[] = "a5403107ca12eaa7";
+const char moe_mixtral_8x7b_build_2be2225a45acd4a4[] = "2be2225a45acd4a4";
 
 const char *moe_mixtral_8x7b_describe(void) {
-    return "moe_mixtral_8x7b: spec sha256:0060ababc5f27de5c061323c2e16ad034953b0f947bd5942de53d6989f6a82cc, variant cpu_bf16_e8k2_h4096f14336_v8r3c4b48x64q64fma_0060abab, moegen 0.1.0, build a5403107ca12eaa7, "
+    return "moe_mixtral_8x7b: spec sha256:0060ababc5f27de5c061323c2e16ad034953b0f947bd5942de53d6989f6a82cc, variant cpu_bf16_e8k2_h4096f14336_v8r3c4b48x64q64fma_0060abab, moegen 0.1.0, build 2be2225a45acd4a4, "
            "kernels " KERNEL_PATH;
 }
 

@@ -158,8 +158,9 @@ static inline vfloat dot_step_bf16(vfloat c, bf16_operand a, bf16_operand b) {
  * (two-part ln 2), e^r by a degree-7 polynomial, times 2^n as two powers of two (n up to 128).
  * Within 2 ulp of e^x; 0 below -87.33 (where e^x is subnormal), Inf above 88.72, NaN stays NaN.
  * exp16 below does the same operations on 16 lanes (every multiply-add an explicit fused one,
- * and the result a fused product, so no compiler contracts differently), so a kernel's vector epilogue and scalar code that
- * makes the same activation (the backward's kept activations) agree to the bit. */
+ * and the result a fused product, so no compiler contracts differently), so a kernel's vector
+ * epilogue and scalar code that makes the same activation (the backward's kept activations)
+ * agree to the bit. */
 #define EXP_OVER 88.72283935546875f
 #define EXP_UNDER -87.33654022216797f
 static inline float exp_fp32(float x) {
@@ -1465,10 +1466,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_qwen1_5_moe_a2_7b.h). */
-const char moe_qwen1_5_moe_a2_7b_build_9ca0e16cda5a4d68[] = "9ca0e16cda5a4d68";
+const char moe_qwen1_5_moe_a2_7b_build_8d6f5d7eb0344cee[] = "8d6f5d7eb0344cee";
 
 const char *moe_qwen1_5_moe_a2_7b_describe(void) {
-    return "moe_qwen1_5_moe_a2_7b: spec sha256:499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02, variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a, moegen 0.1.0, build 9ca0e16cda5a4d68, "
+    return "moe_qwen1_5_moe_a2_7b: spec sha256:499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02, variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a, moegen 0.1.0, build 8d6f5d7eb0344cee, "
            "kernels " KERNEL_PATH;
 }
 

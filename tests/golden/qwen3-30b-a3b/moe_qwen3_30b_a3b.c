@@ -155,8 +155,9 @@ static inline vfloat dot_step_bf16(vfloat c, bf16_operand a, bf16_operand b) {
  * (two-part ln 2), e^r by a degree-7 polynomial, times 2^n as two powers of two (n up to 128).
  * Within 2 ulp of e^x; 0 below -87.33 (where e^x is subnormal), Inf above 88.72, NaN stays NaN.
  * exp16 below does the same operations on 16 lanes (every multiply-add an explicit fused one,
- * and the result a fused product, so no compiler contracts differently), so a kernel's vector epilogue and scalar code that
- * makes the same activation (the backward's kept activations) agree to the bit. */
+ * and the result a fused product, so no compiler contracts differently), so a kernel's vector
+ * epilogue and scalar code that makes the same activation (the backward's kept activations)
+ * agree to the bit. */
 #define EXP_OVER 88.72283935546875f
 #define EXP_UNDER -87.33654022216797f
 static inline float exp_fp32(float x) {
@@ -1201,10 +1202,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_qwen3_30b_a3b.h). */
-const char moe_qwen3_30b_a3b_build_bf39232e2532f017[] = "bf39232e2532f017";
+const char moe_qwen3_30b_a3b_build_f4678d2aa1d57b43[] = "f4678d2aa1d57b43";
 
 const char *moe_qwen3_30b_a3b_describe(void) {
-    return "moe_qwen3_30b_a3b: spec sha256:20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425, variant cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6, moegen 0.1.0, build bf39232e2532f017, "
+    return "moe_qwen3_30b_a3b: spec sha256:20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425, variant cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6, moegen 0.1.0, build f4678d2aa1d57b43, "
            "kernels " KERNEL_PATH;
 }
 

@@ -112,8 +112,9 @@ static inline vfloat dot_step(vfloat c, vfloat a, vfloat b) { return c + a * b; 
  * (two-part ln 2), e^r by a degree-7 polynomial, times 2^n as two powers of two (n up to 128).
  * Within 2 ulp of e^x; 0 below -87.33 (where e^x is subnormal), Inf above 88.72, NaN stays NaN.
  * exp16 below does the same operations on 16 lanes (every multiply-add an explicit fused one,
- * and the result a fused product, so no compiler contracts differently), so a kernel's vector epilogue and scalar code that
- * makes the same activation (the backward's kept activations) agree to the bit. */
+ * and the result a fused product, so no compiler contracts differently), so a kernel's vector
+ * epilogue and scalar code that makes the same activation (the backward's kept activations)
+ * agree to the bit. */
 #define EXP_OVER 88.72283935546875f
 #define EXP_UNDER -87.33654022216797f
 static inline float exp_fp32(float x) {
@@ -1012,10 +1013,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_switch_base_8.h). */
-const char moe_switch_base_8_build_6c29f302a24d612c[] = "6c29f302a24d612c";
+const char moe_switch_base_8_build_973964cfcc0e451f[] = "973964cfcc0e451f";
 
 const char *moe_switch_base_8_describe(void) {
-    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build 6c29f302a24d612c, "
+    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build 973964cfcc0e451f, "
            "kernels " KERNEL_PATH;
 }
 
