@@ -174,6 +174,15 @@ static void test_matrix_bf16_amx(void **state) {
     run_matrix_on("bf16", "num_experts: 8\nhidden_size: 160\nmoe_intermediate_size: 96\n", "gemm=amx", 320);
 }
 
+/* fp32 on outer products at the machine's vector width (16 lanes with AVX-512: the intrinsic
+ * epilogue, which keeps the pre-activations in training): tiles that do not divide the
+ * intermediate size (80 by 6) and more rows per expert than one row block (32). */
+static void test_matrix_fp32_outer(void **state) {
+    (void)state;
+    run_matrix_on("fp32", "num_experts: 8\nhidden_size: 48\nmoe_intermediate_size: 80\n",
+                  "gemm=outer,tile_cols=6,tile_rows=2,block_rows=32,block_cols=12", 200);
+}
+
 /* A larger call: more rows per expert than one task of the kernels holds. */
 static void test_many_tokens(void **state) {
     (void)state;
@@ -370,6 +379,7 @@ static void test_kept_activations(void **state) {
     } CASES[] = {
         {"fp32", NULL, 5},
         {"fp32", "gemm=outer,vector_floats=8,tile_cols=4,tile_rows=2,block_rows=16,block_cols=8", 5},
+        {"fp32", "gemm=outer,tile_cols=4,tile_rows=2,block_rows=32,block_cols=8", 5}, /* AVX-512 epilogue */
         {"bf16", NULL, 0},
         {"bf16", "gemm=amx,tile_rows=4,block_rows=32,block_cols=32", -1},
         {"fp16", NULL, 0},
@@ -443,6 +453,7 @@ int main(void) {
         cmocka_unit_test(test_matrix_fp32),
         cmocka_unit_test(test_matrix_bf16),
         cmocka_unit_test(test_matrix_bf16_amx),
+        cmocka_unit_test(test_matrix_fp32_outer),
         cmocka_unit_test(test_matrix_fp16),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

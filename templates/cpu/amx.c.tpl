@@ -79,20 +79,13 @@ static inline void amx_epilogue_pair(const float *c0, const float *c1, const flo
     const float *c[2] = {c0, c1}, *u[2] = {u0, u1};
     __m512i half[2];
     for (int s = 0; s < 2; s++) {
-        __m512 g = _mm512_mul_ps(scale, _mm512_loadu_ps(c[s])), up = _mm512_setzero_ps();
-        if (u[s]) up = _mm512_mul_ps(scale, _mm512_loadu_ps(u[s]));
-        if (b1) g = _mm512_add_ps(g, _mm512_set1_ps(elem_to_float(b1[s])));
-        if (b1_up) up = _mm512_add_ps(up, _mm512_set1_ps(elem_to_float(b1_up[s])));
+        __m512 g = _mm512_loadu_ps(c[s]), up = u[s] ? _mm512_loadu_ps(u[s]) : _mm512_setzero_ps();
+        const __m512 value = activate_column16(scale, &g, u[s] ? &up : NULL, b1 ? b1 + s : NULL,
+                                               b1_up ? b1_up + s : NULL);
         if (pre) {
-            float lanes[2][16];
-            _mm512_storeu_ps(lanes[0], g);
-            _mm512_storeu_ps(lanes[1], up);
-            for (int t = 0; t < valid; t++) {
-                pre[t * pre_row + pre_col + s] = lanes[0][t];
-                if (u[s]) pre[t * pre_row + up_col + s] = lanes[1][t];
-            }
+            store_lanes16(g, valid, pre + pre_col + s, pre_row);
+            if (u[s]) store_lanes16(up, valid, pre + up_col + s, pre_row);
         }
-        const __m512 value = u[s] ? _mm512_mul_ps(activation16(g), up) : activation16(g);
         half[s] = amx_round16(value);
     }
     const __m512i packed = _mm512_or_si512(half[0], _mm512_slli_epi32(half[1], 16));

@@ -51,6 +51,13 @@ static const float WEIGHT_SUM_EPS = 1e-20f; /* clamp of weight sums before divid
 #define BLOCK_COLS ${variant.cpu.block_cols}
 #define ROUTER_BLOCK ${variant.cpu.router_block}
 
+/* 1 where a vfloat is one AVX-512 register (the epilogues' intrinsic forms, numerics.c.tpl). */
+#if VEC_FLOATS == 16 && defined(__AVX512F__)
+#define VEC_AVX512 1
+#else
+#define VEC_AVX512 0
+#endif
+
 % if variant.cpu.gemm == "bfdot" then
 /* bf16 dot products with the AVX-512 BF16 instruction (vdpbf16ps) when the compiler targets
  * it (the host compiler's flags follow this CPU: runtime/host_cc.c); else widen + FMA. */
@@ -75,7 +82,7 @@ static const float WEIGHT_SUM_EPS = 1e-20f; /* clamp of weight sums before divid
 /* Which instructions the micro-kernels compiled to: moegen_layer_desc.kernel_path. */
 #if DOT_BF16_INSTRUCTION
 #define KERNEL_PATH "avx512 + avx512bf16 (vdpbf16ps)"
-#elif VEC_FLOATS == 16 && defined(__AVX512F__)
+#elif VEC_AVX512
 #define KERNEL_PATH "avx512"
 #elif VEC_FLOATS == 8 && defined(__AVX2__)
 #define KERNEL_PATH "avx2"

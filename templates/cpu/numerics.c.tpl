@@ -255,6 +255,27 @@ static inline __m512 activation16(__m512 z) { /* silu */
     return _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(minus)));
 }
 %   end
+
+/* The activation epilogue of one activation column for 16 rows in lanes: *gate = scale * *gate
+ * (+ the broadcast *b_gate where the layer has biases), the same for *up when gated (up non-NULL),
+ * and the value act(*gate) (* *up). *gate and *up come back as the pre-activations (the backward's
+ * input). The scalar epilogues do the same operations on one lane, in the same order. */
+static inline __m512 activate_column16(__m512 scale, __m512 *gate, __m512 *up, const elem_t *b_gate,
+                                       const elem_t *b_up) {
+    *gate = _mm512_mul_ps(scale, *gate);
+    if (b_gate) *gate = _mm512_add_ps(*gate, _mm512_set1_ps(elem_to_float(*b_gate)));
+    if (!up) return activation16(*gate);
+    *up = _mm512_mul_ps(scale, *up);
+    if (b_up) *up = _mm512_add_ps(*up, _mm512_set1_ps(elem_to_float(*b_up)));
+    return _mm512_mul_ps(activation16(*gate), *up);
+}
+
+/* Lanes [0, valid) of v to dst[0], dst[stride], ... (the pre-activations of a column). */
+static inline void store_lanes16(__m512 v, int valid, float *dst, int64_t stride) {
+    float lanes[16];
+    _mm512_storeu_ps(lanes, v);
+    for (int t = 0; t < valid; t++) dst[t * stride] = lanes[t];
+}
 #endif
 
 static inline float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }

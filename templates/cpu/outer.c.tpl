@@ -168,6 +168,31 @@ static void ${n}_outer_gemm1_task(const ffn_problem *p, int64_t row0, int64_t co
                 const int64_t r = g + (int64_t)t * TILE_ROWS * VEC_FLOATS;
                 if (v >= outer_vectors(r, row_end)) continue;
                 float *h = p->hpack + (r / VEC_FLOATS + v) * ${F} * VEC_FLOATS;
+#if VEC_AVX512
+                const int64_t first = r + v * VEC_FLOATS;
+                const int valid = (int)min_i64(VEC_FLOATS, p->n_rows - first);
+                const __mmask16 rows = (__mmask16)((1u << valid) - 1u); /* padding lanes stay zero */
+                const __m512 scale = p->row_scale ? _mm512_maskz_loadu_ps(rows, p->row_scale + first) : _mm512_set1_ps(1.0f);
+                for (int j = 0; j < cols; j++) {
+                    __m512 gate;
+                    memcpy(&gate, &acc[i][t][j][v], sizeof gate);
+%   if gated then
+                    __m512 up;
+                    memcpy(&up, &acc[i][t][TILE_HIDDEN_COLS + j][v], sizeof up);
+                    const __m512 value = activate_column16(scale, &gate, &up, p->b1 ? p->b1 + f + j : NULL,
+                                                           p->b1 ? p->b1 + ${F} + f + j : NULL);
+%   else
+                    const __m512 value = activate_column16(scale, &gate, NULL, p->b1 ? p->b1 + f + j : NULL, NULL);
+%   end
+                    if (p->pre) { /* training: the backward's input (backward.c.tpl) */
+                        store_lanes16(gate, valid, p->pre + first * ${shape.ffn_rows} + f + j, ${shape.ffn_rows});
+%   if gated then
+                        store_lanes16(up, valid, p->pre + first * ${shape.ffn_rows} + ${F} + f + j, ${shape.ffn_rows});
+%   end
+                    }
+                    _mm512_storeu_ps(h + (f + j) * VEC_FLOATS, _mm512_maskz_mov_ps(rows, value));
+                }
+#else
                 for (int j = 0; j < cols; j++) {
                     float gates[VEC_FLOATS];
                     memcpy(gates, &acc[i][t][j][v], sizeof gates);
@@ -205,6 +230,7 @@ static void ${n}_outer_gemm1_task(const ffn_problem *p, int64_t row0, int64_t co
                         h[(f + j) * VEC_FLOATS + lane] = value;
                     }
                 }
+#endif
             }
         }
     }

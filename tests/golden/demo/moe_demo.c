@@ -33,12 +33,19 @@ static const float WEIGHT_SUM_EPS = 1e-20f; /* clamp of weight sums before divid
 #define BLOCK_COLS 64
 #define ROUTER_BLOCK 64
 
+/* 1 where a vfloat is one AVX-512 register (the epilogues' intrinsic forms, numerics.c.tpl). */
+#if VEC_FLOATS == 16 && defined(__AVX512F__)
+#define VEC_AVX512 1
+#else
+#define VEC_AVX512 0
+#endif
+
 #define DOT_BF16_INSTRUCTION 0 /* variant gemm fma: widen to fp32 + FMA */
 
 /* Which instructions the micro-kernels compiled to: moegen_layer_desc.kernel_path. */
 #if DOT_BF16_INSTRUCTION
 #define KERNEL_PATH "avx512 + avx512bf16 (vdpbf16ps)"
-#elif VEC_FLOATS == 16 && defined(__AVX512F__)
+#elif VEC_AVX512
 #define KERNEL_PATH "avx512"
 #elif VEC_FLOATS == 8 && defined(__AVX2__)
 #define KERNEL_PATH "avx2"
@@ -214,6 +221,27 @@ static inline __m512 exp16(__m512 x) {
 static inline __m512 activation16(__m512 z) { /* silu */
     const __m512 minus = _mm512_sub_ps(_mm512_setzero_ps(), z);
     return _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(minus)));
+}
+
+/* The activation epilogue of one activation column for 16 rows in lanes: *gate = scale * *gate
+ * (+ the broadcast *b_gate where the layer has biases), the same for *up when gated (up non-NULL),
+ * and the value act(*gate) (* *up). *gate and *up come back as the pre-activations (the backward's
+ * input). The scalar epilogues do the same operations on one lane, in the same order. */
+static inline __m512 activate_column16(__m512 scale, __m512 *gate, __m512 *up, const elem_t *b_gate,
+                                       const elem_t *b_up) {
+    *gate = _mm512_mul_ps(scale, *gate);
+    if (b_gate) *gate = _mm512_add_ps(*gate, _mm512_set1_ps(elem_to_float(*b_gate)));
+    if (!up) return activation16(*gate);
+    *up = _mm512_mul_ps(scale, *up);
+    if (b_up) *up = _mm512_add_ps(*up, _mm512_set1_ps(elem_to_float(*b_up)));
+    return _mm512_mul_ps(activation16(*gate), *up);
+}
+
+/* Lanes [0, valid) of v to dst[0], dst[stride], ... (the pre-activations of a column). */
+static inline void store_lanes16(__m512 v, int valid, float *dst, int64_t stride) {
+    float lanes[16];
+    _mm512_storeu_ps(lanes, v);
+    for (int t = 0; t < valid; t++) dst[t * stride] = lanes[t];
 }
 #endif
 
@@ -1206,10 +1234,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_demo.h). */
-const char moe_demo_build_b4436f3696ed5b74[] = "b4436f3696ed5b74";
+const char moe_demo_build_73997f04678e2c14[] = "73997f04678e2c14";
 
 const char *moe_demo_describe(void) {
-    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build b4436f3696ed5b74, "
+    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build 73997f04678e2c14, "
            "kernels " KERNEL_PATH;
 }
 
