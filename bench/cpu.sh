@@ -7,8 +7,9 @@
 #
 # It installs what it needs, idempotently: Debian packages (apt-get: compilers, CMake, OpenBLAS),
 # ggml built from the llama.cpp sources that the llama-cpp-python sdist ships (pip download, then
-# CMake, into build-bench/, which git ignores), PyTorch's CPU wheel when torch is not importable
-# (the PyTorch rows are skipped, with a message, if that fails). Then it builds the worker and the
+# CMake, into build-bench/, which git ignores), and PyTorch where python3 cannot import it (the
+# machine's environment of scripts/setup.sh python; the PyTorch rows are skipped, with a message,
+# if that fails). Then it builds the worker and the
 # limit probe (CMake targets moegen_cpu_bench, moegen_cpu_limits) in build-bench/moegen and runs
 # bench/cpu_bench.py with the arguments given. The markdown table goes to stdout, one JSON line per
 # row to build-bench/cpu-bench.jsonl (or DIR/rows.jsonl); --out DIR also keeps the raw logs, the
@@ -98,21 +99,25 @@ if ! run cmake "${cmake_args[@]}" > "$work/moegen-build.log" 2>&1 ||
     exit 1
 fi
 
-# ---- PyTorch (CPU wheel) ----------------------------------------------------------------------------
+# ---- PyTorch ---------------------------------------------------------------------------------------
+# python3 where it imports torch; else the machine's virtual environment (scripts/setup.sh python
+# installs PyTorch there once, the same one the package's tests use).
+python=python3
 torch_args=()
-if ! python3 -c 'import torch' > /dev/null 2>&1; then
-    note "installing PyTorch's CPU wheel"
-    # PyTorch's CPU-only index first; the default index (PyPI) where that host cannot be reached
-    run python3 -m pip install --quiet --retries 1 --timeout 20 torch --index-url https://download.pytorch.org/whl/cpu ||
-        run python3 -m pip install --quiet torch || true
+case " $* " in *" --no-torch "*) ;; *)
     if ! python3 -c 'import torch' > /dev/null 2>&1; then
-        note "PyTorch could not be installed; the pytorch rows are skipped"
-        torch_args=(--no-torch)
-    fi
-fi
+        note "python3 has no PyTorch: using the machine's environment (scripts/setup.sh python)"
+        commands+=("scripts/setup.sh python")
+        if ! python=$(scripts/setup.sh python) || ! "$python" -c 'import torch' > /dev/null 2>&1; then
+            note "PyTorch could not be installed; the pytorch rows are skipped"
+            python=python3
+            torch_args=(--no-torch)
+        fi
+    fi ;;
+esac
 
 # ---- the run ----------------------------------------------------------------------------------------
-cmd=(python3 bench/cpu_bench.py "${torch_args[@]}" "$@")
+cmd=("$python" bench/cpu_bench.py "${torch_args[@]}" "$@")
 if [ -n "$out" ]; then
     mkdir -p "$out"
     {

@@ -5,10 +5,8 @@
 # Arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh python
-env=${MOEGEN_PYENV:-${XDG_CACHE_HOME:-$HOME/.cache}/moegen/pyenv}
-"$env/bin/python" -m pip install -q --disable-pip-version-check pytest pyyaml numpy
-"$env/bin/python" -m pip install -q --disable-pip-version-check ./python
-env_abs=$(cd "$env" && pwd)
+python=$(scripts/setup.sh python) # an absolute path
+"$python" -m pip install -q --disable-pip-version-check pytest pyyaml numpy
+"$python" -m pip install -q --disable-pip-version-check ./python
 cd python/tests # not python/: its moegen/ sources must not shadow the installed package
-exec "$env_abs/bin/python" -m pytest -q -p no:cacheprovider . "$@"
+exec "$python" -m pytest -q -p no:cacheprovider . "$@"

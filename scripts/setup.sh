@@ -2,10 +2,11 @@
 # setup.sh — install what moegen needs (Debian packages) and build it.
 #   scripts/setup.sh              optimized build in build/
 #   scripts/setup.sh sanitize     ASan + UBSan build in build-sanitize/
-#   scripts/setup.sh python       the Python environment of the package's tests: a virtual
-#                                 environment per machine ($MOEGEN_PYENV, default
-#                                 ~/.cache/moegen/pyenv) that sees the system's packages and gets
-#                                 PyTorch's CPU wheel once, when it cannot import torch
+#   scripts/setup.sh python       the Python environment of the package's tests and the CPU
+#                                 benchmark's PyTorch rows: a virtual environment per machine
+#                                 ($MOEGEN_PYENV, default ~/.cache/moegen/pyenv) that sees the
+#                                 system's packages and gets PyTorch once, when it cannot import
+#                                 torch; prints its python's path (the only line on stdout)
 # Idempotent: installs only missing packages, rebuilds only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +22,10 @@ for p in "${packages[@]}"; do
     dpkg -s "$p" > /dev/null 2>&1 || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-    echo "setup: installing ${missing[*]}"
+    echo "setup: installing ${missing[*]}" >&2
     sudo_cmd=()
     [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
-    "${sudo_cmd[@]}" apt-get update -qq
+    "${sudo_cmd[@]}" apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" > /dev/null
 fi
 
@@ -33,18 +34,19 @@ if [ "${1:-}" = python ]; then
     env=${MOEGEN_PYENV:-${XDG_CACHE_HOME:-$HOME/.cache}/moegen/pyenv}
     if [ ! -x "$env/bin/python" ]; then
         mkdir -p "$(dirname "$env")"
-        python3 -m venv --system-site-packages "$env"
+        python3 -m venv --system-site-packages "$env" >&2
     fi
     if ! "$env/bin/python" -c "import torch" > /dev/null 2>&1; then # once per machine
-        echo "setup: installing PyTorch (CPU wheel) into $env"
+        echo "setup: installing PyTorch (CPU wheel) into $env" >&2
         # PyTorch's CPU-only index first (a smaller wheel); where that host cannot be reached,
         # the default index (PyPI: the same torch, with its CUDA libraries).
         if ! "$env/bin/python" -m pip install -q --disable-pip-version-check --retries 1 --timeout 20 torch \
-            --index-url https://download.pytorch.org/whl/cpu; then
-            echo "setup: PyTorch's CPU index failed; installing torch from the default index"
-            "$env/bin/python" -m pip install -q --disable-pip-version-check torch
+            --index-url https://download.pytorch.org/whl/cpu >&2; then
+            echo "setup: PyTorch's CPU index failed; installing torch from the default index" >&2
+            "$env/bin/python" -m pip install -q --disable-pip-version-check torch >&2
         fi
     fi
+    echo "$(cd "$env" && pwd)/bin/python"
     exit 0
 fi
 if [ "${1:-}" = sanitize ]; then

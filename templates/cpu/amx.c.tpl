@@ -57,17 +57,6 @@ static inline void amx_prefetch_rows(const elem_t *tile, int64_t k_ahead, int64_
         _mm_prefetch((const char *)(first + (uintptr_t)(r * stride) * sizeof(elem_t)), _MM_HINT_T0);
 }
 
-/* float_to_elem of 16 values, in the low half of each 32-bit lane. */
-static inline __m512i amx_round16(__m512 v) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
-                                                  _mm512_set1_epi32(0x7f800000));
-    return _mm512_and_si512(_mm512_mask_blend_epi32(nan, rounded, quiet), _mm512_set1_epi32(0xffff));
-}
-
 /* The activation epilogue of one h pack pair row: rows (weight rows) i and i + 1 of C for the
  * block's 16 tokens, as 16 lanes: value = act(scale * c + b1[0..1]) (gated: times the up rows',
  * with b1_up[0..1]; the biases NULL where the layer has none), rounded to bf16, the two rows' values paired into `pair` ([token] 32-bit pairs); lanes from
@@ -80,13 +69,14 @@ static inline void amx_epilogue_pair(const float *c0, const float *c1, const flo
     __m512i half[2];
     for (int s = 0; s < 2; s++) {
         __m512 g = _mm512_loadu_ps(c[s]), up = u[s] ? _mm512_loadu_ps(u[s]) : _mm512_setzero_ps();
-        const __m512 value = activate_column16(scale, &g, u[s] ? &up : NULL, b1 ? b1 + s : NULL,
-                                               b1_up ? b1_up + s : NULL);
+        const __m512 value =
+            activate16(scale, &g, u[s] ? &up : NULL, b1 != NULL, _mm512_set1_ps(b1 ? elem_to_float(b1[s]) : 0.0f),
+                       _mm512_set1_ps(b1_up ? elem_to_float(b1_up[s]) : 0.0f));
         if (pre) {
             store_lanes16(g, valid, pre + pre_col + s, pre_row);
             if (u[s]) store_lanes16(up, valid, pre + up_col + s, pre_row);
         }
-        half[s] = amx_round16(value);
+        half[s] = round_bf16_16(value);
     }
     const __m512i packed = _mm512_or_si512(half[0], _mm512_slli_epi32(half[1], 16));
     _mm512_storeu_si512(pair, _mm512_maskz_mov_epi32((__mmask16)((1u << valid) - 1u), packed));

@@ -79,7 +79,7 @@ static void amx_bwd_pack_a(const float *a, int64_t a_row, int64_t a_step, const 
                         }
                         __m512 v = _mm512_loadu_ps(a + k * a_step + m0 + 16 * t);
                         if (a_scale) v = _mm512_mul_ps(v, _mm512_set1_ps(a_scale[k]));
-                        half[s] = amx_round16(v);
+                        half[s] = round_bf16_16(v);
                     }
                     _mm512_store_si512(pairs[q], _mm512_or_si512(half[0], _mm512_slli_epi32(half[1], 16)));
                 }

@@ -38,6 +38,12 @@ static const elem_t zero_row[HIDDEN];
  * and the up row of each column). */
 #define TILE_HIDDEN_COLS ${hcols}
 
+/* GEMM1's epilogue runs on chunks of its dot products: EPILOGUE_COLS activation columns (one
+ * AVX-512 vector per row) of up to EPILOGUE_ROWS rows (whole row tiles: tiles fall where they
+ * did without chunks). */
+#define EPILOGUE_COLS 16
+#define EPILOGUE_ROWS (TILE_ROWS * 16)
+
 /* Which problem a flat task index falls in: the last p with task_start[p] <= task. */
 static int problem_of_task(const int64_t *task_start, int n_problems, int64_t task) {
     int low = 0, high = n_problems - 1;
@@ -63,59 +69,120 @@ static int problem_of_task(const int64_t *task_start, int n_problems, int64_t ta
 
 /* ---- FFN shape ${n}: ${spec.hidden_size} -> ${shape.ffn_rows} (${spec.activation}) -> ${F} -> ${spec.hidden_size} ---- */
 
+/* The GEMM1 epilogue of rows [r0, r1) (at most EPILOGUE_ROWS) x activation columns [f, f + n)
+ * (n <= EPILOGUE_COLS), from their dot products gate[r - r0][j] (gated: and up[r - r0][j]):
+ * row scale, bias, the pre-activations kept for the backward (training), the activation, the
+ * value rounded into p->hidden. */
+static void ${n}_activate(const ffn_problem *p, int64_t r0, int64_t r1, int64_t f, int n,
+                          float gate[EPILOGUE_ROWS][EPILOGUE_COLS], float up[EPILOGUE_ROWS][EPILOGUE_COLS]) {
+%   if not gated then
+    (void)up;
+%   end
+#if VEC_AVX512 && EPILOGUE_COLS == 16
+    const __mmask16 lanes = (__mmask16)((1u << n) - 1u);
+    float bias[2][EPILOGUE_COLS] = {{0.0f}};
+    for (int j = 0; p->b1 && j < n; j++) {
+        bias[0][j] = elem_to_float(p->b1[f + j]);
+%   if gated then
+        bias[1][j] = elem_to_float(p->b1[${F} + f + j]);
+%   end
+    }
+    const __m512 bias_gate = _mm512_loadu_ps(bias[0]), bias_up = _mm512_loadu_ps(bias[1]);
+    for (int64_t r = r0; r < r1; r++) {
+        const __m512 scale = _mm512_set1_ps(p->row_scale ? p->row_scale[r] : 1.0f);
+        __m512 g = _mm512_maskz_loadu_ps(lanes, gate[r - r0]);
+%   if gated then
+        __m512 u = _mm512_maskz_loadu_ps(lanes, up[r - r0]);
+        const __m512 value = activate16(scale, &g, &u, p->b1 != NULL, bias_gate, bias_up);
+%   else
+        const __m512 value = activate16(scale, &g, NULL, p->b1 != NULL, bias_gate, bias_up);
+%   end
+        if (p->pre) { /* training: the backward's input (backward.c.tpl) */
+            _mm512_mask_storeu_ps(p->pre + r * ${shape.ffn_rows} + f, lanes, g);
+%   if gated then
+            _mm512_mask_storeu_ps(p->pre + r * ${shape.ffn_rows} + ${F} + f, lanes, u);
+%   end
+        }
+        store_elems16(p->hidden + r * ${F} + f, lanes, value);
+    }
+#else
+    for (int64_t r = r0; r < r1; r++) {
+        const float scale = p->row_scale ? p->row_scale[r] : 1.0f;
+        for (int j = 0; j < n; j++) {
+            float g = scale * gate[r - r0][j];
+%   if gated then
+            float u = scale * up[r - r0][j];
+%   end
+            if (p->b1) {
+                g += elem_to_float(p->b1[f + j]);
+%   if gated then
+                u += elem_to_float(p->b1[${F} + f + j]);
+%   end
+            }
+            if (p->pre) { /* training: the backward's input (backward.c.tpl) */
+                p->pre[r * ${shape.ffn_rows} + f + j] = g;
+%   if gated then
+                p->pre[r * ${shape.ffn_rows} + ${F} + f + j] = u;
+%   end
+            }
+%   if gated then
+            p->hidden[r * ${F} + f + j] = float_to_elem(activation(g) * u);
+%   else
+            p->hidden[r * ${F} + f + j] = float_to_elem(activation(g));
+%   end
+        }
+    }
+#endif
+}
+
 /* GEMM1 + activation for rows [row0, row0 + BLOCK_ROWS) and activation columns
- * [col0, col0 + BLOCK_COLS) of one problem. */
+ * [col0, col0 + BLOCK_COLS) of one problem: in chunks of EPILOGUE_ROWS rows x EPILOGUE_COLS
+ * columns, the dot products first (each weight tile stays in L1 while the chunk's rows stream
+ * past it), then the chunk's epilogue. */
 static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, ${F});
-    for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
-        /* a tile wider than what is left (gemm=outer's tiles need not divide F; this GEMM1
-         * recomputes its activations for the backward) repeats its last row */
-        const int cols = (int)min_i64(TILE_HIDDEN_COLS, col_end - f);
-        const elem_t *b[TILE_COLS];
-        for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
-            b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
+    for (int64_t r0 = row0; r0 < row_end; r0 += EPILOGUE_ROWS) {
+        const int64_t r1 = min_i64(r0 + EPILOGUE_ROWS, row_end);
+        for (int64_t g0 = col0; g0 < col_end; g0 += EPILOGUE_COLS) {
+            const int64_t g1 = min_i64(g0 + EPILOGUE_COLS, col_end);
+            float gate[EPILOGUE_ROWS][EPILOGUE_COLS];
 %   if gated then
-            b[TILE_HIDDEN_COLS + j] = p->w1 + (${F} + f + (j < cols ? j : cols - 1)) * HIDDEN; /* up row */
-%   end
-        }
-        /* the tile's weight rows stay in L1 while the block's rows stream past them */
-        for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
-            const int rows = (int)min_i64(TILE_ROWS, row_end - r); /* the last tile may be short */
-            const elem_t *a[TILE_ROWS];
-            for (int i = 0; i < TILE_ROWS; i++) {
-                int64_t row = min_i64(r + i, row_end - 1); /* unused pointers of a short tile stay valid */
-                int64_t token = p->row_token ? p->row_token[row] : row;
-                a[i] = token >= 0 ? p->x + token * HIDDEN : zero_row;
-            }
-            float acc[TILE_ROWS][TILE_COLS];
-            ${dot1}(rows, a, b, acc);
-            for (int i = 0; i < rows; i++) {
-                const float scale = p->row_scale ? p->row_scale[r + i] : 1.0f;
-                for (int j = 0; j < cols; j++) {
-                    float gate = scale * acc[i][j];
-%   if gated then
-                    float up = scale * acc[i][TILE_HIDDEN_COLS + j];
-%   end
-                    if (p->b1) {
-                        gate += elem_to_float(p->b1[f + j]);
-%   if gated then
-                        up += elem_to_float(p->b1[${F} + f + j]);
-%   end
-                    }
-                    if (p->pre) { /* training: the backward's input (backward.c.tpl) */
-                        p->pre[(r + i) * ${shape.ffn_rows} + f + j] = gate;
-%   if gated then
-                        p->pre[(r + i) * ${shape.ffn_rows} + ${F} + f + j] = up;
-%   end
-                    }
-%   if gated then
-                    p->hidden[(r + i) * ${F} + f + j] = float_to_elem(activation(gate) * up);
+            float up[EPILOGUE_ROWS][EPILOGUE_COLS];
 %   else
-                    p->hidden[(r + i) * ${F} + f + j] = float_to_elem(activation(gate));
+            float (*up)[EPILOGUE_COLS] = NULL;
+%   end
+            for (int64_t f = g0; f < g1; f += TILE_HIDDEN_COLS) {
+                /* a tile wider than what is left (gemm=outer's tiles need not divide F; this GEMM1
+                 * recomputes its activations for the backward) repeats its last row */
+                const int cols = (int)min_i64(TILE_HIDDEN_COLS, g1 - f);
+                const elem_t *b[TILE_COLS];
+                for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
+                    b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
+%   if gated then
+                    b[TILE_HIDDEN_COLS + j] = p->w1 + (${F} + f + (j < cols ? j : cols - 1)) * HIDDEN; /* up row */
 %   end
                 }
+                for (int64_t r = r0; r < r1; r += TILE_ROWS) {
+                    const int rows = (int)min_i64(TILE_ROWS, r1 - r); /* the last tile may be short */
+                    const elem_t *a[TILE_ROWS];
+                    for (int i = 0; i < TILE_ROWS; i++) {
+                        int64_t row = min_i64(r + i, r1 - 1); /* unused pointers of a short tile stay valid */
+                        int64_t token = p->row_token ? p->row_token[row] : row;
+                        a[i] = token >= 0 ? p->x + token * HIDDEN : zero_row;
+                    }
+                    float acc[TILE_ROWS][TILE_COLS];
+                    ${dot1}(rows, a, b, acc);
+                    for (int i = 0; i < rows; i++)
+                        for (int j = 0; j < cols; j++) {
+                            gate[r - r0 + i][f - g0 + j] = acc[i][j];
+%   if gated then
+                            up[r - r0 + i][f - g0 + j] = acc[i][TILE_HIDDEN_COLS + j];
+%   end
+                        }
+                }
             }
+            ${n}_activate(p, r0, r1, g0, (int)(g1 - g0), gate, up);
         }
     }
 }

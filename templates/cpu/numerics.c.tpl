@@ -256,18 +256,44 @@ static inline __m512 activation16(__m512 z) { /* silu */
 }
 %   end
 
-/* The activation epilogue of one activation column for 16 rows in lanes: *gate = scale * *gate
- * (+ the broadcast *b_gate where the layer has biases), the same for *up when gated (up non-NULL),
- * and the value act(*gate) (* *up). *gate and *up come back as the pre-activations (the backward's
- * input). The scalar epilogues do the same operations on one lane, in the same order. */
-static inline __m512 activate_column16(__m512 scale, __m512 *gate, __m512 *up, const elem_t *b_gate,
-                                       const elem_t *b_up) {
+/* The activation epilogue of 16 lanes: *gate = scale * *gate (+ b_gate where `biased`), the
+ * same for *up when gated (up non-NULL), and the value act(*gate) (* *up). *gate and *up come
+ * back as the pre-activations (the backward's input). The scalar epilogues do the same
+ * operations on one lane, in the same order. */
+static inline __m512 activate16(__m512 scale, __m512 *gate, __m512 *up, int biased, __m512 b_gate, __m512 b_up) {
     *gate = _mm512_mul_ps(scale, *gate);
-    if (b_gate) *gate = _mm512_add_ps(*gate, _mm512_set1_ps(elem_to_float(*b_gate)));
+    if (biased) *gate = _mm512_add_ps(*gate, b_gate);
     if (!up) return activation16(*gate);
     *up = _mm512_mul_ps(scale, *up);
-    if (b_up) *up = _mm512_add_ps(*up, _mm512_set1_ps(elem_to_float(*b_up)));
+    if (biased) *up = _mm512_add_ps(*up, b_up);
     return _mm512_mul_ps(activation16(*gate), *up);
+}
+
+% if spec.dtype == "bf16" then
+/* float_to_elem of 16 values, in the low half of each 32-bit lane. */
+static inline __m512i round_bf16_16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_and_si512(_mm512_mask_blend_epi32(nan, rounded, quiet), _mm512_set1_epi32(0xffff));
+}
+% end
+
+/* The `lanes` of v (a mask) to dst[0..16) as elem_t, each as float_to_elem rounds it. */
+static inline void store_elems16(elem_t *dst, __mmask16 lanes, __m512 v) {
+% if spec.dtype == "fp32" then
+    _mm512_mask_storeu_ps(dst, lanes, v);
+% elseif spec.dtype == "bf16" then
+    _mm512_mask_cvtepi32_storeu_epi16(dst, lanes, round_bf16_16(v));
+% else
+    float values[16];
+    _mm512_storeu_ps(values, v);
+    for (int i = 0; i < 16; i++)
+        if (lanes >> i & 1) dst[i] = float_to_elem(values[i]);
+% end
 }
 
 /* Lanes [0, valid) of v to dst[0], dst[stride], ... (the pre-activations of a column). */

@@ -179,10 +179,13 @@ static void ${n}_outer_gemm1_task(const ffn_problem *p, int64_t row0, int64_t co
 %   if gated then
                     __m512 up;
                     memcpy(&up, &acc[i][t][TILE_HIDDEN_COLS + j][v], sizeof up);
-                    const __m512 value = activate_column16(scale, &gate, &up, p->b1 ? p->b1 + f + j : NULL,
-                                                           p->b1 ? p->b1 + ${F} + f + j : NULL);
+                    const __m512 value = activate16(scale, &gate, &up, p->b1 != NULL,
+                                                    _mm512_set1_ps(p->b1 ? elem_to_float(p->b1[f + j]) : 0.0f),
+                                                    _mm512_set1_ps(p->b1 ? elem_to_float(p->b1[${F} + f + j]) : 0.0f));
 %   else
-                    const __m512 value = activate_column16(scale, &gate, NULL, p->b1 ? p->b1 + f + j : NULL, NULL);
+                    const __m512 value = activate16(scale, &gate, NULL, p->b1 != NULL,
+                                                    _mm512_set1_ps(p->b1 ? elem_to_float(p->b1[f + j]) : 0.0f),
+                                                    _mm512_setzero_ps());
 %   end
                     if (p->pre) { /* training: the backward's input (backward.c.tpl) */
                         store_lanes16(gate, valid, p->pre + first * ${shape.ffn_rows} + f + j, ${shape.ffn_rows});

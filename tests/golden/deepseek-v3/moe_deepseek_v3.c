@@ -230,18 +230,33 @@ static inline __m512 activation16(__m512 z) { /* silu */
     return _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(minus)));
 }
 
-/* The activation epilogue of one activation column for 16 rows in lanes: *gate = scale * *gate
- * (+ the broadcast *b_gate where the layer has biases), the same for *up when gated (up non-NULL),
- * and the value act(*gate) (* *up). *gate and *up come back as the pre-activations (the backward's
- * input). The scalar epilogues do the same operations on one lane, in the same order. */
-static inline __m512 activate_column16(__m512 scale, __m512 *gate, __m512 *up, const elem_t *b_gate,
-                                       const elem_t *b_up) {
+/* The activation epilogue of 16 lanes: *gate = scale * *gate (+ b_gate where `biased`), the
+ * same for *up when gated (up non-NULL), and the value act(*gate) (* *up). *gate and *up come
+ * back as the pre-activations (the backward's input). The scalar epilogues do the same
+ * operations on one lane, in the same order. */
+static inline __m512 activate16(__m512 scale, __m512 *gate, __m512 *up, int biased, __m512 b_gate, __m512 b_up) {
     *gate = _mm512_mul_ps(scale, *gate);
-    if (b_gate) *gate = _mm512_add_ps(*gate, _mm512_set1_ps(elem_to_float(*b_gate)));
+    if (biased) *gate = _mm512_add_ps(*gate, b_gate);
     if (!up) return activation16(*gate);
     *up = _mm512_mul_ps(scale, *up);
-    if (b_up) *up = _mm512_add_ps(*up, _mm512_set1_ps(elem_to_float(*b_up)));
+    if (biased) *up = _mm512_add_ps(*up, b_up);
     return _mm512_mul_ps(activation16(*gate), *up);
+}
+
+/* float_to_elem of 16 values, in the low half of each 32-bit lane. */
+static inline __m512i round_bf16_16(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_and_si512(_mm512_mask_blend_epi32(nan, rounded, quiet), _mm512_set1_epi32(0xffff));
+}
+
+/* The `lanes` of v (a mask) to dst[0..16) as elem_t, each as float_to_elem rounds it. */
+static inline void store_elems16(elem_t *dst, __mmask16 lanes, __m512 v) {
+    _mm512_mask_cvtepi32_storeu_epi16(dst, lanes, round_bf16_16(v));
 }
 
 /* Lanes [0, valid) of v to dst[0], dst[stride], ... (the pre-activations of a column). */
@@ -1025,6 +1040,12 @@ static const elem_t zero_row[HIDDEN];
  * and the up row of each column). */
 #define TILE_HIDDEN_COLS (TILE_COLS / 2)
 
+/* GEMM1's epilogue runs on chunks of its dot products: EPILOGUE_COLS activation columns (one
+ * AVX-512 vector per row) of up to EPILOGUE_ROWS rows (whole row tiles: tiles fall where they
+ * did without chunks). */
+#define EPILOGUE_COLS 16
+#define EPILOGUE_ROWS (TILE_ROWS * 16)
+
 /* Which problem a flat task index falls in: the last p with task_start[p] <= task. */
 static int problem_of_task(const int64_t *task_start, int n_problems, int64_t task) {
     int low = 0, high = n_problems - 1;
@@ -1038,47 +1059,91 @@ static int problem_of_task(const int64_t *task_start, int n_problems, int64_t ta
 
 /* ---- FFN shape f2048: 7168 -> 4096 (swiglu) -> 2048 -> 7168 ---- */
 
+/* The GEMM1 epilogue of rows [r0, r1) (at most EPILOGUE_ROWS) x activation columns [f, f + n)
+ * (n <= EPILOGUE_COLS), from their dot products gate[r - r0][j] (gated: and up[r - r0][j]):
+ * row scale, bias, the pre-activations kept for the backward (training), the activation, the
+ * value rounded into p->hidden. */
+static void f2048_activate(const ffn_problem *p, int64_t r0, int64_t r1, int64_t f, int n,
+                          float gate[EPILOGUE_ROWS][EPILOGUE_COLS], float up[EPILOGUE_ROWS][EPILOGUE_COLS]) {
+#if VEC_AVX512 && EPILOGUE_COLS == 16
+    const __mmask16 lanes = (__mmask16)((1u << n) - 1u);
+    float bias[2][EPILOGUE_COLS] = {{0.0f}};
+    for (int j = 0; p->b1 && j < n; j++) {
+        bias[0][j] = elem_to_float(p->b1[f + j]);
+        bias[1][j] = elem_to_float(p->b1[2048 + f + j]);
+    }
+    const __m512 bias_gate = _mm512_loadu_ps(bias[0]), bias_up = _mm512_loadu_ps(bias[1]);
+    for (int64_t r = r0; r < r1; r++) {
+        const __m512 scale = _mm512_set1_ps(p->row_scale ? p->row_scale[r] : 1.0f);
+        __m512 g = _mm512_maskz_loadu_ps(lanes, gate[r - r0]);
+        __m512 u = _mm512_maskz_loadu_ps(lanes, up[r - r0]);
+        const __m512 value = activate16(scale, &g, &u, p->b1 != NULL, bias_gate, bias_up);
+        if (p->pre) { /* training: the backward's input (backward.c.tpl) */
+            _mm512_mask_storeu_ps(p->pre + r * 4096 + f, lanes, g);
+            _mm512_mask_storeu_ps(p->pre + r * 4096 + 2048 + f, lanes, u);
+        }
+        store_elems16(p->hidden + r * 2048 + f, lanes, value);
+    }
+#else
+    for (int64_t r = r0; r < r1; r++) {
+        const float scale = p->row_scale ? p->row_scale[r] : 1.0f;
+        for (int j = 0; j < n; j++) {
+            float g = scale * gate[r - r0][j];
+            float u = scale * up[r - r0][j];
+            if (p->b1) {
+                g += elem_to_float(p->b1[f + j]);
+                u += elem_to_float(p->b1[2048 + f + j]);
+            }
+            if (p->pre) { /* training: the backward's input (backward.c.tpl) */
+                p->pre[r * 4096 + f + j] = g;
+                p->pre[r * 4096 + 2048 + f + j] = u;
+            }
+            p->hidden[r * 2048 + f + j] = float_to_elem(activation(g) * u);
+        }
+    }
+#endif
+}
+
 /* GEMM1 + activation for rows [row0, row0 + BLOCK_ROWS) and activation columns
- * [col0, col0 + BLOCK_COLS) of one problem. */
+ * [col0, col0 + BLOCK_COLS) of one problem: in chunks of EPILOGUE_ROWS rows x EPILOGUE_COLS
+ * columns, the dot products first (each weight tile stays in L1 while the chunk's rows stream
+ * past it), then the chunk's epilogue. */
 static void f2048_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, 2048);
-    for (int64_t f = col0; f < col_end; f += TILE_HIDDEN_COLS) {
-        /* a tile wider than what is left (gemm=outer's tiles need not divide F; this GEMM1
-         * recomputes its activations for the backward) repeats its last row */
-        const int cols = (int)min_i64(TILE_HIDDEN_COLS, col_end - f);
-        const elem_t *b[TILE_COLS];
-        for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
-            b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
-            b[TILE_HIDDEN_COLS + j] = p->w1 + (2048 + f + (j < cols ? j : cols - 1)) * HIDDEN; /* up row */
-        }
-        /* the tile's weight rows stay in L1 while the block's rows stream past them */
-        for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
-            const int rows = (int)min_i64(TILE_ROWS, row_end - r); /* the last tile may be short */
-            const elem_t *a[TILE_ROWS];
-            for (int i = 0; i < TILE_ROWS; i++) {
-                int64_t row = min_i64(r + i, row_end - 1); /* unused pointers of a short tile stay valid */
-                int64_t token = p->row_token ? p->row_token[row] : row;
-                a[i] = token >= 0 ? p->x + token * HIDDEN : zero_row;
-            }
-            float acc[TILE_ROWS][TILE_COLS];
-            dot_tile_u16_u16_k7168(rows, a, b, acc);
-            for (int i = 0; i < rows; i++) {
-                const float scale = p->row_scale ? p->row_scale[r + i] : 1.0f;
-                for (int j = 0; j < cols; j++) {
-                    float gate = scale * acc[i][j];
-                    float up = scale * acc[i][TILE_HIDDEN_COLS + j];
-                    if (p->b1) {
-                        gate += elem_to_float(p->b1[f + j]);
-                        up += elem_to_float(p->b1[2048 + f + j]);
+    for (int64_t r0 = row0; r0 < row_end; r0 += EPILOGUE_ROWS) {
+        const int64_t r1 = min_i64(r0 + EPILOGUE_ROWS, row_end);
+        for (int64_t g0 = col0; g0 < col_end; g0 += EPILOGUE_COLS) {
+            const int64_t g1 = min_i64(g0 + EPILOGUE_COLS, col_end);
+            float gate[EPILOGUE_ROWS][EPILOGUE_COLS];
+            float up[EPILOGUE_ROWS][EPILOGUE_COLS];
+            for (int64_t f = g0; f < g1; f += TILE_HIDDEN_COLS) {
+                /* a tile wider than what is left (gemm=outer's tiles need not divide F; this GEMM1
+                 * recomputes its activations for the backward) repeats its last row */
+                const int cols = (int)min_i64(TILE_HIDDEN_COLS, g1 - f);
+                const elem_t *b[TILE_COLS];
+                for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
+                    b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
+                    b[TILE_HIDDEN_COLS + j] = p->w1 + (2048 + f + (j < cols ? j : cols - 1)) * HIDDEN; /* up row */
+                }
+                for (int64_t r = r0; r < r1; r += TILE_ROWS) {
+                    const int rows = (int)min_i64(TILE_ROWS, r1 - r); /* the last tile may be short */
+                    const elem_t *a[TILE_ROWS];
+                    for (int i = 0; i < TILE_ROWS; i++) {
+                        int64_t row = min_i64(r + i, r1 - 1); /* unused pointers of a short tile stay valid */
+                        int64_t token = p->row_token ? p->row_token[row] : row;
+                        a[i] = token >= 0 ? p->x + token * HIDDEN : zero_row;
                     }
-                    if (p->pre) { /* training: the backward's input (backward.c.tpl) */
-                        p->pre[(r + i) * 4096 + f + j] = gate;
-                        p->pre[(r + i) * 4096 + 2048 + f + j] = up;
-                    }
-                    p->hidden[(r + i) * 2048 + f + j] = float_to_elem(activation(gate) * up);
+                    float acc[TILE_ROWS][TILE_COLS];
+                    dot_tile_u16_u16_k7168(rows, a, b, acc);
+                    for (int i = 0; i < rows; i++)
+                        for (int j = 0; j < cols; j++) {
+                            gate[r - r0 + i][f - g0 + j] = acc[i][j];
+                            up[r - r0 + i][f - g0 + j] = acc[i][TILE_HIDDEN_COLS + j];
+                        }
                 }
             }
+            f2048_activate(p, r0, r1, g0, (int)(g1 - g0), gate, up);
         }
     }
 }
@@ -1298,10 +1363,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_deepseek_v3.h). */
-const char moe_deepseek_v3_build_0243446b2b10b42f[] = "0243446b2b10b42f";
+const char moe_deepseek_v3_build_4c19cce1326abaf8[] = "4c19cce1326abaf8";
 
 const char *moe_deepseek_v3_describe(void) {
-    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build 0243446b2b10b42f, "
+    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build 4c19cce1326abaf8, "
            "kernels " KERNEL_PATH;
 }
 
