@@ -135,6 +135,20 @@ static void ${n}_activate(const ffn_problem *p, int64_t r0, int64_t r1, int64_t 
 #endif
 }
 
+/* The weight rows of GEMM1's tile at activation column f, of a task whose columns end at `end`
+ * (gated: the gate rows, then the up rows). A tile wider than what is left (gemm=outer's tiles
+ * need not divide F; this GEMM1 recomputes its activations for the backward) repeats its last
+ * row. */
+static void ${n}_w1_tile(const ffn_problem *p, int64_t f, int64_t end, const elem_t *b[TILE_COLS]) {
+    const int64_t cols = min_i64(TILE_HIDDEN_COLS, end - f);
+    for (int64_t j = 0; j < TILE_HIDDEN_COLS; j++) {
+        b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
+%   if gated then
+        b[TILE_HIDDEN_COLS + j] = p->w1 + (${F} + f + (j < cols ? j : cols - 1)) * HIDDEN;
+%   end
+    }
+}
+
 /* GEMM1 + activation for rows [row0, row0 + BLOCK_ROWS) and activation columns
  * [col0, col0 + BLOCK_COLS) of one problem: in chunks of EPILOGUE_ROWS rows x EPILOGUE_COLS
  * columns, the dot products first (each weight tile stays in L1 while the chunk's rows stream
@@ -153,16 +167,11 @@ static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
             float (*up)[EPILOGUE_COLS] = NULL;
 %   end
             for (int64_t f = g0; f < g1; f += TILE_HIDDEN_COLS) {
-                /* a tile wider than what is left (gemm=outer's tiles need not divide F; this GEMM1
-                 * recomputes its activations for the backward) repeats its last row */
                 const int cols = (int)min_i64(TILE_HIDDEN_COLS, g1 - f);
-                const elem_t *b[TILE_COLS];
-                for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
-                    b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
-%   if gated then
-                    b[TILE_HIDDEN_COLS + j] = p->w1 + (${F} + f + (j < cols ? j : cols - 1)) * HIDDEN; /* up row */
-%   end
-                }
+                const elem_t *b[TILE_COLS], *next[TILE_COLS];
+                ${n}_w1_tile(p, f, g1, b);
+                const int64_t f_next = min_i64(f + TILE_HIDDEN_COLS, g1); /* where the next tile starts */
+                ${n}_w1_tile(p, f_next < col_end ? f_next : f, col_end, next);
                 for (int64_t r = r0; r < r1; r += TILE_ROWS) {
                     const int rows = (int)min_i64(TILE_ROWS, r1 - r); /* the last tile may be short */
                     const elem_t *a[TILE_ROWS];
@@ -172,7 +181,7 @@ static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
                         a[i] = token >= 0 ? p->x + token * HIDDEN : zero_row;
                     }
                     float acc[TILE_ROWS][TILE_COLS];
-                    ${dot1}(rows, a, b, acc);
+                    ${dot1}(rows, a, b, next, acc);
                     for (int i = 0; i < rows; i++)
                         for (int j = 0; j < cols; j++) {
                             gate[r - r0 + i][f - g0 + j] = acc[i][j];
@@ -199,14 +208,18 @@ static void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
     for (int64_t c = col0; c < col_end; c += TILE_COLS) {
         const int cols = (int)min_i64(TILE_COLS, col_end - c); /* as in GEMM1 */
-        const elem_t *b[TILE_COLS];
-        for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + (j < cols ? j : cols - 1)) * ${F};
+        const int64_t c_next = c + TILE_COLS < col_end ? c + TILE_COLS : c; /* the next tile's */
+        const elem_t *b[TILE_COLS], *next[TILE_COLS];
+        for (int j = 0; j < TILE_COLS; j++) {
+            b[j] = p->w2 + (c + (j < cols ? j : cols - 1)) * ${F};
+            next[j] = p->w2 + min_i64(c_next + j, col_end - 1) * ${F};
+        }
         for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
             const int rows = (int)min_i64(TILE_ROWS, row_end - r);
             const elem_t *a[TILE_ROWS];
             for (int i = 0; i < TILE_ROWS; i++) a[i] = p->hidden + min_i64(r + i, row_end - 1) * ${F};
             float acc[TILE_ROWS][TILE_COLS];
-            ${dot2}(rows, a, b, acc);
+            ${dot2}(rows, a, b, next, acc);
             for (int i = 0; i < rows; i++)
                 for (int j = 0; j < cols; j++)
                     p->out[(r + i) * HIDDEN + c + j] = acc[i][j] + (p->b2 ? elem_to_float(p->b2[c + j]) : 0.0f);

@@ -12,10 +12,12 @@
 % local cols = variant.cpu.tile_cols
 /* ---- Dot-product micro-kernels ----------------------------------------------------- */
 
-/* Weight elements prefetched ahead of the loads (into L1; past a row's end that is the next
- * weight row, which the next tile reads). Alternated on mixtral-8x7b bf16 at S = 1, 1 thread
- * (memory-bound, 704 MB of weights per token): 60-73 ms against 70-96 ms without; qwen3-30b-a3b
- * S = 1 6.6-8.0 against 8.0-9.1 ms; demo unchanged. 1024 ahead with prefetchnta: 1.3-1.5x slower. */
+/* Weight elements prefetched ahead of the loads, into L1 (rows shorter than this: one row
+ * ahead). A row's last DOT_PREFETCH elements prefetch the start of the same row of the next
+ * tile, which the caller names (`next`; the tile itself where none follows). Alternated on
+ * mixtral-8x7b bf16 at S = 1, 1 thread (memory-bound, 704 MB of weights per token): 60-73 ms
+ * against 70-96 ms without; qwen3-30b-a3b S = 1 6.6-8.0 against 8.0-9.1 ms; demo unchanged.
+ * 1024 ahead with prefetchnta: 1.3-1.5x slower. */
 #define DOT_PREFETCH 512
 % for _, kernel in ipairs(moe.dot_kernels(spec)) do
 %   local pairs_of_bf16 = kernel.a == "uint16_t" and kernel.b == "uint16_t" and spec.dtype == "bf16" and kernel.k % (2 * variant.cpu.vector_floats) == 0
@@ -30,12 +32,14 @@
 /* ${kernel.name}_r${rows}: ${rows} x TILE_COLS, A ${kernel.a}, B ${kernel.b}, K = ${kernel.k}.
  * Not inlined: on its own it has the whole register file for its accumulators. */
 static __attribute__((noinline)) void ${kernel.name}_r${rows}(const ${kernel.a} *const a[TILE_ROWS], const ${kernel.b} *const b[TILE_COLS],
-        float out[TILE_ROWS][TILE_COLS]) {
+        const ${kernel.b} *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    const int64_t ahead = ${kernel.k} < DOT_PREFETCH ? ${kernel.k} : DOT_PREFETCH;
 %     for i = 0, rows - 1 do
     const ${kernel.a} *const a${i} = a[${i}];
 %     end
 %     for j = 0, cols - 1 do
     const ${kernel.b} *const b${j} = b[${j}];
+    const ${kernel.b} *ahead${j} = b${j} + ahead;
 %     end
 %     for i = 0, rows - 1 do
 %       local names = {}
@@ -43,8 +47,14 @@ static __attribute__((noinline)) void ${kernel.name}_r${rows}(const ${kernel.a} 
     vfloat ${table.concat(names, ", ")};
 %     end
     for (int64_t k = 0; k < ${kernel.k}; k += ${k_step}) {
+        if (k == ${kernel.k} - ahead) { /* the rest of the rows is on its way: the next tile's */
 %     for j = 0, cols - 1 do
-        __builtin_prefetch(b${j} + k + DOT_PREFETCH, 0, 3);
+            ahead${j} = next[${j}];
+%     end
+        }
+%     for j = 0, cols - 1 do
+        __builtin_prefetch(ahead${j}, 0, 3);
+        ahead${j} += ${k_step};
 %     end
 %     for j = 0, cols - 1 do
         const ${operand} w${j} = ${load_b}(b${j} + k);
@@ -67,13 +77,13 @@ static __attribute__((noinline)) void ${kernel.name}_r${rows}(const ${kernel.a} 
 %   end
 
 /* ${kernel.name}: 1 <= rows <= TILE_ROWS rows of A. */
-static void ${kernel.name}(int rows, const ${kernel.a} *const a[TILE_ROWS],
-                           const ${kernel.b} *const b[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+static void ${kernel.name}(int rows, const ${kernel.a} *const a[TILE_ROWS], const ${kernel.b} *const b[TILE_COLS],
+                           const ${kernel.b} *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
     switch (rows) {
 %   for rows = 1, variant.cpu.tile_rows - 1 do
-    case ${rows}: ${kernel.name}_r${rows}(a, b, out); break;
+    case ${rows}: ${kernel.name}_r${rows}(a, b, next, out); break;
 %   end
-    default: ${kernel.name}_r${variant.cpu.tile_rows}(a, b, out); break;
+    default: ${kernel.name}_r${variant.cpu.tile_rows}(a, b, next, out); break;
     }
 }
 % end

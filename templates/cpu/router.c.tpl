@@ -212,11 +212,14 @@ static void route_block(forward_state *st, int64_t block) {
         const float *a[TILE_ROWS];
         for (int i = 0; i < TILE_ROWS; i++) a[i] = st->router_input + min_i64(t + i, t1 - 1) * HIDDEN;
         for (int e = 0; e < NUM_EXPERTS; e += TILE_COLS) {
-            const float *b[TILE_COLS];
-            for (int j = 0; j < TILE_COLS; j++)
+            const int e_next = e + TILE_COLS < NUM_EXPERTS ? e + TILE_COLS : 0; /* the next tile's */
+            const float *b[TILE_COLS], *next[TILE_COLS];
+            for (int j = 0; j < TILE_COLS; j++) {
                 b[j] = w->router_w + min_i64(e + j, NUM_EXPERTS - 1) * HIDDEN;
+                next[j] = w->router_w + min_i64(e_next + j, NUM_EXPERTS - 1) * HIDDEN;
+            }
             float out[TILE_ROWS][TILE_COLS];
-            ${moe.dot_name("float", "float", spec.hidden_size)}(rows, a, b, out);
+            ${moe.dot_name("float", "float", spec.hidden_size)}(rows, a, b, next, out);
             for (int i = 0; i < rows; i++)
                 for (int j = 0; j < TILE_COLS && e + j < NUM_EXPERTS; j++) {
 % if r.router_bias then

@@ -264,27 +264,44 @@ static inline float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 
 /* ---- Dot-product micro-kernels ----------------------------------------------------- */
 
-/* Weight elements prefetched ahead of the loads (into L1; past a row's end that is the next
- * weight row, which the next tile reads). Alternated on mixtral-8x7b bf16 at S = 1, 1 thread
- * (memory-bound, 704 MB of weights per token): 60-73 ms against 70-96 ms without; qwen3-30b-a3b
- * S = 1 6.6-8.0 against 8.0-9.1 ms; demo unchanged. 1024 ahead with prefetchnta: 1.3-1.5x slower. */
+/* Weight elements prefetched ahead of the loads, into L1 (rows shorter than this: one row
+ * ahead). A row's last DOT_PREFETCH elements prefetch the start of the same row of the next
+ * tile, which the caller names (`next`; the tile itself where none follows). Alternated on
+ * mixtral-8x7b bf16 at S = 1, 1 thread (memory-bound, 704 MB of weights per token): 60-73 ms
+ * against 70-96 ms without; qwen3-30b-a3b S = 1 6.6-8.0 against 8.0-9.1 ms; demo unchanged.
+ * 1024 ahead with prefetchnta: 1.3-1.5x slower. */
 #define DOT_PREFETCH 512
 
 /* dot_tile_f32_f32_k256_r1: 1 x TILE_COLS, A float, B float, K = 256.
  * Not inlined: on its own it has the whole register file for its accumulators. */
 static __attribute__((noinline)) void dot_tile_f32_f32_k256_r1(const float *const a[TILE_ROWS], const float *const b[TILE_COLS],
-        float out[TILE_ROWS][TILE_COLS]) {
+        const float *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    const int64_t ahead = 256 < DOT_PREFETCH ? 256 : DOT_PREFETCH;
     const float *const a0 = a[0];
     const float *const b0 = b[0];
+    const float *ahead0 = b0 + ahead;
     const float *const b1 = b[1];
+    const float *ahead1 = b1 + ahead;
     const float *const b2 = b[2];
+    const float *ahead2 = b2 + ahead;
     const float *const b3 = b[3];
+    const float *ahead3 = b3 + ahead;
     vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
     for (int64_t k = 0; k < 256; k += VEC_FLOATS) {
-        __builtin_prefetch(b0 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b1 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b2 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b3 + k + DOT_PREFETCH, 0, 3);
+        if (k == 256 - ahead) { /* the rest of the rows is on its way: the next tile's */
+            ahead0 = next[0];
+            ahead1 = next[1];
+            ahead2 = next[2];
+            ahead3 = next[3];
+        }
+        __builtin_prefetch(ahead0, 0, 3);
+        ahead0 += VEC_FLOATS;
+        __builtin_prefetch(ahead1, 0, 3);
+        ahead1 += VEC_FLOATS;
+        __builtin_prefetch(ahead2, 0, 3);
+        ahead2 += VEC_FLOATS;
+        __builtin_prefetch(ahead3, 0, 3);
+        ahead3 += VEC_FLOATS;
         const vfloat w0 = load_f32(b0 + k);
         const vfloat w1 = load_f32(b1 + k);
         const vfloat w2 = load_f32(b2 + k);
@@ -306,20 +323,35 @@ static __attribute__((noinline)) void dot_tile_f32_f32_k256_r1(const float *cons
 /* dot_tile_f32_f32_k256_r2: 2 x TILE_COLS, A float, B float, K = 256.
  * Not inlined: on its own it has the whole register file for its accumulators. */
 static __attribute__((noinline)) void dot_tile_f32_f32_k256_r2(const float *const a[TILE_ROWS], const float *const b[TILE_COLS],
-        float out[TILE_ROWS][TILE_COLS]) {
+        const float *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    const int64_t ahead = 256 < DOT_PREFETCH ? 256 : DOT_PREFETCH;
     const float *const a0 = a[0];
     const float *const a1 = a[1];
     const float *const b0 = b[0];
+    const float *ahead0 = b0 + ahead;
     const float *const b1 = b[1];
+    const float *ahead1 = b1 + ahead;
     const float *const b2 = b[2];
+    const float *ahead2 = b2 + ahead;
     const float *const b3 = b[3];
+    const float *ahead3 = b3 + ahead;
     vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
     vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
     for (int64_t k = 0; k < 256; k += VEC_FLOATS) {
-        __builtin_prefetch(b0 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b1 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b2 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b3 + k + DOT_PREFETCH, 0, 3);
+        if (k == 256 - ahead) { /* the rest of the rows is on its way: the next tile's */
+            ahead0 = next[0];
+            ahead1 = next[1];
+            ahead2 = next[2];
+            ahead3 = next[3];
+        }
+        __builtin_prefetch(ahead0, 0, 3);
+        ahead0 += VEC_FLOATS;
+        __builtin_prefetch(ahead1, 0, 3);
+        ahead1 += VEC_FLOATS;
+        __builtin_prefetch(ahead2, 0, 3);
+        ahead2 += VEC_FLOATS;
+        __builtin_prefetch(ahead3, 0, 3);
+        ahead3 += VEC_FLOATS;
         const vfloat w0 = load_f32(b0 + k);
         const vfloat w1 = load_f32(b1 + k);
         const vfloat w2 = load_f32(b2 + k);
@@ -352,22 +384,37 @@ static __attribute__((noinline)) void dot_tile_f32_f32_k256_r2(const float *cons
 /* dot_tile_f32_f32_k256_r3: 3 x TILE_COLS, A float, B float, K = 256.
  * Not inlined: on its own it has the whole register file for its accumulators. */
 static __attribute__((noinline)) void dot_tile_f32_f32_k256_r3(const float *const a[TILE_ROWS], const float *const b[TILE_COLS],
-        float out[TILE_ROWS][TILE_COLS]) {
+        const float *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    const int64_t ahead = 256 < DOT_PREFETCH ? 256 : DOT_PREFETCH;
     const float *const a0 = a[0];
     const float *const a1 = a[1];
     const float *const a2 = a[2];
     const float *const b0 = b[0];
+    const float *ahead0 = b0 + ahead;
     const float *const b1 = b[1];
+    const float *ahead1 = b1 + ahead;
     const float *const b2 = b[2];
+    const float *ahead2 = b2 + ahead;
     const float *const b3 = b[3];
+    const float *ahead3 = b3 + ahead;
     vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
     vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
     vfloat c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0};
     for (int64_t k = 0; k < 256; k += VEC_FLOATS) {
-        __builtin_prefetch(b0 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b1 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b2 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b3 + k + DOT_PREFETCH, 0, 3);
+        if (k == 256 - ahead) { /* the rest of the rows is on its way: the next tile's */
+            ahead0 = next[0];
+            ahead1 = next[1];
+            ahead2 = next[2];
+            ahead3 = next[3];
+        }
+        __builtin_prefetch(ahead0, 0, 3);
+        ahead0 += VEC_FLOATS;
+        __builtin_prefetch(ahead1, 0, 3);
+        ahead1 += VEC_FLOATS;
+        __builtin_prefetch(ahead2, 0, 3);
+        ahead2 += VEC_FLOATS;
+        __builtin_prefetch(ahead3, 0, 3);
+        ahead3 += VEC_FLOATS;
         const vfloat w0 = load_f32(b0 + k);
         const vfloat w1 = load_f32(b1 + k);
         const vfloat w2 = load_f32(b2 + k);
@@ -409,30 +456,45 @@ static __attribute__((noinline)) void dot_tile_f32_f32_k256_r3(const float *cons
 }
 
 /* dot_tile_f32_f32_k256: 1 <= rows <= TILE_ROWS rows of A. */
-static void dot_tile_f32_f32_k256(int rows, const float *const a[TILE_ROWS],
-                           const float *const b[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+static void dot_tile_f32_f32_k256(int rows, const float *const a[TILE_ROWS], const float *const b[TILE_COLS],
+                           const float *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
     switch (rows) {
-    case 1: dot_tile_f32_f32_k256_r1(a, b, out); break;
-    case 2: dot_tile_f32_f32_k256_r2(a, b, out); break;
-    default: dot_tile_f32_f32_k256_r3(a, b, out); break;
+    case 1: dot_tile_f32_f32_k256_r1(a, b, next, out); break;
+    case 2: dot_tile_f32_f32_k256_r2(a, b, next, out); break;
+    default: dot_tile_f32_f32_k256_r3(a, b, next, out); break;
     }
 }
 
 /* dot_tile_u16_u16_k256_r1: 1 x TILE_COLS, A uint16_t, B uint16_t, K = 256.
  * Not inlined: on its own it has the whole register file for its accumulators. */
 static __attribute__((noinline)) void dot_tile_u16_u16_k256_r1(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
-        float out[TILE_ROWS][TILE_COLS]) {
+        const uint16_t *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    const int64_t ahead = 256 < DOT_PREFETCH ? 256 : DOT_PREFETCH;
     const uint16_t *const a0 = a[0];
     const uint16_t *const b0 = b[0];
+    const uint16_t *ahead0 = b0 + ahead;
     const uint16_t *const b1 = b[1];
+    const uint16_t *ahead1 = b1 + ahead;
     const uint16_t *const b2 = b[2];
+    const uint16_t *ahead2 = b2 + ahead;
     const uint16_t *const b3 = b[3];
+    const uint16_t *ahead3 = b3 + ahead;
     vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
     for (int64_t k = 0; k < 256; k += 2 * VEC_FLOATS) {
-        __builtin_prefetch(b0 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b1 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b2 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b3 + k + DOT_PREFETCH, 0, 3);
+        if (k == 256 - ahead) { /* the rest of the rows is on its way: the next tile's */
+            ahead0 = next[0];
+            ahead1 = next[1];
+            ahead2 = next[2];
+            ahead3 = next[3];
+        }
+        __builtin_prefetch(ahead0, 0, 3);
+        ahead0 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead1, 0, 3);
+        ahead1 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead2, 0, 3);
+        ahead2 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead3, 0, 3);
+        ahead3 += 2 * VEC_FLOATS;
         const bf16_operand w0 = load_bf16_operand(b0 + k);
         const bf16_operand w1 = load_bf16_operand(b1 + k);
         const bf16_operand w2 = load_bf16_operand(b2 + k);
@@ -454,20 +516,35 @@ static __attribute__((noinline)) void dot_tile_u16_u16_k256_r1(const uint16_t *c
 /* dot_tile_u16_u16_k256_r2: 2 x TILE_COLS, A uint16_t, B uint16_t, K = 256.
  * Not inlined: on its own it has the whole register file for its accumulators. */
 static __attribute__((noinline)) void dot_tile_u16_u16_k256_r2(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
-        float out[TILE_ROWS][TILE_COLS]) {
+        const uint16_t *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    const int64_t ahead = 256 < DOT_PREFETCH ? 256 : DOT_PREFETCH;
     const uint16_t *const a0 = a[0];
     const uint16_t *const a1 = a[1];
     const uint16_t *const b0 = b[0];
+    const uint16_t *ahead0 = b0 + ahead;
     const uint16_t *const b1 = b[1];
+    const uint16_t *ahead1 = b1 + ahead;
     const uint16_t *const b2 = b[2];
+    const uint16_t *ahead2 = b2 + ahead;
     const uint16_t *const b3 = b[3];
+    const uint16_t *ahead3 = b3 + ahead;
     vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
     vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
     for (int64_t k = 0; k < 256; k += 2 * VEC_FLOATS) {
-        __builtin_prefetch(b0 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b1 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b2 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b3 + k + DOT_PREFETCH, 0, 3);
+        if (k == 256 - ahead) { /* the rest of the rows is on its way: the next tile's */
+            ahead0 = next[0];
+            ahead1 = next[1];
+            ahead2 = next[2];
+            ahead3 = next[3];
+        }
+        __builtin_prefetch(ahead0, 0, 3);
+        ahead0 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead1, 0, 3);
+        ahead1 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead2, 0, 3);
+        ahead2 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead3, 0, 3);
+        ahead3 += 2 * VEC_FLOATS;
         const bf16_operand w0 = load_bf16_operand(b0 + k);
         const bf16_operand w1 = load_bf16_operand(b1 + k);
         const bf16_operand w2 = load_bf16_operand(b2 + k);
@@ -500,22 +577,37 @@ static __attribute__((noinline)) void dot_tile_u16_u16_k256_r2(const uint16_t *c
 /* dot_tile_u16_u16_k256_r3: 3 x TILE_COLS, A uint16_t, B uint16_t, K = 256.
  * Not inlined: on its own it has the whole register file for its accumulators. */
 static __attribute__((noinline)) void dot_tile_u16_u16_k256_r3(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
-        float out[TILE_ROWS][TILE_COLS]) {
+        const uint16_t *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    const int64_t ahead = 256 < DOT_PREFETCH ? 256 : DOT_PREFETCH;
     const uint16_t *const a0 = a[0];
     const uint16_t *const a1 = a[1];
     const uint16_t *const a2 = a[2];
     const uint16_t *const b0 = b[0];
+    const uint16_t *ahead0 = b0 + ahead;
     const uint16_t *const b1 = b[1];
+    const uint16_t *ahead1 = b1 + ahead;
     const uint16_t *const b2 = b[2];
+    const uint16_t *ahead2 = b2 + ahead;
     const uint16_t *const b3 = b[3];
+    const uint16_t *ahead3 = b3 + ahead;
     vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
     vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
     vfloat c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0};
     for (int64_t k = 0; k < 256; k += 2 * VEC_FLOATS) {
-        __builtin_prefetch(b0 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b1 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b2 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b3 + k + DOT_PREFETCH, 0, 3);
+        if (k == 256 - ahead) { /* the rest of the rows is on its way: the next tile's */
+            ahead0 = next[0];
+            ahead1 = next[1];
+            ahead2 = next[2];
+            ahead3 = next[3];
+        }
+        __builtin_prefetch(ahead0, 0, 3);
+        ahead0 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead1, 0, 3);
+        ahead1 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead2, 0, 3);
+        ahead2 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead3, 0, 3);
+        ahead3 += 2 * VEC_FLOATS;
         const bf16_operand w0 = load_bf16_operand(b0 + k);
         const bf16_operand w1 = load_bf16_operand(b1 + k);
         const bf16_operand w2 = load_bf16_operand(b2 + k);
@@ -557,30 +649,45 @@ static __attribute__((noinline)) void dot_tile_u16_u16_k256_r3(const uint16_t *c
 }
 
 /* dot_tile_u16_u16_k256: 1 <= rows <= TILE_ROWS rows of A. */
-static void dot_tile_u16_u16_k256(int rows, const uint16_t *const a[TILE_ROWS],
-                           const uint16_t *const b[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+static void dot_tile_u16_u16_k256(int rows, const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
+                           const uint16_t *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
     switch (rows) {
-    case 1: dot_tile_u16_u16_k256_r1(a, b, out); break;
-    case 2: dot_tile_u16_u16_k256_r2(a, b, out); break;
-    default: dot_tile_u16_u16_k256_r3(a, b, out); break;
+    case 1: dot_tile_u16_u16_k256_r1(a, b, next, out); break;
+    case 2: dot_tile_u16_u16_k256_r2(a, b, next, out); break;
+    default: dot_tile_u16_u16_k256_r3(a, b, next, out); break;
     }
 }
 
 /* dot_tile_u16_u16_k512_r1: 1 x TILE_COLS, A uint16_t, B uint16_t, K = 512.
  * Not inlined: on its own it has the whole register file for its accumulators. */
 static __attribute__((noinline)) void dot_tile_u16_u16_k512_r1(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
-        float out[TILE_ROWS][TILE_COLS]) {
+        const uint16_t *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    const int64_t ahead = 512 < DOT_PREFETCH ? 512 : DOT_PREFETCH;
     const uint16_t *const a0 = a[0];
     const uint16_t *const b0 = b[0];
+    const uint16_t *ahead0 = b0 + ahead;
     const uint16_t *const b1 = b[1];
+    const uint16_t *ahead1 = b1 + ahead;
     const uint16_t *const b2 = b[2];
+    const uint16_t *ahead2 = b2 + ahead;
     const uint16_t *const b3 = b[3];
+    const uint16_t *ahead3 = b3 + ahead;
     vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
     for (int64_t k = 0; k < 512; k += 2 * VEC_FLOATS) {
-        __builtin_prefetch(b0 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b1 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b2 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b3 + k + DOT_PREFETCH, 0, 3);
+        if (k == 512 - ahead) { /* the rest of the rows is on its way: the next tile's */
+            ahead0 = next[0];
+            ahead1 = next[1];
+            ahead2 = next[2];
+            ahead3 = next[3];
+        }
+        __builtin_prefetch(ahead0, 0, 3);
+        ahead0 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead1, 0, 3);
+        ahead1 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead2, 0, 3);
+        ahead2 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead3, 0, 3);
+        ahead3 += 2 * VEC_FLOATS;
         const bf16_operand w0 = load_bf16_operand(b0 + k);
         const bf16_operand w1 = load_bf16_operand(b1 + k);
         const bf16_operand w2 = load_bf16_operand(b2 + k);
@@ -602,20 +709,35 @@ static __attribute__((noinline)) void dot_tile_u16_u16_k512_r1(const uint16_t *c
 /* dot_tile_u16_u16_k512_r2: 2 x TILE_COLS, A uint16_t, B uint16_t, K = 512.
  * Not inlined: on its own it has the whole register file for its accumulators. */
 static __attribute__((noinline)) void dot_tile_u16_u16_k512_r2(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
-        float out[TILE_ROWS][TILE_COLS]) {
+        const uint16_t *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    const int64_t ahead = 512 < DOT_PREFETCH ? 512 : DOT_PREFETCH;
     const uint16_t *const a0 = a[0];
     const uint16_t *const a1 = a[1];
     const uint16_t *const b0 = b[0];
+    const uint16_t *ahead0 = b0 + ahead;
     const uint16_t *const b1 = b[1];
+    const uint16_t *ahead1 = b1 + ahead;
     const uint16_t *const b2 = b[2];
+    const uint16_t *ahead2 = b2 + ahead;
     const uint16_t *const b3 = b[3];
+    const uint16_t *ahead3 = b3 + ahead;
     vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
     vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
     for (int64_t k = 0; k < 512; k += 2 * VEC_FLOATS) {
-        __builtin_prefetch(b0 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b1 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b2 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b3 + k + DOT_PREFETCH, 0, 3);
+        if (k == 512 - ahead) { /* the rest of the rows is on its way: the next tile's */
+            ahead0 = next[0];
+            ahead1 = next[1];
+            ahead2 = next[2];
+            ahead3 = next[3];
+        }
+        __builtin_prefetch(ahead0, 0, 3);
+        ahead0 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead1, 0, 3);
+        ahead1 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead2, 0, 3);
+        ahead2 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead3, 0, 3);
+        ahead3 += 2 * VEC_FLOATS;
         const bf16_operand w0 = load_bf16_operand(b0 + k);
         const bf16_operand w1 = load_bf16_operand(b1 + k);
         const bf16_operand w2 = load_bf16_operand(b2 + k);
@@ -648,22 +770,37 @@ static __attribute__((noinline)) void dot_tile_u16_u16_k512_r2(const uint16_t *c
 /* dot_tile_u16_u16_k512_r3: 3 x TILE_COLS, A uint16_t, B uint16_t, K = 512.
  * Not inlined: on its own it has the whole register file for its accumulators. */
 static __attribute__((noinline)) void dot_tile_u16_u16_k512_r3(const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
-        float out[TILE_ROWS][TILE_COLS]) {
+        const uint16_t *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+    const int64_t ahead = 512 < DOT_PREFETCH ? 512 : DOT_PREFETCH;
     const uint16_t *const a0 = a[0];
     const uint16_t *const a1 = a[1];
     const uint16_t *const a2 = a[2];
     const uint16_t *const b0 = b[0];
+    const uint16_t *ahead0 = b0 + ahead;
     const uint16_t *const b1 = b[1];
+    const uint16_t *ahead1 = b1 + ahead;
     const uint16_t *const b2 = b[2];
+    const uint16_t *ahead2 = b2 + ahead;
     const uint16_t *const b3 = b[3];
+    const uint16_t *ahead3 = b3 + ahead;
     vfloat c00 = {0}, c01 = {0}, c02 = {0}, c03 = {0};
     vfloat c10 = {0}, c11 = {0}, c12 = {0}, c13 = {0};
     vfloat c20 = {0}, c21 = {0}, c22 = {0}, c23 = {0};
     for (int64_t k = 0; k < 512; k += 2 * VEC_FLOATS) {
-        __builtin_prefetch(b0 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b1 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b2 + k + DOT_PREFETCH, 0, 3);
-        __builtin_prefetch(b3 + k + DOT_PREFETCH, 0, 3);
+        if (k == 512 - ahead) { /* the rest of the rows is on its way: the next tile's */
+            ahead0 = next[0];
+            ahead1 = next[1];
+            ahead2 = next[2];
+            ahead3 = next[3];
+        }
+        __builtin_prefetch(ahead0, 0, 3);
+        ahead0 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead1, 0, 3);
+        ahead1 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead2, 0, 3);
+        ahead2 += 2 * VEC_FLOATS;
+        __builtin_prefetch(ahead3, 0, 3);
+        ahead3 += 2 * VEC_FLOATS;
         const bf16_operand w0 = load_bf16_operand(b0 + k);
         const bf16_operand w1 = load_bf16_operand(b1 + k);
         const bf16_operand w2 = load_bf16_operand(b2 + k);
@@ -705,12 +842,12 @@ static __attribute__((noinline)) void dot_tile_u16_u16_k512_r3(const uint16_t *c
 }
 
 /* dot_tile_u16_u16_k512: 1 <= rows <= TILE_ROWS rows of A. */
-static void dot_tile_u16_u16_k512(int rows, const uint16_t *const a[TILE_ROWS],
-                           const uint16_t *const b[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
+static void dot_tile_u16_u16_k512(int rows, const uint16_t *const a[TILE_ROWS], const uint16_t *const b[TILE_COLS],
+                           const uint16_t *const next[TILE_COLS], float out[TILE_ROWS][TILE_COLS]) {
     switch (rows) {
-    case 1: dot_tile_u16_u16_k512_r1(a, b, out); break;
-    case 2: dot_tile_u16_u16_k512_r2(a, b, out); break;
-    default: dot_tile_u16_u16_k512_r3(a, b, out); break;
+    case 1: dot_tile_u16_u16_k512_r1(a, b, next, out); break;
+    case 2: dot_tile_u16_u16_k512_r2(a, b, next, out); break;
+    default: dot_tile_u16_u16_k512_r3(a, b, next, out); break;
     }
 }
 
@@ -895,11 +1032,14 @@ static void route_block(forward_state *st, int64_t block) {
         const float *a[TILE_ROWS];
         for (int i = 0; i < TILE_ROWS; i++) a[i] = st->router_input + min_i64(t + i, t1 - 1) * HIDDEN;
         for (int e = 0; e < NUM_EXPERTS; e += TILE_COLS) {
-            const float *b[TILE_COLS];
-            for (int j = 0; j < TILE_COLS; j++)
+            const int e_next = e + TILE_COLS < NUM_EXPERTS ? e + TILE_COLS : 0; /* the next tile's */
+            const float *b[TILE_COLS], *next[TILE_COLS];
+            for (int j = 0; j < TILE_COLS; j++) {
                 b[j] = w->router_w + min_i64(e + j, NUM_EXPERTS - 1) * HIDDEN;
+                next[j] = w->router_w + min_i64(e_next + j, NUM_EXPERTS - 1) * HIDDEN;
+            }
             float out[TILE_ROWS][TILE_COLS];
-            dot_tile_f32_f32_k256(rows, a, b, out);
+            dot_tile_f32_f32_k256(rows, a, b, next, out);
             for (int i = 0; i < rows; i++)
                 for (int j = 0; j < TILE_COLS && e + j < NUM_EXPERTS; j++) {
                     float logit = out[i][j];
@@ -1103,6 +1243,18 @@ static void f512_activate(const ffn_problem *p, int64_t r0, int64_t r1, int64_t 
 #endif
 }
 
+/* The weight rows of GEMM1's tile at activation column f, of a task whose columns end at `end`
+ * (gated: the gate rows, then the up rows). A tile wider than what is left (gemm=outer's tiles
+ * need not divide F; this GEMM1 recomputes its activations for the backward) repeats its last
+ * row. */
+static void f512_w1_tile(const ffn_problem *p, int64_t f, int64_t end, const elem_t *b[TILE_COLS]) {
+    const int64_t cols = min_i64(TILE_HIDDEN_COLS, end - f);
+    for (int64_t j = 0; j < TILE_HIDDEN_COLS; j++) {
+        b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
+        b[TILE_HIDDEN_COLS + j] = p->w1 + (512 + f + (j < cols ? j : cols - 1)) * HIDDEN;
+    }
+}
+
 /* GEMM1 + activation for rows [row0, row0 + BLOCK_ROWS) and activation columns
  * [col0, col0 + BLOCK_COLS) of one problem: in chunks of EPILOGUE_ROWS rows x EPILOGUE_COLS
  * columns, the dot products first (each weight tile stays in L1 while the chunk's rows stream
@@ -1117,14 +1269,11 @@ static void f512_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
             float gate[EPILOGUE_ROWS][EPILOGUE_COLS];
             float up[EPILOGUE_ROWS][EPILOGUE_COLS];
             for (int64_t f = g0; f < g1; f += TILE_HIDDEN_COLS) {
-                /* a tile wider than what is left (gemm=outer's tiles need not divide F; this GEMM1
-                 * recomputes its activations for the backward) repeats its last row */
                 const int cols = (int)min_i64(TILE_HIDDEN_COLS, g1 - f);
-                const elem_t *b[TILE_COLS];
-                for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
-                    b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
-                    b[TILE_HIDDEN_COLS + j] = p->w1 + (512 + f + (j < cols ? j : cols - 1)) * HIDDEN; /* up row */
-                }
+                const elem_t *b[TILE_COLS], *next[TILE_COLS];
+                f512_w1_tile(p, f, g1, b);
+                const int64_t f_next = min_i64(f + TILE_HIDDEN_COLS, g1); /* where the next tile starts */
+                f512_w1_tile(p, f_next < col_end ? f_next : f, col_end, next);
                 for (int64_t r = r0; r < r1; r += TILE_ROWS) {
                     const int rows = (int)min_i64(TILE_ROWS, r1 - r); /* the last tile may be short */
                     const elem_t *a[TILE_ROWS];
@@ -1134,7 +1283,7 @@ static void f512_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
                         a[i] = token >= 0 ? p->x + token * HIDDEN : zero_row;
                     }
                     float acc[TILE_ROWS][TILE_COLS];
-                    dot_tile_u16_u16_k256(rows, a, b, acc);
+                    dot_tile_u16_u16_k256(rows, a, b, next, acc);
                     for (int i = 0; i < rows; i++)
                         for (int j = 0; j < cols; j++) {
                             gate[r - r0 + i][f - g0 + j] = acc[i][j];
@@ -1153,14 +1302,18 @@ static void f512_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
     for (int64_t c = col0; c < col_end; c += TILE_COLS) {
         const int cols = (int)min_i64(TILE_COLS, col_end - c); /* as in GEMM1 */
-        const elem_t *b[TILE_COLS];
-        for (int j = 0; j < TILE_COLS; j++) b[j] = p->w2 + (c + (j < cols ? j : cols - 1)) * 512;
+        const int64_t c_next = c + TILE_COLS < col_end ? c + TILE_COLS : c; /* the next tile's */
+        const elem_t *b[TILE_COLS], *next[TILE_COLS];
+        for (int j = 0; j < TILE_COLS; j++) {
+            b[j] = p->w2 + (c + (j < cols ? j : cols - 1)) * 512;
+            next[j] = p->w2 + min_i64(c_next + j, col_end - 1) * 512;
+        }
         for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
             const int rows = (int)min_i64(TILE_ROWS, row_end - r);
             const elem_t *a[TILE_ROWS];
             for (int i = 0; i < TILE_ROWS; i++) a[i] = p->hidden + min_i64(r + i, row_end - 1) * 512;
             float acc[TILE_ROWS][TILE_COLS];
-            dot_tile_u16_u16_k512(rows, a, b, acc);
+            dot_tile_u16_u16_k512(rows, a, b, next, acc);
             for (int i = 0; i < rows; i++)
                 for (int j = 0; j < cols; j++)
                     p->out[(r + i) * HIDDEN + c + j] = acc[i][j] + (p->b2 ? elem_to_float(p->b2[c + j]) : 0.0f);
@@ -1341,10 +1494,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_demo.h). */
-const char moe_demo_build_82a55c807e000ddc[] = "82a55c807e000ddc";
+const char moe_demo_build_a52ac6501f156345[] = "a52ac6501f156345";
 
 const char *moe_demo_describe(void) {
-    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build 82a55c807e000ddc, "
+    return "moe_demo: spec sha256:fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437, variant cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a, moegen 0.1.0, build a52ac6501f156345, "
            "kernels " KERNEL_PATH;
 }
 
