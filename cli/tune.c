@@ -14,8 +14,10 @@
  *
  * Isolation: a candidate that fails to compile, crashes, hangs past its time limit or
  * gives a wrong answer costs that candidate only: its child is killed or reports, and the
- * candidate is FAIL with the reason. The default variant is always a candidate, so the
- * tuned layer is never slower than the default in the measured run.
+ * candidate is FAIL with the reason. The default heuristic's variants (the default and the
+ * one of each of its token ranges, moegen_variant_default_ranges) are always candidates, timed
+ * whatever the budget and never pruned, so the tuned layer is never slower than the untuned
+ * layer in the measured run: a database replaces the heuristic for its shape.
  *
  * Fault injection for the tests: $MOEGEN_TUNE_INJECT="compile:I,crash:J,hang:K,wrong:L" makes
  * candidate I fail to compile (its child runs a compiler that does not exist), J crash, K
@@ -87,6 +89,7 @@ typedef struct candidate {
     cand_state state;
     char why[300];
     double median_ms[MAX_COUNTS];
+    int baseline; /* one of the default heuristic's variants: no budget cut, no pruning */
 } candidate;
 
 typedef struct tune_options {
@@ -549,7 +552,7 @@ static int measure_body(int index, int fd, void *ctx) {
             if (r >= 0) times[r] = ms;
             /* Pruned: the first timed run already over PRUNE_FACTOR x the best median so far
              * (known when this child forked) cannot win this count; it is not timed further. */
-            pruned = r == 0 && ms > PRUNE_FACTOR * t->best_ms[c];
+            pruned = r == 0 && !t->cands[index].baseline && ms > PRUNE_FACTOR * t->best_ms[c];
         }
         if (pruned) {
             at += snprintf(line + at, sizeof line - (size_t)at, " inf");
@@ -636,9 +639,10 @@ static void measured(void *ctx, int index, const char *report, const char *why) 
     print_progress(t, index);
 }
 
-/* True (and the candidate marked SKIPPED) when the budget is spent; the default (index 0) always runs. */
+/* True (and the candidate marked SKIPPED) when the budget is spent; the default heuristic's
+ * variants always run. */
 static int budget_spent(tune_state *t, int index) {
-    if (index == 0 || now_s() - t->started <= (double)t->o->budget_s) return 0;
+    if (t->cands[index].baseline || now_s() - t->started <= (double)t->o->budget_s) return 0;
     t->cands[index].state = CAND_SKIPPED;
     snprintf(t->cands[index].why, sizeof t->cands[index].why, "budget of %lld s spent", t->o->budget_s);
     return 1;
@@ -681,10 +685,15 @@ static void run_stage(tune_state *t, int first, int last) {
 
 /* ---- The command ------------------------------------------------------------------------------- */
 
-static int add_candidate(tune_state *t, const moegen_variant *v) {
+/* The index of the candidate that is variant `v`, or -1. */
+static int find_candidate(const tune_state *t, const moegen_variant *v) {
     for (int i = 0; i < t->n_cands; i++)
-        if (!memcmp(&t->cands[i].variant.cpu, &v->cpu, sizeof v->cpu)) return 0;
-    if (t->n_cands == MAX_CANDIDATES) return 0;
+        if (!memcmp(&t->cands[i].variant.cpu, &v->cpu, sizeof v->cpu)) return i;
+    return -1;
+}
+
+static int add_candidate(tune_state *t, const moegen_variant *v) {
+    if (find_candidate(t, v) >= 0 || t->n_cands == MAX_CANDIDATES) return 0;
     candidate *c = &t->cands[t->n_cands++];
     memset(c, 0, sizeof *c);
     c->variant = *v;
@@ -775,13 +784,42 @@ int moegen_cli_tune(int argc, char **argv) {
     const int n_space = moegen_variant_space(&spec, &target, NULL, space, MAX_CANDIDATES, &invalid_stage);
     n_invalid += invalid_stage;
     for (int i = 0; i < n_space; i++) add_candidate(&t, &space[i]);
+    /* The default heuristic's variant at each token count (the space has the default first;
+     * a range's variant joins at the end of the stage if the space lacks it). */
+    int heuristic[MAX_COUNTS];
+    {
+        moegen_variant_range ranges[MOEGEN_TUNING_MAX_BUCKETS];
+        const int n_ranges = moegen_variant_default_ranges(&spec, &target, ranges, MOEGEN_TUNING_MAX_BUCKETS);
+        for (int k = 0; k < o.n_counts; k++) {
+            int r = 0;
+            while (r + 1 < n_ranges && ranges[r + 1].min_tokens <= o.counts[k]) r++;
+            moegen_variant v;
+            moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, &target, &v);
+            if (moegen_variant_apply_overrides(&v, ranges[r].overrides, &err) != MOEGEN_OK) {
+                moegen_cli_error("tune: the default heuristic's variant for %lld tokens: %s", o.counts[k], err.message);
+                goto done;
+            }
+            add_candidate(&t, &v);
+            heuristic[k] = find_candidate(&t, &v);
+            if (heuristic[k] < 0) {
+                moegen_cli_error("tune: more than %d candidates", MAX_CANDIDATES);
+                goto done;
+            }
+            t.cands[heuristic[k]].baseline = 1;
+        }
+    }
     fprintf(stderr, "moegen tune: %s, %d token counts, routing %s, %d coarse candidates (%d invalid), budget %lld s\n",
             spec.name, o.n_counts, o.routing, n_space, invalid_stage, o.budget_s);
     run_stage(&t, 0, t.n_cands);
-    if (t.cands[0].state != CAND_PASS) {
-        if (t.tty) fputc('\n', stderr);
-        moegen_cli_error("tune: the default variant failed (%s): nothing to compare with", t.cands[0].why);
-        goto done;
+    for (int k = 0; k < o.n_counts; k++) {
+        const candidate *c = &t.cands[heuristic[k]];
+        if (c->state != CAND_PASS) {
+            if (t.tty) fputc('\n', stderr);
+            moegen_cli_error("tune: the default heuristic's variant for %lld tokens (%s) failed (%s): nothing to "
+                             "compare with",
+                             o.counts[k], c->name, c->why);
+            goto done;
+        }
     }
     /* Stage 2: blockings around each bucket's best. */
     const int stage2 = t.n_cands;
@@ -824,14 +862,14 @@ int moegen_cli_tune(int argc, char **argv) {
     }
     db->n_buckets = o.n_counts;
     printf("moegen tune: %s on %s (%s), routing %s, %d threads\n", spec.name, device, family, o.routing, db->threads);
-    printf("| tokens | timed | best variant | median | default | speedup |\n|---|---:|---|---:|---:|---:|\n");
+    printf("| tokens | timed | best variant | median | untuned (default heuristic) | speedup |\n|---|---:|---|---:|---:|---:|\n");
     for (int k = 0; k < o.n_counts; k++) {
         moegen_tuning_bucket *bk = &db->buckets[k];
         const int b = best_for(&t, k);
         bucket_range(&o, k, &bk->min_tokens, &bk->max_tokens);
         bk->timed_tokens = o.counts[k];
         bk->median_ms = t.cands[b].median_ms[k];
-        bk->default_ms = t.cands[0].median_ms[k];
+        bk->default_ms = t.cands[heuristic[k]].median_ms[k];
         snprintf(bk->variant, sizeof bk->variant, "%s", b == 0 ? "" : t.cands[b].overrides);
         snprintf(bk->variant_name, sizeof bk->variant_name, "%s", t.cands[b].name);
         char upper[24];

@@ -22,7 +22,7 @@ common=(--cache-dir "$work/cache")
 expect "tune: a tiny spec with faults injected into candidates 1-4" 0 \
     env MOEGEN_TUNE_INJECT="compile:1,crash:2,wrong:3,hang:4" \
     "$moegen" tune "$spec" --tokens 1,8,64 --budget 45 --timeout 8 --repeat 3 --jobs 2 --out "$db" "${common[@]}"
-contains "tune prints the table" "| tokens | timed | best variant | median | default | speedup |"
+contains "tune prints the table" "| tokens | timed | best variant | median | untuned (default heuristic) | speedup |"
 contains "tune: the first bucket starts at 1" "| 1-2 | 1 |"
 contains "tune: the last bucket is open" "| 23-inf | 64 |"
 contains "tune: a compile failure is FAIL with the compiler's reason" "compile: "
@@ -51,6 +51,20 @@ candidates_many=$(printf '%s\n' "$out" | sed -n 's/^candidates: \([0-9]*\) PASS.
 expect "tune: a sweep that times only the default" 0 "$moegen" tune "$spec" --tokens 1,8,64 --budget 1 --repeat 1 \
     --no-write "${common[@]}"
 peak_one=$(printf '%s\n' "$out" | sed -n 's/^tuner process peak memory: \([0-9.]*\) MiB$/\1/p')
+# Even on a spent budget the default heuristic's variant of every count is timed (this fp32 spec
+# runs outer products from 48 tokens: moegen_variant_default_ranges), so no bucket is slower than
+# the untuned layer.
+if printf '%s\n' "$out" | grep -q '"variant": "[^"]*outer[^"]*", "state": "PASS"'; then
+    pass "tune: the heuristic's outer-product variant is timed on a spent budget"
+else
+    fail "tune: no PASS outer-product candidate on a spent budget: $out"
+fi
+slower=$(printf '%s\n' "$out" | grep '^| [0-9]' | awk -F'|' '{s = $7; gsub(/[ x]/, "", s); if (s + 0 < 1) print}')
+if [ -z "$slower" ] && [ "$(printf '%s\n' "$out" | grep -c '^| [0-9]')" -eq 3 ]; then
+    pass "tune: every bucket at least as fast as the untuned layer"
+else
+    fail "tune: a bucket slower than the default heuristic, or rows missing: $slower"
+fi
 if [ -n "$peak_many" ] && [ -n "$peak_one" ] &&
     awk -v a="$peak_many" -v b="$peak_one" 'BEGIN { exit !(a - b < 16) }'; then
     pass "tune: peak memory $peak_many MiB over $candidates_many PASS candidates vs $peak_one MiB for one"
