@@ -69,6 +69,10 @@ static const char usage_tune[] =
     "  --jobs N            compiles at once (default: the CPUs this process may use)\n"
     "  --threads N         CPU threads of the timed forwards (default: as a layer would)\n"
     "  --repeat N          timed forwards per token count and candidate (default 7)\n"
+    "  --evict-mb N        write N MiB before every timed forward, so that the weights come\n"
+    "                      from memory as they do in a model, whose other layers run between\n"
+    "                      two calls of this one (default: twice the last-level cache; 0: warm\n"
+    "                      caches)\n"
     "  --out DIR           database directory (default $MOEGEN_TUNING_DIR, else\n"
     "                      $XDG_CACHE_HOME/moegen/tuning or ~/.cache/moegen/tuning)\n"
     "  --no-write          print the table only\n"
@@ -97,6 +101,7 @@ typedef struct tune_options {
     long long counts[MAX_COUNTS];
     int n_counts;
     long long budget_s, jobs, threads, repeat, seed, timeout_s;
+    long long evict_mb; /* -1: twice the last-level cache (default_evict_mb) */
     int write;
     double zipf;
 } tune_options;
@@ -126,7 +131,8 @@ static int parse_tokens(const char *list, tune_options *o) {
 }
 
 static int parse_options(int argc, char **argv, tune_options *o) {
-    *o = (tune_options){.budget_s = 600, .repeat = 7, .seed = 1, .write = 1, .routing = "skewed", .zipf = 1.2};
+    *o = (tune_options){
+        .budget_s = 600, .repeat = 7, .seed = 1, .evict_mb = -1, .write = 1, .routing = "skewed", .zipf = 1.2};
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     o->jobs = cpus > 0 ? cpus : 1;
     if (parse_tokens("1,16,128,1024", o)) return 1;
@@ -158,6 +164,8 @@ static int parse_options(int argc, char **argv, tune_options *o) {
             if (moegen_cli_parse_int(value, a, 1, MOEGEN_THREAD_LIMIT, &o->threads)) return 1;
         } else if (!strcmp(a, "--repeat")) {
             if (moegen_cli_parse_int(value, a, 1, 10000, &o->repeat)) return 1;
+        } else if (!strcmp(a, "--evict-mb")) {
+            if (moegen_cli_parse_int(value, a, 0, 1 << 20, &o->evict_mb)) return 1;
         } else if (!strcmp(a, "--seed")) {
             if (moegen_cli_parse_int(value, a, 0, LLONG_MAX, &o->seed)) return 1;
         } else if (!strcmp(a, "--timeout")) {
@@ -538,11 +546,18 @@ static int measure_body(int index, int fd, void *ctx) {
     char line[1024];
     int at = snprintf(line, sizeof line, "ok");
     double *times = calloc((size_t)t->o->repeat, sizeof *times);
+    const size_t evict_bytes = (size_t)t->o->evict_mb << 20;
+    volatile unsigned char *evict = evict_bytes ? calloc(1, evict_bytes) : NULL;
+    if (evict_bytes && !evict) {
+        report_line(fd, "out of memory for the --evict-mb buffer (%lld MiB)", t->o->evict_mb);
+        return 1;
+    }
     if (!times) return 1;
     for (int c = 0; c < t->o->n_counts; c++) {
         io.n_tokens = t->o->counts[c];
         int pruned = 0;
         for (long long r = -1; r < t->o->repeat && !pruned; r++) {
+            for (size_t i = 0; i < evict_bytes; i += 64) evict[i] = (unsigned char)(evict[i] + 1); /* cold caches */
             const double start = now_s();
             if (moegen_layer_forward(layer, &io, NULL, &err) != MOEGEN_OK) {
                 report_line(fd, "forward at %lld tokens: %.900s", (long long)io.n_tokens, err.message);
@@ -719,6 +734,15 @@ static int best_for(const tune_state *t, int k) {
     return best;
 }
 
+/* --evict-mb's default: twice the last-level cache this process's CPU reports (512 MiB where
+ * it reports none), so that the weights of a decode step come from memory. */
+static long long default_evict_mb(void) {
+    long bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (bytes <= 0) bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (bytes <= 0) return 512;
+    return 2 * (((long long)bytes + (1 << 20) - 1) >> 20);
+}
+
 int moegen_cli_tune(int argc, char **argv) {
     if (moegen_cli_wants_help(argc, argv)) {
         fputs(usage_tune, stdout);
@@ -726,6 +750,7 @@ int moegen_cli_tune(int argc, char **argv) {
     }
     tune_options o;
     if (parse_options(argc, argv, &o)) return 1;
+    if (o.evict_mb < 0) o.evict_mb = default_evict_mb();
     moegen_error err;
     moegen_spec spec;
     if (moegen_spec_load_file(o.spec_path, &spec, &err) != MOEGEN_OK) return moegen_cli_error("%s", err.message);
@@ -808,8 +833,10 @@ int moegen_cli_tune(int argc, char **argv) {
             t.cands[heuristic[k]].baseline = 1;
         }
     }
-    fprintf(stderr, "moegen tune: %s, %d token counts, routing %s, %d coarse candidates (%d invalid), budget %lld s\n",
-            spec.name, o.n_counts, o.routing, n_space, invalid_stage, o.budget_s);
+    fprintf(stderr,
+            "moegen tune: %s, %d token counts, routing %s, %lld MiB written before every timed forward, %d coarse "
+            "candidates (%d invalid), budget %lld s\n",
+            spec.name, o.n_counts, o.routing, o.evict_mb, n_space, invalid_stage, o.budget_s);
     run_stage(&t, 0, t.n_cands);
     for (int k = 0; k < o.n_counts; k++) {
         const candidate *c = &t.cands[heuristic[k]];
@@ -861,7 +888,8 @@ int moegen_cli_tune(int argc, char **argv) {
         db->threads = cpus > 0 ? (int)cpus : 1;
     }
     db->n_buckets = o.n_counts;
-    printf("moegen tune: %s on %s (%s), routing %s, %d threads\n", spec.name, device, family, o.routing, db->threads);
+    printf("moegen tune: %s on %s (%s), routing %s, %d threads, %s\n", spec.name, device, family, o.routing,
+           db->threads, o.evict_mb ? "cold caches (--evict-mb)" : "warm caches (--evict-mb 0)");
     printf("| tokens | timed | best variant | median | untuned (default heuristic) | speedup |\n|---|---:|---|---:|---:|---:|\n");
     for (int k = 0; k < o.n_counts; k++) {
         moegen_tuning_bucket *bk = &db->buckets[k];

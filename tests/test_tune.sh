@@ -21,7 +21,8 @@ common=(--cache-dir "$work/cache")
 # machine under the sanitizers (the hang takes its whole time limit, 8 s).
 expect "tune: a tiny spec with faults injected into candidates 1-4" 0 \
     env MOEGEN_TUNE_INJECT="compile:1,crash:2,wrong:3,hang:4" \
-    "$moegen" tune "$spec" --tokens 1,8,64 --budget 45 --timeout 8 --repeat 3 --jobs 2 --out "$db" "${common[@]}"
+    "$moegen" tune "$spec" --tokens 1,8,64 --budget 45 --timeout 8 --repeat 3 --jobs 2 --evict-mb 0 --out "$db" "${common[@]}"
+contains "tune --evict-mb 0 times with warm caches" "warm caches (--evict-mb 0)"
 contains "tune prints the table" "| tokens | timed | best variant | median | untuned (default heuristic) | speedup |"
 contains "tune: the first bucket starts at 1" "| 1-2 | 1 |"
 contains "tune: the last bucket is open" "| 23-inf | 64 |"
@@ -51,6 +52,7 @@ candidates_many=$(printf '%s\n' "$out" | sed -n 's/^candidates: \([0-9]*\) PASS.
 expect "tune: a sweep that times only the default" 0 "$moegen" tune "$spec" --tokens 1,8,64 --budget 1 --repeat 1 \
     --no-write "${common[@]}"
 peak_one=$(printf '%s\n' "$out" | sed -n 's/^tuner process peak memory: \([0-9.]*\) MiB$/\1/p')
+contains "tune times with cold caches by default" "cold caches (--evict-mb)"
 # Even on a spent budget the default heuristic's variant of every count is timed (this fp32 spec
 # runs outer products from 48 tokens: moegen_variant_default_ranges), so no bucket is slower than
 # the untuned layer.
@@ -123,6 +125,8 @@ if [ -f "$work/bad/topk_ids.npy" ]; then
     contains "the refusal names the token" "token 0 names expert 0 twice"
 fi
 expect "tune refuses decreasing token counts" 1 "$moegen" tune "$spec" --tokens 8,2
+expect "tune refuses a negative --evict-mb" 1 "$moegen" tune "$spec" --evict-mb -1
+contains "tune --evict-mb names the option" "--evict-mb"
 expect "tune --help" 0 "$moegen" tune --help
 contains "tune --help shows usage" "usage: moegen tune"
 
