@@ -26,13 +26,16 @@ def main():
     ap.add_argument("--calls", type=int, default=15)
     ap.add_argument("--evict-mb", type=int, default=600)
     ap.add_argument("--variant", help="the same --variant for both builds")
+    ap.add_argument("--before-variant", help="--variant for the before worker only (two variants of one build)")
+    ap.add_argument("--after-variant", help="--variant for the after worker only")
     args = ap.parse_args()
 
     workers = {}
     for name in ("before", "after"):
         cmd = [getattr(args, name), args.spec, "--dtype", args.dtype, "--max-tokens", str(args.tokens)]
-        if args.variant:
-            cmd += ["--variant", args.variant]
+        variant = getattr(args, f"{name}_variant") or args.variant
+        if variant:
+            cmd += ["--variant", variant]
         workers[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def reply(proc):
