@@ -196,8 +196,14 @@ static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
     }
 }
 
+%   if gemm == "outer" then
+/* GEMM2 for rows [row0, row0 + BLOCK_ROWS) and output columns [col0, col0 + BLOCK_COLS).
+ * Unused with gemm=outer (its GEMM2 is ${n}_outer_gemm2_task); GEMM1 stays for the backward. */
+static __attribute__((unused)) void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
+%   else
 /* GEMM2 for rows [row0, row0 + BLOCK_ROWS) and output columns [col0, col0 + BLOCK_COLS). */
 static void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
+%   end
     const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
     for (int64_t c = col0; c < col_end; c += TILE_COLS) {

@@ -6,10 +6,8 @@
 % -- sequential stream), so nothing is packed at bind time; k runs in chunks that keep a row
 % -- tile's panels in L1 while several weight tiles pass. GEMM1 writes its activations
 % -- straight into GEMM2's panel layout. Each output element is one k-ascending fp32 chain
-% -- in one vector lane, so results do not depend on the tiling or the thread count. An
-% -- expert with fewer rows than OUTER_MIN_ROWS runs the dot-product tasks of ffn.c.tpl
-% -- instead (a panel would be mostly padding). Included by ffn.c.tpl inside its FFN shape
-% -- loop's scope.
+% -- in one vector lane, so results do not depend on the tiling, the thread count or how
+% -- many rows an expert has. Included by ffn.c.tpl inside its FFN shape loop's scope.
 % local moe = import("templates/lib/moe.lua")
 % local mr = variant.cpu.tile_cols
 % local gated = spec.gated
@@ -26,12 +24,10 @@
 #define OUTER_GROUP 1    /* row tiles that share a pass over the weight tiles */
 #define OUTER_WTILES 8   /* weight tiles that share a pass over a row tile's panel chunk */
 #define OUTER_PREFETCH 64 /* weights prefetched this many k ahead (4 cache lines per weight row) */
-/* Experts with fewer rows than this (less than one token vector) run the dot products: a panel
- * of 16 lanes would multiply mostly padding. switch-base-8 fp32 at S = 16 (about 2 rows per
- * expert, every expert touched, caches evicted), bench/cpu_ab.py, 1 / 2 threads: outer products
- * 15.9 / 7.4 ms, dot products 9.7 / 5.1 ms. qwen3-30b-a3b (gemm/variant.c's ranges): outer
- * 1.3-1.5x slower at 8 rows per expert, 0.83-0.89x at 16. */
-#define OUTER_MIN_ROWS VEC_FLOATS
+/* Every expert runs on panels, however few its rows: moving experts under one token vector to the
+ * dot products (tried: switch-base-8 fp32 S = 16, 1 thread, 15.9 -> 10.0 ms) makes an expert's
+ * results depend on its row count, which an expert-parallel layer does not share with ep_size 1
+ * (test_ep's bit-identity failed). A variant field chosen per layer could do it. */
 _Static_assert(BLOCK_ROWS % (TILE_ROWS * VEC_FLOATS) == 0, "a row block must hold whole token-vector tiles");
 _Static_assert(VEC_FLOATS <= 16, "panels of VEC_FLOATS rows fit the 16-row rounding of the pack scratch");
 _Static_assert(OUTER_KC % 16 == 0 && HIDDEN % 16 == 0 && FFN % 16 == 0, "k runs in steps of 16");
@@ -285,11 +281,8 @@ static void ${n}_outer_gemm2_task(const ffn_problem *p, int64_t row0, int64_t co
     }
 }
 
-/* Every problem of shape ${n} on outer products (those with fewer than OUTER_MIN_ROWS rows on
- * dot products): the x panels, all GEMM1 tasks, all GEMM2 tasks (none when `gemm2` is 0). `scratch` holds each problem's x and h panels (rows rounded up to VEC_FLOATS). */
-static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0); /* dot products: ffn.c.tpl */
-static void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0);
-
+/* Every problem of shape ${n} on outer products: the x panels, all GEMM1 tasks, all GEMM2
+ * tasks (none when `gemm2` is 0). `scratch` holds each problem's x and h panels (rows rounded up to VEC_FLOATS). */
 static void ${n}_run_outer(const ffn_problem *given, int n_problems, int n_threads, int gemm2, float *scratch) {
     ffn_problem problems[n_problems];
     int64_t start0[n_problems + 1], start1[n_problems + 1], start2[n_problems + 1];
@@ -304,7 +297,7 @@ static void ${n}_run_outer(const ffn_problem *given, int n_problems, int n_threa
         problems[i].hpack = scratch;
         scratch += blocks * VEC_FLOATS * ${F};
         const int64_t row_blocks = (problems[i].n_rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
-        start0[i + 1] = start0[i] + (problems[i].n_rows < OUTER_MIN_ROWS ? 0 : blocks); /* dot products: no panels */
+        start0[i + 1] = start0[i] + blocks;
         start1[i + 1] = start1[i] + row_blocks * col_blocks1;
         start2[i + 1] = start2[i] + (gemm2 ? row_blocks * col_blocks2 : 0);
     }
@@ -318,18 +311,14 @@ static void ${n}_run_outer(const ffn_problem *given, int n_problems, int n_threa
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < start1[n_problems]; task++) {
             const int p = problem_of_task(start1, n_problems, task);
-            const int64_t local = task - start1[p], row0 = (local / col_blocks1) * BLOCK_ROWS;
-            const int64_t col0 = (local % col_blocks1) * BLOCK_COLS;
-            if (problems[p].n_rows < OUTER_MIN_ROWS) ${n}_gemm1_task(&problems[p], row0, col0);
-            else ${n}_outer_gemm1_task(&problems[p], row0, col0);
+            const int64_t local = task - start1[p];
+            ${n}_outer_gemm1_task(&problems[p], (local / col_blocks1) * BLOCK_ROWS, (local % col_blocks1) * BLOCK_COLS);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < start2[n_problems]; task++) {
             const int p = problem_of_task(start2, n_problems, task);
-            const int64_t local = task - start2[p], row0 = (local / col_blocks2) * BLOCK_ROWS;
-            const int64_t col0 = (local % col_blocks2) * BLOCK_COLS;
-            if (problems[p].n_rows < OUTER_MIN_ROWS) ${n}_gemm2_task(&problems[p], row0, col0);
-            else ${n}_outer_gemm2_task(&problems[p], row0, col0);
+            const int64_t local = task - start2[p];
+            ${n}_outer_gemm2_task(&problems[p], (local / col_blocks2) * BLOCK_ROWS, (local % col_blocks2) * BLOCK_COLS);
         }
     }
 }
