@@ -544,6 +544,62 @@ static void outer_products_give_the_same_bits_for_every_tile_blocking_and_thread
     check_bitwise_equal_runs(yaml, variants, threads, 4);
 }
 
+/* gemm=outer: an expert's row block of at most a few rows runs lanes across weight rows
+ * instead of token panels (outer.c.tpl, AVX-512) with the same k-ascending chains, so a token's
+ * output does not depend on the batch around it: the first tokens alone (every expert a few
+ * rows) give the bits of the same tokens inside a batch of 300 (every expert on panels, tails
+ * of every length). Gated with biases and shared experts; and relu with the input scaled by
+ * the router weight (one route per token); in train mode (the pre-activations too). */
+static void outer_products_give_a_token_the_same_bits_in_any_batch(void **state) {
+    (void)state;
+    if (on_gpu()) skip(); /* a CPU variant */
+    const char *yamls[] = {
+        "name: outer_batch\nnum_experts: 4\nnum_experts_per_tok: 2\nhidden_size: 64\nmoe_intermediate_size: 80\n"
+        "dtype: fp32\nactivation: swiglu\nexpert_bias: true\nshared_experts:\n  count: 1\n  intermediate_size: 48\n",
+        "name: outer_batch_woi\nnum_experts: 4\nnum_experts_per_tok: 1\nhidden_size: 48\nmoe_intermediate_size: 32\n"
+        "dtype: fp32\nactivation: relu\nweight_on_input: true\nmode: train\nrouter:\n  score_function: sigmoid\n",
+    };
+    const char *variant = "gemm=outer,tile_cols=6,tile_rows=4,block_rows=64,block_cols=48";
+    const int64_t S_BIG = 300, small[] = {1, 2, 3, 5, 9, 17, 33};
+    for (size_t y = 0; y < sizeof yamls / sizeof yamls[0]; y++) {
+        moegen_spec spec;
+        moegen_error err;
+        assert_int_equal(moegen_spec_parse(yamls[y], strlen(yamls[y]), "outer_batch", &spec, &err), MOEGEN_OK);
+        moe_tensors ts;
+        assert_int_equal(moe_tensors_alloc(&spec, S_BIG, &ts), 0);
+        moe_tensors_fill(&ts, 17);
+        moegen_open_options options;
+        moegen_open_options_init(&options);
+        options.device = MOEGEN_DEVICE_CPU;
+        options.n_threads = 2;
+        options.variant = variant;
+        moegen_layer *layer;
+        if (moegen_layer_open_string(yamls[y], strlen(yamls[y]), NULL, &options, &layer, &err) != MOEGEN_OK)
+            fail_msg("open: %s", err.message);
+        bind_tensors(layer, &ts);
+        kernel_outputs big;
+        outputs_alloc(&big, &spec, S_BIG);
+        run_forward(layer, &ts, &big);
+        const size_t row_bytes = (size_t)spec.hidden_size * moegen_dtype_size(spec.dtype);
+        for (size_t i = 0; i < sizeof small / sizeof small[0]; i++) {
+            moe_tensors prefix = ts; /* the same x, its first tokens */
+            prefix.n_tokens = small[i];
+            kernel_outputs o;
+            outputs_alloc(&o, &spec, small[i]);
+            run_forward(layer, &prefix, &o);
+            assert_memory_equal(o.ids, big.ids, (size_t)small[i] * spec.top_k * sizeof(int32_t));
+            if (memcmp(o.y, big.y, (size_t)small[i] * row_bytes) != 0)
+                fail_msg("%s: the first %lld tokens alone differ from the same tokens in a batch of %lld",
+                         spec.name, (long long)small[i], (long long)S_BIG);
+            outputs_free(&o);
+        }
+        outputs_free(&big);
+        moegen_layer_close(layer);
+        moe_tensors_free(&ts);
+        moegen_spec_free(&spec);
+    }
+}
+
 /* GPU only: a second layer of the same spec in the process reuses the loaded module
  * (in-process module cache) and both layers compute the same bits. */
 static void two_cuda_layers_of_one_spec_share_the_module(void **state) {
@@ -590,13 +646,14 @@ static void two_cuda_layers_of_one_spec_share_the_module(void **state) {
 
 int main(void) {
     enum { N = sizeof CASES / sizeof CASES[0] };
-    struct CMUnitTest tests[N + 3];
+    struct CMUnitTest tests[N + 4];
     for (int i = 0; i < N; i++) {
         tests[i] = (struct CMUnitTest){CASES[i].name, test_case_or_skip, NULL, NULL, (void *)&CASES[i]};
     }
     tests[N] = (struct CMUnitTest)cmocka_unit_test(forward_is_bitwise_reproducible_across_runs_and_thread_counts);
     tests[N + 1] = (struct CMUnitTest)cmocka_unit_test(two_cuda_layers_of_one_spec_share_the_module);
     tests[N + 2] = (struct CMUnitTest)cmocka_unit_test(outer_products_give_the_same_bits_for_every_tile_blocking_and_thread_count);
+    tests[N + 3] = (struct CMUnitTest)cmocka_unit_test(outer_products_give_a_token_the_same_bits_in_any_batch);
     return cmocka_run_group_tests_name(on_gpu() ? "forward matrix (cuda)" : "forward matrix (cpu)", tests,
                                        gpu_setup, NULL);
 }

@@ -7,10 +7,13 @@
 % -- tile's panels in L1 while several weight tiles pass. GEMM1 writes its activations
 % -- straight into GEMM2's panel layout. Each output element is one k-ascending fp32 chain
 % -- in one vector lane, so results do not depend on the tiling, the thread count or how
-% -- many rows an expert has. Included by ffn.c.tpl inside its FFN shape loop's scope.
+% -- many rows an expert has. A row block of a few rows runs the same chains with lanes across
+% -- weight rows instead (AVX-512: the few-row tiles below). Included by ffn.c.tpl inside its
+% -- FFN shape loop's scope.
 % local moe = import("templates/lib/moe.lua")
 % local mr = variant.cpu.tile_cols
 % local gated = spec.gated
+% local few = 8 -- OUTER_FEW_ROWS
 % local splat = "{" .. string.rep("s, ", variant.cpu.vector_floats - 1) .. "s}"
 /* ---- Outer-product micro-kernels ----------------------------------------------------- */
 
@@ -24,10 +27,6 @@
 #define OUTER_GROUP 1    /* row tiles that share a pass over the weight tiles */
 #define OUTER_WTILES 8   /* weight tiles that share a pass over a row tile's panel chunk */
 #define OUTER_PREFETCH 64 /* weights prefetched this many k ahead (4 cache lines per weight row) */
-/* Every expert runs on panels, however few its rows: moving experts under one token vector to the
- * dot products (tried: switch-base-8 fp32 S = 16, 1 thread, 15.9 -> 10.0 ms) makes an expert's
- * results depend on its row count, which an expert-parallel layer does not share with ep_size 1
- * (test_ep's bit-identity failed). A variant field chosen per layer could do it. */
 _Static_assert(BLOCK_ROWS % (TILE_ROWS * VEC_FLOATS) == 0, "a row block must hold whole token-vector tiles");
 _Static_assert(VEC_FLOATS <= 16, "panels of VEC_FLOATS rows fit the 16-row rounding of the pack scratch");
 _Static_assert(OUTER_KC % 16 == 0 && HIDDEN % 16 == 0 && FFN % 16 == 0, "k runs in steps of 16");
@@ -138,16 +137,216 @@ static void outer_pack_rows(const ffn_problem *p, int64_t b) {
         for (int64_t k = 0; k < HIDDEN; k++) dst[k * VEC_FLOATS + lane] = src[k];
     }
 }
+#if VEC_AVX512
+/* ---- Few-row tiles: one vector per 16 weight rows ------------------------------------ */
+
+/* The rows of a row block's last token vector, when they are at most OUTER_FEW_ROWS (an expert
+ * with a few tokens, or the tail of a bigger one: outer_few_start), would fill a vector mostly
+ * with padding and spend one FMA on every weight for a few rows. They run here instead, lanes
+ * across weight rows: 16 weight rows x 16 k are loaded and transposed in registers, and each
+ * row's value at k is broadcast against the 16 weights of that k. Each output element is still
+ * one k-ascending fp32 chain of `acc += w * x`, the panels' chain, so the results are the same
+ * bits as on panels, and the choice may follow the row count (an expert-parallel rank and
+ * ep_size 1 agree; test_forward checks a token's bits alone and inside a batch). Measured on
+ * switch-base-8 fp32: docs/performance.md. */
+#define OUTER_FEW_ROWS ${few}
+#define OUTER_FEW_PREFETCH 64 /* into L1: weights this many k ahead in each of the 16 rows */
+/* Into L2: the next group's 16 rows (contiguous, n_k lines), 16 lines per step of 16 k, so the
+ * whole group arrives while this one runs (streaming 151 MB alone, 1 thread: 7 -> 10.4 GB/s). */
+
+/* t[k] lane j = r[j] lane k: a 16 x 16 transpose in four rounds of 16 shuffles. */
+static inline void transpose16(__m512 r[16], __m512 t[16]) {
+    __m512 a[16], b[16];
+    for (int i = 0; i < 16; i += 2) { /* per 128-bit lane: rows i, i+1 interleaved */
+        a[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        a[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) { /* b[g + m], 128-bit lane l: rows g..g+3 at k = 4l + m */
+        b[g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[g]), _mm512_castps_pd(a[g + 2])));
+        b[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[g]), _mm512_castps_pd(a[g + 2])));
+        b[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a[g + 1]), _mm512_castps_pd(a[g + 3])));
+        b[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a[g + 1]), _mm512_castps_pd(a[g + 3])));
+    }
+    for (int m = 0; m < 4; m++) { /* a 4 x 4 transpose of 128-bit lanes across b[m], b[4 + m], b[8 + m], b[12 + m] */
+        const __m512 c0 = _mm512_shuffle_f32x4(b[m], b[4 + m], 0x44), c1 = _mm512_shuffle_f32x4(b[m], b[4 + m], 0xee);
+        const __m512 c2 = _mm512_shuffle_f32x4(b[8 + m], b[12 + m], 0x44), c3 = _mm512_shuffle_f32x4(b[8 + m], b[12 + m], 0xee);
+        t[m] = _mm512_shuffle_f32x4(c0, c2, 0x88);
+        t[4 + m] = _mm512_shuffle_f32x4(c0, c2, 0xdd);
+        t[8 + m] = _mm512_shuffle_f32x4(c1, c3, 0x88);
+        t[12 + m] = _mm512_shuffle_f32x4(c1, c3, 0xdd);
+    }
+}
+% for nr = 1, few do
+
+/* few_r${nr}: acc[r] lane j += sum over k < n_k (a multiple of 16) of w[j][k] * x[r][k * VEC_FLOATS],
+ * k ascending, for ${nr} row(s) (x[r]: a row's lane in a panel). */
+static __attribute__((noinline)) void few_r${nr}(const float *const w[16], const float *next,
+                                                 const float *const x[OUTER_FEW_ROWS], int64_t n_k,
+                                                 vfloat acc[OUTER_FEW_ROWS]) {
+%   for r = 0, nr - 1 do
+    const float *const x${r} = x[${r}];
+    vfloat c${r} = acc[${r}];
+%   end
+    for (int64_t k0 = 0; k0 < n_k; k0 += 16) {
+        __m512 rows[16], t[16];
+        for (int j = 0; j < 16; j++) {
+            _mm_prefetch((const char *)(next + (k0 + j) * 16), _MM_HINT_T1);
+            _mm_prefetch((const char *)(w[j] + k0 + OUTER_FEW_PREFETCH), _MM_HINT_T0);
+            rows[j] = _mm512_loadu_ps(w[j] + k0);
+        }
+        transpose16(rows, t);
+#pragma GCC unroll 16 /* t[k] stays in registers (GCC keeps the loop from 4 rows up) */
+        for (int k = 0; k < 16; k++) {
+            vfloat tk;
+            memcpy(&tk, &t[k], sizeof tk);
+%   for r = 0, nr - 1 do
+            {
+                const float s = x${r}[(k0 + k) * VEC_FLOATS];
+                const vfloat b = ${splat};
+                c${r} += tk * b;
+            }
+%   end
+        }
+    }
+%   for r = 0, nr - 1 do
+    acc[${r}] = c${r};
+%   end
+}
+% end
+
+/* few_rows: 1 <= n_rows <= OUTER_FEW_ROWS rows against 16 weight rows, from zero; `next`: the
+ * first of the 16 contiguous rows (of length n_k) the caller runs next, prefetched. */
+static void few_rows(int n_rows, const float *const w[16], const float *next, const float *const x[OUTER_FEW_ROWS],
+                     int64_t n_k, vfloat acc[OUTER_FEW_ROWS]) {
+    memset(acc, 0, OUTER_FEW_ROWS * sizeof acc[0]);
+    switch (n_rows) {
+% for nr = 1, few - 1 do
+    case ${nr}: few_r${nr}(w, next, x, n_k, acc); break;
+% end
+    default: few_r${few}(w, next, x, n_k, acc); break;
+    }
+}
+
+/* The 16 weight rows from row `first` of w (row length n_k), `cols` of them real: a short
+ * group repeats its last row. */
+static inline void few_weight_rows(const float *w, int64_t first, int cols, int64_t n_k, const float *rows[16]) {
+    for (int j = 0; j < 16; j++) rows[j] = w + (first + (j < cols ? j : cols - 1)) * n_k;
+}
+
+/* Where row r's values sit in a panel of rows of length n_k: its lane of its block. */
+static inline const float *few_panel_row(const float *panels, int64_t r, int64_t n_k) {
+    return panels + (r / VEC_FLOATS) * n_k * VEC_FLOATS + r % VEC_FLOATS;
+}
+
+/* 16 biases from b[first] (`cols` of them real; zeros past them), or zeros when b is NULL. */
+static inline __m512 few_bias(const elem_t *b, int64_t first, int cols) {
+    float values[16] = {0};
+    if (b)
+        for (int j = 0; j < cols; j++) values[j] = elem_to_float(b[first + j]);
+    return _mm512_loadu_ps(values);
+}
+
+/* Offsets j * VEC_FLOATS: column j of a row in a panel. */
+static inline __m512i few_column_offsets(void) {
+    return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                              _mm512_set1_epi32(VEC_FLOATS));
+}
+#endif
+
+/* Where the few-row tail of the row block [row0, row_end) starts (row0: a multiple of VEC_FLOATS):
+ * at the rows of its last token vector when they are at most OUTER_FEW_ROWS (the whole block
+ * when it is that small), else at row_end (none). GEMM1 and GEMM2 split a block alike, so the
+ * h panels' lanes the few-row tiles leave unwritten are never read. */
+static inline int64_t outer_few_start(int64_t row0, int64_t row_end) {
+#if VEC_AVX512
+    const int64_t tail = (row_end - row0) % VEC_FLOATS;
+    return tail != 0 && tail <= OUTER_FEW_ROWS ? row_end - tail : row_end;
+#else
+    (void)row0;
+    return row_end;
+#endif
+}
 % for _, shape in ipairs(moe.ffn_shapes(spec)) do
 %   local n = shape.name
 %   local F = shape.ffn
+#if VEC_AVX512
+
+/* GEMM1 + activation of the few rows [row0, row_end) (at most OUTER_FEW_ROWS), activation
+ * columns [col0, col_end), lanes across columns: the same values outer_gemm1_task writes. */
+static void ${n}_few_gemm1(const ffn_problem *p, int64_t row0, int64_t row_end, int64_t col0, int64_t col_end) {
+    const int n_rows = (int)(row_end - row0);
+    const float *x[OUTER_FEW_ROWS];
+    for (int r = 0; r < n_rows; r++) x[r] = few_panel_row(p->xpack, row0 + r, HIDDEN);
+    for (int64_t f = col0; f < col_end; f += 16) {
+        const int cols = (int)min_i64(16, col_end - f);
+        const __mmask16 lanes = (__mmask16)((1u << cols) - 1u);
+        const float *w[16];
+        vfloat gate[OUTER_FEW_ROWS];
+        few_weight_rows(p->w1, f, cols, HIDDEN, w);
+%   if gated then
+        few_rows(n_rows, w, p->w1 + min_i64(${F} + f, ${2 * F} - 16) * HIDDEN, x, HIDDEN, gate); /* next: the up rows */
+%   else
+        few_rows(n_rows, w, p->w1 + min_i64(f + 16, ${F} - 16) * HIDDEN, x, HIDDEN, gate);
+%   end
+        const __m512 b_gate = few_bias(p->b1, f, cols);
+%   if gated then
+        vfloat up[OUTER_FEW_ROWS];
+        few_weight_rows(p->w1, ${F} + f, cols, HIDDEN, w);
+        few_rows(n_rows, w, p->w1 + min_i64(f + 16, ${F} - 16) * HIDDEN, x, HIDDEN, up);
+        const __m512 b_up = few_bias(p->b1, ${F} + f, cols);
+%   end
+        for (int r = 0; r < n_rows; r++) {
+            const int64_t row = row0 + r;
+            const __m512 scale = _mm512_set1_ps(p->row_scale ? p->row_scale[row] : 1.0f);
+            __m512 g;
+            memcpy(&g, &gate[r], sizeof g);
+%   if gated then
+            __m512 u;
+            memcpy(&u, &up[r], sizeof u);
+            const __m512 value = activate16(scale, &g, &u, p->b1 != NULL, b_gate, b_up);
+%   else
+            const __m512 value = activate16(scale, &g, NULL, p->b1 != NULL, b_gate, _mm512_setzero_ps());
+%   end
+            if (p->pre) { /* training: the backward's input (backward.c.tpl) */
+                _mm512_mask_storeu_ps(p->pre + row * ${shape.ffn_rows} + f, lanes, g);
+%   if gated then
+                _mm512_mask_storeu_ps(p->pre + row * ${shape.ffn_rows} + ${F} + f, lanes, u);
+%   end
+            }
+            float *h = p->hpack + (row / VEC_FLOATS) * ${F} * VEC_FLOATS + row % VEC_FLOATS; /* the row's lane */
+            _mm512_mask_i32scatter_ps(h + f * VEC_FLOATS, lanes, few_column_offsets(), value, 4); /* column f + j at j * VEC_FLOATS */
+        }
+    }
+}
+
+/* GEMM2 of the few rows [row0, row_end), output columns [col0, col_end), from the h panels. */
+static void ${n}_few_gemm2(const ffn_problem *p, int64_t row0, int64_t row_end, int64_t col0, int64_t col_end) {
+    const int n_rows = (int)(row_end - row0);
+    const float *h[OUTER_FEW_ROWS];
+    for (int r = 0; r < n_rows; r++) h[r] = few_panel_row(p->hpack, row0 + r, ${F});
+    for (int64_t c = col0; c < col_end; c += 16) {
+        const int cols = (int)min_i64(16, col_end - c);
+        const float *w[16];
+        vfloat acc[OUTER_FEW_ROWS];
+        few_weight_rows(p->w2, c, cols, ${F}, w);
+        few_rows(n_rows, w, p->w2 + min_i64(c + 16, HIDDEN - 16) * ${F}, h, ${F}, acc);
+        const __m512 bias = few_bias(p->b2, c, cols);
+        for (int r = 0; r < n_rows; r++) {
+            __m512 value;
+            memcpy(&value, &acc[r], sizeof value);
+            _mm512_mask_storeu_ps(p->out + (row0 + r) * HIDDEN + c, (__mmask16)((1u << cols) - 1u), _mm512_add_ps(value, bias));
+        }
+    }
+}
+#endif
 
 /* GEMM1 + activation on outer products, rows [row0, row0 + BLOCK_ROWS) and activation
  * columns [col0, col0 + BLOCK_COLS): the activations go to the h panels (and the
  * pre-activations, in training, to p->pre). */
 static void ${n}_outer_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
-    const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, ${F});
+    const int64_t rows_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
+    const int64_t row_end = outer_few_start(row0, rows_end); /* panels before it, few-row tiles after */
     for (int64_t f0 = col0; f0 < col_end; f0 += OUTER_WTILES * TILE_HIDDEN_COLS) {
         const float *w[OUTER_WTILES][TILE_COLS];
         int n_w = 0;
@@ -241,13 +440,17 @@ static void ${n}_outer_gemm1_task(const ffn_problem *p, int64_t row0, int64_t co
             }
         }
     }
+#if VEC_AVX512
+    if (row_end < rows_end) ${n}_few_gemm1(p, row_end, rows_end, col0, col_end);
+#endif
 }
 
 /* GEMM2 on outer products, rows [row0, row0 + BLOCK_ROWS) and output columns
  * [col0, col0 + BLOCK_COLS), from the h panels. */
 static void ${n}_outer_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
-    const int64_t row_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
     const int64_t col_end = min_i64(col0 + BLOCK_COLS, HIDDEN);
+    const int64_t rows_end = min_i64(row0 + BLOCK_ROWS, p->n_rows);
+    const int64_t row_end = outer_few_start(row0, rows_end); /* panels before it, few-row tiles after */
     for (int64_t c0 = col0; c0 < col_end; c0 += OUTER_WTILES * TILE_COLS) {
         const float *w[OUTER_WTILES][TILE_COLS];
         int n_w = 0;
@@ -279,6 +482,9 @@ static void ${n}_outer_gemm2_task(const ffn_problem *p, int64_t row0, int64_t co
             }
         }
     }
+#if VEC_AVX512
+    if (row_end < rows_end) ${n}_few_gemm2(p, row_end, rows_end, col0, col_end);
+#endif
 }
 
 /* Every problem of shape ${n} on outer products: the x panels, all GEMM1 tasks, all GEMM2
