@@ -233,9 +233,16 @@ static inline void few_weight_rows(const float *w, int64_t first, int cols, int6
     for (int j = 0; j < 16; j++) rows[j] = w + (first + (j < cols ? j : cols - 1)) * n_k;
 }
 
-/* Where row r's values sit in a panel of rows of length n_k: its lane of its block. */
-static inline const float *few_panel_row(const float *panels, int64_t r, int64_t n_k) {
-    return panels + (r / VEC_FLOATS) * n_k * VEC_FLOATS + r % VEC_FLOATS;
+/* The group of 16 rows of w (row length n_k, n_rows_w rows) from row `first`, kept inside w:
+ * what few_rows prefetches as the next group. */
+static inline const float *few_next_group(const float *w, int64_t first, int64_t n_rows_w, int64_t n_k) {
+    return w + min_i64(first, n_rows_w - 16) * n_k;
+}
+
+/* Where row r's values sit in a panel of rows of length n_k (its lane of its block), as an
+ * offset from the panels' start. */
+static inline int64_t few_panel_offset(int64_t r, int64_t n_k) {
+    return (r / VEC_FLOATS) * n_k * VEC_FLOATS + r % VEC_FLOATS;
 }
 
 /* 16 biases from b[first] (`cols` of them real; zeros past them), or zeros when b is NULL. */
@@ -276,7 +283,7 @@ static inline int64_t outer_few_start(int64_t row0, int64_t row_end) {
 static void ${n}_few_gemm1(const ffn_problem *p, int64_t row0, int64_t row_end, int64_t col0, int64_t col_end) {
     const int n_rows = (int)(row_end - row0);
     const float *x[OUTER_FEW_ROWS];
-    for (int r = 0; r < n_rows; r++) x[r] = few_panel_row(p->xpack, row0 + r, HIDDEN);
+    for (int r = 0; r < n_rows; r++) x[r] = p->xpack + few_panel_offset(row0 + r, HIDDEN);
     for (int64_t f = col0; f < col_end; f += 16) {
         const int cols = (int)min_i64(16, col_end - f);
         const __mmask16 lanes = (__mmask16)((1u << cols) - 1u);
@@ -284,15 +291,15 @@ static void ${n}_few_gemm1(const ffn_problem *p, int64_t row0, int64_t row_end, 
         vfloat gate[OUTER_FEW_ROWS];
         few_weight_rows(p->w1, f, cols, HIDDEN, w);
 %   if gated then
-        few_rows(n_rows, w, p->w1 + min_i64(${F} + f, ${2 * F} - 16) * HIDDEN, x, HIDDEN, gate); /* next: the up rows */
+        few_rows(n_rows, w, few_next_group(p->w1, ${F} + f, ${2 * F}, HIDDEN), x, HIDDEN, gate); /* next: the up rows */
 %   else
-        few_rows(n_rows, w, p->w1 + min_i64(f + 16, ${F} - 16) * HIDDEN, x, HIDDEN, gate);
+        few_rows(n_rows, w, few_next_group(p->w1, f + 16, ${F}, HIDDEN), x, HIDDEN, gate);
 %   end
         const __m512 b_gate = few_bias(p->b1, f, cols);
 %   if gated then
         vfloat up[OUTER_FEW_ROWS];
         few_weight_rows(p->w1, ${F} + f, cols, HIDDEN, w);
-        few_rows(n_rows, w, p->w1 + min_i64(f + 16, ${F} - 16) * HIDDEN, x, HIDDEN, up);
+        few_rows(n_rows, w, few_next_group(p->w1, f + 16, ${F}, HIDDEN), x, HIDDEN, up);
         const __m512 b_up = few_bias(p->b1, ${F} + f, cols);
 %   end
         for (int r = 0; r < n_rows; r++) {
@@ -313,8 +320,8 @@ static void ${n}_few_gemm1(const ffn_problem *p, int64_t row0, int64_t row_end, 
                 _mm512_mask_storeu_ps(p->pre + row * ${shape.ffn_rows} + ${F} + f, lanes, u);
 %   end
             }
-            float *h = p->hpack + (row / VEC_FLOATS) * ${F} * VEC_FLOATS + row % VEC_FLOATS; /* the row's lane */
-            _mm512_mask_i32scatter_ps(h + f * VEC_FLOATS, lanes, few_column_offsets(), value, 4); /* column f + j at j * VEC_FLOATS */
+            float *h = p->hpack + few_panel_offset(row, ${F}); /* the row's lane; column f + j at (f + j) * VEC_FLOATS */
+            _mm512_mask_i32scatter_ps(h + f * VEC_FLOATS, lanes, few_column_offsets(), value, 4);
         }
     }
 }
@@ -323,18 +330,19 @@ static void ${n}_few_gemm1(const ffn_problem *p, int64_t row0, int64_t row_end, 
 static void ${n}_few_gemm2(const ffn_problem *p, int64_t row0, int64_t row_end, int64_t col0, int64_t col_end) {
     const int n_rows = (int)(row_end - row0);
     const float *h[OUTER_FEW_ROWS];
-    for (int r = 0; r < n_rows; r++) h[r] = few_panel_row(p->hpack, row0 + r, ${F});
+    for (int r = 0; r < n_rows; r++) h[r] = p->hpack + few_panel_offset(row0 + r, ${F});
     for (int64_t c = col0; c < col_end; c += 16) {
         const int cols = (int)min_i64(16, col_end - c);
         const float *w[16];
         vfloat acc[OUTER_FEW_ROWS];
         few_weight_rows(p->w2, c, cols, ${F}, w);
-        few_rows(n_rows, w, p->w2 + min_i64(c + 16, HIDDEN - 16) * ${F}, h, ${F}, acc);
+        few_rows(n_rows, w, few_next_group(p->w2, c + 16, HIDDEN, ${F}), h, ${F}, acc);
         const __m512 bias = few_bias(p->b2, c, cols);
+        const __mmask16 lanes = (__mmask16)((1u << cols) - 1u);
         for (int r = 0; r < n_rows; r++) {
             __m512 value;
             memcpy(&value, &acc[r], sizeof value);
-            _mm512_mask_storeu_ps(p->out + (row0 + r) * HIDDEN + c, (__mmask16)((1u << cols) - 1u), _mm512_add_ps(value, bias));
+            _mm512_mask_storeu_ps(p->out + (row0 + r) * HIDDEN + c, lanes, _mm512_add_ps(value, bias));
         }
     }
 }

@@ -1490,10 +1490,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_mixtral_8x7b.h). */
-const char moe_mixtral_8x7b_build_ad00a94a838db3a3[] = "ad00a94a838db3a3";
+const char moe_mixtral_8x7b_build_9bce8a5e2227e5bf[] = "9bce8a5e2227e5bf";
 
 const char *moe_mixtral_8x7b_describe(void) {
-    return "moe_mixtral_8x7b: spec sha256:0060ababc5f27de5c061323c2e16ad034953b0f947bd5942de53d6989f6a82cc, variant cpu_bf16_e8k2_h4096f14336_v8r3c4b48x64q64fma_0060abab, moegen 0.1.0, build ad00a94a838db3a3, "
+    return "moe_mixtral_8x7b: spec sha256:0060ababc5f27de5c061323c2e16ad034953b0f947bd5942de53d6989f6a82cc, variant cpu_bf16_e8k2_h4096f14336_v8r3c4b48x64q64fma_0060abab, moegen 0.1.0, build 9bce8a5e2227e5bf, "
            "kernels " KERNEL_PATH;
 }
 

@@ -1868,10 +1868,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_qwen1_5_moe_a2_7b.h). */
-const char moe_qwen1_5_moe_a2_7b_build_e86148063e92dedd[] = "e86148063e92dedd";
+const char moe_qwen1_5_moe_a2_7b_build_2d9359b038fbc3e1[] = "2d9359b038fbc3e1";
 
 const char *moe_qwen1_5_moe_a2_7b_describe(void) {
-    return "moe_qwen1_5_moe_a2_7b: spec sha256:499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02, variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a, moegen 0.1.0, build e86148063e92dedd, "
+    return "moe_qwen1_5_moe_a2_7b: spec sha256:499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02, variant cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a, moegen 0.1.0, build 2d9359b038fbc3e1, "
            "kernels " KERNEL_PATH;
 }
 

@@ -1490,10 +1490,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_qwen3_30b_a3b.h). */
-const char moe_qwen3_30b_a3b_build_2759650d18f16906[] = "2759650d18f16906";
+const char moe_qwen3_30b_a3b_build_dfea630b9f82909c[] = "dfea630b9f82909c";
 
 const char *moe_qwen3_30b_a3b_describe(void) {
-    return "moe_qwen3_30b_a3b: spec sha256:20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425, variant cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6, moegen 0.1.0, build 2759650d18f16906, "
+    return "moe_qwen3_30b_a3b: spec sha256:20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425, variant cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6, moegen 0.1.0, build dfea630b9f82909c, "
            "kernels " KERNEL_PATH;
 }
 

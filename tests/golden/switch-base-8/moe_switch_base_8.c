@@ -1231,10 +1231,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_switch_base_8.h). */
-const char moe_switch_base_8_build_7b48337b3965ddbb[] = "7b48337b3965ddbb";
+const char moe_switch_base_8_build_c8ebe3c2d503a1c8[] = "c8ebe3c2d503a1c8";
 
 const char *moe_switch_base_8_describe(void) {
-    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build 7b48337b3965ddbb, "
+    return "moe_switch_base_8: spec sha256:b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0, variant cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32, moegen 0.1.0, build c8ebe3c2d503a1c8, "
            "kernels " KERNEL_PATH;
 }
 
