@@ -812,26 +812,19 @@ int moegen_cli_tune(int argc, char **argv) {
     /* The default heuristic's variant at each token count (the space has the default first;
      * a range's variant joins at the end of the stage if the space lacks it). */
     int heuristic[MAX_COUNTS];
-    {
-        moegen_variant_range ranges[MOEGEN_TUNING_MAX_BUCKETS];
-        const int n_ranges = moegen_variant_default_ranges(&spec, &target, ranges, MOEGEN_TUNING_MAX_BUCKETS);
-        for (int k = 0; k < o.n_counts; k++) {
-            int r = 0;
-            while (r + 1 < n_ranges && ranges[r + 1].min_tokens <= o.counts[k]) r++;
-            moegen_variant v;
-            moegen_variant_default(&spec, MOEGEN_BACKEND_CPU, &target, &v);
-            if (moegen_variant_apply_overrides(&v, ranges[r].overrides, &err) != MOEGEN_OK) {
-                moegen_cli_error("tune: the default heuristic's variant for %lld tokens: %s", o.counts[k], err.message);
-                goto done;
-            }
-            add_candidate(&t, &v);
-            heuristic[k] = find_candidate(&t, &v);
-            if (heuristic[k] < 0) {
-                moegen_cli_error("tune: more than %d candidates", MAX_CANDIDATES);
-                goto done;
-            }
-            t.cands[heuristic[k]].baseline = 1;
+    for (int k = 0; k < o.n_counts; k++) {
+        moegen_variant v;
+        if (moegen_variant_default_for_tokens(&spec, &target, o.counts[k], &v, &err) != MOEGEN_OK) {
+            moegen_cli_error("tune: the default heuristic's variant for %lld tokens: %s", o.counts[k], err.message);
+            goto done;
         }
+        add_candidate(&t, &v);
+        heuristic[k] = find_candidate(&t, &v);
+        if (heuristic[k] < 0) {
+            moegen_cli_error("tune: more than %d candidates", MAX_CANDIDATES);
+            goto done;
+        }
+        t.cands[heuristic[k]].baseline = 1;
     }
     fprintf(stderr,
             "moegen tune: %s, %d token counts, routing %s, %lld MiB written before every timed forward, %d coarse "

@@ -139,6 +139,15 @@ typedef struct moegen_variant_range {
 } moegen_variant_range;
 int moegen_variant_default_ranges(const moegen_spec *spec, const moegen_target *target, moegen_variant_range *out,
                                   int max);
+#define MOEGEN_VARIANT_MAX_RANGES 8 /* more than moegen_variant_default_ranges returns */
+
+/* The default heuristic's CPU variant for n_tokens: moegen_variant_default() with the
+ * overrides of the last range starting at or below n_tokens (the first range below its
+ * start). The one home of that choice (moegen tune times it as each count's baseline; a
+ * layer without a database holds all ranges as buckets, tuning_db.c's pick over them is
+ * the same rule for ranges without gaps). */
+moegen_status moegen_variant_default_for_tokens(const moegen_spec *spec, const moegen_target *target,
+                                                int64_t n_tokens, moegen_variant *out, moegen_error *err);
 
 /* Check a variant against a spec (sweeps produce candidates that may not fit).
  * Returns MOEGEN_OK or MOEGEN_ERR_INVALID_ARGUMENT naming the offending field. */

@@ -216,6 +216,9 @@ static void the_default_splits_fp32_layers_by_rows_per_expert(void **state) {
         assert_int_equal(alone_desc.n_variants, 1);
         moe_verify_report report;
         check_same_bits_and_verify(layer, alone, &spec, &ts, S, &report);
+        moegen_variant picked; /* what moegen tune times as this count's baseline */
+        assert_int_equal(moegen_variant_default_for_tokens(&spec, &target, S, &picked, &err), MOEGEN_OK);
+        assert_int_equal(picked.cpu.gemm, r ? MOEGEN_CPU_GEMM_OUTER : MOEGEN_CPU_GEMM_FMA);
         print_message("  S = %3lld: %s (%s); %s\n", (long long)S, alone_desc.variant,
                       ranges[r].overrides[0] ? ranges[r].overrides : "default", report.message);
         moegen_layer_close(alone);

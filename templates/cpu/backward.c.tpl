@@ -154,7 +154,7 @@ static __attribute__((unused)) void outer_block_${bt.tag}(const float *a, int64_
                 const int64_t m = m0 + (int64_t)t * BWD_MR;
                 const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
                 const float *ap[BWD_MR];
-                for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row + k0 * a_step;
+                for (int i = 0; i < BWD_MR; i++) ap[i] = a + tile_row(m, i, m0 + rows) * a_row + k0 * a_step;
                 if (nv == 2)
                     outer_f_v2(ap, a_step, kc, panel[j], width, NULL, NULL, tile[j][t]);
                 else

@@ -140,11 +140,10 @@ static void ${n}_activate(const ffn_problem *p, int64_t r0, int64_t r1, int64_t 
  * need not divide F; this GEMM1 recomputes its activations for the backward) repeats its last
  * row. */
 static void ${n}_w1_tile(const ffn_problem *p, int64_t f, int64_t end, const elem_t *b[TILE_COLS]) {
-    const int64_t cols = min_i64(TILE_HIDDEN_COLS, end - f);
     for (int64_t j = 0; j < TILE_HIDDEN_COLS; j++) {
-        b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
+        b[j] = p->w1 + tile_row(f, j, end) * HIDDEN;
 %   if gated then
-        b[TILE_HIDDEN_COLS + j] = p->w1 + (${F} + f + (j < cols ? j : cols - 1)) * HIDDEN;
+        b[TILE_HIDDEN_COLS + j] = p->w1 + (${F} + tile_row(f, j, end)) * HIDDEN;
 %   end
     }
 }
@@ -176,7 +175,7 @@ static void ${n}_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
                     const int rows = (int)min_i64(TILE_ROWS, r1 - r); /* the last tile may be short */
                     const elem_t *a[TILE_ROWS];
                     for (int i = 0; i < TILE_ROWS; i++) {
-                        int64_t row = min_i64(r + i, r1 - 1); /* unused pointers of a short tile stay valid */
+                        int64_t row = tile_row(r, i, r1);
                         int64_t token = p->row_token ? p->row_token[row] : row;
                         a[i] = token >= 0 ? p->x + token * HIDDEN : zero_row;
                     }
@@ -211,13 +210,13 @@ static void ${n}_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
         const int64_t c_next = c + TILE_COLS < col_end ? c + TILE_COLS : c; /* the next tile's */
         const elem_t *b[TILE_COLS], *next[TILE_COLS];
         for (int j = 0; j < TILE_COLS; j++) {
-            b[j] = p->w2 + (c + (j < cols ? j : cols - 1)) * ${F};
-            next[j] = p->w2 + min_i64(c_next + j, col_end - 1) * ${F};
+            b[j] = p->w2 + tile_row(c, j, col_end) * ${F};
+            next[j] = p->w2 + tile_row(c_next, j, col_end) * ${F};
         }
         for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
             const int rows = (int)min_i64(TILE_ROWS, row_end - r);
             const elem_t *a[TILE_ROWS];
-            for (int i = 0; i < TILE_ROWS; i++) a[i] = p->hidden + min_i64(r + i, row_end - 1) * ${F};
+            for (int i = 0; i < TILE_ROWS; i++) a[i] = p->hidden + tile_row(r, i, row_end) * ${F};
             float acc[TILE_ROWS][TILE_COLS];
             ${dot2}(rows, a, b, next, acc);
             for (int i = 0; i < rows; i++)

@@ -150,9 +150,12 @@ static void outer_pack_rows(const ffn_problem *p, int64_t b) {
  * ep_size 1 agree; test_forward checks a token's bits alone and inside a batch). Measured on
  * switch-base-8 fp32: docs/performance.md. */
 #define OUTER_FEW_ROWS ${few}
+#define FEW_LANES 16 /* floats in an __m512: the weight rows of a group, the k of one transposed block */
+_Static_assert(FEW_LANES == VEC_FLOATS, "a few-row tile's accumulators are the panels' vectors");
 #define OUTER_FEW_PREFETCH 64 /* into L1: weights this many k ahead in each of the 16 rows */
 /* Into L2: the next group's 16 rows (contiguous, n_k lines), 16 lines per step of 16 k, so the
  * whole group arrives while this one runs (streaming 151 MB alone, 1 thread: 7 -> 10.4 GB/s). */
+#define FLOATS_PER_LINE 16 /* a 64-byte cache line */
 
 /* t[k] lane j = r[j] lane k: a 16 x 16 transpose in four rounds of 16 shuffles. */
 static inline void transpose16(__m512 r[16], __m512 t[16]) {
@@ -180,23 +183,23 @@ static inline void transpose16(__m512 r[16], __m512 t[16]) {
 
 /* few_r${nr}: acc[r] lane j += sum over k < n_k (a multiple of 16) of w[j][k] * x[r][k * VEC_FLOATS],
  * k ascending, for ${nr} row(s) (x[r]: a row's lane in a panel). */
-static __attribute__((noinline)) void few_r${nr}(const float *const w[16], const float *next,
+static __attribute__((noinline)) void few_r${nr}(const float *const w[FEW_LANES], const float *next,
                                                  const float *const x[OUTER_FEW_ROWS], int64_t n_k,
                                                  vfloat acc[OUTER_FEW_ROWS]) {
 %   for r = 0, nr - 1 do
     const float *const x${r} = x[${r}];
     vfloat c${r} = acc[${r}];
 %   end
-    for (int64_t k0 = 0; k0 < n_k; k0 += 16) {
-        __m512 rows[16], t[16];
-        for (int j = 0; j < 16; j++) {
-            _mm_prefetch((const char *)(next + (k0 + j) * 16), _MM_HINT_T1);
+    for (int64_t k0 = 0; k0 < n_k; k0 += FEW_LANES) {
+        __m512 rows[FEW_LANES], t[FEW_LANES];
+        for (int j = 0; j < FEW_LANES; j++) {
+            _mm_prefetch((const char *)(next + (k0 + j) * FLOATS_PER_LINE), _MM_HINT_T1);
             _mm_prefetch((const char *)(w[j] + k0 + OUTER_FEW_PREFETCH), _MM_HINT_T0);
             rows[j] = _mm512_loadu_ps(w[j] + k0);
         }
         transpose16(rows, t);
 #pragma GCC unroll 16 /* t[k] stays in registers (GCC keeps the loop from 4 rows up) */
-        for (int k = 0; k < 16; k++) {
+        for (int k = 0; k < FEW_LANES; k++) {
             vfloat tk;
             memcpy(&tk, &t[k], sizeof tk);
 %   for r = 0, nr - 1 do
@@ -216,7 +219,7 @@ static __attribute__((noinline)) void few_r${nr}(const float *const w[16], const
 
 /* few_rows: 1 <= n_rows <= OUTER_FEW_ROWS rows against 16 weight rows, from zero; `next`: the
  * first of the 16 contiguous rows (of length n_k) the caller runs next, prefetched. */
-static void few_rows(int n_rows, const float *const w[16], const float *next, const float *const x[OUTER_FEW_ROWS],
+static void few_rows(int n_rows, const float *const w[FEW_LANES], const float *next, const float *const x[OUTER_FEW_ROWS],
                      int64_t n_k, vfloat acc[OUTER_FEW_ROWS]) {
     memset(acc, 0, OUTER_FEW_ROWS * sizeof acc[0]);
     switch (n_rows) {
@@ -227,16 +230,15 @@ static void few_rows(int n_rows, const float *const w[16], const float *next, co
     }
 }
 
-/* The 16 weight rows from row `first` of w (row length n_k), `cols` of them real: a short
- * group repeats its last row. */
-static inline void few_weight_rows(const float *w, int64_t first, int cols, int64_t n_k, const float *rows[16]) {
-    for (int j = 0; j < 16; j++) rows[j] = w + (first + (j < cols ? j : cols - 1)) * n_k;
+/* The 16 weight rows from row `first` of w (row length n_k), the real ones before row `end`. */
+static inline void few_weight_rows(const float *w, int64_t first, int64_t end, int64_t n_k, const float *rows[FEW_LANES]) {
+    for (int j = 0; j < FEW_LANES; j++) rows[j] = w + tile_row(first, j, end) * n_k;
 }
 
 /* The group of 16 rows of w (row length n_k, n_rows_w rows) from row `first`, kept inside w:
  * what few_rows prefetches as the next group. */
 static inline const float *few_next_group(const float *w, int64_t first, int64_t n_rows_w, int64_t n_k) {
-    return w + min_i64(first, n_rows_w - 16) * n_k;
+    return w + min_i64(first, n_rows_w - FEW_LANES) * n_k;
 }
 
 /* Where row r's values sit in a panel of rows of length n_k (its lane of its block), as an
@@ -247,7 +249,7 @@ static inline int64_t few_panel_offset(int64_t r, int64_t n_k) {
 
 /* 16 biases from b[first] (`cols` of them real; zeros past them), or zeros when b is NULL. */
 static inline __m512 few_bias(const elem_t *b, int64_t first, int cols) {
-    float values[16] = {0};
+    float values[FEW_LANES] = {0};
     if (b)
         for (int j = 0; j < cols; j++) values[j] = elem_to_float(b[first + j]);
     return _mm512_loadu_ps(values);
@@ -284,22 +286,22 @@ static void ${n}_few_gemm1(const ffn_problem *p, int64_t row0, int64_t row_end, 
     const int n_rows = (int)(row_end - row0);
     const float *x[OUTER_FEW_ROWS];
     for (int r = 0; r < n_rows; r++) x[r] = p->xpack + few_panel_offset(row0 + r, HIDDEN);
-    for (int64_t f = col0; f < col_end; f += 16) {
-        const int cols = (int)min_i64(16, col_end - f);
+    for (int64_t f = col0; f < col_end; f += FEW_LANES) {
+        const int cols = (int)min_i64(FEW_LANES, col_end - f);
         const __mmask16 lanes = (__mmask16)((1u << cols) - 1u);
-        const float *w[16];
+        const float *w[FEW_LANES];
         vfloat gate[OUTER_FEW_ROWS];
-        few_weight_rows(p->w1, f, cols, HIDDEN, w);
+        few_weight_rows(p->w1, f, col_end, HIDDEN, w);
 %   if gated then
         few_rows(n_rows, w, few_next_group(p->w1, ${F} + f, ${2 * F}, HIDDEN), x, HIDDEN, gate); /* next: the up rows */
 %   else
-        few_rows(n_rows, w, few_next_group(p->w1, f + 16, ${F}, HIDDEN), x, HIDDEN, gate);
+        few_rows(n_rows, w, few_next_group(p->w1, f + FEW_LANES, ${F}, HIDDEN), x, HIDDEN, gate);
 %   end
         const __m512 b_gate = few_bias(p->b1, f, cols);
 %   if gated then
         vfloat up[OUTER_FEW_ROWS];
-        few_weight_rows(p->w1, ${F} + f, cols, HIDDEN, w);
-        few_rows(n_rows, w, few_next_group(p->w1, f + 16, ${F}, HIDDEN), x, HIDDEN, up);
+        few_weight_rows(p->w1, ${F} + f, ${F} + col_end, HIDDEN, w);
+        few_rows(n_rows, w, few_next_group(p->w1, f + FEW_LANES, ${F}, HIDDEN), x, HIDDEN, up);
         const __m512 b_up = few_bias(p->b1, ${F} + f, cols);
 %   end
         for (int r = 0; r < n_rows; r++) {
@@ -331,12 +333,12 @@ static void ${n}_few_gemm2(const ffn_problem *p, int64_t row0, int64_t row_end, 
     const int n_rows = (int)(row_end - row0);
     const float *h[OUTER_FEW_ROWS];
     for (int r = 0; r < n_rows; r++) h[r] = p->hpack + few_panel_offset(row0 + r, ${F});
-    for (int64_t c = col0; c < col_end; c += 16) {
-        const int cols = (int)min_i64(16, col_end - c);
-        const float *w[16];
+    for (int64_t c = col0; c < col_end; c += FEW_LANES) {
+        const int cols = (int)min_i64(FEW_LANES, col_end - c);
+        const float *w[FEW_LANES];
         vfloat acc[OUTER_FEW_ROWS];
-        few_weight_rows(p->w2, c, cols, ${F}, w);
-        few_rows(n_rows, w, few_next_group(p->w2, c + 16, HIDDEN, ${F}), h, ${F}, acc);
+        few_weight_rows(p->w2, c, col_end, ${F}, w);
+        few_rows(n_rows, w, few_next_group(p->w2, c + FEW_LANES, HIDDEN, ${F}), h, ${F}, acc);
         const __m512 bias = few_bias(p->b2, c, cols);
         const __mmask16 lanes = (__mmask16)((1u << cols) - 1u);
         for (int r = 0; r < n_rows; r++) {
@@ -359,9 +361,8 @@ static void ${n}_outer_gemm1_task(const ffn_problem *p, int64_t row0, int64_t co
         const float *w[OUTER_WTILES][TILE_COLS];
         int n_w = 0;
         for (int64_t f = f0; f < col_end && n_w < OUTER_WTILES; f += TILE_HIDDEN_COLS, n_w++) {
-            const int cols = (int)min_i64(TILE_HIDDEN_COLS, col_end - f); /* the last tile may be short */
             for (int j = 0; j < TILE_HIDDEN_COLS; j++) {
-                const int64_t col = f + (j < cols ? j : cols - 1); /* a short tile repeats its last row */
+                const int64_t col = tile_row(f, j, col_end); /* the last tile may be short */
                 w[n_w][j] = p->w1 + col * HIDDEN;
 %   if gated then
                 w[n_w][TILE_HIDDEN_COLS + j] = p->w1 + (${F} + col) * HIDDEN; /* up row */
@@ -463,8 +464,7 @@ static void ${n}_outer_gemm2_task(const ffn_problem *p, int64_t row0, int64_t co
         const float *w[OUTER_WTILES][TILE_COLS];
         int n_w = 0;
         for (int64_t c = c0; c < col_end && n_w < OUTER_WTILES; c += TILE_COLS, n_w++) {
-            const int cols = (int)min_i64(TILE_COLS, col_end - c);
-            for (int j = 0; j < TILE_COLS; j++) w[n_w][j] = p->w2 + (c + (j < cols ? j : cols - 1)) * ${F};
+            for (int j = 0; j < TILE_COLS; j++) w[n_w][j] = p->w2 + tile_row(c, j, col_end) * ${F};
         }
         for (int64_t g = row0; g < row_end; g += OUTER_GROUP * TILE_ROWS * VEC_FLOATS) {
             const int n_tiles = outer_group_tiles(g, row_end);

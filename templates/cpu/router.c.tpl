@@ -210,13 +210,13 @@ static void route_block(forward_state *st, int64_t block) {
     for (int64_t t = t0; t < t1; t += TILE_ROWS) {
         const int rows = (int)min_i64(TILE_ROWS, t1 - t);
         const float *a[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; i++) a[i] = st->router_input + min_i64(t + i, t1 - 1) * HIDDEN;
+        for (int i = 0; i < TILE_ROWS; i++) a[i] = st->router_input + tile_row(t, i, t1) * HIDDEN;
         for (int e = 0; e < NUM_EXPERTS; e += TILE_COLS) {
             const int e_next = e + TILE_COLS < NUM_EXPERTS ? e + TILE_COLS : 0; /* the next tile's */
             const float *b[TILE_COLS], *next[TILE_COLS];
             for (int j = 0; j < TILE_COLS; j++) {
-                b[j] = w->router_w + min_i64(e + j, NUM_EXPERTS - 1) * HIDDEN;
-                next[j] = w->router_w + min_i64(e_next + j, NUM_EXPERTS - 1) * HIDDEN;
+                b[j] = w->router_w + tile_row(e, j, NUM_EXPERTS) * HIDDEN;
+                next[j] = w->router_w + tile_row(e_next, j, NUM_EXPERTS) * HIDDEN;
             }
             float out[TILE_ROWS][TILE_COLS];
             ${moe.dot_name("float", "float", spec.hidden_size)}(rows, a, b, next, out);

@@ -82,3 +82,9 @@ struct priority_entry {
 
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* Row `first + j` of a tile whose rows must stay below `end`. The micro-kernels always read
+ * whole tiles: a tile that overhangs `end` repeats its last real row there, so every pointer
+ * stays inside the matrix, and the caller stores only the real rows' results. Every tile's
+ * row pointers (weights, tokens, activations; forward and backward) are taken through it. */
+static inline int64_t tile_row(int64_t first, int64_t j, int64_t end) { return min_i64(first + j, end - 1); }
+

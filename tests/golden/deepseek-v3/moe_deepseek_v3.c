@@ -930,6 +930,12 @@ struct priority_entry {
 
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* Row `first + j` of a tile whose rows must stay below `end`. The micro-kernels always read
+ * whole tiles: a tile that overhangs `end` repeats its last real row there, so every pointer
+ * stays inside the matrix, and the caller stores only the real rows' results. Every tile's
+ * row pointers (weights, tokens, activations; forward and backward) are taken through it. */
+static inline int64_t tile_row(int64_t first, int64_t j, int64_t end) { return min_i64(first + j, end - 1); }
+
 /* ---- Stage 1: router ------------------------------------------------------------------ */
 
 /* Scores of one token from its sanitized logits (sigmoid). */
@@ -1073,13 +1079,13 @@ static void route_block(forward_state *st, int64_t block) {
     for (int64_t t = t0; t < t1; t += TILE_ROWS) {
         const int rows = (int)min_i64(TILE_ROWS, t1 - t);
         const float *a[TILE_ROWS];
-        for (int i = 0; i < TILE_ROWS; i++) a[i] = st->router_input + min_i64(t + i, t1 - 1) * HIDDEN;
+        for (int i = 0; i < TILE_ROWS; i++) a[i] = st->router_input + tile_row(t, i, t1) * HIDDEN;
         for (int e = 0; e < NUM_EXPERTS; e += TILE_COLS) {
             const int e_next = e + TILE_COLS < NUM_EXPERTS ? e + TILE_COLS : 0; /* the next tile's */
             const float *b[TILE_COLS], *next[TILE_COLS];
             for (int j = 0; j < TILE_COLS; j++) {
-                b[j] = w->router_w + min_i64(e + j, NUM_EXPERTS - 1) * HIDDEN;
-                next[j] = w->router_w + min_i64(e_next + j, NUM_EXPERTS - 1) * HIDDEN;
+                b[j] = w->router_w + tile_row(e, j, NUM_EXPERTS) * HIDDEN;
+                next[j] = w->router_w + tile_row(e_next, j, NUM_EXPERTS) * HIDDEN;
             }
             float out[TILE_ROWS][TILE_COLS];
             dot_tile_f32_f32_k7168(rows, a, b, next, out);
@@ -1291,10 +1297,9 @@ static void f2048_activate(const ffn_problem *p, int64_t r0, int64_t r1, int64_t
  * need not divide F; this GEMM1 recomputes its activations for the backward) repeats its last
  * row. */
 static void f2048_w1_tile(const ffn_problem *p, int64_t f, int64_t end, const elem_t *b[TILE_COLS]) {
-    const int64_t cols = min_i64(TILE_HIDDEN_COLS, end - f);
     for (int64_t j = 0; j < TILE_HIDDEN_COLS; j++) {
-        b[j] = p->w1 + (f + (j < cols ? j : cols - 1)) * HIDDEN;
-        b[TILE_HIDDEN_COLS + j] = p->w1 + (2048 + f + (j < cols ? j : cols - 1)) * HIDDEN;
+        b[j] = p->w1 + tile_row(f, j, end) * HIDDEN;
+        b[TILE_HIDDEN_COLS + j] = p->w1 + (2048 + tile_row(f, j, end)) * HIDDEN;
     }
 }
 
@@ -1321,7 +1326,7 @@ static void f2048_gemm1_task(const ffn_problem *p, int64_t row0, int64_t col0) {
                     const int rows = (int)min_i64(TILE_ROWS, r1 - r); /* the last tile may be short */
                     const elem_t *a[TILE_ROWS];
                     for (int i = 0; i < TILE_ROWS; i++) {
-                        int64_t row = min_i64(r + i, r1 - 1); /* unused pointers of a short tile stay valid */
+                        int64_t row = tile_row(r, i, r1);
                         int64_t token = p->row_token ? p->row_token[row] : row;
                         a[i] = token >= 0 ? p->x + token * HIDDEN : zero_row;
                     }
@@ -1348,13 +1353,13 @@ static void f2048_gemm2_task(const ffn_problem *p, int64_t row0, int64_t col0) {
         const int64_t c_next = c + TILE_COLS < col_end ? c + TILE_COLS : c; /* the next tile's */
         const elem_t *b[TILE_COLS], *next[TILE_COLS];
         for (int j = 0; j < TILE_COLS; j++) {
-            b[j] = p->w2 + (c + (j < cols ? j : cols - 1)) * 2048;
-            next[j] = p->w2 + min_i64(c_next + j, col_end - 1) * 2048;
+            b[j] = p->w2 + tile_row(c, j, col_end) * 2048;
+            next[j] = p->w2 + tile_row(c_next, j, col_end) * 2048;
         }
         for (int64_t r = row0; r < row_end; r += TILE_ROWS) {
             const int rows = (int)min_i64(TILE_ROWS, row_end - r);
             const elem_t *a[TILE_ROWS];
-            for (int i = 0; i < TILE_ROWS; i++) a[i] = p->hidden + min_i64(r + i, row_end - 1) * 2048;
+            for (int i = 0; i < TILE_ROWS; i++) a[i] = p->hidden + tile_row(r, i, row_end) * 2048;
             float acc[TILE_ROWS][TILE_COLS];
             dot_tile_u16_u16_k2048(rows, a, b, next, acc);
             for (int i = 0; i < rows; i++)
@@ -1558,10 +1563,10 @@ static workspace_layout layout_for(int64_t n_tokens) {
 /* ---- Exported functions ------------------------------------------------------------------ */
 
 /* The build pin's definition (moe_deepseek_v3.h). */
-const char moe_deepseek_v3_build_22570a3117fbaa13[] = "22570a3117fbaa13";
+const char moe_deepseek_v3_build_e9a4150c56cdcdc9[] = "e9a4150c56cdcdc9";
 
 const char *moe_deepseek_v3_describe(void) {
-    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build 22570a3117fbaa13, "
+    return "moe_deepseek_v3: spec sha256:8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816, variant cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de, moegen 0.1.0, build e9a4150c56cdcdc9, "
            "kernels " KERNEL_PATH;
 }
 
@@ -1929,7 +1934,7 @@ static __attribute__((unused)) void outer_block_e(const float *a, int64_t a_row,
                 const int64_t m = m0 + (int64_t)t * BWD_MR;
                 const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
                 const float *ap[BWD_MR];
-                for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row + k0 * a_step;
+                for (int i = 0; i < BWD_MR; i++) ap[i] = a + tile_row(m, i, m0 + rows) * a_row + k0 * a_step;
                 if (nv == 2)
                     outer_f_v2(ap, a_step, kc, panel[j], width, NULL, NULL, tile[j][t]);
                 else
@@ -2027,7 +2032,7 @@ static __attribute__((unused)) void outer_block_f(const float *a, int64_t a_row,
                 const int64_t m = m0 + (int64_t)t * BWD_MR;
                 const int valid = (int)min_i64(BWD_MR, m0 + rows - m);
                 const float *ap[BWD_MR];
-                for (int i = 0; i < BWD_MR; i++) ap[i] = a + (m + (i < valid ? i : valid - 1)) * a_row + k0 * a_step;
+                for (int i = 0; i < BWD_MR; i++) ap[i] = a + tile_row(m, i, m0 + rows) * a_row + k0 * a_step;
                 if (nv == 2)
                     outer_f_v2(ap, a_step, kc, panel[j], width, NULL, NULL, tile[j][t]);
                 else

@@ -13,7 +13,7 @@
 #define MOE_DEEPSEEK_V3_SPEC_SHA256 "8abd75de82989996b174481fcd081e1061bb7ea077adc7e47edb9251e9b65816"
 #define MOE_DEEPSEEK_V3_VARIANT "cpu_bf16_e256k8_h7168f2048_v8r3c4b48x64q64fma_8abd75de"
 #define MOE_DEEPSEEK_V3_MOEGEN_VERSION "0.1.0"
-#define MOE_DEEPSEEK_V3_BUILD_ID "22570a3117fbaa13"
+#define MOE_DEEPSEEK_V3_BUILD_ID "e9a4150c56cdcdc9"
 
 #ifdef __cplusplus
 extern "C" {
@@ -27,9 +27,9 @@ const char *moe_deepseek_v3_describe(void);
  * source generated together with it defines. An object compiled from another generation
  * of moe_deepseek_v3.c (an edited spec, another variant or moegen version) does not
  * link with code compiled against this header: the linker reports
- * moe_deepseek_v3_build_22570a3117fbaa13 undefined. Regenerate and rebuild both. */
-extern const char moe_deepseek_v3_build_22570a3117fbaa13[];
-static const char *const moe_deepseek_v3_build_pin __attribute__((used, unused)) = moe_deepseek_v3_build_22570a3117fbaa13;
+ * moe_deepseek_v3_build_e9a4150c56cdcdc9 undefined. Regenerate and rebuild both. */
+extern const char moe_deepseek_v3_build_e9a4150c56cdcdc9[];
+static const char *const moe_deepseek_v3_build_pin __attribute__((used, unused)) = moe_deepseek_v3_build_e9a4150c56cdcdc9;
 
 /* Workspace bytes a forward over n_tokens tokens needs (64-byte aligned buffer). */
 size_t moe_deepseek_v3_workspace_bytes(int64_t n_tokens);

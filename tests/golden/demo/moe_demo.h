@@ -13,7 +13,7 @@
 #define MOE_DEMO_SPEC_SHA256 "fc8b6e2ab01f094fe82099c962d2379c86b929bab3341d92aa5cdf0a9a449437"
 #define MOE_DEMO_VARIANT "cpu_bf16_e8k2_h256f512_v8r3c4b48x64q64fma_fc8b6e2a"
 #define MOE_DEMO_MOEGEN_VERSION "0.1.0"
-#define MOE_DEMO_BUILD_ID "75f94057f0210be6"
+#define MOE_DEMO_BUILD_ID "7f3b5fe2a0228871"
 
 #ifdef __cplusplus
 extern "C" {
@@ -27,9 +27,9 @@ const char *moe_demo_describe(void);
  * source generated together with it defines. An object compiled from another generation
  * of moe_demo.c (an edited spec, another variant or moegen version) does not
  * link with code compiled against this header: the linker reports
- * moe_demo_build_75f94057f0210be6 undefined. Regenerate and rebuild both. */
-extern const char moe_demo_build_75f94057f0210be6[];
-static const char *const moe_demo_build_pin __attribute__((used, unused)) = moe_demo_build_75f94057f0210be6;
+ * moe_demo_build_7f3b5fe2a0228871 undefined. Regenerate and rebuild both. */
+extern const char moe_demo_build_7f3b5fe2a0228871[];
+static const char *const moe_demo_build_pin __attribute__((used, unused)) = moe_demo_build_7f3b5fe2a0228871;
 
 /* Workspace bytes a forward over n_tokens tokens needs (64-byte aligned buffer). */
 size_t moe_demo_workspace_bytes(int64_t n_tokens);

@@ -13,7 +13,7 @@
 #define MOE_MIXTRAL_8X7B_SPEC_SHA256 "0060ababc5f27de5c061323c2e16ad034953b0f947bd5942de53d6989f6a82cc"
 #define MOE_MIXTRAL_8X7B_VARIANT "cpu_bf16_e8k2_h4096f14336_v8r3c4b48x64q64fma_0060abab"
 #define MOE_MIXTRAL_8X7B_MOEGEN_VERSION "0.1.0"
-#define MOE_MIXTRAL_8X7B_BUILD_ID "9bce8a5e2227e5bf"
+#define MOE_MIXTRAL_8X7B_BUILD_ID "d0308b09b5a57c88"
 
 #ifdef __cplusplus
 extern "C" {
@@ -27,9 +27,9 @@ const char *moe_mixtral_8x7b_describe(void);
  * source generated together with it defines. An object compiled from another generation
  * of moe_mixtral_8x7b.c (an edited spec, another variant or moegen version) does not
  * link with code compiled against this header: the linker reports
- * moe_mixtral_8x7b_build_9bce8a5e2227e5bf undefined. Regenerate and rebuild both. */
-extern const char moe_mixtral_8x7b_build_9bce8a5e2227e5bf[];
-static const char *const moe_mixtral_8x7b_build_pin __attribute__((used, unused)) = moe_mixtral_8x7b_build_9bce8a5e2227e5bf;
+ * moe_mixtral_8x7b_build_d0308b09b5a57c88 undefined. Regenerate and rebuild both. */
+extern const char moe_mixtral_8x7b_build_d0308b09b5a57c88[];
+static const char *const moe_mixtral_8x7b_build_pin __attribute__((used, unused)) = moe_mixtral_8x7b_build_d0308b09b5a57c88;
 
 /* Workspace bytes a forward over n_tokens tokens needs (64-byte aligned buffer). */
 size_t moe_mixtral_8x7b_workspace_bytes(int64_t n_tokens);

@@ -13,7 +13,7 @@
 #define MOE_OLMOE_1B_7B_SPEC_SHA256 "10a4c323878756dcadadda0a4f0166ea7cb1be76451b8018ac8be2dc05b52337"
 #define MOE_OLMOE_1B_7B_VARIANT "cpu_bf16_e64k8_h2048f1024_v8r3c4b48x64q64fma_10a4c323"
 #define MOE_OLMOE_1B_7B_MOEGEN_VERSION "0.1.0"
-#define MOE_OLMOE_1B_7B_BUILD_ID "a9f74794b885de1b"
+#define MOE_OLMOE_1B_7B_BUILD_ID "ba90cf682222ac66"
 
 #ifdef __cplusplus
 extern "C" {
@@ -27,9 +27,9 @@ const char *moe_olmoe_1b_7b_describe(void);
  * source generated together with it defines. An object compiled from another generation
  * of moe_olmoe_1b_7b.c (an edited spec, another variant or moegen version) does not
  * link with code compiled against this header: the linker reports
- * moe_olmoe_1b_7b_build_a9f74794b885de1b undefined. Regenerate and rebuild both. */
-extern const char moe_olmoe_1b_7b_build_a9f74794b885de1b[];
-static const char *const moe_olmoe_1b_7b_build_pin __attribute__((used, unused)) = moe_olmoe_1b_7b_build_a9f74794b885de1b;
+ * moe_olmoe_1b_7b_build_ba90cf682222ac66 undefined. Regenerate and rebuild both. */
+extern const char moe_olmoe_1b_7b_build_ba90cf682222ac66[];
+static const char *const moe_olmoe_1b_7b_build_pin __attribute__((used, unused)) = moe_olmoe_1b_7b_build_ba90cf682222ac66;
 
 /* Workspace bytes a forward over n_tokens tokens needs (64-byte aligned buffer). */
 size_t moe_olmoe_1b_7b_workspace_bytes(int64_t n_tokens);

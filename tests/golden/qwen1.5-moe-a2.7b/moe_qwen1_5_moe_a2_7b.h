@@ -13,7 +13,7 @@
 #define MOE_QWEN1_5_MOE_A2_7B_SPEC_SHA256 "499b563a821c829d0d2b7cc3adfb755865c4b8dbee98c1f3e194e92a9cb25c02"
 #define MOE_QWEN1_5_MOE_A2_7B_VARIANT "cpu_bf16_e60k4_h2048f1408_v8r3c4b48x64q64fma_499b563a"
 #define MOE_QWEN1_5_MOE_A2_7B_MOEGEN_VERSION "0.1.0"
-#define MOE_QWEN1_5_MOE_A2_7B_BUILD_ID "2d9359b038fbc3e1"
+#define MOE_QWEN1_5_MOE_A2_7B_BUILD_ID "ce0a6618aa40b6f6"
 
 #ifdef __cplusplus
 extern "C" {
@@ -27,9 +27,9 @@ const char *moe_qwen1_5_moe_a2_7b_describe(void);
  * source generated together with it defines. An object compiled from another generation
  * of moe_qwen1_5_moe_a2_7b.c (an edited spec, another variant or moegen version) does not
  * link with code compiled against this header: the linker reports
- * moe_qwen1_5_moe_a2_7b_build_2d9359b038fbc3e1 undefined. Regenerate and rebuild both. */
-extern const char moe_qwen1_5_moe_a2_7b_build_2d9359b038fbc3e1[];
-static const char *const moe_qwen1_5_moe_a2_7b_build_pin __attribute__((used, unused)) = moe_qwen1_5_moe_a2_7b_build_2d9359b038fbc3e1;
+ * moe_qwen1_5_moe_a2_7b_build_ce0a6618aa40b6f6 undefined. Regenerate and rebuild both. */
+extern const char moe_qwen1_5_moe_a2_7b_build_ce0a6618aa40b6f6[];
+static const char *const moe_qwen1_5_moe_a2_7b_build_pin __attribute__((used, unused)) = moe_qwen1_5_moe_a2_7b_build_ce0a6618aa40b6f6;
 
 /* Workspace bytes a forward over n_tokens tokens needs (64-byte aligned buffer). */
 size_t moe_qwen1_5_moe_a2_7b_workspace_bytes(int64_t n_tokens);

@@ -13,7 +13,7 @@
 #define MOE_QWEN3_30B_A3B_SPEC_SHA256 "20aac5c6fd61fbec0b3caa1d04493fe9776c571a5ab959e26e92fa077d9b7425"
 #define MOE_QWEN3_30B_A3B_VARIANT "cpu_bf16_e128k8_h2048f768_v8r3c4b48x64q64fma_20aac5c6"
 #define MOE_QWEN3_30B_A3B_MOEGEN_VERSION "0.1.0"
-#define MOE_QWEN3_30B_A3B_BUILD_ID "dfea630b9f82909c"
+#define MOE_QWEN3_30B_A3B_BUILD_ID "acc37f5626551ce1"
 
 #ifdef __cplusplus
 extern "C" {
@@ -27,9 +27,9 @@ const char *moe_qwen3_30b_a3b_describe(void);
  * source generated together with it defines. An object compiled from another generation
  * of moe_qwen3_30b_a3b.c (an edited spec, another variant or moegen version) does not
  * link with code compiled against this header: the linker reports
- * moe_qwen3_30b_a3b_build_dfea630b9f82909c undefined. Regenerate and rebuild both. */
-extern const char moe_qwen3_30b_a3b_build_dfea630b9f82909c[];
-static const char *const moe_qwen3_30b_a3b_build_pin __attribute__((used, unused)) = moe_qwen3_30b_a3b_build_dfea630b9f82909c;
+ * moe_qwen3_30b_a3b_build_acc37f5626551ce1 undefined. Regenerate and rebuild both. */
+extern const char moe_qwen3_30b_a3b_build_acc37f5626551ce1[];
+static const char *const moe_qwen3_30b_a3b_build_pin __attribute__((used, unused)) = moe_qwen3_30b_a3b_build_acc37f5626551ce1;
 
 /* Workspace bytes a forward over n_tokens tokens needs (64-byte aligned buffer). */
 size_t moe_qwen3_30b_a3b_workspace_bytes(int64_t n_tokens);

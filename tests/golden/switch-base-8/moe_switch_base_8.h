@@ -13,7 +13,7 @@
 #define MOE_SWITCH_BASE_8_SPEC_SHA256 "b277ff3241363ab50a6ffff88905f8e43dccebdbe1d54b57b26ead506f9d0ad0"
 #define MOE_SWITCH_BASE_8_VARIANT "cpu_fp32_e8k1_h768f3072_v8r3c4b48x64q64fma_b277ff32"
 #define MOE_SWITCH_BASE_8_MOEGEN_VERSION "0.1.0"
-#define MOE_SWITCH_BASE_8_BUILD_ID "c8ebe3c2d503a1c8"
+#define MOE_SWITCH_BASE_8_BUILD_ID "4362557f03094c3c"
 
 #ifdef __cplusplus
 extern "C" {
@@ -27,9 +27,9 @@ const char *moe_switch_base_8_describe(void);
  * source generated together with it defines. An object compiled from another generation
  * of moe_switch_base_8.c (an edited spec, another variant or moegen version) does not
  * link with code compiled against this header: the linker reports
- * moe_switch_base_8_build_c8ebe3c2d503a1c8 undefined. Regenerate and rebuild both. */
-extern const char moe_switch_base_8_build_c8ebe3c2d503a1c8[];
-static const char *const moe_switch_base_8_build_pin __attribute__((used, unused)) = moe_switch_base_8_build_c8ebe3c2d503a1c8;
+ * moe_switch_base_8_build_4362557f03094c3c undefined. Regenerate and rebuild both. */
+extern const char moe_switch_base_8_build_4362557f03094c3c[];
+static const char *const moe_switch_base_8_build_pin __attribute__((used, unused)) = moe_switch_base_8_build_4362557f03094c3c;
 
 /* Workspace bytes a forward over n_tokens tokens needs (64-byte aligned buffer). */
 size_t moe_switch_base_8_workspace_bytes(int64_t n_tokens);
