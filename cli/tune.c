@@ -10,6 +10,9 @@
  *           parent made before forking, verify against the double-precision reference,
  *           time every bucket's token count (a warm-up, repeats, median; a candidate 3x
  *           slower than the best so far at a count stops being timed there)
+ *        -> per token count, a race: the finalists (the candidates within RACE_MARGIN of the
+ *           count's best, the default heuristic's variant, the incumbents') are timed again in
+ *           one child, alternated forward by forward, and the race's medians decide
  *        -> table, database.
  *
  * Isolation: a candidate that fails to compile, crashes, hangs past its time limit or
@@ -17,7 +20,9 @@
  * candidate is FAIL with the reason. The default heuristic's variants (the default and the
  * one of each of its token ranges, moegen_variant_default_ranges) are always candidates, timed
  * whatever the budget and never pruned, so the tuned layer is never slower than the untuned
- * layer in the measured run: a database replaces the heuristic for its shape.
+ * layer in the measured run: a database replaces the heuristic for its shape. The same holds for
+ * the incumbents, the variants of the database the run replaces (and of --incumbent files): a
+ * re-tune never drops a variant without timing it against the new pick side by side.
  *
  * Fault injection for the tests: $MOEGEN_TUNE_INJECT="compile:I,crash:J,hang:K,wrong:L" makes
  * candidate I fail to compile (its child runs a compiler that does not exist), J crash, K
@@ -79,11 +84,21 @@ static const char usage_tune[] =
     "  --cache-dir DIR     compile cache\n"
     "  --seed S            seed of the random tensors (default 1)\n"
     "  --timeout SECONDS   limit of one candidate's verify + timing child (default: 30 s plus\n"
-    "                      20x the default variant's time)\n";
+    "                      20x the default variant's time)\n"
+    "  --race-rounds N     alternated rounds of each token count's final race (default 9;\n"
+    "                      0: no race, the sweep's medians decide)\n"
+    "  --incumbent FILE    also race the variants of the tuning database FILE (repeatable);\n"
+    "                      the database at the output path always races, if there is one\n"
+    "  --no-incumbent      do not race the database at the output path\n";
 
 #define MAX_COUNTS 16
 #define MAX_CANDIDATES 256
 #define PRUNE_FACTOR 3.0 /* a candidate this many times slower than the best stops being timed */
+#define RACE_MARGIN 0.08 /* candidates within 8 % of a count's best sweep median race for it */
+#define RACE_TOP 4       /* at most this many of them (fastest first) */
+#define MAX_INCUMBENT_FILES 4
+/* The finalists of one count: RACE_TOP, the heuristic's variant, one per incumbent file. */
+#define RACE_MAX (RACE_TOP + 1 + MAX_INCUMBENT_FILES + 1)
 
 typedef enum { CAND_PENDING, CAND_PASS, CAND_FAIL, CAND_SKIPPED } cand_state;
 
@@ -93,7 +108,8 @@ typedef struct candidate {
     cand_state state;
     char why[300];
     double median_ms[MAX_COUNTS];
-    int baseline; /* one of the default heuristic's variants: no budget cut, no pruning */
+    int baseline;           /* one of the default heuristic's variants: no budget cut, no pruning */
+    unsigned incumbent_at;  /* bit k: an incumbent database runs this variant at counts[k] (no budget cut) */
 } candidate;
 
 typedef struct tune_options {
@@ -104,6 +120,9 @@ typedef struct tune_options {
     long long evict_mb; /* -1: twice the last-level cache (default_evict_mb) */
     int write;
     double zipf;
+    long long race_rounds;
+    const char *incumbents[MAX_INCUMBENT_FILES]; /* --incumbent FILEs */
+    int n_incumbents, no_incumbent;
 } tune_options;
 
 typedef struct injection {
@@ -132,7 +151,8 @@ static int parse_tokens(const char *list, tune_options *o) {
 
 static int parse_options(int argc, char **argv, tune_options *o) {
     *o = (tune_options){
-        .budget_s = 600, .repeat = 7, .seed = 1, .evict_mb = -1, .write = 1, .routing = "skewed", .zipf = 1.2};
+        .budget_s = 600, .repeat = 7, .seed = 1, .evict_mb = -1, .write = 1, .routing = "skewed", .zipf = 1.2,
+        .race_rounds = 9};
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     o->jobs = cpus > 0 ? cpus : 1;
     if (parse_tokens("1,16,128,1024", o)) return 1;
@@ -145,6 +165,10 @@ static int parse_options(int argc, char **argv, tune_options *o) {
         }
         if (!strcmp(a, "--no-write")) {
             o->write = 0;
+            continue;
+        }
+        if (!strcmp(a, "--no-incumbent")) {
+            o->no_incumbent = 1;
             continue;
         }
         if (!value) return moegen_cli_error("tune: option %s needs a value", a);
@@ -170,6 +194,12 @@ static int parse_options(int argc, char **argv, tune_options *o) {
             if (moegen_cli_parse_int(value, a, 0, LLONG_MAX, &o->seed)) return 1;
         } else if (!strcmp(a, "--timeout")) {
             if (moegen_cli_parse_int(value, a, 1, 24 * 3600, &o->timeout_s)) return 1;
+        } else if (!strcmp(a, "--race-rounds")) {
+            if (moegen_cli_parse_int(value, a, 0, 1000, &o->race_rounds)) return 1;
+        } else if (!strcmp(a, "--incumbent")) {
+            if (o->n_incumbents == MAX_INCUMBENT_FILES)
+                return moegen_cli_error("tune: at most %d --incumbent files", MAX_INCUMBENT_FILES);
+            o->incumbents[o->n_incumbents++] = value;
         } else if (!strcmp(a, "--out")) {
             o->out_dir = value;
         } else if (!strcmp(a, "--cache-dir")) {
@@ -387,7 +417,7 @@ static void reap(child *c, int killed_for_time, double limit_s, char *why, size_
     if (killed_for_time) snprintf(why, size, "timeout: no result within %.0f s (killed)", limit_s);
     else if (WIFSIGNALED(status)) snprintf(why, size, "crashed: signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
     else if (WIFEXITED(status) && WEXITSTATUS(status) != 0 && c->report_len)
-        snprintf(why, size, "%s", c->report);
+        snprintf(why, size, "%.*s", (int)size - 1, c->report); /* cut to fit */
     else if (WIFEXITED(status) && WEXITSTATUS(status) != 0) /* e.g. a crash a sanitizer's handler caught */
         snprintf(why, size, "exited with status %d without a report (its stderr says why)", WEXITSTATUS(status));
 }
@@ -492,6 +522,40 @@ static int compile_body(int index, int fd, void *ctx) {
 }
 
 /* Measure child: verify, then time each token count; reports "ok <median ms>...". */
+/* In a child: candidate c's layer, opened (a compile-cache hit) with the shared weights bound;
+ * NULL with the reason on the report pipe. */
+static moegen_layer *open_bound(const tune_state *t, const candidate *c, int fd) {
+    moegen_open_options opts;
+    open_options(t, c, &opts);
+    moegen_layer *layer = NULL;
+    moegen_error err;
+    if (moegen_layer_open_file(t->o->spec_path, &opts, &layer, &err) != MOEGEN_OK) {
+        report_line(fd, "open %s: %.800s", c->name, err.message);
+        return NULL;
+    }
+    moegen_weights weights;
+    moe_tensors_bind_weights(t->spec, t->ts, 0, &weights);
+    if (moegen_layer_bind(layer, &weights, &err) != MOEGEN_OK) {
+        report_line(fd, "bind %s: %.800s", c->name, err.message);
+        return NULL;
+    }
+    return layer;
+}
+
+/* In a child: the --evict-mb buffer (NULL for 0 MiB, or with the reason reported). */
+static volatile unsigned char *evict_buffer(const tune_state *t, int fd, size_t *bytes) {
+    *bytes = (size_t)t->o->evict_mb << 20;
+    if (!*bytes) return NULL;
+    volatile unsigned char *evict = calloc(1, *bytes);
+    if (!evict) report_line(fd, "out of memory for the --evict-mb buffer (%lld MiB)", t->o->evict_mb);
+    return evict;
+}
+
+/* Cold caches: write the buffer before a timed forward. */
+static void evict_caches(volatile unsigned char *evict, size_t bytes) {
+    for (size_t i = 0; i < bytes; i += 64) evict[i] = (unsigned char)(evict[i] + 1);
+}
+
 static int measure_body(int index, int fd, void *ctx) {
     tune_state *t = ctx;
     const moegen_spec *spec = t->spec;
@@ -501,20 +565,9 @@ static int measure_body(int index, int fd, void *ctx) {
     }
     if (index == t->inj.hang)
         for (;;) pause();
-    moegen_open_options opts;
-    open_options(t, &t->cands[index], &opts);
-    moegen_layer *layer = NULL;
+    moegen_layer *layer = open_bound(t, &t->cands[index], fd);
+    if (!layer) return 1;
     moegen_error err;
-    if (moegen_layer_open_file(t->o->spec_path, &opts, &layer, &err) != MOEGEN_OK) {
-        report_line(fd, "open: %.900s", err.message);
-        return 1;
-    }
-    moegen_weights weights;
-    moe_tensors_bind_weights(spec, t->ts, 0, &weights);
-    if (moegen_layer_bind(layer, &weights, &err) != MOEGEN_OK) {
-        report_line(fd, "bind: %.900s", err.message);
-        return 1;
-    }
     /* Verify on the first verify_tokens tokens. */
     moe_outputs out;
     const int64_t most = t->o->counts[t->o->n_counts - 1];
@@ -546,18 +599,15 @@ static int measure_body(int index, int fd, void *ctx) {
     char line[1024];
     int at = snprintf(line, sizeof line, "ok");
     double *times = calloc((size_t)t->o->repeat, sizeof *times);
-    const size_t evict_bytes = (size_t)t->o->evict_mb << 20;
-    volatile unsigned char *evict = evict_bytes ? calloc(1, evict_bytes) : NULL;
-    if (evict_bytes && !evict) {
-        report_line(fd, "out of memory for the --evict-mb buffer (%lld MiB)", t->o->evict_mb);
-        return 1;
-    }
+    size_t evict_bytes;
+    volatile unsigned char *evict = evict_buffer(t, fd, &evict_bytes);
+    if (evict_bytes && !evict) return 1;
     if (!times) return 1;
     for (int c = 0; c < t->o->n_counts; c++) {
         io.n_tokens = t->o->counts[c];
         int pruned = 0;
         for (long long r = -1; r < t->o->repeat && !pruned; r++) {
-            for (size_t i = 0; i < evict_bytes; i += 64) evict[i] = (unsigned char)(evict[i] + 1); /* cold caches */
+            evict_caches(evict, evict_bytes);
             const double start = now_s();
             if (moegen_layer_forward(layer, &io, NULL, &err) != MOEGEN_OK) {
                 report_line(fd, "forward at %lld tokens: %.900s", (long long)io.n_tokens, err.message);
@@ -578,6 +628,75 @@ static int measure_body(int index, int fd, void *ctx) {
     }
     report_line(fd, "%s", line);
     return 0; /* the process exits: no need to free */
+}
+
+/* One token count's race: its finalists, timed in one child, alternated forward by forward. */
+typedef struct race {
+    tune_state *t;
+    int k;              /* the count: t->o->counts[k] */
+    int n, cands[RACE_MAX];
+    double ms[RACE_MAX]; /* the race's medians; NAN: not raced (or the race failed) */
+    char why[600];       /* why the race failed, "" if it did not */
+} race;
+
+/* Every finalist's layer open at once; then --race-rounds rounds, each a forward of every
+ * finalist (caches evicted before each, the first finalist of a round rotating), after a
+ * warm-up round; the median of each finalist's rounds. */
+static int race_body(int index, int fd, void *ctx) {
+    race *r = ctx;
+    tune_state *t = r->t;
+    (void)index;
+    moegen_layer *layers[RACE_MAX];
+    for (int i = 0; i < r->n; i++)
+        if (!(layers[i] = open_bound(t, &t->cands[r->cands[i]], fd))) return 1;
+    const int64_t n_tokens = t->o->counts[r->k];
+    const int rounds = (int)t->o->race_rounds;
+    moe_outputs out;
+    double *times = calloc((size_t)rounds * RACE_MAX, sizeof *times);
+    size_t evict_bytes;
+    volatile unsigned char *evict = evict_buffer(t, fd, &evict_bytes);
+    if (!times || (evict_bytes && !evict) || moe_outputs_alloc(&out, t->spec, n_tokens) != 0) {
+        report_line(fd, "out of memory");
+        return 1;
+    }
+    moegen_forward_io io = moe_outputs_io(&out, t->ts, 0);
+    io.n_tokens = n_tokens;
+    moegen_error err;
+    for (int round = -1; round < rounds; round++) {
+        for (int j = 0; j < r->n; j++) {
+            const int i = (j + round + 1) % r->n;
+            evict_caches(evict, evict_bytes);
+            const double start = now_s();
+            if (moegen_layer_forward(layers[i], &io, NULL, &err) != MOEGEN_OK) {
+                report_line(fd, "forward of %s: %.800s", t->cands[r->cands[i]].name, err.message);
+                return 1;
+            }
+            if (round >= 0) times[i * rounds + round] = (now_s() - start) * 1e3;
+        }
+    }
+    char line[1024];
+    int at = snprintf(line, sizeof line, "ok");
+    for (int i = 0; i < r->n; i++) {
+        qsort(times + i * rounds, (size_t)rounds, sizeof *times, compare_doubles);
+        at += snprintf(line + at, sizeof line - (size_t)at, " %.6g", times[i * rounds + rounds / 2]);
+    }
+    report_line(fd, "%s", line);
+    return 0; /* the process exits: no need to free */
+}
+
+static void raced(void *ctx, int index, const char *report, const char *why) {
+    race *r = ctx;
+    (void)index;
+    snprintf(r->why, sizeof r->why, "%s", why[0] ? why : strncmp(report, "ok", 2) ? report : "");
+    const char *p = report + 2;
+    for (int i = 0; i < r->n && !r->why[0]; i++) {
+        char *end;
+        r->ms[i] = strtod(p, &end);
+        if (end == p) snprintf(r->why, sizeof r->why, "unreadable report '%.200s'", report);
+        p = end;
+    }
+    if (r->why[0])
+        for (int i = 0; i < r->n; i++) r->ms[i] = NAN;
 }
 
 /* ---- Progress ---------------------------------------------------------------------------------- */
@@ -655,9 +774,9 @@ static void measured(void *ctx, int index, const char *report, const char *why) 
 }
 
 /* True (and the candidate marked SKIPPED) when the budget is spent; the default heuristic's
- * variants always run. */
+ * variants and the incumbents always run. */
 static int budget_spent(tune_state *t, int index) {
-    if (t->cands[index].baseline || now_s() - t->started <= (double)t->o->budget_s) return 0;
+    if (t->cands[index].baseline || t->cands[index].incumbent_at || now_s() - t->started <= (double)t->o->budget_s) return 0;
     t->cands[index].state = CAND_SKIPPED;
     snprintf(t->cands[index].why, sizeof t->cands[index].why, "budget of %lld s spent", t->o->budget_s);
     return 1;
@@ -734,6 +853,98 @@ static int best_for(const tune_state *t, int k) {
     return best;
 }
 
+/* The variants of the tuning database at `path` join the candidates as incumbents: for each
+ * count, the variant the database runs there (moegen_tuning_db_pick) is timed whatever the
+ * budget and races for the count. A database of another moegen version is used too (its
+ * variants are only candidates: each is checked, verified and timed like any other). Returns 0,
+ * or 1 after an error when `must_read` (an --incumbent file) and the file cannot be read; a
+ * missing or unreadable file at the output path is skipped with a note. */
+static int add_incumbents(tune_state *t, const moegen_target *target, const char *path, int must_read) {
+    moegen_tuning_db *db = calloc(1, sizeof *db);
+    if (!db) return moegen_cli_error("tune: out of memory");
+    moegen_error err;
+    const moegen_status st = moegen_tuning_db_read(path, db, &err);
+    int rc = 0;
+    if (st != MOEGEN_OK && !(st == MOEGEN_ERR_UNSUPPORTED && db->n_buckets > 0)) {
+        if (must_read) rc = moegen_cli_error("tune: --incumbent %s", err.message);
+        else if (!(st == MOEGEN_ERR_IO && err.native_code == ENOENT))
+            fprintf(stderr, "moegen tune: not racing the database at the output path: %s\n", err.message);
+        free(db);
+        return rc;
+    }
+    int n_variants = 0;
+    for (int k = 0; k < t->o->n_counts; k++) {
+        const moegen_tuning_bucket *bk = moegen_tuning_db_pick(db, t->o->counts[k]);
+        moegen_variant v;
+        moegen_variant_default(t->spec, MOEGEN_BACKEND_CPU, target, &v);
+        if (moegen_variant_apply_overrides(&v, bk->variant, &err) != MOEGEN_OK ||
+            moegen_variant_check(t->spec, &v, &err) != MOEGEN_OK) {
+            fprintf(stderr, "moegen tune: %s: not racing its variant for %lld tokens: %s\n", path, t->o->counts[k],
+                    err.message);
+            continue;
+        }
+        add_candidate(t, &v);
+        const int c = find_candidate(t, &v);
+        if (c < 0) {
+            rc = moegen_cli_error("tune: more than %d candidates", MAX_CANDIDATES);
+            break;
+        }
+        n_variants += !t->cands[c].incumbent_at;
+        t->cands[c].incumbent_at |= 1u << k;
+    }
+    if (!rc)
+        fprintf(stderr, "moegen tune: racing the variants of %s (tuned %s, %s): %d\n", path, db->date, db->device,
+                n_variants);
+    free(db);
+    return rc;
+}
+
+/* The finalists of count k: the default heuristic's variant there, the incumbents' variants
+ * there, and up to RACE_TOP more within RACE_MARGIN of the count's best sweep median, fastest
+ * first. Candidates that failed or were pruned at k are not finalists. */
+static void choose_finalists(const tune_state *t, int k, int heuristic, race *r) {
+    memset(r, 0, sizeof *r);
+    r->t = (tune_state *)t;
+    r->k = k;
+    r->cands[r->n++] = heuristic;
+    for (int i = 0; i < t->n_cands && r->n < RACE_MAX; i++)
+        if (i != heuristic && (t->cands[i].incumbent_at >> k & 1u) && t->cands[i].state == CAND_PASS &&
+            isfinite(t->cands[i].median_ms[k]))
+            r->cands[r->n++] = i;
+    const int best = best_for(t, k);
+    for (int top = 0; top < RACE_TOP && r->n < RACE_MAX; top++) {
+        int next = -1; /* the fastest candidate within the margin that is not a finalist yet */
+        for (int i = 0; i < t->n_cands; i++) {
+            int chosen = 0;
+            for (int j = 0; j < r->n; j++) chosen |= r->cands[j] == i;
+            if (!chosen && t->cands[i].state == CAND_PASS &&
+                t->cands[i].median_ms[k] <= (1.0 + RACE_MARGIN) * t->cands[best].median_ms[k] &&
+                (next < 0 || t->cands[i].median_ms[k] < t->cands[next].median_ms[k]))
+                next = i;
+        }
+        if (next < 0) break;
+        r->cands[r->n++] = next;
+    }
+    for (int i = 0; i < RACE_MAX; i++) r->ms[i] = NAN;
+}
+
+/* The winner of count k (a candidate index) and the medians the table and database report for
+ * it and for the heuristic's variant: the race's where it ran, else the sweep's. */
+static int winner_of(const tune_state *t, int k, const race *r, double *median_ms, double *default_ms) {
+    if (isnan(r->ms[0])) {
+        const int b = best_for(t, k);
+        *median_ms = t->cands[b].median_ms[k];
+        *default_ms = t->cands[r->cands[0]].median_ms[k];
+        return b;
+    }
+    int w = 0;
+    for (int i = 1; i < r->n; i++)
+        if (r->ms[i] < r->ms[w]) w = i;
+    *median_ms = r->ms[w];
+    *default_ms = r->ms[0];
+    return r->cands[w];
+}
+
 /* --evict-mb's default: twice the last-level cache this process's CPU reports (512 MiB where
  * it reports none), so that the weights of a decode step come from memory. */
 static long long default_evict_mb(void) {
@@ -783,6 +994,20 @@ int moegen_cli_tune(int argc, char **argv) {
         goto done;
     }
     const moegen_target target = moegen_host_compiler_target(&cc);
+    /* Where the database goes (--out, else the first directory of the search order). */
+    char shape[256], device[160], family[64];
+    char dir_storage[MOEGEN_TUNING_DIRS_STORAGE_BYTES], path[4096 + MOEGEN_TUNING_FILE_NAME_BYTES];
+    char name[MOEGEN_TUNING_FILE_NAME_BYTES];
+    moegen_variant_shape_key(&spec, MOEGEN_BACKEND_CPU, shape, sizeof shape);
+    moegen_host_compiler_device(&cc, device, sizeof device, family, sizeof family);
+    const char *dirs[4];
+    const char *dir = o.out_dir;
+    if (!dir) {
+        const int n_dirs = moegen_tuning_default_dirs(NULL, dirs, 4, dir_storage, sizeof dir_storage);
+        dir = n_dirs > 0 ? dirs[0] : ".";
+    }
+    moegen_tuning_db_file_name(shape, device, name, sizeof name);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
 
     /* The tensors, once, before any child forks (children share them copy-on-write). */
     const int64_t most = o.counts[o.n_counts - 1];
@@ -830,6 +1055,10 @@ int moegen_cli_tune(int argc, char **argv) {
             "moegen tune: %s, %d token counts, routing %s, %lld MiB written before every timed forward, %d coarse "
             "candidates (%d invalid), budget %lld s\n",
             spec.name, o.n_counts, o.routing, o.evict_mb, n_space, invalid_stage, o.budget_s);
+    /* The incumbents: the database this run replaces and the --incumbent files. */
+    if (!o.no_incumbent && add_incumbents(&t, &target, path, 0)) goto done;
+    for (int i = 0; i < o.n_incumbents; i++)
+        if (add_incumbents(&t, &target, o.incumbents[i], 1)) goto done;
     run_stage(&t, 0, t.n_cands);
     for (int k = 0; k < o.n_counts; k++) {
         const candidate *c = &t.cands[heuristic[k]];
@@ -853,6 +1082,20 @@ int moegen_cli_tune(int argc, char **argv) {
     }
     run_stage(&t, stage2, t.n_cands);
     if (t.tty) fputc('\n', stderr);
+    /* Stage 3: each count's race. */
+    race races[MAX_COUNTS];
+    for (int k = 0; k < o.n_counts; k++) {
+        race *r = &races[k];
+        choose_finalists(&t, k, heuristic[k], r);
+        if (r->n < 2 || o.race_rounds == 0) continue;
+        double limit = 60.0, sweep_ms = 0.0;
+        for (int i = 0; i < r->n; i++) sweep_ms += t.cands[r->cands[i]].median_ms[k];
+        limit += (double)(o.race_rounds + 1) * (20.0 * sweep_ms / 1e3 + (double)r->n * (double)o.evict_mb / 1024.0);
+        if (o.timeout_s > 0) limit = (double)o.timeout_s * r->n;
+        run_children(&k, 1, 1, limit, race_body, r, raced, r);
+        if (r->why[0]) fprintf(stderr, "moegen tune: the race at %lld tokens failed (the sweep's medians decide): %s\n",
+                               o.counts[k], r->why);
+    }
 
     /* The table and the database. */
     int n_pass = 0, n_fail = 0, n_skipped = 0;
@@ -864,9 +1107,6 @@ int moegen_cli_tune(int argc, char **argv) {
     moegen_tuning_db *db = calloc(1, sizeof *db);
     if (!db) goto done;
     moegen_tuning_db_init(db);
-    char shape[256], device[160], family[64];
-    moegen_variant_shape_key(&spec, MOEGEN_BACKEND_CPU, shape, sizeof shape);
-    moegen_host_compiler_device(&cc, device, sizeof device, family, sizeof family);
     snprintf(db->device, sizeof db->device, "%s", device);
     snprintf(db->family, sizeof db->family, "%s", family);
     snprintf(db->shape, sizeof db->shape, "%s", shape);
@@ -886,11 +1126,9 @@ int moegen_cli_tune(int argc, char **argv) {
     printf("| tokens | timed | best variant | median | untuned (default heuristic) | speedup |\n|---|---:|---|---:|---:|---:|\n");
     for (int k = 0; k < o.n_counts; k++) {
         moegen_tuning_bucket *bk = &db->buckets[k];
-        const int b = best_for(&t, k);
+        const int b = winner_of(&t, k, &races[k], &bk->median_ms, &bk->default_ms);
         bucket_range(&o, k, &bk->min_tokens, &bk->max_tokens);
         bk->timed_tokens = o.counts[k];
-        bk->median_ms = t.cands[b].median_ms[k];
-        bk->default_ms = t.cands[heuristic[k]].median_ms[k];
         snprintf(bk->variant, sizeof bk->variant, "%s", b == 0 ? "" : t.cands[b].overrides);
         snprintf(bk->variant_name, sizeof bk->variant_name, "%s", t.cands[b].name);
         char upper[24];
@@ -898,6 +1136,17 @@ int moegen_cli_tune(int argc, char **argv) {
         else snprintf(upper, sizeof upper, "%lld", (long long)bk->max_tokens);
         printf("| %lld-%s | %lld | %s | %.4f ms | %.4f ms | %.2fx |\n", (long long)bk->min_tokens, upper,
                o.counts[k], t.cands[b].name, bk->median_ms, bk->default_ms, bk->default_ms / bk->median_ms);
+    }
+    for (int k = 0; k < o.n_counts; k++) {
+        const race *r = &races[k];
+        if (isnan(r->ms[0])) continue;
+        printf("race at %lld tokens, %lld rounds alternated:", o.counts[k], o.race_rounds);
+        for (int i = 0; i < r->n; i++) {
+            const candidate *c = &t.cands[r->cands[i]];
+            printf("%s %.4f ms %s%s%s", i ? "," : "", r->ms[i], c->name, i == 0 ? " (untuned)" : "",
+                   c->incumbent_at >> k & 1u ? " (incumbent)" : "");
+        }
+        printf("\n");
     }
     printf("candidates: %d PASS, %d FAIL, %d INVALID, %d SKIPPED (budget); %.0f s\n", n_pass, n_fail, n_invalid,
            n_skipped, now_s() - t.started);
@@ -907,16 +1156,6 @@ int moegen_cli_tune(int argc, char **argv) {
     for (int i = 0; i < t.n_cands; i++)
         if (t.cands[i].state == CAND_FAIL) printf("  FAIL %s: %.240s\n", t.cands[i].name, t.cands[i].why);
     if (o.write) {
-        char dir_storage[MOEGEN_TUNING_DIRS_STORAGE_BYTES], path[4096 + MOEGEN_TUNING_FILE_NAME_BYTES];
-        char name[MOEGEN_TUNING_FILE_NAME_BYTES];
-        const char *dirs[4];
-        const char *dir = o.out_dir;
-        if (!dir) {
-            const int n_dirs = moegen_tuning_default_dirs(NULL, dirs, 4, dir_storage, sizeof dir_storage);
-            dir = n_dirs > 0 ? dirs[0] : ".";
-        }
-        moegen_tuning_db_file_name(shape, device, name, sizeof name);
-        snprintf(path, sizeof path, "%s/%s", dir, name);
         if (moegen_tuning_db_write(path, db, &err) != MOEGEN_OK) {
             free(db);
             moegen_cli_error("tune: %s", err.message);

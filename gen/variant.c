@@ -238,9 +238,10 @@ int moegen_variant_default_ranges(const moegen_spec *spec, const moegen_target *
 moegen_status moegen_variant_default_for_tokens(const moegen_spec *spec, const moegen_target *target,
                                                 int64_t n_tokens, moegen_variant *out, moegen_error *err) {
     moegen_variant_range ranges[MOEGEN_VARIANT_MAX_RANGES];
-    const int n = moegen_variant_default_ranges(spec, target, ranges, MOEGEN_VARIANT_MAX_RANGES);
+    int n = moegen_variant_default_ranges(spec, target, ranges, MOEGEN_VARIANT_MAX_RANGES);
+    if (n > MOEGEN_VARIANT_MAX_RANGES) n = MOEGEN_VARIANT_MAX_RANGES; /* it returns how many there are */
     int r = 0;
-    while (r + 1 < n && r + 1 < MOEGEN_VARIANT_MAX_RANGES && ranges[r + 1].min_tokens <= n_tokens) r++;
+    while (r + 1 < n && ranges[r + 1].min_tokens <= n_tokens) r++;
     moegen_variant_default(spec, MOEGEN_BACKEND_CPU, target, out);
     return moegen_variant_apply_overrides(out, ranges[r].overrides, err);
 }

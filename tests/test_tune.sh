@@ -83,6 +83,38 @@ contains "--no-tuning is reported" "tuning: default heuristic (tuning off)"
 expect "--variant wins over the database" 0 env MOEGEN_TUNING_DIR="$db" "$moegen" run "$spec" --tokens 4 --variant tile_rows=2 "${common[@]}"
 contains "--variant is reported" "tuning: explicit variant"
 
+# Incumbents: a re-tune races the variants of the database it replaces, whatever the budget,
+# against its own finalists, alternated; the race's medians decide.
+cp "$file" "$work/tuned.tune"
+set_bucket_variant() { # the variant column of bucket 1-2 of $file
+    awk -v v="$1" '$1 == "bucket" && $2 == "1-2" { $6 = v } { print }' "$work/tuned.tune" >"$file"
+}
+set_bucket_variant gemm=fma,tile_rows=5,block_rows=40
+expect "a re-tune on a spent budget" 0 "$moegen" tune "$spec" --tokens 1,8,64 --budget 1 --repeat 2 --evict-mb 0 \
+    --no-write --out "$db" "${common[@]}"
+contains "the re-tune names the database it races" "racing the variants of $file"
+if printf '%s\n' "$out" | grep '^race at 1 tokens' | grep -q 'v16r5c[0-9]*b40x[0-9]*q[0-9]*fma_[0-9a-f]* (incumbent)'; then
+    pass "tune: the incumbent's variant (tile_rows=5) races at 1 token on a spent budget"
+else
+    fail "tune: no race at 1 token with the incumbent's tile_rows=5 variant: $out"
+fi
+expect "--no-incumbent" 0 "$moegen" tune "$spec" --tokens 1,8 --budget 1 --repeat 1 --race-rounds 0 --no-incumbent \
+    --evict-mb 0 --no-write --out "$db" "${common[@]}"
+lacks "--no-incumbent races no database" "racing the variants"
+lacks "--race-rounds 0 runs no race" "rounds alternated"
+set_bucket_variant gemm=fma,tile_rows=5
+expect "an incumbent variant that no longer fits" 0 "$moegen" tune "$spec" --tokens 1,8 --budget 1 --repeat 1 \
+    --race-rounds 1 --evict-mb 0 --no-write --out "$db" "${common[@]}"
+contains "a variant that no longer fits is a note naming the file" "$file: not racing its variant for 1 tokens: variant: "
+printf 'bucket 2-1 nonsense\n' >>"$file"
+expect "a corrupt database at the output path" 0 "$moegen" tune "$spec" --tokens 1,8 --budget 1 --repeat 1 \
+    --race-rounds 1 --evict-mb 0 --no-write --out "$db" "${common[@]}"
+contains "a corrupt database is not raced, with the reason" "not racing the database at the output path: $file:"
+expect "a missing --incumbent file is an error" 1 "$moegen" tune "$spec" --incumbent "$work/none.tune" --no-write \
+    "${common[@]}"
+contains "the --incumbent error names the file" "tune: --incumbent $work/none.tune"
+cp "$work/tuned.tune" "$file"
+
 # Another CPU of the same family: the family rung.
 other=$(dirname "$file")/cpu-Another-Model-Of-The-Family.tune
 sed 's/^device: .*/device: cpu Another Model Of The Family/' "$file" >"$other"
