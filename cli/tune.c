@@ -26,7 +26,9 @@
  *
  * Fault injection for the tests: $MOEGEN_TUNE_INJECT="compile:I,crash:J,hang:K,wrong:L" makes
  * candidate I fail to compile (its child runs a compiler that does not exist), J crash, K
- * hang and L report a perturbed output to the verifier (candidate indices in sweep order).
+ * hang and L report a perturbed output to the verifier (candidate indices in sweep order);
+ * "slow:K" makes the race of the K-th token count run the untuned variant three times per timed
+ * forward, as a machine that slowed down would (the drift warning's test).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -97,6 +99,7 @@ static const char usage_tune[] =
 #define RACE_MARGIN 0.08 /* candidates within 8 % of a count's best sweep median race for it */
 #define RACE_TOP 4       /* at most this many of them (fastest first) */
 #define MAX_INCUMBENT_FILES 4
+#define DRIFT_LIMIT 1.25 /* the untuned variant's race / sweep median beyond this: the machine's speed drifted */
 /* The finalists of one count: RACE_TOP, the heuristic's variant, one per incumbent file. */
 #define RACE_MAX (RACE_TOP + 1 + MAX_INCUMBENT_FILES + 1)
 
@@ -127,6 +130,7 @@ typedef struct tune_options {
 
 typedef struct injection {
     int compile, crash, hang, wrong; /* candidate indices, -1: none */
+    int slow;                        /* a token-count index whose race runs the untuned variant 3x per timing */
 } injection;
 
 static double now_s(void) {
@@ -232,12 +236,12 @@ static int parse_options(int argc, char **argv, tune_options *o) {
 }
 
 static void read_injection(injection *inj) {
-    *inj = (injection){-1, -1, -1, -1};
+    *inj = (injection){-1, -1, -1, -1, -1};
     const char *text = getenv("MOEGEN_TUNE_INJECT");
     if (!text) return;
-    static const char *KINDS[] = {"compile:", "crash:", "hang:", "wrong:"};
-    int *slots[] = {&inj->compile, &inj->crash, &inj->hang, &inj->wrong};
-    for (int k = 0; k < 4; k++) {
+    static const char *KINDS[] = {"compile:", "crash:", "hang:", "wrong:", "slow:"};
+    int *slots[] = {&inj->compile, &inj->crash, &inj->hang, &inj->wrong, &inj->slow};
+    for (int k = 0; k < 5; k++) {
         const char *at = strstr(text, KINDS[k]);
         if (at) *slots[k] = atoi(at + strlen(KINDS[k]));
     }
@@ -616,8 +620,10 @@ static int measure_body(int index, int fd, void *ctx) {
             const double ms = (now_s() - start) * 1e3;
             if (r >= 0) times[r] = ms;
             /* Pruned: the first timed run already over PRUNE_FACTOR x the best median so far
-             * (known when this child forked) cannot win this count; it is not timed further. */
-            pruned = r == 0 && !t->cands[index].baseline && ms > PRUNE_FACTOR * t->best_ms[c];
+             * (known when this child forked) cannot win this count; it is not timed further.
+             * Never the heuristic's variants nor an incumbent at its counts: they race. */
+            pruned = r == 0 && !t->cands[index].baseline && !(t->cands[index].incumbent_at >> c & 1u) &&
+                     ms > PRUNE_FACTOR * t->best_ms[c];
         }
         if (pruned) {
             at += snprintf(line + at, sizeof line - (size_t)at, " inf");
@@ -667,10 +673,11 @@ static int race_body(int index, int fd, void *ctx) {
             const int i = (j + round + 1) % r->n;
             evict_caches(evict, evict_bytes);
             const double start = now_s();
-            if (moegen_layer_forward(layers[i], &io, NULL, &err) != MOEGEN_OK) {
-                report_line(fd, "forward of %s: %.800s", t->cands[r->cands[i]].name, err.message);
-                return 1;
-            }
+            for (int times_over = i == 0 && r->k == t->inj.slow ? 3 : 1; times_over > 0; times_over--)
+                if (moegen_layer_forward(layers[i], &io, NULL, &err) != MOEGEN_OK) {
+                    report_line(fd, "forward of %s: %.800s", t->cands[r->cands[i]].name, err.message);
+                    return 1;
+                }
             if (round >= 0) times[i * rounds + round] = (now_s() - start) * 1e3;
         }
     }
@@ -1148,6 +1155,22 @@ int moegen_cli_tune(int argc, char **argv) {
         }
         printf("\n");
     }
+    /* The untuned variant ran in the sweep and in every race: a different time says the machine
+     * changed speed during the run, and sweep medians taken at different times do not compare. */
+    double drift = 1.0;
+    int drift_k = -1;
+    for (int k = 0; k < o.n_counts; k++) {
+        const double ratio = races[k].ms[0] / t.cands[heuristic[k]].median_ms[k];
+        if (!isnan(ratio) && fmax(ratio, 1.0 / ratio) > fmax(drift, 1.0 / drift)) {
+            drift = ratio;
+            drift_k = k;
+        }
+    }
+    if (drift_k >= 0 && fmax(drift, 1.0 / drift) > DRIFT_LIMIT)
+        printf("warning: the untuned variant took %.4f ms in the race at %lld tokens and %.4f ms in the sweep "
+               "(%.2fx): the machine changed speed during the run, so the sweep's medians (which chose the "
+               "finalists) do not compare; re-tune on a quiet machine\n",
+               races[drift_k].ms[0], o.counts[drift_k], t.cands[heuristic[drift_k]].median_ms[drift_k], drift);
     printf("candidates: %d PASS, %d FAIL, %d INVALID, %d SKIPPED (budget); %.0f s\n", n_pass, n_fail, n_invalid,
            n_skipped, now_s() - t.started);
     struct rusage usage;

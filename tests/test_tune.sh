@@ -98,6 +98,9 @@ if printf '%s\n' "$out" | grep '^race at 1 tokens' | grep -q 'v16r5c[0-9]*b40x[0
 else
     fail "tune: no race at 1 token with the incumbent's tile_rows=5 variant: $out"
 fi
+expect "a race whose untuned variant runs 3x slower than in the sweep" 0 env MOEGEN_TUNE_INJECT="slow:0" \
+    "$moegen" tune "$spec" --tokens 1,8,64 --budget 1 --repeat 2 --evict-mb 0 --no-write --out "$db" "${common[@]}"
+contains "a machine that changed speed is a warning" "the machine changed speed during the run"
 expect "--no-incumbent" 0 "$moegen" tune "$spec" --tokens 1,8 --budget 1 --repeat 1 --race-rounds 0 --no-incumbent \
     --evict-mb 0 --no-write --out "$db" "${common[@]}"
 lacks "--no-incumbent races no database" "racing the variants"
