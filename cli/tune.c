@@ -899,8 +899,11 @@ static int add_incumbents(tune_state *t, const moegen_target *target, const char
         n_variants += !t->cands[c].incumbent_at;
         t->cands[c].incumbent_at |= 1u << k;
     }
+    char shape[256];
+    moegen_variant_shape_key(t->spec, MOEGEN_BACKEND_CPU, shape, sizeof shape);
     if (!rc)
-        fprintf(stderr, "moegen tune: racing the variants of %s (tuned %s, %s): %d\n", path, db->date, db->device,
+        fprintf(stderr, "moegen tune: racing the variants of %s (tuned %s, %s%s%s): %d\n", path, db->date, db->device,
+                strcmp(db->shape, shape) ? "; for another shape: " : "", strcmp(db->shape, shape) ? db->shape : "",
                 n_variants);
     free(db);
     return rc;

@@ -113,6 +113,11 @@ printf 'bucket 2-1 nonsense\n' >>"$file"
 expect "a corrupt database at the output path" 0 "$moegen" tune "$spec" --tokens 1,8 --budget 1 --repeat 1 \
     --race-rounds 1 --evict-mb 0 --no-write --out "$db" "${common[@]}"
 contains "a corrupt database is not raced, with the reason" "not racing the database at the output path: $file:"
+printf 'name: tiny_other\nnum_experts: 4\nnum_experts_per_tok: 2\nhidden_size: 32\nmoe_intermediate_size: 32\ndtype: fp32\n' \
+    >"$work/other.yaml"
+expect "another shape's database as --incumbent" 0 "$moegen" tune "$work/other.yaml" --incumbent "$work/tuned.tune" \
+    --tokens 1 --budget 1 --repeat 1 --race-rounds 1 --evict-mb 0 --no-write "${common[@]}"
+contains "another shape's database is raced with a note" "; for another shape: backend=cpu E=6 k=2 H=32 F=48"
 expect "a missing --incumbent file is an error" 1 "$moegen" tune "$spec" --incumbent "$work/none.tune" --no-write \
     "${common[@]}"
 contains "the --incumbent error names the file" "tune: --incumbent $work/none.tune"
