@@ -1,0 +1,1 @@
+build/moegen tune specs/qwen3-30b-a3b.yaml --tokens 1,16,128,1024 --budget 420 --out tuning --incumbent bench/results/cpu-Intel-R-Xeon-R-Processor-2026-12-02-tune/qwen3-30b-a3b.incumbent-2026-11-30-warm.tune
