@@ -91,7 +91,9 @@ static const char usage_tune[] =
     "                      0: no race, the sweep's medians decide)\n"
     "  --incumbent FILE    also race the variants of the tuning database FILE (repeatable);\n"
     "                      the database at the output path always races, if there is one\n"
-    "  --no-incumbent      do not race the database at the output path\n";
+    "  --no-incumbent      do not race the database at the output path\n"
+    "  --keep-margin PCT   a race must beat the variant of the database at the output path by\n"
+    "                      more than PCT % to replace it (default 3; 0: the fastest wins)\n";
 
 #define MAX_COUNTS 16
 #define MAX_CANDIDATES 256
@@ -113,6 +115,7 @@ typedef struct candidate {
     double median_ms[MAX_COUNTS];
     int baseline;           /* one of the default heuristic's variants: no budget cut, no pruning */
     unsigned incumbent_at;  /* bit k: an incumbent database runs this variant at counts[k] (no budget cut) */
+    unsigned replaced_at;   /* bit k: so does the database at the output path, the one this run replaces */
 } candidate;
 
 typedef struct tune_options {
@@ -124,6 +127,7 @@ typedef struct tune_options {
     int write;
     double zipf;
     long long race_rounds;
+    long long keep_margin; /* percent: a race must beat the replaced database's variant by more than this */
     const char *incumbents[MAX_INCUMBENT_FILES]; /* --incumbent FILEs */
     int n_incumbents, no_incumbent;
 } tune_options;
@@ -156,7 +160,7 @@ static int parse_tokens(const char *list, tune_options *o) {
 static int parse_options(int argc, char **argv, tune_options *o) {
     *o = (tune_options){
         .budget_s = 600, .repeat = 7, .seed = 1, .evict_mb = -1, .write = 1, .routing = "skewed", .zipf = 1.2,
-        .race_rounds = 9};
+        .race_rounds = 9, .keep_margin = 3};
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     o->jobs = cpus > 0 ? cpus : 1;
     if (parse_tokens("1,16,128,1024", o)) return 1;
@@ -200,6 +204,8 @@ static int parse_options(int argc, char **argv, tune_options *o) {
             if (moegen_cli_parse_int(value, a, 1, 24 * 3600, &o->timeout_s)) return 1;
         } else if (!strcmp(a, "--race-rounds")) {
             if (moegen_cli_parse_int(value, a, 0, 1000, &o->race_rounds)) return 1;
+        } else if (!strcmp(a, "--keep-margin")) {
+            if (moegen_cli_parse_int(value, a, 0, 100, &o->keep_margin)) return 1;
         } else if (!strcmp(a, "--incumbent")) {
             if (o->n_incumbents == MAX_INCUMBENT_FILES)
                 return moegen_cli_error("tune: at most %d --incumbent files", MAX_INCUMBENT_FILES);
@@ -863,10 +869,12 @@ static int best_for(const tune_state *t, int k) {
 /* The variants of the tuning database at `path` join the candidates as incumbents: for each
  * count, the variant the database runs there (moegen_tuning_db_pick) is timed whatever the
  * budget and races for the count. A database of another moegen version is used too (its
- * variants are only candidates: each is checked, verified and timed like any other). Returns 0,
+ * variants are only candidates: each is checked, verified and timed like any other). `replaced`:
+ * the file is the one this run's database replaces (--keep-margin applies to it). Returns 0,
  * or 1 after an error when `must_read` (an --incumbent file) and the file cannot be read; a
  * missing or unreadable file at the output path is skipped with a note. */
-static int add_incumbents(tune_state *t, const moegen_target *target, const char *path, int must_read) {
+static int add_incumbents(tune_state *t, const moegen_target *target, const char *path, int must_read,
+                          int replaced) {
     moegen_tuning_db *db = calloc(1, sizeof *db);
     if (!db) return moegen_cli_error("tune: out of memory");
     moegen_error err;
@@ -898,6 +906,7 @@ static int add_incumbents(tune_state *t, const moegen_target *target, const char
         }
         n_variants += !t->cands[c].incumbent_at;
         t->cands[c].incumbent_at |= 1u << k;
+        if (replaced) t->cands[c].replaced_at |= 1u << k;
     }
     char shape[256];
     moegen_variant_shape_key(t->spec, MOEGEN_BACKEND_CPU, shape, sizeof shape);
@@ -939,8 +948,11 @@ static void choose_finalists(const tune_state *t, int k, int heuristic, race *r)
 }
 
 /* The winner of count k (a candidate index) and the medians the table and database report for
- * it and for the heuristic's variant: the race's where it ran, else the sweep's. */
-static int winner_of(const tune_state *t, int k, const race *r, double *median_ms, double *default_ms) {
+ * it and for the heuristic's variant: the race's where it ran, else the sweep's. The replaced
+ * database's variant stays unless the race's best beats it by more than --keep-margin (*kept: 1
+ * when that rule decided), so that noise alone does not change a database. */
+static int winner_of(const tune_state *t, int k, const race *r, double *median_ms, double *default_ms, int *kept) {
+    *kept = 0;
     if (isnan(r->ms[0])) {
         const int b = best_for(t, k);
         *median_ms = t->cands[b].median_ms[k];
@@ -950,6 +962,11 @@ static int winner_of(const tune_state *t, int k, const race *r, double *median_m
     int w = 0;
     for (int i = 1; i < r->n; i++)
         if (r->ms[i] < r->ms[w]) w = i;
+    for (int i = 0; i < r->n; i++)
+        if (i != w && (t->cands[r->cands[i]].replaced_at >> k & 1u) && r->ms[w] > (1.0 - (double)t->o->keep_margin / 100.0) * r->ms[i]) {
+            w = i;
+            *kept = 1;
+        }
     *median_ms = r->ms[w];
     *default_ms = r->ms[0];
     return r->cands[w];
@@ -1066,9 +1083,9 @@ int moegen_cli_tune(int argc, char **argv) {
             "candidates (%d invalid), budget %lld s\n",
             spec.name, o.n_counts, o.routing, o.evict_mb, n_space, invalid_stage, o.budget_s);
     /* The incumbents: the database this run replaces and the --incumbent files. */
-    if (!o.no_incumbent && add_incumbents(&t, &target, path, 0)) goto done;
+    if (!o.no_incumbent && add_incumbents(&t, &target, path, 0, 1)) goto done;
     for (int i = 0; i < o.n_incumbents; i++)
-        if (add_incumbents(&t, &target, o.incumbents[i], 1)) goto done;
+        if (add_incumbents(&t, &target, o.incumbents[i], 1, 0)) goto done;
     run_stage(&t, 0, t.n_cands);
     for (int k = 0; k < o.n_counts; k++) {
         const candidate *c = &t.cands[heuristic[k]];
@@ -1134,9 +1151,10 @@ int moegen_cli_tune(int argc, char **argv) {
     printf("moegen tune: %s on %s (%s), routing %s, %d threads, %s\n", spec.name, device, family, o.routing,
            db->threads, o.evict_mb ? "cold caches (--evict-mb)" : "warm caches (--evict-mb 0)");
     printf("| tokens | timed | best variant | median | untuned (default heuristic) | speedup |\n|---|---:|---|---:|---:|---:|\n");
+    int kept[MAX_COUNTS];
     for (int k = 0; k < o.n_counts; k++) {
         moegen_tuning_bucket *bk = &db->buckets[k];
-        const int b = winner_of(&t, k, &races[k], &bk->median_ms, &bk->default_ms);
+        const int b = winner_of(&t, k, &races[k], &bk->median_ms, &bk->default_ms, &kept[k]);
         bucket_range(&o, k, &bk->min_tokens, &bk->max_tokens);
         bk->timed_tokens = o.counts[k];
         snprintf(bk->variant, sizeof bk->variant, "%s", b == 0 ? "" : t.cands[b].overrides);
@@ -1154,8 +1172,9 @@ int moegen_cli_tune(int argc, char **argv) {
         for (int i = 0; i < r->n; i++) {
             const candidate *c = &t.cands[r->cands[i]];
             printf("%s %.4f ms %s%s%s", i ? "," : "", r->ms[i], c->name, i == 0 ? " (untuned)" : "",
-                   c->incumbent_at >> k & 1u ? " (incumbent)" : "");
+                   c->replaced_at >> k & 1u ? " (replaced database)" : c->incumbent_at >> k & 1u ? " (incumbent)" : "");
         }
+        if (kept[k]) printf("; kept the replaced database's variant (the best is not %lld %% faster)", o.keep_margin);
         printf("\n");
     }
     /* The untuned variant ran in the sweep and in every race: a different time says the machine

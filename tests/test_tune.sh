@@ -93,11 +93,26 @@ set_bucket_variant gemm=fma,tile_rows=5,block_rows=40
 expect "a re-tune on a spent budget" 0 "$moegen" tune "$spec" --tokens 1,8,64 --budget 1 --repeat 2 --evict-mb 0 \
     --no-write --out "$db" "${common[@]}"
 contains "the re-tune names the database it races" "racing the variants of $file"
-if printf '%s\n' "$out" | grep '^race at 1 tokens' | grep -q 'v16r5c[0-9]*b40x[0-9]*q[0-9]*fma_[0-9a-f]* (incumbent)'; then
+if printf '%s\n' "$out" | grep '^race at 1 tokens' | grep -q 'v16r5c[0-9]*b40x[0-9]*q[0-9]*fma_[0-9a-f]* (replaced database)'; then
     pass "tune: the incumbent's variant (tile_rows=5) races at 1 token on a spent budget"
 else
     fail "tune: no race at 1 token with the incumbent's tile_rows=5 variant: $out"
 fi
+# --keep-margin 100: no race can beat the replaced database's variant by 100 %, so it stays.
+expect "--keep-margin 100 keeps the replaced database's variants" 0 "$moegen" tune "$spec" --tokens 1,8,64 --budget 1 \
+    --repeat 1 --race-rounds 3 --keep-margin 100 --evict-mb 0 --no-write --out "$db" "${common[@]}"
+if printf '%s\n' "$out" | grep -q '^| 1-2 | 1 | cpu_fp32_e6k2_h32f48_v16r5c[0-9]*b40x'; then
+    pass "tune: the replaced database's tile_rows=5 variant still wins bucket 1-2"
+else
+    fail "tune: --keep-margin 100 replaced bucket 1-2's variant: $out"
+fi
+# Unless the replaced variant was the race's fastest anyway, the race line says the rule kept it.
+race_line=$(printf '%s\n' "$out" | grep '^race at 1 tokens')
+fastest=$(printf '%s\n' "$race_line" | sed 's/^[^:]*: //; s/;.*//' | tr ',' '\n' | awk '{print $1, $3}' | sort -g | head -1)
+case $fastest in
+*_v16r5c*) pass "tune: the replaced variant was the race's fastest ($fastest)" ;;
+*) contains "the race line says the variant was kept" "kept the replaced database's variant (the best is not 100 % faster)" ;;
+esac
 expect "a race whose untuned variant runs 3x slower than in the sweep" 0 env MOEGEN_TUNE_INJECT="slow:0" \
     "$moegen" tune "$spec" --tokens 1,8,64 --budget 1 --repeat 2 --evict-mb 0 --no-write --out "$db" "${common[@]}"
 contains "a machine that changed speed is a warning" "the machine changed speed during the run"

@@ -1,0 +1,1 @@
+build/moegen tune specs/qwen1.5-moe-a2.7b.yaml --tokens 1,16,128,1024 --budget 300 --out tuning --incumbent bench/results/cpu-Intel-R-Xeon-R-Processor-2026-12-02-tune/qwen1.5-moe-a2.7b.incumbent-2026-11-30-warm.tune
