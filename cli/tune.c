@@ -531,7 +531,6 @@ static int compile_body(int index, int fd, void *ctx) {
     return 0;
 }
 
-/* Measure child: verify, then time each token count; reports "ok <median ms>...". */
 /* In a child: candidate c's layer, opened (a compile-cache hit) with the shared weights bound;
  * NULL with the reason on the report pipe. */
 static moegen_layer *open_bound(const tune_state *t, const candidate *c, int fd) {
@@ -566,6 +565,7 @@ static void evict_caches(volatile unsigned char *evict, size_t bytes) {
     for (size_t i = 0; i < bytes; i += 64) evict[i] = (unsigned char)(evict[i] + 1);
 }
 
+/* Measure child: verify, then time each token count; reports "ok <median ms>...". */
 static int measure_body(int index, int fd, void *ctx) {
     tune_state *t = ctx;
     const moegen_spec *spec = t->spec;
@@ -950,7 +950,9 @@ static void choose_finalists(const tune_state *t, int k, int heuristic, race *r)
 /* The winner of count k (a candidate index) and the medians the table and database report for
  * it and for the heuristic's variant: the race's where it ran, else the sweep's. The replaced
  * database's variant stays unless the race's best beats it by more than --keep-margin (*kept: 1
- * when that rule decided), so that noise alone does not change a database. */
+ * when that rule decided), so that noise alone does not change a database; but never when it
+ * was slower than the untuned variant (finalist 0) in the race: the tuned layer stays at least as
+ * fast as the untuned one in the measured run. */
 static int winner_of(const tune_state *t, int k, const race *r, double *median_ms, double *default_ms, int *kept) {
     *kept = 0;
     if (isnan(r->ms[0])) {
@@ -963,7 +965,8 @@ static int winner_of(const tune_state *t, int k, const race *r, double *median_m
     for (int i = 1; i < r->n; i++)
         if (r->ms[i] < r->ms[w]) w = i;
     for (int i = 0; i < r->n; i++)
-        if (i != w && (t->cands[r->cands[i]].replaced_at >> k & 1u) && r->ms[w] > (1.0 - (double)t->o->keep_margin / 100.0) * r->ms[i]) {
+        if (i != w && (t->cands[r->cands[i]].replaced_at >> k & 1u) && r->ms[i] <= r->ms[0] &&
+            r->ms[w] > (1.0 - (double)t->o->keep_margin / 100.0) * r->ms[i]) {
             w = i;
             *kept = 1;
         }
