@@ -644,7 +644,7 @@ static int measure_body(int index, int fd, void *ctx) {
 
 /* One token count's race: its finalists, timed in one child, alternated forward by forward. */
 typedef struct race {
-    tune_state *t;
+    const tune_state *t;
     int k;              /* the count: t->o->counts[k] */
     int n, cands[RACE_MAX];
     double ms[RACE_MAX]; /* the race's medians; NAN: not raced (or the race failed) */
@@ -656,7 +656,7 @@ typedef struct race {
  * warm-up round; the median of each finalist's rounds. */
 static int race_body(int index, int fd, void *ctx) {
     race *r = ctx;
-    tune_state *t = r->t;
+    const tune_state *t = r->t;
     (void)index;
     moegen_layer *layers[RACE_MAX];
     for (int i = 0; i < r->n; i++)
@@ -870,11 +870,12 @@ static int best_for(const tune_state *t, int k) {
  * count, the variant the database runs there (moegen_tuning_db_pick) is timed whatever the
  * budget and races for the count. A database of another moegen version is used too (its
  * variants are only candidates: each is checked, verified and timed like any other). `replaced`:
- * the file is the one this run's database replaces (--keep-margin applies to it). Returns 0,
+ * the file is the one this run's database replaces (--keep-margin applies to it); `shape`: this
+ * spec's shape key (a file of another shape is raced, with a note). Returns 0,
  * or 1 after an error when `must_read` (an --incumbent file) and the file cannot be read; a
  * missing or unreadable file at the output path is skipped with a note. */
-static int add_incumbents(tune_state *t, const moegen_target *target, const char *path, int must_read,
-                          int replaced) {
+static int add_incumbents(tune_state *t, const moegen_target *target, const char *shape, const char *path,
+                          int must_read, int replaced) {
     moegen_tuning_db *db = calloc(1, sizeof *db);
     if (!db) return moegen_cli_error("tune: out of memory");
     moegen_error err;
@@ -908,11 +909,10 @@ static int add_incumbents(tune_state *t, const moegen_target *target, const char
         t->cands[c].incumbent_at |= 1u << k;
         if (replaced) t->cands[c].replaced_at |= 1u << k;
     }
-    char shape[256];
-    moegen_variant_shape_key(t->spec, MOEGEN_BACKEND_CPU, shape, sizeof shape);
+    const int other_shape = strcmp(db->shape, shape) != 0;
     if (!rc)
         fprintf(stderr, "moegen tune: racing the variants of %s (tuned %s, %s%s%s): %d\n", path, db->date, db->device,
-                strcmp(db->shape, shape) ? "; for another shape: " : "", strcmp(db->shape, shape) ? db->shape : "",
+                other_shape ? "; for another shape: " : "", other_shape ? db->shape : "",
                 n_variants);
     free(db);
     return rc;
@@ -923,7 +923,7 @@ static int add_incumbents(tune_state *t, const moegen_target *target, const char
  * first. Candidates that failed or were pruned at k are not finalists. */
 static void choose_finalists(const tune_state *t, int k, int heuristic, race *r) {
     memset(r, 0, sizeof *r);
-    r->t = (tune_state *)t;
+    r->t = t;
     r->k = k;
     r->cands[r->n++] = heuristic;
     for (int i = 0; i < t->n_cands && r->n < RACE_MAX; i++)
@@ -1086,9 +1086,9 @@ int moegen_cli_tune(int argc, char **argv) {
             "candidates (%d invalid), budget %lld s\n",
             spec.name, o.n_counts, o.routing, o.evict_mb, n_space, invalid_stage, o.budget_s);
     /* The incumbents: the database this run replaces and the --incumbent files. */
-    if (!o.no_incumbent && add_incumbents(&t, &target, path, 0, 1)) goto done;
+    if (!o.no_incumbent && add_incumbents(&t, &target, shape, path, 0, 1)) goto done;
     for (int i = 0; i < o.n_incumbents; i++)
-        if (add_incumbents(&t, &target, o.incumbents[i], 1, 0)) goto done;
+        if (add_incumbents(&t, &target, shape, o.incumbents[i], 1, 0)) goto done;
     run_stage(&t, 0, t.n_cands);
     for (int k = 0; k < o.n_counts; k++) {
         const candidate *c = &t.cands[heuristic[k]];
