@@ -1174,7 +1174,7 @@ int moegen_cli_tune(int argc, char **argv) {
         printf("race at %lld tokens, %lld rounds alternated:", o.counts[k], o.race_rounds);
         for (int i = 0; i < r->n; i++) {
             const candidate *c = &t.cands[r->cands[i]];
-            printf("%s %.4f ms %s%s%s", i ? "," : "", r->ms[i], c->name, i == 0 ? " (untuned)" : "",
+            printf("%s %.6g ms %s%s%s", i ? "," : "", r->ms[i], c->name, i == 0 ? " (untuned)" : "",
                    c->replaced_at >> k & 1u ? " (replaced database)" : c->incumbent_at >> k & 1u ? " (incumbent)" : "");
         }
         if (kept[k]) printf("; kept the replaced database's variant (the best is not %lld %% faster)", o.keep_margin);
